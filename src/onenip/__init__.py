@@ -1,0 +1,1 @@
+"""OneNIP: unified anomaly detection with one normal image prompt."""

@@ -1,0 +1,23 @@
+"""Exceptions raised by onenip. Every one names the file or option at fault."""
+
+from __future__ import annotations
+
+
+class OnenipError(Exception):
+    """Base class of every error onenip raises on purpose."""
+
+
+class ConfigError(OnenipError, ValueError):
+    """A configuration key is unknown, has the wrong type or an impossible value."""
+
+
+class DatasetError(OnenipError, ValueError):
+    """A dataset folder, metadata file, image or mask cannot be used."""
+
+
+class WeightsError(OnenipError, RuntimeError):
+    """Backbone weights cannot be found or loaded."""
+
+
+class CheckpointError(OnenipError, RuntimeError):
+    """A checkpoint is missing, corrupted or incompatible."""
