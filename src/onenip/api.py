@@ -1,0 +1,76 @@
+"""Python API: the same jobs as the command line.
+
+    import onenip
+    result = onenip.fit("configs/iad-mix.yaml", overrides=["train.epochs=100"], evaluate=True)
+    results = onenip.test(result.model_path, overrides=["eval.protocol=paper"])
+    print(results.to_markdown())
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import incompatible_keys, load_checkpoint
+from .config import Config, load_config, merge_dict, validate
+from .detector import Detector, resolve_device
+from .errors import CheckpointError
+from .evaluate import Results, evaluate, write_results
+from .train import FitResult, fit as _fit
+
+ConfigLike = Config | dict[str, Any] | str | Path | list[str | Path] | None
+
+
+def make_config(config: ConfigLike = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """A validated Config from a Config, a nested dict, one or several YAML files, plus KEY=VALUE overrides."""
+    if isinstance(config, Config):
+        cfg = copy.deepcopy(config)
+        return load_config(overrides=overrides, base=cfg)
+    if isinstance(config, dict):
+        cfg = merge_dict(copy.deepcopy(base) if base else Config(), config)
+        return load_config(overrides=overrides, base=cfg)
+    files = [config] if isinstance(config, (str, Path)) else list(config or [])
+    return load_config(files, overrides, base=copy.deepcopy(base) if base else None)
+
+
+def fit(
+    config: ConfigLike = None,
+    overrides: list[str] | None = None,
+    resume: str | Path | None = None,
+    evaluate: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Train one model on all categories of config data.roots (see `onenip fit --help` for every option).
+
+    With `resume`, the checkpoint's configuration is the base and `config`/`overrides` are applied on top of it.
+    """
+    base = load_checkpoint(resume, with_training_state=False).config if resume is not None else None
+    cfg = make_config(config, overrides, base=base)
+    return _fit(cfg, resume=resume, progress=progress, evaluate=evaluate)
+
+
+def test(
+    checkpoint: str | Path,
+    config: ConfigLike = None,
+    overrides: list[str] | None = None,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> Results:
+    """Evaluate a trained model on the test split of its data roots (or others given in `config`/`overrides`).
+
+    Results are written to `output` (default: <checkpoint folder>/results/<protocol>) as results.json, results.md
+    and scores.csv, and returned.
+    """
+    state = load_checkpoint(checkpoint, with_training_state=False)
+    cfg = make_config(config, overrides, base=state.config)
+    diffs = incompatible_keys(state.config, cfg)
+    if diffs:
+        raise CheckpointError(f"{checkpoint} was trained with other values of: {', '.join(diffs)}")
+    validate(cfg)
+    state.config = cfg
+    detector = Detector.from_state(state, source=str(checkpoint)).to(resolve_device(cfg.train.device))
+    results = evaluate(detector, cfg, progress=progress)
+    ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    write_results(results, output or ckpt_dir / "results" / cfg.eval.protocol)
+    return results

@@ -1,0 +1,166 @@
+"""Checkpoints: one safetensors file holding every tensor, its JSON metadata holding the configuration and state.
+
+Layout of the tensors: ``net.*`` the reconstruction network (with the refiner), ``backbone.*`` the frozen backbone's
+tapped layers (so a checkpoint is self-contained and loads offline), and for resuming ``optim.<i>.<name>`` (AdamW
+moments) and ``rng.*`` (random-generator states). The metadata key ``onenip`` holds JSON: format, version, the
+configuration, epoch, step, optimizer hyper-parameters and the training history. Nothing is pickled, so loading a
+checkpoint cannot execute code. Files are written to a temporary name, flushed and renamed: a checkpoint on disk is
+always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .config import Config, config_from_dict
+from .errors import CheckpointError, ConfigError
+
+FORMAT = "onenip-checkpoint"
+VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@dataclass
+class CheckpointState:
+    """What a checkpoint holds, as plain objects."""
+
+    config: Config
+    net: dict[str, Tensor]
+    backbone: dict[str, Tensor]
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
+    rng: dict[str, Tensor] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in state["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, Tensor):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
+    """Write `ckpt` atomically to `path` (a .safetensors file); also returns the path."""
+    path = Path(path)
+    tensors: dict[str, Tensor] = {}
+    tensors.update({f"net.{k}": v.detach().cpu().contiguous() for k, v in ckpt.net.items()})
+    tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in ckpt.backbone.items()})
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": ckpt.config.to_dict(),
+        "epoch": ckpt.epoch,
+        "step": ckpt.step,
+        "history": ckpt.history,
+        "extra": ckpt.extra,
+        "torch": torch.__version__,
+    }
+    if ckpt.optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(ckpt.optimizer)
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    tensors.update({f"rng.{k}": v.contiguous() for k, v in ckpt.rng.items()})
+    data = st_save(tensors, metadata={"onenip": json.dumps(meta)})
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_checkpoint(path: str | Path, with_training_state: bool = True) -> CheckpointState:
+    """Read a checkpoint; a missing, corrupted, truncated or foreign file raises CheckpointError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "checkpoint.safetensors", path / "checkpoints" / "last.safetensors"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{path} is a folder without checkpoint.safetensors or checkpoints/last.safetensors")
+        path = found
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = (f.metadata() or {}).get("onenip")
+            if raw_meta is None:
+                raise CheckpointError(f"{path} is a safetensors file but not an onenip checkpoint (no 'onenip' metadata)")
+            meta = json.loads(raw_meta)
+            keys = list(f.keys())
+            wanted = [k for k in keys if with_training_state or k.startswith(("net.", "backbone."))]
+            tensors = {k: f.get_tensor(k) for k in wanted}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # header too large, truncated data, invalid JSON, not safetensors at all ...
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted, truncated or not a checkpoint ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")
+    if int(meta.get("version", -1)) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is newer than this onenip ({VERSION})")
+    try:
+        config = config_from_dict(meta["config"])
+    except (ConfigError, KeyError) as exc:
+        raise CheckpointError(f"{path}: its configuration is not valid for this onenip version: {exc}") from None
+    net = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
+    backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+    rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    optimizer = _unflatten_optimizer(optim, meta["optimizer"]) if with_training_state and "optimizer" in meta else None
+    return CheckpointState(
+        config=config, net=net, backbone=backbone, epoch=int(meta.get("epoch", 0)), step=int(meta.get("step", 0)),
+        optimizer=optimizer, rng=rng, history=list(meta.get("history", [])), extra=dict(meta.get("extra", {})),
+    )
+
+
+ARCHITECTURE_KEYS = ("backbone", "model")
+
+
+def incompatible_keys(a: Config, b: Config) -> list[str]:
+    """Options that must be equal for weights of `a` to be loaded into a model built from `b`."""
+    da, db = a.to_dict(), b.to_dict()
+    diffs = [f"{s}.{k}" for s in ARCHITECTURE_KEYS for k in da[s] if da[s][k] != db[s][k] and k != "weights"]
+    if a.data.input_size != b.data.input_size:
+        diffs.append("data.input_size")
+    return diffs

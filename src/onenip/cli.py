@@ -1,0 +1,133 @@
+"""Command line: `onenip fit`, `onenip test`, `onenip demo`.
+
+Every configuration option is also a command-line option (`--section.option VALUE`), documented in `--help`.
+Precedence: defaults < YAML files given with --config (in order) < command-line options < --set KEY=VALUE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from typing import Any
+
+import yaml
+
+from .config import option_table, parse_override
+from .errors import OnenipError
+
+
+def _is_list(tp: Any) -> bool:
+    return typing.get_origin(tp) is list
+
+
+def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, tp, default, help_text, choices in option_table():
+        section = key.split(".")[0] if "." in key else "general"
+        if sections is not None and section not in sections:
+            continue
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} options")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        extra = f" One of: {', '.join(choices)}." if choices else ""
+        groups[section].add_argument(
+            f"--{key}", dest=f"opt:{key}", metavar="V ..." if _is_list(tp) else "V",
+            nargs="+" if _is_list(tp) else None, default=None,
+            help=f"{help_text}{extra} (default: {shown})".replace("%", "%%"),
+        )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line options as KEY=VALUE overrides (lists written in YAML flow style)."""
+    out = []
+    for dest, value in vars(args).items():
+        if not dest.startswith("opt:") or value is None:
+            continue
+        key = dest[4:]
+        if isinstance(value, list):
+            items = [yaml.safe_load(v) if v.strip() else v for v in value]
+            out.append(f"{key}={yaml.safe_dump(items, default_flow_style=True).strip()}")
+        else:
+            out.append(f"{key}={value}")
+    for item in args.set or []:
+        parse_override(item)  # fail early on malformed items
+        out.append(item)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onenip",
+        description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,demo}")
+
+    fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
+                         description="Train one OneNIP (or UniAD) model on the defect-free training images of every "
+                                     "category of the data roots at once.")
+    fit.add_argument("--config", action="append", metavar="FILE", help="YAML configuration file (repeatable)")
+    fit.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint (its configuration is the base)")
+    fit.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
+    fit.add_argument("--no-progress", action="store_true", help="one log line per epoch instead of a progress bar")
+    fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.epochs=10")
+    _add_config_options(fit)
+
+    test = sub.add_parser("test", help="evaluate a trained model on a test split",
+                          description="Evaluate a checkpoint on the test split of its data roots (or of others given "
+                                      "here): seven metrics per category and their mean, as JSON and Markdown.")
+    test.add_argument("checkpoint", help="model.safetensors (or a checkpoint, or a run folder)")
+    test.add_argument("--config", action="append", metavar="FILE", help="YAML configuration file (repeatable)")
+    test.add_argument("--output", metavar="DIR", help="results folder (default: <checkpoint folder>/results/<protocol>)")
+    test.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    test.add_argument("--no-progress", action="store_true", help="no progress bar")
+    test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
+    _add_config_options(test, sections=("data", "eval"))
+
+    demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
+                          description="Runs with no download and no data of yours: generates a small multi-category "
+                                      "dataset, trains one model briefly with the offline ImageNet backbone, "
+                                      "evaluates it and prints the per-category table.")
+    demo.add_argument("--output", default="runs/demo", metavar="DIR", help="run folder (default: runs/demo)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's own)")
+    demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "fit":
+            from .api import fit
+
+            result = fit(args.config, _overrides(args), resume=args.resume, evaluate=args.evaluate,
+                         progress=not args.no_progress)
+            print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
+                  f"{result.images_per_second:.1f} query images/s; model: {result.model_path}")
+            if result.results is not None:
+                print(result.results.to_markdown())
+                print(f"results: {result.run_dir / 'results'}")
+        elif args.command == "test":
+            from .api import test
+
+            overrides = _overrides(args) + ([f"train.device={args.device}"] if args.device else [])
+            results = test(args.checkpoint, args.config, overrides, output=args.output, progress=not args.no_progress)
+            if results.retrieval_accuracy is not None:
+                print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
+            print(results.to_markdown())
+        elif args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(args.output, steps=args.steps, device=args.device, progress=not args.no_progress)
+    except OnenipError as exc:
+        print(f"onenip: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onenip: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

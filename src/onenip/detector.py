@@ -1,0 +1,83 @@
+"""The detector: frozen feature extractor + reconstruction network + configuration, built from a config or a checkpoint."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import CheckpointState, load_checkpoint
+from .config import Config
+from .errors import CheckpointError
+from .features import FeatureExtractor
+from .model import Maps, ReconstructionNet, anomaly_maps, build_network
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+class Detector(nn.Module):
+    """Images -> features -> reconstruction -> anomaly maps. `extractor` is frozen; `net` is what training learns."""
+
+    def __init__(self, cfg: Config, extractor: FeatureExtractor, net: ReconstructionNet) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.extractor = extractor
+        self.net = net
+        self.extra: dict = {}  # e.g. the fusion constant of the clean protocol, stored with the checkpoint
+
+    @classmethod
+    def build(cls, cfg: Config) -> "Detector":
+        """A new detector: backbone weights as cfg.backbone says (an error if they cannot be loaded), fresh network."""
+        extractor = FeatureExtractor(cfg.backbone)
+        net = build_network(cfg.model, extractor.out_channels, cfg.data.input_size)
+        return cls(cfg, extractor, net)
+
+    @classmethod
+    def from_state(cls, state: CheckpointState, source: str = "checkpoint") -> "Detector":
+        cfg = state.config
+        if not state.backbone:
+            raise CheckpointError(f"{source} holds no backbone weights")
+        offline = copy.deepcopy(cfg.backbone)
+        offline.weights = "random"  # the checkpoint's own backbone tensors are loaded strictly just below
+        extractor = FeatureExtractor(offline)
+        extractor.load_backbone_state(state.backbone, source=source)
+        extractor.weights_source = cfg.backbone.weights
+        net = build_network(cfg.model, extractor.out_channels, cfg.data.input_size)
+        try:
+            net.load_state_dict(state.net, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{source}: network weights do not fit its configuration: {exc}") from None
+        det = cls(cfg, extractor, net)
+        det.extra = dict(state.extra)
+        return det
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Detector":
+        return cls.from_state(load_checkpoint(path, with_training_state=False), source=str(path))
+
+    @property
+    def uses_prompt(self) -> bool:
+        return self.net.uses_prompt
+
+    @property
+    def input_size(self) -> int:
+        return self.cfg.data.input_size
+
+    def features(self, images: Tensor) -> Tensor:
+        """(N, 3, S, S) uint8 -> (N, C, S/16, S/16) float32."""
+        return self.extractor(images)
+
+    def maps(self, feats: Tensor, prompt_feats: Tensor | None) -> Maps:
+        return anomaly_maps(self.net, feats, prompt_feats if self.uses_prompt else None, self.input_size)
+
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(network tensors, backbone tensors) for a checkpoint."""
+        return self.net.state_dict(), self.extractor.body.state_dict()

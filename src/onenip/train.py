@@ -1,0 +1,263 @@
+"""Training (§5): reconstruction + restoration MSE and the refiner's Dice loss, AdamW, gradient clipping, step decay.
+
+A run folder (`output_dir`) holds `config.yaml`, `train_log.csv` (one row per epoch), `checkpoints/last.safetensors`
+(everything needed to resume, written atomically every `train.save_every` epochs) and, when training ends,
+`model.safetensors` (weights and configuration, what `onenip test` takes).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import CheckpointState, atomic_write_text, incompatible_keys, load_checkpoint, save_checkpoint
+from .config import Config
+from .datasets import read_sources
+from .detector import Detector, resolve_device
+from .errors import CheckpointError, OnenipError
+from .losses import dice_loss, feature_mse
+from .trainset import EpochSampler, TrainSet
+
+
+class TrainingError(OnenipError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN)."""
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    model_path: Path
+    epochs: int
+    steps: int
+    seconds: float
+    images_per_second: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    results: Any = None  # evaluation results when asked for
+
+
+def lr_at(cfg: Config, epoch: int) -> float:
+    t = cfg.train
+    decay_epoch = t.lr_decay_epoch or int(round(0.8 * t.epochs))
+    return t.lr * (t.lr_decay if epoch >= decay_epoch else 1.0)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    """Holds the detector, optimizer and data of one run; `run()` trains to cfg.train.epochs."""
+
+    def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.run_dir = Path(cfg.output_dir)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
+        self.device = resolve_device(cfg.train.device)
+        t = cfg.train
+
+        state: CheckpointState | None = None
+        if resume is not None:
+            state = load_checkpoint(resume)
+            diffs = incompatible_keys(state.config, cfg)
+            if diffs:
+                raise CheckpointError(f"cannot resume {resume}: options differ from the checkpoint's: {', '.join(diffs)}")
+        elif self.ckpt_path.exists():
+            raise TrainingError(
+                f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
+                f"{self.ckpt_path} or choose another output_dir"
+            )
+
+        torch.manual_seed(t.seed)
+        if state is not None:
+            self.detector = Detector.from_state(state, source=str(resume))
+            self.detector.cfg = cfg
+        else:
+            self.detector = Detector.build(cfg)
+        self.detector.to(self.device)
+        self.net = self.detector.net
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+        self.epoch, self.step, self.history = 0, 0, []
+        if state is not None:
+            if state.optimizer is not None:
+                self.optimizer.load_state_dict(state.optimizer)
+            set_rng_state(state.rng, self.device)
+            self.epoch, self.step, self.history = state.epoch, state.step, state.history
+
+        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)
+        self.synthesize = t.restoration or cfg.model.refiner
+        self.dataset = TrainSet(
+            samples, cfg.data.input_size, cfg.synthesis, cfg.data.textures, prompt=t.prompt,
+            synthesize=self.synthesize, seed=t.seed, cache=cfg.data.cache_images, threads=max(1, cfg.data.workers),
+        )
+        self.sampler = EpochSampler(len(self.dataset), t.seed)
+        self.loader = DataLoader(
+            self.dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
+        )
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch (§5). Features of [query; synthetic; prompt] come from one backbone pass."""
+        cfg, dev = self.cfg, self.device
+        image = batch["image"].to(dev, non_blocking=True)
+        b, size = image.shape[0], image.shape[-1]
+        parts = [image]
+        if self.synthesize:
+            parts.append(batch["synthetic"].to(dev, non_blocking=True))
+        if self.net.uses_prompt:
+            parts.append(batch["prompt"].to(dev, non_blocking=True))
+        amp = dev.type == "cuda" and cfg.train.amp
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            feats = self.detector.features(torch.cat(parts))  # (k*B, C, H, W) float32
+            clean = feats[:b]
+            query = feats[: 2 * b] if self.synthesize else clean  # [normal; synthetic]
+            prompt = feats[-b:] if self.net.uses_prompt else None
+            rec = self.net.reconstruct(query, prompt)
+            if cfg.train.restoration:
+                mse = feature_mse(rec, clean.repeat(2, 1, 1, 1))  # the synthetic half is restored to its clean features
+            else:
+                mse = feature_mse(rec[:b], clean)
+            out = {"mse": mse, "loss": mse}
+            if self.net.refiner is not None:
+                logits = self.net.refine(rec, query, size)
+                masks = torch.cat([torch.zeros_like(batch["mask"]), batch["mask"]]).to(dev)
+                dice = dice_loss(logits, masks, standard=cfg.train.dice_standard)
+                out["dice"] = dice
+                out["loss"] = mse + cfg.train.dice_weight * dice
+        return out
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.net.train()
+        terms = self.losses(batch)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; training stopped. "
+                f"The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}. "
+                "Try a lower train.lr or check the input images."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    # -- checkpoints and logs ----------------------------------------------------------------------------------------
+    def save(self, path: Path | None = None, training_state: bool = True) -> Path:
+        net, backbone = self.detector.state()
+        ckpt = CheckpointState(
+            config=self.cfg, net=net, backbone=backbone, epoch=self.epoch, step=self.step,
+            optimizer=self.optimizer.state_dict() if training_state else None,
+            rng=rng_state(self.device) if training_state else {}, history=self.history, extra=self.detector.extra,
+        )
+        return save_checkpoint(path or self.ckpt_path, ckpt)
+
+    def write_log(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys += [k for k in row if k not in keys]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
+
+    # -- the loop ----------------------------------------------------------------------------------------------------
+    def run(self, evaluate_every: int | None = None) -> FitResult:
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        steps_per_epoch = len(self.loader)
+        total = t.epochs * steps_per_epoch
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
+                   disable=not self.progress, desc="fit", leave=True)
+        start, images_done = time.perf_counter(), 0
+        evaluate_every = t.eval_every if evaluate_every is None else evaluate_every
+        try:
+            while self.epoch < t.epochs and not (t.max_steps and self.step >= t.max_steps):
+                lr = lr_at(cfg, self.epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.sampler.set_epoch(self.epoch)
+                sums: dict[str, float] = {}
+                n_batches, n_images, t0 = 0, 0, time.perf_counter()
+                for batch in self.loader:
+                    terms = self.train_step(batch)
+                    for k, v in terms.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_batches += 1
+                    n_images += batch["image"].shape[0]
+                    bar.update(1)
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms['loss']:.4f}",
+                                    img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
+                    if t.max_steps and self.step >= t.max_steps:
+                        break
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                seconds = time.perf_counter() - t0
+                images_done += n_images
+                self.epoch += 1
+                row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr}
+                row.update({k: round(v / max(n_batches, 1), 6) for k, v in sums.items()})
+                row.update({"images_per_s": round(n_images / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)})
+                if evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
+                    row.update(self._evaluate_row())
+                self.history.append(row)
+                self.write_log()
+                if not self.progress:
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                last = self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+                if last or (t.save_every and self.epoch % t.save_every == 0):
+                    self.save()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        model_path = self.save(self.run_dir / "model.safetensors", training_state=False)
+        return FitResult(
+            run_dir=self.run_dir, model_path=model_path, epochs=self.epoch, steps=self.step, seconds=elapsed,
+            images_per_second=images_done / max(elapsed, 1e-9), history=self.history,
+        )
+
+    def _evaluate_row(self) -> dict[str, float]:
+        from .evaluate import evaluate
+
+        results = evaluate(self.detector, self.cfg, progress=False)
+        self.detector.extra.pop("fusion_scale", None)
+        return {f"test_{k}": round(v, 6) for k, v in results.mean("fused").items() if not math.isnan(v)}
+
+
+def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, evaluate: bool = False) -> FitResult:
+    """Train one model on every category of cfg.data.roots; optionally evaluate it on their test splits."""
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    result = trainer.run()
+    if evaluate:
+        from .evaluate import evaluate as run_eval, write_results
+
+        result.results = run_eval(trainer.detector, cfg, progress=progress)
+        write_results(result.results, trainer.run_dir / "results")
+    return result

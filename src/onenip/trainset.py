@@ -1,0 +1,132 @@
+"""Training samples (§5): a normal query image, its synthesized anomalous copy with mask (§3), and a normal prompt image.
+
+Every random choice of an item (the prompt, the kind and shape of the pseudo-anomaly, the texture) is drawn from a
+generator seeded by (seed, epoch, index): an item is the same whatever the number of workers or processes, and a
+resumed run sees exactly the data an uninterrupted run would have seen. The sampler yields (epoch, index) pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .config import SynthesisConfig
+from .datasets import Sample
+from .images import load_image, resize_image
+from .synthesis import FolderTextures, TextureSource, synthesize
+
+
+@dataclass
+class TrainItem:
+    index: int
+    category: int
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """A fresh permutation of the indices every epoch, seeded by (seed, epoch); yields (epoch, index).
+
+    With `world_size` > 1 each rank takes every world_size-th element of the permutation (padded to equal length).
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.random.default_rng([self.seed, self.epoch, 0x5A]).permutation(self.n)
+        total = len(self) * self.world_size
+        order = np.concatenate([order, order[: total - self.n]])
+        for i in order[self.rank :: self.world_size]:
+            yield self.epoch, int(i)
+
+
+class _TrainImages(TextureSource):
+    """Textures drawn from the training images themselves (when no texture folder is given)."""
+
+    def __init__(self, dataset: "TrainSet") -> None:
+        self.dataset = dataset
+
+    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        return self.dataset.image(int(rng.integers(len(self.dataset))))
+
+
+class TrainSet(Dataset):
+    """Items: dict of uint8 tensors image (3,S,S), synthetic (3,S,S), mask (1,S,S), prompt (3,S,S), and category (int)."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        size: int,
+        synthesis: SynthesisConfig,
+        textures: str | None = None,
+        prompt: str = "dynamic",
+        synthesize: bool = True,
+        seed: int = 133,
+        cache: bool = True,
+        threads: int = 4,
+    ) -> None:
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples = samples
+        self.size = size
+        self.synthesis = synthesis
+        self.prompt = prompt
+        self.do_synthesize = synthesize
+        self.seed = seed
+        self.categories = sorted({s.category for s in samples})
+        cat_index = {c: i for i, c in enumerate(self.categories)}
+        self.labels = np.array([cat_index[s.category] for s in samples])
+        self.members = [np.flatnonzero(self.labels == i) for i in range(len(self.categories))]
+        rng = np.random.default_rng([seed, 0x57A71C])
+        self.static_prompt = [int(rng.choice(m)) for m in self.members]
+        self.textures: TextureSource = FolderTextures(textures) if textures else _TrainImages(self)
+        self.cache: list[np.ndarray] | None = None
+        if cache:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                self.cache = list(pool.map(self._load, range(len(samples))))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, i: int) -> np.ndarray:
+        return resize_image(load_image(self.samples[i].image), self.size)
+
+    def image(self, i: int) -> np.ndarray:
+        """(S, S, 3) uint8 RGB of training image i."""
+        return self.cache[i] if self.cache is not None else self._load(i)
+
+    def prompt_index(self, i: int, rng: np.random.Generator) -> int:
+        """The prompt of query i: a random image of its category (dynamic; can be i itself, as in the reference) or the
+        category's fixed image (static)."""
+        members = self.members[self.labels[i]]
+        if self.prompt == "static":
+            return self.static_prompt[self.labels[i]]
+        return int(members[rng.integers(len(members))])
+
+    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor | int]:
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        image = self.image(i)
+        out: dict[str, torch.Tensor | int] = {"image": _chw(image), "category": int(self.labels[i])}
+        if self.do_synthesize:
+            synthetic, mask = synthesize(image, rng, self.textures, self.synthesis)
+            out["synthetic"] = _chw(synthetic)
+            out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
+        if self.prompt != "none":
+            out["prompt"] = _chw(self.image(self.prompt_index(i, rng)))
+        return out
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
