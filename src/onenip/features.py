@@ -146,6 +146,16 @@ def tap_indices(name: str, strides: list[int]) -> list[int]:
     return indices
 
 
+def _drop_unused_stages(body: nn.Module) -> None:
+    """timm's EfficientNet/MobileNet feature models keep every stage even when the taps stop at stride 16; the stages
+    after the deepest tap are computed for nothing (and their weights stored for nothing), so cut them off."""
+    names = body.feature_info.module_name()
+    stages = [int(m.group(1)) for n in names if (m := re.fullmatch(r"blocks\.(\d+)", n))]
+    blocks = getattr(body, "blocks", None)
+    if stages and isinstance(blocks, nn.Sequential) and len(stages) + sum(n in ("bn1", "act1") for n in names) == len(names):
+        body.blocks = blocks[: max(stages) + 1]
+
+
 class FeatureExtractor(nn.Module):
     """Frozen CNN -> (N, C, S/16, S/16) features, C the sum of the taps' channels (272 for efficientnet_b4).
 
@@ -158,6 +168,7 @@ class FeatureExtractor(nn.Module):
         self.name = cfg.name
         indices = tap_indices(cfg.name, cfg.strides)
         self.body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=indices)
+        _drop_unused_stages(self.body)
         self.strides = list(cfg.strides)
         self.out_channels = int(sum(self.body.feature_info.channels()))
         pcfg = getattr(self.body, "pretrained_cfg", None) or {}

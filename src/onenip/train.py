@@ -109,30 +109,62 @@ class Trainer:
         self.dataset = TrainSet(
             samples, cfg.data.input_size, cfg.synthesis, cfg.data.textures, prompt=t.prompt,
             synthesize=self.synthesize, seed=t.seed, cache=cfg.data.cache_images, threads=max(1, cfg.data.workers),
+            return_normals=not t.cache_features,
         )
+        self.feature_cache = self.cache_normal_features() if t.cache_features else None
         self.sampler = EpochSampler(len(self.dataset), t.seed)
         self.loader = DataLoader(
             self.dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
         )
 
-    # -- one optimizer step ------------------------------------------------------------------------------------------
-    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss terms of one batch (§5). Features of [query; synthetic; prompt] come from one backbone pass."""
-        cfg, dev = self.cfg, self.device
-        image = batch["image"].to(dev, non_blocking=True)
-        b, size = image.shape[0], image.shape[-1]
-        parts = [image]
+    @property
+    def amp(self) -> bool:
+        return self.device.type == "cuda" and self.cfg.train.amp
+
+    @torch.no_grad()
+    def cache_normal_features(self) -> torch.Tensor:
+        """Backbone features of every (unaugmented) training image, (N, C, H, W) on the training device."""
+        size, bs = self.cfg.data.input_size, self.cfg.train.batch_size
+        out = []
+        for s in range(0, len(self.dataset), bs):
+            images = torch.stack([torch.from_numpy(self.dataset.image(i).transpose(2, 0, 1).copy())
+                                  for i in range(s, min(s + bs, len(self.dataset)))]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                out.append(self.detector.features(images))
+        feats = torch.cat(out)
+        assert feats.shape[-1] == size // 16
+        return feats
+
+    def batch_features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Backbone features (clean query, synthetic, prompt), each (B, C, H, W); None where not used."""
+        dev, use_prompt = self.device, self.net.uses_prompt
+        if self.feature_cache is not None:
+            clean = self.feature_cache[batch["index"].to(dev)]
+            prompt = self.feature_cache[batch["prompt_index"].to(dev)] if use_prompt else None
+            synthetic = None
+            if self.synthesize:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                    synthetic = self.detector.features(batch["synthetic"].to(dev, non_blocking=True))
+            return clean, synthetic, prompt
+        parts = [batch["image"].to(dev, non_blocking=True)]  # one backbone pass over [query; synthetic; prompt]
         if self.synthesize:
             parts.append(batch["synthetic"].to(dev, non_blocking=True))
-        if self.net.uses_prompt:
+        if use_prompt:
             parts.append(batch["prompt"].to(dev, non_blocking=True))
-        amp = dev.type == "cuda" and cfg.train.amp
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            feats = self.detector.features(torch.cat(parts))  # (k*B, C, H, W) float32
-            clean = feats[:b]
-            query = feats[: 2 * b] if self.synthesize else clean  # [normal; synthetic]
-            prompt = feats[-b:] if self.net.uses_prompt else None
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            feats = self.detector.features(torch.cat(parts))
+        chunks = list(feats.chunk(len(parts)))
+        return chunks[0], chunks[1] if self.synthesize else None, chunks[-1] if use_prompt else None
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss terms of one batch (§5)."""
+        cfg, dev = self.cfg, self.device
+        clean, synthetic, prompt = self.batch_features(batch)
+        b, size = clean.shape[0], cfg.data.input_size
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            query = torch.cat([clean, synthetic]) if synthetic is not None else clean  # [normal; synthetic]
             rec = self.net.reconstruct(query, prompt)
             if cfg.train.restoration:
                 mse = feature_mse(rec, clean.repeat(2, 1, 1, 1))  # the synthetic half is restored to its clean features
@@ -211,7 +243,7 @@ class Trainer:
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_batches += 1
-                    n_images += batch["image"].shape[0]
+                    n_images += len(batch["index"])
                     bar.update(1)
                     bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms['loss']:.4f}",
                                     img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")

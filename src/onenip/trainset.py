@@ -62,7 +62,8 @@ class _TrainImages(TextureSource):
 
 
 class TrainSet(Dataset):
-    """Items: dict of uint8 tensors image (3,S,S), synthetic (3,S,S), mask (1,S,S), prompt (3,S,S), and category (int)."""
+    """Items: uint8 tensors image (3,S,S), synthetic (3,S,S), mask (1,S,S), prompt (3,S,S); ints index, prompt_index,
+    category. Without `return_normals` the image and prompt tensors are left out (their features are cached)."""
 
     def __init__(
         self,
@@ -75,6 +76,7 @@ class TrainSet(Dataset):
         seed: int = 133,
         cache: bool = True,
         threads: int = 4,
+        return_normals: bool = True,
     ) -> None:
         if not samples:
             raise ValueError("no training samples")
@@ -83,6 +85,7 @@ class TrainSet(Dataset):
         self.synthesis = synthesis
         self.prompt = prompt
         self.do_synthesize = synthesize
+        self.return_normals = return_normals  # False: only indices of query and prompt (their features are cached)
         self.seed = seed
         self.categories = sorted({s.category for s in samples})
         cat_index = {c: i for i, c in enumerate(self.categories)}
@@ -118,13 +121,18 @@ class TrainSet(Dataset):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, i])
         image = self.image(i)
-        out: dict[str, torch.Tensor | int] = {"image": _chw(image), "category": int(self.labels[i])}
+        out: dict[str, torch.Tensor | int] = {"index": i, "category": int(self.labels[i])}
+        if self.return_normals:
+            out["image"] = _chw(image)
         if self.do_synthesize:
             synthetic, mask = synthesize(image, rng, self.textures, self.synthesis)
             out["synthetic"] = _chw(synthetic)
             out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None]
         if self.prompt != "none":
-            out["prompt"] = _chw(self.image(self.prompt_index(i, rng)))
+            j = self.prompt_index(i, rng)
+            out["prompt_index"] = j
+            if self.return_normals:
+                out["prompt"] = _chw(self.image(j))
         return out
 
 

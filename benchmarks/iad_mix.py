@@ -1,0 +1,164 @@
+"""Benchmark: one unified OneNIP model on all ten iad-mix categories at 224 px, evaluated in both protocols.
+
+Trains with the offline ImageNet EfficientNet-Lite backbone (or any backbone given), evaluates the final model under the
+clean protocol (category not given: prompt retrieval; fusion constant from training images) and the paper protocol
+(random prompt of the true category; fusion constant from the test set), and writes benchmark.json and benchmark.md
+(per-category tables of the seven metrics, training time and images/s, device, versions, command) to --output.
+
+    python benchmarks/iad_mix.py --epochs 200                   # GPU when there is one
+    python benchmarks/iad_mix.py --minutes 7                    # choose the epochs that fit 7 minutes of training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from onenip.api import make_config  # noqa: E402
+from onenip.evaluate import evaluate, write_results  # noqa: E402
+from onenip.train import Trainer  # noqa: E402
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("ONENIP_COMMIT", "unknown")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def probe_seconds_per_step(overrides: list[str], steps: int) -> float:
+    """Time `steps` optimizer steps (after 3 warm-up steps) of the exact training configuration."""
+    probe_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"onenip-probe-{os.getpid()}"
+    cfg = make_config(None, overrides + [f"output_dir={probe_dir}", "train.save_every=0"])
+    trainer = Trainer(cfg, progress=False)
+    it = iter(trainer.loader)
+    for _ in range(3):
+        trainer.train_step(next(it))
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = 0
+    while done < steps:
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(trainer.loader)
+            batch = next(it)
+        trainer.train_step(batch)
+        done += 1
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t0) / steps
+    del trainer
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    return seconds
+
+
+def main() -> None:
+    shared = REPO.parent / "shared" / "data"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(shared / "iad-mix"))
+    ap.add_argument("--textures", default=str(shared / "textures"))
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="efficientnet-lite", help="backbone.weights (a file works offline anywhere)")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--minutes", type=float, default=0, help="choose --epochs to fit this much training time")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--output", default=str(REPO / "runs" / "bench-iad-mix"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option")
+    args = ap.parse_args()
+
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    out = Path(args.output)
+    base = [
+        f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
+        f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
+        f"train.batch_size={args.batch_size}", "eval.maps=[rec, ref, fused]", *args.set,
+    ]
+    epochs = args.epochs
+    if args.minutes:
+        s_step = probe_seconds_per_step(base + ["train.epochs=1"], steps=20)
+        steps_per_epoch = math.ceil(sum(1 for _ in Path(args.data).glob("*/train/good/*")) / args.batch_size)
+        epochs = max(1, int(args.minutes * 60 / (s_step * steps_per_epoch)))
+        print(f"probe: {s_step * 1000:.1f} ms/step, {steps_per_epoch} steps/epoch -> {epochs} epochs in "
+              f"{args.minutes} min", flush=True)
+    cfg = make_config(None, base + [f"train.epochs={epochs}", f"output_dir={out / 'run'}"])
+
+    trainer = Trainer(cfg, progress=False)
+    fit = trainer.run()
+    detector = trainer.detector
+    report: dict = {
+        "command": " ".join(shlex.quote(a) for a in sys.argv) if not args.minutes else
+                   " ".join(shlex.quote(a) for a in sys.argv) + f"  (chose --epochs {epochs})",
+        "commit": git_commit(),
+        "device": device_name(trainer.device),
+        "torch": torch.__version__,
+        "epochs": fit.epochs,
+        "steps": fit.steps,
+        "train_seconds": round(fit.seconds, 1),
+        "train_query_images_per_s": round(fit.images_per_second, 1),
+        "config": cfg.to_dict(),
+        "protocols": {},
+    }
+    import timm
+
+    report["timm"] = timm.__version__
+    for protocol in ("clean", "paper"):
+        cfg.eval.protocol = protocol
+        results = evaluate(detector, cfg, progress=False)
+        write_results(results, out / f"results-{protocol}")
+        report["protocols"][protocol] = results.to_dict()
+        report["protocols"][protocol]["markdown"] = results.to_markdown("fused")
+        print(f"\n## {protocol} protocol" + (f" (retrieval accuracy {100 * results.retrieval_accuracy:.2f} %)"
+                                              if results.retrieval_accuracy is not None else ""))
+        print(results.to_markdown("fused"), flush=True)
+        for name in ("rec", "ref"):
+            m = results.mean(name)
+            print(f"mean of map {name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items()))
+        print(f"evaluation seconds: {results.seconds}")
+
+    md = [
+        "# iad-mix benchmark", "",
+        f"- command: `{report['command']}`", f"- commit: {report['commit']}", f"- device: {report['device']}",
+        f"- torch {report['torch']}, timm {report['timm']}",
+        f"- training: {fit.epochs} epochs, {fit.steps} steps, {fit.seconds:.0f} s, "
+        f"{fit.images_per_second:.0f} query images/s", "",
+    ]
+    for protocol, res in report["protocols"].items():
+        extra = f"; prompt retrieval right for {100 * res['retrieval_accuracy']:.2f} % of test images" \
+            if res.get("retrieval_accuracy") is not None else ""
+        md += [f"## {protocol} protocol (fused map{extra})", "", res["markdown"], ""]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "benchmark.md").write_text("\n".join(md))
+    print(f"\ntraining: {fit.epochs} epochs in {fit.seconds:.0f} s, {fit.images_per_second:.0f} query images/s "
+          f"on {report['device']}")
+
+
+if __name__ == "__main__":
+    main()
