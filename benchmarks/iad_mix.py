@@ -137,7 +137,7 @@ def main() -> None:
         print(f"\n## {protocol} protocol" + (f" (retrieval accuracy {100 * results.retrieval_accuracy:.2f} %)"
                                               if results.retrieval_accuracy is not None else ""))
         print(results.to_markdown("fused"), flush=True)
-        for name in ("rec", "ref"):
+        for name in ("rec", "ref") if detector.net.refiner is not None else ():
             m = results.mean(name)
             print(f"mean of map {name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in m.items()))
         print(f"evaluation seconds: {results.seconds}")

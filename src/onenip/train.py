@@ -116,6 +116,7 @@ class Trainer:
         self.loader = DataLoader(
             self.dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
+            generator=torch.Generator().manual_seed(t.seed),  # worker seeds must not consume the global RNG (resume)
         )
 
     @property
