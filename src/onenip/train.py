@@ -88,6 +88,7 @@ class Trainer:
                 f"{self.ckpt_path} or choose another output_dir"
             )
 
+        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)  # bad data fails before any work
         torch.manual_seed(t.seed)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
@@ -104,7 +105,6 @@ class Trainer:
             set_rng_state(state.rng, self.device)
             self.epoch, self.step, self.history = state.epoch, state.step, state.history
 
-        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)
         self.synthesize = t.restoration or cfg.model.refiner
         self.dataset = TrainSet(
             samples, cfg.data.input_size, cfg.synthesis, cfg.data.textures, prompt=t.prompt,

@@ -1,0 +1,68 @@
+"""Command line: every option documented, errors as one clear line, and fit then test end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from onenip import cli
+from onenip.config import option_table
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--help"])
+    assert exc.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_documents_every_option(capsys) -> None:
+    text = _help(capsys, "fit")
+    for key, *_ in option_table():
+        assert f"--{key}" in text, key
+    assert "--resume" in text and "--config" in text and "--set" in text
+    test_text = _help(capsys, "test")
+    assert "--eval.protocol" in test_text and "--data.roots" in test_text and "--model.arch" not in test_text
+    assert "demo" in _help(capsys)
+
+
+def test_errors_are_one_line_naming_the_option(capsys, tmp_path: Path) -> None:
+    assert cli.main(["fit", "--set", "train.epochz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epochz" in err and "Traceback" not in err
+    assert cli.main(["fit", "--data.input_size", "100"]) == 2
+    assert "data.input_size" in capsys.readouterr().err
+    assert cli.main(["fit"]) == 2  # no data roots
+    assert "data.roots" in capsys.readouterr().err
+    assert cli.main(["fit", "--data.roots", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert cli.main(["test", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(
+        f"data:\n  roots: [{iad_mix}]\n  categories: [PA_FLR01_TL]\n  input_size: 64\n  workers: 0\n"
+        "backbone:\n  name: tf_efficientnet_lite0\n  weights: efficientnet-lite\n"
+        "model:\n  hidden_dim: 64\n  ffn_dim: 128\n  heads: 4\n"
+    )
+    run = tmp_path / "run"
+    code = cli.main(["fit", "--config", str(cfg), "--train.max_steps", "2", "--train.batch_size", "8",
+                     "--output_dir", str(run), "--no-progress", "--evaluate"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "trained 1 epochs (2 steps)" in out and "| PA_FLR01_TL |" in out
+    assert (run / "model.safetensors").is_file() and (run / "results" / "results.json").is_file()
+    code = cli.main(["test", str(run / "model.safetensors"), "--eval.protocol", "paper", "--no-progress",
+                     "--output", str(tmp_path / "res")])
+    assert code == 0
+    data = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert data["protocol"] == "paper" and list(data["categories"]) == ["PA_FLR01_TL"]
+    # resuming a finished run with more epochs continues it
+    code = cli.main(["fit", "--resume", str(run / "checkpoints" / "last.safetensors"), "--train.max_steps", "3",
+                     "--no-progress"])
+    assert code == 0
+    assert "(3 steps)" in capsys.readouterr().out

@@ -1,0 +1,61 @@
+"""Losses (§5) and scoring (§6): Dice as the reference computes it, MSE, fusion and the pooled-max image score."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onenip.losses import dice_loss, feature_mse
+from onenip.scoring import fuse, fusion_scale, image_scores
+
+
+def test_dice_reference_form_has_no_factor_two() -> None:
+    g = torch.zeros(1, 1, 8, 8)
+    g[..., 2:6, 2:6] = 1  # 16 defect pixels
+    perfect = torch.where(g > 0, 50.0, -50.0)  # sigmoid ~ the mask
+    # reference: 1 - (16 + 1) / (16 + 16 + 1) = 16/33; standard: 1 - (32 + 1) / 33 = 0
+    assert dice_loss(perfect, g).item() == pytest.approx(16 / 33, abs=1e-6)
+    assert dice_loss(perfect, g, standard=True).item() == pytest.approx(0.0, abs=1e-6)
+    # a normal sample (empty mask) predicted empty costs nothing; predicted full costs almost 1
+    empty = torch.zeros_like(g)
+    assert dice_loss(torch.full_like(g, -50.0), empty).item() == pytest.approx(0.0, abs=1e-6)
+    assert dice_loss(torch.full_like(g, 50.0), empty).item() == pytest.approx(1 - 1 / 65, abs=1e-6)
+
+
+def test_dice_is_mean_over_samples() -> None:
+    g = torch.zeros(2, 1, 4, 4)
+    g[1, 0, :2, :2] = 1
+    logits = torch.randn(2, 1, 4, 4)
+    both = dice_loss(logits, g)
+    each = (dice_loss(logits[:1], g[:1]) + dice_loss(logits[1:], g[1:])) / 2
+    assert both.item() == pytest.approx(each.item(), rel=1e-6)
+
+
+def test_feature_mse_is_one_mean_over_both_halves() -> None:
+    rec, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    halves = 0.5 * F.mse_loss(rec[:2], target[:2]) + 0.5 * F.mse_loss(rec[2:], target[2:])
+    assert feature_mse(rec, target).item() == pytest.approx(halves.item(), rel=1e-6)
+    assert feature_mse(rec.bfloat16(), target).dtype == torch.float32
+
+
+def test_image_score_is_max_of_16x16_mean() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.random((5, 48, 40)).astype(np.float32)
+    maps[2, 10:26, 5:21] += 3.0  # a 16x16 hot block: its mean wins
+    ref = F.avg_pool2d(torch.from_numpy(maps)[:, None].double(), 16, stride=1).flatten(1).amax(1).numpy()
+    got = image_scores(maps, 16)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+    assert got.argmax() == 2
+    # a single hot pixel is diluted by the pooling, unlike a plain maximum
+    spot = np.zeros((1, 32, 32), np.float32)
+    spot[0, 5, 5] = 256.0
+    assert image_scores(spot, 16)[0] == pytest.approx(1.0)
+
+
+def test_fusion() -> None:
+    assert fusion_scale(0.2, 1.8) == pytest.approx(1.0)
+    rec, ref = np.full((1, 2, 2), 2.0), np.full((1, 2, 2), 0.5)
+    np.testing.assert_allclose(fuse(rec, ref, 0.5, 3.0), 0.5 * 2.0 + 0.5 * 3.0 * 0.5)
+    assert fuse(rec, None, 0.5, 3.0) is rec

@@ -1,0 +1,48 @@
+"""Prompt choice: the paper's random same-category prompt and class-agnostic retrieval from a pool (§3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from onenip.datasets import Sample
+from onenip.prompts import PromptPool, descriptor, paper_prompts, pool_samples
+
+
+def _samples(split: str, per_cat: int, cats=("a", "b", "c")) -> list[Sample]:
+    return [Sample(Path(f"/{split}/{c}/{i}.png"), c, 0, "good", None, split) for c in cats for i in range(per_cat)]
+
+
+def test_paper_prompts_same_category_and_seeded() -> None:
+    train, test = _samples("train", 10), _samples("test", 5)
+    p1, p2, p3 = paper_prompts(test, train, 0), paper_prompts(test, train, 0), paper_prompts(test, train, 1)
+    assert p1 == p2 and p1 != p3
+    assert all(p.category == t.category and p.split == "train" for p, t in zip(p1, test))
+    assert len({p.image for p in p1}) > 3  # redrawn per test image, not one fixed prompt
+    with pytest.raises(ValueError, match="no training images"):
+        paper_prompts(_samples("test", 1, cats=("z",)), train, 0)
+
+
+def test_pool_samples_per_category_distinct() -> None:
+    train = _samples("train", 6)
+    pool = pool_samples(train, 4, seed=3)
+    assert [s.category for s in pool] == ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert len({s.image for s in pool}) == 12
+    assert len(pool_samples(train, 50, seed=3)) == 18  # capped at what a category has
+    excl = {s.image for s in pool}
+    other = pool_samples(train, 2, seed=3, exclude=excl)
+    assert not ({s.image for s in other} & excl)
+
+
+def test_retrieval_picks_most_similar() -> None:
+    torch.manual_seed(0)
+    feats = torch.rand(3, 8, 4, 4)
+    pool = PromptPool(_samples("train", 1), feats)
+    query = feats[[2, 0]] * 3.0 + 0.01 * torch.rand(2, 8, 4, 4)  # scale does not matter for cosine
+    idx, sim = pool.retrieve(query)
+    assert idx.tolist() == [2, 0]
+    assert torch.all(sim > 0.99)
+    d = descriptor(feats)
+    assert torch.allclose(d.norm(dim=1), torch.ones(3))

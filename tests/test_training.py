@@ -1,0 +1,221 @@
+"""Training on real iad-mix images (CPU): items, the loss going down, checkpoints, resume, and clear failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onenip.api import make_config
+from onenip.checkpoint import load_checkpoint, save_checkpoint
+from onenip.config import Config
+from onenip.datasets import read_sources
+from onenip.detector import Detector
+from onenip.errors import CheckpointError
+from onenip.train import Trainer, TrainingError, lr_at
+from onenip.trainset import EpochSampler, TrainSet
+
+CATS = "[metal_plate, PA_BDP01_TL]"  # 54 + 38 training images
+
+
+def tiny(tmp_path: Path, iad_mix: Path, textures: Path, *extra: str) -> Config:
+    """A small but complete OneNIP (4+4 layers at width 64) on two real categories at 64 px."""
+    return make_config(None, [
+        f"data.roots=[{iad_mix}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={textures}",
+        "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
+        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
+        "train.batch_size=8", "train.epochs=2", "train.device=cpu", "train.lr=5e-4",
+        f"output_dir={tmp_path / 'run'}", *extra,
+    ])
+
+
+# -- items ------------------------------------------------------------------------------------------------------------
+
+
+def test_items_are_reproducible_and_prompts_share_the_category(iad_mix: Path, textures: Path) -> None:
+    samples = read_sources([str(iad_mix)], "train", ["metal_plate", "PA_BDP01_TL"])
+    cfg = make_config(None, []).synthesis
+    ds = TrainSet(samples, 64, cfg, str(textures), prompt="dynamic", seed=5, threads=2)
+    a, b, c = ds[(3, 10)], ds[(3, 10)], ds[(4, 10)]
+    for k in ("image", "synthetic", "mask", "prompt"):
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["synthetic"], c["synthetic"])  # another epoch, another pseudo-anomaly
+    assert a["image"].shape == (3, 64, 64) and a["image"].dtype == torch.uint8
+    assert a["mask"].shape == (1, 64, 64) and set(a["mask"].unique().tolist()) <= {0, 1}
+    for i in range(len(ds)):
+        item = ds[(0, i)]
+        assert samples[item["prompt_index"]].category == samples[i].category
+    # outside the mask the synthetic image is the query itself
+    m = a["mask"].bool().expand(3, -1, -1)
+    assert torch.equal(a["synthetic"][~m], a["image"][~m])
+
+    static = TrainSet(samples, 64, cfg, None, prompt="static", seed=5, threads=2)
+    prompts = {(samples[i].category, static[(e, i)]["prompt_index"]) for e in range(2) for i in range(0, len(ds), 7)}
+    assert len(prompts) == 2  # one fixed prompt per category
+
+    lean = TrainSet(samples, 64, cfg, None, seed=5, threads=2, return_normals=False)
+    assert "image" not in lean[(0, 0)] and "prompt" not in lean[(0, 0)] and "synthetic" in lean[(0, 0)]
+
+
+def test_sampler_permutes_per_epoch_and_shards() -> None:
+    s = EpochSampler(10, seed=1)
+    s.set_epoch(0)
+    e0 = [i for _, i in s]
+    s.set_epoch(1)
+    e1 = [i for _, i in s]
+    assert sorted(e0) == list(range(10)) and e0 != e1
+    shards = [list(EpochSampler(10, 1, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(x) == 4 for x in shards)
+    assert {i for sh in shards for _, i in sh} == set(range(10))
+
+
+def test_lr_step_decay() -> None:
+    cfg = make_config(None, ["train.epochs=10"])
+    assert [lr_at(cfg, e) for e in (0, 7, 8, 9)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    cfg = make_config(None, ["train.epochs=10", "train.lr_decay_epoch=3"])
+    assert lr_at(cfg, 2) == pytest.approx(1e-4) and lr_at(cfg, 3) == pytest.approx(1e-5)
+
+
+# -- learning ---------------------------------------------------------------------------------------------------------
+
+
+def _fixed_batch_loss(trainer: Trainer) -> float:
+    trainer.net.eval()  # no dropout or jitter: the same batch gives the same loss
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    with torch.no_grad():
+        return trainer.losses(batch)["loss"].item()
+
+
+@pytest.mark.parametrize("cache", ["true", "false"])
+def test_a_few_steps_lower_the_loss(tmp_path: Path, iad_mix: Path, textures: Path, cache: str) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=40", "train.epochs=100", "train.lr=2e-3",
+               f"train.cache_features={cache}")
+    trainer = Trainer(cfg, progress=False)
+    before = _fixed_batch_loss(trainer)
+    result = trainer.run()
+    after = _fixed_batch_loss(trainer)
+    assert result.steps == 40
+    assert after < 0.8 * before, (before, after)
+    log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("epoch,step,lr") and len(log) == 1 + result.epochs
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_cached_and_plain_features_give_the_same_losses(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    plain = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.cache_features=false"), progress=False)
+    cached = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.cache_features=true"), progress=False)
+    cached.net.load_state_dict(plain.net.state_dict())
+    a, b = _fixed_batch_loss(plain), _fixed_batch_loss(cached)
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_uniad_and_ablation_switches_train(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    for i, extra in enumerate([
+        ("model.arch=uniad", "train.prompt=none", "model.refiner=false", "train.restoration=false"),
+        ("model.arch=uniad", "train.prompt=none", "model.refiner=false"),  # restoration without prompt
+        ("train.prompt=static", "model.refiner=false", "train.restoration=false"),
+        ("train.restoration=false",),  # refiner trained on synthetic images without the restoration MSE
+    ]):
+        cfg = tiny(tmp_path / str(i), iad_mix, textures, "train.max_steps=2", *extra)
+        trainer = Trainer(cfg, progress=False)
+        assert trainer.synthesize == (cfg.train.restoration or cfg.model.refiner)
+        res = trainer.run()
+        assert res.steps == 2 and np.isfinite(res.history[-1]["loss"])
+
+
+# -- checkpoints and resume ---------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=3")
+    trainer = Trainer(cfg, progress=False)
+    trainer.run()
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert state.config == cfg and state.step == 3 and state.optimizer is not None
+    for k, v in trainer.net.state_dict().items():
+        assert torch.equal(state.net[k], v.cpu()), k
+    det = Detector.load(tmp_path / "run" / "model.safetensors")
+    x = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    trainer.detector.eval()
+    det.eval()
+    a, b = trainer.detector.features(x), det.features(x)
+    assert torch.equal(a, b)
+    assert torch.equal(trainer.detector.maps(a, a).rec, det.maps(b, b).rec)
+    # a second save over the first leaves one complete file and no temporary ones
+    save_checkpoint(tmp_path / "run" / "model.safetensors", state)
+    assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
+
+
+def test_resume_gives_the_same_weights(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    straight = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.save_every=1"), progress=False)
+    straight.run()
+    steps_per_epoch = len(straight.loader)
+    first = Trainer(tiny(tmp_path / "b", iad_mix, textures, f"train.max_steps={steps_per_epoch}"), progress=False)
+    first.run()  # stops after epoch 1 of 2, as if killed there
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.safetensors"
+    assert load_checkpoint(ckpt).epoch == 1
+    resumed = Trainer(tiny(tmp_path / "b", iad_mix, textures), resume=ckpt, progress=False)
+    resumed.run()
+    assert resumed.epoch == 2 and resumed.step == straight.step
+    for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert len(resumed.history) == 2
+
+
+def test_existing_run_is_not_overwritten(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+    Trainer(cfg, progress=False).run()
+    with pytest.raises(TrainingError, match="already holds a training run"):
+        Trainer(cfg, progress=False)
+
+
+def test_resume_rejects_another_architecture(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+    Trainer(cfg, progress=False).run()
+    other = tiny(tmp_path / "x", iad_mix, textures, "model.hidden_dim=32")
+    with pytest.raises(CheckpointError, match="model.hidden_dim"):
+        Trainer(other, resume=tmp_path / "run" / "checkpoints" / "last.safetensors", progress=False)
+
+
+def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_checkpoint(bad)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not an onenip checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_truncated_checkpoint_is_refused(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+    Trainer(cfg, progress=False).run()
+    good = (tmp_path / "run" / "model.safetensors").read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="cut.safetensors"):
+        Detector.load(cut)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, iad_mix: Path, textures: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=3")
+    trainer = Trainer(cfg, progress=False)
+    real = trainer.losses
+
+    def poisoned(batch):
+        out = real(batch)
+        if trainer.step == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "losses", poisoned)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 2"):
+        trainer.run()
