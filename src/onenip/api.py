@@ -14,7 +14,7 @@ from typing import Any
 
 from .checkpoint import incompatible_keys, load_checkpoint
 from .config import Config, load_config, merge_dict, validate
-from .detector import Detector, resolve_device
+from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError
 from .evaluate import Results, evaluate, write_results
 from .train import FitResult, fit as _fit
@@ -69,6 +69,7 @@ def test(
         raise CheckpointError(f"{checkpoint} was trained with other values of: {', '.join(diffs)}")
     validate(cfg)
     state.config = cfg
+    set_threads(cfg.train.threads)
     detector = Detector.from_state(state, source=str(checkpoint)).to(resolve_device(cfg.train.device))
     results = evaluate(detector, cfg, progress=progress)
     ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent

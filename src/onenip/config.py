@@ -112,6 +112,7 @@ class TrainConfig:
     seed: int = _opt(133, "Random seed (data order, synthesis, dropout, jitter).")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
     amp: bool = _opt(True, "bfloat16 autocast on CUDA (ignored on the CPU).")
+    threads: int = _opt(0, "PyTorch CPU threads (0: PyTorch's default). 1 is often fastest on small CPUs.")
     cache_features: bool = _opt(
         True,
         "Compute the frozen backbone's features of the (unaugmented) normal training images once and reuse them for "
@@ -357,6 +358,7 @@ def validate(cfg: Config) -> None:
     need(t.lr_decay_epoch >= 0, "train.lr_decay_epoch", f"must be >= 0, got {t.lr_decay_epoch}")
     need(0 < t.lr_decay <= 1, "train.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
     need(t.dice_weight >= 0, "train.dice_weight", f"must be >= 0, got {t.dice_weight}")
+    need(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     need(t.save_every >= 0 and t.eval_every >= 0 and t.max_steps >= 0, "train.save_every/eval_every/max_steps", "must be >= 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")

