@@ -17,7 +17,8 @@ from .config import Config, load_config, merge_dict, validate
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError
 from .evaluate import Results, evaluate, write_results
-from .train import FitResult, fit as _fit
+from .train import FitResult
+from .train import fit as _fit
 
 ConfigLike = Config | dict[str, Any] | str | Path | list[str | Path] | None
 

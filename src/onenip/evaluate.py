@@ -8,8 +8,6 @@ that has no mask is left out of the pixel metrics, with a warning. Means are unw
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import time
@@ -23,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_csv, atomic_write_text
 from .config import Config
 from .datasets import Sample, read_sources
 from .detector import Detector
@@ -239,12 +237,5 @@ def write_results(results: Results, folder: str | Path) -> Path:
         md += [f"## map: {name}", "", results.to_markdown(name), ""]
     atomic_write_text(folder / "results.md", "\n".join(md))
     if results.scores:
-        keys: list[str] = []
-        for row in results.scores:
-            keys += [k for k in row if k not in keys]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(results.scores)
-        atomic_write_text(folder / "scores.csv", buf.getvalue())
+        atomic_write_csv(folder / "scores.csv", results.scores)
     return folder

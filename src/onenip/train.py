@@ -7,8 +7,6 @@ A run folder (`output_dir`) holds `config.yaml`, `train_log.csv` (one row per ep
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +18,14 @@ import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import CheckpointState, atomic_write_text, incompatible_keys, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointState,
+    atomic_write_csv,
+    atomic_write_text,
+    incompatible_keys,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config
 from .datasets import read_sources
 from .detector import Detector, resolve_device, set_threads
@@ -210,14 +215,7 @@ class Trainer:
         return save_checkpoint(path or self.ckpt_path, ckpt)
 
     def write_log(self) -> None:
-        keys: list[str] = []
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run_dir / "train_log.csv", buf.getvalue())
+        atomic_write_csv(self.run_dir / "train_log.csv", self.history)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self, evaluate_every: int | None = None) -> FitResult:
@@ -290,7 +288,8 @@ def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, ev
     trainer = Trainer(cfg, resume=resume, progress=progress)
     result = trainer.run()
     if evaluate:
-        from .evaluate import evaluate as run_eval, write_results
+        from .evaluate import evaluate as run_eval
+        from .evaluate import write_results
 
         result.results = run_eval(trainer.detector, cfg, progress=progress)
         write_results(result.results, trainer.run_dir / "results")
