@@ -228,7 +228,7 @@ class Trainer:
             total = min(total, t.max_steps)
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
                    disable=not self.progress, desc="fit", leave=True)
-        start, images_done = time.perf_counter(), 0
+        start, images_done, first_step = time.perf_counter(), 0, self.step
         evaluate_every = t.eval_every if evaluate_every is None else evaluate_every
         try:
             while self.epoch < t.epochs and not (t.max_steps and self.step >= t.max_steps):
@@ -261,8 +261,9 @@ class Trainer:
                     row.update(self._evaluate_row())
                 self.history.append(row)
                 self.write_log()
-                if not self.progress:
-                    print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+                if not self.progress:  # one line per epoch, with an estimate of the time left
+                    left = (total - min(self.step, total)) * (time.perf_counter() - start) / max(self.step - first_step, 1)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()) + f" eta={left / 60:.1f}min", flush=True)
                 last = self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
                 if last or (t.save_every and self.epoch % t.save_every == 0):
                     self.save()
