@@ -219,3 +219,34 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, iad_mix: Path, text
     monkeypatch.setattr(trainer, "losses", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at epoch 1, step 2"):
         trainer.run()
+
+
+def test_loss_targets_are_the_clean_features_and_the_synthetic_masks(tmp_path: Path, iad_mix: Path, textures: Path,
+                                                                      monkeypatch) -> None:
+    """Reconstruction and restoration both aim at the clean query features (§2.2 step 2); the refiner's targets are an
+    empty mask for the normal half and the synthesized mask for the synthetic half."""
+    import onenip.train as train_module
+
+    trainer = Trainer(tiny(tmp_path, iad_mix, textures), progress=False)
+    trainer.sampler.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    clean, synthetic, prompt = trainer.batch_features(batch)
+    assert not torch.equal(clean, synthetic)
+    seen = {}
+
+    def perfect(query, prompt_feats):
+        seen["query"] = query
+        return clean.repeat(2, 1, 1, 1)
+
+    def capture(logits, masks, standard=False):
+        seen["masks"] = masks
+        return logits.sum() * 0
+
+    monkeypatch.setattr(trainer.net, "reconstruct", perfect)
+    monkeypatch.setattr(train_module, "dice_loss", capture)
+    terms = trainer.losses(batch)
+    assert terms["mse"].item() == 0.0
+    assert torch.equal(seen["query"], torch.cat([clean, synthetic]))
+    b = clean.shape[0]
+    assert seen["masks"].shape == (2 * b, 1, 64, 64)
+    assert seen["masks"][:b].sum() == 0 and torch.equal(seen["masks"][b:], batch["mask"])
