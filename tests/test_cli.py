@@ -66,3 +66,9 @@ def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
                      "--no-progress"])
     assert code == 0
     assert "(3 steps)" in capsys.readouterr().out
+
+
+def test_python_api_is_exported() -> None:
+    import onenip
+
+    assert callable(onenip.fit) and callable(onenip.test) and onenip.Config().data.input_size == 224

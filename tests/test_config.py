@@ -98,3 +98,15 @@ def test_option_table_documents_every_field() -> None:
         if isinstance(values, dict):
             assert {f"{section}.{k}" for k in values} <= keys
     assert all(r[3] for r in rows), "every option needs a help text"
+
+
+def test_shipped_config_files_load() -> None:
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(folder.glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        load_config([f])
+    both = load_config([folder / "iad-mix-offline.yaml", folder / "uniad-baseline.yaml"])
+    assert both.model.arch == "uniad" and both.backbone.name == "tf_efficientnet_lite0" and both.train.epochs == 180

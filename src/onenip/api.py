@@ -1,7 +1,7 @@
 """Python API: the same jobs as the command line.
 
     import onenip
-    result = onenip.fit("configs/iad-mix.yaml", overrides=["train.epochs=100"], evaluate=True)
+    result = onenip.fit("configs/iad-mix-offline.yaml", overrides=["train.epochs=100"], evaluate=True)
     results = onenip.test(result.model_path, overrides=["eval.protocol=paper"])
     print(results.to_markdown())
 """
