@@ -10,7 +10,7 @@ import torch
 
 from onenip.api import make_config
 from onenip.checkpoint import load_checkpoint, save_checkpoint
-from onenip.config import Config
+from onenip.config import Config, load_config
 from onenip.datasets import read_sources
 from onenip.detector import Detector
 from onenip.errors import CheckpointError
@@ -102,6 +102,7 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path, iad_mix: Path, textures: Pat
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
     assert log[0].startswith("epoch,step,lr") and len(log) == 1 + result.epochs
     assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert load_config([tmp_path / "run" / "config.json"]) == cfg  # the run folder's JSON config reloads
 
 
 def test_cached_and_plain_features_give_the_same_losses(tmp_path: Path, iad_mix: Path, textures: Path) -> None:

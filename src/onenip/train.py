@@ -1,8 +1,8 @@
 """Training (§5): reconstruction + restoration MSE and the refiner's Dice loss, AdamW, gradient clipping, step decay.
 
-A run folder (`output_dir`) holds `config.yaml`, `train_log.csv` (one row per epoch), `checkpoints/last.safetensors`
-(everything needed to resume, written atomically every `train.save_every` epochs) and, when training ends,
-`model.safetensors` (weights and configuration, what `onenip test` takes).
+A run folder (`output_dir`) holds `config.json` (also a valid --config file), `train_log.csv` (one row per epoch),
+`checkpoints/last.safetensors` (everything needed to resume, written atomically every `train.save_every` epochs) and,
+when training ends, `model.safetensors` (weights and configuration, what `onenip test` takes).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -221,7 +220,7 @@ class Trainer:
     def run(self, evaluate_every: int | None = None) -> FitResult:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(self.run_dir / "config.json", cfg.to_json())
         steps_per_epoch = len(self.loader)
         total = t.epochs * steps_per_epoch
         if t.max_steps:
