@@ -8,5 +8,5 @@ mkdir -p .devdata
 rm -rf .devdata/iad-mix .devdata/textures
 cp -r "$shared/data/iad-mix" .devdata/iad-mix
 cp -r "$shared/data/textures" .devdata/textures
-python benchmarks/export_backbone.py tf_efficientnet_lite0 efficientnet-lite .devdata/lite0.safetensors
+"${PYTHON:-.venv/bin/python}" benchmarks/export_backbone.py tf_efficientnet_lite0 efficientnet-lite .devdata/lite0.safetensors
 du -sh .devdata
