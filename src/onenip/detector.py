@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointState, load_checkpoint
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .features import FeatureExtractor
 from .model import Maps, ReconstructionNet, anomaly_maps, build_network
 
@@ -25,7 +25,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine (use auto or cpu)")
     return torch.device(name)
 
 
@@ -37,7 +37,7 @@ class Detector(nn.Module):
         self.cfg = cfg
         self.extractor = extractor
         self.net = net
-        self.extra: dict = {}  # e.g. the fusion constant of the clean protocol, stored with the checkpoint
+        self.extra: dict = {}  # free-form metadata saved in the checkpoint's JSON (kept through load and save)
 
     @classmethod
     def build(cls, cfg: Config) -> "Detector":

@@ -279,7 +279,6 @@ class Trainer:
         from .evaluate import evaluate
 
         results = evaluate(self.detector, self.cfg, progress=False)
-        self.detector.extra.pop("fusion_scale", None)
         return {f"test_{k}": round(v, 6) for k, v in results.mean("fused").items() if not math.isnan(v)}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,12 +18,6 @@ from .config import SynthesisConfig
 from .datasets import Sample
 from .images import load_image, resize_image
 from .synthesis import FolderTextures, TextureSource, synthesize
-
-
-@dataclass
-class TrainItem:
-    index: int
-    category: int
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
