@@ -6,21 +6,17 @@ clean protocol (category not given: prompt retrieval; fusion constant from train
 (per-category tables of the seven metrics, training time and images/s, device, versions, command) to --output.
 
     python benchmarks/iad_mix.py --epochs 200                   # GPU when there is one
-    python benchmarks/iad_mix.py --minutes 7                    # choose the epochs that fit 7 minutes of training
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -47,34 +43,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def probe_seconds_per_step(overrides: list[str], steps: int) -> float:
-    """Time `steps` optimizer steps (after 3 warm-up steps) of the exact training configuration."""
-    probe_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"onenip-probe-{os.getpid()}"
-    cfg = make_config(None, overrides + [f"output_dir={probe_dir}", "train.save_every=0"])
-    trainer = Trainer(cfg, progress=False)
-    it = iter(trainer.loader)
-    for _ in range(3):
-        trainer.train_step(next(it))
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    done = 0
-    while done < steps:
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(trainer.loader)
-            batch = next(it)
-        trainer.train_step(batch)
-        done += 1
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / steps
-    del trainer
-    shutil.rmtree(probe_dir, ignore_errors=True)
-    return seconds
-
-
 def main() -> None:
     shared = REPO.parent / "shared" / "data"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +52,6 @@ def main() -> None:
     ap.add_argument("--weights", default="efficientnet-lite", help="backbone.weights (a file works offline anywhere)")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--minutes", type=float, default=0, help="choose --epochs to fit this much training time")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--output", default=str(REPO / "runs" / "bench-iad-mix"))
@@ -101,20 +68,13 @@ def main() -> None:
         f"train.batch_size={args.batch_size}", "eval.maps=[rec, ref, fused]", *args.set,
     ]
     epochs = args.epochs
-    if args.minutes:
-        s_step = probe_seconds_per_step(base + ["train.epochs=1"], steps=20)
-        steps_per_epoch = math.ceil(sum(1 for _ in Path(args.data).glob("*/train/good/*")) / args.batch_size)
-        epochs = max(1, int(args.minutes * 60 / (s_step * steps_per_epoch)))
-        print(f"probe: {s_step * 1000:.1f} ms/step, {steps_per_epoch} steps/epoch -> {epochs} epochs in "
-              f"{args.minutes} min", flush=True)
     cfg = make_config(None, base + [f"train.epochs={epochs}", f"output_dir={out / 'run'}"])
 
     trainer = Trainer(cfg, progress=False)
     fit = trainer.run()
     detector = trainer.detector
     report: dict = {
-        "command": " ".join(shlex.quote(a) for a in sys.argv) if not args.minutes else
-                   " ".join(shlex.quote(a) for a in sys.argv) + f"  (chose --epochs {epochs})",
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
         "commit": git_commit(),
         "device": device_name(trainer.device),
         "torch": torch.__version__,
