@@ -42,6 +42,10 @@ class DataConfig:
     )
     workers: int = _opt(4, "Data-loading worker processes (0 loads in the main process).")
     cache_images: bool = _opt(True, "Decode and resize every training image once and keep it in memory.")
+    skip_bad: bool = _opt(
+        False,
+        "Skip unreadable images and unusable masks with a warning (and count them) instead of stopping with an error.",
+    )
 
 
 @dataclass
