@@ -132,9 +132,28 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     return fusion_scale(lo, hi)
 
 
+def _category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
+    """Seven metrics of one category's maps (pixel metrics nan without usable masks) and the image scores."""
+    scores = image_scores(maps, cfg.eval.score_kernel)
+    im = image_metrics(scores, labels)
+    res = {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
+    if masks is not None:
+        pm = pixel_metrics(maps, masks, cfg.eval.fpr_limit)
+        res.update({"pixel_auroc": pm["auroc"], "pixel_ap": pm["ap"], "pixel_f1max": pm["f1_max"],
+                    "pixel_aupro": pm["aupro"]})
+    else:
+        res.update({k: float("nan") for k in PIXEL_METRICS})
+    return res, scores
+
+
 @torch.no_grad()
 def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None) -> Results:
-    """Evaluate `detector` on the test split of cfg.data.roots under cfg.eval.protocol."""
+    """Evaluate `detector` on the test split of cfg.data.roots under cfg.eval.protocol.
+
+    One category at a time: its maps are computed, scored and dropped before the next, so memory grows with the
+    largest category, not with the test set. The paper protocol's fusion constant needs the reconstruction maps of the
+    whole test set first: a first pass computes only their minimum and maximum (inference runs twice).
+    """
     t_start = time.perf_counter()
     detector.eval()
     dev = next(detector.parameters()).device
@@ -145,81 +164,84 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     prompt_samples = paper_prompts(test, train, e.seed) if detector.uses_prompt and e.protocol == "paper" else None
     pool = build_prompt_pool(detector, train, cfg) if detector.uses_prompt and e.protocol == "clean" else None
     has_ref = detector.net.refiner is not None
-    scale = train_fusion_scale(detector, train, pool, cfg) if has_ref and e.protocol == "clean" else None
-
-    n = len(test)
-    rec_maps = np.empty((n, size, size), dtype=np.float32)
-    ref_maps = np.empty((n, size, size), dtype=np.float32) if has_ref else None
-    masks = np.zeros((n, size, size), dtype=bool)
-    has_mask = np.zeros(n, dtype=bool)
-    retrieved: list[str | None] = [None] * n
-    similarity = np.full(n, np.nan)
-    t0 = time.perf_counter()
-    loader = _loader(_Images(test, size, prompt_samples), cfg)
-    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress, dynamic_ncols=True):
-        idx = batch["index"].numpy()
-        feats = detector.features(batch["image"].to(dev))
-        prompt_feats = None
-        if prompt_samples is not None:
-            prompt_feats = detector.features(batch["prompt"].to(dev))
-        elif pool is not None:
-            j, sim = pool.retrieve(feats)
-            prompt_feats = pool.feats[j]
-            for k, jj, ss in zip(idx, j.tolist(), sim.tolist()):
-                retrieved[k], similarity[k] = pool.categories[jj], ss
-        maps = detector.maps(feats, prompt_feats)
-        rec_maps[idx] = maps.rec.cpu().numpy()
-        if ref_maps is not None:
-            ref_maps[idx] = maps.ref.cpu().numpy()
-        masks[idx] = batch["mask"].numpy()
-        has_mask[idx] = batch["has_mask"].numpy()
-    t_infer = time.perf_counter() - t0
-    if has_ref and scale is None:  # paper protocol: from the whole test set (transductive, as the authors' code)
-        scale = fusion_scale(float(rec_maps.min()), float(rec_maps.max()))
-
-    t1 = time.perf_counter()
-    labels = np.array([s.label for s in test])
-    categories: dict[str, dict[str, Any]] = {}
-    score_rows: list[dict[str, Any]] = [{} for _ in range(n)]
-    for cat in sorted({s.category for s in test}):
-        sel = np.flatnonzero([s.category == cat for s in test])
-        lab = labels[sel]
-        pixel_ok = bool(np.all(has_mask[sel][lab == 1]))
-        if not pixel_ok:
-            warnings.warn(f"category {cat}: {int(np.sum(~has_mask[sel][lab == 1]))} defective test images have no "
-                          "mask; the category is left out of the pixel metrics", stacklevel=2)
-        entry: dict[str, Any] = {"images": int(len(sel)), "defective": int(lab.sum()), "pixel_metrics": pixel_ok}
-        if pool is not None:
-            entry["retrieval_accuracy"] = float(np.mean([retrieved[i] == cat for i in sel]))
-        for name in e.maps:
-            if name == "ref" and not has_ref:
-                continue  # no refiner: the fused map is the reconstruction map
-            if name == "rec":
-                m = rec_maps[sel]
-            elif name == "ref":
-                m = ref_maps[sel]
-            else:
-                m = fuse(rec_maps[sel], ref_maps[sel], e.fusion_alpha, scale) if has_ref else rec_maps[sel]
-            scores = image_scores(m, e.score_kernel)
-            im = image_metrics(scores, lab)
-            res = {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
-            if pixel_ok:
-                pm = pixel_metrics(m, masks[sel], e.fpr_limit)
-                res.update({"pixel_auroc": pm["auroc"], "pixel_ap": pm["ap"], "pixel_f1max": pm["f1_max"],
-                            "pixel_aupro": pm["aupro"]})
-            else:
-                res.update({k: float("nan") for k in PIXEL_METRICS})
-            entry[name] = res
-            for i, sc in zip(sel, scores):
-                score_rows[i][f"score_{name}"] = float(sc)
-        categories[cat] = entry
+    names = [m for m in e.maps if not (m == "ref" and not has_ref)]  # without a refiner, fused is rec
+    by_cat: dict[str, list[int]] = {}
     for i, s in enumerate(test):
-        score_rows[i] = {"image": str(s.image), "category": s.category, "defect": s.defect, "label": s.label,
-                         "retrieved": retrieved[i], "similarity": None if math.isnan(similarity[i]) else
-                         round(float(similarity[i]), 6), **score_rows[i]}
-    retrieval = float(np.mean([retrieved[i] == s.category for i, s in enumerate(test)])) if pool is not None else None
-    seconds = {"inference": round(t_infer, 3), "metrics": round(time.perf_counter() - t1, 3),
-               "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(n / max(t_infer, 1e-9), 2)}
+        by_cat.setdefault(s.category, []).append(i)
+    batches = sum(-(-len(ix) // e.batch_size) for ix in by_cat.values())
+    bar = tqdm(total=batches * (2 if has_ref and prompt_samples is not None else 1), desc="test", unit="batch",
+               disable=not progress, dynamic_ncols=True)
+
+    def infer(indices: list[int]):
+        """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities)."""
+        subset = [test[i] for i in indices]
+        prompts = [prompt_samples[i] for i in indices] if prompt_samples is not None else None
+        for batch in _loader(_Images(subset, size, prompts), cfg):
+            feats = detector.features(batch["image"].to(dev))
+            prompt_feats, got, sim = None, None, None
+            if prompts is not None:
+                prompt_feats = detector.features(batch["prompt"].to(dev))
+            elif pool is not None:
+                j, sim = pool.retrieve(feats)
+                prompt_feats, got = pool.feats[j], [pool.categories[k] for k in j.tolist()]
+                sim = sim.tolist()
+            bar.update(1)
+            yield batch["index"].numpy(), detector.maps(feats, prompt_feats), batch["mask"], batch["has_mask"], got, sim
+
+    t_infer = 0.0
+    if not has_ref:
+        scale = None
+    elif e.protocol == "clean":
+        scale = train_fusion_scale(detector, train, pool, cfg)
+    else:  # paper protocol: (max + min) / 2 over the whole test set (transductive, as the authors' code)
+        t0 = time.perf_counter()
+        lo, hi = math.inf, -math.inf
+        for _, maps, *_ in infer(list(range(len(test)))):
+            lo, hi = min(lo, float(maps.rec.min())), max(hi, float(maps.rec.max()))
+        scale = fusion_scale(lo, hi)
+        t_infer += time.perf_counter() - t0
+
+    categories: dict[str, dict[str, Any]] = {}
+    score_rows: list[dict[str, Any]] = [
+        {"image": str(s.image), "category": s.category, "defect": s.defect, "label": s.label, "retrieved": None,
+         "similarity": None} for s in test
+    ]
+    t_metrics = 0.0
+    for cat in sorted(by_cat):
+        indices = by_cat[cat]
+        n = len(indices)
+        t0 = time.perf_counter()
+        maps = {name: np.empty((n, size, size), dtype=np.float32) for name in names}
+        masks = np.zeros((n, size, size), dtype=bool)
+        has_mask = np.zeros(n, dtype=bool)
+        for pos, m, mask, hm, got, sim in infer(indices):
+            fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
+            for name in names:
+                maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
+            masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
+            for p, g, si in zip(pos, got or [], sim or []):
+                score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6))
+        t1 = time.perf_counter()
+        t_infer += t1 - t0
+        labels = np.array([test[i].label for i in indices])
+        pixel_ok = bool(np.all(has_mask[labels == 1]))
+        if not pixel_ok:
+            warnings.warn(f"category {cat}: {int(np.sum(~has_mask[labels == 1]))} defective test images have no "
+                          "mask; the category is left out of the pixel metrics", stacklevel=2)
+        entry: dict[str, Any] = {"images": n, "defective": int(labels.sum()), "pixel_metrics": pixel_ok}
+        if pool is not None:
+            entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
+        for name in names:
+            entry[name], scores = _category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
+            for i, sc in zip(indices, scores):
+                score_rows[i][f"score_{name}"] = float(sc)
+            del maps[name]  # free each map as soon as it is scored
+        categories[cat] = entry
+        t_metrics += time.perf_counter() - t1
+    bar.close()
+    retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
+    seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
+               "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
                    seconds=seconds, scores=score_rows)
 

@@ -29,6 +29,7 @@ from .config import Config
 from .datasets import read_sources
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
+from .features import tap_indices
 from .losses import dice_loss, feature_mse
 from .trainset import EpochSampler, TrainSet
 
@@ -93,7 +94,8 @@ class Trainer:
                 f"{self.ckpt_path} or choose another output_dir"
             )
 
-        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)  # bad data fails before any work
+        tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first
+        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)  # then bad data, before any work
         torch.manual_seed(t.seed)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
