@@ -63,6 +63,13 @@ if __name__ == "__main__":
                   DOCS / "results" / "iad-mix-onenip-lite0-224.json")
     md += section("UniAD baseline on iad-mix, same backbone and schedule",
                   DOCS / "results" / "iad-mix-uniad-lite0-224.json")
+    md += ["## Evaluation memory: 10,000 test images", "",
+           "`python3 benchmarks/eval_memory.py --images 10000 --categories 10 --device cuda --workers 8 --weights",
+           ".devdata/lite0.safetensors --hidden 256` at commit be18822 on one NVIDIA H100 80GB HBM3 (16 CPU cores):",
+           "10,000 synthetic test images of 224 px in 10 categories (random weights in the transformer; the maps, not",
+           "the network, take the memory), both protocols, all seven metrics on the fused map. The evaluation streams",
+           "one category at a time.", "", "```", *(DOCS / "results" / "eval-memory-10k-h100.log").read_text().splitlines(),
+           "```", ""]
     md += ["## Metrics speed (CPU)", "",
            "`python benchmarks/metrics_speed.py` (synthetic MVTec-sized data: 15 categories x 115 maps of 224 x 224 =",
            "86.6 M pixels, 3 % defective): all seven metrics for all categories in 1.8 s and 2.3 s (two runs) on the",
