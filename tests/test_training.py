@@ -329,3 +329,52 @@ def test_same_seed_gives_bit_identical_metrics(tmp_path: Path, iad_mix: Path, te
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     assert evaluate(trainer.detector, cfg, progress=False).categories != out[0].categories  # the seed matters
+
+
+def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, iad_mix: Path, textures: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, iad_mix, textures, "train.save_every=1", "train.epochs=3")
+    trainer = Trainer(cfg, progress=False)
+    per_epoch = len(trainer.loader)
+    real = trainer.losses
+
+    def poisoned(batch):
+        out = real(batch)
+        if trainer.step == per_epoch + 1:  # in epoch 2
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(trainer, "losses", poisoned)
+    with pytest.raises(TrainingError, match=r"loss became (inf|nan).*last good checkpoint is .*last.safetensors"):
+        trainer.run()
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert state.epoch == 1 and state.step == per_epoch
+    assert all(torch.isfinite(v).all() for v in state.net.values() if v.is_floating_point())
+    assert not (tmp_path / "run" / "model.safetensors").exists()  # no final model from a failed run
+
+
+def test_a_pickle_planted_as_checkpoint_is_refused(tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    for name in ("model.safetensors", "model.pth"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps({"state_dict": Payload()}))
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path)
+        with pytest.raises(CheckpointError):
+            Detector.load(path)
+    assert not marker.exists()
+
+
+def test_backbone_without_the_taps_is_rejected_before_any_data_is_read(tmp_path: Path) -> None:
+    from onenip.errors import ConfigError
+
+    cfg = make_config(None, [f"data.roots=[{tmp_path / 'does-not-exist'}]", "backbone.name=vit_tiny_patch16_224",
+                             "backbone.weights=random", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="backbone.name.*stride 2"):
+        Trainer(cfg, progress=False)
