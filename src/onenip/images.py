@@ -4,12 +4,22 @@ Every image becomes 8-bit RGB whatever its mode (grey, palette, alpha, CMYK, 16-
 boolean array (pixel value > 0). Any file that cannot be opened or decoded raises
 :class:`~onenip.errors.DatasetError` naming the file and the reason. Images are resized straight to a square (aspect
 ratio not kept, no crop), as OneNIP does.
+
+Decompression bombs: onenip applies its own limit, :data:`MAX_PIXELS`, to the size a file's header claims, before any
+pixel is decoded, and reports a larger file as a DatasetError. Pillow's own check (``Image.MAX_IMAGE_PIXELS``, whose
+``DecompressionBombWarning`` and ``DecompressionBombError`` would otherwise leak out) is aligned with that limit and
+silenced while onenip opens a file; see :func:`_pillow_guard`. Truncated files are always errors: onenip never sets
+``ImageFile.LOAD_TRUNCATED_IMAGES``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import numpy as np
@@ -18,7 +28,15 @@ from PIL import Image
 from .datasets import Sample
 from .errors import DatasetError
 
-__all__ = ["load_image", "load_mask", "read_sample", "resize_image", "resize_mask"]
+__all__ = ["MAX_PIXELS", "load_image", "load_mask", "read_sample", "resize_image", "resize_mask"]
+
+MAX_PIXELS: int = 100_000_000
+"""Most pixels (width x height, as the file's header claims) an image or mask may have.
+
+Checked before the pixels are decoded, so a corrupt or malicious header cannot make onenip allocate gigabytes. 100 M
+pixels is ten times a 10-megapixel photograph and ~100 times an MVTec AD image. Read at every call, so it can be
+changed at run time (``onenip.images.MAX_PIXELS = ...``).
+"""
 
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 """Pillow modes of unsigned 16-bit single-channel images."""
@@ -35,21 +53,109 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------------------------------------------------
 
 
+_PILLOW_LOCK = threading.Lock()
+"""Serialises :func:`_pillow_guard`: warning filters and ``Image.MAX_IMAGE_PIXELS`` are process-wide."""
+
+_LOAD_WITHOUT_BOMB_CHECK = frozenset({"PNG", "JPEG", "BMP"})
+"""Pillow formats whose ``load()`` never calls Pillow's decompression-bomb check (it runs only in ``Image.open``), so
+they can be decoded outside :func:`_pillow_guard`, in parallel. Other formats (TIFF tiles, GIF frames...) check again
+while decoding and are loaded inside the guard."""
+
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+@contextmanager
+def _pillow_guard(bomb_warning: str) -> Iterator[None]:
+    """While Pillow reads a file: its bomb limit is :data:`MAX_PIXELS` and its bomb warning is `bomb_warning`.
+
+    `bomb_warning` is a :mod:`warnings` action: ``"ignore"`` while reading a header (onenip then checks the size
+    itself and names it), ``"error"`` while decoding (a frame or tile larger than the limit becomes an exception,
+    reported as a DatasetError). Pillow then raises ``DecompressionBombError`` only above twice the limit, which is
+    caught and reported too. The global state touched here is restored on exit; a lock keeps onenip's own threads from
+    interleaving (other threads of the process may see the temporary values for the few milliseconds it lasts).
+    """
+    with _PILLOW_LOCK, warnings.catch_warnings():
+        warnings.simplefilter(bomb_warning, Image.DecompressionBombWarning)  # type: ignore[arg-type]
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(path: PathLike, what: str, size: str) -> DatasetError:
+    return DatasetError(
+        f"{what} file {path}: {size} pixels is more than the limit of {MAX_PIXELS:,} pixels (onenip.images.MAX_PIXELS); "
+        "the file is corrupt, or too large to decode safely"
+    )
+
+
+def _check_header_size(img: Image.Image, path: PathLike, what: str) -> None:
+    """Raise unless the size in the header of `img` is at least 1x1 and at most :data:`MAX_PIXELS` pixels."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise DatasetError(f"{what} file {path} is {width}x{height} pixels: an image must have at least one pixel")
+    if width * height > MAX_PIXELS:
+        raise _too_large(path, what, f"{width}x{height}")
+
+
+def _bomb_error(exc: Exception, path: PathLike, what: str) -> DatasetError:
+    """Pillow's DecompressionBombError / DecompressionBombWarning as a DatasetError naming the file."""
+    found = _PILLOW_PIXELS.search(str(exc))
+    return _too_large(path, what, f"{int(found.group(1)):,}" if found else "its size in")
+
+
+def _unidentified_reason(path: PathLike) -> str:
+    """Why Pillow could not identify `path`: empty, or not a format it reads."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "cannot identify image file (the file is empty: 0 bytes)"
+    except OSError:
+        pass
+    return "cannot identify image file (not an image, or a format Pillow cannot read)"
+
+
+def _missing_reason(path: PathLike, what: str) -> str:
+    """Message for a file that does not exist; names the target of a broken symbolic link."""
+    if os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"{what} file {path} is a broken symbolic link (its target {target} does not exist)"
+    return f"{what} file {path} does not exist"
+
+
 def _open_decoded(path: PathLike, what: str, convert: Callable[[Image.Image], _T]) -> _T:
     """Open `path`, decode it fully and return ``convert(image)``; every failure becomes a DatasetError.
 
-    Decoding the whole file (``load``) is what detects truncated files; ``Image.open`` only reads the header.
+    The header size is checked against :data:`MAX_PIXELS` before decoding. Decoding the whole file (``load``) is
+    what detects truncated files; ``Image.open`` only reads the header.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
+        with _pillow_guard("ignore"):
+            img = Image.open(path)
+        with img:
+            _check_header_size(img, path, what)
+            if img.format in _LOAD_WITHOUT_BOMB_CHECK:
+                img.load()
+            else:
+                with _pillow_guard("error"):
+                    img.load()
             return convert(img)
     except FileNotFoundError as exc:
-        raise DatasetError(f"{what} file {path} does not exist") from exc
+        raise DatasetError(_missing_reason(path, what)) from exc
     except IsADirectoryError as exc:
         raise DatasetError(f"{what} file {path} is a folder, not an image") from exc
+    except PermissionError as exc:
+        raise DatasetError(f"cannot read {what} file {path}: permission denied") from exc
     except DatasetError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(exc, path, what) from exc
+    except Image.UnidentifiedImageError as exc:
+        raise DatasetError(f"cannot read {what} file {path}: {_unidentified_reason(path)}") from exc
     except Exception as exc:  # noqa: BLE001 - corrupt data makes Pillow raise OSError, SyntaxError, struct.error...
         reason = str(exc) or "unknown error"
         raise DatasetError(f"cannot read {what} file {path}: {reason} ({type(exc).__name__})") from exc
