@@ -133,3 +133,22 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> N
     assert "| PA_BDP01_TL |" in md and "**mean**" in md and "retrieval" in md
     lines = (folder / "scores.csv").read_text().splitlines()
     assert len(lines) == 1 + 116 and lines[0].startswith("image,category,defect,label,retrieved,similarity")
+
+
+def test_bad_test_files_stop_evaluation_or_are_skipped_and_counted(tmp_path: Path) -> None:
+    from onenip.errors import DatasetError
+
+    root = _layout(tmp_path / "data")
+    bad = root / "reddish" / "test" / "hole" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    base = [f"data.roots=[{root}]", f"data.input_size={S}", "data.workers=0", "eval.score_kernel=4"]
+    with pytest.raises(DatasetError, match="001.png"):
+        evaluate(OracleDetector(prompt=False, refiner=False), make_config(None, base), progress=False)
+    with pytest.warns(UserWarning, match="skip_bad"):
+        res = evaluate(OracleDetector(prompt=False, refiner=False), make_config(None, base + ["data.skip_bad=true"]),
+                       progress=False)
+    assert [Path(x["image"]).name for x in res.skipped] == ["001.png"] and res.skipped[0]["reason"]
+    assert res.categories["reddish"]["images"] == 6 and res.categories["reddish"]["defective"] == 3
+    assert res.categories["reddish"]["fused"]["pixel_ap"] == pytest.approx(1.0)
+    folder = write_results(res, tmp_path / "res")
+    assert "1 unusable test files were left out" in (folder / "results.md").read_text()

@@ -381,3 +381,23 @@ def test_backbone_without_the_taps_is_rejected_before_any_data_is_read(tmp_path:
                              "backbone.weights=random", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="backbone.name.*stride 2"):
         Trainer(cfg, progress=False)
+
+
+def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    import shutil
+
+    from onenip.errors import DatasetError
+
+    root = tmp_path / "data"
+    shutil.copytree(iad_mix / "PA_BDP01_TL", root / "PA_BDP01_TL")
+    victim = sorted((root / "PA_BDP01_TL" / "train" / "good").iterdir())[3]
+    victim.write_bytes(b"")
+    base = [f"data.roots=[{root}]", "data.categories=[]", "train.max_steps=1"]
+    with pytest.raises(DatasetError, match=victim.name):
+        Trainer(tiny(tmp_path / "a", iad_mix, textures, *base), progress=False)
+    with pytest.warns(UserWarning, match="skip_bad"):
+        trainer = Trainer(tiny(tmp_path / "b", iad_mix, textures, *base, "data.skip_bad=true"), progress=False)
+    assert len(trainer.dataset) == 37 and [s.image.name for s, _ in trainer.skipped] == [victim.name]
+    trainer.run()
+    rows = (tmp_path / "b" / "run" / "skipped_train.csv").read_text().splitlines()
+    assert len(rows) == 2 and victim.name in rows[1] and "empty" in rows[1]

@@ -899,3 +899,10 @@ def group_by_category(samples: Iterable[Sample]) -> dict[str, list[Sample]]:
     for sample in samples:
         groups.setdefault(sample.category, []).append(sample)
     return {category: groups[category] for category in sorted(groups)}
+
+
+def load_split(specs: Sequence[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False,
+               threads: int = 4) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """`read_sources` then `validate_samples`: the usable samples of a split and the skipped ones with reasons."""
+    samples = read_sources(specs, split, categories, skip_bad=skip_bad)
+    return validate_samples(samples, skip_bad=skip_bad, threads=threads)

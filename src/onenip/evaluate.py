@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_csv, atomic_write_text
 from .config import Config
-from .datasets import Sample, read_sources
+from .datasets import Sample, load_split
 from .detector import Detector
 from .images import read_sample
 from .metrics import image_metrics, pixel_metrics
@@ -68,6 +68,7 @@ class Results:
     retrieval_accuracy: float | None
     seconds: dict[str, float] = field(default_factory=dict)
     scores: list[dict[str, Any]] = field(default_factory=list)  # one row per test image
+    skipped: list[dict[str, str]] = field(default_factory=list)  # test files left out by data.skip_bad, with reasons
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         out = {}
@@ -83,6 +84,7 @@ class Results:
             "fusion_scale": self.fusion_scale,
             "retrieval_accuracy": self.retrieval_accuracy,
             "seconds": self.seconds,
+            "skipped": self.skipped,
             "categories": self.categories,
             "mean": {m: self.mean(m) for m in maps},
         }
@@ -159,8 +161,13 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     dev = next(detector.parameters()).device
     e, size = cfg.eval, cfg.data.input_size
     cats = cfg.data.categories or None
-    test = samples if samples is not None else read_sources(cfg.data.roots, "test", cats)
-    train = read_sources(cfg.data.roots, "train", cats)
+    skip, threads = cfg.data.skip_bad, max(1, cfg.data.workers)
+    skipped: list[tuple[Sample, str]] = []
+    if samples is not None:
+        test = samples
+    else:
+        test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
+    train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
     prompt_samples = paper_prompts(test, train, e.seed) if detector.uses_prompt and e.protocol == "paper" else None
     pool = build_prompt_pool(detector, train, cfg) if detector.uses_prompt and e.protocol == "clean" else None
     has_ref = detector.net.refiner is not None
@@ -243,7 +250,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
                "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
-                   seconds=seconds, scores=score_rows)
+                   seconds=seconds, scores=score_rows,
+                   skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped])
 
 
 def write_results(results: Results, folder: str | Path) -> Path:
@@ -255,6 +263,8 @@ def write_results(results: Results, folder: str | Path) -> Path:
     md = [f"# Test results ({results.protocol} protocol)", ""]
     if results.retrieval_accuracy is not None:
         md += [f"Prompt retrieval picked the right category for {100 * results.retrieval_accuracy:.2f} % of test images.", ""]
+    if results.skipped:
+        md += [f"{len(results.skipped)} unusable test files were left out (data.skip_bad); results.json lists them.", ""]
     for name in data["mean"]:
         md += [f"## map: {name}", "", results.to_markdown(name), ""]
     atomic_write_text(folder / "results.md", "\n".join(md))

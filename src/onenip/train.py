@@ -26,7 +26,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config
-from .datasets import read_sources
+from .datasets import load_split
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
 from .features import tap_indices
@@ -95,7 +95,9 @@ class Trainer:
             )
 
         tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first
-        samples = read_sources(cfg.data.roots, "train", cfg.data.categories or None)  # then bad data, before any work
+        # then bad data, before any work: every image and mask is decoded once here
+        samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,
+                                           threads=max(1, cfg.data.workers))
         torch.manual_seed(t.seed)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
@@ -223,6 +225,9 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+        if self.skipped:  # data.skip_bad: what was left out, and why
+            atomic_write_csv(self.run_dir / "skipped_train.csv",
+                             [{"image": str(smp.image), "mask": str(smp.mask or ""), "reason": why} for smp, why in self.skipped])
         steps_per_epoch = len(self.loader)
         total = t.epochs * steps_per_epoch
         if t.max_steps:
