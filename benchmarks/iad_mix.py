@@ -65,7 +65,9 @@ def main() -> None:
     base = [
         f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
         f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
-        f"train.batch_size={args.batch_size}", "eval.maps=[rec, ref, fused]", *args.set,
+        f"train.batch_size={args.batch_size}", "eval.maps=[rec, ref, fused]",
+        "data.holdout=0",  # train on every normal image, as the paper (thresholds are not part of this benchmark)
+        *args.set,
     ]
     epochs = args.epochs
     cfg = make_config(None, base + [f"train.epochs={epochs}", f"output_dir={out / 'run'}"])

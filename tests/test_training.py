@@ -392,7 +392,7 @@ def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, iad_mix
     shutil.copytree(iad_mix / "PA_BDP01_TL", root / "PA_BDP01_TL")
     victim = sorted((root / "PA_BDP01_TL" / "train" / "good").iterdir())[3]
     victim.write_bytes(b"")
-    base = [f"data.roots=[{root}]", "data.categories=[]", "train.max_steps=1"]
+    base = [f"data.roots=[{root}]", "data.categories=[]", "train.max_steps=1", "data.holdout=0"]
     with pytest.raises(DatasetError, match=victim.name):
         Trainer(tiny(tmp_path / "a", iad_mix, textures, *base), progress=False)
     with pytest.warns(UserWarning, match="skip_bad"):

@@ -10,9 +10,11 @@ from .config import Config, load_config
 from .detector import Detector
 from .errors import CheckpointError, ConfigError, DatasetError, OnenipError, WeightsError
 from .evaluate import Results, evaluate
+from .predict import Prediction, Predictor
 
 __version__ = "0.1.0"
 __all__ = [
-    "CheckpointError", "Config", "ConfigError", "DatasetError", "Detector", "OnenipError", "Results", "WeightsError",
+    "CheckpointError", "Config", "ConfigError", "DatasetError", "Detector", "OnenipError", "Prediction", "Predictor",
+    "Results", "WeightsError",
     "__version__", "evaluate", "fit", "load_config", "make_config", "test",
 ]

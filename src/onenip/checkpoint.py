@@ -1,8 +1,9 @@
 """Checkpoints: one safetensors file holding every tensor, its JSON metadata holding the configuration and state.
 
 Layout of the tensors: ``net.*`` the reconstruction network (with the refiner), ``backbone.*`` the frozen backbone's
-tapped layers (so a checkpoint is self-contained and loads offline), and for resuming ``optim.<i>.<name>`` (AdamW
-moments) and ``rng.*`` (random-generator states). The metadata key ``onenip`` holds JSON: format, version, the
+tapped layers (so a checkpoint is self-contained and loads offline), ``deploy.*`` the prompt pool of a finished model
+(its thresholds and fusion constant are in the metadata), and for resuming ``optim.<i>.<name>`` (AdamW moments) and
+``rng.*`` (random-generator states). The metadata key ``onenip`` holds JSON: format, version, the
 configuration, epoch, step, optimizer hyper-parameters and the training history. Nothing is pickled, so loading a
 checkpoint cannot execute code. Files are written to a temporary name, flushed and renamed: a checkpoint on disk is
 always complete.
@@ -75,6 +76,7 @@ class CheckpointState:
     rng: dict[str, Tensor] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    deploy: dict[str, Tensor] = field(default_factory=dict)  # tensors of the deployment (prompt pool features)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -120,6 +122,7 @@ def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
         tensors.update(opt_tensors)
         meta["optimizer"] = opt_meta
     tensors.update({f"rng.{k}": v.contiguous() for k, v in ckpt.rng.items()})
+    tensors.update({f"deploy.{k}": v.detach().cpu().contiguous() for k, v in ckpt.deploy.items()})
     data = st_save(tensors, metadata={"onenip": json.dumps(meta)})
     atomic_write_bytes(path, data)
     return path
@@ -143,7 +146,7 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
                 raise CheckpointError(f"{path} is a safetensors file but not an onenip checkpoint (no 'onenip' metadata)")
             meta = json.loads(raw_meta)
             keys = list(f.keys())
-            wanted = [k for k in keys if with_training_state or k.startswith(("net.", "backbone."))]
+            wanted = [k for k in keys if with_training_state or k.startswith(("net.", "backbone.", "deploy."))]
             tensors = {k: f.get_tensor(k) for k in wanted}
     except CheckpointError:
         raise
@@ -161,10 +164,12 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
     backbone = {k[9:]: v for k, v in tensors.items() if k.startswith("backbone.")}
     optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    deploy = {k[7:]: v for k, v in tensors.items() if k.startswith("deploy.")}
     optimizer = _unflatten_optimizer(optim, meta["optimizer"]) if with_training_state and "optimizer" in meta else None
     return CheckpointState(
         config=config, net=net, backbone=backbone, epoch=int(meta.get("epoch", 0)), step=int(meta.get("step", 0)),
         optimizer=optimizer, rng=rng, history=list(meta.get("history", [])), extra=dict(meta.get("extra", {})),
+        deploy=deploy,
     )
 
 

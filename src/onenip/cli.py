@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from .config import option_table, parse_override
-from .errors import OnenipError
+from .errors import ConfigError, OnenipError
 
 
 def _is_list(tp: Any) -> bool:
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onenip",
         description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,demo}")
 
     fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
                          description="Train one OneNIP (or UniAD) model on the defect-free training images of every "
@@ -83,6 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--no-progress", action="store_true", help="no progress bar")
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
     _add_config_options(test, sections=("data", "eval"))
+
+    pred = sub.add_parser("predict", help="judge new images: score, decision, category, heat map, defect mask",
+                          description="Judge new images with a trained model. No category is needed: the most similar "
+                                      "prompt of the model's pool is used, and its category's threshold decides. Writes "
+                                      "predictions.csv, predictions.json, overlays/ and masks/ to --output.")
+    pred.add_argument("checkpoint", help="model.safetensors of a training run")
+    pred.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    pred.add_argument("--output", default="predictions", metavar="DIR", help="output folder (default: predictions)")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    pred.add_argument("--batch-size", type=int, default=16, help="images per batch (default: 16)")
+    pred.add_argument("--no-images", action="store_true", help="only the CSV and JSON, no overlay and mask PNGs")
+    pred.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in the JSON)")
+    pred.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    cal = sub.add_parser("calibrate", help="set new decision thresholds on a trained model",
+                         description="Set each category's threshold again: at false alarm rate --far on the normal "
+                                     "images held out of training, or F1-optimal on a labelled validation folder "
+                                     "(--val, read like test data). The model file is rewritten (atomically) unless "
+                                     "--output is given.")
+    cal.add_argument("checkpoint", help="model.safetensors of a training run")
+    cal.add_argument("--far", type=float, default=None, help="false alarm rate (default: the model's eval.far)")
+    cal.add_argument("--val", nargs="+", metavar="ROOT", help="labelled validation roots (normal and defective images)")
+    cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
+    cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
     demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
                           description="Runs with no download and no data of yours: generates a small multi-category "
@@ -116,6 +140,29 @@ def main(argv: list[str] | None = None) -> int:
             if results.retrieval_accuracy is not None:
                 print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
             print(results.to_markdown())
+        elif args.command == "predict":
+            from .predict import run_predict
+
+            if args.batch_size < 1:
+                raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+            rows = run_predict(args.checkpoint, args.inputs, args.output, device=args.device,
+                               batch_size=args.batch_size, images=not args.no_images, skip_bad=args.skip_bad,
+                               progress=not args.no_progress)
+            flagged = sum(r["anomalous"] for r in rows)
+            print(f"{len(rows)} images, {flagged} judged defective; results in {args.output}")
+        elif args.command == "calibrate":
+            from .deploy import recalibrate
+            from .detector import Detector
+
+            if args.far is not None and not 0 <= args.far < 1:
+                raise ConfigError(f"--far must be in [0, 1), got {args.far}")
+            detector = Detector.load(args.checkpoint)
+            detector.deployment = recalibrate(detector, far=args.far, val_roots=args.val, skip_bad=args.skip_bad)
+            path = detector.save(args.output or args.checkpoint)
+            for cat in detector.deployment.categories:
+                info = detector.deployment.calibration.get(cat, {})
+                print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")
+            print(f"calibrated model: {path}")
         elif args.command == "demo":
             from .demo import run_demo
 

@@ -42,6 +42,11 @@ class DataConfig:
     )
     workers: int = _opt(4, "Data-loading worker processes (0 loads in the main process).")
     cache_images: bool = _opt(True, "Decode and resize every training image once and keep it in memory.")
+    holdout: float = _opt(
+        0.1,
+        "Fraction of each category's normal training images held out of training to set its decision threshold "
+        "(see eval.far); 0 trains on all of them (thresholds then come from training images, with a warning).",
+    )
     skip_bad: bool = _opt(
         False,
         "Skip unreadable images and unusable masks with a warning (and count them) instead of stopping with an error.",
@@ -144,6 +149,7 @@ class EvalConfig:
     batch_size: int = _opt(32, "Test images per batch.")
     maps: list[str] = _opt(["fused"], "Maps to score: any of rec, ref, fused.")
     seed: int = _opt(0, "Seed of the test prompts (paper protocol) and the prompt pool.")
+    far: float = _opt(0.01, "False alarm rate on held-out normal images at which each category's threshold is set.")
 
 
 @dataclass
@@ -331,6 +337,7 @@ def validate(cfg: Config) -> None:
     d, b, m, s, t, e = cfg.data, cfg.backbone, cfg.model, cfg.synthesis, cfg.train, cfg.eval
     need(d.input_size >= 32 and d.input_size % 16 == 0, "data.input_size", f"must be a multiple of 16 and >= 32, got {d.input_size}")
     need(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
+    need(0.0 <= d.holdout < 1.0, "data.holdout", f"must be in [0, 1), got {d.holdout}")
     need(bool(b.name), "backbone.name", "must not be empty")
     need(len(b.strides) > 0 and all(st in (1, 2, 4, 8, 16) for st in b.strides), "backbone.strides",
          f"must be strides among 1, 2, 4, 8, 16, got {b.strides}")
@@ -376,6 +383,7 @@ def validate(cfg: Config) -> None:
     need(1 <= e.score_kernel <= d.input_size, "eval.score_kernel", f"must be in [1, input_size], got {e.score_kernel}")
     need(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", f"must be in (0, 1], got {e.fpr_limit}")
     need(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
+    need(0.0 <= e.far < 1.0, "eval.far", f"must be in [0, 1), got {e.far}")
     need(len(e.maps) > 0 and all(x in ("rec", "ref", "fused") for x in e.maps), "eval.maps",
          f"must be a non-empty list of rec, ref, fused, got {e.maps}")
 

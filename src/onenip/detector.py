@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointState, load_checkpoint
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .features import FeatureExtractor
@@ -38,6 +39,7 @@ class Detector(nn.Module):
         self.extractor = extractor
         self.net = net
         self.extra: dict = {}  # free-form metadata saved in the checkpoint's JSON (kept through load and save)
+        self.deployment = None  # a deploy.Deployment once the model is ready to judge new images
 
     @classmethod
     def build(cls, cfg: Config) -> "Detector":
@@ -63,6 +65,10 @@ class Detector(nn.Module):
             raise CheckpointError(f"{source}: network weights do not fit its configuration: {exc}") from None
         det = cls(cfg, extractor, net)
         det.extra = dict(state.extra)
+        if "deployment" in det.extra and state.deploy:
+            from .deploy import Deployment
+
+            det.deployment = Deployment.from_state(state.deploy, det.extra.pop("deployment"))
         return det
 
     @classmethod
@@ -84,6 +90,14 @@ class Detector(nn.Module):
     def maps(self, feats: Tensor, prompt_feats: Tensor | None) -> Maps:
         return anomaly_maps(self.net, feats, prompt_feats if self.uses_prompt else None, self.input_size)
 
-    def state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(network tensors, backbone tensors) for a checkpoint."""
-        return self.net.state_dict(), self.extractor.body.state_dict()
+    def checkpoint_state(self, **training: Any) -> CheckpointState:
+        """Everything to save: network, backbone, deployment (if any), plus the given training fields."""
+        extra, deploy = dict(self.extra), {}
+        if self.deployment is not None:
+            deploy, extra["deployment"] = self.deployment.to_state()
+        return CheckpointState(config=self.cfg, net=self.net.state_dict(), backbone=self.extractor.body.state_dict(),
+                               extra=extra, deploy=deploy, **training)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model (weights, configuration, deployment) without training state."""
+        return save_checkpoint(path, self.checkpoint_state())

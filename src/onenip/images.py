@@ -187,7 +187,7 @@ def _deep_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return _round_to_uint8(data)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """`img` as a new 8-bit RGB image; alpha is dropped, grey is replicated over the three channels."""
     if img.mode == "RGB":
         return img.copy()
@@ -207,7 +207,7 @@ def load_image(path: PathLike) -> Image.Image:
     Raises:
         DatasetError: the file is missing, not an image, truncated or otherwise undecodable (naming it and why).
     """
-    return _open_decoded(path, "image", _to_rgb)
+    return _open_decoded(path, "image", to_rgb)
 
 
 def resize_image(img: Image.Image, size: int) -> np.ndarray:
@@ -216,7 +216,7 @@ def resize_image(img: Image.Image, size: int) -> np.ndarray:
     Uses Pillow's bilinear filter, which antialiases when shrinking. Non-RGB images are converted first.
     """
     _check_size(size)
-    rgb = img if img.mode == "RGB" else _to_rgb(img)
+    rgb = img if img.mode == "RGB" else to_rgb(img)
     resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(resized, dtype=np.uint8)
 

@@ -27,6 +27,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .datasets import load_split
+from .deploy import build_deployment, split_holdout
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
 from .features import tap_indices
@@ -98,6 +99,7 @@ class Trainer:
         # then bad data, before any work: every image and mask is decoded once here
         samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,
                                            threads=max(1, cfg.data.workers))
+        samples, self.holdout = split_holdout(samples, cfg.data.holdout, t.seed)  # for the thresholds, never trained on
         torch.manual_seed(t.seed)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
@@ -209,11 +211,9 @@ class Trainer:
 
     # -- checkpoints and logs ----------------------------------------------------------------------------------------
     def save(self, path: Path | None = None, training_state: bool = True) -> Path:
-        net, backbone = self.detector.state()
-        ckpt = CheckpointState(
-            config=self.cfg, net=net, backbone=backbone, epoch=self.epoch, step=self.step,
-            optimizer=self.optimizer.state_dict() if training_state else None,
-            rng=rng_state(self.device) if training_state else {}, history=self.history, extra=self.detector.extra,
+        ckpt = self.detector.checkpoint_state(
+            epoch=self.epoch, step=self.step, optimizer=self.optimizer.state_dict() if training_state else None,
+            rng=rng_state(self.device) if training_state else {}, history=self.history,
         )
         return save_checkpoint(path or self.ckpt_path, ckpt)
 
@@ -276,6 +276,8 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
+        self.detector.deployment = build_deployment(self.detector, self.dataset.samples, self.holdout, cfg.eval.far)
+        self.detector.extra["holdout"] = [str(smp.image) for smp in self.holdout]
         model_path = self.save(self.run_dir / "model.safetensors", training_state=False)
         return FitResult(
             run_dir=self.run_dir, model_path=model_path, epochs=self.epoch, steps=self.step, seconds=elapsed,

@@ -1,0 +1,289 @@
+"""Deployment: what a trained detector needs to judge new images on its own, and the module that does it.
+
+A `Deployment` holds a prompt pool (backbone features of a few normal training images of every category; a new image
+takes the most similar one, so no category has to be given), the fusion constant c (from training images) and one
+decision threshold per category. Thresholds come from normal images only — held-out training images, at a false
+alarm rate the user chooses (`calibrate_far`) — or, given a labelled validation set, maximise F1 (`calibrate_f1`).
+
+Scores: the raw score is the maximum of the 16x16 average-pooled fused map. The normalised score is
+1 - 2^(-score / threshold): 0 for a zero map, 0.5 exactly at the category's threshold, approaching 1 above; it is
+monotone, so it ranks images as the raw score does, and never saturates into ties.
+
+`DeployModel` runs the whole path (uint8 image batch -> features -> retrieval -> reconstruction -> maps -> score and
+decision) as one `nn.Module`, used by the Python `Predictor` and exported to ONNX and TorchScript, so every way of
+running a model gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .datasets import Sample, group_by_category
+from .detector import Detector
+from .errors import ConfigError, DatasetError
+from .metrics import f1_max
+from .prompts import descriptor
+
+
+@dataclass
+class Deployment:
+    pool_feats: Tensor  # (P, C, H, W) backbone features of the prompt pool
+    pool_categories: list[str]  # (P,) category of each pool image
+    pool_images: list[str]  # (P,) where each came from
+    fusion_scale: float | None  # c of fused = alpha * rec + (1 - alpha) * c * ref; None without a refiner
+    thresholds: dict[str, float]  # per category, in raw-score units: anomalous when score > threshold
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the thresholds were set, per category
+    alpha: float = 0.5
+    score_kernel: int = 16
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(set(self.pool_categories))
+
+    def to_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON-able metadata) for a checkpoint."""
+        meta = {
+            "pool_categories": self.pool_categories, "pool_images": self.pool_images,
+            "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
+            "alpha": self.alpha, "score_kernel": self.score_kernel,
+        }
+        return {"pool_feats": self.pool_feats.detach().cpu().contiguous()}, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> "Deployment":
+        return cls(
+            pool_feats=tensors["pool_feats"], pool_categories=list(meta["pool_categories"]),
+            pool_images=list(meta["pool_images"]), fusion_scale=meta["fusion_scale"],
+            thresholds={k: float(v) for k, v in meta["thresholds"].items()}, calibration=dict(meta["calibration"]),
+            alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
+        )
+
+
+def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.ndarray | float):
+    """1 - 2^(-score / threshold): 0.5 at the threshold, monotone, in [0, 1) for scores >= 0."""
+    return 1.0 - 2.0 ** (-score / threshold)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def far_threshold(normal_scores: np.ndarray, far: float) -> float:
+    """The smallest threshold at which at most a fraction `far` of these normal scores lie above it.
+
+    With n scores sorted ascending, k = floor(far * n) false alarms are allowed: the threshold is the (n-k)-th score, so
+    the scores strictly above it are at most k. With fewer than 1/far scores k = 0: the threshold is the maximum.
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("no normal scores to set a threshold from")
+    k = int(math.floor(far * s.size + 1e-9))
+    return float(s[s.size - 1 - k])
+
+
+def calibrate_far(scores: dict[str, np.ndarray], far: float, source: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-category thresholds at false-alarm rate `far` from normal scores; warns where too few to resolve it."""
+    thresholds, info = {}, {}
+    for cat, s in scores.items():
+        thresholds[cat] = far_threshold(s, far)
+        info[cat] = {"method": "false_alarm_rate", "far": far, "normal_images": int(len(s)), "source": source}
+        if len(s) * far < 1:
+            info[cat]["note"] = (f"only {len(s)} normal images: a rate of {far} cannot be resolved; the threshold is "
+                                 "their maximum score")
+    few = [c for c, v in info.items() if "note" in v]
+    if few:
+        warnings.warn(f"thresholds of {', '.join(few)} rest on fewer than 1/far = {1 / far:.0f} normal images "
+                      f"({source}); their false alarm rate may differ from {far}", stacklevel=2)
+    return thresholds, info
+
+
+def calibrate_f1(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-category thresholds maximising F1 on labelled validation scores (anomalous when score > threshold)."""
+    thresholds, info = {}, {}
+    for cat, s in scores.items():
+        lab = labels[cat]
+        if lab.min() == lab.max():
+            raise DatasetError(f"category {cat}: the validation set needs both normal and defective images for F1")
+        best, t = f1_max(s, lab)  # predict anomalous when score >= t
+        below = s[s < t]
+        # the same decisions with 'score > threshold': the largest score under t (or just under t)
+        thresholds[cat] = float(below.max()) if below.size else float(np.nextafter(t, -np.inf))
+        info[cat] = {"method": "f1", "f1": float(best), "images": int(len(s)), "defective": int(lab.sum())}
+    return thresholds, info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The deployable module
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DeployModel(nn.Module):
+    """uint8 images (N, 3, S, S) -> dict of score (N,), normalized (N,), anomalous (N,) bool, category (N,) int64,
+    similarity (N,), map (N, S, S) float32 (the fused anomaly map). `categories[i]` names category index i."""
+
+    def __init__(self, detector: Detector, deployment: Deployment) -> None:
+        super().__init__()
+        self.extractor, self.net = detector.extractor, detector.net
+        self.size = detector.input_size
+        self.categories = deployment.categories
+        index = {c: i for i, c in enumerate(self.categories)}
+        self.register_buffer("pool_feats", deployment.pool_feats.float())
+        self.register_buffer("pool_keys", descriptor(deployment.pool_feats))
+        self.register_buffer("pool_category", torch.tensor([index[c] for c in deployment.pool_categories]))
+        self.register_buffer("thresholds", torch.tensor([deployment.thresholds[c] for c in self.categories],
+                                                        dtype=torch.float32))
+        self.alpha = float(deployment.alpha)
+        self.scale = float(deployment.fusion_scale) if deployment.fusion_scale is not None else 0.0
+        self.kernel = int(deployment.score_kernel)
+        self.has_refiner = detector.net.refiner is not None
+        self.eval()
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        feats = self.extractor(images)  # (N, C, H, W)
+        sim = descriptor(feats) @ self.pool_keys.T  # (N, P) cosine similarities to the pool
+        best_sim, best = sim.max(dim=1)
+        prompt = self.pool_feats[best] if self.net.uses_prompt else None
+        rec = self.net.reconstruct(feats, prompt)
+        size = (self.size, self.size)
+        err = (rec - feats).norm(dim=1, keepdim=True)  # (N, 1, H, W)
+        amap = F.interpolate(err, size=size, mode="bilinear", align_corners=True)
+        if self.has_refiner:
+            ref = torch.sigmoid(F.interpolate(self.net.refiner((rec - feats).abs()), size=size, mode="bilinear",
+                                              align_corners=True))
+            amap = self.alpha * amap + (1.0 - self.alpha) * self.scale * ref
+        score = F.avg_pool2d(amap, self.kernel, stride=1).flatten(1).amax(dim=1)  # (N,)
+        category = self.pool_category[best]
+        threshold = self.thresholds[category].clamp_min(1e-12)
+        return {
+            "score": score,
+            "normalized": 1.0 - torch.pow(2.0, -score / threshold),
+            "anomalous": score > threshold,
+            "category": category,
+            "similarity": best_sim,
+            "map": amap[:, 0],
+        }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a deployment after training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per category, hold out floor(fraction * n) normal training images (seeded), keeping at least one to train on."""
+    if fraction <= 0:
+        return list(samples), []
+    train, held = [], []
+    for c, (cat, members) in enumerate(group_by_category(samples).items()):
+        n_hold = min(int(math.floor(fraction * len(members))), len(members) - 1)
+        order = np.random.default_rng([seed, c, 0x401D]).permutation(len(members))
+        hold = set(order[:n_hold].tolist())
+        for i, s in enumerate(members):
+            (held if i in hold else train).append(s)
+    return train, held
+
+
+@torch.no_grad()
+def deployment_scores(model: DeployModel, samples: list[Sample], batch_size: int, workers: int = 0) -> dict[str, np.ndarray]:
+    """Raw scores of `samples`, grouped by their TRUE category (the one a threshold is for)."""
+    from .evaluate import _Images  # the evaluation's image loader (resize + tensor)
+
+    loader = torch.utils.data.DataLoader(_Images(samples, model.size), batch_size=batch_size, num_workers=workers)
+    dev = model.pool_feats.device
+    scores = np.concatenate([model(b["image"].to(dev))["score"].cpu().numpy() for b in loader]) if samples else []
+    out: dict[str, list[float]] = {}
+    for s, v in zip(samples, scores):
+        out.setdefault(s.category, []).append(float(v))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def build_deployment(detector: Detector, train: list[Sample], holdout: list[Sample], far: float,
+                     cfg=None) -> Deployment:
+    """Prompt pool and fusion constant from training images; thresholds at false-alarm rate `far` from the held-out
+    normal images (from the training images themselves, with a warning, for categories without held-out images)."""
+    from .evaluate import build_prompt_pool, train_fusion_scale
+
+    cfg = cfg or detector.cfg
+    detector.eval()
+    pool = build_prompt_pool(detector, train, cfg)
+    scale = train_fusion_scale(detector, train, pool, cfg) if detector.net.refiner is not None else None
+    dep = Deployment(
+        pool_feats=pool.feats, pool_categories=pool.categories, pool_images=[str(s.image) for s in pool.samples],
+        fusion_scale=scale, thresholds={c: math.inf for c in set(pool.categories)},
+        alpha=cfg.eval.fusion_alpha, score_kernel=cfg.eval.score_kernel,
+    )
+    model = DeployModel(detector, dep).to(pool.feats.device)
+    held_cats = {s.category for s in holdout}
+    missing = sorted(set(pool.categories) - held_cats)
+    scores = deployment_scores(model, holdout, cfg.eval.batch_size)
+    thresholds, info = calibrate_far(scores, far, "held-out training images") if scores else ({}, {})
+    if missing:
+        warnings.warn(f"no held-out normal images for {', '.join(missing)}: their thresholds come from training "
+                      "images, whose scores are lower than new images' (expect more false alarms); set data.holdout",
+                      stacklevel=2)
+        fallback = deployment_scores(model, [s for s in train if s.category in missing], cfg.eval.batch_size)
+        t2, i2 = calibrate_far(fallback, far, "training images (no held-out images)")
+        thresholds.update(t2)
+        info.update(i2)
+    dep.thresholds, dep.calibration = thresholds, info
+    return dep
+
+
+@torch.no_grad()
+def recalibrate(detector: Detector, far: float | None = None, val_roots: list[str] | None = None,
+                skip_bad: bool = False) -> Deployment:
+    """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
+    normal and defective images), or at false-alarm rate `far` on the images held out of its training."""
+    from .datasets import load_split
+
+    cfg = detector.cfg
+    dep = detector.deployment
+    if dep is None:  # an older checkpoint: build the pool and fusion constant from its training data
+        train, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
+        train, _ = split_holdout(train, cfg.data.holdout, cfg.train.seed)
+        dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
+    model = DeployModel(detector, dep).to(dep.pool_feats.device)
+    if val_roots:
+        val, _ = load_split(val_roots, "test", None, skip_bad)
+        unknown = sorted({s.category for s in val} - set(dep.categories))
+        if unknown:
+            raise DatasetError(f"validation categories {', '.join(unknown)} are not among the model's: "
+                             f"{', '.join(dep.categories)}")
+        scores = deployment_scores(model, val, cfg.eval.batch_size)
+        labels: dict[str, list[int]] = {}
+        for s in val:
+            labels.setdefault(s.category, []).append(s.label)
+        thresholds, info = calibrate_f1(scores, {k: np.array(v) for k, v in labels.items()})
+    else:
+        held = [Path(p) for p in detector.extra.get("holdout", [])]
+        if not held:
+            raise ConfigError("this model kept no held-out normal images (data.holdout was 0): give a labelled "
+                             "validation folder (--val) or retrain with data.holdout > 0")
+        by_path = {}
+        for s in load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)[0]:
+            by_path[s.image] = s
+        samples = [by_path[p] for p in held if p in by_path]
+        if len(samples) < len(held):
+            warnings.warn(f"{len(held) - len(samples)} held-out images are no longer in the training data", stacklevel=2)
+        far = cfg.eval.far if far is None else far
+        thresholds, info = calibrate_far(deployment_scores(model, samples, cfg.eval.batch_size), far,
+                                         "held-out training images")
+    kept = {c: dep.thresholds[c] for c in dep.categories if c not in thresholds}
+    if kept:
+        warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
+                      stacklevel=2)
+    return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
+                      fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
+                      calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},
+                      alpha=dep.alpha, score_kernel=dep.score_kernel)

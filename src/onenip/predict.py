@@ -1,0 +1,228 @@
+"""Judging new images: `Predictor` (Python) and `onenip predict` (command line).
+
+No category has to be given: each image takes the most similar prompt of the model's prompt pool, and the threshold
+of that prompt's category decides. Per image: the raw score, the normalised score (0.5 = threshold), the decision, the
+retrieved category and its cosine similarity, the anomaly map at the image's own size, and the defect mask (the
+pixels whose map value exceeds the threshold, for images judged defective; empty otherwise).
+
+    from onenip.predict import Predictor
+    predictor = Predictor.load("runs/x/model.safetensors")
+    for p in predictor.predict(["a.png", "b.png"]):
+        print(p.source, p.anomalous, p.normalized, p.category)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_csv, atomic_write_text
+from .datasets import IMAGE_EXTENSIONS
+from .deploy import DeployModel
+from .detector import Detector, resolve_device
+from .errors import CheckpointError, DatasetError
+from .images import load_image, resize_image, to_rgb
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclass
+class Prediction:
+    source: str  # the path, or "<image i>" for in-memory images
+    score: float  # raw score: maximum of the 16x16 average-pooled anomaly map
+    normalized: float  # 1 - 2^(-score / threshold): 0.5 at the threshold
+    anomalous: bool  # score > threshold
+    category: str  # category of the retrieved prompt (whose threshold decided)
+    similarity: float  # cosine similarity to that prompt
+    threshold: float
+    anomaly_map: np.ndarray  # (H, W) float32 at the image's size
+    mask: np.ndarray  # (H, W) bool: map > threshold where the image is judged defective
+
+    def row(self) -> dict[str, Any]:
+        return {"image": self.source, "anomalous": self.anomalous, "normalized_score": round(self.normalized, 6),
+                "score": round(self.score, 6), "threshold": round(self.threshold, 6), "category": self.category,
+                "similarity": round(self.similarity, 6), "defect_pixels": int(self.mask.sum())}
+
+
+def _as_rgb(item: ImageInput) -> Image.Image:
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, np.ndarray):
+        if item.ndim == 3 and item.shape[2] in (3, 4) or item.ndim == 2:
+            arr = item if item.dtype != bool else item.astype(np.uint8) * 255
+            return to_rgb(Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr))
+        raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {item.shape}")
+    raise TypeError(f"cannot read an image from {type(item).__name__}")
+
+
+class Predictor:
+    """A trained model ready to judge new images (its checkpoint must hold a deployment: every `onenip fit` writes one)."""
+
+    def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16) -> None:
+        if detector.deployment is None:
+            raise CheckpointError("this model has no prompt pool and thresholds; run `onenip calibrate` on it first")
+        self.device = resolve_device(device)
+        self.model = DeployModel(detector, detector.deployment).to(self.device)
+        self.batch_size = batch_size
+        self.size = detector.input_size
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16) -> "Predictor":
+        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size)
+
+    @property
+    def categories(self) -> list[str]:
+        return self.model.categories
+
+    @torch.no_grad()
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], progress: bool = False) -> list[Prediction]:
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        out: list[Prediction] = []
+        for start in tqdm(range(0, len(items), self.batch_size), desc="predict", unit="batch",
+                          disable=not progress, dynamic_ncols=True):
+            chunk = items[start : start + self.batch_size]
+            rgb = [_as_rgb(x) for x in chunk]
+            batch = torch.from_numpy(np.stack([resize_image(im, self.size) for im in rgb])).permute(0, 3, 1, 2)
+            res = self.model(batch.to(self.device))
+            for k, (item, im) in enumerate(zip(chunk, rgb)):
+                out.append(self._one(item, start + k, im, {name: v[k] for name, v in res.items()}))
+        return out
+
+    __call__ = predict
+
+    def _one(self, item: ImageInput, index: int, image: Image.Image, res: dict[str, torch.Tensor]) -> Prediction:
+        w, h = image.size
+        amap = F.interpolate(res["map"][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        cat = int(res["category"])
+        threshold = float(self.model.thresholds[cat])
+        anomalous = bool(res["anomalous"])
+        mask = (amap > threshold) if anomalous else torch.zeros_like(amap, dtype=torch.bool)
+        return Prediction(
+            source=str(item) if isinstance(item, (str, Path)) else f"<image {index}>",
+            score=float(res["score"]), normalized=float(res["normalized"]), anomalous=anomalous,
+            category=self.model.categories[cat], similarity=float(res["similarity"]), threshold=threshold,
+            anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------------------------
+
+# A perceptually ordered colour ramp (dark blue -> blue -> cyan -> yellow -> red), interpolated linearly.
+_RAMP = np.array([[0, 0, 64], [0, 64, 255], [0, 220, 220], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB colours of the ramp."""
+    x = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    i = np.minimum(x.astype(int), len(_RAMP) - 2)
+    f = (x - i)[..., None]
+    return (_RAMP[i] * (1 - f) + _RAMP[i + 1] * f).astype(np.uint8)
+
+
+def overlay(image: Image.Image | np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray | None = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """The image with its anomaly map as a heat map (threshold in the middle of the ramp) and the mask outlined."""
+    rgb = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image, dtype=np.float32)
+    colours = heat(anomaly_map / (2.0 * threshold)).astype(np.float32)
+    out = rgb * (1 - alpha) + colours * alpha
+    if mask is not None and mask.any():
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+        out[edge] = (255, 255, 255)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files as given, folders searched recursively for images, anything else as a glob pattern. Sorted per argument."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                           and not f.name.startswith("."))
+            if not found:
+                raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
+            out.extend(found)
+        else:
+            found = sorted(Path(f) for f in glob.glob(p, recursive=True) if Path(f).is_file())
+            if not found:
+                raise DatasetError(f"{p}: no such file or folder, and no file matches it as a pattern")
+            out.extend(found)
+    return out
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """Unique, readable file names for the outputs: the image's stem, or its path when stems collide."""
+    stems = [p.stem for p in paths]
+    dup = {s for s in stems if stems.count(s) > 1}
+    names = []
+    for p, s in zip(paths, stems):
+        names.append("__".join(p.with_suffix("").parts[-4:]).replace(":", "") if s in dup else s)
+    return names
+
+
+def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
+                batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True) -> list[dict]:
+    """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs."""
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size)
+    paths = expand_inputs(inputs)
+    out = Path(output)
+    names = _output_names(paths)
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+        chunk, loaded = [], []
+        for k, p in enumerate(paths[start : start + batch_size]):
+            try:
+                loaded.append(load_image(p))  # decoded once, for the model and for the overlay
+                chunk.append(start + k)
+            except DatasetError as exc:
+                if not skip_bad:
+                    raise
+                bad.append({"image": str(p), "reason": str(exc)})
+        for k, pred in zip(chunk, predictor.predict(loaded)):
+            pred.source = str(paths[k])
+            row = pred.row()
+            if images:
+                (out / "overlays").mkdir(parents=True, exist_ok=True)
+                (out / "masks").mkdir(parents=True, exist_ok=True)
+                pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask)
+                Image.fromarray(pic).save(out / "overlays" / f"{names[k]}.png")
+                Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / "masks" / f"{names[k]}_mask.png")
+                row.update(overlay=f"overlays/{names[k]}.png", mask=f"masks/{names[k]}_mask.png")
+            rows.append(row)
+    if bad:
+        warnings.warn(f"left out {len(bad)} unreadable images (listed in predictions.json)", stacklevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "checkpoint": str(checkpoint), "images": len(rows), "anomalous": sum(r["anomalous"] for r in rows),
+        "by_category": {c: {"images": sum(r["category"] == c for r in rows),
+                            "anomalous": sum(r["category"] == c and r["anomalous"] for r in rows)}
+                        for c in predictor.categories},
+        "skipped": bad,
+    }
+    atomic_write_csv(out / "predictions.csv", rows)
+    atomic_write_text(out / "predictions.json", json.dumps({"summary": summary, "predictions": rows}, indent=2))
+    return rows

@@ -1,0 +1,242 @@
+"""Deployment: thresholds, normalised scores, the deployable module, `Predictor`, `onenip predict` and `calibrate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from onenip import cli
+from onenip.api import make_config
+from onenip.datasets import read_sources
+from onenip.deploy import (
+    DeployModel,
+    build_deployment,
+    calibrate_f1,
+    deployment_scores,
+    far_threshold,
+    normalize_score,
+    split_holdout,
+)
+from onenip.detector import Detector
+from onenip.evaluate import build_prompt_pool
+from onenip.metrics import f1_max
+from onenip.predict import Predictor, expand_inputs, overlay
+from onenip.scoring import fuse, image_scores
+from onenip.train import Trainer
+
+TWO = "[bottle, metal_plate]"
+
+
+def small(*extra: str) -> list[str]:
+    return ["data.input_size=64", "data.workers=0", "backbone.name=tf_efficientnet_lite0",
+            "backbone.weights=efficientnet-lite", "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4",
+            "model.refiner_channels=32", "train.device=cpu", "eval.batch_size=16", *extra]
+
+
+# -- thresholds ---------------------------------------------------------------------------------------------------------
+
+
+def test_far_threshold_counts_false_alarms() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.random(200)
+    for far, k in ((0.05, 10), (0.01, 2), (0.0, 0), (0.004, 0)):
+        t = far_threshold(s, far)
+        assert int((s > t).sum()) == k
+        assert t in s  # a normal score, not an interpolation
+    ties = np.array([1.0] * 50 + [2.0] * 50)
+    assert far_threshold(ties, 0.1) == 2.0  # ties cannot be split: no false alarm rather than 50 %
+    with pytest.raises(ValueError):
+        far_threshold(np.array([]), 0.1)
+
+
+def test_f1_threshold_reproduces_f1_max_with_strict_rule() -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.random(300) + labels * 0.6, 2)  # ties included
+    thr, info = calibrate_f1({"c": scores}, {"c": labels})
+    pred = scores > thr["c"]
+    tp, fp, fn = np.sum(pred & (labels == 1)), np.sum(pred & (labels == 0)), np.sum(~pred & (labels == 1))
+    assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(f1_max(scores, labels)[0]) == pytest.approx(info["c"]["f1"])
+
+
+def test_normalized_score() -> None:
+    assert normalize_score(2.0, 2.0) == pytest.approx(0.5)
+    assert normalize_score(0.0, 2.0) == 0.0
+    x = np.linspace(0, 10, 50)
+    n = normalize_score(x, 3.0)
+    assert np.all(np.diff(n) > 0) and n.max() < 1.0
+
+
+def test_split_holdout_per_category(iad_mix: Path) -> None:
+    samples = read_sources([str(iad_mix)], "train", ["bottle", "metal_plate"])
+    train, held = split_holdout(samples, 0.25, seed=3)
+    assert not ({s.image for s in train} & {s.image for s in held})
+    for cat in ("bottle", "metal_plate"):
+        n = sum(s.category == cat for s in samples)
+        assert sum(s.category == cat for s in held) == n // 4
+    again = split_holdout(samples, 0.25, seed=3)[1]
+    assert [s.image for s in again] == [s.image for s in held]
+    one = split_holdout(samples[:1], 0.9, seed=0)
+    assert len(one[0]) == 1 and one[1] == []  # keeps at least one image to train on
+
+
+# -- the deployable module ----------------------------------------------------------------------------------------------
+
+
+def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path) -> None:
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3"))
+    torch.manual_seed(0)
+    det = Detector.build(cfg).eval()
+    train = read_sources(cfg.data.roots, "train", ["bottle", "metal_plate"])
+    dep = build_deployment(det, train[::5], train[1::10], far=0.1, cfg=cfg)
+    model = DeployModel(det, dep)
+    test = read_sources(cfg.data.roots, "test", ["bottle", "metal_plate"])[::9]
+    from onenip.evaluate import _Images
+
+    images = torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
+    with torch.no_grad():
+        out = model(images)
+        feats = det.features(images)
+        pool = build_prompt_pool(det, train[::5], cfg)
+        j, sim = pool.retrieve(feats)
+        maps = det.maps(feats, pool.feats[j])
+        fused = fuse(maps.rec, maps.ref, 0.5, dep.fusion_scale)
+    torch.testing.assert_close(out["map"], fused, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["score"].numpy(), image_scores(fused.numpy(), 16), rtol=1e-5)
+    assert [model.categories[i] for i in out["category"].tolist()] == [pool.categories[i] for i in j.tolist()]
+    thr = torch.tensor([dep.thresholds[model.categories[i]] for i in out["category"].tolist()])
+    assert torch.equal(out["anomalous"], out["score"] > thr)
+    torch.testing.assert_close(out["normalized"], 1 - 2 ** (-out["score"] / thr))
+
+
+def test_threshold_holds_its_false_alarm_rate_on_new_normal_images(iad_mix: Path) -> None:
+    """Thresholds set at a false alarm rate on one half of magnetic_tile's normal images flag about that rate of the
+    other half (binomial spread: 300 images at 5 % -> standard deviation 1.3 %)."""
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", "data.categories=[magnetic_tile]", "eval.prompt_pool=1"))
+    torch.manual_seed(0)
+    det = Detector.build(cfg).eval()
+    normals = read_sources(cfg.data.roots, "train", ["magnetic_tile"])
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(normals))
+    pool_part = [normals[i] for i in order[:20]]
+    calib = [normals[i] for i in order[20:320]]
+    check = [normals[i] for i in order[320:620]]
+    for far in (0.05, 0.2):
+        dep = build_deployment(det, pool_part, calib, far=far, cfg=cfg)
+        model = DeployModel(det, dep)
+        scores = deployment_scores(model, check, 32)["magnetic_tile"]
+        rate = float(np.mean(scores > dep.thresholds["magnetic_tile"]))
+        print(f"far {far}: measured {rate:.3f} on {len(check)} new normal images")
+        assert abs(rate - far) < 0.045 + far * 0.25, (far, rate)
+
+
+# -- a trained model end to end -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, iad_mix: Path, textures: Path) -> Path:
+    run = tmp_path_factory.mktemp("deploy") / "run"
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", f"data.textures={textures}",
+                                  "data.holdout=0.2", "train.batch_size=8", "train.max_steps=6", "eval.far=0.05",
+                                  f"output_dir={run}"))
+    Trainer(cfg, progress=False).run()
+    return run / "model.safetensors"
+
+
+def test_trained_model_carries_its_deployment(trained: Path) -> None:
+    det = Detector.load(trained)
+    dep = det.deployment
+    assert dep is not None and dep.categories == ["bottle", "metal_plate"]
+    assert dep.pool_feats.shape[0] == len(dep.pool_categories) and dep.fusion_scale > 0
+    for cat in dep.categories:
+        assert np.isfinite(dep.thresholds[cat]) and dep.thresholds[cat] > 0
+        assert dep.calibration[cat]["method"] == "false_alarm_rate" and dep.calibration[cat]["far"] == 0.05
+    assert dep.calibration["bottle"]["normal_images"] == 209 // 5  # the held-out part of bottle's 209 images
+    assert len(det.extra["holdout"]) == 209 // 5 + 54 // 5
+
+
+def test_predictor_inputs_and_outputs(trained: Path, iad_mix: Path) -> None:
+    pred = Predictor.load(trained, device="cpu", batch_size=4)
+    path = sorted((iad_mix / "metal_plate" / "test" / "defective").iterdir())[0]
+    grey = sorted((iad_mix / "kolektorsdd" / "test" / "crack").iterdir())[0]  # grey and not square
+    pil = Image.open(path)
+    arr = np.asarray(pil.convert("RGB"))
+    a, b, c, g = pred.predict([path, pil, arr, grey])
+    assert a.source == str(path) and b.source == "<image 1>"
+    for other in (b, c):
+        assert other.score == pytest.approx(a.score, rel=1e-6) and other.category == a.category
+        np.testing.assert_allclose(other.anomaly_map, a.anomaly_map, rtol=1e-5, atol=1e-6)
+    assert a.anomaly_map.shape == arr.shape[:2] and a.mask.shape == arr.shape[:2]
+    w, h = Image.open(grey).size
+    assert g.anomaly_map.shape == (h, w)
+    assert a.category == "metal_plate"  # retrieved without being told
+    for p in (a, g):
+        assert p.normalized == pytest.approx(1 - 2 ** (-p.score / p.threshold), rel=1e-5)
+        assert p.anomalous == (p.score > p.threshold) == (p.normalized > 0.5)
+        assert p.mask.any() == (p.anomalous and bool((p.anomaly_map > p.threshold).any()))
+    pic = overlay(pil, a.anomaly_map, a.threshold, a.mask)
+    assert pic.shape == arr.shape and pic.dtype == np.uint8 and not np.array_equal(pic, arr)
+
+
+def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    src = sorted((iad_mix / "bottle" / "test" / "broken_large").iterdir())[:2]
+    for d in ("a", "b"):  # the same names in two folders: outputs must not overwrite each other
+        for f in src:
+            (folder / d / f.name).write_bytes(f.read_bytes())
+    single = sorted((iad_mix / "metal_plate" / "test" / "good").iterdir())[0]
+    pattern = str(iad_mix / "metal_plate" / "test" / "defective" / "test_0003*.jpg")
+    code = cli.main(["predict", str(trained), str(folder), str(single), pattern, "--output", str(tmp_path / "out"),
+                     "--device", "cpu", "--no-progress"])
+    assert code == 0
+    n = 4 + 1 + len(expand_inputs([pattern]))
+    data = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert data["summary"]["images"] == n == len(data["predictions"])
+    assert len(list((tmp_path / "out" / "overlays").iterdir())) == n == len(list((tmp_path / "out" / "masks").iterdir()))
+    assert (tmp_path / "out" / "predictions.csv").read_text().count("\n") == n + 1
+    row = data["predictions"][0]
+    assert set(row) >= {"image", "anomalous", "normalized_score", "score", "category", "similarity", "overlay", "mask"}
+    mask = np.asarray(Image.open(tmp_path / "out" / row["mask"]))
+    assert mask.shape == np.asarray(Image.open(row["image"])).shape[:2] and set(np.unique(mask)) <= {0, 255}
+    assert f"{n} images" in capsys.readouterr().out
+
+    bad = folder / "a" / "zz_broken.png"
+    bad.write_bytes(b"not an image")
+    assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "zz_broken.png" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="left out 1"):
+        assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "o3"), "--skip-bad",
+                         "--no-images", "--no-progress"]) == 0
+    data = json.loads((tmp_path / "o3" / "predictions.json").read_text())
+    assert data["summary"]["images"] == 4 and data["summary"]["skipped"][0]["image"] == str(bad)
+    assert not (tmp_path / "o3" / "overlays").exists()
+    assert cli.main(["predict", str(trained), str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o4")]) == 2
+    assert "no file matches" in capsys.readouterr().err
+
+
+def test_calibrate_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -> None:
+    before = Detector.load(trained).deployment
+    loose = tmp_path / "loose.safetensors"
+    assert cli.main(["calibrate", str(trained), "--far", "0.3", "--output", str(loose)]) == 0
+    after = Detector.load(loose).deployment
+    for cat in before.categories:  # a higher false alarm rate never raises a threshold
+        assert after.thresholds[cat] <= before.thresholds[cat]
+        assert after.calibration[cat]["far"] == 0.3
+    assert torch.equal(after.pool_feats, before.pool_feats) and after.fusion_scale == before.fusion_scale
+    f1 = tmp_path / "f1.safetensors"
+    assert cli.main(["calibrate", str(trained), "--val", str(iad_mix), "--output", str(f1)]) == 2  # 10 categories
+    assert "not among the model's" in capsys.readouterr().err
+    val = tmp_path / "val"
+    val.mkdir()
+    for cat in ("bottle", "metal_plate"):
+        (val / cat).symlink_to(iad_mix / cat, target_is_directory=True)
+    assert cli.main(["calibrate", str(trained), "--val", str(val), "--output", str(f1)]) == 0
+    dep = Detector.load(f1).deployment
+    assert all(dep.calibration[c]["method"] == "f1" and 0 < dep.calibration[c]["f1"] <= 1 for c in dep.categories)
