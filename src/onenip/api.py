@@ -73,6 +73,7 @@ def test(
     set_threads(cfg.train.threads)
     detector = Detector.from_state(state, source=str(checkpoint)).to(resolve_device(cfg.train.device))
     results = evaluate(detector, cfg, progress=progress)
+    results.checkpoint = str(Path(checkpoint).resolve())
     ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
     write_results(results, output or ckpt_dir / "results" / cfg.eval.protocol)
     return results

@@ -69,6 +69,7 @@ class Results:
     seconds: dict[str, float] = field(default_factory=dict)
     scores: list[dict[str, Any]] = field(default_factory=list)  # one row per test image
     skipped: list[dict[str, str]] = field(default_factory=list)  # test files left out by data.skip_bad, with reasons
+    checkpoint: str | None = None  # the model evaluated, when it came from a file
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         out = {}
@@ -81,6 +82,7 @@ class Results:
         maps = sorted({k for c in self.categories.values() for k in ("rec", "ref", "fused") if k in c})
         return {
             "protocol": self.protocol,
+            "checkpoint": self.checkpoint,
             "fusion_scale": self.fusion_scale,
             "retrieval_accuracy": self.retrieval_accuracy,
             "seconds": self.seconds,
