@@ -55,7 +55,7 @@ def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
     assert code == 0
     out = capsys.readouterr().out
     assert "trained 1 epochs (2 steps)" in out and "| PA_FLR01_TL |" in out
-    assert (run / "model.safetensors").is_file() and (run / "results" / "results.json").is_file()
+    assert (run / "model.safetensors").is_file() and (run / "results" / "clean" / "results.json").is_file()
     code = cli.main(["test", str(run / "model.safetensors"), "--eval.protocol", "paper", "--no-progress",
                      "--output", str(tmp_path / "res")])
     assert code == 0

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.images_per_second:.1f} query images/s; model: {result.model_path}")
             if result.results is not None:
                 print(result.results.to_markdown())
-                print(f"results: {result.run_dir / 'results'}")
+                print(f"results: {result.run_dir / 'results' / result.results.protocol}")
         elif args.command == "test":
             from .api import test
 

@@ -53,7 +53,8 @@ def run_demo(output: str | Path = "runs/demo", steps: int | None = None, device:
     fit = trainer.run()
     print(f"trained in {fit.seconds:.0f} s ({fit.images_per_second:.1f} query images/s)")
     results = evaluate(trainer.detector, cfg, progress=progress)
-    folder = write_results(results, Path(cfg.output_dir) / "results")
+    results.checkpoint = str(Path(fit.model_path).resolve())
+    folder = write_results(results, Path(cfg.output_dir) / "results" / cfg.eval.protocol)
     print()
     print(f"clean protocol: category not given; prompt retrieval right for "
           f"{100 * (results.retrieval_accuracy or 0):.1f} % of test images")

@@ -300,5 +300,6 @@ def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, ev
         from .evaluate import write_results
 
         result.results = run_eval(trainer.detector, cfg, progress=progress)
-        write_results(result.results, trainer.run_dir / "results")
+        result.results.checkpoint = str(result.model_path.resolve())
+        write_results(result.results, trainer.run_dir / "results" / cfg.eval.protocol)
     return result
