@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onenip",
         description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}")
 
     fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
                          description="Train one OneNIP (or UniAD) model on the defect-free training images of every "
@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--val", nargs="+", metavar="ROOT", help="labelled validation roots (normal and defective images)")
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
+
+    rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
+                         description="Write one self-contained HTML page (no external files) from a results folder of "
+                                     "`onenip test`: per-category table, ROC and PR curves, score distributions of good "
+                                     "and defective images, and a gallery of the worst misses with their heat maps.")
+    rep.add_argument("results", metavar="RUN_DIR", help="results folder (holds results.json and scores.csv)")
+    rep.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
+    rep.add_argument("--map", default="fused", choices=("fused", "rec", "ref"), help="which scored map (default: fused)")
+    rep.add_argument("--gallery", type=int, default=8, help="worst misses shown per category (default: 8)")
+    rep.add_argument("--checkpoint", help="model for the gallery's heat maps (default: the one results.json names)")
+    rep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
     demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
                           description="Runs with no download and no data of yours: generates a small multi-category "
@@ -163,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                 info = detector.deployment.calibration.get(cat, {})
                 print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")
             print(f"calibrated model: {path}")
+        elif args.command == "report":
+            from .report import make_report
+
+            if args.gallery < 0:
+                raise ConfigError(f"--gallery must be >= 0, got {args.gallery}")
+            path = make_report(args.results, args.output, map_name=args.map, gallery=args.gallery,
+                               checkpoint=args.checkpoint, device=args.device)
+            print(f"report: {path}")
         elif args.command == "demo":
             from .demo import run_demo
 

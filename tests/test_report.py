@@ -1,0 +1,481 @@
+"""`onenip report`: the self-contained HTML page of a test run (table, curves, score histograms, gallery)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from onenip.api import make_config
+from onenip.api import test as run_test
+from onenip.errors import DatasetError, OnenipError
+from onenip.evaluate import METRICS
+from onenip.images import load_image
+from onenip.metrics import auroc, average_precision, image_metrics
+from onenip.report import (
+    THUMBNAIL,
+    ScoreRow,
+    histogram,
+    make_report,
+    pick_gallery,
+    pr_curve,
+    roc_curve,
+    step_ap,
+    trapezoid_auroc,
+)
+from onenip.train import Trainer
+
+TWO = "[bottle, metal_plate]"
+PNG_URI = "data:image/png;base64,"
+
+
+def small(*extra: str) -> list[str]:
+    return ["data.input_size=64", "data.workers=0", "backbone.name=tf_efficientnet_lite0",
+            "backbone.weights=efficientnet-lite", "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4",
+            "model.refiner_channels=32", "train.device=cpu", "eval.batch_size=16", *extra]
+
+
+# -- a tiny DOM from the standard library's parser --------------------------------------------------------------------
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class Node:
+    def __init__(self, tag: str, attrs: dict[str, str | None], parent: "Node | None") -> None:
+        self.tag, self.attrs, self.parent = tag, attrs, parent
+        self.children: list[Node] = []
+        self.content: list[Node | str] = []  # text and child elements in document order
+
+    def text(self) -> str:
+        return "".join(c if isinstance(c, str) else c.text() for c in self.content)
+
+    def all(self, tag: str, cls: str | None = None) -> list["Node"]:
+        out = []
+        for c in self.children:
+            if c.tag == tag and (cls is None or cls in (c.attrs.get("class") or "").split()):
+                out.append(c)
+            out += c.all(tag, cls)
+        return out
+
+    def classes(self) -> list[str]:
+        return (self.attrs.get("class") or "").split()
+
+
+class Tree(HTMLParser):
+    """Every element with its attributes and text; also records every tag seen (to look for <script>)."""
+
+    def __init__(self, page: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {}, None)
+        self.cur = self.root
+        self.tags: list[str] = []
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        node = Node(tag, dict(attrs), self.cur)
+        self.cur.children.append(node)
+        self.cur.content.append(node)
+        if tag not in VOID:
+            self.cur = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)
+        node = Node(tag, dict(attrs), self.cur)
+        self.cur.children.append(node)
+        self.cur.content.append(node)
+
+    def handle_endtag(self, tag):
+        node = self.cur
+        while node is not self.root and node.tag != tag:
+            node = node.parent
+        if node is not self.root:
+            self.cur = node.parent
+
+    def handle_data(self, data):
+        self.cur.content.append(data)
+
+
+def parse(path: Path) -> Tree:
+    return Tree(path.read_text(encoding="utf-8"))
+
+
+def points(polyline: Node) -> np.ndarray:
+    return np.array([[float(v) for v in p.split(",")] for p in polyline.attrs["points"].split()])
+
+
+def pct(v: float) -> str:
+    return "\u2014" if math.isnan(v) else f"{100 * v:.1f}"
+
+
+def decode(uri: str) -> Image.Image:
+    assert uri.startswith(PNG_URI)
+    im = Image.open(io.BytesIO(base64.b64decode(uri[len(PNG_URI):], validate=True)))
+    im.load()
+    assert im.format == "PNG"
+    return im
+
+
+def assert_self_contained(tree: Tree) -> None:
+    """No element loads anything from outside the page."""
+    for node in tree.root.all("img") + [n for t in ("a", "link", "script", "iframe", "image", "use", "source")
+                                        for n in tree.root.all(t)]:
+        for key in ("src", "href", "xlink:href"):
+            value = node.attrs.get(key)
+            assert value is None or value.startswith(("data:", "#")), (node.tag, key, value[:80])
+    assert "script" not in tree.tags and "link" not in tree.tags
+
+
+# -- a hand-made results folder ----------------------------------------------------------------------------------------
+
+
+def fake_run(folder: Path, cats: dict[str, tuple[np.ndarray, np.ndarray]], checkpoint: str | None = None,
+             image_dir: Path | None = None) -> Path:
+    """results.json and scores.csv as `onenip test` writes them, with image metrics computed from the scores."""
+    folder.mkdir(parents=True, exist_ok=True)
+    image_dir = image_dir or folder / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rows, entries = [], {}
+    for c, (cat, (scores, labels)) in enumerate(cats.items()):
+        im = image_metrics(scores, labels)
+        res = {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"],
+               "pixel_auroc": math.nan, "pixel_ap": math.nan, "pixel_f1max": math.nan, "pixel_aupro": math.nan}
+        entries[cat] = {"images": len(scores), "defective": int(labels.sum()), "pixel_metrics": False, "fused": res}
+        for i, (s, y) in enumerate(zip(scores, labels)):
+            path = image_dir / f"{c}_{i}.png"
+            Image.new("RGB", (300, 200), (40 * c + 20, 5 * i % 255, 200 if y else 60)).save(path)
+            rows.append({"image": str(path), "category": cat, "defect": "crack" if y else "good", "label": int(y),
+                         "retrieved": cat, "similarity": 0.9, "score_fused": float(s)})
+    data = {"protocol": "clean", "checkpoint": checkpoint, "fusion_scale": 1.5, "retrieval_accuracy": 1.0,
+            "seconds": {}, "skipped": [], "categories": entries}
+    (folder / "results.json").write_text(json.dumps(data, allow_nan=True))
+    with (folder / "scores.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+def two_class(seed: int, n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    labels[:2] = (0, 1)
+    return np.round(rng.random(n) + 0.4 * labels, 1), labels  # rounded: many ties
+
+
+# -- curves ------------------------------------------------------------------------------------------------------------
+
+
+def test_curves_are_exact_and_match_the_metrics_module() -> None:
+    for seed in range(30):
+        scores, labels = two_class(seed, n=5 + seed * 7)
+        fpr, tpr = roc_curve(scores, labels)
+        assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+        assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+        assert trapezoid_auroc(fpr, tpr) == pytest.approx(auroc(scores, labels), abs=1e-12)
+        recall, precision = pr_curve(scores, labels)
+        assert recall[-1] == 1.0 and np.all(np.diff(recall) >= 0) and np.all((precision >= 0) & (precision <= 1))
+        assert step_ap(recall, precision) == pytest.approx(average_precision(scores, labels), abs=1e-12)
+    # one vertex per distinct score: a perfect ranking is the corner (0, 1)
+    fpr, tpr = roc_curve(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1]))
+    assert fpr.tolist() == [0, 0, 0, 0.5, 1] and tpr.tolist() == [0, 0.5, 1, 1, 1]
+    # a tie between a good and a defective image is one diagonal step (half the area)
+    fpr, tpr = roc_curve(np.array([0.5, 0.5]), np.array([0, 1]))
+    assert fpr.tolist() == [0, 1] and tpr.tolist() == [0, 1] and trapezoid_auroc(fpr, tpr) == 0.5
+    with pytest.raises(ValueError, match="both"):
+        roc_curve(np.array([0.1, 0.2]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="both"):
+        pr_curve(np.array([0.1, 0.2]), np.array([0, 0]))
+
+
+def test_histogram_shares_its_bins() -> None:
+    edges, good, bad = histogram(np.array([0.0, 0.1, 0.2]), np.array([0.9, 1.0]))
+    assert edges[0] == 0.0 and edges[-1] == 1.0 and good.sum() == 3 and bad.sum() == 2 and good.size == bad.size
+    edges, good, bad = histogram(np.array([2.0, 2.0]), np.array([]))  # constant scores still get a bin
+    assert good.sum() == 2 and bad.sum() == 0 and edges[0] < 2.0 < edges[-1]
+
+
+def test_gallery_takes_the_worst_of_each_kind() -> None:
+    rows = [ScoreRow(f"b{i}", "c", "crack", 1, "", None, s) for i, s in enumerate([5.0, 1.0, 3.0, 2.0, 4.0])]
+    rows += [ScoreRow(f"g{i}", "c", "good", 0, "", None, s) for i, s in enumerate([0.5, 3.5, 0.1])]
+    picks = pick_gallery(rows, 4)
+    assert [p.image for p in picks] == ["b1", "b3", "g1", "g0"]  # lowest defective, then highest good
+    assert [p.image for p in pick_gallery(rows, 7)] == ["b1", "b3", "b2", "b4", "g1", "g0", "g2"]  # all 3 good: 4 bad
+    assert len(pick_gallery(rows, 100)) == 8 and pick_gallery(rows, 0) == []
+    assert [p.image for p in pick_gallery(rows[:5], 3)] == ["b1", "b3", "b2"]  # no good image: all places defective
+
+
+# -- hand-made results folders -------------------------------------------------------------------------------------------
+
+
+def test_names_from_files_are_escaped(tmp_path: Path) -> None:
+    evil = "<script>alert('x')</script>"
+    images = tmp_path / "<script>x&y"  # a folder name is part of every image path
+    folder = fake_run(tmp_path / "res", {evil: two_class(1), "plain": two_class(2)}, image_dir=images)
+    data = json.loads((folder / "results.json").read_text())
+    data["skipped"] = [{"image": "<script>bad.png", "reason": "<b>broken</b>"}]
+    (folder / "results.json").write_text(json.dumps(data, allow_nan=True))
+    out = make_report(folder, output=tmp_path / "r.html", gallery=4)
+    page = out.read_text()
+    assert "<script" not in page.lower() and "<b>broken" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    tree = Tree(page)
+    assert_self_contained(tree)
+    rows = tree.root.all("tbody")[0].all("tr")
+    assert [r.all("td")[0].text() for r in rows] == [evil, "plain"]  # escaped, so the browser shows the name as is
+    assert {s.attrs["data-category"] for s in tree.root.all("svg", "roc")} == {evil, "plain"}
+    files = [f.attrs["title"] for f in tree.root.all("span", "file")]
+    assert files and all(f.startswith(str(images)) for f in files)
+    shots = tree.root.all("img", "plain")
+    assert len(shots) == 8 and all(decode(i.attrs["src"]).size == (256, 171) for i in shots)  # 300x200 shrunk
+
+
+def test_table_curves_and_nan_of_a_hand_made_run(tmp_path: Path) -> None:
+    cats = {"a": two_class(3, 60), "b": two_class(4, 25)}
+    folder = fake_run(tmp_path / "res", cats)
+    tree = parse(make_report(folder, gallery=0))
+    assert (folder / "report.html").is_file()
+    data = json.loads((folder / "results.json").read_text())
+    body = tree.root.all("tbody")[0].all("tr")
+    for tr, (cat, entry) in zip(body, data["categories"].items()):
+        cells = [td.text() for td in tr.all("td")]
+        assert cells == [cat, str(entry["images"]), str(entry["defective"])] + [pct(entry["fused"][m]) for m in METRICS]
+    assert body[0].all("td")[-1].text() == "\u2014"  # NaN pixel metric
+    mean = tree.root.all("tfoot")[0].all("td")
+    want = [np.mean([data["categories"][c]["fused"][m] for c in cats]) for m in METRICS[:3]]
+    assert [td.text() for td in mean[3:6]] == [pct(v) for v in want] and mean[6].text() == "\u2014"
+    for svg in tree.root.all("svg", "roc"):
+        assert float(svg.attrs["data-auroc"]) == pytest.approx(data["categories"][svg.attrs["data-category"]]["fused"]
+                                                               ["image_auroc"], abs=1e-12)
+    assert not tree.root.all("div", "gallery")
+
+
+def test_one_class_category_still_renders(tmp_path: Path) -> None:
+    folder = fake_run(tmp_path / "res", {"ok": two_class(5), "allgood": (np.array([0.1, 0.3, 0.2]), np.zeros(3, int))})
+    tree = parse(make_report(folder, gallery=2))
+    roc = [s for s in tree.root.all("svg", "roc") if s.attrs["data-category"] == "allgood"][0]
+    assert not roc.all("polyline") and "both good and defective" in roc.text() and "data-auroc" not in roc.attrs
+    hist = [s for s in tree.root.all("svg", "hist") if s.attrs["data-category"] == "allgood"][0]
+    assert sum(int(v) for v in hist.attrs["data-good"].split()) == 3
+
+
+def test_missing_or_malformed_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        make_report(tmp_path / "nowhere")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=r"results\.json does not exist"):
+        make_report(empty)
+    folder = fake_run(tmp_path / "res", {"a": two_class(6)})
+    with pytest.raises(OnenipError, match="map 'rec' was not scored.*fused"):
+        make_report(folder, map_name="rec")
+    csv_text = (folder / "scores.csv").read_text()
+    (folder / "scores.csv").write_text(csv_text.replace(",1,a,", ",maybe,a,", 1))
+    with pytest.raises(DatasetError, match=r"scores\.csv line \d+ is malformed"):
+        make_report(folder)
+    (folder / "scores.csv").write_text(csv_text.replace("score_fused", "score_other"))
+    with pytest.raises(DatasetError, match=r"scores\.csv is malformed: no column score_fused"):
+        make_report(folder)
+    (folder / "scores.csv").unlink()
+    with pytest.raises(DatasetError, match=r"scores\.csv does not exist"):
+        make_report(folder)
+    (folder / "results.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"results\.json is not valid JSON"):
+        make_report(folder)
+    (folder / "results.json").write_text("[1, 2]")
+    with pytest.raises(DatasetError, match=r"results\.json is malformed"):
+        make_report(folder)
+    assert not (folder / "report.html").exists()
+
+
+# -- a real test run ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, iad_mix: Path, textures: Path) -> Path:
+    """The results folder of `onenip test` on a tiny model of two iad-mix categories (all three maps scored)."""
+    root = tmp_path_factory.mktemp("report")
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", f"data.textures={textures}",
+                                  "data.holdout=0.2", "train.batch_size=8", "train.max_steps=6", "eval.far=0.05",
+                                  f"output_dir={root / 'run'}"))
+    Trainer(cfg, progress=False).run()
+    run_test(root / "run" / "model.safetensors", overrides=["data.workers=0", "train.device=cpu",
+                                                            "eval.maps=[rec, ref, fused]"],
+             output=root / "results", progress=False)
+    return root / "results"
+
+
+@pytest.fixture(scope="module")
+def report(run: Path) -> Path:
+    return make_report(run, device="cpu")
+
+
+def test_report_of_a_test_run(run: Path, report: Path) -> None:
+    assert report == run / "report.html"
+    size = report.stat().st_size
+    assert 50_000 < size < 4_000_000, size
+    data = json.loads((run / "results.json").read_text())
+    with (run / "scores.csv").open() as f:
+        scores = list(csv.DictReader(f))
+    tree = parse(report)
+    assert_self_contained(tree)
+    cats = list(data["categories"])
+    assert cats == ["bottle", "metal_plate"]
+
+    # header
+    facts = {dt.text(): dd.text() for dt, dd in zip(tree.root.all("dt"), tree.root.all("dd"))}
+    assert facts["protocol"] == "clean" and facts["checkpoint"] == data["checkpoint"]
+    assert facts["fusion constant c"] == f"{data['fusion_scale']:.6g}"
+    assert facts["prompt retrieval accuracy"] == f"{100 * data['retrieval_accuracy']:.2f} %"
+    assert facts["test images"].startswith(f"{len(scores)} (") and facts["skipped files"] == "none"
+
+    # the table: one row per category plus the mean, the numbers of results.json
+    table = tree.root.all("table", "metrics")
+    assert len(table) == 1
+    body = table[0].all("tbody")[0].all("tr")
+    assert [tr.all("td")[0].text() for tr in body] == cats
+    for tr, cat in zip(body, cats):
+        assert [td.text() for td in tr.all("td")[3:]] == [pct(data["categories"][cat]["fused"][m]) for m in METRICS]
+    foot = table[0].all("tfoot")[0].all("tr")
+    assert len(foot) == 1 and [td.text() for td in foot[0].all("td")[3:]] == [pct(data["mean"]["fused"][m]) for m in METRICS]
+
+    # one ROC, one PR and one histogram per category, exact and consistent with results.json
+    for kind in ("roc", "pr", "hist"):
+        assert [s.attrs["data-category"] for s in tree.root.all("svg", kind)] == cats
+    for svg in tree.root.all("svg", "roc"):
+        want = data["categories"][svg.attrs["data-category"]]["fused"]["image_auroc"]
+        assert abs(float(svg.attrs["data-auroc"]) - want) < 1e-6
+        assert [t.text() for t in svg.all("text", "legend-text")] == [f"AUROC {100 * want:.2f} %"]
+        pts = points(svg.all("polyline", "curve")[0])
+        assert pts[0].tolist() == [0, 0] and pts[-1].tolist() == [1, 1]
+        assert np.all(np.diff(pts, axis=0) >= 0)  # non-decreasing in both coordinates
+        assert len(svg.all("text", "tick-label")) >= 10 and len(svg.all("text", "axis-label")) == 2
+    for svg in tree.root.all("svg", "pr"):
+        cat = svg.attrs["data-category"]
+        want = data["categories"][cat]["fused"]["image_ap"]
+        assert abs(float(svg.attrs["data-ap"]) - want) < 1e-6
+        assert [t.text() for t in svg.all("text", "legend-text")] == [f"AP {100 * want:.2f} %"]
+        pts = points(svg.all("polyline", "curve")[0])
+        assert pts[0].tolist() == [0, 1] and pts[-1][0] == 1.0
+        assert np.all(np.diff(pts[:, 0]) >= 0) and np.all((pts[:, 1] >= 0) & (pts[:, 1] <= 1))
+        area = sum((b[0] - a[0]) * b[1] for a, b in zip(pts[:-1], pts[1:]))  # step-wise area of the drawn curve
+        assert area == pytest.approx(want, abs=1e-4)  # coordinates are printed with 6 significant digits
+    for svg in tree.root.all("svg", "hist"):
+        rows = [r for r in scores if r["category"] == svg.attrs["data-category"]]
+        good = sum(int(v) for v in svg.attrs["data-good"].split())
+        bad = sum(int(v) for v in svg.attrs["data-defective"].split())
+        assert (good, bad) == (sum(r["label"] == "0" for r in rows), sum(r["label"] == "1" for r in rows))
+        assert len(svg.attrs["data-edges"].split()) == len(svg.attrs["data-good"].split()) + 1
+        assert svg.all("g", "good") and svg.all("g", "defective")  # bars of both kinds
+        assert [t.text() for t in svg.all("text", "legend-text")] == [f"good ({good})", f"defective ({bad})"]
+
+    # the gallery: overlays of the worst misses, decodable PNGs at most 256 px
+    for gal in tree.root.all("div", "gallery"):
+        cat = gal.attrs["data-category"]
+        rows = [r for r in scores if r["category"] == cat]
+        shots = gal.all("figure", "shot")
+        assert len(shots) == 8 and len(gal.all("figure", "defective")) == 4
+        lowest_bad = min(float(r["score_fused"]) for r in rows if r["label"] == "1")
+        assert f"test score {lowest_bad:.4g} (1. lowest of" in shots[0].text()
+        for img in gal.all("img"):
+            assert "overlay" in img.classes()
+            pic = decode(img.attrs["src"])
+            assert pic.mode == "RGB" and max(pic.size) <= THUMBNAIL
+        assert all("deployed: score" in s.text() and "retrieved" in s.text() for s in shots)
+        assert not gal.all("p", "no-overlay")
+    assert len(tree.root.all("div", "gallery")) == 2
+
+
+def test_report_of_another_map_and_without_gallery(run: Path, tmp_path: Path) -> None:
+    tree = parse(make_report(run, output=tmp_path, map_name="rec", gallery=0))  # a folder: report.html inside
+    data = json.loads((run / "results.json").read_text())
+    assert table_values(tree) == [[pct(data["categories"][c]["rec"][m]) for m in METRICS] for c in data["categories"]]
+    for svg in tree.root.all("svg", "roc"):
+        assert abs(float(svg.attrs["data-auroc"]) - data["categories"][svg.attrs["data-category"]]["rec"]["image_auroc"]) < 1e-6
+    assert not tree.root.all("img") and (tmp_path / "report.html").is_file()
+
+
+def table_values(tree: Tree) -> list[list[str]]:
+    return [[td.text() for td in tr.all("td")[3:]] for tr in tree.root.all("tbody")[0].all("tr")]
+
+
+def test_report_without_a_usable_checkpoint(run: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "results"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("report.html"))
+    data = json.loads((moved / "results.json").read_text())
+    data["checkpoint"] = str(tmp_path / "gone" / "model.safetensors")
+    (moved / "results.json").write_text(json.dumps(data, indent=2, allow_nan=True))
+    tree = parse(make_report(moved, gallery=3))
+    notes = tree.root.all("p", "no-overlay")
+    assert len(notes) == 2 and all("gone/model.safetensors does not exist" in n.text() for n in notes)
+    assert len(tree.root.all("table", "metrics")) == 1 and len(tree.root.all("svg", "pr")) == 2  # the page is complete
+    gal = tree.root.all("div", "gallery")[0]
+    imgs = gal.all("img")
+    assert len(imgs) == 3 and all("plain" in i.classes() for i in imgs)
+    source = gal.all("span", "file")[0].attrs["title"]
+    plain = load_image(source)
+    plain.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(decode(imgs[0].attrs["src"])), np.asarray(plain))  # the image itself, no heat map
+    assert all("decision \u2014 (no model)" in f.text() for f in gal.all("figure"))
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    tree = parse(make_report(moved, output=tmp_path / "junk.html", gallery=2, checkpoint=junk))
+    notes = tree.root.all("p", "no-overlay")
+    assert len(notes) == 2 and all("cannot be used" in n.text() and "junk.safetensors" in n.text() for n in notes)
+    assert all("plain" in i.classes() for i in tree.root.all("img"))
+
+
+# -- rendered by a browser ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (skips, before any model is trained, where it is not installed)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed: on Debian/Ubuntu run `apt-get install -y chromium`")
+    return browser
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(chromium: str, report: Path, tmp_path: Path) -> None:
+    browser = chromium
+    base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}"]
+    url = report.resolve().as_uri()
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    tree = Tree(dom.stdout)
+    assert len(tree.root.all("table", "metrics")) == 1 and len(tree.root.all("tbody")[0].all("tr")) == 2
+    assert len(tree.root.all("svg", "roc")) == 2 and len(tree.root.all("svg", "pr")) == 2
+    assert len(tree.root.all("svg", "hist")) == 2 and len(tree.root.all("img", "overlay")) == 16
+
+    shot = tmp_path / "shot.png"
+    res = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2000", url], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    pic = np.asarray(Image.open(shot).convert("RGB"))
+    assert pic.shape == (2000, 1200, 3)
+    colours = np.unique(pic.reshape(-1, 3), axis=0)
+    assert len(colours) > 2000, len(colours)  # text, charts and photographs, not a blank page
+    head = np.all(pic == (0x1B, 0x3A, 0x6B), axis=2)  # the table head's background colour
+    rows = np.flatnonzero(head.sum(axis=1) > 600)  # drawn across the table's width
+    assert rows.size >= 10, "the metrics table did not render"
+    table = pic[rows[0] : rows[0] + 120, 40:1160]
+    assert table.reshape(-1, 3).std(axis=0).max() > 20  # header and cells, not a uniform block
+    curve = np.all(pic == (0x1B, 0x3A, 0x6B), axis=2)[rows[-1] + 150 :].sum()
+    assert curve > 200  # the curves (same colour) below the table
+    Image.fromarray(pic).save(tmp_path / "kept.png")
