@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
+    exp = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+                         description="Write the whole image-to-decision path (backbone, prompt pool, reconstruction, "
+                                     "fusion, thresholds) as one ONNX or TorchScript file. Before writing, the file is "
+                                     "run and compared with PyTorch. ONNX needs `pip install 'onenip[onnx]'`.")
+    exp.add_argument("checkpoint", help="model.safetensors of a training run")
+    exp.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
+    exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default: 17)")
+
     rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
                          description="Write one self-contained HTML page (no external files) from a results folder of "
                                      "`onenip test`: per-category table, ROC and PR curves, score distributions of good "
@@ -174,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
                 info = detector.deployment.calibration.get(cat, {})
                 print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")
             print(f"calibrated model: {path}")
+        elif args.command == "export":
+            from .export import export_model
+
+            print(f"exported: {export_model(args.checkpoint, args.format, args.output, opset=args.opset)}")
         elif args.command == "report":
             from .report import make_report
 

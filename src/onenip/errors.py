@@ -21,3 +21,11 @@ class WeightsError(OnenipError, RuntimeError):
 
 class CheckpointError(OnenipError, RuntimeError):
     """A checkpoint is missing, corrupted or incompatible."""
+
+
+class ExportError(OnenipError, RuntimeError):
+    """The model could not be exported, or the exported file does not compute what PyTorch computes."""
+
+
+class MissingDependencyError(OnenipError, ImportError):
+    """An optional package (onnx, onnxruntime) is needed but not installed."""
