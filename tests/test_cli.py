@@ -72,3 +72,10 @@ def test_python_api_is_exported() -> None:
     import onenip
 
     assert callable(onenip.fit) and callable(onenip.test) and onenip.Config().data.input_size == 224
+
+
+def test_skip_bad_flag_sets_the_option() -> None:
+    args = cli.build_parser().parse_args(["fit", "--skip-bad", "--train.epochs", "3"])
+    assert sorted(cli._overrides(args)) == ["data.skip_bad=true", "train.epochs=3"]
+    args = cli.build_parser().parse_args(["test", "m.safetensors", "--skip-bad"])
+    assert cli._overrides(args) == ["data.skip_bad=true"]

@@ -50,6 +50,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
             out.append(f"{key}={yaml.safe_dump(items, default_flow_style=True).strip()}")
         else:
             out.append(f"{key}={value}")
+    if getattr(args, "skip_bad", False) and args.command in ("fit", "test"):
+        out.append("data.skip_bad=true")
     for item in args.set or []:
         parse_override(item)  # fail early on malformed items
         out.append(item)
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint (its configuration is the base)")
     fit.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     fit.add_argument("--no-progress", action="store_true", help="one log line per epoch instead of a progress bar")
+    fit.add_argument("--skip-bad", action="store_true", help="same as --data.skip_bad true: leave out unusable files")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.epochs=10")
     _add_config_options(fit)
 
@@ -81,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--output", metavar="DIR", help="results folder (default: <checkpoint folder>/results/<protocol>)")
     test.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
     test.add_argument("--no-progress", action="store_true", help="no progress bar")
+    test.add_argument("--skip-bad", action="store_true", help="same as --data.skip_bad true: leave out unusable files")
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
     _add_config_options(test, sections=("data", "eval"))
 
