@@ -103,6 +103,13 @@ class ReconstructionNet(nn.Module):
     def reconstruct(self, feats: Tensor, prompt_feats: Tensor | None = None) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    def forward(self, feats: Tensor, prompt_feats: Tensor | None = None, size: int = 0) -> tuple[Tensor, Tensor | None]:
+        """Training forward (what DistributedDataParallel wraps): F_hat (B, C, H, W) and, with a refiner and size > 0,
+        the refiner's logits (B, 1, size, size)."""
+        rec = self.reconstruct(feats, prompt_feats)
+        logits = self.refine(rec, feats, size) if self.refiner is not None and size > 0 else None
+        return rec, logits
+
     def refine(self, rec: Tensor, feats: Tensor, size: int) -> Tensor:
         """Refiner logits at the input resolution `size` from |F_hat - F| (B, C, H, W) -> (B, 1, size, size)."""
         assert self.refiner is not None

@@ -25,6 +25,7 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from . import distributed
 from .config import Config
 from .datasets import load_split
 from .deploy import build_deployment, split_holdout
@@ -79,8 +80,10 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
-        self.device = resolve_device(cfg.train.device)
         t = cfg.train
+        self.dist, dist_device = distributed.setup(t.device)  # several processes under torchrun
+        self.device = dist_device or resolve_device(t.device)
+        self.local_batch = distributed.per_rank_batch(t.batch_size, self.dist)
         set_threads(t.threads)
 
         state: CheckpointState | None = None
@@ -89,7 +92,7 @@ class Trainer:
             diffs = incompatible_keys(state.config, cfg)
             if diffs:
                 raise CheckpointError(f"cannot resume {resume}: options differ from the checkpoint's: {', '.join(diffs)}")
-        elif self.ckpt_path.exists():
+        elif self.ckpt_path.exists() and self.dist.is_main:
             raise TrainingError(
                 f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
                 f"{self.ckpt_path} or choose another output_dir"
@@ -100,7 +103,7 @@ class Trainer:
         samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,
                                            threads=max(1, cfg.data.workers))
         samples, self.holdout = split_holdout(samples, cfg.data.holdout, t.seed)  # for the thresholds, never trained on
-        torch.manual_seed(t.seed)
+        torch.manual_seed(t.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
             self.detector.cfg = cfg
@@ -115,6 +118,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state.optimizer)
             set_rng_state(state.rng, self.device)
             self.epoch, self.step, self.history = state.epoch, state.step, state.history
+        if self.dist.rank > 0:  # jitter and dropout: each process its own stream
+            torch.manual_seed(hash((t.seed, self.dist.rank, self.step)) & 0x7FFF_FFFF)
 
         self.synthesize = t.restoration or cfg.model.refiner
         self.dataset = TrainSet(
@@ -123,12 +128,18 @@ class Trainer:
             return_normals=not t.cache_features,
         )
         self.feature_cache = self.cache_normal_features() if t.cache_features else None
-        self.sampler = EpochSampler(len(self.dataset), t.seed)
+        self.sampler = EpochSampler(len(self.dataset), t.seed, self.dist.rank, self.dist.world_size)
         self.loader = DataLoader(
-            self.dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=cfg.data.workers,
+            self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=cfg.data.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
             generator=torch.Generator().manual_seed(t.seed),  # worker seeds must not consume the global RNG (resume)
         )
+        self.model: torch.nn.Module = self.net  # what the training forward runs: the network or its DDP wrapper
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.v1_decoder_bug,  # the v1 decoder leaves image_to_prompt unused
+            )
 
     @property
     def amp(self) -> bool:
@@ -137,7 +148,7 @@ class Trainer:
     @torch.no_grad()
     def cache_normal_features(self) -> torch.Tensor:
         """Backbone features of every (unaugmented) training image, (N, C, H, W) on the training device."""
-        size, bs = self.cfg.data.input_size, self.cfg.train.batch_size
+        size, bs = self.cfg.data.input_size, self.local_batch
         out = []
         for s in range(0, len(self.dataset), bs):
             images = torch.stack([torch.from_numpy(self.dataset.image(i).transpose(2, 0, 1).copy())
@@ -177,14 +188,13 @@ class Trainer:
         b, size = clean.shape[0], cfg.data.input_size
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
             query = torch.cat([clean, synthetic]) if synthetic is not None else clean  # [normal; synthetic]
-            rec = self.net.reconstruct(query, prompt)
+            rec, logits = self.model(query, prompt, size if self.net.refiner is not None else 0)
             if cfg.train.restoration:
                 mse = feature_mse(rec, clean.repeat(2, 1, 1, 1))  # the synthetic half is restored to its clean features
             else:
                 mse = feature_mse(rec[:b], clean)
             out = {"mse": mse, "loss": mse}
-            if self.net.refiner is not None:
-                logits = self.net.refine(rec, query, size)
+            if logits is not None:
                 masks = torch.cat([torch.zeros_like(batch["mask"]), batch["mask"]]).to(dev)
                 dice = dice_loss(logits, masks, standard=cfg.train.dice_standard)
                 out["dice"] = dice
@@ -195,9 +205,15 @@ class Trainer:
         self.net.train()
         terms = self.losses(batch)
         loss = terms["loss"]
-        if not torch.isfinite(loss):
+        if self.dist.enabled:  # the log and the NaN check see the mean over processes, so all stop together
+            keys = list(terms)
+            mean = distributed.mean_over_ranks(torch.stack([terms[k].detach().float() for k in keys]), self.dist)
+            logged = dict(zip(keys, mean))
+        else:
+            logged = terms
+        if not torch.isfinite(logged["loss"]):
             raise TrainingError(
-                f"the loss became {loss.item()} at epoch {self.epoch + 1}, step {self.step + 1}; training stopped. "
+                f"the loss became {logged['loss'].item()} at epoch {self.epoch + 1}, step {self.step + 1}; training stopped. "
                 f"The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}. "
                 "Try a lower train.lr or check the input images."
             )
@@ -207,10 +223,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: float(v.detach()) for k, v in logged.items()}
 
     # -- checkpoints and logs ----------------------------------------------------------------------------------------
     def save(self, path: Path | None = None, training_state: bool = True) -> Path:
+        """Write a checkpoint (rank 0 only; the others return the path it is written to)."""
+        if not self.dist.is_main:
+            return path or self.ckpt_path
         ckpt = self.detector.checkpoint_state(
             epoch=self.epoch, step=self.step, optimizer=self.optimizer.state_dict() if training_state else None,
             rng=rng_state(self.device) if training_state else {}, history=self.history,
@@ -218,14 +237,17 @@ class Trainer:
         return save_checkpoint(path or self.ckpt_path, ckpt)
 
     def write_log(self) -> None:
-        atomic_write_csv(self.run_dir / "train_log.csv", self.history)
+        if self.dist.is_main:
+            atomic_write_csv(self.run_dir / "train_log.csv", self.history)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self, evaluate_every: int | None = None) -> FitResult:
         cfg, t = self.cfg, self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", cfg.to_json())
-        if self.skipped:  # data.skip_bad: what was left out, and why
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.json", cfg.to_json())
+        if self.skipped and main:  # data.skip_bad: what was left out, and why
             atomic_write_csv(self.run_dir / "skipped_train.csv",
                              [{"image": str(smp.image), "mask": str(smp.mask or ""), "reason": why} for smp, why in self.skipped])
         steps_per_epoch = len(self.loader)
@@ -233,7 +255,7 @@ class Trainer:
         if t.max_steps:
             total = min(total, t.max_steps)
         bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
-                   disable=not self.progress, desc="fit", leave=True)
+                   disable=not (self.progress and main), desc="fit", leave=True)
         start, images_done, first_step = time.perf_counter(), 0, self.step
         evaluate_every = t.eval_every if evaluate_every is None else evaluate_every
         try:
@@ -249,7 +271,7 @@ class Trainer:
                     for k, v in terms.items():
                         sums[k] = sums.get(k, 0.0) + v
                     n_batches += 1
-                    n_images += len(batch["index"])
+                    n_images += len(batch["index"]) * self.dist.world_size
                     bar.update(1)
                     bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms['loss']:.4f}",
                                     img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
@@ -263,11 +285,11 @@ class Trainer:
                 row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr}
                 row.update({k: round(v / max(n_batches, 1), 6) for k, v in sums.items()})
                 row.update({"images_per_s": round(n_images / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)})
-                if evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
+                if main and evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
                     row.update(self._evaluate_row())
                 self.history.append(row)
                 self.write_log()
-                if not self.progress:  # one line per epoch, with an estimate of the time left
+                if not self.progress and main:  # one line per epoch, with an estimate of the time left
                     left = (total - min(self.step, total)) * (time.perf_counter() - start) / max(self.step - first_step, 1)
                     print(" ".join(f"{k}={v}" for k, v in row.items()) + f" eta={left / 60:.1f}min", flush=True)
                 last = self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
@@ -276,9 +298,12 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        self.detector.deployment = build_deployment(self.detector, self.dataset.samples, self.holdout, cfg.eval.far)
-        self.detector.extra["holdout"] = [str(smp.image) for smp in self.holdout]
-        model_path = self.save(self.run_dir / "model.safetensors", training_state=False)
+        model_path = self.run_dir / "model.safetensors"
+        if main:  # thresholds and prompt pool: one process is enough
+            self.detector.deployment = build_deployment(self.detector, self.dataset.samples, self.holdout, cfg.eval.far)
+            self.detector.extra["holdout"] = [str(smp.image) for smp in self.holdout]
+            self.save(model_path, training_state=False)
+        distributed.barrier(self.dist)
         return FitResult(
             run_dir=self.run_dir, model_path=model_path, epochs=self.epoch, steps=self.step, seconds=elapsed,
             images_per_second=images_done / max(elapsed, 1e-9), history=self.history,
@@ -294,8 +319,11 @@ class Trainer:
 def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, evaluate: bool = False) -> FitResult:
     """Train one model on every category of cfg.data.roots; optionally evaluate it on their test splits."""
     trainer = Trainer(cfg, resume=resume, progress=progress)
-    result = trainer.run()
-    if evaluate:
+    try:
+        result = trainer.run()
+    finally:
+        distributed.teardown(trainer.dist)
+    if evaluate and trainer.dist.is_main:
         from .evaluate import evaluate as run_eval
         from .evaluate import write_results
 

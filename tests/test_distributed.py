@@ -1,0 +1,91 @@
+"""Training with several processes (torchrun, DistributedDataParallel, gloo on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onenip.api import make_config
+from onenip.distributed import DistInfo, env_info, per_rank_batch
+from onenip.errors import ConfigError
+from onenip.train import Trainer
+
+CATS = "[metal_plate, PA_BDP01_TL]"
+
+
+def overrides(iad_mix: Path, textures: Path, *extra: str) -> list[str]:
+    # jitter, dropout and the refiner's BatchNorm are per process by design; without them N processes = 1 process
+    return [f"data.roots=[{iad_mix}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={textures}",
+            "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
+            "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner=false", "model.dropout=0",
+            "model.jitter_scale=0", "train.batch_size=8", "train.epochs=50", "train.max_steps=2", "train.device=cpu",
+            "train.lr=1e-3", *extra]
+
+
+def net_weights(run: Path) -> dict[str, torch.Tensor]:
+    tensors = load_file(str(run / "checkpoints" / "last.safetensors"))
+    return {k: v for k, v in tensors.items() if k.startswith("net.")}
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_take_the_step_of_one_process_over_the_global_batch(tmp_path: Path, iad_mix: Path,
+                                                                               textures: Path) -> None:
+    single = Trainer(make_config(None, overrides(iad_mix, textures, f"output_dir={tmp_path / 'one'}")), progress=False)
+    single.run()
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "onenip.cli",
+           "fit", "--no-progress"]
+    for item in overrides(iad_mix, textures, f"output_dir={tmp_path / 'two'}"):
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    one, two = net_weights(tmp_path / "one"), net_weights(tmp_path / "two")
+    assert one.keys() == two.keys() and one
+    init = single_init(single)
+    moved = [k for k in one if not torch.equal(one[k], init[k])]
+    assert len(moved) > 0.9 * len(one), "the weights did not move: the test would not see a difference"
+    # Attention's key bias cannot change the output (softmax ignores a constant added to every key's score), so its
+    # gradient is rounding noise around zero, which Adam's normalisation turns into steps of +-lr of either sign.
+    compared = [k for k in one if not k.endswith("k_proj.bias")]
+    bad = [k for k in compared if not torch.allclose(two[k], one[k], rtol=0, atol=2e-6)]
+    assert not bad, [(k, float((two[k] - one[k]).abs().max())) for k in bad]
+    # rank 0 alone wrote the run folder: one log row per epoch, the model with its deployment
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+    log = (tmp_path / "two" / "train_log.csv").read_text().splitlines()
+    assert len(log) == 2 and log[1].split(",")[1] == "2"  # one epoch row, at step 2
+
+
+def single_init(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The network's initial weights (the seed fixes them)."""
+    torch.manual_seed(trainer.cfg.train.seed)
+    from onenip.detector import Detector
+
+    fresh = Detector.build(trainer.cfg).net
+    return {f"net.{k}": v for k, v in fresh.state_dict().items()}
+
+
+def test_global_batch_must_divide_among_processes() -> None:
+    assert per_rank_batch(64, DistInfo(rank=1, world_size=8, local_rank=1)) == 8
+    with pytest.raises(ConfigError, match="train.batch_size=10.*3 processes"):
+        per_rank_batch(10, DistInfo(rank=0, world_size=3))
+
+
+def test_torchrun_environment_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_info() == DistInfo(0, 1, 0) and not env_info().enabled
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert env_info() == DistInfo(2, 4, 0) and not env_info().is_main
+    monkeypatch.setenv("RANK", "7")
+    with pytest.raises(ConfigError, match="RANK=7, WORLD_SIZE=4"):
+        env_info()
