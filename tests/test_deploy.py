@@ -112,6 +112,13 @@ def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path) -> None:
     thr = torch.tensor([dep.thresholds[model.categories[i]] for i in out["category"].tolist()])
     assert torch.equal(out["anomalous"], out["score"] > thr)
     torch.testing.assert_close(out["normalized"], 1 - 2 ** (-out["score"] / thr))
+    # the same function without the cached prompt encodings, and on the fast path (channels-last on the CPU)
+    for other in (DeployModel(det, dep, cache_prompts=False), DeployModel(det, dep).optimize()):
+        with torch.no_grad():
+            res = other(images)
+        torch.testing.assert_close(res["map"], out["map"], rtol=1e-4, atol=1e-4)
+        assert torch.equal(res["category"], out["category"])
+    assert "pool_encoded" not in dict(DeployModel(det, dep, cache_prompts=False).named_buffers())
 
 
 def test_threshold_holds_its_false_alarm_rate_on_new_normal_images(iad_mix: Path) -> None:

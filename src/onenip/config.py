@@ -127,6 +127,18 @@ class TrainConfig:
         "Compute the frozen backbone's features of the (unaugmented) normal training images once and reuse them for "
         "queries and prompts; only synthesized images go through the backbone at every step. Same result, faster.",
     )
+    engine: str = _opt(
+        "plain",
+        "plain: items made by DataLoader workers on the CPU (numpy/PIL synthesis). fast: every training image decoded "
+        "once and kept on the training device as uint8, pseudo-anomalies synthesized there in batches, the frozen "
+        "backbone in bf16 (on CUDA) and channels-last, fused AdamW. The same function, meant for a GPU.",
+        ("plain", "fast"),
+    )
+    compile: str = _opt(
+        "none",
+        "torch.compile the reconstruction network's training forward with this mode (none: eager).",
+        ("none", "default", "reduce-overhead", "max-autotune"),
+    )
     save_every: int = _opt(10, "Write the checkpoint every this many epochs (and at the end).")
     eval_every: int = _opt(0, "Evaluate on the test split every this many epochs (0: only at the end if asked).")
     max_steps: int = _opt(0, "Stop after this many optimizer steps in total (0: no limit). For quick runs.")
@@ -373,6 +385,8 @@ def validate(cfg: Config) -> None:
     need(t.save_every >= 0 and t.eval_every >= 0 and t.max_steps >= 0, "train.save_every/eval_every/max_steps", "must be >= 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    need(t.engine == "plain" or t.cache_features, "train.engine",
+         "fast computes the normal images' features once: it needs train.cache_features=true")
     need(not (t.prompt == "none" and m.arch == "onenip"), "train.prompt",
          "'none' needs model.arch=uniad (OneNIP reconstructs through its prompt)")
     need(not (t.prompt != "none" and m.arch == "uniad"), "train.prompt",

@@ -15,6 +15,7 @@ files are read with ``torch.load(weights_only=True)``: nothing loaded can execut
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 from pathlib import Path
@@ -235,6 +236,23 @@ class FeatureExtractor(nn.Module):
         self.body.load_state_dict({k: sd[k] for k in wanted}, strict=True)
 
     # -- forward -------------------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.body.parameters()).dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(getattr(self, "_channels_last", False))
+
+    def fast_copy(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True) -> "FeatureExtractor":
+        """A copy whose body runs in `dtype` (weights cast once, no autocast) with channels-last activations: the
+        fast path's backbone on a GPU. Its features are the same function in lower precision; the original (what
+        checkpoints store) is left as it is."""
+        twin = copy.deepcopy(self)
+        twin.body.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        twin._channels_last = channels_last
+        return twin
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)  # frozen: BatchNorm always uses running statistics
 
@@ -250,7 +268,10 @@ class FeatureExtractor(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, S, S), got {tuple(images.shape)}")
         size = (images.shape[2] // OUTPUT_STRIDE, images.shape[3] // OUTPUT_STRIDE)
-        taps = self.body(self.normalize(images))
+        x = self.normalize(images)
+        if self.channels_last or self.dtype != torch.float32:  # the fast path's copy (see `fast_copy`)
+            x = x.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        taps = self.body(x)
         out = [
             t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=True)
             for t in taps

@@ -137,13 +137,20 @@ class OneNIP(ReconstructionNet):
         b, bp = feats.shape[0], prompt_feats.shape[0]
         if b % bp:
             raise ValueError(f"query batch {b} is not a multiple of prompt batch {bp}")
-        pos = self.pos()  # (1, L, D)
-        tokens = self.tokens(self.jitter(torch.cat([feats, prompt_feats])))  # (B + Bp, L, D); one jitter draw
-        encoded = self.encoder(tokens, pos, self.allowed)  # one shared encoder, no cross-image attention
-        x, p = encoded[:b], encoded[b:]  # (B, L, D), (Bp, L, D)
+        encoded = self.encode(self.jitter(torch.cat([feats, prompt_feats])))  # (B + Bp, L, D); one jitter draw
+        return self.decode(encoded[:b], encoded[b:])
+
+    def encode(self, feats: Tensor) -> Tensor:
+        """The shared self-attention encoder (§2.3), image by image: (B, C, H, W) -> (B, L, D). A deployed model
+        encodes its prompt pool once (the prompt is fixed) and decodes every query against the stored result."""
+        return self.encoder(self.tokens(feats), self.pos(), self.allowed)
+
+    def decode(self, x: Tensor, p: Tensor) -> Tensor:
+        """Encoded query x (B, L, D) and prompt p (Bp, L, D), B a multiple of Bp -> F_hat (B, C, H, W) (§2.4)."""
+        b, bp = x.shape[0], p.shape[0]
         if b != bp:
-            p = p.repeat(b // bp, 1, 1)  # (B, L, D)
-        return self.untokens(self.decoder(p, x, pos, self.allowed))
+            p = p.repeat(b // bp, 1, 1)  # (B, L, D): query i takes prompt i mod Bp
+        return self.untokens(self.decoder(p, x, self.pos(), self.allowed))
 
 
 class UniAD(ReconstructionNet):

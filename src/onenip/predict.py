@@ -71,17 +71,23 @@ def _as_rgb(item: ImageInput) -> Image.Image:
 class Predictor:
     """A trained model ready to judge new images (its checkpoint must hold a deployment: every `onenip fit` writes one)."""
 
-    def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16) -> None:
+    def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16, fast: bool = False,
+                 compile_mode: str | None = None) -> None:
+        """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
+        `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute)."""
         if detector.deployment is None:
             raise CheckpointError("this model has no prompt pool and thresholds; run `onenip calibrate` on it first")
         self.device = resolve_device(device)
         self.model = DeployModel(detector, detector.deployment).to(self.device)
+        if fast or compile_mode:
+            self.model.optimize(compile_mode)
         self.batch_size = batch_size
         self.size = detector.input_size
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16) -> "Predictor":
-        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size)
+    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, fast: bool = False,
+             compile_mode: str | None = None) -> "Predictor":
+        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast, compile_mode=compile_mode)
 
     @property
     def categories(self) -> list[str]:
@@ -183,9 +189,10 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
-                batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True) -> list[dict]:
+                batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
+                fast: bool = False) -> list[dict]:
     """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs."""
-    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size)
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
     paths = expand_inputs(inputs)
     out = Path(output)
     names = _output_names(paths)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import (
     CheckpointState,
     atomic_write_csv,
@@ -25,7 +26,6 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from . import distributed
 from .config import Config
 from .datasets import load_split
 from .deploy import build_deployment, split_holdout
@@ -33,7 +33,8 @@ from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
 from .features import tap_indices
 from .losses import dice_loss, feature_mse
-from .trainset import EpochSampler, TrainSet
+from .synthesis_batch import load_texture_bank
+from .trainset import DeviceBatches, EpochSampler, TrainSet
 
 
 class TrainingError(OnenipError, RuntimeError):
@@ -111,7 +112,10 @@ class Trainer:
             self.detector = Detector.build(cfg)
         self.detector.to(self.device)
         self.net = self.detector.net
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+        self.fast = t.engine == "fast"
+        fused = self.fast and self.device.type == "cuda"  # one kernel for the whole optimizer step
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
+                                           fused=fused or None)
         self.epoch, self.step, self.history = 0, 0, []
         if state is not None:
             if state.optimizer is not None:
@@ -129,17 +133,28 @@ class Trainer:
         )
         self.feature_cache = self.cache_normal_features() if t.cache_features else None
         self.sampler = EpochSampler(len(self.dataset), t.seed, self.dist.rank, self.dist.world_size)
-        self.loader = DataLoader(
-            self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=cfg.data.workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
-            generator=torch.Generator().manual_seed(t.seed),  # worker seeds must not consume the global RNG (resume)
-        )
+        # the backbone that sees the synthesized images at every step; the fast path's is bf16 + channels-last on CUDA
+        self.step_backbone = self.detector.extractor
+        self.loader: DataLoader | DeviceBatches
+        if self.fast:
+            textures = load_texture_bank(cfg.data.textures, cfg.data.input_size, self.device) if cfg.data.textures else None
+            self.loader = DeviceBatches(self.dataset, self.sampler, self.local_batch, self.device, textures)
+            cuda = self.device.type == "cuda"
+            self.step_backbone = self.detector.extractor.fast_copy(torch.bfloat16 if cuda else torch.float32)
+        else:
+            self.loader = DataLoader(
+                self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=cfg.data.workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
+                generator=torch.Generator().manual_seed(t.seed),  # worker seeds must not consume the global RNG (resume)
+            )
         self.model: torch.nn.Module = self.net  # what the training forward runs: the network or its DDP wrapper
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=cfg.model.v1_decoder_bug,  # the v1 decoder leaves image_to_prompt unused
             )
+        if t.compile != "none":
+            self.model = torch.compile(self.model, mode=t.compile, dynamic=False)
 
     @property
     def amp(self) -> bool:
@@ -167,8 +182,8 @@ class Trainer:
             prompt = self.feature_cache[batch["prompt_index"].to(dev)] if use_prompt else None
             synthetic = None
             if self.synthesize:
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    synthetic = self.detector.features(batch["synthetic"].to(dev, non_blocking=True))
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp and not self.fast):
+                    synthetic = self.step_backbone(batch["synthetic"].to(dev, non_blocking=True))
             return clean, synthetic, prompt
         parts = [batch["image"].to(dev, non_blocking=True)]  # one backbone pass over [query; synthetic; prompt]
         if self.synthesize:

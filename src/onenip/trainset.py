@@ -131,3 +131,66 @@ class TrainSet(Dataset):
 
 def _chw(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class DeviceBatches:
+    """The fast path's batches (train.engine=fast): the items of `TrainSet`, made in batches on the training device.
+
+    Every training image is decoded once and kept on the device as uint8 (N, 3, S, S); textures too (or the images
+    themselves serve as textures, as in the plain path). Each batch's pseudo-anomalies are synthesized there in one go
+    (`synthesis_batch.BatchSynthesizer`, the same distributions as `synthesis.synthesize`) and its prompts are drawn
+    there. The order of queries is the same `EpochSampler` permutation the plain path uses; the random draws of a batch
+    come from a generator seeded by (seed, epoch, batch, rank), so a resumed run sees the batches an uninterrupted one
+    would. Batches are dicts like the plain DataLoader's without image and prompt (their features are cached):
+    index (B,), category (B,), synthetic (B, 3, S, S) uint8, mask (B, 1, S, S) uint8, prompt_index (B,).
+    """
+
+    def __init__(self, dataset: TrainSet, sampler: EpochSampler, batch_size: int, device: torch.device,
+                 textures: torch.Tensor | None = None) -> None:
+        from .synthesis_batch import BatchSynthesizer
+
+        self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
+        n = len(dataset)
+        self.images = torch.empty((n, 3, dataset.size, dataset.size), dtype=torch.uint8, device=device)  # (N, 3, S, S)
+        for s in range(0, n, 256):  # copied in chunks: no second full copy in host memory
+            chunk = np.stack([dataset.image(i) for i in range(s, min(s + 256, n))])  # (n, S, S, 3)
+            self.images[s : s + len(chunk)] = torch.from_numpy(chunk).to(device).permute(0, 3, 1, 2)
+        self.textures = textures.to(device) if textures is not None else None
+        self.synthesizer = BatchSynthesizer(dataset.synthesis, self.textures)
+        self.labels = torch.as_tensor(dataset.labels, device=device)  # (N,) category of each image
+        counts = [len(m) for m in dataset.members]
+        self.counts = torch.tensor(counts, device=device)  # (K,)
+        members = torch.zeros((len(counts), max(counts)), dtype=torch.long)  # (K, max members), padded
+        for c, m in enumerate(dataset.members):
+            members[c, : len(m)] = torch.as_tensor(m)
+        self.members = members.to(device)
+        self.static_prompt = torch.tensor(dataset.static_prompt, device=device)  # (K,)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def generator(self, epoch: int, batch: int) -> torch.Generator:
+        seed = hash((self.dataset.seed, epoch, batch, self.sampler.rank, 0xFA57)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def prompts(self, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B,) prompt image of each query: a random image of its category (dynamic) or the category's fixed one."""
+        lab = self.labels[index]
+        if self.dataset.prompt == "static":
+            return self.static_prompt[lab]
+        pick = (torch.rand(index.shape, generator=gen, device=self.device) * self.counts[lab]).long()
+        return self.members[lab, pick.clamp_max(self.counts[lab] - 1)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        epoch = self.sampler.epoch
+        for b, start in enumerate(range(0, len(order), self.batch_size)):
+            index = order[start : start + self.batch_size].to(self.device)
+            gen = self.generator(epoch, b)
+            out: dict[str, torch.Tensor] = {"index": index, "category": self.labels[index]}
+            if self.dataset.do_synthesize:
+                pool = self.textures if self.textures is not None else self.images
+                out["synthetic"], out["mask"] = self.synthesizer(self.images[index], gen, pool)
+            if self.dataset.prompt != "none":
+                out["prompt_index"] = self.prompts(index, gen)
+            yield out

@@ -1,0 +1,210 @@
+"""Speed of the plain and the fast path, measured in one process: training images/s, inference latency and throughput.
+
+    python benchmarks/speed.py                      # efficientnet_b4 (random weights), 224 px, on the GPU when there is one
+    python benchmarks/speed.py --device cpu --threads 2 --train-steps 3 --infer-iters 3 --infer-batch 8   # the CPU figure
+
+Training: one `Trainer` per engine (train.engine=plain: DataLoader workers make the items with numpy/PIL on the CPU;
+train.engine=fast: images kept on the device, synthesis there in batches, bf16 channels-last backbone, fused AdamW,
+torch.compile on CUDA) on the iad-mix training images. After --warmup steps, --train-steps optimizer steps are timed end
+to end, data included. Query images/s = steps x batch / seconds (each query also brings its synthetic copy and prompt).
+Random backbone weights are fine for timing: the arithmetic is the same.
+
+Inference: the trained network with a prompt pool of one image per category. Image in (a uint8 batch on the host),
+score and map out (copied back to the host). plain: float32 eager, every query encodes its prompt again. fast: prompt
+encodings cached, bf16 channels-last backbone, bf16 transformer, torch.compile on CUDA. Latency is the median of
+--infer-iters calls at batch 1; throughput uses --infer-batch.
+
+Synthesis: the fast path's batched pseudo-anomalies alone (one training batch), in both ways of applying per-sample
+choices (`BatchSynthesizer.select_by_index`: rows gathered by index, or everything computed and kept with torch.where).
+
+Prints a Markdown table and writes speed.json beside it in --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from iad_mix import device_name, git_commit  # noqa: E402
+
+from onenip.api import make_config  # noqa: E402
+from onenip.deploy import Deployment, DeployModel  # noqa: E402
+from onenip.evaluate import build_prompt_pool  # noqa: E402
+from onenip.train import Trainer  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training(trainer: Trainer, warmup: int, steps: int) -> float:
+    """Query images per second over `steps` optimizer steps after `warmup` (batches across epoch boundaries)."""
+
+    def batches():
+        epoch = 0
+        while True:
+            trainer.sampler.set_epoch(epoch)
+            yield from trainer.loader
+            epoch += 1
+
+    images, start = 0, 0.0
+    for i, batch in enumerate(batches()):
+        if i == warmup:
+            sync(trainer.device)
+            start = time.perf_counter()
+        trainer.train_step(batch)
+        if i >= warmup:
+            images += len(batch["index"])
+        if i == warmup + steps - 1:
+            break
+    sync(trainer.device)
+    return images / (time.perf_counter() - start)
+
+
+def time_inference(model: DeployModel, images: torch.Tensor, iters: int, warmup: int) -> list[float]:
+    """Seconds per call: host uint8 batch -> device -> model -> score and map back on the host."""
+    dev = model.pool_feats.device
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + iters):
+            sync(dev)
+            t0 = time.perf_counter()
+            out = model(images.to(dev, non_blocking=True))
+            score, amap = out["score"].cpu(), out["map"].cpu()
+            sync(dev)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    assert score.shape[0] == amap.shape[0] == images.shape[0]
+    return times
+
+
+def main() -> None:
+    shared = REPO.parent / "shared" / "data"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(shared / "iad-mix"))
+    ap.add_argument("--textures", default=str(shared / "textures"))
+    ap.add_argument("--backbone", default="efficientnet_b4")
+    ap.add_argument("--weights", default="random", help="backbone.weights (random is fine for timing)")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=64, help="training batch (query images per step)")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="plain path's DataLoader workers")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: default)")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--train-steps", type=int, default=50)
+    ap.add_argument("--infer-iters", type=int, default=50)
+    ap.add_argument("--infer-batch", type=int, default=256)
+    ap.add_argument("--compile", default=None, help="torch.compile mode of the fast path (default: CUDA only)")
+    ap.add_argument("--engines", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
+    ap.add_argument("--output", default=str(REPO / "runs" / "speed"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
+            f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
+            f"train.batch_size={args.batch_size}", f"train.device={args.device}", "data.holdout=0"]
+    out_dir = Path(args.output)
+    rows: dict[str, dict[str, float]] = {}
+    trainers: dict[str, Trainer] = {}
+    for engine in args.engines:
+        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda")
+        mode = args.compile or ("default" if engine == "fast" and cuda else "none")
+        cfg = make_config(None, base + [f"train.engine={engine}", f"train.compile={mode}",
+                                        f"output_dir={out_dir / engine}"])
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, progress=False)
+        setup = time.perf_counter() - t0
+        ips = time_training(trainer, args.warmup, args.train_steps)
+        rows[engine] = {"train_images_per_s": ips, "setup_s": setup, "compile": mode}
+        trainers[engine] = trainer
+        print(f"{engine}: training {ips:.1f} query images/s (setup {setup:.1f} s)", flush=True)
+
+    det = next(iter(trainers.values())).detector
+    det.eval()
+    samples = next(iter(trainers.values())).dataset.samples
+    pool = build_prompt_pool(det, samples, det.cfg)
+    dep = Deployment(pool_feats=pool.feats, pool_categories=pool.categories,
+                     pool_images=[str(s.image) for s in pool.samples], fusion_scale=1.0,
+                     thresholds={c: 1.0 for c in set(pool.categories)})
+    dev = pool.feats.device
+    gen = torch.Generator().manual_seed(0)
+    size = args.input_size
+    for engine in args.engines:
+        model = DeployModel(det, dep, cache_prompts=engine == "fast").to(dev)
+        if engine == "fast":
+            model.optimize(args.compile or ("max-autotune" if dev.type == "cuda" else None))
+        one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
+        many = torch.randint(0, 256, (args.infer_batch, 3, size, size), dtype=torch.uint8, generator=gen)
+        if dev.type == "cuda":
+            one, many = one.pin_memory(), many.pin_memory()
+        lat = time_inference(model, one, args.infer_iters, args.warmup)
+        thr = time_inference(model, many, max(3, args.infer_iters // 5), max(2, args.warmup // 3))
+        rows[engine].update({"latency_ms_batch1": 1e3 * statistics.median(lat),
+                             "infer_images_per_s": args.infer_batch / statistics.median(thr)})
+        print(f"{engine}: inference {rows[engine]['latency_ms_batch1']:.2f} ms at batch 1, "
+              f"{rows[engine]['infer_images_per_s']:.0f} images/s at batch {args.infer_batch}", flush=True)
+
+    device = trainers[args.engines[0]].device
+    if "fast" in trainers:
+        batches = trainers["fast"].loader
+        idx = torch.arange(args.batch_size, device=device) % batches.images.shape[0]
+        pool = batches.textures if batches.textures is not None else batches.images
+        for by_index in (True, False):
+            batches.synthesizer.select_by_index = by_index
+            gen = torch.Generator(device=device).manual_seed(0)
+            times = []
+            for i in range(args.warmup + args.train_steps):
+                sync(device)
+                t0 = time.perf_counter()
+                batches.synthesizer(batches.images[idx], gen, pool)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            key = "synthesis_ms_by_index" if by_index else "synthesis_ms_where"
+            rows["fast"][key] = 1e3 * statistics.median(times[args.warmup:])
+            print(f"synthesis ({'by index' if by_index else 'torch.where'}): {rows['fast'][key]:.1f} ms per batch "
+                  f"of {args.batch_size}", flush=True)
+        batches.synthesizer.select_by_index = None
+    meta = {"device": device_name(device), "commit": git_commit(), "torch": torch.__version__,
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "backbone": args.backbone,
+            "input_size": size, "batch_size": args.batch_size, "infer_batch": args.infer_batch,
+            "threads": torch.get_num_threads(), "rows": rows}
+    lines = [f"Device: {meta['device']}; commit {meta['commit']}; torch {meta['torch']}; {args.backbone} at {size} px.",
+             f"Command: `{meta['command']}`", "",
+             f"| path | training (query img/s, batch {args.batch_size}) | inference latency, batch 1 (ms) | "
+             f"inference (img/s, batch {args.infer_batch}) |", "| --- | ---: | ---: | ---: |"]
+    for engine, r in rows.items():
+        lines.append(f"| {engine} | {r['train_images_per_s']:.1f} | {r['latency_ms_batch1']:.2f} | "
+                     f"{r['infer_images_per_s']:.1f} |")
+    if "plain" in rows and "fast" in rows:
+        p, f = rows["plain"], rows["fast"]
+        lines.append(f"| fast / plain | {f['train_images_per_s'] / p['train_images_per_s']:.2f}x | "
+                     f"{p['latency_ms_batch1'] / f['latency_ms_batch1']:.2f}x faster | "
+                     f"{f['infer_images_per_s'] / p['infer_images_per_s']:.2f}x |")
+    if "synthesis_ms_by_index" in rows.get("fast", {}):
+        f = rows["fast"]
+        lines += ["", f"Fast path's synthesis of one batch of {args.batch_size}: {f['synthesis_ms_by_index']:.1f} ms "
+                  f"with rows gathered by index, {f['synthesis_ms_where']:.1f} ms computed whole and kept by torch.where."]
+    table = "\n".join(lines)
+    print(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "speed.json").write_text(json.dumps(meta, indent=2))
+    (out_dir / "speed.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The fast training path (train.engine=fast) computes what the plain path computes (CPU, float32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import tiny  # the small OneNIP on two real categories at 64 px (output in <folder>/run)
+from torch.utils.data import default_collate
+
+from onenip.api import make_config
+from onenip.checkpoint import load_checkpoint
+from onenip.errors import ConfigError
+from onenip.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, iad_mix: Path, textures: Path) -> tuple[Trainer, Trainer]:
+    root = tmp_path_factory.mktemp("fast")
+    plain = Trainer(tiny(root / "plain", iad_mix, textures), progress=False)
+    fast = Trainer(tiny(root / "fast", iad_mix, textures, "train.engine=fast"), progress=False)
+    fast.net.load_state_dict(plain.net.state_dict())
+    return plain, fast
+
+
+def plain_batch(trainer: Trainer, indices: list[int]) -> dict[str, torch.Tensor]:
+    return default_collate([trainer.dataset[(0, i)] for i in indices])
+
+
+def test_same_batch_gives_the_same_losses_and_maps(pair: tuple[Trainer, Trainer]) -> None:
+    """On fixed inputs (the same queries, synthetic images, masks and prompts) the fast path's losses equal the plain
+    path's, in training mode with the same jitter and dropout draws, and so do the gradients."""
+    plain, fast = pair
+    batch = plain_batch(plain, list(range(0, 80, 10)))
+    assert batch["synthetic"].shape == (8, 3, 64, 64)
+    grads = []
+    terms = []
+    for trainer in (plain, fast):
+        trainer.net.train()
+        trainer.net.zero_grad()
+        torch.manual_seed(7)
+        out = trainer.losses(batch)
+        out["loss"].backward()
+        terms.append({k: v.item() for k, v in out.items()})
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.net.parameters()]))
+    assert terms[0].keys() == terms[1].keys() == {"mse", "dice", "loss"}
+    for k in terms[0]:
+        assert terms[1][k] == pytest.approx(terms[0][k], rel=1e-5), k
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # the backbone pass on the synthesized images: channels-last copy, same features
+    synth = batch["synthetic"]
+    torch.testing.assert_close(fast.step_backbone(synth), plain.detector.features(synth), rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_backbone_stays_within_bf16_tolerance(pair: tuple[Trainer, Trainer]) -> None:
+    plain, _ = pair
+    images = plain_batch(plain, [0, 1, 60, 61])["synthetic"]
+    ref = plain.detector.features(images)
+    low = plain.detector.extractor.fast_copy(torch.bfloat16)(images)
+    assert low.dtype == torch.float32 and low.shape == ref.shape
+    assert plain.detector.extractor.dtype == torch.float32  # the original (what checkpoints store) is untouched
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the plain path's precision on a GPU
+        auto = plain.detector.features(images)
+    rel, rel_auto = (low - ref).norm() / ref.norm(), (auto - ref).norm() / ref.norm()
+    # bf16 keeps 8 bits of mantissa; through ~50 layers that is a few percent either way (measured: 6.5 % and 5.7 %)
+    assert rel < 0.1 and rel < 1.5 * rel_auto, (float(rel), float(rel_auto))
+
+
+def test_device_batches_follow_the_plain_order_and_rules(pair: tuple[Trainer, Trainer]) -> None:
+    plain, fast = pair
+    for epoch in (0, 1):
+        plain.sampler.set_epoch(epoch)
+        fast.sampler.set_epoch(epoch)
+        p_order = torch.cat([b["index"] for b in plain.loader])
+        batches = list(fast.loader)
+        assert len(batches) == len(plain.loader) == len(fast.loader)
+        assert torch.equal(torch.cat([b["index"] for b in batches]), p_order)  # the same queries in the same order
+    images, labels = fast.loader.images, fast.loader.labels
+    for b in batches:
+        assert torch.equal(labels[b["prompt_index"]], b["category"])  # the prompt is of the query's category
+        x = images[b["index"]]
+        outside = (b["mask"] == 0).expand_as(x)
+        assert torch.equal(b["synthetic"][outside], x[outside])  # only the masked pixels change
+        assert b["synthetic"].dtype == b["mask"].dtype == torch.uint8
+    areas = torch.cat([b["mask"].flatten(1).float().mean(1) for b in batches])
+    assert (areas > 0).float().mean() > 0.6  # pseudo-anomalies are there (Perlin masks may come out empty by chance)
+    # the images kept on the device are the ones the plain path decodes
+    assert torch.equal(images[5], torch.from_numpy(plain.dataset.image(5)).permute(2, 0, 1))
+    # the same (seed, epoch, batch) gives the same batch; another epoch another one
+    fast.sampler.set_epoch(1)
+    again = next(iter(fast.loader))
+    assert torch.equal(again["synthetic"], batches[0]["synthetic"]) and torch.equal(again["mask"], batches[0]["mask"])
+    fast.sampler.set_epoch(0)
+    assert not torch.equal(next(iter(fast.loader))["synthetic"], again["synthetic"])
+
+
+def test_fast_training_lowers_the_loss_and_resumes_exactly(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    straight = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.engine=fast", "train.lr=2e-3"), progress=False)
+    result = straight.run()
+    losses = [row["loss"] for row in result.history]
+    assert losses[-1] < losses[0], losses
+    per_epoch = len(straight.loader)
+    first = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.lr=2e-3",
+                         f"train.max_steps={per_epoch}"), progress=False)
+    first.run()
+    ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.safetensors"
+    assert load_checkpoint(ckpt).epoch == 1
+    resumed = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.lr=2e-3"), resume=ckpt,
+                      progress=False)
+    resumed.run()
+    assert resumed.step == straight.step
+    for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "a" / "run" / "model.safetensors").is_file()
+
+
+def test_fast_engine_needs_cached_features(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="train.engine"):
+        make_config(None, ["train.engine=fast", "train.cache_features=false"])
+    with pytest.raises(ConfigError, match="train.engine"):
+        make_config(None, ["train.engine=turbo"])
