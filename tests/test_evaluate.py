@@ -152,3 +152,46 @@ def test_bad_test_files_stop_evaluation_or_are_skipped_and_counted(tmp_path: Pat
     assert res.categories["reddish"]["fused"]["pixel_ap"] == pytest.approx(1.0)
     folder = write_results(res, tmp_path / "res")
     assert "1 unusable test files were left out" in (folder / "results.md").read_text()
+
+
+class PromptSensitiveDetector(OracleDetector):
+    """The map is the per-pixel distance to the prompt: averaging over prompts changes it."""
+
+    def maps(self, feats: torch.Tensor, prompt_feats: torch.Tensor | None) -> Maps:
+        super().maps(feats, prompt_feats)
+        return Maps(rec=(feats - prompt_feats).abs().mean(dim=1), ref=None)
+
+
+@pytest.mark.parametrize("protocol", ["clean", "paper"])
+def test_k_prompt_fusion_averages_the_maps_of_k_prompts(tmp_path: Path, protocol: str) -> None:
+    root = _layout(tmp_path / "data")
+    for cat, tint in TINT.items():  # training images (the prompts) of different brightness: the prompt matters
+        for i in range(4):
+            Image.fromarray(np.zeros((S, S, 3), np.uint8) + np.array(tint, np.uint8) + np.uint8(15 * i)).save(
+                root / cat / "train" / "good" / f"{i:03d}.png")
+    base = [f"data.roots=[{root}]", f"data.input_size={S}", "data.workers=0", f"eval.protocol={protocol}",
+            "eval.score_kernel=4", "eval.prompt_pool=3"]
+    runs = {}
+    for k in (1, 3):
+        det = PromptSensitiveDetector(prompt=True, refiner=False)
+        runs[k] = (evaluate(det, make_config(None, base + [f"eval.prompts={k}"]), progress=False), det)
+    (one, det1), (three, det3) = runs[1], runs[3]
+    assert sum(p.shape[0] for p in det3.prompts_seen) == 3 * sum(p.shape[0] for p in det1.prompts_seen) == 3 * 14
+    # the prompts differ, so the mean of three maps scores the images differently from one map
+    s1 = {r["image"]: r["score_fused"] for r in one.scores}
+    s3 = {r["image"]: r["score_fused"] for r in three.scores}
+    assert s1.keys() == s3.keys() and s1 != s3
+    if protocol == "clean":  # the top-1 prompt (what retrieval reports) is the same with K = 1 and K = 3
+        assert [r["retrieved"] for r in one.scores] == [r["retrieved"] for r in three.scores]
+        first = det3.prompts_seen[0]  # K = 3: the best-first prompts of the first batch, then the 2nd, the 3rd
+        torch.testing.assert_close(first, det1.prompts_seen[0])
+
+
+def test_mean_maps() -> None:
+    from onenip.evaluate import mean_maps
+
+    a = Maps(rec=torch.zeros(2, 4, 4), ref=torch.ones(2, 4, 4))
+    b = Maps(rec=torch.full((2, 4, 4), 2.0), ref=torch.zeros(2, 4, 4))
+    m = mean_maps([a, b])
+    assert torch.equal(m.rec, torch.ones(2, 4, 4)) and torch.equal(m.ref, torch.full((2, 4, 4), 0.5))
+    assert mean_maps([a]) is a

@@ -46,3 +46,21 @@ def test_retrieval_picks_most_similar() -> None:
     assert torch.all(sim > 0.99)
     d = descriptor(feats)
     assert torch.allclose(d.norm(dim=1), torch.ones(3))
+
+
+def test_k_prompts_per_test_image() -> None:
+    from onenip.prompts import paper_prompt_sets
+
+    train, test = _samples("train", 10), _samples("test", 5)
+    sets = paper_prompt_sets(test, train, 0, 4)
+    assert [s[0] for s in sets] == paper_prompts(test, train, 0)  # K = 1 is the paper's prompt
+    assert all(len(s) == 4 and all(p.category == t.category for p in s) for s, t in zip(sets, test))
+    assert any(len({p.image for p in s}) > 1 for s in sets)
+    torch.manual_seed(0)
+    feats = torch.randn(6, 8, 3, 3)
+    pool = PromptPool(_samples("train", 2)[:6], torch.randn(6, 8, 3, 3))
+    j, sim = pool.retrieve_top(feats, 3)
+    assert j.shape == sim.shape == (6, 3) and bool((sim[:, :-1] >= sim[:, 1:]).all())
+    j1, s1 = pool.retrieve(feats)
+    assert torch.equal(j[:, 0], j1) and torch.equal(sim[:, 0], s1)
+    assert pool.retrieve_top(feats, 50)[0].shape == (6, 6)  # capped at the pool's size

@@ -154,6 +154,12 @@ class EvalConfig:
         ("clean", "paper"),
     )
     prompt_pool: int = _opt(1, "clean protocol: normal training images per category in the prompt pool.")
+    prompts: int = _opt(
+        1,
+        "Prompts per test image whose maps are averaged (K-prompt fusion, beyond the paper): clean protocol, the K most "
+        "similar pool images (set eval.prompt_pool >= K); paper protocol, K random training images of the true "
+        "category. 1 is the paper's single prompt.",
+    )
     fusion_alpha: float = _opt(0.5, "Weight of the reconstruction map in the fused map (§6).")
     fusion_images: int = _opt(8, "clean protocol: training images per category used for the fusion constant.")
     score_kernel: int = _opt(16, "Image score: maximum of the map average-pooled with this kernel (§6).")
@@ -392,6 +398,7 @@ def validate(cfg: Config) -> None:
     need(not (t.prompt != "none" and m.arch == "uniad"), "train.prompt",
          f"model.arch=uniad takes no prompt: set train.prompt=none (got {t.prompt!r})")
     need(e.prompt_pool >= 1, "eval.prompt_pool", f"must be >= 1, got {e.prompt_pool}")
+    need(e.prompts >= 1, "eval.prompts", f"must be >= 1, got {e.prompts}")
     need(0.0 <= e.fusion_alpha <= 1.0, "eval.fusion_alpha", f"must be in [0, 1], got {e.fusion_alpha}")
     need(e.fusion_images >= 1, "eval.fusion_images", f"must be >= 1, got {e.fusion_images}")
     need(1 <= e.score_kernel <= d.input_size, "eval.score_kernel", f"must be in [1, input_size], got {e.score_kernel}")

@@ -27,7 +27,8 @@ from .datasets import Sample, load_split
 from .detector import Detector
 from .images import read_sample
 from .metrics import image_metrics, pixel_metrics
-from .prompts import PromptPool, paper_prompts, pool_samples
+from .model import Maps
+from .prompts import PromptPool, paper_prompt_sets, pool_samples
 from .scoring import fuse, fusion_scale, image_scores
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
@@ -38,7 +39,7 @@ METRICS = IMAGE_METRICS + PIXEL_METRICS
 class _Images(Dataset):
     """Test images (and masks, and the paper protocol's prompt images) at the input size, as tensors."""
 
-    def __init__(self, samples: list[Sample], size: int, prompts: list[Sample] | None = None) -> None:
+    def __init__(self, samples: list[Sample], size: int, prompts: list[list[Sample]] | None = None) -> None:
         self.samples, self.size, self.prompts = samples, size, prompts
 
     def __len__(self) -> int:
@@ -52,9 +53,9 @@ class _Images(Dataset):
             "has_mask": mask is not None,
             "mask": torch.from_numpy(mask) if mask is not None else torch.zeros(self.size, self.size, dtype=torch.bool),
         }
-        if self.prompts is not None:
-            prompt, _ = read_sample(self.prompts[i], self.size)
-            out["prompt"] = torch.from_numpy(np.ascontiguousarray(prompt.transpose(2, 0, 1)))
+        if self.prompts is not None:  # (K, 3, S, S): the test image's K prompts
+            out["prompt"] = torch.stack([torch.from_numpy(np.ascontiguousarray(read_sample(p, self.size)[0].transpose(2, 0, 1)))
+                                         for p in self.prompts[i]])
         return out
 
 
@@ -130,8 +131,11 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     lo, hi = math.inf, -math.inf
     for s in range(0, feats.shape[0], cfg.eval.batch_size):
         f = feats[s : s + cfg.eval.batch_size]
-        pf = pool.feats[pool.retrieve(f)[0]] if pool is not None else None
-        rec = detector.maps(f, pf).rec
+        if pool is None:
+            rec = detector.maps(f, None).rec
+        else:  # the maps the test images get: the mean over their eval.prompts most similar prompts
+            j = pool.retrieve_top(f, cfg.eval.prompts)[0]
+            rec = mean_maps([detector.maps(f, pool.feats[j[:, k]]) for k in range(j.shape[1])]).rec
         lo, hi = min(lo, float(rec.min())), max(hi, float(rec.max()))
     return fusion_scale(lo, hi)
 
@@ -170,7 +174,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     else:
         test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
     train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
-    prompt_samples = paper_prompts(test, train, e.seed) if detector.uses_prompt and e.protocol == "paper" else None
+    paper = detector.uses_prompt and e.protocol == "paper"
+    prompt_samples = paper_prompt_sets(test, train, e.seed, e.prompts) if paper else None
     pool = build_prompt_pool(detector, train, cfg) if detector.uses_prompt and e.protocol == "clean" else None
     has_ref = detector.net.refiner is not None
     names = [m for m in e.maps if not (m == "ref" and not has_ref)]  # without a refiner, fused is rec
@@ -182,20 +187,23 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
                disable=not progress, dynamic_ncols=True)
 
     def infer(indices: list[int]):
-        """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities)."""
+        """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities).
+        With eval.prompts = K > 1 the maps are the mean of the maps of the K prompts."""
         subset = [test[i] for i in indices]
         prompts = [prompt_samples[i] for i in indices] if prompt_samples is not None else None
         for batch in _loader(_Images(subset, size, prompts), cfg):
             feats = detector.features(batch["image"].to(dev))
-            prompt_feats, got, sim = None, None, None
-            if prompts is not None:
-                prompt_feats = detector.features(batch["prompt"].to(dev))
+            prompt_feats: list[torch.Tensor | None] = [None]
+            got, sim = None, None
+            if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
+                prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
             elif pool is not None:
-                j, sim = pool.retrieve(feats)
-                prompt_feats, got = pool.feats[j], [pool.categories[k] for k in j.tolist()]
-                sim = sim.tolist()
+                j, s = pool.retrieve_top(feats, e.prompts)  # (B, K), best first
+                prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
+                got, sim = [pool.categories[k] for k in j[:, 0].tolist()], s[:, 0].tolist()
             bar.update(1)
-            yield batch["index"].numpy(), detector.maps(feats, prompt_feats), batch["mask"], batch["has_mask"], got, sim
+            yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
+                batch["has_mask"], got, sim
 
     t_infer = 0.0
     if not has_ref:
@@ -254,6 +262,15 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
                    seconds=seconds, scores=score_rows,
                    skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped])
+
+
+def mean_maps(maps: list[Maps]) -> Maps:
+    """K-prompt fusion: the mean of the reconstruction maps and of the refiner maps of K prompts."""
+    if len(maps) == 1:
+        return maps[0]
+    rec = torch.stack([m.rec for m in maps]).mean(0)
+    ref = torch.stack([m.ref for m in maps]).mean(0) if maps[0].ref is not None else None
+    return Maps(rec=rec, ref=ref)
 
 
 def write_results(results: Results, folder: str | Path) -> Path:

@@ -18,13 +18,19 @@ from .datasets import Sample, group_by_category
 
 def paper_prompts(test: list[Sample], train: list[Sample], seed: int) -> list[Sample]:
     """For each test sample, a random training sample of the same category (seeded by (seed, index))."""
+    return [p[0] for p in paper_prompt_sets(test, train, seed, 1)]
+
+
+def paper_prompt_sets(test: list[Sample], train: list[Sample], seed: int, k: int) -> list[list[Sample]]:
+    """For each test sample, k random training samples of its category (with replacement; seeded by (seed, index)).
+    The first is the one `paper_prompts` draws."""
     by_cat = group_by_category(train)
     out = []
     for i, s in enumerate(test):
         members = by_cat.get(s.category)
         if not members:
             raise ValueError(f"category {s.category!r} has test images but no training images to draw a prompt from")
-        out.append(members[int(np.random.default_rng([seed, i]).integers(len(members)))])
+        out.append([members[int(j)] for j in np.random.default_rng([seed, i]).integers(len(members), size=k)])
     return out
 
 
@@ -57,6 +63,12 @@ class PromptPool:
 
     def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) query features -> (indices (B,), cosine similarities (B,)) of the best pool entries."""
+        j, sim = self.retrieve_top(feats, 1)
+        return j[:, 0], sim[:, 0]
+
+    def retrieve_top(self, feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
+        (k is capped at the pool's size)."""
         sim = descriptor(feats) @ self.keys.to(feats.device).T  # (B, P)
-        best = sim.max(dim=1)
-        return best.indices, best.values
+        top = sim.topk(min(k, sim.shape[1]), dim=1)
+        return top.indices, top.values
