@@ -110,13 +110,14 @@ def main() -> None:
     ap.add_argument("--compile", default=None, help="torch.compile mode of the fast path (default: CUDA only)")
     ap.add_argument("--engines", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
     ap.add_argument("--output", default=str(REPO / "runs" / "speed"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option (both paths)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     base = [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
             f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
-            f"train.batch_size={args.batch_size}", f"train.device={args.device}", "data.holdout=0"]
+            f"train.batch_size={args.batch_size}", f"train.device={args.device}", "data.holdout=0", *args.set]
     out_dir = Path(args.output)
     rows: dict[str, dict[str, float]] = {}
     trainers: dict[str, Trainer] = {}

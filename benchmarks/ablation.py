@@ -1,0 +1,128 @@
+"""The paper's Table 4a on iad-mix: one unified model per row, evaluated in both protocols, plus what goes beyond it.
+
+Rows (all ten categories, the same schedule and backbone for every row):
+
+    0  UniAD                                   model.arch=uniad, no prompt, no restoration, no refiner
+    1  static prompt                           OneNIP, one fixed prompt per category
+    2  dynamic prompt                          OneNIP, a random same-category prompt per query
+    3  restoration without prompt              UniAD + the restoration stream
+    4  dynamic prompt + restoration            OneNIP + the restoration stream
+    5  full OneNIP                             + the refiner
+
+    python benchmarks/ablation.py --rows 0 1 2 3 4 5 --seeds 133 --epochs 180 --engine fast
+    python benchmarks/ablation.py --rows 0 5 --seeds 134 135 --epochs 180 --engine fast     # seed spread of rows 0, 5
+    python benchmarks/ablation.py --rows 5 --curve-every 10 --epochs 180                     # Fig. 1b curve (also row 0)
+    python benchmarks/ablation.py --rows 5 --prompts 1 3 5                                    # K-prompt fusion
+    python benchmarks/ablation.py --rows 5 --input-size 256 --tag 256px                       # 256-px input
+
+Every run writes <output>/<tag>row<R>-seed<S>.json: the configuration, the training log (with the clean-protocol test
+metrics every --curve-every epochs when asked), and per protocol (and per K of --prompts) the per-category seven metrics,
+retrieval accuracy, fusion constant and timings, with command, commit and device. `benchmarks/render_results.py`
+turns the JSON files copied to docs/results/ into the tables and plots of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from iad_mix import device_name, git_commit  # noqa: E402
+
+from onenip.api import make_config  # noqa: E402
+from onenip.evaluate import evaluate  # noqa: E402
+from onenip.train import Trainer  # noqa: E402
+
+NO_EXTRAS = ["train.restoration=false", "model.refiner=false"]
+ROWS: dict[int, tuple[str, list[str]]] = {
+    0: ("UniAD", ["model.arch=uniad", "train.prompt=none", *NO_EXTRAS]),
+    1: ("static prompt", ["model.arch=onenip", "train.prompt=static", *NO_EXTRAS]),
+    2: ("dynamic prompt", ["model.arch=onenip", "train.prompt=dynamic", *NO_EXTRAS]),
+    3: ("restoration without prompt", ["model.arch=uniad", "train.prompt=none", "train.restoration=true",
+                                       "model.refiner=false"]),
+    4: ("dynamic prompt + restoration", ["model.arch=onenip", "train.prompt=dynamic", "train.restoration=true",
+                                         "model.refiner=false"]),
+    5: ("full OneNIP (+ refiner)", ["model.arch=onenip", "train.prompt=dynamic", "train.restoration=true",
+                                    "model.refiner=true"]),
+}
+
+
+def main() -> None:
+    shared = REPO.parent / "shared" / "data"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[133])
+    ap.add_argument("--data", default=str(shared / "iad-mix"))
+    ap.add_argument("--textures", default=str(shared / "textures"))
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="efficientnet-lite", help="backbone.weights (a file works offline anywhere)")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--epochs", type=int, default=180)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--engine", default="plain", choices=["plain", "fast"])
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="evaluate (clean protocol) every this many epochs of rows 0 and 5: the Fig. 1b curve")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[1], help="K of K-prompt fusion to evaluate (OneNIP rows)")
+    ap.add_argument("--tag", default="", help="prefix of the result files (e.g. 256px)")
+    ap.add_argument("--output", default=str(REPO / "runs" / "ablation"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option, every row")
+    args = ap.parse_args()
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    base = [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
+            f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
+            f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}", f"train.engine={args.engine}",
+            "eval.maps=[rec, ref, fused]", "data.holdout=0"]
+    if args.engine == "fast" and torch.cuda.is_available():
+        base.append("train.compile=default")
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    for seed in args.seeds:
+        for row in args.rows:
+            name, switches = ROWS[row]
+            tag = f"{args.tag}{'-' if args.tag else ''}row{row}-seed{seed}"
+            curve = args.curve_every if row in (0, 5) else 0
+            cfg = make_config(None, base + switches + [f"train.seed={seed}", f"train.eval_every={curve}",
+                                                        f"output_dir={out / tag}", *args.set])
+            t0 = time.perf_counter()
+            trainer = Trainer(cfg, progress=False)
+            fit = trainer.run()
+            report = {"row": row, "name": name, "seed": seed, "command": command, "commit": git_commit(),
+                      "device": device_name(trainer.device), "torch": torch.__version__, "epochs": fit.epochs,
+                      "steps": fit.steps, "train_seconds": round(fit.seconds, 1),
+                      "train_query_images_per_s": round(fit.images_per_second, 1), "history": fit.history,
+                      "config": cfg.to_dict(), "evaluations": []}
+            ks = args.prompts if trainer.net.uses_prompt else [1]
+            for k in ks:
+                for protocol in ("clean", "paper"):
+                    cfg.eval.protocol, cfg.eval.prompts = protocol, k
+                    cfg.eval.prompt_pool = max(k, 1)  # K most similar prompts: a pool of K images per category
+                    res = evaluate(trainer.detector, cfg, progress=False)
+                    entry = {"protocol": protocol, "prompts": k, **res.to_dict()}
+                    entry.pop("checkpoint", None)
+                    report["evaluations"].append(entry)
+                    m = res.mean("fused")
+                    extra = (f", retrieval {100 * res.retrieval_accuracy:.2f} %" if res.retrieval_accuracy is not None
+                             else "")
+                    print(f"{tag} [{name}] {protocol} K={k}: " + ", ".join(f"{key} {100 * v:.1f}" for key, v in m.items())
+                          + extra, flush=True)
+            report["total_seconds"] = round(time.perf_counter() - t0, 1)
+            (out / f"{tag}.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+
+
+if __name__ == "__main__":
+    main()
