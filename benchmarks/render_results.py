@@ -46,6 +46,36 @@ def section(title: str, path: Path) -> list[str]:
     return out
 
 
+def speed_sections() -> list[str]:
+    """Tables of benchmarks/speed.py runs (docs/results/speed-*.json)."""
+    files = sorted((DOCS / "results").glob("speed-*.json"))
+    out = ["## Speed: plain and fast path", "",
+           "`benchmarks/speed.py` runs both paths in one process: training (query images/s, end to end with data),",
+           "inference latency at batch 1 and throughput batched (uint8 images on the host in, score and map on the host",
+           "out). plain: DataLoader items, float32 inference that encodes the prompt with every query; fast: images and",
+           "synthesis on the device, bf16 channels-last backbone, cached prompt encodings (and torch.compile on CUDA).", ""]
+    if not any("cuda" in json.loads(f.read_text()).get("device", "").lower() or "NVIDIA" in json.loads(
+            f.read_text()).get("device", "") for f in files):
+        out += ["No GPU figure yet: the fast path was built in a session without a GPU; the CPU figure below shows that",
+                "it runs, not what it gains on a GPU.", ""]
+    for f in files:
+        d = json.loads(f.read_text())
+        out += [f"### {d['device']}, {d['backbone']} at {d['input_size']} px", "",
+                f"- result file: `docs/results/{f.name}`; commit {d['commit']}; torch {d['torch']}; "
+                f"{d['threads']} CPU threads", f"- command: `{d['command']}`", "",
+                f"| path | training (query img/s, batch {d['batch_size']}) | latency, batch 1 (ms) | "
+                f"inference (img/s, batch {d['infer_batch']}) |", "| --- | ---: | ---: | ---: |"]
+        for engine, r in d["rows"].items():
+            out.append(f"| {engine} | {r['train_images_per_s']:.1f} | {r['latency_ms_batch1']:.1f} | "
+                       f"{r['infer_images_per_s']:.1f} |")
+        fast = d["rows"].get("fast", {})
+        if "synthesis_ms_by_index" in fast:
+            out += ["", f"The fast path's batched synthesis alone: {fast['synthesis_ms_by_index']:.1f} ms per batch with "
+                    f"rows gathered by index, {fast['synthesis_ms_where']:.1f} ms computed whole and kept by torch.where."]
+        out.append("")
+    return out
+
+
 if __name__ == "__main__":
     md = [
         "# Benchmarks", "",
@@ -75,5 +105,6 @@ if __name__ == "__main__":
            "86.6 M pixels, 3 % defective): all seven metrics for all categories in 1.8 s and 2.3 s (two runs) on the",
            "2-core CPU machine of this project (numpy sort + searchsorted); scikit-learn needs 6.3 s for pixel AUROC and",
            "AP of one category.", ""]
+    md += speed_sections()
     (DOCS / "benchmarks.md").write_text("\n".join(md))
     print(DOCS / "benchmarks.md")
