@@ -120,3 +120,30 @@ def test_fast_engine_needs_cached_features(tmp_path: Path) -> None:
         make_config(None, ["train.engine=fast", "train.cache_features=false"])
     with pytest.raises(ConfigError, match="train.engine"):
         make_config(None, ["train.engine=turbo"])
+
+
+def test_lazy_nan_check_stops_before_a_bad_checkpoint(tmp_path: Path, iad_mix: Path, textures: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the fast path checks the loss every few steps (no wait for the GPU in between); a NaN is still caught
+    before the epoch's checkpoint, which stays the last good one. Forced here on the CPU."""
+    from onenip.train import TrainingError
+
+    trainer = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "train.save_every=1", "train.epochs=3"),
+                      progress=False)
+    trainer.sync_every = 4
+    per_epoch = len(trainer.loader)
+    real = trainer.losses
+
+    def poisoned(batch):
+        out = real(batch)
+        if trainer.step == per_epoch + 1:  # the second step of epoch 2
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer, "losses", poisoned)
+    with pytest.raises(TrainingError, match=rf"NaN or infinite at (one of steps \d+-\d+|step {per_epoch + 2}) "
+                                            r"\(epoch 2\).*last good checkpoint is .*last.safetensors"):
+        trainer.run()
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert state.epoch == 1 and state.step == per_epoch
+    assert all(torch.isfinite(v).all() for v in state.net.values())

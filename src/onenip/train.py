@@ -147,6 +147,10 @@ class Trainer:
                 pin_memory=self.device.type == "cuda", persistent_workers=cfg.data.workers > 0, drop_last=False,
                 generator=torch.Generator().manual_seed(t.seed),  # worker seeds must not consume the global RNG (resume)
             )
+        # how often the CPU waits for the loss (NaN check, progress): every step, or every 25 on the fast CUDA path
+        self.sync_every = 25 if self.fast and self.device.type == "cuda" else 1
+        self._unchecked: torch.Tensor | None = None  # summed losses since the last NaN check (on the device)
+        self._unchecked_from = self.step + 1
         self.model: torch.nn.Module = self.net  # what the training forward runs: the network or its DDP wrapper
         if self.dist.enabled:
             self.model = torch.nn.parallel.DistributedDataParallel(
@@ -216,7 +220,26 @@ class Trainer:
                 out["loss"] = mse + cfg.train.dice_weight * dice
         return out
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    def check_finite(self, force: bool = False) -> None:
+        """Stop with a clear message when the loss of a step since the last check was NaN or infinite.
+
+        The plain engine checks every step. The fast engine on CUDA keeps the losses on the GPU and checks every
+        `sync_every` steps and at the end of every epoch (before a checkpoint is written), so the CPU never waits for the
+        GPU in between; a bad step's checkpoint is never written either way."""
+        if self._unchecked is None or not (force or self.step % self.sync_every == 0):
+            return
+        bad = not bool(torch.isfinite(self._unchecked))
+        first, self._unchecked, self._unchecked_from = self._unchecked_from, None, self.step + 1
+        if bad:
+            where = f"step {self.step}" if first == self.step else f"one of steps {first}-{self.step}"
+            raise TrainingError(
+                f"the loss became NaN or infinite at {where} (epoch {self.epoch + 1}); training stopped. "
+                f"The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}. "
+                "Try a lower train.lr or check the input images."
+            )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns the loss terms (detached, on the device; mean over processes)."""
         self.net.train()
         terms = self.losses(batch)
         loss = terms["loss"]
@@ -226,19 +249,23 @@ class Trainer:
             logged = dict(zip(keys, mean))
         else:
             logged = terms
-        if not torch.isfinite(logged["loss"]):
+        if self.sync_every == 1 and not torch.isfinite(logged["loss"]):  # before the step: the weights stay good
             raise TrainingError(
                 f"the loss became {logged['loss'].item()} at epoch {self.epoch + 1}, step {self.step + 1}; training stopped. "
                 f"The last good checkpoint is {self.ckpt_path if self.ckpt_path.exists() else 'not written yet'}. "
                 "Try a lower train.lr or check the input images."
             )
+        if self.sync_every > 1:  # checked later, in check_finite
+            loss_sum = logged["loss"].detach().float()
+            self._unchecked = loss_sum if self._unchecked is None else self._unchecked + loss_sum
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return {k: float(v.detach()) for k, v in logged.items()}
+        self.check_finite()
+        return {k: v.detach() for k, v in logged.items()}
 
     # -- checkpoints and logs ----------------------------------------------------------------------------------------
     def save(self, path: Path | None = None, training_state: bool = True) -> Path:
@@ -279,26 +306,28 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 self.sampler.set_epoch(self.epoch)
-                sums: dict[str, float] = {}
+                sums: dict[str, torch.Tensor] = {}
                 n_batches, n_images, t0 = 0, 0, time.perf_counter()
                 for batch in self.loader:
                     terms = self.train_step(batch)
                     for k, v in terms.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                        sums[k] = sums[k] + v if k in sums else v
                     n_batches += 1
                     n_images += len(batch["index"]) * self.dist.world_size
                     bar.update(1)
-                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{terms['loss']:.4f}",
-                                    img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
+                    if self.step % self.sync_every == 0:
+                        bar.set_postfix(epoch=self.epoch + 1, loss=f"{float(terms['loss']):.4f}",
+                                        img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
                     if t.max_steps and self.step >= t.max_steps:
                         break
+                self.check_finite(force=True)  # before this epoch's row and checkpoint
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 seconds = time.perf_counter() - t0
                 images_done += n_images
                 self.epoch += 1
                 row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr}
-                row.update({k: round(v / max(n_batches, 1), 6) for k, v in sums.items()})
+                row.update({k: round(float(v) / max(n_batches, 1), 6) for k, v in sums.items()})
                 row.update({"images_per_s": round(n_images / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)})
                 if main and evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
                     row.update(self._evaluate_row())
