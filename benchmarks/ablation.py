@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.evaluate import evaluate  # noqa: E402
@@ -58,25 +57,17 @@ ROWS: dict[int, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    shared = REPO.parent / "shared" / "data"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[133])
-    ap.add_argument("--data", default=str(shared / "iad-mix"))
-    ap.add_argument("--textures", default=str(shared / "textures"))
-    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--weights", default="efficientnet-lite", help="backbone.weights (a file works offline anywhere)")
-    ap.add_argument("--input-size", type=int, default=224)
+    data_options(ap)
     ap.add_argument("--epochs", type=int, default=180)
-    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--engine", default="plain", choices=["plain", "fast"])
-    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     ap.add_argument("--curve-every", type=int, default=0,
                     help="evaluate (clean protocol) every this many epochs of rows 0 and 5: the Fig. 1b curve")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1], help="K of K-prompt fusion to evaluate (OneNIP rows)")
     ap.add_argument("--tag", default="", help="prefix of the result files (e.g. 256px)")
     ap.add_argument("--output", default=str(REPO / "runs" / "ablation"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option, every row")
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -84,10 +75,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    base = [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
-            f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
-            f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}", f"train.engine={args.engine}",
-            "eval.maps=[rec, ref, fused]", "data.holdout=0"]
+    base = [*data_overrides(args), f"train.epochs={args.epochs}", f"train.engine={args.engine}",
+            "eval.maps=[rec, ref, fused]"]
     if args.engine == "fast" and torch.cuda.is_available():
         base.append("train.compile=default")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)

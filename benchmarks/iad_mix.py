@@ -43,32 +43,39 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def main() -> None:
+def data_options(ap: argparse.ArgumentParser, backbone: str = "tf_efficientnet_lite0",
+                 weights: str = "efficientnet-lite") -> None:
+    """The options every benchmark shares: data, backbone, input size, batch, workers, free overrides."""
     shared = REPO.parent / "shared" / "data"
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(shared / "iad-mix"))
     ap.add_argument("--textures", default=str(shared / "textures"))
-    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--weights", default="efficientnet-lite", help="backbone.weights (a file works offline anywhere)")
+    ap.add_argument("--backbone", default=backbone)
+    ap.add_argument("--weights", default=weights, help="backbone.weights (a file works offline anywhere; random for timing)")
     ap.add_argument("--input-size", type=int, default=224)
-    ap.add_argument("--epochs", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
-    ap.add_argument("--output", default=str(REPO / "runs" / "bench-iad-mix"))
+    ap.add_argument("--batch-size", type=int, default=64, help="training batch (query images per step)")
+    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="DataLoader workers")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """Configuration overrides of `data_options`; trains on every normal image, as the paper (data.holdout=0)."""
+    return [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
+            f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
+            f"train.batch_size={args.batch_size}", "data.holdout=0"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data_options(ap)
+    ap.add_argument("--epochs", type=int, default=200)
+    ap.add_argument("--output", default=str(REPO / "runs" / "bench-iad-mix"))
     args = ap.parse_args()
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out = Path(args.output)
-    base = [
-        f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
-        f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
-        f"train.batch_size={args.batch_size}", "eval.maps=[rec, ref, fused]",
-        "data.holdout=0",  # train on every normal image, as the paper (thresholds are not part of this benchmark)
-        *args.set,
-    ]
+    base = [*data_overrides(args), "eval.maps=[rec, ref, fused]", *args.set]
     epochs = args.epochs
     cfg = make_config(None, base + [f"train.epochs={epochs}", f"output_dir={out / 'run'}"])
 

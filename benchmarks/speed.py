@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.deploy import Deployment, DeployModel  # noqa: E402
@@ -92,15 +91,8 @@ def time_inference(model: DeployModel, images: torch.Tensor, iters: int, warmup:
 
 
 def main() -> None:
-    shared = REPO.parent / "shared" / "data"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(shared / "iad-mix"))
-    ap.add_argument("--textures", default=str(shared / "textures"))
-    ap.add_argument("--backbone", default="efficientnet_b4")
-    ap.add_argument("--weights", default="random", help="backbone.weights (random is fine for timing)")
-    ap.add_argument("--input-size", type=int, default=224)
-    ap.add_argument("--batch-size", type=int, default=64, help="training batch (query images per step)")
-    ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1), help="plain path's DataLoader workers")
+    data_options(ap, backbone="efficientnet_b4", weights="random")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: default)")
     ap.add_argument("--warmup", type=int, default=10)
@@ -110,19 +102,16 @@ def main() -> None:
     ap.add_argument("--compile", default=None, help="torch.compile mode of the fast path (default: CUDA only)")
     ap.add_argument("--engines", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
     ap.add_argument("--output", default=str(REPO / "runs" / "speed"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other option (both paths)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = [f"data.roots=[{args.data}]", f"data.textures={args.textures}", f"data.input_size={args.input_size}",
-            f"data.workers={args.workers}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}",
-            f"train.batch_size={args.batch_size}", f"train.device={args.device}", "data.holdout=0", *args.set]
+    base = [*data_overrides(args), f"train.device={args.device}", *args.set]
+    cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda")
     out_dir = Path(args.output)
     rows: dict[str, dict[str, float]] = {}
     trainers: dict[str, Trainer] = {}
     for engine in args.engines:
-        cuda = torch.cuda.is_available() and args.device in ("auto", "cuda") or args.device.startswith("cuda")
         mode = args.compile or ("default" if engine == "fast" and cuda else "none")
         cfg = make_config(None, base + [f"train.engine={engine}", f"train.compile={mode}",
                                         f"output_dir={out_dir / engine}"])

@@ -178,6 +178,7 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.weights_source = cfg.weights
+        self.channels_last = False  # activations in channels-last layout (the fast path's copy, see `fast_copy`)
         self._load(cfg)
         for p in self.parameters():
             p.requires_grad_(False)
@@ -240,17 +241,13 @@ class FeatureExtractor(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.body.parameters()).dtype
 
-    @property
-    def channels_last(self) -> bool:
-        return bool(getattr(self, "_channels_last", False))
-
     def fast_copy(self, dtype: torch.dtype = torch.bfloat16, channels_last: bool = True) -> "FeatureExtractor":
         """A copy whose body runs in `dtype` (weights cast once, no autocast) with channels-last activations: the
         fast path's backbone on a GPU. Its features are the same function in lower precision; the original (what
         checkpoints store) is left as it is."""
         twin = copy.deepcopy(self)
         twin.body.to(dtype=dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        twin._channels_last = channels_last
+        twin.channels_last = channels_last
         return twin
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
