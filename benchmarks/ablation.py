@@ -1,10 +1,14 @@
 """The paper's Table 4a on iad-mix: one unified model per row, evaluated in both protocols, plus what goes beyond it.
 
-Rows (all ten categories, the same schedule and backbone for every row):
+Rows (all ten categories, the same schedule and backbone for every row; every prompted row trains with a random
+normal image of the query's category as prompt, as the paper does; "static"/"dynamic" name the decoder, not how the
+prompt is drawn, which is Table 4d's subject):
 
     0  UniAD                                   model.arch=uniad, no prompt, no restoration, no refiner
-    1  static prompt                           OneNIP, one fixed prompt per category
-    2  dynamic prompt                          OneNIP, a random same-category prompt per query
+    1  static prompt                           UniAD's decoder with the encoded prompt as its queries
+                                               (model.arch=static-prompt: the paper's "unidirectional decoder
+                                               with static prompt", Eq. 2; the prompt is not updated)
+    2  dynamic prompt                          OneNIP's bidirectional decoder (prompt and query update each other)
     3  restoration without prompt              UniAD + the restoration stream
     4  dynamic prompt + restoration            OneNIP + the restoration stream
     5  full OneNIP                             + the refiner
@@ -45,7 +49,7 @@ from onenip.train import Trainer  # noqa: E402
 NO_EXTRAS = ["train.restoration=false", "model.refiner=false"]
 ROWS: dict[int, tuple[str, list[str]]] = {
     0: ("UniAD", ["model.arch=uniad", "train.prompt=none", *NO_EXTRAS]),
-    1: ("static prompt", ["model.arch=onenip", "train.prompt=static", *NO_EXTRAS]),
+    1: ("static prompt", ["model.arch=static-prompt", "train.prompt=dynamic", *NO_EXTRAS]),
     2: ("dynamic prompt", ["model.arch=onenip", "train.prompt=dynamic", *NO_EXTRAS]),
     3: ("restoration without prompt", ["model.arch=uniad", "train.prompt=none", "train.restoration=true",
                                        "model.refiner=false"]),

@@ -88,8 +88,10 @@ def test_split_holdout_per_category(iad_mix: Path) -> None:
 # -- the deployable module ----------------------------------------------------------------------------------------------
 
 
-def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path) -> None:
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3"))
+@pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
+def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str) -> None:
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3",
+                                  f"model.arch={arch}"))
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train = read_sources(cfg.data.roots, "train", ["bottle", "metal_plate"])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onenip.config import ModelConfig
-from onenip.model import OneNIP, Refiner, UniAD, anomaly_maps, build_network, xavier_init
+from onenip.model import OneNIP, Refiner, StaticPrompt, UniAD, anomaly_maps, build_network, xavier_init
 from onenip.transformer import (
     Attention,
     EncoderLayer,
@@ -85,6 +85,8 @@ def test_build_network_arch_and_grid() -> None:
     assert isinstance(net, UniAD) and net.grid == GRID and not net.uses_prompt
     net = small_net("onenip")
     assert isinstance(net, OneNIP) and net.grid == GRID and net.uses_prompt
+    net = small_net("static-prompt")
+    assert isinstance(net, StaticPrompt) and net.grid == GRID and net.uses_prompt
     with pytest.raises(ValueError, match="arch"):
         build_network(small_cfg(arch="nope"), C, SIZE)
 
@@ -471,6 +473,58 @@ def test_uniad_parameter_count_at_224() -> None:
     layer = 2 * attn + (256 * 1024 + 1024 + 1024 * 256 + 256) + 3 * 512 + 196 * 256
     assert count(net.decoder) == 4 * layer + 512
     assert count(net.encoder) == 3_159_040
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unidirectional decoder with static prompt (Table 4a line 1)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_static_prompt_is_uniad_decoder_with_prompt_queries() -> None:
+    """Same parameters as UniAD except the learned query embeddings, which the encoded prompt replaces."""
+    torch.manual_seed(0)
+    static = build_network(ModelConfig(arch="static-prompt"), 272, 224)
+    torch.manual_seed(0)
+    uniad = build_network(ModelConfig(arch="uniad"), 272, 224)
+    assert isinstance(static.decoder, QueryDecoder)
+    assert all(layer.query is None for layer in static.decoder.layers)
+    assert count(uniad) - count(static) == 4 * 196 * 256  # four layers' learned queries
+
+
+def test_static_prompt_decoder_reads_the_encoded_prompt_as_its_query() -> None:
+    """F_hat = untokens(QueryDecoder(memory=enc(query), query=enc(prompt))), each layer restarting from the prompt."""
+    net = small_net("static-prompt", jitter_scale=0.0).eval()
+    q, p = feats(3, 1), feats(3, 2)
+    with torch.no_grad():
+        x, e = net.encode(q), net.encode(p)
+        pos = net.pos()
+        out = x
+        for layer in net.decoder.layers:  # by hand: every layer's query is the same (static) encoded prompt
+            t = layer.norm1(e + layer.attn_memory(e + pos, x + pos, x, net.allowed))
+            t = layer.norm2(t + layer.attn_previous(t + pos, out + pos, out, net.allowed))
+            out = layer.norm3(t + layer.ffn(t))
+        want = net.untokens(net.decoder.final_norm(out))
+        torch.testing.assert_close(net.reconstruct(q, p), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(net.decode(x, e), want, rtol=1e-5, atol=1e-5)
+        assert (net.reconstruct(q, feats(3, 3)) - want).abs().max() > 1e-3  # depends on the prompt
+        # query i and i + Bp share prompt i
+        two = net.reconstruct(torch.cat([q[:2], q[:2]]), p[:2])
+        torch.testing.assert_close(two[:2], two[2:], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt"):
+        net.reconstruct(q)
+    with pytest.raises(ValueError, match="given query"):
+        net.decoder(x, pos, net.allowed)
+
+
+def test_static_prompt_trains_its_encoder_through_the_prompt() -> None:
+    net = small_net("static-prompt")
+    net.train()
+    q, p = feats(2, 1), feats(2, 2)
+    p.requires_grad_(True)
+    rec = net.reconstruct(q, p)
+    (rec - q).pow(2).mean().backward()
+    assert p.grad is not None and p.grad.abs().max() > 0
+    assert all(param.grad is not None for param in net.decoder.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------------

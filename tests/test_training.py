@@ -117,7 +117,8 @@ def test_uniad_and_ablation_switches_train(tmp_path: Path, iad_mix: Path, textur
     for i, extra in enumerate([
         ("model.arch=uniad", "train.prompt=none", "model.refiner=false", "train.restoration=false"),
         ("model.arch=uniad", "train.prompt=none", "model.refiner=false"),  # restoration without prompt
-        ("train.prompt=static", "model.refiner=false", "train.restoration=false"),
+        ("model.arch=static-prompt", "model.refiner=false", "train.restoration=false"),  # Table 4a line 1
+        ("train.prompt=static", "model.refiner=false", "train.restoration=false"),  # one fixed prompt (Table 4d)
         ("train.restoration=false",),  # refiner trained on synthetic images without the restoration MSE
     ]):
         cfg = tiny(tmp_path / str(i), iad_mix, textures, "train.max_steps=2", *extra)

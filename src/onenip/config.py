@@ -67,7 +67,12 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = _opt("onenip", "Reconstruction network: onenip (prompted, §2) or uniad (baseline, §2.5).", ("onenip", "uniad"))
+    arch: str = _opt(
+        "onenip",
+        "Reconstruction network: onenip (prompted, bidirectional decoder, §2), uniad (the prompt-free baseline, §2.5) "
+        "or static-prompt (UniAD's decoder with the encoded prompt as its queries: Table 4a line 1).",
+        ("onenip", "uniad", "static-prompt"),
+    )
     hidden_dim: int = _opt(256, "Transformer width.")
     heads: int = _opt(8, "Attention heads.")
     encoder_layers: int = _opt(4, "Self-attention encoder layers.")
@@ -113,8 +118,9 @@ class TrainConfig:
     dice_standard: bool = _opt(False, "Standard Dice (2*intersection); the reference code has no factor 2 (§4).")
     prompt: str = _opt(
         "dynamic",
-        "Training prompt: dynamic (a random normal image of the same category), static (one fixed image per "
-        "category) or none (no prompt; requires model.arch=uniad). Table 4a.",
+        "Training prompt: dynamic (a random normal image of the same category, as the paper), static (one fixed "
+        "image per category: Table 4d's 'fixed' training mode, not Table 4a's static prompt, which is "
+        "model.arch=static-prompt) or none (no prompt; requires model.arch=uniad).",
         ("dynamic", "static", "none"),
     )
     restoration: bool = _opt(True, "Restoration stream on synthesized anomalies (§3, Table 4a).")
@@ -393,8 +399,8 @@ def validate(cfg: Config) -> None:
          f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     need(t.engine == "plain" or t.cache_features, "train.engine",
          "fast computes the normal images' features once: it needs train.cache_features=true")
-    need(not (t.prompt == "none" and m.arch == "onenip"), "train.prompt",
-         "'none' needs model.arch=uniad (OneNIP reconstructs through its prompt)")
+    need(not (t.prompt == "none" and m.arch != "uniad"), "train.prompt",
+         f"'none' needs model.arch=uniad (model.arch={m.arch} reconstructs through its prompt)")
     need(not (t.prompt != "none" and m.arch == "uniad"), "train.prompt",
          f"model.arch=uniad takes no prompt: set train.prompt=none (got {t.prompt!r})")
     need(e.prompt_pool >= 1, "eval.prompt_pool", f"must be >= 1, got {e.prompt_pool}")

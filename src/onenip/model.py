@@ -2,7 +2,8 @@
 
 `OneNIP` reconstructs the features of a query image through a normal image prompt: a shared self-attention encoder,
 a bidirectional (two-way) decoder whose prompt stream, after reading the query, becomes the reconstruction. `UniAD` is
-the prompt-free baseline. Both predict features F_hat of shape (B, C, H, W) for backbone features F; the anomaly map is
+the prompt-free baseline. `StaticPrompt` is the paper's intermediate step (Table 4a line 1, "unidirectional decoder
+with static prompt"): UniAD's decoder with its learned queries replaced by the encoded prompt. Both predict features F_hat of shape (B, C, H, W) for backbone features F; the anomaly map is
 ||F_hat - F||_2 over channels (Eq. 9), and the `Refiner` turns |F_hat - F| into a sharper map at full resolution
 (Eq. 6; §4: two blocks of 3x3 conv + BN + ReLU + 2x2 transposed conv, a 1x1 conv, then x4 bilinear on the logits).
 
@@ -123,9 +124,11 @@ class OneNIP(ReconstructionNet):
 
     def __init__(self, cfg: ModelConfig, in_channels: int, grid: int) -> None:
         super().__init__(cfg, in_channels, grid)
-        self.decoder = TwoWayDecoder(cfg.decoder_layers, cfg.hidden_dim, cfg.heads, cfg.ffn_dim, cfg.dropout,
-                                     cfg.v1_decoder_bug)
+        self.decoder = self.build_decoder(cfg, grid)
         xavier_init(self)
+
+    def build_decoder(self, cfg: ModelConfig, grid: int) -> nn.Module:
+        return TwoWayDecoder(cfg.decoder_layers, cfg.hidden_dim, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.v1_decoder_bug)
 
     def reconstruct(self, feats: Tensor, prompt_feats: Tensor | None = None) -> Tensor:
         """feats (B, C, H, W), prompt_feats (Bp, C, H, W) with B a multiple of Bp -> F_hat (B, C, H, W).
@@ -153,6 +156,24 @@ class OneNIP(ReconstructionNet):
         return self.untokens(self.decoder(p, x, self.pos(), self.allowed))
 
 
+class StaticPrompt(OneNIP):
+    """Unidirectional decoder with static prompt (the paper's Eq. 2, Table 4a line 1): the shared encoder encodes
+    query and prompt as OneNIP does; UniAD's layer-wise query decoder then reads the query's encoding, with the encoded
+    prompt in place of every layer's learned query embedding. The prompt is not updated by the decoder (static); the
+    decoder's output stream becomes F_hat."""
+
+    def build_decoder(self, cfg: ModelConfig, grid: int) -> nn.Module:
+        return QueryDecoder(cfg.decoder_layers, grid * grid, cfg.hidden_dim, cfg.heads, cfg.ffn_dim, cfg.dropout,
+                            learned=False)
+
+    def decode(self, x: Tensor, p: Tensor) -> Tensor:
+        """Encoded query x (B, L, D) and prompt p (Bp, L, D), B a multiple of Bp -> F_hat (B, C, H, W)."""
+        b, bp = x.shape[0], p.shape[0]
+        if b != bp:
+            p = p.repeat(b // bp, 1, 1)  # (B, L, D): query i takes prompt i mod Bp
+        return self.untokens(self.decoder(x, self.pos(), self.allowed, query=p))
+
+
 class UniAD(ReconstructionNet):
     """The UniAD baseline (§2.5): encoder, then a decoder of learned per-layer queries; no prompt."""
 
@@ -173,6 +194,8 @@ def build_network(cfg: ModelConfig, in_channels: int, input_size: int) -> Recons
         return OneNIP(cfg, in_channels, grid)
     if cfg.arch == "uniad":
         return UniAD(cfg, in_channels, grid)
+    if cfg.arch == "static-prompt":
+        return StaticPrompt(cfg, in_channels, grid)
     raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}")
 
 

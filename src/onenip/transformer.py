@@ -168,32 +168,50 @@ class TwoWayDecoder(nn.Module):
 
 
 class QueryDecoderLayer(nn.Module):
-    """UniAD decoder layer (§2.5): a learned query per position reads the encoder memory, then the previous output."""
+    """UniAD decoder layer (§2.5): a query per position reads the encoder memory, then the previous output.
 
-    def __init__(self, tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    The query is learned (UniAD's layer-wise query embedding) or, with `learned=False`, given: the encoded prompt of
+    the paper's "unidirectional decoder with static prompt" (Table 4a line 1), which replaces the learned embedding and
+    is never updated by the decoder.
+    """
+
+    def __init__(self, tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float, learned: bool = True) -> None:
         super().__init__()
-        self.query = nn.Embedding(tokens, dim)  # N(0, 1) init, untouched by the xavier initialiser
+        # N(0, 1) init, untouched by the xavier initialiser
+        self.query = nn.Embedding(tokens, dim) if learned else None
         self.attn_memory = Attention(dim, heads, dropout)
         self.attn_previous = Attention(dim, heads, dropout)
         self.ffn = FeedForward(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.drop1, self.drop2, self.drop3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, memory: Tensor, previous: Tensor, pos: Tensor, allowed: Tensor | None) -> Tensor:
-        t = self.query.weight[None].expand(memory.shape[0], -1, -1)  # (B, L, D)
+    def forward(self, memory: Tensor, previous: Tensor, pos: Tensor, allowed: Tensor | None,
+                query: Tensor | None = None) -> Tensor:
+        """memory, previous (B, L, D); query (B, L, D) when not learned -> (B, L, D)."""
+        if self.query is not None:
+            t = self.query.weight[None].expand(memory.shape[0], -1, -1)  # (B, L, D)
+        elif query is None:
+            raise ValueError("this decoder layer reads a given query (the encoded prompt)")
+        else:
+            t = query
         t = self.norm1(t + self.drop1(self.attn_memory(t + pos, memory + pos, memory, allowed)))
         t = self.norm2(t + self.drop2(self.attn_previous(t + pos, previous + pos, previous, allowed)))
         return self.norm3(t + self.drop3(self.ffn(t)))
 
 
 class QueryDecoder(nn.Module):
-    def __init__(self, layers: int, tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+    """Stack of QueryDecoderLayers (UniAD's layer-wise query decoder); the first layer's "previous" is the memory."""
+
+    def __init__(self, layers: int, tokens: int, dim: int, heads: int, ffn_dim: int, dropout: float,
+                 learned: bool = True) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(QueryDecoderLayer(tokens, dim, heads, ffn_dim, dropout) for _ in range(layers))
+        self.layers = nn.ModuleList(QueryDecoderLayer(tokens, dim, heads, ffn_dim, dropout, learned)
+                                    for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
-    def forward(self, memory: Tensor, pos: Tensor, allowed: Tensor | None) -> Tensor:
+    def forward(self, memory: Tensor, pos: Tensor, allowed: Tensor | None, query: Tensor | None = None) -> Tensor:
+        """memory (B, L, D), query (B, L, D) or None (learned queries) -> (B, L, D)."""
         out = memory
         for layer in self.layers:
-            out = layer(memory, out, pos, allowed)
+            out = layer(memory, out, pos, allowed, query)
         return self.final_norm(out)
