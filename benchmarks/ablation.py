@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
+from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.evaluate import evaluate  # noqa: E402
 from onenip.train import Trainer  # noqa: E402
 
@@ -71,6 +72,8 @@ def main() -> None:
                     help="evaluate (clean protocol) every this many epochs of rows 0 and 5: the Fig. 1b curve")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1], help="K of K-prompt fusion to evaluate (OneNIP rows)")
     ap.add_argument("--tag", default="", help="prefix of the result files (e.g. 256px)")
+    ap.add_argument("--compile", default=None,
+                    help="train.compile of the fast engine (default: 'default' on CUDA, none elsewhere)")
     ap.add_argument("--output", default=str(REPO / "runs" / "ablation"))
     args = ap.parse_args()
 
@@ -81,8 +84,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = [*data_overrides(args), f"train.epochs={args.epochs}", f"train.engine={args.engine}",
             "eval.maps=[rec, ref, fused]"]
-    if args.engine == "fast" and torch.cuda.is_available():
-        base.append("train.compile=default")
+    if args.compile or (args.engine == "fast" and torch.cuda.is_available()):
+        base.append(f"train.compile={args.compile or 'default'}")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     for seed in args.seeds:
         for row in args.rows:
@@ -114,7 +117,7 @@ def main() -> None:
                     print(f"{tag} [{name}] {protocol} K={k}: " + ", ".join(f"{key} {100 * v:.1f}" for key, v in m.items())
                           + extra, flush=True)
             report["total_seconds"] = round(time.perf_counter() - t0, 1)
-            (out / f"{tag}.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+            atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=2, allow_nan=True))  # whole or absent
 
 
 if __name__ == "__main__":

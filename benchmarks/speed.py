@@ -90,6 +90,27 @@ def time_inference(model: DeployModel, images: torch.Tensor, iters: int, warmup:
     return times
 
 
+def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
+    """torch.profiler over `steps` training steps: the operators by device (or CPU) time, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    it = iter(trainer.loader)
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            try:
+                batch = next(it)
+            except StopIteration:
+                it = iter(trainer.loader)
+                batch = next(it)
+            trainer.train_step(batch)
+        sync(trainer.device)
+    key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    print(f"profile of {steps} fast steps: {path}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data_options(ap, backbone="efficientnet_b4", weights="random")
@@ -99,7 +120,13 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=50)
     ap.add_argument("--infer-iters", type=int, default=50)
     ap.add_argument("--infer-batch", type=int, default=256)
-    ap.add_argument("--compile", default=None, help="torch.compile mode of the fast path (default: CUDA only)")
+    ap.add_argument("--compile", default=None,
+                    help="torch.compile mode of the fast path's training (default: 'default' on CUDA, none on the CPU)")
+    ap.add_argument("--infer-compile", default=None,
+                    help="torch.compile mode of the fast inference (default: 'reduce-overhead', i.e. CUDA graphs, on "
+                         "CUDA; none on the CPU); 'none' for eager")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="profile this many fast training steps after the timing; the table goes to profile.txt")
     ap.add_argument("--engines", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
     ap.add_argument("--output", default=str(REPO / "runs" / "speed"))
     args = ap.parse_args()
@@ -137,7 +164,9 @@ def main() -> None:
     for engine in args.engines:
         model = DeployModel(det, dep, cache_prompts=engine == "fast").to(dev)
         if engine == "fast":
-            model.optimize(args.compile or ("max-autotune" if dev.type == "cuda" else None))
+            mode = args.infer_compile or ("reduce-overhead" if dev.type == "cuda" else "none")
+            model.optimize(None if mode == "none" else mode)
+            rows[engine]["infer_compile"] = mode
         one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=gen)
         many = torch.randint(0, 256, (args.infer_batch, 3, size, size), dtype=torch.uint8, generator=gen)
         if dev.type == "cuda":
@@ -169,6 +198,8 @@ def main() -> None:
             print(f"synthesis ({'by index' if by_index else 'torch.where'}): {rows['fast'][key]:.1f} ms per batch "
                   f"of {args.batch_size}", flush=True)
         batches.synthesizer.select_by_index = None
+    if args.profile and "fast" in trainers:
+        profile_steps(trainers["fast"], args.profile, out_dir / "profile.txt")
     meta = {"device": device_name(device), "commit": git_commit(), "torch": torch.__version__,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "backbone": args.backbone,
             "input_size": size, "batch_size": args.batch_size, "infer_batch": args.infer_batch,

@@ -3,9 +3,10 @@
 `OneNIP` reconstructs the features of a query image through a normal image prompt: a shared self-attention encoder,
 a bidirectional (two-way) decoder whose prompt stream, after reading the query, becomes the reconstruction. `UniAD` is
 the prompt-free baseline. `StaticPrompt` is the paper's intermediate step (Table 4a line 1, "unidirectional decoder
-with static prompt"): UniAD's decoder with its learned queries replaced by the encoded prompt. Both predict features F_hat of shape (B, C, H, W) for backbone features F; the anomaly map is
-||F_hat - F||_2 over channels (Eq. 9), and the `Refiner` turns |F_hat - F| into a sharper map at full resolution
-(Eq. 6; §4: two blocks of 3x3 conv + BN + ReLU + 2x2 transposed conv, a 1x1 conv, then x4 bilinear on the logits).
+with static prompt"): UniAD's decoder with its learned queries replaced by the encoded prompt. All predict features
+F_hat of shape (B, C, H, W) for backbone features F; the anomaly map is ||F_hat - F||_2 over channels (Eq. 9), and
+the `Refiner` turns |F_hat - F| into a sharper map at full resolution (Eq. 6; §4: two blocks of 3x3 conv + BN +
+ReLU + 2x2 transposed conv, a 1x1 conv, then x4 bilinear on the logits).
 
 Shapes: B batch, C backbone channels (272 for efficientnet_b4), D hidden size, H = W = input/16, L = H*W tokens.
 """
