@@ -103,10 +103,11 @@ def main() -> None:
                       "train_query_images_per_s": round(fit.images_per_second, 1), "history": fit.history,
                       "config": cfg.to_dict(), "evaluations": []}
             ks = args.prompts if trainer.net.uses_prompt else [1]
+            pool = cfg.eval.prompt_pool
             for k in ks:
                 for protocol in ("clean", "paper"):
                     cfg.eval.protocol, cfg.eval.prompts = protocol, k
-                    cfg.eval.prompt_pool = max(k, 1)  # K most similar prompts: a pool of K images per category
+                    cfg.eval.prompt_pool = max(k, pool)  # K most similar prompts: at least K images per category
                     res = evaluate(trainer.detector, cfg, progress=False)
                     entry = {"protocol": protocol, "prompts": k, **res.to_dict()}
                     entry.pop("checkpoint", None)

@@ -202,7 +202,10 @@ def k_prompts(rows: dict[int, list[dict]]) -> list[str]:
         ks = sorted({e["prompts"] for r in runs for e in r["evaluations"]})
         if len(ks) < 2:
             continue
-        out += [f"Row {row} ({ROW_NAMES.get(row, '')}), maps of the K prompts averaged:", "",
+        # only the runs evaluated with every K, so that the rows of the table compare the same models
+        runs = [r for r in runs if {e["prompts"] for e in r["evaluations"]} >= set(ks)]
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        out += [f"Row {row} ({ROW_NAMES.get(row, '')}), maps of the K prompts averaged (seed {seeds}):", "",
                 "| protocol | K | " + " | ".join(NAMES) + " | retrieval |", "|---|---:|" + "---:|" * (len(NAMES) + 1)]
         for protocol in ("clean", "paper"):
             for k in ks:

@@ -266,7 +266,9 @@ trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
 step = trainer.train_step
 def counted(batch):
     out = step(batch)
-    marker.write_text(str(trainer.step))
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(trainer.step))
+    tmp.replace(marker)  # atomic: the parent never reads a half-written count
     if trainer.step > len(trainer.loader):
         time.sleep(0.3)  # from epoch 2 on, slow enough that a loaded machine still kills it mid-epoch
     return out
@@ -299,7 +301,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, iad_
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while time.time() < deadline and child.poll() is None:
-        if marker.exists() and marker.read_text().strip() and int(marker.read_text()) >= per_epoch + 2:
+        text = marker.read_text().strip() if marker.exists() else ""
+        if text and int(text) >= per_epoch + 2:
             break
         time.sleep(0.02)
     assert child.poll() is None, "the child ended before it could be killed"

@@ -159,7 +159,11 @@ class EvalConfig:
         "true category per test image and the fusion constant from the test set (§6).",
         ("clean", "paper"),
     )
-    prompt_pool: int = _opt(1, "clean protocol: normal training images per category in the prompt pool.")
+    prompt_pool: int = _opt(
+        8,
+        "clean protocol: normal training images per category in the prompt pool (the most similar one is the prompt). "
+        "On iad-mix 1 picks the right category for 98.1 % of test images, 8 for 99.6 % (benchmarks/retrieval.py).",
+    )
     prompts: int = _opt(
         1,
         "Prompts per test image whose maps are averaged (K-prompt fusion, beyond the paper): clean protocol, the K most "
