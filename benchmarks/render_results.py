@@ -108,6 +108,30 @@ def fast_vs_plain_section() -> list[str]:
     return out if found else []
 
 
+def retrieval_section() -> list[str]:
+    """Prompt retrieval accuracy against the pool size (benchmarks/retrieval.py; docs/results/retrieval-*.json)."""
+    out = []
+    for f in sorted((DOCS / "results").glob("retrieval-*.json")):
+        d = json.loads(f.read_text())
+        out += ["## Prompt retrieval against the pool size", "",
+                "The clean protocol's prompt is the pool image (`eval.prompt_pool` normal training images per category)",
+                "whose averaged backbone features are most similar to the test image's; only the frozen backbone matters,",
+                "so this needs no training. Each pool size is drawn with several `eval.seed`s (which images are in it).", "",
+                f"- result file: `docs/results/{f.name}`; commit {d['commit']}; {d['device']}; torch {d['torch']}",
+                f"- {d['backbone']} ({d['weights']}), {d['input_size']} px; {d['train_images']} training and "
+                f"{d['test_images']} test images of iad-mix; features in {d['feature_seconds']:.0f} s",
+                f"- command: `{d['command']}`", "",
+                "| images per category | right category, mean | lowest | highest | most frequent confusion (true → retrieved, "
+                "count over seeds) |", "|---:|---:|---:|---:|---|"]
+        for r in d["rows"]:
+            conf = ", ".join(f"{t} → {g} ({n})" for t, g, n in r["confusions"][:2]) or "—"
+            out.append(f"| {r['pool_per_category']} | {100 * r['mean']:.2f} % | {100 * min(r['accuracy']):.2f} % | "
+                       f"{100 * max(r['accuracy']):.2f} % | {conf} |")
+        out += ["", "The default is 8 images per category since this measurement (it was 1: the iad-mix benchmark above,",
+                "at commit 40db8e0, used 1 and retrieved the right category for 98.61 % of test images).", ""]
+    return out
+
+
 def ablation_sections() -> list[str]:
     """Table 4a and what goes beyond it (benchmarks/ablation.py): the GPU folder when measured, and the CPU stand-in."""
     import sys
@@ -133,7 +157,12 @@ def ablation_sections() -> list[str]:
     if cpu.is_dir():
         out += ["### Small stand-in on the CPU", "",
                 "Four categories (bottle, metal_plate, PA_BDP01_TL, PA_FLR01_TL), 64 px input (a 4 x 4 feature grid),",
-                "a narrow network (width 64), 60 epochs, the fast engine, on the project's 2-core CPU machine.", "",
+                "a narrow network (width 64), 60 epochs, the fast engine, on the project's 2-core CPU machine.",
+                "What it shows: at this scale rows 0–4 are indistinguishable (P-AP 30.0–30.4, I-AUROC 94.5–94.8) and the",
+                "prompt has no measurable effect (K = 1, 3, 5 give the same maps to 0.1 point), so the stand-in cannot test",
+                "the paper's statements about the prompt and the restoration stream; the refiner's gain (row 5 − row 4:",
+                "+8.5 P-AP, +2.3 I-AUROC, beyond the seed spread) and the curves' shape are what it does show. Row 3's",
+                "training time is inflated: another job shared the two cores during it.", "",
                 *ablation_section(cpu)]
     return out
 
@@ -170,6 +199,7 @@ if __name__ == "__main__":
            "2-core CPU machine of this project (numpy sort + searchsorted); scikit-learn needs 6.3 s for pixel AUROC and",
            "AP of one category.", ""]
     md += speed_sections()
+    md += retrieval_section()
     md += fast_vs_plain_section()
     md += ablation_sections()
     (DOCS / "benchmarks.md").write_text("\n".join(md))
