@@ -77,7 +77,7 @@ def speed_sections() -> list[str]:
 
 
 def fast_vs_plain_section() -> list[str]:
-    """Does the fast path train as well as the plain one? Row 5 of ablation.py with each engine, three seeds each
+    """Does the fast path train as well as the plain one? Row 5 of ablation.py with each engine, several seeds each
     (docs/results/fast-vs-plain-*/: *plain-row5-seed*.json and *fast-row5-seed*.json)."""
     import sys
 

@@ -49,18 +49,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batches(trainer: Trainer):
+    """The trainer's batches without end, epoch after epoch."""
+    epoch = 0
+    while True:
+        trainer.sampler.set_epoch(epoch)
+        yield from trainer.loader
+        epoch += 1
+
+
 def time_training(trainer: Trainer, warmup: int, steps: int) -> float:
     """Query images per second over `steps` optimizer steps after `warmup` (batches across epoch boundaries)."""
-
-    def batches():
-        epoch = 0
-        while True:
-            trainer.sampler.set_epoch(epoch)
-            yield from trainer.loader
-            epoch += 1
-
     images, start = 0, 0.0
-    for i, batch in enumerate(batches()):
+    for i, batch in enumerate(batches(trainer)):
         if i == warmup:
             sync(trainer.device)
             start = time.perf_counter()
@@ -95,15 +96,10 @@ def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-    it = iter(trainer.loader)
+    it = batches(trainer)
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(trainer.loader)
-                batch = next(it)
-            trainer.train_step(batch)
+            trainer.train_step(next(it))
         sync(trainer.device)
     key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
