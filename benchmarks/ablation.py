@@ -7,7 +7,7 @@ prompt is drawn, which is Table 4d's subject):
     0  UniAD                                   model.arch=uniad, no prompt, no restoration, no refiner
     1  static prompt                           UniAD's decoder with the encoded prompt as its queries
                                                (model.arch=static-prompt: the paper's "unidirectional decoder
-                                               with static prompt", Eq. 2; the prompt is not updated)
+                                               with static prompt"; the prompt is not updated)
     2  dynamic prompt                          OneNIP's bidirectional decoder (prompt and query update each other)
     3  restoration without prompt              UniAD + the restoration stream
     4  dynamic prompt + restoration            OneNIP + the restoration stream

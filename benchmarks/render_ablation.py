@@ -74,9 +74,14 @@ def cell(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.1f} ± {statistics.stdev(vals):.1f}"
 
 
-def retrieval(runs: list[dict], k: int = 1) -> str:
-    vals = [100 * e["retrieval_accuracy"] for r in runs if (e := evaluation(r, "clean", k)) is not None
+def retrieval_values(runs: list[dict], k: int = 1) -> list[float]:
+    """The clean protocol's retrieval accuracy (in %) of each run that retrieves prompts."""
+    return [100 * e["retrieval_accuracy"] for r in runs if (e := evaluation(r, "clean", k)) is not None
             and e.get("retrieval_accuracy") is not None]
+
+
+def retrieval(runs: list[dict], k: int = 1) -> str:
+    vals = retrieval_values(runs, k)
     return f"{mean(vals):.2f} %" if vals else "—"
 
 
@@ -113,8 +118,7 @@ def checks(rows: dict[int, list[dict]]) -> list[str]:
     if known(m(5, "image_auroc"), m(5, "image_auroc", "paper")):
         d = m(5, "image_auroc") - m(5, "image_auroc", "paper")
         add("target: clean − paper protocol, mean I-AUROC of full OneNIP ≥ −1", f"{d:+.1f}", d >= -1)
-    ret = [100 * e["retrieval_accuracy"] for r in rows.get(5, []) if (e := evaluation(r, "clean")) is not None
-           and e.get("retrieval_accuracy") is not None]
+    ret = retrieval_values(rows.get(5, []))
     if ret:
         add("target: prompt retrieval right for ≥ 99 % of test images (full OneNIP)", f"{mean(ret):.2f} %",
             mean(ret) >= 99)

@@ -30,7 +30,7 @@ from iad_mix import data_options, data_overrides, device_name, git_commit  # noq
 
 from onenip.api import make_config  # noqa: E402
 from onenip.datasets import read_sources  # noqa: E402
-from onenip.detector import Detector  # noqa: E402
+from onenip.detector import Detector, resolve_device  # noqa: E402
 from onenip.evaluate import _features_of  # noqa: E402
 from onenip.prompts import PromptPool, pool_samples  # noqa: E402
 
@@ -48,8 +48,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = make_config(None, [*data_overrides(args), f"train.device={args.device}", *args.set])
     det = Detector.build(cfg).eval()
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
+    dev = resolve_device(args.device)
     det.to(dev)
     cats = cfg.data.categories or None
     train = read_sources(cfg.data.roots, "train", cats)

@@ -154,11 +154,15 @@ class OneNIP(ReconstructionNet):
         b, bp = x.shape[0], p.shape[0]
         if b != bp:
             p = p.repeat(b // bp, 1, 1)  # (B, L, D): query i takes prompt i mod Bp
-        return self.untokens(self.decoder(p, x, self.pos(), self.allowed))
+        return self.untokens(self.run_decoder(x, p))
+
+    def run_decoder(self, x: Tensor, p: Tensor) -> Tensor:
+        """Encoded query x and prompt p, both (B, L, D) -> the reconstruction's tokens (B, L, D): the prompt stream."""
+        return self.decoder(p, x, self.pos(), self.allowed)
 
 
 class StaticPrompt(OneNIP):
-    """Unidirectional decoder with static prompt (the paper's Eq. 2, Table 4a line 1): the shared encoder encodes
+    """Unidirectional decoder with static prompt (the paper's §3 and Table 4a line 1): the shared encoder encodes
     query and prompt as OneNIP does; UniAD's layer-wise query decoder then reads the query's encoding, with the encoded
     prompt in place of every layer's learned query embedding. The prompt is not updated by the decoder (static); the
     decoder's output stream becomes F_hat."""
@@ -167,12 +171,9 @@ class StaticPrompt(OneNIP):
         return QueryDecoder(cfg.decoder_layers, grid * grid, cfg.hidden_dim, cfg.heads, cfg.ffn_dim, cfg.dropout,
                             learned=False)
 
-    def decode(self, x: Tensor, p: Tensor) -> Tensor:
-        """Encoded query x (B, L, D) and prompt p (Bp, L, D), B a multiple of Bp -> F_hat (B, C, H, W)."""
-        b, bp = x.shape[0], p.shape[0]
-        if b != bp:
-            p = p.repeat(b // bp, 1, 1)  # (B, L, D): query i takes prompt i mod Bp
-        return self.untokens(self.decoder(x, self.pos(), self.allowed, query=p))
+    def run_decoder(self, x: Tensor, p: Tensor) -> Tensor:
+        """Encoded query x and prompt p, both (B, L, D) -> (B, L, D): the query decoder reads x with p as its queries."""
+        return self.decoder(x, self.pos(), self.allowed, query=p)
 
 
 class UniAD(ReconstructionNet):
