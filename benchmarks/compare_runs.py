@@ -4,7 +4,10 @@
 
 Each group is a list of result JSON files (one per seed). For every protocol (and K of K-prompt fusion) it prints the
 mean and standard deviation (over seeds) of the seven mean metrics of each group, and, for two groups, the difference of
-the means next to the seed-to-seed spread: a difference within max(std of either group) is "within spread".
+the means next to the seed-to-seed spread: a difference within max(std of either group) is "within spread"; and
+Welch's t (the difference over its standard error): |t| of about 2 or more is unlikely (about 5 %) if the two groups
+come from the same distribution, but the seven metrics are correlated and several are tested at once, so one |t| near
+2 alone is weak evidence.
 With --markdown FILE the table is also written there.
 """
 
@@ -34,6 +37,15 @@ def stats(runs: list[dict[str, float]], key: str) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
 
 
+def welch_t(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> float:
+    """(mean b − mean a) / its standard error, from the two groups' sample variances; nan for fewer than 2 runs each."""
+    (ma, sa), (mb, sb) = stats(a, key), stats(b, key)
+    if len(a) < 2 or len(b) < 2:
+        return float("nan")
+    se = (sa**2 / len(a) + sb**2 / len(b)) ** 0.5
+    return (mb - ma) / se if se > 0 else (0.0 if mb == ma else float("inf"))
+
+
 def compare_table(groups: list[list[str]], names: list[str]) -> str:
     """The Markdown tables: per protocol and K, mean ± std of each group and (two groups) their difference."""
     data = [load_group(g) for g in groups]
@@ -52,6 +64,8 @@ def compare_table(groups: list[list[str]], names: list[str]) -> str:
                 spread = max(sa, sb)
                 cells.append(f"{mb - ma:+.1f} ({'within' if abs(mb - ma) <= spread else 'OUTSIDE'} ±{spread:.1f})")
             lines.append(f"| {names[1]} − {names[0]} | " + " | ".join(cells) + " |")
+            lines.append("| Welch t | " + " | ".join(
+                f"{welch_t(data[0][setting], data[1][setting], key):+.1f}" for key in KEYS) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -93,19 +94,60 @@ def fast_vs_plain_section() -> list[str]:
         if not plain or not fast:
             continue
         found = True
-        d, p = json.loads(fast[0].read_text()), json.loads(plain[0].read_text())
+        runs = {f: json.loads(f.read_text()) for f in plain + fast}
+        d = runs[fast[0]]
         cfg = d["config"]
         cats = cfg["data"]["categories"] or "all"
+        batches: dict[tuple[str, str], list[int]] = {}  # (commit, command) -> seeds run by it
+        for r in runs.values():
+            batches.setdefault((r["commit"], r["command"]), []).append(r["seed"])
+        provenance = [f"- commit {c}, seeds {', '.join(map(str, sorted(seeds)))}: `{cmd}`"
+                      for (c, cmd), seeds in sorted(batches.items(), key=lambda kv: min(kv[1]))]
+        rate = {e: statistics.fmean(r["train_query_images_per_s"] for f, r in runs.items() if f in group)
+                for e, group in (("plain", plain), ("fast", fast))}
+        secs = {e: statistics.fmean(r["train_seconds"] for f, r in runs.items() if f in group)
+                for e, group in (("plain", plain), ("fast", fast))}
         out += [f"### {d['device']}", "",
                 f"- setting: categories {cats}, {cfg['data']['input_size']} px, width {cfg['model']['hidden_dim']}, "
                 f"{d['epochs']} epochs at batch {cfg['train']['batch_size']}, {len(plain)} + {len(fast)} seeds",
-                f"- result files: `docs/results/{folder.name}/`; commit {d['commit']}; torch {d['torch']}",
-                f"- command (fast; plain the same with `--engine plain`): `{d['command']}`",
-                f"- training: {p['train_seconds']:.0f} s per run plain ({p['train_query_images_per_s']:.0f} query images/s),"
-                f" {d['train_seconds']:.0f} s fast ({d['train_query_images_per_s']:.0f} query images/s)"
+                f"- result files: `docs/results/{folder.name}/`; torch {d['torch']}; the runs, by commit and command:",
+                *provenance,
+                f"- training, mean per run: {secs['plain']:.0f} s plain ({rate['plain']:.0f} query images/s),"
+                f" {secs['fast']:.0f} s fast ({rate['fast']:.0f} query images/s)"
                 + (" — runs shared the machine, so these rates are not speed figures" if "h100" in folder.name else ""),
                 "", compare_table([[str(f) for f in plain], [str(f) for f in fast]], ["plain", "fast"]), ""]
     return out if found else []
+
+
+def synthesis_section() -> list[str]:
+    """Plain against batched synthesis, statistic by statistic (benchmarks/synthesis_stats.py;
+    docs/results/synthesis-stats-*.json)."""
+    files = sorted((DOCS / "results").glob("synthesis-stats-*.json"))
+    if not files:
+        return []
+    out = ["## Synthesis: plain (PIL, per image) against fast (torch, per batch)", "",
+           "The refiner learns from the synthesized masks, so the fast engine's batched synthesis must draw the same",
+           "distribution of anomalies as the plain one. `benchmarks/synthesis_stats.py` draws the same training images",
+           "through both and compares, per kind: share of draws, mask area (fraction of the image), connected pieces,",
+           "boundary fraction, mean |change| in the mask (0–255), mean signed gray shift in the mask, pixels changed",
+           "outside the mask. z = difference / standard error; |z| > 4 would be flagged.", ""]
+    stats = ["share", "area", "components", "border", "change", "gray_shift", "outside"]
+    for f in files:
+        d = json.loads(f.read_text())
+        out += [f"### {d['train_images']} training images, {d['input_size']} px, {d['draws']} draws per path", "",
+                f"- result file: `docs/results/{f.name}`; commit {d['commit']}", f"- command: `{d['command']}`",
+                f"- flagged (|z| > 4): {', '.join(d['flagged']) or 'none'}", "",
+                "| kind | " + " | ".join(stats) + " |", "|---|" + "---:|" * len(stats)]
+        for kind in d["plain"]:
+            cells = []
+            for k in stats:
+                (pm, pe, _), (fm, fe, _) = d["plain"][kind][k], d["fast"][kind][k]
+                se = math.hypot(pe, fe)
+                z = (fm - pm) / se if se > 0 else 0.0
+                cells.append(f"{pm:.3g} / {fm:.3g} (z {z:+.1f})")
+            out.append(f"| {kind} | " + " | ".join(cells) + " |")
+        out += ["", "Cells: plain / fast (z).", ""]
+    return out
 
 
 def retrieval_section() -> list[str]:
@@ -177,8 +219,9 @@ if __name__ == "__main__":
         "backbone weights (the tapped layers of `tf_efficientnet_lite0`, exported to safetensors) into `.devdata/`,",
         "which travels to the GPU machine; the command of each section then ran there. `benchmarks/gpu_session.sh`",
         "groups the speed, ablation and fast-vs-plain runs into calls of the GPU machine (10 minutes each).", "",
-        "Protocols: *clean* — the category is not given, the prompt is retrieved from a pool of one normal training",
-        "image per category, and the fusion constant comes from training images; *paper* — a random training image",
+        "Protocols: *clean* — the category is not given, the prompt is retrieved from a pool of normal training images",
+        "of every category (`eval.prompt_pool` per category: 8 by default, 1 in the iad-mix runs at commit 40db8e0",
+        "below), and the fusion constant comes from training images; *paper* — a random training image",
         "of the true category as prompt (seeded) and the fusion constant from the whole test set, as the authors' code.",
         "Maps: `rec` reconstruction error, `ref` refiner, `fused` = 0.5·rec + 0.5·c·ref (the tables show `fused`).", "",
     ]
@@ -200,6 +243,7 @@ if __name__ == "__main__":
            "AP of one category.", ""]
     md += speed_sections()
     md += retrieval_section()
+    md += synthesis_section()
     md += fast_vs_plain_section()
     md += ablation_sections()
     (DOCS / "benchmarks.md").write_text("\n".join(md))

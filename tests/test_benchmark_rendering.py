@@ -79,3 +79,24 @@ def test_settings_are_grouped_by_tag(tmp_path: Path) -> None:
     assert set(by_tag) == {"", "256px"} and list(by_tag[""]) == [0, 5]
     other = "\n".join(render_ablation.other_settings(by_tag))
     assert "| (main) | 64 | 95.0 |" in other and "| 256px | 64 | 97.0 |" in other
+
+
+def test_compare_table_difference_spread_and_welch_t(tmp_path: Path) -> None:
+    compare_runs = pytest.importorskip("compare_runs")
+    files = {}
+    for name, values in (("plain", [0.90, 0.92, 0.94]), ("fast", [0.86, 0.87, 0.88])):
+        files[name] = []
+        for seed, v in enumerate(values):
+            r = run(5, seed, v, 0.5)
+            f = tmp_path / f"{name}-row5-seed{seed}.json"
+            f.write_text(json.dumps(r))
+            files[name].append(str(f))
+    text = compare_runs.compare_table([files["plain"], files["fast"]], ["plain", "fast"])
+    lines = text.splitlines()
+    diff = next(line for line in lines if line.startswith("| fast − plain"))
+    # means 92 and 87, stds 2 and 1: −5 is outside the larger spread 2; Welch t = −5 / sqrt(4/3 + 1/3) = −3.87
+    assert diff.split("|")[2].strip() == "-5.0 (OUTSIDE ±2.0)"
+    assert "+0.0 (within ±0.0)" in diff  # P-AP is 50 in every run
+    t = next(line for line in lines if line.startswith("| Welch t"))
+    assert t.split("|")[2].strip() == "-3.9"
+    assert t.split("|")[5].strip() == "+0.0"
