@@ -18,6 +18,7 @@ prompt is drawn, which is Table 4d's subject):
     python benchmarks/ablation.py --rows 5 --curve-every 10 --epochs 180                     # Fig. 1b curve (also row 0)
     python benchmarks/ablation.py --rows 5 --prompts 1 3 5                                    # K-prompt fusion
     python benchmarks/ablation.py --rows 5 --input-size 256 --tag 256px                       # 256-px input
+    python benchmarks/ablation.py --rows 2 5 --sensitivity      # also: do the trained models use their prompt?
 
 Every run writes <output>/<tag>row<R>-seed<S>.json: the configuration, the training log (with the clean-protocol test
 metrics every --curve-every epochs when asked), and per protocol (and per K of --prompts) the per-category seven metrics,
@@ -41,6 +42,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
+from prompt_sensitivity import sensitivity_of  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.checkpoint import atomic_write_text  # noqa: E402
@@ -71,6 +73,9 @@ def main() -> None:
     ap.add_argument("--curve-every", type=int, default=0,
                     help="evaluate (clean protocol) every this many epochs of rows 0 and 5: the Fig. 1b curve")
     ap.add_argument("--prompts", type=int, nargs="+", default=[1], help="K of K-prompt fusion to evaluate (OneNIP rows)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="after evaluating a prompted row, score its test images with other prompts too "
+                         "(benchmarks/prompt_sensitivity.py): does the trained model use its prompt?")
     ap.add_argument("--tag", default="", help="prefix of the result files (e.g. 256px)")
     ap.add_argument("--compile", default=None,
                     help="train.compile of the fast engine (default: 'default' on CUDA, none elsewhere)")
@@ -117,6 +122,12 @@ def main() -> None:
                              else "")
                     print(f"{tag} [{name}] {protocol} K={k}: " + ", ".join(f"{key} {100 * v:.1f}" for key, v in m.items())
                           + extra, flush=True)
+            if args.sensitivity and trainer.net.uses_prompt:
+                sens = sensitivity_of(trainer.detector, cfg, trainer.device, cfg.eval.seed)
+                report["prompt_sensitivity"] = sens["modes"]
+                print(f"{tag} prompt sensitivity (rec map, P-AP / moved): " + ", ".join(
+                    f"{mode} {100 * v['rec']['mean']['pixel_ap']:.1f} / {100 * v['rec']['relative_change']:.1f} %"
+                    for mode, v in sens["modes"].items()), flush=True)
             report["total_seconds"] = round(time.perf_counter() - t0, 1)
             atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=2, allow_nan=True))  # whole or absent
 

@@ -9,9 +9,9 @@
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
 #                   fast path also eager; a torch.profiler table of 20 fast steps. Run it alone, first.
 #   table4a-light   ablation rows 0, 1, 2, seed 133, 180 epochs (no synthesis: the cached features only); row 0 with
-#                   its curve (test metrics every 20 epochs)
+#                   its curve (test metrics every 20 epochs); row 2 also scored with other prompts (--sensitivity)
 #   table4a-heavy   rows 3, 4, 5, seed 133 (synthesis, backbone on every synthetic image); row 5 with its curve and
-#                   K = 1, 3, 5
+#                   K = 1, 3, 5 and --sensitivity
 #   seeds0, seeds5  rows 0 / 5 with seeds 134 and 135 (and curves): mean +- std over three seeds
 #   px256           row 5 at 256 px
 #   fastvsplain     row 5, 60 epochs, seeds 1-3, on the plain and on the fast engine (the plain path's data loading
@@ -43,11 +43,11 @@ for group in "$@"; do
   speed) ;;
   table4a-light)
     o="--output $res/ablation-h100"
-    jobs+=(r0 "$A $o --rows 0 --seeds 133 --curve-every 20" r1 "$A $o --rows 1 --seeds 133" r2 "$A $o --rows 2 --seeds 133") ;;
+    jobs+=(r0 "$A $o --rows 0 --seeds 133 --curve-every 20" r1 "$A $o --rows 1 --seeds 133" r2 "$A $o --rows 2 --seeds 133 --sensitivity") ;;
   table4a-heavy)
     o="--output $res/ablation-h100"
     jobs+=(r3 "$A $o --rows 3 --seeds 133" r4 "$A $o --rows 4 --seeds 133"
-      r5 "$A $o --rows 5 --seeds 133 --curve-every 20 --prompts 1 3 5") ;;
+      r5 "$A $o --rows 5 --seeds 133 --curve-every 20 --prompts 1 3 5 --sensitivity") ;;
   seeds0 | seeds5)
     o="--output $res/ablation-h100" row=${group#seeds}
     jobs+=("s${row}a" "$A $o --rows $row --seeds 134 --curve-every 20" "s${row}b" "$A $o --rows $row --seeds 135 --curve-every 20") ;;

@@ -1,0 +1,71 @@
+"""Diagnostic benchmark scripts that are more than printing: benchmarks/prompt_sensitivity.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from onenip.api import make_config
+from onenip.datasets import read_sources
+from onenip.detector import Detector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+prompt_sensitivity = pytest.importorskip("prompt_sensitivity")
+
+TWO = ["PA_BDP01_TL", "PA_FLR01_TL"]
+
+
+def test_other_prompts_come_from_another_category_and_repeat(iad_mix: Path) -> None:
+    test = read_sources([str(iad_mix)], "test", TWO)
+    train = read_sources([str(iad_mix)], "train", TWO)
+    other = prompt_sensitivity.other_prompts(test, train, seed=3)
+    assert all(p.category != s.category for p, s in zip(other, test))
+    assert other == prompt_sensitivity.other_prompts(test, train, seed=3)
+    assert other != prompt_sensitivity.other_prompts(test, train, seed=4)
+    with pytest.raises(ValueError, match="two categories"):
+        prompt_sensitivity.other_prompts(test[:1], [s for s in train if s.category == test[0].category], seed=0)
+
+
+def test_sensitivity_of_an_untrained_prompted_model(tmp_path: Path, iad_mix: Path) -> None:
+    cfg = make_config(None, [f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(TWO)}]", "data.input_size=32",
+                             "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=random",
+                             "model.hidden_dim=32", "model.ffn_dim=64", "model.heads=4", "model.refiner_channels=8",
+                             "train.device=cpu"])
+    torch.manual_seed(0)
+    det = Detector.build(cfg)
+    det.save(tmp_path / "model.safetensors")
+    res = prompt_sensitivity.sensitivity(tmp_path, None, torch.device("cpu"), seed=0)
+    assert res["test_images"] == 116 and set(res["modes"]) == {"same", "other", "self", "gray"}
+    for mode, maps in res["modes"].items():
+        assert set(maps) == {"rec", "ref"}
+        for m in maps.values():
+            assert set(m["categories"]) == set(TWO)
+            assert all(0.0 <= v <= 1.0 for v in m["mean"].values())
+            if mode == "same":
+                assert m["relative_change"] == 0.0
+            else:  # the decoder attends to the prompt, so another prompt moves the maps even untrained
+                assert m["relative_change"] > 1e-4
+
+
+def test_ablation_sensitivity_flag_writes_the_prompt_sensitivity(tmp_path: Path, iad_mix: Path, textures: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """ablation.py --sensitivity (what gpu_session.sh runs on rows 2 and 5) adds the four prompts' metrics to a prompted
+    row's result file, and only to a prompted row's."""
+    ablation = pytest.importorskip("ablation")
+    monkeypatch.setattr(sys, "argv", [
+        "ablation.py", "--rows", "0", "2", "--seeds", "1", "--epochs", "1", "--engine", "plain", "--sensitivity",
+        "--data", str(iad_mix), "--textures", str(textures), "--weights", "random", "--input-size", "32",
+        "--batch-size", "8", "--workers", "0", "--output", str(tmp_path),
+        "--set", f"data.categories=[{', '.join(TWO)}]", "--set", "model.hidden_dim=32", "--set", "model.ffn_dim=64",
+        "--set", "model.heads=4", "--set", "train.device=cpu"])
+    ablation.main()
+    uniad = json.loads((tmp_path / "row0-seed1.json").read_text())
+    prompted = json.loads((tmp_path / "row2-seed1.json").read_text())
+    assert "prompt_sensitivity" not in uniad
+    modes = prompted["prompt_sensitivity"]
+    assert set(modes) == {"same", "other", "self", "gray"} and modes["same"]["rec"]["relative_change"] == 0.0
+    assert modes["other"]["rec"]["relative_change"] > 0.0
