@@ -38,7 +38,7 @@ from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.config import Config  # noqa: E402
 from onenip.datasets import group_by_category, load_split  # noqa: E402
 from onenip.detector import Detector, resolve_device  # noqa: E402
-from onenip.evaluate import METRICS, _category_metrics, _features_of  # noqa: E402
+from onenip.evaluate import METRICS, category_metrics, features_of  # noqa: E402
 from onenip.images import read_sample  # noqa: E402
 from onenip.prompts import paper_prompts  # noqa: E402
 
@@ -76,11 +76,11 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
     cats = cfg.data.categories or None
     test, _ = load_split(cfg.data.roots, "test", cats)
     train, _ = load_split(cfg.data.roots, "train", cats)
-    feats = _features_of(det, test, cfg)  # (N, C, h, w)
+    feats = features_of(det, test, cfg)  # (N, C, h, w)
     index = {s.image: i for i, s in enumerate(train)}
     chosen = {"same": paper_prompts(test, train, seed), "other": other_prompts(test, train, seed)}
     needed = sorted({index[s.image] for ps in chosen.values() for s in ps})
-    train_feats = dict(zip(needed, _features_of(det, [train[i] for i in needed], cfg)))
+    train_feats = dict(zip(needed, features_of(det, [train[i] for i in needed], cfg)))
     size = cfg.data.input_size
     gray = det.features(torch.full((1, 3, size, size), 128, dtype=torch.uint8, device=device))  # (1, C, h, w)
     names = ["rec", "ref"] if det.net.refiner is not None else ["rec"]
@@ -108,7 +108,7 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
             out = [det.maps(q[s : s + 32], p[s : s + 32]) for s in range(0, len(idx), 32)]
             maps[mode] = {n: torch.cat([getattr(o, n) for o in out]).cpu().numpy() for n in names}
             for n in names:
-                per_mode[mode][n][cat] = _category_metrics(maps[mode][n], masks_arr, labels_arr, cfg)[0]
+                per_mode[mode][n][cat] = category_metrics(maps[mode][n], masks_arr, labels_arr, cfg)[0]
                 moved[mode][n][0] += float(np.abs(maps[mode][n] - maps["same"][n]).sum())
                 moved[mode][n][1] += float(np.abs(maps["same"][n]).sum())
     result = {}

@@ -31,7 +31,7 @@ from iad_mix import data_options, data_overrides, device_name, git_commit  # noq
 from onenip.api import make_config  # noqa: E402
 from onenip.datasets import read_sources  # noqa: E402
 from onenip.detector import Detector, resolve_device  # noqa: E402
-from onenip.evaluate import _features_of  # noqa: E402
+from onenip.evaluate import features_of  # noqa: E402
 from onenip.prompts import PromptPool, pool_samples  # noqa: E402
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     train = read_sources(cfg.data.roots, "train", cats)
     test = read_sources(cfg.data.roots, "test", cats)
     t0 = time.perf_counter()
-    train_feats = _features_of(det, train, cfg)  # (N, C, H, W)
-    test_feats = _features_of(det, test, cfg)
+    train_feats = features_of(det, train, cfg)  # (N, C, H, W)
+    test_feats = features_of(det, test, cfg)
     seconds = time.perf_counter() - t0
     index = {s.image: i for i, s in enumerate(train)}
     truth = [s.category for s in test]

@@ -110,7 +110,8 @@ def _loader(ds: Dataset, cfg: Config) -> DataLoader:
 
 
 @torch.no_grad()
-def _features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torch.Tensor:
+def features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torch.Tensor:
+    """Backbone features (N, C, h, w) of the samples' images at cfg.data.input_size, on the detector's device."""
     dev = next(detector.parameters()).device
     feats = [detector.features(b["image"].to(dev)) for b in _loader(_Images(samples, cfg.data.input_size), cfg)]
     return torch.cat(feats)
@@ -119,7 +120,7 @@ def _features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torc
 @torch.no_grad()
 def build_prompt_pool(detector: Detector, train: list[Sample], cfg: Config) -> PromptPool:
     samples = pool_samples(train, cfg.eval.prompt_pool, cfg.eval.seed)
-    return PromptPool(samples, _features_of(detector, samples, cfg))
+    return PromptPool(samples, features_of(detector, samples, cfg))
 
 
 @torch.no_grad()
@@ -127,7 +128,7 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     """c of the clean protocol: (max + min) / 2 of the reconstruction maps of normal training images (not in the pool)."""
     exclude = {s.image for s in pool.samples} if pool is not None else set()
     samples = pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude=exclude)
-    feats = _features_of(detector, samples, cfg)
+    feats = features_of(detector, samples, cfg)
     lo, hi = math.inf, -math.inf
     for s in range(0, feats.shape[0], cfg.eval.batch_size):
         f = feats[s : s + cfg.eval.batch_size]
@@ -140,7 +141,7 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     return fusion_scale(lo, hi)
 
 
-def _category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
+def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
     """Seven metrics of one category's maps (pixel metrics nan without usable masks) and the image scores."""
     scores = image_scores(maps, cfg.eval.score_kernel)
     im = image_metrics(scores, labels)
@@ -249,7 +250,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
         if pool is not None:
             entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
         for name in names:
-            entry[name], scores = _category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
+            entry[name], scores = category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
             for i, sc in zip(indices, scores):
                 score_rows[i][f"score_{name}"] = float(sc)
             del maps[name]  # free each map as soon as it is scored
