@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from compare_runs import KEYS, NAMES  # noqa: E402
 from iad_mix import device_name, git_commit  # noqa: E402
 
 from onenip.checkpoint import atomic_write_text  # noqa: E402
@@ -90,12 +91,11 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
     per_mode = {m: {n: {} for n in names} for m in MODES}
     moved = {m: {n: [0.0, 0.0] for n in names} for m in MODES}  # sum |map - same map|, sum same map
     for cat, idx in sorted(by_cat.items()):
-        masks, labels = [], []
-        for i in idx:
-            mask = read_sample(test[i], size)[1]
-            masks.append(mask if mask is not None else np.zeros((size, size), dtype=bool))
-            labels.append(test[i].label)
-        masks_arr, labels_arr = np.stack(masks), np.array(labels)
+        masks = [read_sample(test[i], size)[1] for i in idx]
+        labels = np.array([test[i].label for i in idx])
+        # as evaluate(): a category with a defective image lacking its mask is left out of the pixel metrics
+        pixel_ok = all(m is not None for m, y in zip(masks, labels) if y == 1)
+        truth = np.stack([m if m is not None else np.zeros((size, size), dtype=bool) for m in masks]) if pixel_ok else None
         q = feats[idx].to(device)
         maps = {}
         for mode in MODES:
@@ -108,7 +108,7 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
             out = [det.maps(q[s : s + 32], p[s : s + 32]) for s in range(0, len(idx), 32)]
             maps[mode] = {n: torch.cat([getattr(o, n) for o in out]).cpu().numpy() for n in names}
             for n in names:
-                per_mode[mode][n][cat] = category_metrics(maps[mode][n], masks_arr, labels_arr, cfg)[0]
+                per_mode[mode][n][cat] = category_metrics(maps[mode][n], truth, labels, cfg)[0]
                 moved[mode][n][0] += float(np.abs(maps[mode][n] - maps["same"][n]).sum())
                 moved[mode][n][1] += float(np.abs(maps["same"][n]).sum())
     result = {}
@@ -133,16 +133,14 @@ def main() -> None:
     dev = resolve_device(args.device)
     report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
               "device": device_name(dev), "torch": torch.__version__, "runs": []}
-    short = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1", "pixel_auroc": "P-AUROC",
-             "pixel_ap": "P-AP", "pixel_f1max": "P-F1", "pixel_aupro": "AUPRO"}
     for run in args.runs:
         res = sensitivity(run, args.data, dev, args.seed)
         report["runs"].append(res)
         print(f"{run} ({res['arch']}, {res['input_size']} px, {res['test_images']} test images)")
-        print(f"  {'prompt':6s} {'map':4s} " + " ".join(f"{v:>7s}" for v in short.values()) + "  moved")
+        print(f"  {'prompt':6s} {'map':4s} " + " ".join(f"{v:>7s}" for v in NAMES) + "  moved")
         for mode in MODES:
             for n, r in res["modes"][mode].items():
-                print(f"  {mode:6s} {n:4s} " + " ".join(f"{100 * r['mean'][k]:7.1f}" for k in short)
+                print(f"  {mode:6s} {n:4s} " + " ".join(f"{100 * r['mean'][k]:7.1f}" for k in KEYS)
                       + f"  {100 * r['relative_change']:5.1f} %")
     args.output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output / "prompt-sensitivity.json", json.dumps(report, indent=2))

@@ -270,11 +270,13 @@ PROMPT_SENSITIVITY_NOTES: dict[str, list[str]] = {
         "Reading (the 128-px stand-in models above): the prompted models do read their prompt — a prompt of another",
         "category moves the reconstruction map by 25–63 % and costs 17–30 points of P-AP, a gray prompt 5–31 % —",
         "but they read it as *which category this is*, not as a picture of the normal part: with the anomalous test",
-        "image as its own prompt (*self*), the maps move by 0.2–0.4 % and no metric changes by more than 1.2 points,",
+        "image as its own prompt (*self*), the reconstruction maps move by 0.2–0.4 % (row 5's refiner map 3 %) and no",
+        "metric of either map changes by more than 1.2 points,",
         "where a model that copied normal content from its prompt would reconstruct the defect and lose it. A",
         "same-category prompt thus adds nothing the query does not already say about its category, which is why",
-        "rows 1, 2 and 4 score as UniAD does at this scale. Whether a 14 x 14 grid and the full network change this",
-        "is the question for the GPU run (`gpu_session.sh` runs rows 2 and 5 with `--sensitivity`).", ""],
+        "rows 1, 2 and 4 score as UniAD does at this scale. The 224-px models (14 x 14 grid, their tables follow)",
+        "behave the same; whether the full-width network does is the question for the GPU run (`gpu_session.sh`",
+        "runs rows 2 and 5 with `--sensitivity`).", ""],
 }
 
 

@@ -69,3 +69,8 @@ def test_ablation_sensitivity_flag_writes_the_prompt_sensitivity(tmp_path: Path,
     modes = prompted["prompt_sensitivity"]
     assert set(modes) == {"same", "other", "self", "gray"} and modes["same"]["rec"]["relative_change"] == 0.0
     assert modes["other"]["rec"]["relative_change"] > 0.0
+    # the "same" prompt is the paper protocol's draw: its rec-map metrics are those evaluate() reported for K = 1 (to
+    # float rounding: the two batch the maps differently)
+    paper = next(e for e in prompted["evaluations"] if e["protocol"] == "paper" and e["prompts"] == 1)
+    assert modes["same"]["rec"]["mean"] == pytest.approx(paper["mean"]["rec"], abs=1e-5)
+    assert modes["other"]["rec"]["mean"] != pytest.approx(paper["mean"]["rec"], abs=1e-5)
