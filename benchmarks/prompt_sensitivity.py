@@ -39,7 +39,7 @@ from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.config import Config  # noqa: E402
 from onenip.datasets import group_by_category, load_split  # noqa: E402
 from onenip.detector import Detector, resolve_device  # noqa: E402
-from onenip.evaluate import METRICS, category_metrics, features_of  # noqa: E402
+from onenip.evaluate import METRICS, category_metrics, features_of, prompt_source  # noqa: E402
 from onenip.images import read_sample  # noqa: E402
 from onenip.prompts import paper_prompts  # noqa: E402
 
@@ -76,7 +76,7 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
     det.eval()
     cats = cfg.data.categories or None
     test, _ = load_split(cfg.data.roots, "test", cats)
-    train, _ = load_split(cfg.data.roots, "train", cats)
+    train = prompt_source(det, cfg)  # as evaluate(): the model's categories, less its held-out images
     feats = features_of(det, test, cfg)  # (N, C, h, w)
     index = {s.image: i for i, s in enumerate(train)}
     chosen = {"same": paper_prompts(test, train, seed), "other": other_prompts(test, train, seed)}

@@ -110,3 +110,25 @@ def test_shipped_config_files_load() -> None:
         load_config([f])
     both = load_config([folder / "iad-mix-offline.yaml", folder / "uniad-baseline.yaml"])
     assert both.model.arch == "uniad" and both.backbone.name == "tf_efficientnet_lite0" and both.train.epochs == 180
+
+
+def test_resolved_padding_is_kept_through_resume_and_test() -> None:
+    """A saved model's resolved backbone.padding wins over a later 'auto'; an explicit other value is a conflict; a
+    checkpoint from before the option ('auto' in it) padded dynamically."""
+    from onenip.checkpoint import adopt_resolved, incompatible_keys
+
+    saved = config_from_dict({"backbone": {"padding": "static"}})
+    later = Config()
+    assert later.backbone.padding == "auto"
+    assert incompatible_keys(saved, later) == []
+    adopt_resolved(saved, later)
+    assert later.backbone.padding == "static"
+    assert incompatible_keys(saved, config_from_dict({"backbone": {"padding": "dynamic"}})) == ["backbone.padding"]
+    old = Config()  # written before backbone.padding existed
+    assert incompatible_keys(old, config_from_dict({"backbone": {"padding": "static"}})) == ["backbone.padding"]
+    assert incompatible_keys(old, config_from_dict({"backbone": {"padding": "dynamic"}})) == []
+    fresh = Config()
+    adopt_resolved(old, fresh)
+    assert fresh.backbone.padding == "dynamic"
+    with pytest.raises(ConfigError, match="backbone.padding"):
+        config_from_dict(parse_override("backbone.padding=sometimes"))

@@ -123,6 +123,33 @@ def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str
     assert "pool_encoded" not in dict(DeployModel(det, dep, cache_prompts=False).named_buffers())
 
 
+def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path) -> None:
+    """`onenip test` (clean protocol) measures the model `onenip predict` runs: the same prompt pool and fusion
+    constant, drawn from the training images less the held-out ones and from every category of the model, also when
+    only one category is evaluated (a pool of that category alone would tell retrieval the answer)."""
+    from onenip.evaluate import _Images, evaluate
+
+    cats = ["PA_BDP01_TL", "bottle", "metal_plate"]
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(cats)}]", "eval.prompt_pool=3"))
+    torch.manual_seed(0)
+    det = Detector.build(cfg).eval()
+    train, held = split_holdout(read_sources(cfg.data.roots, "train", cats), 0.1, cfg.train.seed)
+    assert held
+    det.extra.update(categories=cats, holdout=[str(s.image) for s in held])  # what Trainer records
+    det.deployment = build_deployment(det, train, held, far=0.1, cfg=cfg)
+    cfg.data.categories = ["metal_plate"]
+    res = evaluate(det, cfg, progress=False)
+    assert res.fusion_scale == pytest.approx(det.deployment.fusion_scale, rel=1e-6)
+    test = read_sources(cfg.data.roots, "test", ["metal_plate"])
+    images = torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
+    with torch.no_grad():
+        out = DeployModel(det, det.deployment)(images)
+    rows = {r["image"]: r for r in res.scores}
+    np.testing.assert_allclose([rows[str(s.image)]["score_fused"] for s in test], out["score"].numpy(), rtol=1e-4)
+    deployed = [det.deployment.categories[i] for i in out["category"].tolist()]
+    assert [rows[str(s.image)]["retrieved"] for s in test] == deployed
+
+
 def test_threshold_holds_its_false_alarm_rate_on_new_normal_images(iad_mix: Path) -> None:
     """Thresholds set at a false alarm rate on one half of magnetic_tile's normal images flag about that rate of the
     other half (binomial spread: 300 images at 5 % -> standard deviation 1.3 %)."""

@@ -53,6 +53,8 @@ class OracleDetector(torch.nn.Module):
         self.uses_prompt = prompt
         self.net = type("Net", (), {"refiner": object() if refiner else None})()
         self.prompts_seen: list[torch.Tensor] = []
+        self.extra: dict = {}  # as Detector: no recorded categories or held-out images
+        self.deployment = None
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return images.float() / 255.0

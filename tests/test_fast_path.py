@@ -147,3 +147,14 @@ def test_lazy_nan_check_stops_before_a_bad_checkpoint(tmp_path: Path, iad_mix: P
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
     assert state.epoch == 1 and state.step == per_epoch
     assert all(torch.isfinite(v).all() for v in state.net.values())
+
+
+def test_fast_feature_cache_comes_from_the_step_backbone(pair: tuple[Trainer, Trainer]) -> None:
+    """Both halves of a fast batch, [normal; synthetic], come from one backbone: the cached normal features are the
+    step backbone's (and, in float32 on the CPU, the plain path's)."""
+    plain, fast = pair
+    images = torch.stack([torch.from_numpy(fast.dataset.image(i).transpose(2, 0, 1).copy()) for i in (0, 1, 60)])
+    torch.testing.assert_close(fast.feature_cache[[0, 1, 60]], fast.step_backbone(images), rtol=0, atol=0)
+    torch.testing.assert_close(fast.feature_cache, plain.feature_cache, rtol=1e-4, atol=1e-4)
+    assert fast.step_backbone.channels_last and fast.step_backbone.dtype == torch.float32  # no CUDA, or amp off
+    assert fast.feature_cache.is_contiguous()  # the standard layout: the jitter draws as on the plain path

@@ -460,3 +460,91 @@ def test_lite_weights_are_the_package_weights(lite0: FeatureExtractor) -> None:
     assert torch.equal(lite0.body.blocks[1][0].bn1.running_mean, sd["_blocks.1._bn0.running_mean"])
     assert torch.equal(lite0.body.blocks[1][0].bn2.running_mean, sd["_blocks.1._bn1.running_mean"])
     assert torch.equal(lite0.body.blocks[1][0].bn3.running_mean, sd["_blocks.1._bn2.running_mean"])
+
+
+# -- padding (§1): efficientnet_pytorch's static TF-"SAME" padding ---------------------------------------------------
+
+
+def lukemelas_b4_file(tmp_path: Path) -> tuple[nn.Module, Path]:
+    """efficientnet_pytorch's B4 (the authors' backbone code) with random weights and BatchNorm statistics, saved."""
+    ep = pytest.importorskip("efficientnet_pytorch", reason="efficientnet_pytorch (in the test extra) builds the reference")
+    torch.manual_seed(0)
+    ref = ep.EfficientNet.from_name("efficientnet-b4").eval()
+    norms = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.1)
+            m.reset_running_stats()
+            m.momentum = None  # running statistics = the average over the calibration batches
+            m.train()
+        # BatchNorm statistics of the data itself, so that activations keep their spatial structure through all 22
+        # blocks (with arbitrary statistics a random network's deep features are nearly constant, and a shifted
+        # pixel would go unseen)
+        ref(torch.randn(4, 3, 224, 224))
+    ref.eval()
+    path = tmp_path / "efficientnet-b4-random.pth"
+    torch.save(ref.state_dict(), path)
+    return ref, path
+
+
+def test_static_padding_reproduces_efficientnet_pytorch(tmp_path: Path) -> None:
+    """A lukemelas-format B4 file loaded into tf_efficientnet_b4 gives the authors' taps (blocks 1, 5, 9, 21) exactly
+    when padded statically ('auto' picks it for such a file); timm's dynamic padding shifts the 56- and 160-channel taps."""
+    ref, path = lukemelas_b4_file(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        ends = ref.extract_endpoints(x)
+    want = [ends[f"reduction_{i}"] for i in (1, 2, 3, 4)]
+    assert [t.shape[1] for t in want] == [24, 32, 56, 160]
+
+    fe = FeatureExtractor(BackboneConfig(name="tf_efficientnet_b4", weights=str(path)))
+    assert fe.padding == "static"
+    pads = {n: m.static_pad for n, m in fe.body.named_modules() if isinstance(m, features.StaticSameConv2d)}
+    assert pads["blocks.2.0.conv_dw"] == (2, 2, 2, 2)  # block 6: k5, s2 on 95 x 95 at the nominal 380 px
+    assert pads["conv_stem"] == pads["blocks.1.0.conv_dw"] == pads["blocks.3.0.conv_dw"] == (0, 1, 0, 1)
+    with torch.no_grad():
+        got = fe.body(x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+    dyn = FeatureExtractor(BackboneConfig(name="tf_efficientnet_b4", weights=str(path), padding="dynamic"))
+    assert not any(isinstance(m, features.StaticSameConv2d) for m in dyn.body.modules())
+    with torch.no_grad():
+        got = dyn.body(x)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-3)  # before block 6: the same
+    assert (got[2] - want[2]).abs().max() > 1.0 and (got[3] - want[3]).abs().max() > 1.0  # activations: std about 2
+
+
+def test_padding_auto_is_dynamic_for_package_and_random_weights(lite0: FeatureExtractor) -> None:
+    assert lite0.padding == "dynamic"
+    assert extractor(LITE0, "random").padding == "dynamic"
+
+
+def test_static_padding_needs_a_tf_model() -> None:
+    with pytest.raises(ConfigError, match="backbone.padding=static"):
+        FeatureExtractor(BackboneConfig(name="efficientnet_b0", weights="random", padding="static"))
+
+
+def test_static_padding_equals_dynamic_at_lite0s_nominal_size(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    """Lite0's nominal size is 224 and every strided stage sees an even size: its static pads are its dynamic ones."""
+    fe = FeatureExtractor(BackboneConfig(name=LITE0, weights="efficientnet-lite", padding="static"))
+    assert sum(isinstance(m, features.StaticSameConv2d) for m in fe.body.modules()) == 4
+    for img in (images, F.interpolate(images.float(), size=224).to(torch.uint8)):
+        torch.testing.assert_close(fe(img), lite0(img), rtol=0, atol=0)
+
+
+def test_resolved_padding_survives_a_checkpoint(tmp_path: Path) -> None:
+    from onenip.api import make_config
+    from onenip.detector import Detector
+
+    path = tmp_path / "lite0-lukemelas.pth"
+    torch.save(lite_state(), path)
+    cfg = make_config(None, [f"backbone.name={LITE0}", f"backbone.weights={path}", "data.input_size=64",
+                             "model.hidden_dim=32", "model.ffn_dim=64", "model.heads=2"])
+    det = Detector.build(cfg)
+    assert det.cfg.backbone.padding == "static"  # 'auto' resolved: a lukemelas-format file
+    again = Detector.from_state(det.checkpoint_state())
+    assert again.extractor.padding == "static"
+    assert sum(isinstance(m, features.StaticSameConv2d) for m in again.extractor.body.modules()) == 4

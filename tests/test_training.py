@@ -72,10 +72,15 @@ def test_sampler_permutes_per_epoch_and_shards() -> None:
 
 
 def test_lr_step_decay() -> None:
+    # the reference (§5): 1000 epochs, epochs 0..800 at 1e-4 (801 epochs), 801..999 at 1e-5
+    cfg = make_config(None, ["train.epochs=1000"])
+    lrs = [lr_at(cfg, e) for e in range(1000)]
+    assert sum(lr == pytest.approx(1e-4) for lr in lrs) == 801 and lrs[800] == pytest.approx(1e-4)
+    assert all(lr == pytest.approx(1e-5) for lr in lrs[801:])
     cfg = make_config(None, ["train.epochs=10"])
-    assert [lr_at(cfg, e) for e in (0, 7, 8, 9)] == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    assert [lr_at(cfg, e) for e in (0, 8, 9)] == pytest.approx([1e-4, 1e-4, 1e-5])
     cfg = make_config(None, ["train.epochs=10", "train.lr_decay_epoch=3"])
-    assert lr_at(cfg, 2) == pytest.approx(1e-4) and lr_at(cfg, 3) == pytest.approx(1e-5)
+    assert lr_at(cfg, 3) == pytest.approx(1e-4) and lr_at(cfg, 4) == pytest.approx(1e-5)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import incompatible_keys, load_checkpoint
+from .checkpoint import adopt_resolved, incompatible_keys, load_checkpoint
 from .config import Config, load_config, merge_dict, validate
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError
@@ -68,6 +68,7 @@ def test(
     diffs = incompatible_keys(state.config, cfg)
     if diffs:
         raise CheckpointError(f"{checkpoint} was trained with other values of: {', '.join(diffs)}")
+    adopt_resolved(state.config, cfg)
     validate(cfg)
     state.config = cfg
     set_threads(cfg.train.threads)

@@ -183,10 +183,27 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
 ARCHITECTURE_KEYS = ("backbone", "model")
 
 
+def saved_padding(saved: Config) -> str:
+    """The backbone padding a saved model was built with: its resolved value ('auto' only in checkpoints written
+    before the option existed, which all padded dynamically)."""
+    return "dynamic" if saved.backbone.padding == "auto" else saved.backbone.padding
+
+
 def incompatible_keys(a: Config, b: Config) -> list[str]:
-    """Options that must be equal for weights of `a` to be loaded into a model built from `b`."""
+    """Options that must be equal for weights of `a` (a saved model's configuration) to be loaded into a model built
+    from `b`. `b`'s backbone.padding=auto defers to the saved model (see `adopt_resolved`)."""
     da, db = a.to_dict(), b.to_dict()
+    da["backbone"]["padding"] = saved_padding(a)
+    if db["backbone"]["padding"] == "auto":
+        db["backbone"]["padding"] = da["backbone"]["padding"]
     diffs = [f"{s}.{k}" for s in ARCHITECTURE_KEYS for k in da[s] if da[s][k] != db[s][k] and k != "weights"]
     if a.data.input_size != b.data.input_size:
         diffs.append("data.input_size")
     return diffs
+
+
+def adopt_resolved(saved: Config, cfg: Config) -> None:
+    """Give `cfg` (a resumed run's or an evaluation's configuration) what the saved model resolved where `cfg` says
+    'auto', so that the model is rebuilt as it was trained."""
+    if cfg.backbone.padding == "auto":
+        cfg.backbone.padding = saved_padding(saved)

@@ -63,6 +63,15 @@ class BackboneConfig:
         "a path to a .safetensors/.pth file, or 'random' (untrained; for tests and timing only).",
     )
     strides: list[int] = _opt([2, 4, 8, 16], "Strides of the feature taps, each resized to input/16 and concatenated.")
+    padding: str = _opt(
+        "auto",
+        "TF-'SAME' padding of the strided convolutions of timm's tf_* models: 'dynamic' (computed from each input, as "
+        "TF and timm do), 'static' (computed once for the model's nominal input size, as efficientnet_pytorch, the "
+        "authors' backbone code, does: at 224 px block 6 of B4 then pads 2/2 instead of 1/2), or 'auto' (static for a "
+        "weights file in efficientnet_pytorch's key format, e.g. the paper's efficientnet-b4-6ed6700e.pth; dynamic "
+        "otherwise). A built model records the resolved value.",
+        ("auto", "dynamic", "static"),
+    )
 
 
 @dataclass
@@ -112,7 +121,11 @@ class TrainConfig:
     lr: float = _opt(1e-4, "AdamW learning rate.")
     weight_decay: float = _opt(1e-4, "AdamW weight decay.")
     grad_clip: float = _opt(0.1, "Gradient-norm clipping (0 disables).")
-    lr_decay_epoch: int = _opt(0, "Epoch from which the learning rate is multiplied by lr_decay; 0 = 80% of epochs.")
+    lr_decay_epoch: int = _opt(
+        0,
+        "Step decay: epochs after this one (0-based) run at lr * lr_decay, as the authors' StepLR stepped with the "
+        "epoch number (1000 epochs: 0..800 at lr, 801..999 decayed); 0 = 80% of the epochs.",
+    )
     lr_decay: float = _opt(0.1, "Step-decay factor.")
     dice_weight: float = _opt(0.5, "Weight of the refiner's Dice loss (the paper's lambda).")
     dice_standard: bool = _opt(False, "Standard Dice (2*intersection); the reference code has no factor 2 (§4).")
@@ -137,7 +150,8 @@ class TrainConfig:
         "plain",
         "plain: items made by DataLoader workers on the CPU (numpy/PIL synthesis). fast: every training image decoded "
         "once and kept on the training device as uint8, pseudo-anomalies synthesized there in batches, the frozen "
-        "backbone in bf16 (on CUDA) and channels-last, fused AdamW. The same function, meant for a GPU.",
+        "backbone channels-last with its weights in bf16 (on CUDA with train.amp), fused AdamW. The same function, "
+        "meant for a GPU.",
         ("plain", "fast"),
     )
     compile: str = _opt(

@@ -16,6 +16,7 @@ running a model gives the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from contextlib import nullcontext
@@ -245,6 +246,7 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
     from .evaluate import build_prompt_pool, train_fusion_scale
 
     cfg = cfg or detector.cfg
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=1))  # DeployModel uses the best prompt
     detector.eval()
     pool = build_prompt_pool(detector, train, cfg)
     scale = train_fusion_scale(detector, train, pool, cfg) if detector.net.refiner is not None else None

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint, saved_padding
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .features import FeatureExtractor
@@ -43,8 +43,10 @@ class Detector(nn.Module):
 
     @classmethod
     def build(cls, cfg: Config) -> "Detector":
-        """A new detector: backbone weights as cfg.backbone says (an error if they cannot be loaded), fresh network."""
+        """A new detector: backbone weights as cfg.backbone says (an error if they cannot be loaded), fresh network.
+        cfg.backbone.padding is set to what 'auto' resolved to, so that a saved model is rebuilt the same way."""
         extractor = FeatureExtractor(cfg.backbone)
+        cfg.backbone.padding = extractor.padding
         net = build_network(cfg.model, extractor.out_channels, cfg.data.input_size)
         return cls(cfg, extractor, net)
 
@@ -55,6 +57,7 @@ class Detector(nn.Module):
             raise CheckpointError(f"{source} holds no backbone weights")
         offline = copy.deepcopy(cfg.backbone)
         offline.weights = "random"  # the checkpoint's own backbone tensors are loaded strictly just below
+        offline.padding = saved_padding(cfg)  # 'auto' would now resolve without the original weights file
         extractor = FeatureExtractor(offline)
         extractor.load_backbone_state(state.backbone, source=source)
         extractor.weights_source = cfg.backbone.weights

@@ -4,6 +4,10 @@ Metrics (all exact, see `metrics`): image AUROC, AP and F1-max on image scores; 
 (FPR limit 0.3) on the maps at the input resolution against the masks resized to it (nearest). Labels come from the
 dataset (a defective image whose mask is empty still counts as defective). A category with a defective test image
 that has no mask is left out of the pixel metrics, with a warning. Means are unweighted over categories.
+
+The clean protocol evaluates the model as deployed: its prompt pool and fusion constant are drawn as `fit` draws the
+deployment's (same training images, less the held-out ones, same categories, same seeds), whatever subset of
+categories is evaluated.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .checkpoint import atomic_write_csv, atomic_write_text
 from .config import Config
 from .datasets import Sample, load_split
 from .detector import Detector
+from .errors import DatasetError
 from .images import read_sample
 from .metrics import image_metrics, pixel_metrics
 from .model import Maps
@@ -117,6 +122,32 @@ def features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torch
     return torch.cat(feats)
 
 
+def model_categories(detector: Detector) -> list[str] | None:
+    """The categories a model was trained on (None for a model that recorded none)."""
+    if detector.extra.get("categories"):
+        return sorted(detector.extra["categories"])
+    return detector.deployment.categories if detector.deployment is not None else None
+
+
+def prompt_source(detector: Detector, cfg: Config) -> list[Sample]:
+    """The normal training images prompts and the clean fusion constant are drawn from, as for the deployed model:
+    those of every category the model knows, not only of the evaluated ones (retrieval must not be told which
+    categories to expect), less the images held out of training for its thresholds. On other roots than the model's
+    (new categories), their training images of the evaluated categories."""
+    skip, threads, cats = cfg.data.skip_bad, max(1, cfg.data.workers), cfg.data.categories or None
+    known = model_categories(detector)
+    try:
+        train, _ = load_split(cfg.data.roots, "train", known or cats, skip, threads)
+    except DatasetError as exc:
+        if known is None:
+            raise
+        train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
+        warnings.warn(f"the model's categories are not all in {cfg.data.roots} ({exc}); prompts come from the "
+                      "evaluated categories' training images", stacklevel=2)
+    held = set(detector.extra.get("holdout", []))
+    return [s for s in train if str(s.image) not in held]
+
+
 @torch.no_grad()
 def build_prompt_pool(detector: Detector, train: list[Sample], cfg: Config) -> PromptPool:
     samples = pool_samples(train, cfg.eval.prompt_pool, cfg.eval.seed)
@@ -174,7 +205,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
         test = samples
     else:
         test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
-    train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
+    train = prompt_source(detector, cfg)
     paper = detector.uses_prompt and e.protocol == "paper"
     prompt_samples = paper_prompt_sets(test, train, e.seed, e.prompts) if paper else None
     pool = build_prompt_pool(detector, train, cfg) if detector.uses_prompt and e.protocol == "clean" else None

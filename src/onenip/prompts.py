@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -38,7 +40,11 @@ def pool_samples(train: list[Sample], per_category: int, seed: int, exclude: set
     """`per_category` distinct training samples of every category, drawn with a seeded generator."""
     out: list[Sample] = []
     for c, (cat, members) in enumerate(group_by_category(train).items()):
-        members = [m for m in members if m.image not in exclude] or members
+        kept = [m for m in members if m.image not in exclude]
+        if not kept and exclude:
+            warnings.warn(f"category {cat}: all its {len(members)} training images are excluded (e.g. all in the "
+                          "prompt pool); drawing from them anyway", stacklevel=2)
+        members = kept or members
         rng = np.random.default_rng([seed, c, 0xB001])
         take = rng.choice(len(members), size=min(per_category, len(members)), replace=False)
         out.extend(members[int(i)] for i in sorted(take))

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import (
     CheckpointState,
+    adopt_resolved,
     atomic_write_csv,
     atomic_write_text,
     incompatible_keys,
@@ -54,9 +55,11 @@ class FitResult:
 
 
 def lr_at(cfg: Config, epoch: int) -> float:
+    """Learning rate of 0-based `epoch` (§5): the authors call StepLR(step_size=0.8 * epochs).step(epoch) after each
+    epoch, so epoch `step_size` itself still runs at the full rate (801 of 1000 epochs at 1e-4, 199 at 1e-5)."""
     t = cfg.train
     decay_epoch = t.lr_decay_epoch or int(round(0.8 * t.epochs))
-    return t.lr * (t.lr_decay if epoch >= decay_epoch else 1.0)
+    return t.lr * (t.lr_decay if epoch > decay_epoch else 1.0)
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -93,6 +96,7 @@ class Trainer:
             diffs = incompatible_keys(state.config, cfg)
             if diffs:
                 raise CheckpointError(f"cannot resume {resume}: options differ from the checkpoint's: {', '.join(diffs)}")
+            adopt_resolved(state.config, cfg)
         elif self.ckpt_path.exists() and self.dist.is_main:
             raise TrainingError(
                 f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
@@ -111,6 +115,8 @@ class Trainer:
         else:
             self.detector = Detector.build(cfg)
         self.detector.to(self.device)
+        self.detector.extra["categories"] = sorted({smp.category for smp in samples + self.holdout})
+        self.detector.extra["holdout"] = [str(smp.image) for smp in self.holdout]  # evaluation leaves them out too
         self.net = self.detector.net
         self.fast = t.engine == "fast"
         fused = self.fast and self.device.type == "cuda"  # one kernel for the whole optimizer step
@@ -131,16 +137,18 @@ class Trainer:
             synthesize=self.synthesize, seed=t.seed, cache=cfg.data.cache_images, threads=max(1, cfg.data.workers),
             return_normals=not t.cache_features,
         )
+        # the backbone that sees the synthesized images at every step; the fast path's is channels-last, its weights
+        # in bf16 on CUDA with train.amp (where the plain path autocasts), and it computes the feature cache too, so
+        # that both halves of a batch, [normal; synthetic], come from the same backbone
+        self.step_backbone = self.detector.extractor
+        if self.fast:
+            self.step_backbone = self.detector.extractor.fast_copy(torch.bfloat16 if self.amp else torch.float32)
         self.feature_cache = self.cache_normal_features() if t.cache_features else None
         self.sampler = EpochSampler(len(self.dataset), t.seed, self.dist.rank, self.dist.world_size)
-        # the backbone that sees the synthesized images at every step; the fast path's is bf16 + channels-last on CUDA
-        self.step_backbone = self.detector.extractor
         self.loader: DataLoader | DeviceBatches
         if self.fast:
             textures = load_texture_bank(cfg.data.textures, cfg.data.input_size, self.device) if cfg.data.textures else None
             self.loader = DeviceBatches(self.dataset, self.sampler, self.local_batch, self.device, textures)
-            cuda = self.device.type == "cuda"
-            self.step_backbone = self.detector.extractor.fast_copy(torch.bfloat16 if cuda else torch.float32)
         else:
             self.loader = DataLoader(
                 self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=cfg.data.workers,
@@ -172,8 +180,8 @@ class Trainer:
         for s in range(0, len(self.dataset), bs):
             images = torch.stack([torch.from_numpy(self.dataset.image(i).transpose(2, 0, 1).copy())
                                   for i in range(s, min(s + bs, len(self.dataset)))]).to(self.device)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out.append(self.detector.features(images))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp and not self.fast):
+                out.append(self.step_backbone(images))
         feats = torch.cat(out)
         assert feats.shape[-1] == size // 16
         return feats
@@ -345,7 +353,6 @@ class Trainer:
         model_path = self.run_dir / "model.safetensors"
         if main:  # thresholds and prompt pool: one process is enough
             self.detector.deployment = build_deployment(self.detector, self.dataset.samples, self.holdout, cfg.eval.far)
-            self.detector.extra["holdout"] = [str(smp.image) for smp in self.holdout]
             self.save(model_path, training_state=False)
         distributed.barrier(self.dist)
         return FitResult(
