@@ -111,6 +111,10 @@ def test_missing_mask_leaves_the_category_out_of_pixel_metrics(tmp_path: Path) -
     assert red["pixel_metrics"] and red["fused"]["pixel_ap"] == pytest.approx(1.0)
     mean = res.mean("fused")
     assert mean["pixel_ap"] == pytest.approx(1.0)  # the mean runs over the categories that have pixel metrics
+    counts = res.counts("fused")
+    assert counts["image_auroc"] == 2 and counts["pixel_ap"] == counts["pixel_aupro"] == 1
+    assert "fewer than the 2 categories (where the metric is defined): P-AUROC 1, P-AP 1, P-F1max 1, AUPRO 1." \
+        in res.to_markdown("fused")
 
 
 def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> None:

@@ -78,11 +78,17 @@ class Results:
     checkpoint: str | None = None  # the model evaluated, when it came from a file
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
+        """Unweighted mean over the categories where each metric is defined (see `counts`)."""
         out = {}
         for m in METRICS:
             vals = [c[map_name][m] for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m])]
             out[m] = float(np.mean(vals)) if vals else float("nan")
         return out
+
+    def counts(self, map_name: str = "fused") -> dict[str, int]:
+        """How many categories each mean covers (a metric is undefined without masks, or with one class only)."""
+        return {m: sum(1 for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m]))
+                for m in METRICS}
 
     def to_dict(self) -> dict[str, Any]:
         maps = sorted({k for c in self.categories.values() for k in ("rec", "ref", "fused") if k in c})
@@ -107,6 +113,10 @@ class Results:
         for cat, res in self.categories.items():
             lines.append(f"| {cat} | " + " | ".join(fmt(res[map_name][m]) for m in METRICS) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{fmt(v)}**" for v in self.mean(map_name).values()) + " |")
+        short = [f"{name} {n}" for name, n in zip(names, self.counts(map_name).values()) if n < len(self.categories)]
+        if short:
+            lines += ["", f"Means over fewer than the {len(self.categories)} categories (where the metric is defined): "
+                      + ", ".join(short) + "."]
         return "\n".join(lines)
 
 
