@@ -29,12 +29,20 @@ from onenip.evaluate import evaluate, write_results  # noqa: E402
 from onenip.train import Trainer  # noqa: E402
 
 
-def git_commit() -> str:
+def _read_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except Exception:
         return os.environ.get("ONENIP_COMMIT", "unknown")
+
+
+_COMMIT_AT_START = _read_commit()  # read when the code is imported: a commit made during a long run is not its code
+
+
+def git_commit() -> str:
+    """The commit whose code this process runs (HEAD when the benchmark started)."""
+    return _COMMIT_AT_START
 
 
 def device_name(device: torch.device) -> str:
