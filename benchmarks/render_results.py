@@ -222,10 +222,9 @@ CPU_STANDINS = {
         "maps by 0.5–0.8 % and changes no metric by more than 1.0 point), so whatever rows 1, 2 and 4 gain over UniAD",
         "does not come from the prompt being normal; it may come from the decoders themselves. Full OneNIP (row 5)",
         "beats UniAD by +7.7 I-AUROC and +14.0 P-AP in the clean protocol (target +10 P-AP: met at this scale), 12.0",
-        "P-AP of it from the refiner (row 5 − row 4; its reconstruction map alone, P-AP 55.9, is row 2's and row 4's).",
+        "P-AP of it from the refiner (row 5 − row 4; its reconstruction map alone, P-AP 55.9, is as good as rows 2 and 4).",
         "Clean − paper protocol: +0.1 I-AUROC; retrieval 100 %. Training times of rows 1 and 4 are inflated: the test",
-        "suite and other tests shared the two cores during them (row 1 by about 5 min).",
-]),
+        "suite and other tests shared the two cores during them (row 1 by about 5 min)."]),
 }
 
 

@@ -114,17 +114,19 @@ def test_shipped_config_files_load() -> None:
 
 def test_resolved_padding_is_kept_through_resume_and_test() -> None:
     """A saved model's resolved backbone.padding wins over a later 'auto'; an explicit other value is a conflict; a
-    checkpoint from before the option ('auto' in it) padded dynamically."""
-    from onenip.checkpoint import adopt_resolved, incompatible_keys
+    checkpoint from before the option (no padding in it) padded dynamically."""
+    from onenip.checkpoint import adopt_resolved, config_of_checkpoint, incompatible_keys
 
-    saved = config_from_dict({"backbone": {"padding": "static"}})
+    saved = config_of_checkpoint({"backbone": {"padding": "static"}})
     later = Config()
     assert later.backbone.padding == "auto"
-    assert incompatible_keys(saved, later) == []
     adopt_resolved(saved, later)
     assert later.backbone.padding == "static"
-    assert incompatible_keys(saved, config_from_dict({"backbone": {"padding": "dynamic"}})) == ["backbone.padding"]
-    old = Config()  # written before backbone.padding existed
+    assert incompatible_keys(saved, later) == []
+    explicit = config_from_dict({"backbone": {"padding": "dynamic"}})
+    adopt_resolved(saved, explicit)
+    assert incompatible_keys(saved, explicit) == ["backbone.padding"]
+    old = config_of_checkpoint({})  # written before backbone.padding existed
     assert incompatible_keys(old, config_from_dict({"backbone": {"padding": "static"}})) == ["backbone.padding"]
     assert incompatible_keys(old, config_from_dict({"backbone": {"padding": "dynamic"}})) == []
     fresh = Config()

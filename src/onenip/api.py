@@ -65,10 +65,10 @@ def test(
     """
     state = load_checkpoint(checkpoint, with_training_state=False)
     cfg = make_config(config, overrides, base=state.config)
+    adopt_resolved(state.config, cfg)
     diffs = incompatible_keys(state.config, cfg)
     if diffs:
         raise CheckpointError(f"{checkpoint} was trained with other values of: {', '.join(diffs)}")
-    adopt_resolved(state.config, cfg)
     validate(cfg)
     state.config = cfg
     set_threads(cfg.train.threads)

@@ -164,7 +164,7 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
     if int(meta.get("version", -1)) > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {meta.get('version')} is newer than this onenip ({VERSION})")
     try:
-        config = config_from_dict(meta["config"])
+        config = config_of_checkpoint(meta["config"])
     except (ConfigError, KeyError) as exc:
         raise CheckpointError(f"{path}: its configuration is not valid for this onenip version: {exc}") from None
     net = {k[4:]: v for k, v in tensors.items() if k.startswith("net.")}
@@ -183,19 +183,10 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
 ARCHITECTURE_KEYS = ("backbone", "model")
 
 
-def saved_padding(saved: Config) -> str:
-    """The backbone padding a saved model was built with: its resolved value ('auto' only in checkpoints written
-    before the option existed, which all padded dynamically)."""
-    return "dynamic" if saved.backbone.padding == "auto" else saved.backbone.padding
-
-
 def incompatible_keys(a: Config, b: Config) -> list[str]:
-    """Options that must be equal for weights of `a` (a saved model's configuration) to be loaded into a model built
-    from `b`. `b`'s backbone.padding=auto defers to the saved model (see `adopt_resolved`)."""
+    """Options that must be equal for weights of `a` to be loaded into a model built from `b` (call `adopt_resolved`
+    first, so that b's 'auto' takes a's resolved value)."""
     da, db = a.to_dict(), b.to_dict()
-    da["backbone"]["padding"] = saved_padding(a)
-    if db["backbone"]["padding"] == "auto":
-        db["backbone"]["padding"] = da["backbone"]["padding"]
     diffs = [f"{s}.{k}" for s in ARCHITECTURE_KEYS for k in da[s] if da[s][k] != db[s][k] and k != "weights"]
     if a.data.input_size != b.data.input_size:
         diffs.append("data.input_size")
@@ -206,4 +197,13 @@ def adopt_resolved(saved: Config, cfg: Config) -> None:
     """Give `cfg` (a resumed run's or an evaluation's configuration) what the saved model resolved where `cfg` says
     'auto', so that the model is rebuilt as it was trained."""
     if cfg.backbone.padding == "auto":
-        cfg.backbone.padding = saved_padding(saved)
+        cfg.backbone.padding = saved.backbone.padding
+
+
+def config_of_checkpoint(raw: dict) -> Config:
+    """A checkpoint's configuration. Options a model resolves when built are stored resolved; a checkpoint written
+    before backbone.padding existed padded dynamically."""
+    config = config_from_dict(raw)
+    if "padding" not in raw.get("backbone", {}):
+        config.backbone.padding = "dynamic"
+    return config

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint, saved_padding
+from .checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from .config import Config
 from .errors import CheckpointError, ConfigError
 from .features import FeatureExtractor
@@ -57,7 +57,6 @@ class Detector(nn.Module):
             raise CheckpointError(f"{source} holds no backbone weights")
         offline = copy.deepcopy(cfg.backbone)
         offline.weights = "random"  # the checkpoint's own backbone tensors are loaded strictly just below
-        offline.padding = saved_padding(cfg)  # 'auto' would now resolve without the original weights file
         extractor = FeatureExtractor(offline)
         extractor.load_backbone_state(state.backbone, source=source)
         extractor.weights_source = cfg.backbone.weights

@@ -77,18 +77,18 @@ class Results:
     skipped: list[dict[str, str]] = field(default_factory=list)  # test files left out by data.skip_bad, with reasons
     checkpoint: str | None = None  # the model evaluated, when it came from a file
 
+    def _defined(self, map_name: str) -> dict[str, list[float]]:
+        """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
+        return {m: [c[map_name][m] for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m])]
+                for m in METRICS}
+
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         """Unweighted mean over the categories where each metric is defined (see `counts`)."""
-        out = {}
-        for m in METRICS:
-            vals = [c[map_name][m] for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m])]
-            out[m] = float(np.mean(vals)) if vals else float("nan")
-        return out
+        return {m: float(np.mean(v)) if v else float("nan") for m, v in self._defined(map_name).items()}
 
     def counts(self, map_name: str = "fused") -> dict[str, int]:
-        """How many categories each mean covers (a metric is undefined without masks, or with one class only)."""
-        return {m: sum(1 for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m]))
-                for m in METRICS}
+        """How many categories each mean covers."""
+        return {m: len(v) for m, v in self._defined(map_name).items()}
 
     def to_dict(self) -> dict[str, Any]:
         maps = sorted({k for c in self.categories.values() for k in ("rec", "ref", "fused") if k in c})

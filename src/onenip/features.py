@@ -256,8 +256,8 @@ class FeatureExtractor(nn.Module):
     def _resolve_padding(cfg: BackboneConfig, sd: dict[str, Tensor] | None) -> str:
         if cfg.padding != "auto":
             return cfg.padding
-        from_file = cfg.weights not in ("random", "timm", "efficientnet-lite")
-        return "static" if from_file and sd is not None and is_lukemelas(sd) else "dynamic"
+        # a lukemelas-format file (the package Lite weights are TF's, padded dynamically)
+        return "static" if cfg.weights != "efficientnet-lite" and sd is not None and is_lukemelas(sd) else "dynamic"
 
     def _read_weights(self, cfg: BackboneConfig) -> tuple[dict[str, Tensor] | None, str]:
         """The state dict `cfg.weights` names (None for random weights) and where it came from."""

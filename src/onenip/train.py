@@ -93,10 +93,10 @@ class Trainer:
         state: CheckpointState | None = None
         if resume is not None:
             state = load_checkpoint(resume)
+            adopt_resolved(state.config, cfg)
             diffs = incompatible_keys(state.config, cfg)
             if diffs:
                 raise CheckpointError(f"cannot resume {resume}: options differ from the checkpoint's: {', '.join(diffs)}")
-            adopt_resolved(state.config, cfg)
         elif self.ckpt_path.exists() and self.dist.is_main:
             raise TrainingError(
                 f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
