@@ -54,7 +54,8 @@ def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
                      "--output_dir", str(run), "--no-progress", "--evaluate"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "trained 1 epochs (2 steps)" in out and "| PA_FLR01_TL |" in out
+    assert "trained 1 epochs (2 steps)" in out and "| PA_FLR01_TL |" in out and "| pooled |" in out
+    assert "decisions at the model's thresholds" in out and "| **all** |" in out  # clean: the deployed model decides
     assert (run / "model.safetensors").is_file() and (run / "results" / "clean" / "results.json").is_file()
     code = cli.main(["test", str(run / "model.safetensors"), "--eval.protocol", "paper", "--no-progress",
                      "--output", str(tmp_path / "res")])

@@ -91,7 +91,7 @@ def test_split_holdout_per_category(iad_mix: Path) -> None:
 @pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
 def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str) -> None:
     cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3",
-                                  f"model.arch={arch}"))
+                                  f"model.arch={arch}", *(["train.prompt=none"] if arch == "uniad" else [])))
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train = read_sources(cfg.data.roots, "train", ["bottle", "metal_plate"])
@@ -123,14 +123,17 @@ def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str
     assert "pool_encoded" not in dict(DeployModel(det, dep, cache_prompts=False).named_buffers())
 
 
-def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path) -> None:
+@pytest.mark.parametrize("arch", ["onenip", "uniad"])  # UniAD with a refiner: its fusion constant matters too
+def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path, arch: str) -> None:
     """`onenip test` (clean protocol) measures the model `onenip predict` runs: the same prompt pool and fusion
     constant, drawn from the training images less the held-out ones and from every category of the model, also when
-    only one category is evaluated (a pool of that category alone would tell retrieval the answer)."""
+    only one category is evaluated (a pool of that category alone would tell retrieval the answer); and it decides
+    each image as predict does, with the threshold of the retrieved category (a model without prompts too)."""
     from onenip.evaluate import _Images, evaluate
 
     cats = ["PA_BDP01_TL", "bottle", "metal_plate"]
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(cats)}]", "eval.prompt_pool=3"))
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(cats)}]", "eval.prompt_pool=3",
+                                  f"model.arch={arch}", *(["train.prompt=none"] if arch == "uniad" else [])))
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train, held = split_holdout(read_sources(cfg.data.roots, "train", cats), 0.1, cfg.train.seed)
@@ -148,6 +151,19 @@ def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path) -
     np.testing.assert_allclose([rows[str(s.image)]["score_fused"] for s in test], out["score"].numpy(), rtol=1e-4)
     deployed = [det.deployment.categories[i] for i in out["category"].tolist()]
     assert [rows[str(s.image)]["retrieved"] for s in test] == deployed
+    assert [rows[str(s.image)]["anomalous"] for s in test] == out["anomalous"].tolist()
+    np.testing.assert_allclose([rows[str(s.image)]["normalized"] for s in test], out["normalized"].numpy(), rtol=1e-4)
+    labels = np.array([s.label for s in test])
+    flagged = out["anomalous"].numpy()
+    assert 0 < flagged.sum() < len(test)  # a random model: some of each, so the counts below are not trivially zero
+    assert res.decisions["categories"]["metal_plate"] == {
+        "good": int((labels == 0).sum()), "false_alarms": int((flagged & (labels == 0)).sum()),
+        "defective": int(labels.sum()), "missed": int((~flagged & (labels == 1)).sum())}
+    assert res.decisions["calibration"]["metal_plate"]["method"] == "false_alarm_rate"
+    # another prompt pool than the deployment's: the evaluation no longer scores what predict scores, so no decisions
+    cfg.eval.prompt_pool = 2
+    other = evaluate(det, cfg, progress=False)
+    assert other.decisions is None and "prompt pool differs" in other.decisions_note
 
 
 def test_threshold_holds_its_false_alarm_rate_on_new_normal_images(iad_mix: Path) -> None:

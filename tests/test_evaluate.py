@@ -13,7 +13,7 @@ from PIL import Image
 
 from onenip.api import make_config
 from onenip.detector import Detector
-from onenip.evaluate import METRICS, evaluate, write_results
+from onenip.evaluate import IMAGE_METRICS, METRICS, Results, decision_summary, evaluate, write_results
 from onenip.model import Maps
 
 S = 64
@@ -92,12 +92,65 @@ def test_perfect_maps_score_one_everywhere(tmp_path: Path, protocol: str, refine
         assert res.retrieval_accuracy == 1.0  # the tint tells the categories apart
     else:
         assert res.retrieval_accuracy is None
+    assert res.pooled("fused") == pytest.approx({m: 1.0 for m in IMAGE_METRICS})  # whiteness ranks across categories
+    assert res.decisions is None and "no deployment" in res.decisions_note
     if refiner:
         # clean: c from the training images (all background: whiteness 0 -> rec 0, so c = 0);
         # paper: from the test set: (max + min) / 2 = (2 + 0) / 2
         assert res.fusion_scale == pytest.approx(0.0 if protocol == "clean" else 1.0)
     rows = {Path(r["image"]).name + r["category"] + r["defect"]: r for r in res.scores}
     assert len(rows) == 14 and all(r["score_fused"] > 0 for r in res.scores if r["label"] == 1)
+
+
+def test_clean_protocol_retrieves_a_category_for_a_model_without_prompts(tmp_path: Path) -> None:
+    """The deployed model picks the threshold of the retrieved category, prompts or not: so does the evaluation."""
+    root = _layout(tmp_path / "data")
+    cfg = make_config(None, [f"data.roots=[{root}]", f"data.input_size={S}", "data.workers=0", "eval.score_kernel=4",
+                             "eval.prompts=3", "eval.prompt_pool=2"])
+    det = OracleDetector(prompt=False, refiner=True)
+    res = evaluate(det, cfg, progress=False)
+    assert res.retrieval_accuracy == 1.0 and not det.prompts_seen
+    assert all(r["retrieved"] == r["category"] for r in res.scores)
+
+
+def _rows(cats: dict[str, tuple[list[float], list[float]]]) -> list[dict]:
+    """Score rows as `evaluate` writes them: per category (good scores, defective scores); retrieval right."""
+    return [{"image": f"{cat}/{lab}/{i}", "category": cat, "label": lab, "retrieved": cat, "score_fused": v}
+            for cat, (good, bad) in cats.items() for lab, vals in ((0, good), (1, bad)) for i, v in enumerate(vals)]
+
+
+def test_pooled_metrics_rank_all_categories_together() -> None:
+    # each category separates perfectly, but b's defective images score below a's good ones
+    rows = _rows({"a": ([5.0, 6.0], [7.0, 8.0]), "b": ([1.0, 2.0], [3.0, 4.0])})
+    cats = {c: {"fused": dict.fromkeys(METRICS, 1.0)} for c in ("a", "b")}
+    res = Results(protocol="clean", categories=cats, fusion_scale=None, retrieval_accuracy=1.0, scores=rows)
+    assert res.mean("fused")["image_auroc"] == 1.0
+    pooled = res.pooled("fused")
+    assert pooled["image_auroc"] == pytest.approx(12 / 16)  # 7, 8 beat all four good; 3, 4 beat only 1, 2
+    assert 0.5 < pooled["image_ap"] < 1.0 and pooled["image_f1max"] < 1.0
+    assert math.isnan(res.pooled("rec")["image_auroc"])  # no such scores
+    md = res.to_markdown("fused")
+    line = next(x for x in md.splitlines() if x.startswith("| pooled |"))
+    assert line.startswith("| pooled | 75.0 |") and line.endswith("| — | — | — | — |")  # image metrics only
+
+
+def test_decisions_use_the_threshold_of_the_retrieved_category() -> None:
+    rows = _rows({"a": ([5.0, 6.0], [7.0, 8.0]), "b": ([1.0, 2.0], [3.0, 4.0])})
+    rows[1]["retrieved"] = "b"  # a good image of a (6.0) retrieved as b: b's threshold 2.5 flags it
+    rows[6]["retrieved"] = "a"  # a defective image of b (3.0) retrieved as a: a's threshold 6.5 passes it
+    d = decision_summary(rows, {"a": 6.5, "b": 2.5})
+    assert d["categories"]["a"] == {"good": 2, "false_alarms": 1, "defective": 2, "missed": 0}
+    assert d["categories"]["b"] == {"good": 2, "false_alarms": 0, "defective": 2, "missed": 1}
+    assert d["all"] == {"good": 4, "false_alarms": 1, "defective": 4, "missed": 1}
+    assert [r["anomalous"] for r in rows] == [False, True, True, True, False, False, False, True]
+    assert rows[1]["threshold"] == 2.5 and rows[1]["normalized"] == pytest.approx(1 - 2 ** (-6.0 / 2.5))
+    assert rows[2]["normalized"] > 0.5 > rows[0]["normalized"]  # 0.5 exactly at the threshold
+    # score / threshold: a 5/6.5, 6/2.5 | 7/6.5, 8/6.5 ; b 1/2.5, 2/2.5 | 3/6.5, 4/2.5
+    assert d["pooled_relative"]["image_auroc"] == pytest.approx(10 / 16)
+    res = Results(protocol="clean", categories={}, fusion_scale=None, retrieval_accuracy=1.0, scores=rows,
+                  decisions=d)
+    md = res.decisions_markdown()
+    assert "| a | 1 / 2 (50.0 %) | 0 / 2 (0.0 %) |" in md and "| **all** | 1 / 4 (25.0 %) | 1 / 4 (25.0 %) |" in md
 
 
 def test_missing_mask_leaves_the_category_out_of_pixel_metrics(tmp_path: Path) -> None:

@@ -339,8 +339,15 @@ def test_report_of_a_test_run(run: Path, report: Path) -> None:
     assert facts["fusion constant c"] == f"{data['fusion_scale']:.6g}"
     assert facts["prompt retrieval accuracy"] == f"{100 * data['retrieval_accuracy']:.2f} %"
     assert facts["test images"].startswith(f"{len(scores)} (") and facts["skipped files"] == "none"
+    # the decisions of the deployed model (its thresholds), as results.json and scores.csv count them
+    d = data["decisions"]["all"]
+    flagged = [r for r in scores if r["anomalous"] == "True"]
+    assert d["false_alarms"] == sum(r["label"] == "0" for r in flagged)
+    assert d["missed"] == sum(r["label"] == "1" and r["anomalous"] == "False" for r in scores)
+    assert facts["decisions at the model's thresholds"].startswith(
+        f"{d['false_alarms']} of {d['good']} good images flagged")
 
-    # the table: one row per category plus the mean, the numbers of results.json
+    # the table: one row per category, the mean and the pooled ranking, the numbers of results.json
     table = tree.root.all("table", "metrics")
     assert len(table) == 1
     body = table[0].all("tbody")[0].all("tr")
@@ -348,7 +355,10 @@ def test_report_of_a_test_run(run: Path, report: Path) -> None:
     for tr, cat in zip(body, cats):
         assert [td.text() for td in tr.all("td")[3:]] == [pct(data["categories"][cat]["fused"][m]) for m in METRICS]
     foot = table[0].all("tfoot")[0].all("tr")
-    assert len(foot) == 1 and [td.text() for td in foot[0].all("td")[3:]] == [pct(data["mean"]["fused"][m]) for m in METRICS]
+    assert [tr.attrs["class"] for tr in foot] == ["mean", "pooled"]
+    assert [td.text() for td in foot[0].all("td")[3:]] == [pct(data["mean"]["fused"][m]) for m in METRICS]
+    pooled = [td.text() for td in foot[1].all("td")[3:]]
+    assert pooled == [pct(data["pooled"]["fused"][m]) for m in METRICS[:3]] + ["\u2014"] * 4
 
     # one ROC, one PR and one histogram per category, exact and consistent with results.json
     for kind in ("roc", "pr", "hist"):

@@ -145,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, as torch)
+    if results.retrieval_accuracy is not None:
+        print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
+    print(results.to_markdown())
+    if results.decisions is not None:
+        print("\ndecisions at the model's thresholds (as `onenip predict` decides):")
+        print(results.decisions_markdown())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -156,16 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
                   f"{result.images_per_second:.1f} query images/s; model: {result.model_path}")
             if result.results is not None:
-                print(result.results.to_markdown())
+                _print_results(result.results)
                 print(f"results: {result.run_dir / 'results' / result.results.protocol}")
         elif args.command == "test":
             from .api import test
 
             overrides = _overrides(args) + ([f"train.device={args.device}"] if args.device else [])
             results = test(args.checkpoint, args.config, overrides, output=args.output, progress=not args.no_progress)
-            if results.retrieval_accuracy is not None:
-                print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
-            print(results.to_markdown())
+            _print_results(results)
         elif args.command == "predict":
             from .predict import run_predict
 

@@ -7,7 +7,18 @@ that has no mask is left out of the pixel metrics, with a warning. Means are unw
 
 The clean protocol evaluates the model as deployed: its prompt pool and fusion constant are drawn as `fit` draws the
 deployment's (same training images, less the held-out ones, same categories, same seeds), whatever subset of
-categories is evaluated.
+categories is evaluated. Every model retrieves the most similar pool image, as the deployed model does (a model without
+prompts uses it only to pick the category whose threshold applies), so retrieval accuracy is reported for all.
+
+Beyond the per-category metrics and their mean:
+
+* pooled image metrics: AUROC, AP and F1-max of all test images' scores ranked together, whatever their category.
+  A unified model has to be judged with one ranking too: a mean of per-category AUROCs near 1 can hide scores that
+  are not comparable between categories (a good image of one scoring above a defective image of another).
+* decisions at the model's own thresholds (clean protocol, one prompt, the deployment's prompt pool and fusion
+  constant: what `onenip predict` decides, image for image): per category, false alarms among the good images and
+  misses among the defective ones, and the pooled metrics of the threshold-relative score `score / threshold` (the
+  ranking of `predict`'s normalised score).
 """
 
 from __future__ import annotations
@@ -76,6 +87,17 @@ class Results:
     scores: list[dict[str, Any]] = field(default_factory=list)  # one row per test image
     skipped: list[dict[str, str]] = field(default_factory=list)  # test files left out by data.skip_bad, with reasons
     checkpoint: str | None = None  # the model evaluated, when it came from a file
+    decisions: dict[str, Any] | None = None  # at the deployed thresholds (see `decision_summary`); None: not applicable
+    decisions_note: str | None = None  # why there are no decisions
+
+    def pooled(self, map_name: str = "fused") -> dict[str, float]:
+        """Image AUROC, AP and F1-max of all test images' scores ranked together (nan without both classes)."""
+        key = f"score_{map_name}"
+        rows = [r for r in self.scores if key in r]
+        if not rows:
+            return {m: float("nan") for m in IMAGE_METRICS}
+        im = image_metrics(np.array([r[key] for r in rows]), np.array([r["label"] for r in rows]))
+        return {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
 
     def _defined(self, map_name: str) -> dict[str, list[float]]:
         """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
@@ -101,6 +123,9 @@ class Results:
             "skipped": self.skipped,
             "categories": self.categories,
             "mean": {m: self.mean(m) for m in maps},
+            "pooled": {m: self.pooled(m) for m in maps},
+            "decisions": self.decisions,
+            "decisions_note": self.decisions_note,
         }
 
     def to_markdown(self, map_name: str = "fused") -> str:
@@ -113,10 +138,34 @@ class Results:
         for cat, res in self.categories.items():
             lines.append(f"| {cat} | " + " | ".join(fmt(res[map_name][m]) for m in METRICS) + " |")
         lines.append("| **mean** | " + " | ".join(f"**{fmt(v)}**" for v in self.mean(map_name).values()) + " |")
+        pooled = self.pooled(map_name)
+        lines.append("| pooled | " + " | ".join(fmt(pooled.get(m, float("nan"))) for m in METRICS) + " |")
         short = [f"{name} {n}" for name, n in zip(names, self.counts(map_name).values()) if n < len(self.categories)]
         if short:
             lines += ["", f"Means over fewer than the {len(self.categories)} categories (where the metric is defined): "
                       + ", ".join(short) + "."]
+        lines += ["", "pooled: all test images' scores ranked together, whatever their category (image metrics only)."]
+        return "\n".join(lines)
+
+    def decisions_markdown(self) -> str:
+        """The table of decisions at the model's thresholds, or why there is none."""
+        d = self.decisions
+        if d is None:
+            return f"No decisions: {self.decisions_note or 'not computed'}."
+
+        def rate(k: int, n: int) -> str:
+            return "—" if n == 0 else f"{k} / {n} ({100 * k / n:.1f} %)"
+
+        lines = ["| category | false alarms (good flagged) | misses (defective passed) |", "|---|---:|---:|"]
+        for cat, c in {**d["categories"], "**all**": d["all"]}.items():
+            lines.append(f"| {cat} | {rate(c['false_alarms'], c['good'])} | {rate(c['missed'], c['defective'])} |")
+        p = d["pooled_relative"]
+        sources = sorted({str(c["source"]) for c in d.get("calibration", {}).values() if "source" in c})
+        lines += ["", "Thresholds" + (f" (from {', '.join(sources)})" if sources else "") + ": "
+                  + "; ".join(f"{cat} {t:.6g}" for cat, t in d["thresholds"].items()) + ".",
+                  "Pooled metrics of score / threshold (the ranking of predict's normalised score): "
+                  + ", ".join(f"{n} {100 * p[k]:.1f}" for n, k in zip(("I-AUROC", "I-AP", "I-F1max"), IMAGE_METRICS))
+                  + "."]
         return "\n".join(lines)
 
 
@@ -173,7 +222,7 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     lo, hi = math.inf, -math.inf
     for s in range(0, feats.shape[0], cfg.eval.batch_size):
         f = feats[s : s + cfg.eval.batch_size]
-        if pool is None:
+        if pool is None or not detector.uses_prompt:
             rec = detector.maps(f, None).rec
         else:  # the maps the test images get: the mean over their eval.prompts most similar prompts
             j = pool.retrieve_top(f, cfg.eval.prompts)[0]
@@ -218,7 +267,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     train = prompt_source(detector, cfg)
     paper = detector.uses_prompt and e.protocol == "paper"
     prompt_samples = paper_prompt_sets(test, train, e.seed, e.prompts) if paper else None
-    pool = build_prompt_pool(detector, train, cfg) if detector.uses_prompt and e.protocol == "clean" else None
+    pool = build_prompt_pool(detector, train, cfg) if e.protocol == "clean" else None  # every deployed model retrieves
+    k_prompts = e.prompts if detector.uses_prompt else 1
     has_ref = detector.net.refiner is not None
     names = [m for m in e.maps if not (m == "ref" and not has_ref)]  # without a refiner, fused is rec
     by_cat: dict[str, list[int]] = {}
@@ -240,8 +290,9 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
             if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
                 prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
             elif pool is not None:
-                j, s = pool.retrieve_top(feats, e.prompts)  # (B, K), best first
-                prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
+                j, s = pool.retrieve_top(feats, k_prompts)  # (B, K), best first
+                if detector.uses_prompt:
+                    prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
                 got, sim = [pool.categories[k] for k in j[:, 0].tolist()], s[:, 0].tolist()
             bar.update(1)
             yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
@@ -299,11 +350,64 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
         t_metrics += time.perf_counter() - t1
     bar.close()
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
+    thresholds, note = deployed_thresholds(detector, cfg, pool, scale, names)
+    decisions = decision_summary(score_rows, thresholds, detector.deployment.calibration) \
+        if thresholds is not None and detector.deployment is not None else None
     seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
                "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
                    seconds=seconds, scores=score_rows,
-                   skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped])
+                   skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped],
+                   decisions=decisions, decisions_note=note)
+
+
+def deployed_thresholds(detector: Detector, cfg: Config, pool: PromptPool | None, scale: float | None,
+                        names: list[str]) -> tuple[dict[str, float] | None, str | None]:
+    """The model's decision thresholds when this evaluation scores what its deployment scores, else (None, why)."""
+    dep, e = getattr(detector, "deployment", None), cfg.eval
+    if dep is None:
+        return None, "the model carries no deployment (thresholds)"
+    if e.protocol != "clean" or pool is None:
+        return None, "the paper protocol gives the prompts; the deployed model retrieves them (use the clean protocol)"
+    if detector.uses_prompt and e.prompts != 1:
+        return None, f"eval.prompts={e.prompts}: the deployed model uses one prompt"
+    if "fused" not in names:
+        return None, "eval.maps has no 'fused' map, the one the deployed model scores"
+    if [str(s.image) for s in pool.samples] != list(dep.pool_images):
+        return None, "the prompt pool differs from the deployment's (eval.prompt_pool, eval.seed or the data changed)"
+    same_scale = (scale is None) == (dep.fusion_scale is None) and (
+        scale is None or math.isclose(scale, dep.fusion_scale, rel_tol=1e-5, abs_tol=1e-12))
+    if not same_scale or e.fusion_alpha != dep.alpha or e.score_kernel != dep.score_kernel:
+        return None, "the fusion constant, eval.fusion_alpha or eval.score_kernel differ from the deployment's"
+    if not all(math.isfinite(dep.thresholds.get(c, math.inf)) for c in dep.categories):
+        return None, "the deployment has no finite threshold for every category"
+    return dict(dep.thresholds), None
+
+
+def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decide each image (rows of `Results.scores`) as the deployed model does: anomalous when its fused score exceeds
+    the threshold of the RETRIEVED category. Adds threshold, normalized (1 - 2^(-score / threshold)) and anomalous
+    to each row; returns the counts per true category and in all, and the pooled metrics of score / threshold."""
+    counts: dict[str, dict[str, int]] = {}
+    relative = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        t = thresholds[r["retrieved"]]
+        relative[i] = r["score_fused"] / max(t, 1e-12)
+        r.update(threshold=t, normalized=float(1.0 - 2.0 ** -relative[i]), anomalous=bool(r["score_fused"] > t))
+        c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0})
+        if r["label"]:
+            c["defective"] += 1
+            c["missed"] += not r["anomalous"]
+        else:
+            c["good"] += 1
+            c["false_alarms"] += r["anomalous"]
+    total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed")}
+    im = image_metrics(relative, np.array([r["label"] for r in rows])) if rows else {}
+    return {"categories": dict(sorted(counts.items())), "all": total, "thresholds": dict(sorted(thresholds.items())),
+            "calibration": calibration or {},
+            "pooled_relative": {"image_auroc": im.get("auroc", math.nan), "image_ap": im.get("ap", math.nan),
+                                "image_f1max": im.get("f1_max", math.nan)}}
 
 
 def mean_maps(maps: list[Maps]) -> Maps:
@@ -328,6 +432,7 @@ def write_results(results: Results, folder: str | Path) -> Path:
         md += [f"{len(results.skipped)} unusable test files were left out (data.skip_bad); results.json lists them.", ""]
     for name in data["mean"]:
         md += [f"## map: {name}", "", results.to_markdown(name), ""]
+    md += ["## Decisions at the model's thresholds (as `onenip predict` decides)", "", results.decisions_markdown(), ""]
     atomic_write_text(folder / "results.md", "\n".join(md))
     if results.scores:
         atomic_write_csv(folder / "scores.csv", results.scores)

@@ -4,7 +4,9 @@ The page is built from the two files `onenip test` writes (see `evaluate.write_r
 scores.csv (one image score per test image). It holds
 
 * a header: protocol, checkpoint, fusion constant, prompt retrieval accuracy, number of images, skipped files;
-* the per-category table of the seven metrics of one scored map (in %, NaN as an em dash) and their mean;
+* the false alarms and misses at the model's own thresholds (results.json's `decisions`, when the run has them);
+* the per-category table of the seven metrics of one scored map (in %, NaN as an em dash), their mean and the
+  pooled image metrics (all test images ranked together);
 * per category: the ROC curve and the precision-recall curve of the image scores, computed exactly from scores.csv
   (sort and cumulative counts at every distinct score, as `metrics` does: the AUROC is the trapezoid area of the ROC
   polyline, the AP the step-wise area of the PR curve, so both equal results.json's image_auroc and image_ap), and the
@@ -554,9 +556,29 @@ def _table(data: dict[str, Any], map_name: str) -> str:
     n_img = sum(int(e.get("images", 0) or 0) for e in cats.values())
     n_bad = sum(int(e.get("defective", 0) or 0) for e in cats.values())
     foot = "".join(f"<td>{_pct(mean.get(m, math.nan))}</td>" for m in METRIC_KEYS)
+    rows = f'<tr class="mean"><td>mean</td><td>{n_img}</td><td>{n_bad}</td>{foot}</tr>'
+    pooled = (data.get("pooled") or {}).get(map_name)
+    if isinstance(pooled, dict):  # all images ranked together: image metrics only
+        cells = "".join(f"<td>{_pct(pooled.get(m, math.nan))}</td>" for m in METRIC_KEYS)
+        rows += (f'<tr class="pooled" title="all test images ranked together, whatever their category"><td>pooled</td>'
+                 f"<td>{n_img}</td><td>{n_bad}</td>{cells}</tr>")
     return (f'<table class="metrics" id="metrics" data-map="{_e(map_name)}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody><tfoot><tr class="mean"><td>mean</td><td>{n_img}</td><td>{n_bad}</td>'
-            f"{foot}</tr></tfoot></table>")
+            f'<tbody>{"".join(body)}</tbody><tfoot>{rows}</tfoot></table>')
+
+
+def _decisions(data: dict[str, Any]) -> str:
+    """One line: false alarms and misses at the model's own thresholds (results.json's 'decisions'), or why none."""
+    d = data.get("decisions")
+    if not isinstance(d, dict) or not isinstance(d.get("all"), dict):
+        note = data.get("decisions_note")
+        return f"{EM_DASH} ({_e(note)})" if note else EM_DASH
+    a = d["all"]
+
+    def part(k: int, n: int, what: str) -> str:
+        return f"{k} of {n} {what}" + (f" ({100 * k / n:.1f} %)" if n else "")
+
+    return (part(int(a["false_alarms"]), int(a["good"]), "good images flagged") + ", "
+            + part(int(a["missed"]), int(a["defective"]), "defective images passed"))
 
 
 def _header(data: dict[str, Any], rows: list[ScoreRow], map_name: str, checkpoint: str | None, src: Path) -> str:
@@ -572,7 +594,8 @@ def _header(data: dict[str, Any], rows: list[ScoreRow], map_name: str, checkpoin
              ("prompt retrieval accuracy", ret_text),
              ("test images", f"{len(rows)} ({len(rows) - n_bad} good, {n_bad} defective) in {len(data['categories'])} "
                              "categories"),
-             ("scored map", _e(map_name))]
+             ("scored map", _e(map_name)),
+             ("decisions at the model's thresholds", _decisions(data))]
     if checkpoint and checkpoint != data.get("checkpoint"):
         facts.append(("gallery checkpoint", _e(checkpoint)))
     secs = data.get("seconds") or {}
