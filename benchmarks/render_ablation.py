@@ -154,8 +154,11 @@ def per_category(rows: dict[int, list[dict]]) -> list[str]:
 
 def curves(rows: dict[int, list[dict]], path: Path) -> list[str]:
     """Fig. 1b: mean over seeds of the test metrics logged every --curve-every epochs; writes a PNG."""
-    logged = {row: runs for row, runs in rows.items()
-              if any("test_image_auroc" in h for r in runs for h in r["history"])}
+    def has_curve(r: dict) -> bool:
+        return any("test_image_auroc" in h for h in r["history"])
+
+    # only the runs that logged a curve: a run without one would add its end point alone
+    logged = {row: [r for r in runs if has_curve(r)] for row, runs in rows.items() if any(map(has_curve, runs))}
     if not logged:
         return []
     try:
@@ -176,7 +179,8 @@ def curves(rows: dict[int, list[dict]], path: Path) -> list[str]:
                     if key in h:
                         by_epoch[h["epoch"]].append(100 * h[key])
                 final = evaluation(r, "clean")
-                if final is not None and r["epochs"] not in by_epoch:  # the last point: the final evaluation
+                logged_last = any(key in h and h["epoch"] == r["epochs"] for h in r["history"])
+                if final is not None and not logged_last:  # each run's last point: its final evaluation
                     by_epoch[r["epochs"]].append(100 * final["mean"]["fused"][key.removeprefix("test_")])
             epochs = sorted(by_epoch)
             ys = [mean(by_epoch[e]) for e in epochs]

@@ -100,3 +100,17 @@ def test_compare_table_difference_spread_and_welch_t(tmp_path: Path) -> None:
     t = next(line for line in lines if line.startswith("| Welch t"))
     assert t.split("|")[2].strip() == "-3.9"
     assert t.split("|")[5].strip() == "+0.0"
+
+
+def test_curve_averages_only_the_runs_that_logged_one(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    runs = []
+    for seed, (p1, p2, final) in enumerate([(0.30, 0.40, 0.50), (0.40, 0.50, 0.70), (None, None, 0.90)], start=1):
+        r = run(0, seed, 0.9, final)
+        if p1 is not None:  # test metrics logged at epochs 1 and 2; the final evaluation is epoch 3
+            r["history"] = [{"epoch": e, "test_image_auroc": 0.9, "test_pixel_ap": p, "test_pixel_aupro": 0.5}
+                            for e, p in ((1, p1), (2, p2))]
+        runs.append(r)
+    table = render_ablation.curves({0: runs}, tmp_path / "curves.png")
+    assert table[2] == "| row 0 | 35.0 | 45.0 | 60.0 |"  # seed 3 (no curve) would pull epoch 3 to 70.0
+    assert (tmp_path / "curves.png").stat().st_size > 0
