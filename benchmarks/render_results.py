@@ -305,6 +305,11 @@ POOLED_NOTES: dict[str, list[str]] = {
 }
 
 
+def _three(m: dict, key: str) -> str:
+    """mean / pooled / relative of one image metric of a pooled.py model entry."""
+    return " / ".join(pct(m[part][key]) if part in m else "—" for part in ("mean", "pooled", "relative"))
+
+
 def pooled_section() -> list[str]:
     """One ranking for all categories (benchmarks/pooled.py: docs/results/pooled-*.json)."""
     out: list[str] = []
@@ -317,15 +322,11 @@ def pooled_section() -> list[str]:
         for name, m in d["models"].items():
             abl = next((DOCS / "results").glob(f"ablation-*/{name}.json"), None)
             label = f"{name} ({json.loads(abl.read_text())['name']})" if abl else name
-
-            def three(key: str) -> str:
-                return " / ".join(pct(m[part][key]) if part in m else "—" for part in ("mean", "pooled", "relative"))
-
             dec = m.get("decisions")
             fa = f"{dec['false_alarms']} / {dec['good']}" if dec else "—"
             miss = f"{dec['missed']} / {dec['defective']}" if dec else "—"
             ret = "—" if m.get("retrieval_accuracy") is None else f"{100 * m['retrieval_accuracy']:.2f} %"
-            out.append(f"| {label} | {three('image_auroc')} | {three('image_ap')} | {fa} | {miss} | {ret} | "
+            out.append(f"| {label} | {_three(m, 'image_auroc')} | {_three(m, 'image_ap')} | {fa} | {miss} | {ret} | "
                        f"{', '.join(m.get('threshold_source', [])) or m.get('decisions_note') or '—'} |")
         out += ["", *POOLED_NOTES.get(f.name, [])]
     if not out:

@@ -197,7 +197,7 @@ class DeployModel(nn.Module):
         threshold = self.thresholds[category].clamp_min(1e-12)
         return {
             "score": score,
-            "normalized": 1.0 - torch.pow(2.0, -score / threshold),
+            "normalized": normalize_score(score, threshold),
             "anomalous": score > threshold,
             "category": category,
             "similarity": best_sim,

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_csv, atomic_write_text
 from .config import Config
 from .datasets import Sample, load_split
+from .deploy import normalize_score
 from .detector import Detector
 from .errors import DatasetError
 from .images import read_sample
@@ -92,12 +93,8 @@ class Results:
 
     def pooled(self, map_name: str = "fused") -> dict[str, float]:
         """Image AUROC, AP and F1-max of all test images' scores ranked together (nan without both classes)."""
-        key = f"score_{map_name}"
-        rows = [r for r in self.scores if key in r]
-        if not rows:
-            return {m: float("nan") for m in IMAGE_METRICS}
-        im = image_metrics(np.array([r[key] for r in rows]), np.array([r["label"] for r in rows]))
-        return {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
+        rows = [r for r in self.scores if f"score_{map_name}" in r]
+        return image_entry([r[f"score_{map_name}"] for r in rows], [r["label"] for r in rows])
 
     def _defined(self, map_name: str) -> dict[str, list[float]]:
         """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
@@ -231,11 +228,18 @@ def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool
     return fusion_scale(lo, hi)
 
 
+def image_entry(scores: Any, labels: Any) -> dict[str, float]:
+    """image_auroc, image_ap, image_f1max of image scores (nan without both classes, or without images)."""
+    if len(scores) == 0:
+        return dict.fromkeys(IMAGE_METRICS, float("nan"))
+    im = image_metrics(np.asarray(scores, dtype=np.float64), np.asarray(labels))
+    return {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
+
+
 def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
     """Seven metrics of one category's maps (pixel metrics nan without usable masks) and the image scores."""
     scores = image_scores(maps, cfg.eval.score_kernel)
-    im = image_metrics(scores, labels)
-    res = {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
+    res = image_entry(scores, labels)
     if masks is not None:
         pm = pixel_metrics(maps, masks, cfg.eval.fpr_limit)
         res.update({"pixel_auroc": pm["auroc"], "pixel_ap": pm["ap"], "pixel_f1max": pm["f1_max"],
@@ -350,9 +354,9 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
         t_metrics += time.perf_counter() - t1
     bar.close()
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
-    thresholds, note = deployed_thresholds(detector, cfg, pool, scale, names)
-    decisions = decision_summary(score_rows, thresholds, detector.deployment.calibration) \
-        if thresholds is not None and detector.deployment is not None else None
+    note = why_no_decisions(detector, cfg, pool, scale, names)
+    dep = detector.deployment
+    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration) if note is None else None
     seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
                "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
@@ -361,27 +365,28 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
                    decisions=decisions, decisions_note=note)
 
 
-def deployed_thresholds(detector: Detector, cfg: Config, pool: PromptPool | None, scale: float | None,
-                        names: list[str]) -> tuple[dict[str, float] | None, str | None]:
-    """The model's decision thresholds when this evaluation scores what its deployment scores, else (None, why)."""
-    dep, e = getattr(detector, "deployment", None), cfg.eval
+def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, scale: float | None,
+                     names: list[str]) -> str | None:
+    """None when this evaluation scores what the model's deployment scores (so its thresholds decide as predict
+    does); otherwise why not."""
+    dep, e = detector.deployment, cfg.eval
     if dep is None:
-        return None, "the model carries no deployment (thresholds)"
-    if e.protocol != "clean" or pool is None:
-        return None, "the paper protocol gives the prompts; the deployed model retrieves them (use the clean protocol)"
+        return "the model carries no deployment (thresholds)"
+    if pool is None:
+        return "the paper protocol gives the prompts; the deployed model retrieves them (use the clean protocol)"
     if detector.uses_prompt and e.prompts != 1:
-        return None, f"eval.prompts={e.prompts}: the deployed model uses one prompt"
+        return f"eval.prompts={e.prompts}: the deployed model uses one prompt"
     if "fused" not in names:
-        return None, "eval.maps has no 'fused' map, the one the deployed model scores"
+        return "eval.maps has no 'fused' map, the one the deployed model scores"
     if [str(s.image) for s in pool.samples] != list(dep.pool_images):
-        return None, "the prompt pool differs from the deployment's (eval.prompt_pool, eval.seed or the data changed)"
+        return "the prompt pool differs from the deployment's (eval.prompt_pool, eval.seed or the data changed)"
     same_scale = (scale is None) == (dep.fusion_scale is None) and (
         scale is None or math.isclose(scale, dep.fusion_scale, rel_tol=1e-5, abs_tol=1e-12))
     if not same_scale or e.fusion_alpha != dep.alpha or e.score_kernel != dep.score_kernel:
-        return None, "the fusion constant, eval.fusion_alpha or eval.score_kernel differ from the deployment's"
+        return "the fusion constant, eval.fusion_alpha or eval.score_kernel differ from the deployment's"
     if not all(math.isfinite(dep.thresholds.get(c, math.inf)) for c in dep.categories):
-        return None, "the deployment has no finite threshold for every category"
-    return dict(dep.thresholds), None
+        return "the deployment has no finite threshold for every category"
+    return None
 
 
 def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
@@ -393,8 +398,9 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
     relative = np.empty(len(rows))
     for i, r in enumerate(rows):
         t = thresholds[r["retrieved"]]
-        relative[i] = r["score_fused"] / max(t, 1e-12)
-        r.update(threshold=t, normalized=float(1.0 - 2.0 ** -relative[i]), anomalous=bool(r["score_fused"] > t))
+        safe = max(t, 1e-12)  # as DeployModel clamps it
+        relative[i] = r["score_fused"] / safe
+        r.update(threshold=t, normalized=float(normalize_score(r["score_fused"], safe)), anomalous=bool(r["score_fused"] > t))
         c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0})
         if r["label"]:
             c["defective"] += 1
@@ -403,11 +409,8 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
             c["good"] += 1
             c["false_alarms"] += r["anomalous"]
     total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed")}
-    im = image_metrics(relative, np.array([r["label"] for r in rows])) if rows else {}
     return {"categories": dict(sorted(counts.items())), "all": total, "thresholds": dict(sorted(thresholds.items())),
-            "calibration": calibration or {},
-            "pooled_relative": {"image_auroc": im.get("auroc", math.nan), "image_ap": im.get("ap", math.nan),
-                                "image_f1max": im.get("f1_max", math.nan)}}
+            "calibration": calibration or {}, "pooled_relative": image_entry(relative, [r["label"] for r in rows])}
 
 
 def mean_maps(maps: list[Maps]) -> Maps:
