@@ -24,6 +24,7 @@ from onenip.synthesis import (
     perlin_noise,
     perlin_paste,
     perlin_paste_details,
+    resize_bilinear,
     synthesize,
     synthesize_details,
 )
@@ -281,6 +282,33 @@ def test_folder_textures(textures: Path, size: int) -> None:
         assert tex.shape == (size, size, 3) and tex.dtype == np.uint8
     assert np.array_equal(samples[0], src.sample(np.random.default_rng(0), size))
     assert len({t.tobytes() for t in samples}) > 1
+
+
+def test_resize_bilinear_samples_like_opencv() -> None:
+    """OpenCV's INTER_LINEAR: centre-aligned, two taps per axis, edge pixels repeated; no antialiasing."""
+    row = np.array([0, 10, 20, 30, 40, 50, 60, 70], dtype=np.uint8)
+    img = np.repeat(row[None, :, None], 2, axis=0).repeat(3, axis=2)  # (2, 8, 3)
+    # Shrinking 8 -> 2 reads source x = 1.5 and 5.5: 15 and 55.
+    assert resize_bilinear(img, 2, 2)[0, :, 0].tolist() == [15, 55]
+    stripes = np.array([0, 200, 200, 0] * 4, dtype=np.uint8)  # period 4
+    small = resize_bilinear(np.repeat(stripes[None, :, None], 3, axis=2), 4, 1)  # x = 1.5, 5.5, ...: both taps 200
+    assert small[0, :, 0].tolist() == [200, 200, 200, 200]  # PIL's antialiased bilinear gives about 100
+    # Enlarging 2 -> 4: source x = -0.25 (clamped to the edge), 0.25, 0.75, 1.25 (clamped).
+    up = resize_bilinear(np.array([[[0] * 3, [100] * 3]], dtype=np.uint8), 4, 1)
+    assert up[0, :, 0].tolist() == [0, 25, 75, 100]
+    same = make_image(16)
+    out = resize_bilinear(same, 16, 16)
+    assert np.array_equal(out, same) and out is not same
+
+
+def test_folder_textures_resize_the_full_image(tmp_path: Path) -> None:
+    """A JPEG is decoded at full size and then resized like OpenCV (a reduced-scale decode would smooth the detail)."""
+    big = make_image(256, seed=3)
+    Image.fromarray(big).save(tmp_path / "t.jpg", quality=95)
+    with Image.open(tmp_path / "t.jpg") as im:
+        full = np.asarray(im.convert("RGB"))
+    got = FolderTextures(tmp_path).load(0, 64)
+    assert np.array_equal(got, resize_bilinear(full, 64, 64))
 
 
 def test_folder_textures_recursive_and_errors(tmp_path: Path) -> None:

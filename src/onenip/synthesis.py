@@ -15,7 +15,8 @@ seed. Inputs are never modified in place. Every function returns ``(image, mask)
 a uint8 ``(H, W)`` mask with values in {0, 1}.
 
 This is an independent implementation written from the method description; it does not reproduce the imgaug/OpenCV
-pipeline bit for bit (e.g. textures are RGB, resizing is PIL bilinear).
+pipeline bit for bit: textures are RGB (the authors' are BGR), and OpenCV's bilinear resize and colour conversions
+(`onenip.colorspaces`) are emulated in numpy and torch, within a grey level or two of OpenCV's.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 
+from . import colorspaces
 from .config import SynthesisConfig
 from .errors import DatasetError
 
@@ -38,6 +41,7 @@ __all__ = [
     "TextureSource",
     "FolderTextures",
     "ArrayTextures",
+    "resize_bilinear",
     "color_jitter",
     "cutpaste_normal",
     "cutpaste_scar",
@@ -73,14 +77,44 @@ def _check_image(image: np.ndarray, name: str = "image") -> None:
         raise ValueError(f"{name} must be a uint8 array of shape (H, W, 3), got shape {shape} and dtype {dtype}")
 
 
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and weights of i1 for each of `n_out` outputs, as OpenCV's INTER_LINEAR samples.
+
+    Pixel centres are aligned (source x = (x + 0.5) * n_in / n_out - 0.5) and only the two nearest source pixels are
+    read, whatever the scale: no antialiasing filter. Positions outside the image take the edge pixel.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(src).astype(np.int64)
+    frac = src - i0
+    frac[i0 < 0] = 0.0
+    frac[i0 >= n_in - 1] = 0.0
+    i0 = np.clip(i0, 0, n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), frac
+
+
+def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A uint8 (H, W, C) image resized to (height, width) like ``cv2.resize(..., INTER_LINEAR)`` (method notes §3).
+
+    The authors' code resizes textures with OpenCV, which interpolates between the two nearest pixels per axis with
+    no antialiasing, so a texture shrunk by more than 2x keeps its fine (aliased) detail; PIL's bilinear filter would
+    average it away. Rounded to nearest; OpenCV's fixed-point arithmetic can differ by one grey level.
+    """
+    h_in, w_in = image.shape[:2]
+    if (h_in, w_in) == (height, width):
+        return image.copy()
+    y0, y1, fy = _linear_taps(h_in, height)
+    x0, x1, fx = _linear_taps(w_in, width)
+    img = image.astype(np.float64)
+    rows = img[y0] * (1.0 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    out = rows[:, x0] * (1.0 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
 def _resize_rgb(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 (size, size, 3) array of `image`, resized with bilinear filtering when its size differs."""
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.ascontiguousarray(image))
-    if pil.mode != "RGB":
-        pil = pil.convert("RGB")
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(pil, dtype=np.uint8).copy()
+    """RGB uint8 (size, size, 3) array of `image`, resized by `resize_bilinear` when its size differs."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    return resize_bilinear(np.ascontiguousarray(image), size, size)
 
 
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -125,13 +159,11 @@ class FolderTextures:
         return len(self.files)
 
     def load(self, index: int, size: int) -> np.ndarray:
-        """The `index`-th texture file as a uint8 (size, size, 3) RGB array (bilinear resize)."""
+        """The `index`-th texture file as a uint8 (size, size, 3) RGB array (`resize_bilinear`, as OpenCV)."""
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                if img.format == "JPEG":
-                    img.draft("RGB", (size, size))  # decode at a reduced DCT scale that is still >= size
-                rgb = img.convert("RGB")
+                rgb = img.convert("RGB")  # decoded at full size: a reduced-scale JPEG decode would smooth it
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read texture image {path}: {exc}") from None
         return _resize_rgb(rgb, size)
@@ -353,15 +385,16 @@ def _aug_gamma(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _aug_brightness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Multiply the luminance (Y of YCbCr) by U(0.8, 1.2) and add U(-30, 30), in a random order."""
-    mul = rng.uniform(0.8, 1.2)
-    add = rng.uniform(-30.0, 30.0)
+    """imgaug's MultiplyAndAddToBrightness: in one of six colour spaces (uniform), multiply the brightness channel by
+    U(0.8, 1.2) and add an integer U{-30..30}, in a random order (`colorspaces.brightness`, OpenCV's conversions)."""
+    space = int(rng.integers(len(colorspaces.SPACES)))
+    mul = float(rng.uniform(0.8, 1.2))
+    add = float(rng.integers(-30, 31))
     add_first = bool(rng.random() < 0.5)
-    ycc = np.asarray(Image.fromarray(img).convert("YCbCr"), dtype=np.uint8).copy()
-    y = np.arange(256, dtype=np.float64)
-    table = (y + add) * mul if add_first else y * mul + add
-    ycc[..., 0] = _lut(ycc[..., 0], table)
-    return np.asarray(_from_mode(ycc, "YCbCr").convert("RGB"), dtype=np.uint8)
+    x = torch.tensor(img).permute(2, 0, 1).unsqueeze(0).float()
+    out = colorspaces.brightness(x, torch.tensor([space]), torch.tensor([mul]), torch.tensor([add]),
+                                 torch.tensor([add_first]))
+    return out[0].permute(1, 2, 0).to(torch.uint8).numpy()
 
 
 def _aug_sharpness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -486,10 +519,7 @@ def perlin_paste_details(
     _check_image(texture, "texture")
     height, width = image.shape[:2]
     if texture.shape[:2] != (height, width):
-        texture = np.asarray(
-            Image.fromarray(np.ascontiguousarray(texture)).resize((width, height), Image.Resampling.BILINEAR),
-            np.uint8,
-        )
+        texture = resize_bilinear(np.ascontiguousarray(texture), width, height)
     tex = augment_texture(texture, rng) if augment else texture.copy()
     m = perlin_mask((height, width), rng, cfg)
     beta = float(cfg.blend_max * rng.random())

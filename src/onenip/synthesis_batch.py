@@ -14,8 +14,8 @@ images per second cannot afford that, so this module makes the same three kinds 
   each pixel's cell from a lattice large enough for the largest resolution, rotated with ``affine_grid`` /
   ``grid_sample`` and thresholded. The texture (from a bank or a per-call pool) gets 3 of the 10 augmenters of
   `onenip.synthesis`; the per-channel lookup-table augmenters (gamma, solarize, posterize, invert, autocontrast,
-  equalize) are fused into one batched table lookup per step; the others (luminance, sharpness, hue/saturation, flip)
-  act on the samples that picked them.
+  equalize) are fused into one batched table lookup per step; the others (brightness, sharpness, hue/saturation,
+  flip) act on the samples that picked them; brightness is `onenip.colorspaces`, the very code the plain path runs.
 
 Each kind, and each colour adjustment or texture augmenter, is applied to the samples that drew it in one of two ways
 (`BatchSynthesizer.select_by_index`): on accelerators it is computed for the whole batch and kept per sample with
@@ -30,7 +30,7 @@ The parameters are drawn from the same distributions as in `onenip.synthesis` bu
 all randomness comes from the explicit `torch.Generator` passed in (never torch's global RNG), so the same generator
 seed and inputs give the same output on the same device. Inputs are never modified in place; outside the mask the output
 is bit-identical to the input. Small rounding differences to the plain path remain: colour jitter follows torchvision's
-tensor kernels instead of PIL's, the PIL colour conversions (YCbCr, HSV) and the texture blend are emulated in
+tensor kernels instead of PIL's, PIL's HSV conversion and the texture blend are emulated in
 float32, and the autocontrast table uses exact integer arithmetic where PIL's float table is sometimes one level lower.
 """
 
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import colorspaces
 from .config import SynthesisConfig
 from .errors import DatasetError
 from .synthesis import AUGMENTER_NAMES, FolderTextures
@@ -188,24 +189,6 @@ def _hsv255_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     t = (v * (1.0 - fs * (1.0 - f)) + 0.5).floor().clamp(0.0, 255.0)
     rgb = _select_sector(i.long().remainder(6), v, p, q, t)
     return torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand_as(rgb), rgb)
-
-
-def _rgb_to_ycbcr(x: Tensor) -> Tensor:
-    """JPEG (ITU-R BT.601 full range) YCbCr of integer-valued RGB, truncated to integers like PIL's conversion."""
-    r, g, b = x.unbind(1)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    cb = 128.0 - 0.168736 * r - 0.331264 * g + 0.5 * b
-    cr = 128.0 + 0.5 * r - 0.418688 * g - 0.081312 * b
-    return torch.stack((y, cb, cr), dim=1).floor().clamp(0.0, 255.0)
-
-
-def _ycbcr_to_rgb(x: Tensor) -> Tensor:
-    """Inverse of `_rgb_to_ycbcr`, truncated and clipped to integers in [0, 255] (as PIL)."""
-    y, cb, cr = x[:, 0], x[:, 1] - 128.0, x[:, 2] - 128.0
-    r = y + 1.402 * cr
-    g = y - 0.344136 * cb - 0.714136 * cr
-    b = y + 1.772 * cb
-    return torch.stack((r, g, b), dim=1).floor().clamp(0.0, 255.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -560,15 +543,6 @@ def _lut_posterize(bits: Tensor) -> Tensor:
     return (levels // quantum * quantum).float().expand(-1, 3, -1)
 
 
-def _luminance(x: Tensor, mul: Tensor, add: Tensor, add_first: Tensor) -> Tensor:
-    """Y of YCbCr times `mul` and plus `add` ((B,) each; `add_first` (B,) bool picks the order), rounded, clipped."""
-    ycc = _rgb_to_ycbcr(x)
-    y = ycc[:, :1]
-    m, a = _col(mul), _col(add)
-    y = torch.where(_col(add_first), (y + a) * m, y * m + a).round().clamp(0.0, 255.0)
-    return _ycbcr_to_rgb(torch.cat((y, ycc[:, 1:]), dim=1))
-
-
 def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
     """PIL ``ImageEnhance.Sharpness``: blend the SMOOTH-filtered image (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13,
     rounded, border pixels kept) towards the image by `factor` (B,), truncated."""
@@ -594,8 +568,9 @@ def _draw_augment(g: torch.Generator, bsz: int, device: torch.device) -> Params:
     return {
         "chosen": _rand(g, (bsz, len(AUGMENTER_NAMES)), device).argsort(dim=1)[:, :3],
         "gamma": _uniform(g, (bsz, 3, 3), 0.5, 2.0, device),
+        "lum_space": _randint(g, (bsz, 3), 0, len(colorspaces.SPACES) - 1, device),
         "lum_mul": _uniform(g, (bsz, 3), 0.8, 1.2, device),
-        "lum_add": _uniform(g, (bsz, 3), -30.0, 30.0, device),
+        "lum_add": _randint(g, (bsz, 3), -30, 30, device).float(),
         "lum_add_first": _rand(g, (bsz, 3), device) < 0.5,
         "sharpness": _uniform(g, (bsz, 3), 0.0, 2.0, device),
         "d_hue": _randint(g, (bsz, 3), -50, 50, device),
@@ -612,7 +587,7 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
     """Apply every sample's 3 augmenters (`_draw_augment` parameters `p`) in order to an integer-valued float batch.
 
     At each step the per-channel lookup-table augmenters (gamma, solarize, posterize, invert, autocontrast, equalize)
-    are fused into one table lookup; flip, luminance, sharpness and hue/saturation act on the samples that picked them.
+    are fused into one table lookup; flip, brightness, sharpness and hue/saturation act on the samples that picked them.
     """
     dev = x.device
     identity = torch.arange(256, device=dev, dtype=torch.float32).view(1, 1, 256)
@@ -646,7 +621,9 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
             (pick == _AUG["fliplr"], lambda y, q, k=k: torch.where(_col(q["flip"][:, k]), y.flip(-1), y)),
             (
                 pick == _AUG["brightness"],
-                lambda y, q, k=k: _luminance(y, q["lum_mul"][:, k], q["lum_add"][:, k], q["lum_add_first"][:, k]),
+                lambda y, q, k=k: colorspaces.brightness(
+                    y, q["lum_space"][:, k], q["lum_mul"][:, k], q["lum_add"][:, k], q["lum_add_first"][:, k]
+                ),
             ),
             (pick == _AUG["sharpness"], lambda y, q, k=k: _sharpness(y, q["sharpness"][:, k])),
             (pick == _AUG["hue_saturation"], lambda y, q, k=k: _hue_saturation(y, q["d_hue"][:, k], q["d_sat"][:, k])),
