@@ -25,6 +25,10 @@ MIN_WITHIN_2 = {"YCrCb": 0.99, "YUV": 0.99, "HSV": 0.95, "HLS": 0.95, "Lab": 0.9
 # 15 % Luv, by at most 1 level except Luv's 5).
 MAX_SHARE_FWD = {"YCrCb": 0.01, "YUV": 0.01, "HSV": 0.02, "HLS": 0.06, "Lab": 0.08, "Luv": 0.08}
 MAX_SHARE_BACK = {"YCrCb": 0.01, "YUV": 0.01, "HSV": 0.01, "HLS": 0.01, "Lab": 0.1, "Luv": 0.2}
+# Share of pixels whose brightness result differs from OpenCV's at all, at most (measured, worst parameter set: YCrCb
+# 0.6 %, YUV 2.3 %, HSV 3.3 %, HLS 14.6 %, Lab 27.9 %, Luv 45.5 %). HSV's bound catches a float64 computation of the
+# HSV -> RGB truncation (15-43 % of pixels then differ); the parameters below are float64, as they come from numpy.
+MAX_SHARE_BRIGHT = {"YCrCb": 0.02, "YUV": 0.04, "HSV": 0.06, "HLS": 0.2, "Lab": 0.35, "Luv": 0.55}
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
@@ -56,6 +60,7 @@ def test_brightness_matches_imgaug_on_opencv(space: str) -> None:
                             torch.tensor([bool(first)]))
         diff = np.abs(as_array(got).astype(int) - REF[f"bright_{space}_{j}"].astype(int)).max(axis=-1)
         assert (diff <= 2).mean() >= MIN_WITHIN_2[space], (space, j, float((diff <= 2).mean()))
+        assert (diff > 0).mean() <= MAX_SHARE_BRIGHT[space], (space, j, float((diff > 0).mean()))
     if space in ("YCrCb", "YUV", "HSV", "HLS"):  # grey 128 keeps its chroma and its brightness is exactly 128
         grey = cs.brightness(torch.full((1, 3, 1, 1), 128.0), code, torch.tensor([1.15]), torch.tensor([20.0]),
                              torch.tensor([True]))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["SPACES", "BRIGHTNESS_CHANNEL", "to_space", "from_space", "brightness"]
+__all__ = ["SPACES", "BRIGHTNESS_CHANNEL", "to_space", "from_space", "brightness", "select_sector"]
 
 #: The colour spaces imgaug's brightness augmenter draws from, in imgaug's order (index = the drawn space code).
 SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
@@ -62,14 +62,18 @@ def _gamma_compress(v: Tensor) -> Tensor:
     return torch.where(v <= 0.0031308, 12.92 * v, 1.055 * v.pow(1.0 / 2.4) - 0.055)
 
 
-def _hue_sector_rgb(h6: Tensor, tab: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
-    """RGB (B, 3, H, W) from a hue in sectors [0, 6) and OpenCV's four candidate values (v/p2, p/p1, q, t)."""
-    # OpenCV's sector table gives, per sector, which candidate is B, G and R.
-    table = torch.tensor(((1, 3, 0), (1, 0, 2), (3, 0, 1), (0, 2, 1), (0, 1, 3), (2, 1, 0)), device=h6.device)
-    sector = h6.floor().long().clamp(0, 5)
-    bgr = table[sector].movedim(-1, 1)  # (B, 3, H, W) candidate indices of B, G, R
-    values = torch.stack(tab, dim=1)  # (B, 4, H, W)
-    return values.gather(1, bgr).flip(1)
+# Which of the four candidates (v, p, q, t) is R, G and B in each of the six hue sectors (OpenCV's and PIL's order).
+_SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
+
+
+def select_sector(sector: Tensor, v: Tensor, p: Tensor, q: Tensor, t: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB from the hue sector (B, H, W, int64 in [0, 6)) and the four candidate values (B, H, W).
+
+    Shared by every hue-based conversion back to RGB (HSV and HLS here, PIL's HSV in `onenip.synthesis_batch`).
+    """
+    table = torch.tensor(_SECTOR_TABLE, dtype=torch.long, device=sector.device)
+    index = table[:, sector].movedim(0, 1)  # (B, 3, H, W)
+    return torch.stack((v, p, q, t), dim=1).gather(1, index)
 
 
 def _wrap6(h6: Tensor) -> Tensor:
@@ -134,21 +138,21 @@ def from_space(x: Tensor, space: str) -> Tensor:
         return torch.stack((_u8(c0 + v2r * cr), _u8(c0 + v2g * cr + u2g * cb), _u8(c0 + u2b * cb)), dim=1)
     if space == "HSV":
         # cv2's 8-bit HSV -> RGB truncates (in float32) instead of rounding: measured against cv2 4.6, 1 % of values
-        # then differ by one level, against 32 % with rounding
-        xf = x.float()
-        h6 = _wrap6(xf[:, 0] * (6.0 / 180.0))
-        s, v = xf[:, 1] * (1.0 / 255.0), xf[:, 2] * (1.0 / 255.0)
+        # then differ by one level, against 32 % with rounding. Truncation needs cv2's float32 rounding errors (a
+        # float64 input would give 2.9999999 -> 2 elsewhere), so compute in float32 whatever the input's dtype.
+        c0, c1, c2 = x.float().unbind(1)
+        h6, s, v = _wrap6(c0 * (6.0 / 180.0)), c1 * (1.0 / 255.0), c2 * (1.0 / 255.0)
         f = h6 - h6.floor()
-        tab = (v, v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)))
-        rgb = torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand(-1, 3, -1, -1), _hue_sector_rgb(h6, tab))
+        rgb = select_sector(h6.floor().long().clamp(0, 5), v, v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)))
+        rgb = torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand_as(rgb), rgb)
         return (rgb * 255.0).floor().clamp(0.0, 255.0).to(x.dtype)
     if space == "HLS":
         h6, light, s = _wrap6(c0 / 30.0), c1 / 255.0, c2 / 255.0
         p2 = torch.where(light <= 0.5, light * (1.0 + s), light + s - light * s)
         p1 = 2.0 * light - p2
         f = h6 - h6.floor()
-        tab = (p2, p1, p1 + (p2 - p1) * (1.0 - f), p1 + (p2 - p1) * f)
-        rgb = torch.where((s == 0).unsqueeze(1), light.unsqueeze(1).expand(-1, 3, -1, -1), _hue_sector_rgb(h6, tab))
+        rgb = select_sector(h6.floor().long().clamp(0, 5), p2, p1, p1 + (p2 - p1) * (1.0 - f), p1 + (p2 - p1) * f)
+        rgb = torch.where((s == 0).unsqueeze(1), light.unsqueeze(1).expand_as(rgb), rgb)
         return _u8(rgb * 255.0)
     if space in ("Lab", "Luv"):
         light = c0 * 100.0 / 255.0

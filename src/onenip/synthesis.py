@@ -111,13 +111,6 @@ def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _resize_rgb(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 (size, size, 3) array of `image`, resized by `resize_bilinear` when its size differs."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
-    return resize_bilinear(np.ascontiguousarray(image), size, size)
-
-
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(rng.uniform(low, high))
 
@@ -164,10 +157,10 @@ class FolderTextures:
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB")  # decoded at full size: a reduced-scale JPEG decode would smooth it
+                rgb = np.asarray(img.convert("RGB"))  # full size: a reduced-scale JPEG decode would smooth it
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read texture image {path}: {exc}") from None
-        return _resize_rgb(rgb, size)
+        return resize_bilinear(rgb, size, size)
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """A uniformly drawn texture file, RGB, resized to size x size."""
@@ -190,7 +183,7 @@ class ArrayTextures:
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """A uniformly drawn image as a new uint8 (size, size, 3) array (bilinear resize when needed)."""
-        return _resize_rgb(self.images[int(rng.integers(len(self.images)))], size)
+        return resize_bilinear(self.images[int(rng.integers(len(self.images)))], size, size)
 
 
 # --------------------------------------------------------------------------------------------------------------------

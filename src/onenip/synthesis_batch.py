@@ -139,17 +139,6 @@ def _rgb_to_hsv_unit(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return h, s, maxc
 
 
-# Which of (v, p, q, t) is R, G and B for each of the six hue sectors.
-_SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
-
-
-def _select_sector(sector: Tensor, v: Tensor, p: Tensor, q: Tensor, t: Tensor) -> Tensor:
-    """(B, 3, H, W) RGB from the hue sector (B, H, W, int64 in [0, 6)) and the four candidate values."""
-    table = torch.tensor(_SECTOR_TABLE, dtype=torch.long, device=sector.device)
-    index = table[:, sector].movedim(0, 1)  # (B, 3, H, W)
-    return torch.stack((v, p, q, t), dim=1).gather(1, index)
-
-
 def _hsv_unit_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     """Inverse of `_rgb_to_hsv_unit`: RGB (B, 3, H, W) in [0, 1] (torchvision)."""
     h6 = h * 6.0
@@ -158,7 +147,7 @@ def _hsv_unit_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     p = (v * (1.0 - s)).clamp(0.0, 1.0)
     q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
     t = (v * (s * f + (1.0 - s))).clamp(0.0, 1.0)
-    return _select_sector(i.long().remainder(6), v, p, q, t)
+    return colorspaces.select_sector(i.long().remainder(6), v, p, q, t)
 
 
 def _rgb_to_hsv255(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -187,7 +176,7 @@ def _hsv255_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
     p = (v * (1.0 - fs) + 0.5).floor().clamp(0.0, 255.0)
     q = (v * (1.0 - fs * f) + 0.5).floor().clamp(0.0, 255.0)
     t = (v * (1.0 - fs * (1.0 - f)) + 0.5).floor().clamp(0.0, 255.0)
-    rgb = _select_sector(i.long().remainder(6), v, p, q, t)
+    rgb = colorspaces.select_sector(i.long().remainder(6), v, p, q, t)
     return torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand_as(rgb), rgb)
 
 
