@@ -105,7 +105,7 @@ def main() -> None:
     picks = rng.integers(len(images), size=args.draws)
 
     t0 = time.perf_counter()
-    textures = FolderTextures(cfg.data.textures)
+    textures = FolderTextures(cfg.data.textures, cfg.synthesis.texture_resize)
     plain_rows, plain_kinds = [], []
     for i in picks:
         res = synthesize_details(images[i], rng, textures, cfg.synthesis)
@@ -114,7 +114,7 @@ def main() -> None:
     t_plain = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bank = load_texture_bank(cfg.data.textures, size)
+    bank = load_texture_bank(cfg.data.textures, size, resize=cfg.synthesis.texture_resize)
     synth = BatchSynthesizer(cfg.synthesis, bank)
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)

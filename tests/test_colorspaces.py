@@ -98,6 +98,20 @@ def test_plain_brightness_augmenter_draws_a_space() -> None:
     assert np.array_equal(augment_texture(tex, np.random.default_rng(3), names=["brightness"]), as_array(want))
 
 
+@pytest.mark.parametrize("spaces", [("Lab",), ("HSV", "YUV")])
+def test_plain_brightness_augmenter_draws_from_the_configured_spaces(spaces: tuple[str, ...]) -> None:
+    """`brightness_spaces` restricts the drawn space (imgaug's to_colorspace); the other draws stay the same."""
+    tex = np.ascontiguousarray(REF["pixels"].reshape(8, 64, 3))
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        space = cs.SPACES.index(spaces[int(rng.integers(len(spaces)))])
+        mul, add, first = rng.uniform(0.8, 1.2), rng.integers(-30, 31), rng.random() < 0.5
+        want = cs.brightness(as_tensor(tex), torch.tensor([space]), torch.tensor([mul]), torch.tensor([float(add)]),
+                             torch.tensor([bool(first)]))
+        got = augment_texture(tex, np.random.default_rng(seed), names=["brightness"], brightness_spaces=spaces)
+        assert np.array_equal(got, as_array(want)), (spaces, seed)
+
+
 def test_resize_bilinear_matches_opencv() -> None:
     for w, h in REF["resize_sizes"]:
         got = resize_bilinear(REF["resize_src"], int(w), int(h)).astype(int)

@@ -49,6 +49,10 @@ def test_yaml_then_overrides_precedence(tmp_path) -> None:
         ("eval.maps=[rec, heat]", "eval.maps"),
         ("train.device=tpu", "train.device"),
         ("model.hidden_dim=250", "model.hidden_dim"),
+        ("synthesis.texture_resize=lanczos", "synthesis.texture_resize"),
+        ("synthesis.brightness_spaces=[YCrCb, XYZ]", "synthesis.brightness_spaces"),
+        ("synthesis.brightness_spaces=[]", "synthesis.brightness_spaces"),
+        ("synthesis.brightness_spaces=[HSV, HSV]", "synthesis.brightness_spaces"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

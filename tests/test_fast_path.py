@@ -12,6 +12,7 @@ from torch.utils.data import default_collate
 from onenip.api import make_config
 from onenip.checkpoint import load_checkpoint
 from onenip.errors import ConfigError
+from onenip.synthesis_batch import load_texture_bank
 from onenip.train import Trainer
 
 
@@ -158,3 +159,10 @@ def test_fast_feature_cache_comes_from_the_step_backbone(pair: tuple[Trainer, Tr
     torch.testing.assert_close(fast.feature_cache, plain.feature_cache, rtol=1e-4, atol=1e-4)
     assert fast.step_backbone.channels_last and fast.step_backbone.dtype == torch.float32  # no CUDA, or amp off
     assert fast.feature_cache.is_contiguous()  # the standard layout: the jitter draws as on the plain path
+
+
+def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+    trainer = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "synthesis.texture_resize=antialias",
+                           "synthesis.brightness_spaces=[Lab]"), progress=False)
+    assert torch.equal(trainer.loader.textures, load_texture_bank(textures, 64, resize="antialias"))
+    assert trainer.loader.synthesizer.cfg.brightness_spaces == ["Lab"]

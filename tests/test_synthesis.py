@@ -25,6 +25,7 @@ from onenip.synthesis import (
     perlin_paste,
     perlin_paste_details,
     resize_bilinear,
+    resize_texture,
     synthesize,
     synthesize_details,
 )
@@ -261,6 +262,20 @@ def test_perlin_paste_without_blend_copies_texture() -> None:
         assert (res.image[res.mask == 1] == (10, 200, 77)).all()
 
 
+def test_perlin_paste_follows_the_texture_options() -> None:
+    """cfg.brightness_spaces reaches the brightness augmenter and cfg.texture_resize the texture's resize."""
+    image, texture = make_image(64), make_image(100, seed=1)
+    luma, hsv = (dataclasses.replace(CFG, brightness_spaces=[s]) for s in ("YCrCb", "HSV"))
+    forced = [perlin_paste_details(image, texture, np.random.default_rng(s), luma).texture.tobytes() !=
+              perlin_paste_details(image, texture, np.random.default_rng(s), hsv).texture.tobytes() for s in range(12)]
+    assert 2 <= sum(forced) < 12  # only where the brightness augmenter was among the three drawn
+    smooth = dataclasses.replace(CFG, texture_resize="antialias")
+    raw = perlin_paste_details(image, texture, np.random.default_rng(0), CFG, augment=False).texture
+    soft = perlin_paste_details(image, texture, np.random.default_rng(0), smooth, augment=False).texture
+    assert np.array_equal(raw, resize_bilinear(texture, 64, 64))
+    assert np.array_equal(soft, resize_texture(texture, 64, 64, "antialias"))
+
+
 def test_perlin_paste_resizes_texture() -> None:
     image = make_image(64)
     out, mask = perlin_paste(image, make_image(100, seed=1), np.random.default_rng(0), CFG)
@@ -299,6 +314,33 @@ def test_resize_bilinear_samples_like_opencv() -> None:
     same = make_image(16)
     out = resize_bilinear(same, 16, 16)
     assert np.array_equal(out, same) and out is not same
+
+
+def test_resize_texture_methods() -> None:
+    """synthesis.texture_resize: opencv is `resize_bilinear`; antialias is PIL's filter, which averages stripes away."""
+    stripes = np.repeat(np.array([0, 200, 200, 0] * 4, dtype=np.uint8)[None, :, None], 3, axis=2)
+    assert resize_texture(stripes, 4, 1, "opencv")[0, :, 0].tolist() == [200, 200, 200, 200]
+    smooth = resize_texture(stripes, 4, 1, "antialias")[0, :, 0]
+    assert all(80 <= v <= 120 for v in smooth.tolist()), smooth
+    img = make_image(40, seed=2)
+    want = np.asarray(Image.fromarray(img).resize((24, 24), Image.Resampling.BILINEAR))
+    assert np.array_equal(resize_texture(img, 24, 24, "antialias"), want)
+    out = resize_texture(img, 40, 40, "antialias")
+    assert np.array_equal(out, img) and out is not img
+    with pytest.raises(ValueError, match="opencv or antialias"):
+        resize_texture(img, 8, 8, "lanczos")
+    with pytest.raises(ValueError, match="opencv or antialias"):
+        ArrayTextures([img], resize="nearest")
+
+
+def test_texture_sources_use_the_configured_resize(tmp_path: Path) -> None:
+    img = make_image(50, seed=4)
+    Image.fromarray(img).save(tmp_path / "t.png")
+    for method in ("opencv", "antialias"):
+        want = resize_texture(img, 32, 32, method)
+        assert np.array_equal(FolderTextures(tmp_path, method).load(0, 32), want)
+        assert np.array_equal(ArrayTextures([img], method).sample(np.random.default_rng(0), 32), want)
+    assert not np.array_equal(resize_texture(img, 32, 32, "opencv"), resize_texture(img, 32, 32, "antialias"))
 
 
 def test_folder_textures_resize_the_full_image(tmp_path: Path) -> None:

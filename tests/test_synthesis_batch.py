@@ -416,6 +416,23 @@ def test_augmenter_choice_is_three_distinct_uniform() -> None:
         assert (counts - n / 10).abs().max() <= 4 * math.sqrt(n * 0.1 * 0.9), counts
 
 
+def test_brightness_space_drawn_from_the_configured_spaces() -> None:
+    """synthesis.brightness_spaces: codes of the listed spaces only, uniform; every other draw is unchanged."""
+    n = 3000
+    default = sb._draw_augment(gen(5), n, CPU)
+    assert set(default["lum_space"].unique().tolist()) == set(range(6))
+    some = sb._draw_augment(gen(5), n, CPU, ("Luv", "HSV"))
+    counts = torch.bincount(some["lum_space"].flatten(), minlength=6)
+    assert counts[[0, 2, 3, 5]].sum() == 0
+    assert (counts[[1, 4]].float() - 1.5 * n).abs().max() <= 4 * math.sqrt(3 * n * 0.25), counts
+    for key in default:
+        if key != "lum_space":
+            assert torch.equal(default[key], some[key]), key
+    # the synthesizer draws with its configuration's spaces
+    drawn = sb._draw_perlin_paste(gen(5), 64, 3, dataclasses.replace(CFG, brightness_spaces=["HSV"]), CPU)
+    assert (drawn["aug_lum_space"] == 1).all()
+
+
 def test_perlin_paste_blends_texture_inside_mask() -> None:
     size, bsz = 48, 6
     cfg = dataclasses.replace(CFG, perlin_threshold=0.2)  # large masks
@@ -466,11 +483,12 @@ def test_load_texture_bank(tmp_path: Path, textures: Path) -> None:
     assert len(files) == 3
     for i, f in enumerate(files):
         shutil.copy(f, tmp_path / f"{i}_{f.name}")
-    bank = load_texture_bank(tmp_path, 32, device="cpu")
-    assert bank.shape == (3, 3, 32, 32) and bank.dtype == torch.uint8
-    source = FolderTextures(tmp_path)
-    for i in range(3):
-        assert torch.equal(bank[i], torch.from_numpy(source.load(i, 32)).permute(2, 0, 1))
+    for method in ("opencv", "antialias"):
+        bank = load_texture_bank(tmp_path, 32, device="cpu", resize=method)
+        assert bank.shape == (3, 3, 32, 32) and bank.dtype == torch.uint8
+        source = FolderTextures(tmp_path, method)
+        for i in range(3):
+            assert torch.equal(bank[i], torch.from_numpy(source.load(i, 32)).permute(2, 0, 1))
     res = BatchSynthesizer(dataclasses.replace(CFG, cutpaste_prob=0.0), bank).details(make_batch(4, 32), gen(0))
     assert (res.kind == 2).all()
     empty = tmp_path / "empty"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from onenip.config import Config, load_config
 from onenip.datasets import read_sources
 from onenip.detector import Detector
 from onenip.errors import CheckpointError
+from onenip.synthesis import FolderTextures
 from onenip.train import Trainer, TrainingError, lr_at
 from onenip.trainset import EpochSampler, TrainSet
 
@@ -38,6 +40,8 @@ def test_items_are_reproducible_and_prompts_share_the_category(iad_mix: Path, te
     samples = read_sources([str(iad_mix)], "train", ["metal_plate", "PA_BDP01_TL"])
     cfg = make_config(None, []).synthesis
     ds = TrainSet(samples, 64, cfg, str(textures), prompt="dynamic", seed=5, threads=2)
+    smooth = TrainSet(samples, 64, dataclasses.replace(cfg, texture_resize="antialias"), str(textures), cache=False)
+    assert isinstance(ds.textures, FolderTextures) and (ds.textures.resize, smooth.textures.resize) == ("opencv", "antialias")
     a, b, c = ds[(3, 10)], ds[(3, 10)], ds[(4, 10)]
     for k in ("image", "synthetic", "mask", "prompt"):
         assert torch.equal(a[k], b[k]), k

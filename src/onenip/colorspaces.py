@@ -21,10 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import BRIGHTNESS_SPACES
+
 __all__ = ["SPACES", "BRIGHTNESS_CHANNEL", "to_space", "from_space", "brightness", "select_sector"]
 
 #: The colour spaces imgaug's brightness augmenter draws from, in imgaug's order (index = the drawn space code).
-SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
+SPACES: tuple[str, ...] = BRIGHTNESS_SPACES
 #: The channel that holds brightness in each space.
 BRIGHTNESS_CHANNEL: dict[str, int] = {"YCrCb": 0, "HSV": 2, "HLS": 1, "Lab": 0, "Luv": 0, "YUV": 0}
 

@@ -99,6 +99,10 @@ class ModelConfig:
     )
 
 
+#: The colour spaces imgaug's brightness augmenter draws from, in imgaug's order (`colorspaces.SPACES`).
+BRIGHTNESS_SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
+
+
 @dataclass
 class SynthesisConfig:
     cutpaste_prob: float = _opt(0.5, "Probability of CutPaste (normal or scar, half each); Perlin+texture otherwise (§3).")
@@ -112,6 +116,18 @@ class SynthesisConfig:
     perlin_threshold: float = _opt(0.5, "Perlin noise threshold of the anomaly mask.")
     perlin_rotation: float = _opt(5.0, "Rotation range of the Perlin noise in degrees (+/-).")
     blend_max: float = _opt(0.8, "Texture blending: the image keeps a fraction beta ~ U(0, blend_max) inside the mask.")
+    texture_resize: str = _opt(
+        "opencv",
+        "How texture images are resized to the input size: opencv (bilinear from the two nearest pixels per axis, no "
+        "antialiasing, as the authors' cv2.resize) or antialias (PIL's bilinear filter, which averages more pixels "
+        "when shrinking: smoother textures).",
+        ("opencv", "antialias"),
+    )
+    brightness_spaces: list[str] = _opt(
+        list(BRIGHTNESS_SPACES),
+        "Colour spaces the texture brightness augmenter draws one from per texture, uniformly (imgaug's "
+        "to_colorspace; the authors': all six). [YCrCb] changes luma only.",
+    )
 
 
 @dataclass
@@ -403,6 +419,9 @@ def validate(cfg: Config) -> None:
          f"must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, got {s.jitter}")
     need(s.perlin_scale[1] <= 8, "synthesis.perlin_scale", "exponents above 8 are not supported")
     need(0.0 <= s.blend_max <= 1.0, "synthesis.blend_max", f"must be in [0, 1], got {s.blend_max}")
+    need(len(s.brightness_spaces) > 0 and len(set(s.brightness_spaces)) == len(s.brightness_spaces)
+         and all(x in BRIGHTNESS_SPACES for x in s.brightness_spaces), "synthesis.brightness_spaces",
+         f"must be a non-empty list of distinct spaces among {', '.join(BRIGHTNESS_SPACES)}, got {s.brightness_spaces}")
     need(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
     need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
     need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")

@@ -43,6 +43,7 @@ __all__ = [
     "FolderTextures",
     "ArrayTextures",
     "resize_bilinear",
+    "resize_texture",
     "color_jitter",
     "cutpaste_normal",
     "cutpaste_scar",
@@ -111,6 +112,19 @@ def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def resize_texture(image: np.ndarray, width: int, height: int, method: str = "opencv") -> np.ndarray:
+    """A uint8 (H, W, 3) texture resized to (height, width) by `method` (``synthesis.texture_resize``): "opencv"
+    (`resize_bilinear`, the authors' way) or "antialias" (PIL's bilinear filter, whose support widens by the shrink
+    factor, so shrunk textures lose their finest detail)."""
+    if method == "opencv":
+        return resize_bilinear(image, width, height)
+    if method != "antialias":
+        raise ValueError(f"texture resize method must be opencv or antialias, got {method!r}")
+    if image.shape[:2] == (height, width):
+        return image.copy()
+    return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))  # writable
+
+
 def _uniform(rng: np.random.Generator, low: float, high: float) -> float:
     return float(rng.uniform(low, high))
 
@@ -133,11 +147,14 @@ class FolderTextures:
     """Texture images found recursively under a folder (e.g. DTD's ``images/``).
 
     Files with suffixes in `IMAGE_SUFFIXES` (any case) are listed once, sorted, so the texture drawn for a given
-    generator state does not depend on the file system's listing order. Images are decoded on demand.
+    generator state does not depend on the file system's listing order. Images are decoded on demand, at full size,
+    and resized by `resize` (see `resize_texture`).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, resize: str = "opencv") -> None:
         """List the images under `root`; raise `DatasetError` naming the folder when there are none."""
+        resize_texture(np.zeros((2, 2, 3), np.uint8), 1, 1, resize)  # rejects an unknown method now
+        self.resize = resize
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetError(f"texture folder {self.root} does not exist or is not a folder")
@@ -153,14 +170,14 @@ class FolderTextures:
         return len(self.files)
 
     def load(self, index: int, size: int) -> np.ndarray:
-        """The `index`-th texture file as a uint8 (size, size, 3) RGB array (`resize_bilinear`, as OpenCV)."""
+        """The `index`-th texture file as a uint8 (size, size, 3) RGB array (`resize_texture`)."""
         path = self.files[index]
         try:
             with Image.open(path) as img:
                 rgb = np.asarray(img.convert("RGB"))  # full size: a reduced-scale JPEG decode would smooth it
         except (OSError, ValueError) as exc:
             raise DatasetError(f"cannot read texture image {path}: {exc}") from None
-        return resize_bilinear(rgb, size, size)
+        return resize_texture(rgb, size, size, self.resize)
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
         """A uniformly drawn texture file, RGB, resized to size x size."""
@@ -170,20 +187,23 @@ class FolderTextures:
 class ArrayTextures:
     """Textures from in-memory images (e.g. other training images when no texture folder is configured)."""
 
-    def __init__(self, images: Sequence[np.ndarray]) -> None:
-        """Keep references to `images` (uint8 (H, W, 3) RGB arrays of any size); they are never modified."""
+    def __init__(self, images: Sequence[np.ndarray], resize: str = "opencv") -> None:
+        """Keep references to `images` (uint8 (H, W, 3) RGB arrays of any size); they are never modified. `resize`:
+        see `resize_texture`."""
         if len(images) == 0:
             raise DatasetError("ArrayTextures needs at least one image")
         for i, im in enumerate(images):
             _check_image(im, f"texture image {i}")
+        resize_texture(np.zeros((2, 2, 3), np.uint8), 1, 1, resize)
+        self.resize = resize
         self.images: list[np.ndarray] = list(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        """A uniformly drawn image as a new uint8 (size, size, 3) array (bilinear resize when needed)."""
-        return resize_bilinear(self.images[int(rng.integers(len(self.images)))], size, size)
+        """A uniformly drawn image as a new uint8 (size, size, 3) array (`resize_texture` when needed)."""
+        return resize_texture(self.images[int(rng.integers(len(self.images)))], size, size, self.resize)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -378,10 +398,13 @@ def _aug_gamma(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _aug_brightness(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """imgaug's MultiplyAndAddToBrightness: in one of six colour spaces (uniform), multiply the brightness channel by
-    U(0.8, 1.2) and add an integer U{-30..30}, in a random order (`colorspaces.brightness`, OpenCV's conversions)."""
-    space = int(rng.integers(len(colorspaces.SPACES)))
+def _aug_brightness(
+    img: np.ndarray, rng: np.random.Generator, spaces: Sequence[str] = colorspaces.SPACES
+) -> np.ndarray:
+    """imgaug's MultiplyAndAddToBrightness: in one of `spaces` (uniform; imgaug's: all six), multiply the brightness
+    channel by U(0.8, 1.2) and add an integer U{-30..30}, in a random order (`colorspaces.brightness`, OpenCV's
+    conversions)."""
+    space = colorspaces.SPACES.index(spaces[int(rng.integers(len(spaces)))])
     mul = float(rng.uniform(0.8, 1.2))
     add = float(rng.integers(-30, 31))
     add_first = bool(rng.random() < 0.5)
@@ -459,12 +482,16 @@ AUGMENTER_NAMES: tuple[str, ...] = tuple(name for name, _ in _AUGMENTERS)
 
 
 def augment_texture(
-    texture: np.ndarray, rng: np.random.Generator, names: Sequence[str] | None = None
+    texture: np.ndarray,
+    rng: np.random.Generator,
+    names: Sequence[str] | None = None,
+    brightness_spaces: Sequence[str] = colorspaces.SPACES,
 ) -> np.ndarray:
     """Apply 3 distinct augmenters drawn without replacement from the 10 of §3, in the drawn order.
 
     `names` (a subsequence of `AUGMENTER_NAMES`) forces which augmenters run, in that order; their parameters are
-    still drawn from `rng`. Returns a new uint8 array of the same shape.
+    still drawn from `rng`. `brightness_spaces` are the colour spaces the brightness augmenter draws from
+    (``synthesis.brightness_spaces``). Returns a new uint8 array of the same shape.
     """
     _check_image(texture, "texture")
     if names is None:
@@ -476,8 +503,8 @@ def augment_texture(
             raise ValueError(f"unknown texture augmenter(s) {unknown}; known: {', '.join(AUGMENTER_NAMES)}")
         chosen = [(n, lookup[n]) for n in names]
     out = np.ascontiguousarray(texture)
-    for _, fn in chosen:
-        out = np.ascontiguousarray(fn(out, rng))
+    for name, fn in chosen:
+        out = np.ascontiguousarray(_aug_brightness(out, rng, brightness_spaces) if name == "brightness" else fn(out, rng))
     if out is texture:
         out = out.copy()
     return out
@@ -513,8 +540,8 @@ def perlin_paste_details(
     _check_image(texture, "texture")
     height, width = image.shape[:2]
     if texture.shape[:2] != (height, width):
-        texture = resize_bilinear(np.ascontiguousarray(texture), width, height)
-    tex = augment_texture(texture, rng) if augment else texture.copy()
+        texture = resize_texture(np.ascontiguousarray(texture), width, height, cfg.texture_resize)
+    tex = augment_texture(texture, rng, brightness_spaces=cfg.brightness_spaces) if augment else texture.copy()
     m = perlin_mask((height, width), rng, cfg)
     beta = float(cfg.blend_max * rng.random())
     # x(1 - m) + (1 - beta) T m + beta x m in float64: outside the mask that is exactly x, inside exactly

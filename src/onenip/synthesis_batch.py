@@ -37,7 +37,7 @@ float32, and the autocontrast table uses exact integer arithmetic where PIL's fl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -551,13 +551,27 @@ def _hue_saturation(x: Tensor, dh: Tensor, ds: Tensor) -> Tensor:
     return _hsv255_to_rgb(h, s, v)
 
 
-def _draw_augment(g: torch.Generator, bsz: int, device: torch.device) -> Params:
+def _space_codes(drawn: Tensor, spaces: Sequence[str]) -> Tensor:
+    """`colorspaces.SPACES` codes of the `spaces` indexed by `drawn` (no host-to-device copy)."""
+    codes = [colorspaces.SPACES.index(name) for name in spaces]
+    if codes == list(range(len(codes))):
+        return drawn
+    out = torch.zeros_like(drawn)
+    for i, code in enumerate(codes):
+        out = torch.where(drawn == i, code, out)
+    return out
+
+
+def _draw_augment(
+    g: torch.Generator, bsz: int, device: torch.device, spaces: Sequence[str] = colorspaces.SPACES
+) -> Params:
     """Which 3 augmenters every sample gets ("chosen", (B, 3): distinct, in drawn order) and the parameters of every
-    augmenter at every step ((B, 3) or (B, 3, 3)), from the distributions of `synthesis.augment_texture`."""
+    augmenter at every step ((B, 3) or (B, 3, 3)), from the distributions of `synthesis.augment_texture`; the
+    brightness augmenter's colour space ("lum_space", a `colorspaces.SPACES` code) is drawn from `spaces`."""
     return {
         "chosen": _rand(g, (bsz, len(AUGMENTER_NAMES)), device).argsort(dim=1)[:, :3],
         "gamma": _uniform(g, (bsz, 3, 3), 0.5, 2.0, device),
-        "lum_space": _randint(g, (bsz, 3), 0, len(colorspaces.SPACES) - 1, device),
+        "lum_space": _space_codes(_randint(g, (bsz, 3), 0, len(spaces) - 1, device), spaces),
         "lum_mul": _uniform(g, (bsz, 3), 0.8, 1.2, device),
         "lum_add": _randint(g, (bsz, 3), -30, 30, device).float(),
         "lum_add_first": _rand(g, (bsz, 3), device) < 0.5,
@@ -630,7 +644,7 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
 def _draw_perlin_paste(g: torch.Generator, bsz: int, n_textures: int, cfg: SynthesisConfig, device: torch.device) -> Params:
     """Texture index (uniform), augmenters, Perlin mask and beta ~ cfg.blend_max * U(0, 1) of every sample."""
     p = {"texture": _below(_rand(g, (bsz,), device), torch.full((bsz,), n_textures, device=device))}
-    p.update({f"aug_{k}": v for k, v in _draw_augment(g, bsz, device).items()})
+    p.update({f"aug_{k}": v for k, v in _draw_augment(g, bsz, device, cfg.brightness_spaces).items()})
     p.update({f"perlin_{k}": v for k, v in _draw_perlin(g, bsz, cfg, device).items()})
     p["beta"] = float(cfg.blend_max) * _rand(g, (bsz,), device)
     return p
@@ -738,12 +752,15 @@ class BatchSynthesizer:
         return res.image, res.mask
 
 
-def load_texture_bank(folder: str | Path, size: int, device: torch.device | str = "cpu") -> Tensor:
+def load_texture_bank(
+    folder: str | Path, size: int, device: torch.device | str = "cpu", resize: str = "opencv"
+) -> Tensor:
     """Every image under `folder` (as `synthesis.FolderTextures` lists them, sorted) as a uint8 (T, 3, size, size)
-    tensor on `device`, resized like the plain path (bilinear). Raises `DatasetError` for a missing or empty folder."""
+    tensor on `device`, resized like the plain path (`synthesis.resize_texture` by `resize`, i.e.
+    ``synthesis.texture_resize``). Raises `DatasetError` for a missing or empty folder."""
     if size < 1:
         raise ValueError(f"texture size must be positive, got {size}")
-    source = FolderTextures(folder)
+    source = FolderTextures(folder, resize)
     bank = torch.empty((len(source), 3, size, size), dtype=torch.uint8)
     for i in range(len(source)):
         bank[i] = torch.from_numpy(source.load(i, size)).permute(2, 0, 1)

@@ -147,7 +147,9 @@ class Trainer:
         self.sampler = EpochSampler(len(self.dataset), t.seed, self.dist.rank, self.dist.world_size)
         self.loader: DataLoader | DeviceBatches
         if self.fast:
-            textures = load_texture_bank(cfg.data.textures, cfg.data.input_size, self.device) if cfg.data.textures else None
+            textures = None
+            if cfg.data.textures:
+                textures = load_texture_bank(cfg.data.textures, cfg.data.input_size, self.device, cfg.synthesis.texture_resize)
             self.loader = DeviceBatches(self.dataset, self.sampler, self.local_batch, self.device, textures)
         else:
             self.loader = DataLoader(

@@ -86,7 +86,7 @@ class TrainSet(Dataset):
         self.members = [np.flatnonzero(self.labels == i) for i in range(len(self.categories))]
         rng = np.random.default_rng([seed, 0x57A71C])
         self.static_prompt = [int(rng.choice(m)) for m in self.members]
-        self.textures: TextureSource = FolderTextures(textures) if textures else _TrainImages(self)
+        self.textures: TextureSource = FolderTextures(textures, synthesis.texture_resize) if textures else _TrainImages(self)
         self.cache: list[np.ndarray] | None = None
         if cache:
             with ThreadPoolExecutor(max(1, threads)) as pool:
