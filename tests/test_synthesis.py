@@ -327,9 +327,9 @@ def test_resize_texture_methods() -> None:
     assert np.array_equal(resize_texture(img, 24, 24, "antialias"), want)
     out = resize_texture(img, 40, 40, "antialias")
     assert np.array_equal(out, img) and out is not img
-    with pytest.raises(ValueError, match="opencv or antialias"):
+    with pytest.raises(ValueError, match="one of opencv, antialias"):
         resize_texture(img, 8, 8, "lanczos")
-    with pytest.raises(ValueError, match="opencv or antialias"):
+    with pytest.raises(ValueError, match="one of opencv, antialias"):
         ArrayTextures([img], resize="nearest")
 
 

@@ -101,6 +101,8 @@ class ModelConfig:
 
 #: The colour spaces imgaug's brightness augmenter draws from, in imgaug's order (`colorspaces.SPACES`).
 BRIGHTNESS_SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
+#: How texture images can be resized (`synthesis.resize_texture`).
+TEXTURE_RESIZES: tuple[str, ...] = ("opencv", "antialias")
 
 
 @dataclass
@@ -121,7 +123,7 @@ class SynthesisConfig:
         "How texture images are resized to the input size: opencv (bilinear from the two nearest pixels per axis, no "
         "antialiasing, as the authors' cv2.resize) or antialias (PIL's bilinear filter, which averages more pixels "
         "when shrinking: smoother textures).",
-        ("opencv", "antialias"),
+        TEXTURE_RESIZES,
     )
     brightness_spaces: list[str] = _opt(
         list(BRIGHTNESS_SPACES),

@@ -34,7 +34,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 
 from . import colorspaces
-from .config import SynthesisConfig
+from .config import TEXTURE_RESIZES, SynthesisConfig
 from .errors import DatasetError
 
 __all__ = [
@@ -112,14 +112,18 @@ def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _check_resize(method: str) -> None:
+    if method not in TEXTURE_RESIZES:
+        raise ValueError(f"texture resize method must be one of {', '.join(TEXTURE_RESIZES)}, got {method!r}")
+
+
 def resize_texture(image: np.ndarray, width: int, height: int, method: str = "opencv") -> np.ndarray:
     """A uint8 (H, W, 3) texture resized to (height, width) by `method` (``synthesis.texture_resize``): "opencv"
     (`resize_bilinear`, the authors' way) or "antialias" (PIL's bilinear filter, whose support widens by the shrink
     factor, so shrunk textures lose their finest detail)."""
+    _check_resize(method)
     if method == "opencv":
         return resize_bilinear(image, width, height)
-    if method != "antialias":
-        raise ValueError(f"texture resize method must be opencv or antialias, got {method!r}")
     if image.shape[:2] == (height, width):
         return image.copy()
     return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))  # writable
@@ -153,7 +157,7 @@ class FolderTextures:
 
     def __init__(self, root: str | Path, resize: str = "opencv") -> None:
         """List the images under `root`; raise `DatasetError` naming the folder when there are none."""
-        resize_texture(np.zeros((2, 2, 3), np.uint8), 1, 1, resize)  # rejects an unknown method now
+        _check_resize(resize)
         self.resize = resize
         self.root = Path(root)
         if not self.root.is_dir():
@@ -194,7 +198,7 @@ class ArrayTextures:
             raise DatasetError("ArrayTextures needs at least one image")
         for i, im in enumerate(images):
             _check_image(im, f"texture image {i}")
-        resize_texture(np.zeros((2, 2, 3), np.uint8), 1, 1, resize)
+        _check_resize(resize)
         self.resize = resize
         self.images: list[np.ndarray] = list(images)
 
