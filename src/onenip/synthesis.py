@@ -22,6 +22,7 @@ in tests/test_colorspaces.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -498,17 +499,15 @@ def augment_texture(
     (``synthesis.brightness_spaces``). Returns a new uint8 array of the same shape.
     """
     _check_image(texture, "texture")
+    augmenters = dict(_AUGMENTERS, brightness=functools.partial(_aug_brightness, spaces=brightness_spaces))
     if names is None:
-        chosen = [_AUGMENTERS[int(i)] for i in rng.choice(len(_AUGMENTERS), size=3, replace=False)]
-    else:
-        lookup = dict(_AUGMENTERS)
-        unknown = [n for n in names if n not in lookup]
-        if unknown:
-            raise ValueError(f"unknown texture augmenter(s) {unknown}; known: {', '.join(AUGMENTER_NAMES)}")
-        chosen = [(n, lookup[n]) for n in names]
+        names = [AUGMENTER_NAMES[int(i)] for i in rng.choice(len(AUGMENTER_NAMES), size=3, replace=False)]
+    unknown = [n for n in names if n not in augmenters]
+    if unknown:
+        raise ValueError(f"unknown texture augmenter(s) {unknown}; known: {', '.join(AUGMENTER_NAMES)}")
     out = np.ascontiguousarray(texture)
-    for name, fn in chosen:
-        out = np.ascontiguousarray(_aug_brightness(out, rng, brightness_spaces) if name == "brightness" else fn(out, rng))
+    for name in names:
+        out = np.ascontiguousarray(augmenters[name](out, rng))
     if out is texture:
         out = out.copy()
     return out

@@ -553,12 +553,9 @@ def _hue_saturation(x: Tensor, dh: Tensor, ds: Tensor) -> Tensor:
 
 def _space_codes(drawn: Tensor, spaces: Sequence[str]) -> Tensor:
     """`colorspaces.SPACES` codes of the `spaces` indexed by `drawn` (no host-to-device copy)."""
-    codes = [colorspaces.SPACES.index(name) for name in spaces]
-    if codes == list(range(len(codes))):
-        return drawn
     out = torch.zeros_like(drawn)
-    for i, code in enumerate(codes):
-        out = torch.where(drawn == i, code, out)
+    for i, name in enumerate(spaces):
+        out = torch.where(drawn == i, colorspaces.SPACES.index(name), out)
     return out
 
 
