@@ -18,15 +18,14 @@ spaces, even bytes that are not UTF-8); a symbolic link to a missing file is lis
 :func:`validate_samples` as a broken link; a folder named like an image (``x.png``) is not an image and is ignored.
 
 The package's modules, in the order a spec is read: ``sources`` (format detection, several roots, the decoding
-check), ``folders`` (MVTec AD, BTAD), ``visa``, ``jsonl``, and ``files`` (:class:`Sample` and the file-system
-helpers the readers share).
+check), ``folders`` (the folder layouts: MVTec AD, BTAD), ``listed`` (the formats that list their files: VisA, JSON
+lines), and ``files`` (:class:`Sample` and the file-system helpers the readers share).
 """
 
 from .files import FORMATS, IMAGE_EXTENSIONS, MAX_LISTED_PROBLEMS, SPLITS, Sample, group_by_category
 from .folders import read_btad, read_mvtec
-from .jsonl import read_jsonl
+from .listed import read_jsonl, read_visa
 from .sources import detect_format, load_split, read_source, read_sources, validate_samples
-from .visa import read_visa
 
 __all__ = [
     "FORMATS",

@@ -24,8 +24,7 @@ from .files import (
     _sort_samples,
 )
 from .folders import read_btad, read_mvtec
-from .jsonl import JSONL_SUFFIXES, _jsonl_meta_file, read_jsonl
-from .visa import VISA_CSV, read_visa
+from .listed import JSONL_SUFFIXES, VISA_CSV, _jsonl_meta_file, read_jsonl, read_visa
 
 
 def _has_subfolder_with(root: Path, relative: str) -> bool:
