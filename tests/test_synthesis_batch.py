@@ -16,6 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
 import onenip.synthesis_batch as sb
+from onenip import pixel_ops
 from onenip import synthesis as plain
 from onenip.config import SynthesisConfig
 from onenip.errors import DatasetError
@@ -240,10 +241,10 @@ def test_jitter_ops_match_torchvision_per_sample() -> None:
     images = make_batch(3, 20, seed=8)
     x = images.float()
     cases = (
-        (sb._jitter_brightness, TF2.adjust_brightness, [0.6, 1.0, 1.4]),
-        (sb._jitter_contrast, TF2.adjust_contrast, [0.6, 1.0, 1.4]),
-        (sb._jitter_saturation, TF2.adjust_saturation, [0.6, 1.0, 1.4]),
-        (sb._jitter_hue, TF2.adjust_hue, [-0.1, 0.03, 0.1]),
+        (pixel_ops.jitter_brightness, TF2.adjust_brightness, [0.6, 1.0, 1.4]),
+        (pixel_ops.jitter_contrast, TF2.adjust_contrast, [0.6, 1.0, 1.4]),
+        (pixel_ops.jitter_saturation, TF2.adjust_saturation, [0.6, 1.0, 1.4]),
+        (pixel_ops.jitter_hue, TF2.adjust_hue, [-0.1, 0.03, 0.1]),
     )
     for ours, theirs, factors in cases:
         got = ours(x, torch.tensor(factors))
@@ -337,25 +338,25 @@ def test_lookup_table_augmenters_match_pil() -> None:
     tex = _textures()
     x = tex.float()
     bsz = x.shape[0]
-    hist = sb._histograms(x)
+    hist = pixel_ops.histograms(x)
     for i in range(bsz):
         want = from_pil(ImageOps.equalize(to_pil(tex[i]))).float()
-        assert torch.equal(_apply_lut(x, sb._lut_equalize(hist))[i], want)
-    assert torch.equal(_apply_lut(x, sb._lut_equalize(hist)), TF2.equalize(tex).float())
+        assert torch.equal(_apply_lut(x, pixel_ops.lut_equalize(hist))[i], want)
+    assert torch.equal(_apply_lut(x, pixel_ops.lut_equalize(hist)), TF2.equalize(tex).float())
     for cutoff in (0, 3, 20):
-        got = _apply_lut(x, sb._lut_autocontrast(hist, torch.full((bsz,), cutoff)))
+        got = _apply_lut(x, pixel_ops.lut_autocontrast(hist, torch.full((bsz,), cutoff)))
         for i in range(bsz):
             want = from_pil(ImageOps.autocontrast(to_pil(tex[i]), cutoff=cutoff)).float()
             assert (got[i] - want).abs().max() <= 1.0  # PIL's float lookup table, exact integer division here
     for bits in (1, 4, 8):
-        got = _apply_lut(x, sb._lut_posterize(torch.full((bsz,), bits)))
+        got = _apply_lut(x, pixel_ops.lut_posterize(torch.full((bsz,), bits)))
         for i in range(bsz):
             assert torch.equal(got[i], from_pil(ImageOps.posterize(to_pil(tex[i]), bits)).float())
-    got = _apply_lut(x, sb._lut_solarize(torch.tensor([True, False, True, True]), torch.tensor([50.0, 50.0, 100.0, 127.5])))
+    got = _apply_lut(x, pixel_ops.lut_solarize(torch.tensor([True, False, True, True]), torch.tensor([50.0, 50.0, 100.0, 127.5])))
     assert torch.equal(got[0], torch.where(x[0] >= 50, 255 - x[0], x[0])) and torch.equal(got[1], x[1])
     assert torch.equal(got[3], torch.where(x[3] >= 127.5, 255 - x[3], x[3]))
     gammas = torch.tensor([[0.5, 1.0, 2.0]]).expand(bsz, 3)
-    got = _apply_lut(x, sb._lut_gamma(gammas))
+    got = _apply_lut(x, pixel_ops.lut_gamma(gammas))
     base = np.arange(256) / 255.0
     for ch, gamma in enumerate((0.5, 1.0, 2.0)):
         want = plain._lut(tex[:, ch].numpy(), 255.0 * base**gamma)
@@ -367,12 +368,12 @@ def test_image_augmenters_match_pil() -> None:
     x = tex.float()
     bsz = x.shape[0]
     for factor in (0.0, 0.5, 1.7):
-        got = sb._sharpness(x, torch.full((bsz,), factor))
+        got = pixel_ops.sharpness(x, torch.full((bsz,), factor))
         for i in range(bsz):
             want = from_pil(ImageEnhance.Sharpness(to_pil(tex[i])).enhance(factor)).float()
             assert torch.equal(got[i], want), factor
     for dh, ds in ((0, 0), (13, -20), (-50, 50)):
-        got = sb._hue_saturation(x, torch.full((bsz,), dh), torch.full((bsz,), ds))
+        got = pixel_ops.hue_saturation(x, torch.full((bsz,), dh), torch.full((bsz,), ds))
         for i in range(bsz):
             hsv = np.asarray(to_pil(tex[i]).convert("HSV"), dtype=np.int16).copy()
             hsv[..., 0] = (hsv[..., 0] + dh) % 256

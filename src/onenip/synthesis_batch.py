@@ -26,6 +26,9 @@ hybrid choice is that of `synthesis.synthesize`: CutPaste with probability ``cfg
 probability 1/2 each), Perlin + texture otherwise. All parameters of all kinds are drawn for every sample, in a fixed
 order, so the random stream does not depend on the kinds drawn.
 
+The per-pixel kernels (colour jitter, the lookup-table augmenters, sharpness, PIL's HSV) are `onenip.pixel_ops`; this
+module draws their parameters, decides which samples get which, and makes the CutPaste and Perlin geometry.
+
 The parameters are drawn from the same distributions as in `onenip.synthesis` but not from the same random stream:
 all randomness comes from the explicit `torch.Generator` passed in (never torch's global RNG), so the same generator
 seed and inputs give the same output on the same device. Inputs are never modified in place; outside the mask the output
@@ -45,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import colorspaces
+from . import colorspaces, pixel_ops
 from .config import SynthesisConfig
 from .errors import DatasetError
 from .synthesis import AUGMENTER_NAMES, FolderTextures
@@ -97,89 +100,6 @@ def _below(u: Tensor, n: Tensor) -> Tensor:
     return torch.minimum((u * n.to(u.dtype)).floor().long(), n - 1)
 
 
-def _col(t: Tensor) -> Tensor:
-    """A (B,) tensor as (B, 1, 1, 1) for broadcasting over images."""
-    return t.reshape(-1, 1, 1, 1)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Colour helpers on float images holding integer values in [0, 255] (uint8 semantics: truncation after every op)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _to_u8_values(x: Tensor) -> Tensor:
-    """What ``.to(torch.uint8)`` keeps of a float image: clamp to [0, 255] and truncate (still float)."""
-    return x.clamp(0.0, 255.0).floor()
-
-
-def _gray(x: Tensor) -> Tensor:
-    """torchvision's grayscale (0.2989 R + 0.587 G + 0.114 B) of (B, 3, H, W), floored as for uint8 input: (B, 1, H, W)."""
-    r, g, b = x.unbind(1)
-    return r.mul(0.2989).add(g, alpha=0.587).add(b, alpha=0.114).floor().unsqueeze(1)
-
-
-def _blend(x: Tensor, other: Tensor, factor: Tensor) -> Tensor:
-    """torchvision's uint8 ``_blend``: factor * x + (1 - factor) * other, clamped and truncated; factor is (B,)."""
-    f = _col(factor)
-    return _to_u8_values(x.mul(f).add(other * (1.0 - f)))
-
-
-def _rgb_to_hsv_unit(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Hue, saturation, value in [0, 1] of an RGB image in [0, 1], (B, 3, H, W) -> three (B, H, W) (torchvision)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    equal = maxc == minc
-    spread = maxc - minc
-    one = torch.ones_like(maxc)
-    s = spread / torch.where(equal, one, maxc)
-    div = torch.where(equal, one, spread)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = h.mul(1.0 / 6.0).add(1.0).fmod(1.0)
-    return h, s, maxc
-
-
-def _hsv_unit_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """Inverse of `_rgb_to_hsv_unit`: RGB (B, 3, H, W) in [0, 1] (torchvision)."""
-    h6 = h * 6.0
-    i = h6.floor()
-    f = h6 - i
-    p = (v * (1.0 - s)).clamp(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp(0.0, 1.0)
-    t = (v * (s * f + (1.0 - s))).clamp(0.0, 1.0)
-    return colorspaces.select_sector(i.long().remainder(6), v, p, q, t)
-
-
-def _rgb_to_hsv255(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """PIL's ``convert("HSV")`` of integer-valued RGB (B, 3, H, W): hue, saturation, value on 0..255, (B, H, W) each."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    equal = maxc == minc
-    one = torch.ones_like(maxc)
-    spread = torch.where(equal, one, maxc - minc)
-    s = (maxc - minc) / torch.where(equal, one, maxc)
-    rc, gc, bc = (maxc - r) / spread, (maxc - g) / spread, (maxc - b) / spread
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = (h / 6.0 + 1.0).fmod(1.0)
-    zero = torch.zeros_like(maxc)
-    hue = torch.where(equal, zero, (h * 255.0).floor().clamp(0.0, 255.0))
-    sat = torch.where(equal, zero, (s * 255.0).floor().clamp(0.0, 255.0))
-    return hue, sat, maxc
-
-
-def _hsv255_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    """PIL's HSV -> RGB conversion of integer-valued (B, H, W) hue/saturation/value on 0..255: (B, 3, H, W)."""
-    h6 = h * (6.0 / 255.0)
-    i = h6.floor()
-    f = h6 - i
-    fs = s / 255.0
-    p = (v * (1.0 - fs) + 0.5).floor().clamp(0.0, 255.0)
-    q = (v * (1.0 - fs * f) + 0.5).floor().clamp(0.0, 255.0)
-    t = (v * (1.0 - fs * (1.0 - f)) + 0.5).floor().clamp(0.0, 255.0)
-    rgb = colorspaces.select_sector(i.long().remainder(6), v, p, q, t)
-    return torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand_as(rgb), rgb)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Per-sample selection
 # --------------------------------------------------------------------------------------------------------------------
@@ -218,31 +138,6 @@ def _replace_rows(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _jitter_brightness(x: Tensor, factor: Tensor) -> Tensor:
-    return _to_u8_values(x * _col(factor))
-
-
-def _jitter_contrast(x: Tensor, factor: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Blend with the mean (floored) grayscale; over the pixels where `valid` (B, 1, H, W) is true when given."""
-    gray = _gray(x)
-    if valid is None:
-        mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-    else:
-        w = valid.to(x.dtype)
-        mean = (gray * w).sum(dim=(1, 2, 3), keepdim=True) / w.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1.0)
-    return _blend(x, mean, factor)
-
-
-def _jitter_saturation(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, _gray(x), factor)
-
-
-def _jitter_hue(x: Tensor, factor: Tensor) -> Tensor:
-    h, s, v = _rgb_to_hsv_unit(x * (1.0 / 255.0))
-    h = (h + factor.reshape(-1, 1, 1)).remainder(1.0)
-    return _to_u8_values(_hsv_unit_to_rgb(h, s, v) * (256.0 - 1e-3))
-
-
 def _color_jitter(
     x: Tensor,
     order: Tensor,
@@ -262,12 +157,12 @@ def _color_jitter(
     def op(kind: int, y: Tensor, idx: Tensor | None) -> Tensor:
         f = _rows(factors[:, kind], idx)
         if kind == 0:
-            return _jitter_brightness(y, f)
+            return pixel_ops.jitter_brightness(y, f)
         if kind == 1:
-            return _jitter_contrast(y, f, None if valid is None else _rows(valid, idx))
+            return pixel_ops.jitter_contrast(y, f, None if valid is None else _rows(valid, idx))
         if kind == 2:
-            return _jitter_saturation(y, f)
-        return _jitter_hue(y, f)
+            return pixel_ops.jitter_saturation(y, f)
+        return pixel_ops.jitter_hue(y, f)
 
     for step in range(4):
         for kind in range(4):
@@ -480,77 +375,6 @@ def _perlin_masks(g: torch.Generator, bsz: int, size: int, cfg: SynthesisConfig,
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _histograms(x: Tensor) -> Tensor:
-    """Per-sample, per-channel histograms (B, 3, 256) int64 of an integer-valued float image (B, 3, H, W)."""
-    flat = x.flatten(2).long()
-    hist = torch.zeros(flat.shape[0], flat.shape[1], 256, dtype=torch.long, device=x.device)
-    return hist.scatter_add_(2, flat, torch.ones_like(flat))
-
-
-def _lut_equalize(hist: Tensor) -> Tensor:
-    """PIL ``ImageOps.equalize`` tables (B, 3, 256) float from histograms (B, 3, 256)."""
-    total = hist.sum(dim=2, keepdim=True)
-    cum = hist.cumsum(dim=2)
-    last = hist.gather(2, cum.argmax(dim=2, keepdim=True))  # count of the highest occupied level
-    step = (total - last) // 255
-    before = cum - hist  # pixels strictly below each level
-    lut = ((step // 2 + before) // step.clamp(min=1)).clamp(0, 255)
-    identity = torch.arange(256, device=hist.device).expand_as(lut)
-    return torch.where(step > 0, lut, identity).float()
-
-
-def _lut_autocontrast(hist: Tensor, cutoff: Tensor) -> Tensor:
-    """PIL ``ImageOps.autocontrast(cutoff=c)`` tables (B, 3, 256) float; `cutoff` (B,) integer percent per end."""
-    total = hist.sum(dim=2, keepdim=True)
-    cut = total * cutoff.long().view(-1, 1, 1) // 100
-    cum = hist.cumsum(dim=2)
-    suffix = total - cum + hist  # pixels at or above each level
-    lo = (cum <= cut).sum(dim=2, keepdim=True)  # first level whose cumulative count exceeds the cut
-    hi = 255 - (suffix <= cut).sum(dim=2, keepdim=True)  # last level whose suffix count exceeds the cut
-    levels = torch.arange(256, device=hist.device).view(1, 1, 256)
-    lut = ((levels - lo) * 255).div((hi - lo).clamp(min=1), rounding_mode="floor").clamp(0, 255)
-    return torch.where(hi > lo, lut, levels.expand_as(lut)).float()
-
-
-def _lut_gamma(gammas: Tensor) -> Tensor:
-    """Tables (B, 3, 256) of rint(255 (v / 255) ** gamma) for per-channel gammas (B, 3)."""
-    base = torch.arange(256, device=gammas.device, dtype=torch.float32) / 255.0
-    return (255.0 * base.view(1, 1, 256) ** gammas.unsqueeze(2)).round().clamp(0.0, 255.0)
-
-
-def _lut_solarize(apply: Tensor, threshold: Tensor) -> Tensor:
-    """Tables (B, 3, 256): v >= threshold -> 255 - v where `apply` (B,) is true, identity elsewhere."""
-    levels = torch.arange(256, device=threshold.device, dtype=torch.float32).view(1, 1, 256)
-    flip = (levels >= threshold.view(-1, 1, 1)) & apply.view(-1, 1, 1)
-    return torch.where(flip, 255.0 - levels, levels).expand(-1, 3, -1)
-
-
-def _lut_posterize(bits: Tensor) -> Tensor:
-    """Tables (B, 3, 256) keeping the top `bits` (B,) in 1..8 bits of every level."""
-    levels = torch.arange(256, device=bits.device).view(1, 1, 256)
-    quantum = 2 ** (8 - bits.long()).view(-1, 1, 1)
-    return (levels // quantum * quantum).float().expand(-1, 3, -1)
-
-
-def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """PIL ``ImageEnhance.Sharpness``: blend the SMOOTH-filtered image (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13,
-    rounded, border pixels kept) towards the image by `factor` (B,), truncated."""
-    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    kernel[1, 1] = 5.0
-    weight = (kernel / 13.0).expand(3, 1, 3, 3)
-    smooth = x.clone()
-    smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, weight, groups=3).add(0.5).floor()
-    return _to_u8_values(smooth + _col(factor) * (x - smooth))
-
-
-def _hue_saturation(x: Tensor, dh: Tensor, ds: Tensor) -> Tensor:
-    """Add integers (B,) to the hue (cyclic) and saturation (clipped) of PIL's 0..255 HSV."""
-    h, s, v = _rgb_to_hsv255(x)
-    h = (h + dh.float().view(-1, 1, 1)).remainder(256.0)
-    s = (s + ds.float().view(-1, 1, 1)).clamp(0.0, 255.0)
-    return _hsv255_to_rgb(h, s, v)
-
-
 def _space_codes(drawn: Tensor, spaces: Sequence[str]) -> Tensor:
     """`colorspaces.SPACES` codes of the `spaces` indexed by `drawn` (no host-to-device copy)."""
     out = torch.zeros_like(drawn)
@@ -598,14 +422,14 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
             q = _take(p, idx)
             y = _rows(y, idx)
             pk = q["chosen"][:, k]
-            hist = _histograms(y)
+            hist = pixel_ops.histograms(y)
             tables = {
-                "gamma": _lut_gamma(q["gamma"][:, k]),
-                "solarize": _lut_solarize(q["solarize"][:, k], q["sol_threshold"][:, k]),
-                "posterize": _lut_posterize(q["bits"][:, k]),
+                "gamma": pixel_ops.lut_gamma(q["gamma"][:, k]),
+                "solarize": pixel_ops.lut_solarize(q["solarize"][:, k], q["sol_threshold"][:, k]),
+                "posterize": pixel_ops.lut_posterize(q["bits"][:, k]),
                 "invert": (255.0 - identity).expand(y.shape[0], 3, 256),
-                "autocontrast": _lut_autocontrast(hist, q["cutoff"][:, k]),
-                "equalize": _lut_equalize(hist),
+                "autocontrast": pixel_ops.lut_autocontrast(hist, q["cutoff"][:, k]),
+                "equalize": pixel_ops.lut_equalize(hist),
             }
             lut = identity.expand(y.shape[0], 3, 256)
             for name in _LUT_AUGMENTERS:
@@ -618,15 +442,15 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
         (x,) = _replace_rows(is_lut, by_index, lut_step, (x,))
 
         others: tuple[tuple[Tensor, Callable[[Tensor, Params], Tensor]], ...] = (
-            (pick == _AUG["fliplr"], lambda y, q, k=k: torch.where(_col(q["flip"][:, k]), y.flip(-1), y)),
+            (pick == _AUG["fliplr"], lambda y, q, k=k: torch.where(pixel_ops.per_sample(q["flip"][:, k]), y.flip(-1), y)),
             (
                 pick == _AUG["brightness"],
                 lambda y, q, k=k: colorspaces.brightness(
                     y, q["lum_space"][:, k], q["lum_mul"][:, k], q["lum_add"][:, k], q["lum_add_first"][:, k]
                 ),
             ),
-            (pick == _AUG["sharpness"], lambda y, q, k=k: _sharpness(y, q["sharpness"][:, k])),
-            (pick == _AUG["hue_saturation"], lambda y, q, k=k: _hue_saturation(y, q["d_hue"][:, k], q["d_sat"][:, k])),
+            (pick == _AUG["sharpness"], lambda y, q, k=k: pixel_ops.sharpness(y, q["sharpness"][:, k])),
+            (pick == _AUG["hue_saturation"], lambda y, q, k=k: pixel_ops.hue_saturation(y, q["d_hue"][:, k], q["d_sat"][:, k])),
         )
         for sel, fn in others:
             (x,) = _replace_rows(sel, by_index, lambda idx, y=x, fn=fn: (fn(_rows(y, idx), _take(p, idx)),), (x,))
@@ -654,8 +478,8 @@ def _perlin_paste(images: Tensor, textures: Tensor, p: Params, cfg: SynthesisCon
     tex = textures.index_select(0, p["texture"].to(textures.device)).to(images.device).float()
     tex = _augment_textures(tex, {k[4:]: v for k, v in p.items() if k.startswith("aug_")}, by_index)
     mask = _perlin_mask_from({k[7:]: v for k, v in p.items() if k.startswith("perlin_")}, size, cfg).unsqueeze(1)
-    beta = _col(p["beta"])
-    inside = _to_u8_values((1.0 - beta) * tex + beta * images.float()).to(torch.uint8)
+    beta = pixel_ops.per_sample(p["beta"])
+    inside = pixel_ops.to_u8_values((1.0 - beta) * tex + beta * images.float()).to(torch.uint8)
     return torch.where(mask, inside, images), mask
 
 
