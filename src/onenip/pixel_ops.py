@@ -1,12 +1,12 @@
 """PIL's and torchvision's uint8 image operations, per sample over a batch, in torch (the kernels of `synthesis_batch`).
 
-The plain synthesis (`onenip.synthesis`) jitters CutPaste patches with torchvision's ``ColorJitter`` and augments
-textures with PIL (``ImageOps``, ``ImageEnhance``, HSV conversion) one image at a time. The fast path needs the same
-operations for a whole batch with different parameters per sample, on whatever device the batch lives on. These are
-those operations, written from the libraries' documented arithmetic:
+The plain synthesis (`onenip.synthesis`) jitters CutPaste patches with torchvision's colour adjustments on PIL images
+and augments textures with PIL (``ImageOps``, ``ImageEnhance``, HSV conversion), one image at a time. The fast path
+needs the same operations for a whole batch with different parameters per sample, on whatever device the batch lives
+on. These are those operations, written from the libraries' documented arithmetic:
 
-* colour-jitter kernels with torchvision's tensor semantics for uint8 images (grayscale weights, ``_blend`` with
-  clamping and truncation, hue through its float HSV conversion);
+* colour-jitter kernels with torchvision's semantics for uint8 *tensors* (grayscale weights, blending with clamping and
+  truncation, hue through its float HSV conversion), which round slightly differently from its PIL-image path;
 * PIL's 8-bit HSV conversion and the hue/saturation shift built on it;
 * the per-channel lookup tables of PIL's ``ImageOps`` (equalize, autocontrast with a cutoff) and of gamma, solarize
   and posterize, from per-sample histograms, so that several augmenters fuse into one table lookup;
