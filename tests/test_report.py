@@ -18,21 +18,12 @@ from PIL import Image
 
 from onenip.api import make_config
 from onenip.api import test as run_test
+from onenip.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
 from onenip.errors import DatasetError, OnenipError
 from onenip.evaluate import METRICS
 from onenip.images import load_image
 from onenip.metrics import auroc, average_precision, image_metrics
-from onenip.report import (
-    THUMBNAIL,
-    ScoreRow,
-    histogram,
-    make_report,
-    pick_gallery,
-    pr_curve,
-    roc_curve,
-    step_ap,
-    trapezoid_auroc,
-)
+from onenip.report import THUMBNAIL, ScoreRow, make_report, pick_gallery
 from onenip.train import Trainer
 
 TWO = "[bottle, metal_plate]"
