@@ -184,6 +184,8 @@ def _unit_chart(kind: str, title: str, attrs: str, x: np.ndarray, y: np.ndarray,
 
 
 def roc_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
+    """The ROC chart of one category's image scores (labels 1 = defective) and its trapezoid AUROC (nan, and a chart
+    saying why, with one class only)."""
     attrs = f'data-category="{escape(cat)}"'
     try:
         fpr, tpr = roc_curve(scores, labels)
@@ -197,6 +199,8 @@ def roc_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, floa
 
 
 def pr_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
+    """The precision-recall chart of one category's image scores, with the chance level (the share of defective
+    images), and its step-wise AP (nan with one class only)."""
     attrs = f'data-category="{escape(cat)}"'
     try:
         recall, precision = pr_curve(scores, labels)
@@ -212,6 +216,7 @@ def pr_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float
 
 
 def histogram_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> str:
+    """Histograms of the good and the defective images' scores of one category on one shared binning."""
     good, bad = scores[labels == 0], scores[labels == 1]
     edges, gc, bc = histogram(good, bad)
     attrs = (f'data-category="{escape(cat)}" data-edges="{" ".join(_num(v) for v in edges)}" '
