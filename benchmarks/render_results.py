@@ -247,7 +247,19 @@ CPU_STANDINS = {
         'P-AP; its refiner map alone 61.4) was below the earlier seeds in every category, seeds 2 and 3 (67.9, 67.8) are at',
         'the earlier mean: the −1.0 P-AP is within the seed-to-seed spread, so no effect of the faithful pipeline is',
         'measurable at this scale. `synthesis.texture_resize=antialias` and `synthesis.brightness_spaces=[YCrCb]` switch',
-        'each half off, should a larger run show one.']),
+        'each half off, should a larger run show one.',
+        'Setting `cpu256` (below, "Other settings"; the issue\'s 256-px item): rows 0 and 5 at 256 px (a 16 x 16 feature',
+        'grid), the same network and schedule, run one after another at commit 51c96e1 (the training code of 228fb94,',
+        'texture pipeline included); two seeds of row 0, one of row 5 so far. UniAD gains +1.6 P-AP, +1.9 AUPRO and +1.5',
+        'I-AUROC over 224 px (55.8 ± 0.7 against 54.2 ± 0.2 P-AP), all of the P-AP in the two PIPED categories (PA_BDP01_TL',
+        '+4.6, PA_FLR01_TL +2.8; bottle −0.5, metal_plate −0.7). Full OneNIP gains nothing: 66.4 P-AP and 98.5 I-AUROC',
+        'against 66.9 ± 1.7 and 98.7 ± 0.9 with the same texture pipeline at 224 px (cpu224tex), AUPRO 83.3 against 82.0 ±',
+        "0.4. Its reconstruction map alone improves as UniAD's does (P-AP 57.8 against 55.5–56.1 in the six 224-px runs),",
+        "but the refiner's gain shrinks, most on metal_plate (P-AP 39.3 against 42.5–49.0). So at this scale 256 px narrows",
+        "OneNIP's lead over UniAD to +10.6 P-AP (+12.7 at 224 px with the same texture pipeline, +13.7 with the earlier",
+        "one) and costs 1.3 times the training time of row 5 (2971 s against 2123–2242 s for cpu224tex). Row 0's training",
+        'times are not comparable across the sizes: its 224-px runs are older commits and shared the cores. Pixel metrics',
+        'are computed at the input resolution, so the two sizes score the same masks resampled to 224 or 256 px.']),
 }
 
 
