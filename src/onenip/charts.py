@@ -15,7 +15,6 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
-from html import escape
 
 import numpy as np
 
@@ -186,11 +185,11 @@ def _unit_chart(kind: str, title: str, attrs: str, x: np.ndarray, y: np.ndarray,
 def roc_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
     """The ROC chart of one category's image scores (labels 1 = defective) and its trapezoid AUROC (nan, and a chart
     saying why, with one class only)."""
-    attrs = f'data-category="{escape(cat)}"'
+    attrs = f'data-category="{html.escape(cat)}"'
     try:
         fpr, tpr = roc_curve(scores, labels)
     except ValueError as exc:
-        return _undefined_chart("roc", "ROC curve", attrs, escape(str(exc))), math.nan
+        return _undefined_chart("roc", "ROC curve", attrs, html.escape(str(exc))), math.nan
     area = trapezoid_auroc(fpr, tpr)
     attrs += f' data-auroc="{area!r}"'
     chance = (np.array([0.0, 1.0]), np.array([0.0, 1.0]))
@@ -201,11 +200,11 @@ def roc_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, floa
 def pr_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
     """The precision-recall chart of one category's image scores, with the chance level (the share of defective
     images), and its step-wise AP (nan with one class only)."""
-    attrs = f'data-category="{escape(cat)}"'
+    attrs = f'data-category="{html.escape(cat)}"'
     try:
         recall, precision = pr_curve(scores, labels)
     except ValueError as exc:
-        return _undefined_chart("pr", "Precision-recall curve", attrs, escape(str(exc))), math.nan
+        return _undefined_chart("pr", "Precision-recall curve", attrs, html.escape(str(exc))), math.nan
     ap = step_ap(recall, precision)
     attrs += f' data-ap="{ap!r}"'
     x, y = _pr_polyline(recall, precision)
@@ -219,7 +218,7 @@ def histogram_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> str:
     """Histograms of the good and the defective images' scores of one category on one shared binning."""
     good, bad = scores[labels == 0], scores[labels == 1]
     edges, gc, bc = histogram(good, bad)
-    attrs = (f'data-category="{escape(cat)}" data-edges="{" ".join(_num(v) for v in edges)}" '
+    attrs = (f'data-category="{html.escape(cat)}" data-edges="{" ".join(_num(v) for v in edges)}" '
              f'data-good="{" ".join(str(int(v)) for v in gc)}" data-defective="{" ".join(str(int(v)) for v in bc)}"')
     legend = [(GOOD_COLOUR, "good", f"good ({good.size})"), (BAD_COLOUR, "defective", f"defective ({bad.size})")]
     out = _frame("Image scores", legend, "image score", "images", "hist", attrs)

@@ -134,7 +134,7 @@ def _replace_rows(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Colour jitter (torchvision tensor semantics, per-sample factors)
+# Colour jitter: each sample's adjustments in its drawn order (kernels in pixel_ops)
 # --------------------------------------------------------------------------------------------------------------------
 
 
