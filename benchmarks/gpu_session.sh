@@ -1,74 +1,134 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 3 and 4 as job groups for the device tool (10 minutes at most per call, 30 minutes
-# of device time per session). Run `bash benchmarks/device_bundle.sh` here first and carry `.devdata`. One call runs
-# the groups it names, all their jobs at once on the one GPU, each under `timeout $DEADLINE` (default 540 s) so the
-# call ends inside its limit with whatever finished; EXTRA adds arguments to every ablation job (a run that did not finish leaves no JSON: they are written
-# atomically at the end). It writes $OUT/results.tgz (the result JSONs, under ablation-h100/, fast-vs-plain-h100/ or
-# speed-h100*.json), $OUT/session.log (GPU, versions, the tail of every job's output) and, for speed, $OUT/profile.txt.
+# The GPU measurements of issues 3 and 4 as job groups, one group per call of the device tool.
 #
+# Budget: a session that is lent a GPU has 15 minutes of device time in all, the machine's start (1-2 minutes)
+# included, and no machine starts with under 4 minutes left. So a session gets ONE full call: run
+#
+#   bash benchmarks/device_bundle.sh                      # here, once per checkout: .devdata/ (about 61 MB)
+#   device run, carry [".devdata"], timeout_s 600:  bash benchmarks/gpu_session.sh next
+#
+# `next` takes the first group, in the order below, whose result files are not yet in docs/results/ (they travel
+# with the working tree), so every session with a GPU measures the next missing piece. `DRY_RUN=1 bash
+# benchmarks/gpu_session.sh next` prints what it would run, here, at no device time. Each job runs under
+# `timeout $DEADLINE` (default 540 s), all jobs of a group at once on the one GPU, so the call ends inside its
+# limit with whatever finished; a job that did not finish leaves no JSON (written atomically at the end), and there
+# is no resuming across machines (a checkpoint is over the 16 MB a returned file may have). EXTRA adds arguments to
+# every ablation job (later ones win), e.g. EXTRA="--set train.compile=none".
+#
+# Groups, in `next` order (result folders are named for the GPU: ablation-h200/, speed-h200.json, ...):
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
-#                   fast path also eager; a torch.profiler table of 20 fast steps. Run it alone, first.
+#                   fast path also eager; a torch.profiler table of 20 fast steps. Alone: it is timed. Its fast
+#                   training rate says whether the heavy groups fit: one heavy row is 180 x 1,519 = 273k query
+#                   images (plus synthesis), so at R images/s about 273k/R seconds alone, more when run together.
 #   table4a-light   ablation rows 0, 1, 2, seed 133, 180 epochs (no synthesis: the cached features only); row 0 with
 #                   its curve (test metrics every 20 epochs); row 2 also scored with other prompts (--sensitivity)
 #   table4a-heavy   rows 3, 4, 5, seed 133 (synthesis, backbone on every synthetic image); row 5 with its curve and
 #                   K = 1, 3, 5 and --sensitivity
-#   seeds0, seeds5  rows 0 / 5 with seeds 134 and 135 (and curves): mean +- std over three seeds
+#   seeds5, seeds0  rows 5 / 0 with seeds 134 and 135 (and curves): mean +- std over three seeds
 #   px256           row 5 at 256 px
 #   fastvsplain     row 5, 60 epochs, seeds 1-3, on the plain and on the fast engine (the plain path's data loading
 #                   takes the CPU cores: run it without other groups)
+#   row:R:S         one ablation job, row R with seed S, as its group would run it (row 5 seed 133 with K and
+#                   sensitivity; curves for rows 0 and 5): for when a group's rows do not fit one call together
 #
+#   bash benchmarks/gpu_session.sh next
 #   bash benchmarks/gpu_session.sh speed
-#   bash benchmarks/gpu_session.sh table4a-light table4a-heavy
+#   bash benchmarks/gpu_session.sh row:3:133 row:4:133
 #
+# It writes $OUT/results.tgz (the result JSONs: ablation-<gpu>/, fast-vs-plain-<gpu>/, speed-<gpu>*.json),
+# $OUT/session.log (GPU, versions, the tail of every job's output) and, for speed, $OUT/profile.txt.
 # Here: `tar xzf <files_at>/results.tgz -C docs/results/`, then `python benchmarks/render_results.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-(($#)) || { echo "name one or more groups: speed table4a-light table4a-heavy seeds0 seeds5 px256 fastvsplain" >&2; exit 2; }
+ORDER=(speed table4a-light table4a-heavy seeds5 seeds0 px256 fastvsplain)
+(($#)) || { echo "name one or more groups: next ${ORDER[*]} row:R:S" >&2; exit 2; }
+DRY_RUN=${DRY_RUN:-0}
+if ((DRY_RUN)); then OUT=${OUT:-/tmp}; fi
 OUT=${OUT:?OUT must name the folder whose files come back}
 DEADLINE=${DEADLINE:-540}
-EXTRA=${EXTRA:-}  # more ablation.py arguments for every job (later ones win), e.g. "--set train.compile=none"
+EXTRA=${EXTRA:-}
+# The GPU's short name names the result folders: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100.
+GPU=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($2)}' | cut -d- -f1)}
+GPU=${GPU:-gpu}
 D=.devdata
+R=docs/results
 export PYTHONUNBUFFERED=1
 DATA="--data $D/iad-mix --textures $D/textures"
 A="$DATA --weights $D/lite0.safetensors --engine fast --epochs 180 --workers 2"
-res=$(mktemp -d)
-log="$OUT/session.log"
-{ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
-  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-  nproc; git log --oneline -1 2>/dev/null; } >"$log" 2>&1
 
-jobs=()  # pairs: name, ablation.py arguments
+# The files a group leaves in docs/results/ once measured (what `next` looks for).
+outputs() {
+  case $1 in
+  speed) echo "$R/speed-$GPU.json" ;;
+  table4a-light) echo $R/ablation-$GPU/row{0,1,2}-seed133.json ;;
+  table4a-heavy) echo $R/ablation-$GPU/row{3,4,5}-seed133.json ;;
+  seeds0 | seeds5) echo $R/ablation-$GPU/row${1#seeds}-seed{134,135}.json ;;
+  px256) echo "$R/ablation-$GPU/256px-row5-seed133.json" ;;
+  fastvsplain) echo $R/fast-vs-plain-$GPU/{plain,fast}-row5-seed{1,2,3}.json ;;
+  esac
+}
+groups=()
 for group in "$@"; do
+  if [[ $group == next ]]; then
+    for g in "${ORDER[@]}"; do
+      for f in $(outputs "$g"); do [[ -e $f ]] || { groups+=("$g"); break 2; }; done
+    done
+    ((${#groups[@]})) || { echo "next: every group's results are in $R/ for $GPU" >&2; exit 0; }
+  else
+    groups+=("$group")
+  fi
+done
+
+# One ablation job of a group: row, seed, and the extras its group gives it.
+job() {
+  local row=$1 seed=$2 extra=""
+  [[ $row == 0 || $row == 5 ]] && extra="--curve-every 20"
+  [[ $row == 2 && $seed == 133 ]] && extra="--sensitivity"
+  [[ $row == 5 && $seed == 133 ]] && extra="$extra --prompts 1 3 5 --sensitivity"
+  jobs+=("r$row-s$seed" "$A --output $res/ablation-$GPU --rows $row --seeds $seed $extra")
+}
+res=$(mktemp -d)
+jobs=()  # pairs: name, ablation.py arguments
+for group in "${groups[@]}"; do
   case $group in
   speed) ;;
-  table4a-light)
-    o="--output $res/ablation-h100"
-    jobs+=(r0 "$A $o --rows 0 --seeds 133 --curve-every 20" r1 "$A $o --rows 1 --seeds 133" r2 "$A $o --rows 2 --seeds 133 --sensitivity") ;;
-  table4a-heavy)
-    o="--output $res/ablation-h100"
-    jobs+=(r3 "$A $o --rows 3 --seeds 133" r4 "$A $o --rows 4 --seeds 133"
-      r5 "$A $o --rows 5 --seeds 133 --curve-every 20 --prompts 1 3 5 --sensitivity") ;;
-  seeds0 | seeds5)
-    o="--output $res/ablation-h100" row=${group#seeds}
-    jobs+=("s${row}a" "$A $o --rows $row --seeds 134 --curve-every 20" "s${row}b" "$A $o --rows $row --seeds 135 --curve-every 20") ;;
-  px256)
-    jobs+=(p256 "$A --output $res/ablation-h100 --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
+  table4a-light) job 0 133; job 1 133; job 2 133 ;;
+  table4a-heavy) job 3 133; job 4 133; job 5 133 ;;
+  seeds0 | seeds5) job "${group#seeds}" 134; job "${group#seeds}" 135 ;;
+  px256) jobs+=(p256 "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
   fastvsplain)
-    B="$DATA --weights $D/lite0.safetensors --epochs 60 --rows 5 --output $res/fast-vs-plain-h100"
+    B="$DATA --weights $D/lite0.safetensors --epochs 60 --rows 5 --output $res/fast-vs-plain-$GPU"
     for s in 1 2 3; do
       jobs+=("plain$s" "$B --engine plain --workers 4 --seeds $s --tag plain" "fast$s" "$B --engine fast --workers 0 --seeds $s --tag fast")
     done ;;
-  *) echo "unknown group $group" >&2; exit 2 ;;
+  row:[0-5]:[0-9]*) IFS=: read -r _ row seed <<<"$group"; job "$row" "$seed" ;;
+  *) echo "unknown group $group (groups: next ${ORDER[*]} row:R:S)" >&2; exit 2 ;;
   esac
 done
+speed=0
+[[ " ${groups[*]} " == *" speed "* ]] && speed=1
 
-if [[ " $* " == *" speed "* ]]; then
+if ((DRY_RUN)); then
+  echo "GPU tag: $GPU; groups: ${groups[*]}; deadline ${DEADLINE} s per job"
+  ((speed)) && echo "speed: python3 benchmarks/speed.py $DATA --workers 14 --profile 20 (then the fast path eager)"
+  for ((i = 0; i < ${#jobs[@]}; i += 2)); do echo "${jobs[i]}: python3 benchmarks/ablation.py ${jobs[i + 1]} $EXTRA"; done
+  rm -rf "$res"
+  exit 0
+fi
+
+log="$OUT/session.log"
+{ echo "groups: ${groups[*]} (GPU tag $GPU)"
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+  nproc; git log --oneline -1 2>/dev/null; } >"$log" 2>&1
+
+if ((speed)); then
   mkdir -p "$res/speed" "$res/speed-eager"
   timeout $((DEADLINE * 7 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --profile 20 --output "$res/speed" >>"$log" 2>&1
-  cp "$res/speed/speed.json" "$res/speed-h100.json" && cp "$res/speed/profile.txt" "$OUT/profile.txt"
+  cp "$res/speed/speed.json" "$res/speed-$GPU.json" && cp "$res/speed/profile.txt" "$OUT/profile.txt"
   # the fast path without torch.compile (eager), for what compiling buys
   timeout $((DEADLINE * 3 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \
-    --output "$res/speed-eager" >>"$log" 2>&1 && cp "$res/speed-eager/speed.json" "$res/speed-h100-eager.json"
+    --output "$res/speed-eager" >>"$log" 2>&1 && cp "$res/speed-eager/speed.json" "$res/speed-$GPU-eager.json"
 fi
 
 pids=()
@@ -80,5 +140,5 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 
 for f in "$res"/*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 20 "$f"; }; done >>"$log"
-(cd "$res" && { ls speed-h100*.json 2>/dev/null; find . -mindepth 2 -maxdepth 2 -name '*.json' -not -path './speed*'; } | tar czf "$OUT/results.tgz" -T -)
+(cd "$res" && { ls speed-*.json 2>/dev/null; find . -mindepth 2 -maxdepth 2 -name '*.json' -not -path './speed*'; } | tar czf "$OUT/results.tgz" -T -)
 { nvidia-smi --query-gpu=memory.used --format=csv; tar tzf "$OUT/results.tgz"; } >>"$log" 2>&1

@@ -128,7 +128,7 @@ def fast_vs_plain_section() -> list[str]:
                 *provenance,
                 f"- training, mean per run: {secs['plain']:.0f} s plain ({rate['plain']:.0f} query images/s),"
                 f" {secs['fast']:.0f} s fast ({rate['fast']:.0f} query images/s)"
-                + (" — runs shared the machine, so these rates are not speed figures" if "h100" in folder.name else ""),
+                + (" — runs shared the machine, so these rates are not speed figures" if not folder.name.endswith("-cpu") else ""),
                 "", compare_table([[str(f) for f in plain], [str(f) for f in fast]], ["plain", "fast"]), "",
                 *FAST_VS_PLAIN_NOTES.get(folder.name, [])]
     return out if found else []
@@ -410,7 +410,8 @@ if __name__ == "__main__":
         "How the GPU runs are made: `bash benchmarks/device_bundle.sh` copies iad-mix, the textures and the offline",
         "backbone weights (the tapped layers of `tf_efficientnet_lite0`, exported to safetensors) into `.devdata/`,",
         "which travels to the GPU machine; the command of each section then ran there. `benchmarks/gpu_session.sh`",
-        "groups the speed, ablation and fast-vs-plain runs into calls of the GPU machine (10 minutes each).", "",
+        "groups the speed, ablation and fast-vs-plain runs into calls of the GPU machine; `gpu_session.sh next` runs the",
+        "first group whose results are not here yet (a session lent a GPU has 15 minutes of device time: one call).", "",
         "Protocols: *clean* — the category is not given, the prompt is retrieved from a pool of normal training images",
         "of every category (`eval.prompt_pool` per category: 8 by default, 1 in the iad-mix runs at commit 40db8e0",
         "below), and the fusion constant comes from training images; *paper* — a random training image",
