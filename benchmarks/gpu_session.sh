@@ -4,16 +4,21 @@
 # Budget: a session that is lent a GPU has 15 minutes of device time in all, the machine's start (1-2 minutes)
 # included, and no machine starts with under 4 minutes left. So a session gets ONE full call: run
 #
-#   bash benchmarks/device_bundle.sh                      # here, once per checkout: .devdata/ (about 61 MB)
+#   bash benchmarks/device_bundle.sh                      # here, once per checkout: .devdata/ (about 62 MB)
 #   device run, carry [".devdata"], timeout_s 600:  bash benchmarks/gpu_session.sh next
 #
 # `next` takes the first group, in the order below, whose result files are not yet in docs/results/ (they travel
-# with the working tree), so every session with a GPU measures the next missing piece. `DRY_RUN=1 bash
-# benchmarks/gpu_session.sh next` prints what it would run, here, at no device time. Each job runs under
-# `timeout $DEADLINE` (default 540 s), all jobs of a group at once on the one GPU, so the call ends inside its
-# limit with whatever finished; a job that did not finish leaves no JSON (written atomically at the end), and there
-# is no resuming across machines (a checkpoint is over the 16 MB a returned file may have). EXTRA adds arguments to
-# every ablation job (later ones win), e.g. EXTRA="--set train.compile=none".
+# with the working tree), so every session with a GPU measures the next missing piece; when that group is speed,
+# the group after it follows in the same call, with the time speed leaves. `DRY_RUN=1 bash
+# benchmarks/gpu_session.sh next` prints what it would run, here, at no device time. What travels is the tracked tree
+# and .devdata, about 60 MiB of the 64 MiB allowed (at commit d60f641): keep anything bulky git-ignored.
+#
+# DEADLINE (default 540 s) is the whole call's budget, counted from the script's start: the speed runs and then all
+# ablation jobs at once on the one GPU, each job under `timeout` for what is left of it (none starts with under
+# MIN_JOB = 120 s left), so the call ends inside the device tool's 600 s with whatever finished. A job that did not
+# finish leaves no JSON (written atomically at the end), and there is no resuming across machines (a checkpoint is
+# over the 16 MB a returned file may have). EXTRA adds arguments to every ablation job (later ones win), e.g.
+# EXTRA="--set train.compile=none".
 #
 # Groups, in `next` order (result folders are named for the GPU: ablation-h200/, speed-h200.json, ...):
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
@@ -46,6 +51,7 @@ DRY_RUN=${DRY_RUN:-0}
 if ((DRY_RUN)); then OUT=${OUT:-/tmp}; fi
 OUT=${OUT:?OUT must name the folder whose files come back}
 DEADLINE=${DEADLINE:-540}
+MIN_JOB=${MIN_JOB:-120}
 EXTRA=${EXTRA:-}
 # The GPU's short name names the result folders: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100.
 GPU=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($2)}' | cut -d- -f1)}
@@ -70,10 +76,13 @@ outputs() {
 groups=()
 for group in "$@"; do
   if [[ $group == next ]]; then
+    missing=()
     for g in "${ORDER[@]}"; do
-      for f in $(outputs "$g"); do [[ -e $f ]] || { groups+=("$g"); break 2; }; done
+      for f in $(outputs "$g"); do [[ -e $f ]] || { missing+=("$g"); break; }; done
     done
-    ((${#groups[@]})) || { echo "next: every group's results are in $R/ for $GPU" >&2; exit 0; }
+    ((${#missing[@]})) || { echo "next: every group's results are in $R/ for $GPU" >&2; exit 0; }
+    groups+=("${missing[0]}")
+    [[ ${missing[0]} == speed && ${#missing[@]} -gt 1 ]] && groups+=("${missing[1]}")
   else
     groups+=("$group")
   fi
@@ -109,7 +118,7 @@ speed=0
 [[ " ${groups[*]} " == *" speed "* ]] && speed=1
 
 if ((DRY_RUN)); then
-  echo "GPU tag: $GPU; groups: ${groups[*]}; deadline ${DEADLINE} s per job"
+  echo "GPU tag: $GPU; groups: ${groups[*]}; ${DEADLINE} s for the call"
   ((speed)) && echo "speed: python3 benchmarks/speed.py $DATA --workers 14 --profile 20 (then the fast path eager)"
   for ((i = 0; i < ${#jobs[@]}; i += 2)); do echo "${jobs[i]}: python3 benchmarks/ablation.py ${jobs[i + 1]} $EXTRA"; done
   rm -rf "$res"
@@ -124,17 +133,20 @@ log="$OUT/session.log"
 
 if ((speed)); then
   mkdir -p "$res/speed" "$res/speed-eager"
-  timeout $((DEADLINE * 7 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --profile 20 --output "$res/speed" >>"$log" 2>&1
+  timeout $((DEADLINE * 7 / 10 - SECONDS)) python3 benchmarks/speed.py $DATA --workers 14 --profile 20 --output "$res/speed" >>"$log" 2>&1
   cp "$res/speed/speed.json" "$res/speed-$GPU.json" && cp "$res/speed/profile.txt" "$OUT/profile.txt"
   # the fast path without torch.compile (eager), for what compiling buys
-  timeout $((DEADLINE * 3 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \
+  timeout $((DEADLINE - SECONDS < DEADLINE * 3 / 10 ? DEADLINE - SECONDS : DEADLINE * 3 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \
     --output "$res/speed-eager" >>"$log" 2>&1 && cp "$res/speed-eager/speed.json" "$res/speed-$GPU-eager.json"
 fi
 
 pids=()
+left=$((DEADLINE - SECONDS))
+((${#jobs[@]} && left < MIN_JOB)) && { echo "only $left s left: the ablation jobs do not start" >>"$log"; jobs=(); }
+((${#jobs[@]})) && echo "ablation jobs start with $left s left" >>"$log"
 for ((i = 0; i < ${#jobs[@]}; i += 2)); do
   # shellcheck disable=SC2086
-  timeout "$DEADLINE" python3 benchmarks/ablation.py ${jobs[i + 1]} $EXTRA >"$res/${jobs[i]}.txt" 2>&1 &
+  timeout "$left" python3 benchmarks/ablation.py ${jobs[i + 1]} $EXTRA >"$res/${jobs[i]}.txt" 2>&1 &
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
