@@ -11,7 +11,8 @@
 # with the working tree), so every session with a GPU measures the next missing piece; when that group is speed,
 # the group after it follows in the same call, with the time speed leaves. `DRY_RUN=1 bash
 # benchmarks/gpu_session.sh next` prints what it would run, here, at no device time. What travels is the tracked tree
-# and .devdata, about 60 MiB of the 64 MiB allowed (at commit d60f641): keep anything bulky git-ignored.
+# (3.3 MB at commit 2715281) and .devdata (62.0 MB): 62.3 MiB of the 64 MiB allowed, so keep anything bulky
+# git-ignored and check `du -cb` of both before a call.
 #
 # DEADLINE (default 540 s) is the whole call's budget, counted from the script's start: the speed runs and then all
 # ablation jobs at once on the one GPU, each job under `timeout` for what is left of it (none starts with under
