@@ -12,8 +12,10 @@ from PIL import Image
 
 from onenip import cli
 from onenip.api import make_config
-from onenip.datasets import read_sources
+from onenip.config import Config
+from onenip.datasets import Sample, read_sources
 from onenip.deploy import (
+    Deployment,
     DeployModel,
     build_deployment,
     calibrate_f1,
@@ -88,19 +90,25 @@ def test_split_holdout_per_category(iad_mix: Path) -> None:
 # -- the deployable module ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
-def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str) -> None:
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3",
-                                  f"model.arch={arch}", *(["train.prompt=none"] if arch == "uniad" else [])))
+def deployed(cfg: Config) -> tuple[Detector, Deployment, list[Sample], torch.Tensor]:
+    """An untrained model (seed 0) of `cfg` deployed on bottle and metal_plate: detector, deployment, the training
+    samples and every ninth test image as a uint8 batch."""
+    from onenip.evaluate import _Images
+
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train = read_sources(cfg.data.roots, "train", ["bottle", "metal_plate"])
     dep = build_deployment(det, train[::5], train[1::10], far=0.1, cfg=cfg)
-    model = DeployModel(det, dep)
     test = read_sources(cfg.data.roots, "test", ["bottle", "metal_plate"])[::9]
-    from onenip.evaluate import _Images
+    return det, dep, train, torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
 
-    images = torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
+
+@pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
+def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str) -> None:
+    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3",
+                                  f"model.arch={arch}", *(["train.prompt=none"] if arch == "uniad" else [])))
+    det, dep, train, images = deployed(cfg)
+    model = DeployModel(det, dep)
     with torch.no_grad():
         out = model(images)
         feats = det.features(images)
@@ -121,6 +129,24 @@ def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str
         torch.testing.assert_close(res["map"], out["map"], rtol=1e-4, atol=1e-4)
         assert torch.equal(res["category"], out["category"])
     assert "pool_encoded" not in dict(DeployModel(det, dep, cache_prompts=False).named_buffers())
+
+
+@pytest.mark.slow
+def test_compiled_deploy_model_gives_the_eager_maps_and_decisions(iad_mix: Path) -> None:
+    """torch.compile of the deployed forward (`onenip predict --compile`, the fast inference of benchmarks/speed.py)
+    computes what the eager module computes."""
+    det, dep, _, images = deployed(make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}",
+                                                           "eval.prompt_pool=3")))
+    eager, compiled = DeployModel(det, dep).optimize(), DeployModel(det, dep).optimize("default")
+    with torch.no_grad():
+        a, b = eager(images), compiled(images)
+        again = compiled(images[:3])  # another batch size: a second graph (dynamic=False)
+    assert a.keys() == b.keys()
+    torch.testing.assert_close(b["map"], a["map"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b["score"], a["score"], rtol=1e-4, atol=1e-5)
+    for k in ("category", "anomalous"):
+        assert torch.equal(b[k], a[k]), k
+    torch.testing.assert_close(again["map"], a["map"][:3], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["onenip", "uniad"])  # UniAD with a refiner: its fusion constant matters too

@@ -166,3 +166,36 @@ def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, iad
                            "synthesis.brightness_spaces=[Lab]"), progress=False)
     assert torch.equal(trainer.loader.textures, load_texture_bank(textures, 64, resize="antialias"))
     assert trainer.loader.synthesizer.cfg.brightness_spaces == ["Lab"]
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_gives_the_eager_losses_and_gradients(pair: tuple[Trainer, Trainer], tmp_path: Path,
+                                                                        iad_mix: Path, textures: Path) -> None:
+    """train.compile wraps the training forward in torch.compile (the fast engine's default on CUDA, so every GPU run
+    goes through it). With inductor's random ops falling back to eager's (the same jitter and dropout draws), a batch
+    in training mode gives the eager losses and gradients, and a compiled optimizer step moves the network that
+    checkpoints store."""
+    _, eager = pair
+    compiled = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "train.compile=default"), progress=False)
+    assert compiled.model is not compiled.net  # the compiled wrapper runs the forward; the network keeps the weights
+    compiled.net.load_state_dict(eager.net.state_dict())
+    batch = plain_batch(eager, [0, 10, 60, 70])
+    terms, grads = [], []
+    with torch._inductor.config.patch(fallback_random=True):
+        for trainer in (eager, compiled):
+            trainer.net.train()
+            trainer.net.zero_grad()
+            torch.manual_seed(11)
+            out = trainer.losses(batch)
+            out["loss"].backward()
+            terms.append({k: v.item() for k, v in out.items()})
+            grads.append(torch.cat([p.grad.flatten() for p in trainer.net.parameters()]))
+        assert terms[0].keys() == terms[1].keys() == {"mse", "dice", "loss"}
+        for k in terms[0]:
+            assert terms[1][k] == pytest.approx(terms[0][k], rel=1e-4), k
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+        before = [p.detach().clone() for p in compiled.net.parameters()]
+        step = compiled.train_step(batch)
+    assert torch.isfinite(step["loss"]) and compiled.step == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, compiled.net.parameters()))
+    assert not any(k.startswith("_orig_mod") for k in compiled.net.state_dict())
