@@ -29,26 +29,32 @@ def plain_batch(trainer: Trainer, indices: list[int]) -> dict[str, torch.Tensor]
     return default_collate([trainer.dataset[(0, i)] for i in indices])
 
 
-def test_same_batch_gives_the_same_losses_and_maps(pair: tuple[Trainer, Trainer]) -> None:
-    """On fixed inputs (the same queries, synthetic images, masks and prompts) the fast path's losses equal the plain
-    path's, in training mode with the same jitter and dropout draws, and so do the gradients."""
-    plain, fast = pair
-    batch = plain_batch(plain, list(range(0, 80, 10)))
-    assert batch["synthetic"].shape == (8, 3, 64, 64)
-    grads = []
-    terms = []
-    for trainer in (plain, fast):
+def assert_same_losses_and_gradients(a: Trainer, b: Trainer, batch: dict[str, torch.Tensor], seed: int, rel: float,
+                                     grad_rtol: float, grad_atol: float) -> None:
+    """`a` and `b` in training mode on `batch`, each after torch.manual_seed(seed): the same loss terms (relative
+    tolerance `rel`) and the same gradients of every network parameter."""
+    terms, grads = [], []
+    for trainer in (a, b):
         trainer.net.train()
         trainer.net.zero_grad()
-        torch.manual_seed(7)
+        torch.manual_seed(seed)
         out = trainer.losses(batch)
         out["loss"].backward()
         terms.append({k: v.item() for k, v in out.items()})
         grads.append(torch.cat([p.grad.flatten() for p in trainer.net.parameters()]))
     assert terms[0].keys() == terms[1].keys() == {"mse", "dice", "loss"}
     for k in terms[0]:
-        assert terms[1][k] == pytest.approx(terms[0][k], rel=1e-5), k
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+        assert terms[1][k] == pytest.approx(terms[0][k], rel=rel), k
+    torch.testing.assert_close(grads[1], grads[0], rtol=grad_rtol, atol=grad_atol)
+
+
+def test_same_batch_gives_the_same_losses_and_maps(pair: tuple[Trainer, Trainer]) -> None:
+    """On fixed inputs (the same queries, synthetic images, masks and prompts) the fast path's losses equal the plain
+    path's, in training mode with the same jitter and dropout draws, and so do the gradients."""
+    plain, fast = pair
+    batch = plain_batch(plain, list(range(0, 80, 10)))
+    assert batch["synthetic"].shape == (8, 3, 64, 64)
+    assert_same_losses_and_gradients(plain, fast, batch, seed=7, rel=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
     # the backbone pass on the synthesized images: channels-last copy, same features
     synth = batch["synthetic"]
     torch.testing.assert_close(fast.step_backbone(synth), plain.detector.features(synth), rtol=1e-4, atol=1e-4)
@@ -180,20 +186,8 @@ def test_compiled_training_forward_gives_the_eager_losses_and_gradients(pair: tu
     assert compiled.model is not compiled.net  # the compiled wrapper runs the forward; the network keeps the weights
     compiled.net.load_state_dict(eager.net.state_dict())
     batch = plain_batch(eager, [0, 10, 60, 70])
-    terms, grads = [], []
     with torch._inductor.config.patch(fallback_random=True):
-        for trainer in (eager, compiled):
-            trainer.net.train()
-            trainer.net.zero_grad()
-            torch.manual_seed(11)
-            out = trainer.losses(batch)
-            out["loss"].backward()
-            terms.append({k: v.item() for k, v in out.items()})
-            grads.append(torch.cat([p.grad.flatten() for p in trainer.net.parameters()]))
-        assert terms[0].keys() == terms[1].keys() == {"mse", "dice", "loss"}
-        for k in terms[0]:
-            assert terms[1][k] == pytest.approx(terms[0][k], rel=1e-4), k
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+        assert_same_losses_and_gradients(eager, compiled, batch, seed=11, rel=1e-4, grad_rtol=1e-3, grad_atol=1e-5)
         before = [p.detach().clone() for p in compiled.net.parameters()]
         step = compiled.train_step(batch)
     assert torch.isfinite(step["loss"]) and compiled.step == 1
