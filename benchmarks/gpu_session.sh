@@ -9,8 +9,9 @@
 #
 # `next` takes the first group, in the order below, whose result files are not yet in docs/results/ (they travel
 # with the working tree), so every session with a GPU measures the next missing piece; when that group is speed,
-# the group after it follows in the same call, with the time speed leaves. `DRY_RUN=1 bash
-# benchmarks/gpu_session.sh next` prints what it would run, here, at no device time. What travels is the tracked tree
+# the group after it follows in the same call, with the time speed leaves. `DRY_RUN=1 GPU_TAG=h200 bash
+# benchmarks/gpu_session.sh next` prints what it would run on an H200, here, at no device time (without a GPU the
+# script needs GPU_TAG to name its results). What travels is the tracked tree
 # (3.3 MB at commit 2715281) and .devdata (62.0 MB): 62.3 MiB of the 64 MiB allowed, so keep anything bulky
 # git-ignored and check `du -cb` of both before a call.
 #
@@ -56,7 +57,7 @@ MIN_JOB=${MIN_JOB:-120}
 EXTRA=${EXTRA:-}
 # The GPU's short name names the result folders: "NVIDIA H200" -> h200, "NVIDIA H100 80GB HBM3" -> h100.
 GPU=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | awk '{print tolower($2)}' | cut -d- -f1)}
-GPU=${GPU:-gpu}
+[[ -n $GPU ]] || { echo "no GPU found (nvidia-smi): this is for the device machine; GPU_TAG=NAME names the results elsewhere" >&2; exit 2; }
 D=.devdata
 R=docs/results
 export PYTHONUNBUFFERED=1
