@@ -19,8 +19,8 @@
 # ablation jobs at once on the one GPU, each job under `timeout` for what is left of it (none starts with under
 # MIN_JOB = 120 s left), so the call ends inside the device tool's 600 s with whatever finished. A job that did not
 # finish leaves no JSON (written atomically at the end), and there is no resuming across machines (a checkpoint is
-# over the 16 MB a returned file may have). EXTRA adds arguments to every ablation job (later ones win), e.g.
-# EXTRA="--set train.compile=none".
+# over the 16 MB a returned file may have). A job whose result is already in docs/results/ does not run (FORCE=1
+# reruns it). EXTRA adds arguments to every ablation job (later ones win), e.g. EXTRA="--set train.compile=none".
 #
 # Groups, in `next` order (result folders are named for the GPU: ablation-h200/, speed-h200.json, ...):
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
@@ -90,9 +90,13 @@ for group in "$@"; do
   fi
 done
 
+# A job runs only if its result is not in docs/results/ yet (FORCE=1: always), so a group half measured in an
+# earlier session runs its missing jobs alone and a result already here is never replaced by a rerun.
+wanted() { ((${FORCE:-0})) || [[ ! -e $R/$1 ]]; }
 # One ablation job of a group: row, seed, and the extras its group gives it.
 job() {
   local row=$1 seed=$2 extra=""
+  wanted "ablation-$GPU/row$row-seed$seed.json" || return 0
   [[ $row == 0 || $row == 5 ]] && extra="--curve-every 20"
   [[ $row == 2 && $seed == 133 ]] && extra="--sensitivity"
   [[ $row == 5 && $seed == 133 ]] && extra="$extra --prompts 1 3 5 --sensitivity"
@@ -106,18 +110,22 @@ for group in "${groups[@]}"; do
   table4a-light) job 0 133; job 1 133; job 2 133 ;;
   table4a-heavy) job 3 133; job 4 133; job 5 133 ;;
   seeds0 | seeds5) job "${group#seeds}" 134; job "${group#seeds}" 135 ;;
-  px256) jobs+=(p256 "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
+  px256) ! wanted "ablation-$GPU/256px-row5-seed133.json" ||
+    jobs+=(p256 "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
   fastvsplain)
     B="$DATA --weights $D/lite0.safetensors --epochs 60 --rows 5 --output $res/fast-vs-plain-$GPU"
     for s in 1 2 3; do
-      jobs+=("plain$s" "$B --engine plain --workers 4 --seeds $s --tag plain" "fast$s" "$B --engine fast --workers 0 --seeds $s --tag fast")
+      ! wanted "fast-vs-plain-$GPU/plain-row5-seed$s.json" || jobs+=("plain$s" "$B --engine plain --workers 4 --seeds $s --tag plain")
+      ! wanted "fast-vs-plain-$GPU/fast-row5-seed$s.json" || jobs+=("fast$s" "$B --engine fast --workers 0 --seeds $s --tag fast")
     done ;;
   row:[0-5]:[0-9]*) IFS=: read -r _ row seed <<<"$group"; job "$row" "$seed" ;;
   *) echo "unknown group $group (groups: next ${ORDER[*]} row:R:S)" >&2; exit 2 ;;
   esac
 done
 speed=0
-[[ " ${groups[*]} " == *" speed "* ]] && speed=1
+[[ " ${groups[*]} " == *" speed "* ]] && wanted "speed-$GPU.json" && speed=1
+
+((speed || ${#jobs[@]})) || { echo "nothing to run: the results of ${groups[*]} are in $R/ (FORCE=1 reruns them)" >&2; rm -rf "$res"; exit 0; }
 
 if ((DRY_RUN)); then
   echo "GPU tag: $GPU; groups: ${groups[*]}; ${DEADLINE} s for the call"
