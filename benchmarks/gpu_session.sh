@@ -60,6 +60,8 @@ GPU=${GPU_TAG:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null |
 [[ -n $GPU ]] || { echo "no GPU found (nvidia-smi): this is for the device machine; GPU_TAG=NAME names the results elsewhere" >&2; exit 2; }
 D=.devdata
 R=docs/results
+[[ -d $D/iad-mix && -d $D/textures && -f $D/lite0.safetensors ]] ||
+  { echo "$D/ is incomplete: run 'bash benchmarks/device_bundle.sh' here and carry .devdata" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
 DATA="--data $D/iad-mix --textures $D/textures"
 A="$DATA --weights $D/lite0.safetensors --engine fast --epochs 180 --workers 2"
