@@ -262,8 +262,7 @@ CPU_STANDINS = {
         'not comparable here: row 5 took 2971, 3318 and 3962 s and row 0 954, 936 and 1736 s, the later runs of each',
         'sharing the cores with test runs (minutes for seed 2 of row 5, most of the run for the seeds 3); row 5 took',
         "2123–2242 s at 224 px (cpu224tex), and row 0's 224-px runs are older commits. Pixel metrics are computed at the",
-        'input resolution, so the',
-        'two sizes score the same masks resampled (nearest) to 224 or 256 px.']),
+        'input resolution, so the two sizes score the same masks resampled (nearest) to 224 or 256 px.']),
 }
 
 
