@@ -66,32 +66,6 @@ export PYTHONUNBUFFERED=1
 DATA="--data $D/iad-mix --textures $D/textures"
 A="$DATA --weights $D/lite0.safetensors --engine fast --epochs 180 --workers 2"
 
-# The files a group leaves in docs/results/ once measured (what `next` looks for).
-outputs() {
-  case $1 in
-  speed) echo "$R/speed-$GPU.json" ;;
-  table4a-light) echo $R/ablation-$GPU/row{0,1,2}-seed133.json ;;
-  table4a-heavy) echo $R/ablation-$GPU/row{3,4,5}-seed133.json ;;
-  seeds0 | seeds5) echo $R/ablation-$GPU/row${1#seeds}-seed{134,135}.json ;;
-  px256) echo "$R/ablation-$GPU/256px-row5-seed133.json" ;;
-  fastvsplain) echo $R/fast-vs-plain-$GPU/{plain,fast}-row5-seed{1,2,3}.json ;;
-  esac
-}
-groups=()
-for group in "$@"; do
-  if [[ $group == next ]]; then
-    missing=()
-    for g in "${ORDER[@]}"; do
-      for f in $(outputs "$g"); do [[ -e $f ]] || { missing+=("$g"); break; }; done
-    done
-    ((${#missing[@]})) || { echo "next: every group's results are in $R/ for $GPU" >&2; exit 0; }
-    groups+=("${missing[0]}")
-    [[ ${missing[0]} == speed && ${#missing[@]} -gt 1 ]] && groups+=("${missing[1]}")
-  else
-    groups+=("$group")
-  fi
-done
-
 # A job runs only if its result is not in docs/results/ yet (FORCE=1: always), so a group half measured in an
 # earlier session runs its missing jobs alone and a result already here is never replaced by a rerun.
 wanted() { ((${FORCE:-0})) || [[ ! -e $R/$1 ]]; }
@@ -104,30 +78,45 @@ job() {
   [[ $row == 5 && $seed == 133 ]] && extra="$extra --prompts 1 3 5 --sensitivity"
   jobs+=("r$row-s$seed" "$A --output $res/ablation-$GPU --rows $row --seeds $seed $extra")
 }
-res=$(mktemp -d)
-jobs=()  # pairs: name, ablation.py arguments
-for group in "${groups[@]}"; do
-  case $group in
-  speed) ;;
+# Queue the jobs of one group that are still wanted; true when it queued any (what `next` asks of each group).
+add() {
+  local before=$((${#jobs[@]} + speed))
+  case $1 in
+  speed) ! wanted "speed-$GPU.json" || speed=1 ;;
   table4a-light) job 0 133; job 1 133; job 2 133 ;;
   table4a-heavy) job 3 133; job 4 133; job 5 133 ;;
-  seeds0 | seeds5) job "${group#seeds}" 134; job "${group#seeds}" 135 ;;
+  seeds0 | seeds5) job "${1#seeds}" 134; job "${1#seeds}" 135 ;;
   px256) ! wanted "ablation-$GPU/256px-row5-seed133.json" ||
     jobs+=(p256 "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
   fastvsplain)
-    B="$DATA --weights $D/lite0.safetensors --epochs 60 --rows 5 --output $res/fast-vs-plain-$GPU"
+    local B="$DATA --weights $D/lite0.safetensors --epochs 60 --rows 5 --output $res/fast-vs-plain-$GPU" s
     for s in 1 2 3; do
       ! wanted "fast-vs-plain-$GPU/plain-row5-seed$s.json" || jobs+=("plain$s" "$B --engine plain --workers 4 --seeds $s --tag plain")
       ! wanted "fast-vs-plain-$GPU/fast-row5-seed$s.json" || jobs+=("fast$s" "$B --engine fast --workers 0 --seeds $s --tag fast")
     done ;;
-  row:[0-5]:[0-9]*) IFS=: read -r _ row seed <<<"$group"; job "$row" "$seed" ;;
-  *) echo "unknown group $group (groups: next ${ORDER[*]} row:R:S)" >&2; exit 2 ;;
+  row:[0-5]:[0-9]*) local _ row seed; IFS=: read -r _ row seed <<<"$1"; job "$row" "$seed" ;;
+  *) echo "unknown group $1 (groups: next ${ORDER[*]} row:R:S)" >&2; exit 2 ;;
   esac
-done
+  ((${#jobs[@]} + speed > before))
+}
+res=$(mktemp -d)
+jobs=()  # pairs: name, ablation.py arguments
 speed=0
-[[ " ${groups[*]} " == *" speed "* ]] && wanted "speed-$GPU.json" && speed=1
+groups=()
+for group in "$@"; do
+  if [[ $group != next ]]; then
+    add "$group"
+    groups+=("$group")
+    continue
+  fi
+  for g in "${ORDER[@]}"; do  # the first group with something left; after speed, the next one too
+    add "$g" || continue
+    groups+=("$g")
+    [[ $g == speed ]] || break
+  done
+done
 
-((speed || ${#jobs[@]})) || { echo "nothing to run: the results of ${groups[*]} are in $R/ (FORCE=1 reruns them)" >&2; rm -rf "$res"; exit 0; }
+((speed || ${#jobs[@]})) || { echo "nothing to run: the results of ${groups[*]:-every group} are in $R/ for $GPU (FORCE=1 reruns)" >&2; rm -rf "$res"; exit 0; }
 
 if ((DRY_RUN)); then
   echo "GPU tag: $GPU; groups: ${groups[*]}; ${DEADLINE} s for the call"
@@ -148,7 +137,8 @@ if ((speed)); then
   timeout $((DEADLINE * 7 / 10 - SECONDS)) python3 benchmarks/speed.py $DATA --workers 14 --profile 20 --output "$res/speed" >>"$log" 2>&1
   cp "$res/speed/speed.json" "$res/speed-$GPU.json" && cp "$res/speed/profile.txt" "$OUT/profile.txt"
   # the fast path without torch.compile (eager), for what compiling buys
-  timeout $((DEADLINE - SECONDS < DEADLINE * 3 / 10 ? DEADLINE - SECONDS : DEADLINE * 3 / 10)) python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \
+  t=$((DEADLINE - SECONDS)) && ((t > DEADLINE * 3 / 10)) && t=$((DEADLINE * 3 / 10))
+  ((t > 0)) && timeout "$t" python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \
     --output "$res/speed-eager" >>"$log" 2>&1 && cp "$res/speed-eager/speed.json" "$res/speed-$GPU-eager.json"
 fi
 
