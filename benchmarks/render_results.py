@@ -47,6 +47,20 @@ def section(title: str, path: Path) -> list[str]:
     return out
 
 
+SPEED_NOTES = {
+    "speed-cpu-2core": [
+        "Spread: four runs at f8d447e on the idle machine (load under 2; two with the command above, two with",
+        "`--warmup 1 --train-steps 3 --infer-iters 5`) gave training 2.5-2.7 query img/s for either path, batch-1",
+        "latency 81-94 ms plain and 56-94 ms fast, batch 8 11-16 img/s plain and 16-22 fast: on this shared virtual",
+        "machine a single run's ratio can be anywhere from 0.9x to 1.5x, so read the fast path as equal in training",
+        "and somewhat faster in inference on the CPU, not as a precise gain. The figure recorded before (commit",
+        "e7025a8: 1.5 img/s, 164 ms plain) was the machine, not the code: e7025a8 rerun now gives plain 2.5 img/s,",
+        "97 ms, 13.2 img/s batched and fast 2.6, 81 ms, 18.4. The whole-batch torch.where synthesis (what a GPU",
+        "runs) took 167 ms there and 300-349 ms at f8d447e, likely the OpenCV-like texture pipeline of commit",
+        "7b6ec98 (not bisected); the by-index path, which training uses on the CPU, 31 ms there and 24-34 ms here.", ""],
+}
+
+
 def speed_sections() -> list[str]:
     """Tables of benchmarks/speed.py runs (docs/results/speed-*.json)."""
     files = sorted((DOCS / "results").glob("speed-*.json"))
@@ -74,6 +88,7 @@ def speed_sections() -> list[str]:
             out += ["", f"The fast path's batched synthesis alone: {fast['synthesis_ms_by_index']:.1f} ms per batch with "
                     f"rows gathered by index, {fast['synthesis_ms_where']:.1f} ms computed whole and kept by torch.where."]
         out.append("")
+        out += SPEED_NOTES.get(f.stem, [])
     return out
 
 
