@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,17 @@ def test_skip_bad_flag_sets_the_option() -> None:
     assert sorted(cli._overrides(args)) == ["data.skip_bad=true", "train.epochs=3"]
     args = cli.build_parser().parse_args(["test", "m.safetensors", "--skip-bad"])
     assert cli._overrides(args) == ["data.skip_bad=true"]
+
+
+def test_onenip_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(cli, "_run", lambda args: seen.append(warnings.formatwarning) or 0)
+    before = warnings.formatwarning
+    assert cli.main(["demo"]) == 0
+    assert warnings.formatwarning is before  # restored after the command
+    fmt = seen[0]
+    ours = str(Path(cli.__file__).parent / "datasets" / "sources.py")
+    assert fmt("data.skip_bad: left out 1", UserWarning, ours, 98, "return read(x)") == \
+        "onenip: warning: data.skip_bad: left out 1\n"
+    theirs = fmt("deprecated", FutureWarning, "/site-packages/lib/mod.py", 3, "old()")
+    assert theirs.startswith("/site-packages/lib/mod.py:3: FutureWarning: deprecated")

@@ -14,7 +14,7 @@ from onenip.checkpoint import load_checkpoint, save_checkpoint
 from onenip.config import Config, load_config
 from onenip.datasets import read_sources
 from onenip.detector import Detector
-from onenip.errors import CheckpointError
+from onenip.errors import CheckpointError, OnenipError
 from onenip.synthesis import FolderTextures
 from onenip.train import Trainer, TrainingError, lr_at
 from onenip.trainset import EpochSampler, TrainSet
@@ -394,6 +394,23 @@ def test_backbone_without_the_taps_is_rejected_before_any_data_is_read(tmp_path:
                              "backbone.weights=random", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match="backbone.name.*stride 2"):
         Trainer(cfg, progress=False)
+
+
+def test_missing_weights_are_rejected_before_any_data_is_read(tmp_path: Path) -> None:
+    from onenip.errors import ConfigError
+
+    base = [f"data.roots=[{tmp_path / 'does-not-exist'}]", f"output_dir={tmp_path / 'run'}"]
+    missing = tmp_path / "weights" / "lite0.pth"
+    with pytest.raises(ConfigError, match="backbone.weights.*lite0.pth"):
+        Trainer(make_config(None, [*base, "backbone.name=tf_efficientnet_lite0", f"backbone.weights={missing}"]),
+                progress=False)
+    with pytest.raises(ConfigError, match="efficientnet-lite needs backbone.name"):
+        Trainer(make_config(None, [*base, "backbone.name=efficientnet_b0", "backbone.weights=efficientnet-lite"]),
+                progress=False)
+    # with weights that exist, the same run gets as far as its data, and fails there
+    with pytest.raises(OnenipError, match="does-not-exist"):
+        Trainer(make_config(None, [*base, "backbone.name=tf_efficientnet_lite0", "backbone.weights=random"]),
+                progress=False)
 
 
 def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, iad_mix: Path, textures: Path) -> None:

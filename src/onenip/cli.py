@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
+import warnings
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -154,8 +156,32 @@ def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, 
         print(results.decisions_markdown())
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """onenip's own warnings as one `onenip: warning: ...` line, without the file, line number and source line that
+    Python prints by default (they name onenip's code, not the user's problem); other packages' warnings keep Python's
+    format, whose location helps to trace them."""
+    if Path(filename).resolve().is_relative_to(_PACKAGE):
+        return f"onenip: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "fit":
             from .api import fit

