@@ -27,7 +27,7 @@ from onenip.deploy import (
 from onenip.detector import Detector
 from onenip.evaluate import build_prompt_pool
 from onenip.metrics import f1_max
-from onenip.predict import Predictor, expand_inputs, overlay
+from onenip.predict import Predictor, _output_names, expand_inputs, overlay
 from onenip.scoring import fuse, image_scores
 from onenip.train import Trainer
 
@@ -261,6 +261,18 @@ def test_predictor_inputs_and_outputs(trained: Path, iad_mix: Path) -> None:
     assert pic.shape == arr.shape and pic.dtype == np.uint8 and not np.array_equal(pic, arr)
 
 
+def test_output_names_follow_one_rule_and_never_collide() -> None:
+    assert _output_names([Path("x/good/000.png"), Path("x/good/006.png")]) == ["000", "006"]
+    assert _output_names([Path("x/good/000.png"), Path("x/crack/000.png"), Path("x/good/006.png")]) == \
+        ["good__000", "crack__000", "good__006"]
+    assert _output_names([Path("/p/a/000.png"), Path("/q/a/000.png"), Path("/q/b/001.png")]) == \
+        ["p__a__000", "q__a__000", "q__b__001"]
+    # what whole paths cannot tell apart is numbered, never overwritten
+    names = _output_names([Path("d/a.png"), Path("d/a.jpg"), Path("d/a-2.png"), Path("d/a.png")])
+    assert names == ["a", "a-2", "a-2-2", "a-3"] and len(set(names)) == 4
+    assert _output_names([]) == []
+
+
 def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "in"
     (folder / "a").mkdir(parents=True)
@@ -284,6 +296,9 @@ def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -
     mask = np.asarray(Image.open(tmp_path / "out" / row["mask"]))
     assert mask.shape == np.asarray(Image.open(row["image"])).shape[:2] and set(np.unique(mask)) <= {0, 255}
     assert f"{n} images" in capsys.readouterr().out
+    # one naming rule for the whole run: the stems repeat (a/ and b/), so every image is named by its last two parts
+    assert all(r["overlay"] == f"overlays/{Path(r['image']).parent.name}__{Path(r['image']).stem}.png"
+               for r in data["predictions"])
 
     bad = folder / "a" / "zz_broken.png"
     bad.write_bytes(b"not an image")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -179,12 +180,25 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
 
 
 def _output_names(paths: list[Path]) -> list[str]:
-    """Unique, readable file names for the outputs: the image's stem, or its path when stems collide."""
-    stems = [p.stem for p in paths]
-    dup = {s for s in stems if stems.count(s) > 1}
-    names = []
-    for p, s in zip(paths, stems):
-        names.append("__".join(p.with_suffix("").parts[-4:]).replace(":", "") if s in dup else s)
+    """Output file names, by one rule for all images: the last k parts of each path (without the suffix) joined by
+    "__", with the smallest k that tells apart all the images that their whole paths tell apart: k = 1 (the file
+    stems) unless stems repeat, and then e.g. good__000 and crack__000 for every image of the run alike. A name still
+    shared (the same file given twice, a.png beside a.jpg) gets -2, -3, ... in input order: no output overwrites
+    another."""
+    parts = [p.relative_to(p.anchor).with_suffix("").parts for p in (Path(os.path.abspath(q)) for q in paths)]
+    distinct = len(set(parts))  # what the whole paths tell apart
+    names: list[str] = []
+    for k in range(1, max((len(pp) for pp in parts), default=1) + 1):
+        names = ["__".join(pp[-k:]) for pp in parts]
+        if len(set(names)) == distinct:
+            break
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        n = 1
+        while names[i] in used:
+            n += 1
+            names[i] = f"{name}-{n}"
+        used.add(names[i])
     return names
 
 
