@@ -24,7 +24,9 @@
 #
 # Groups, in `next` order (result folders are named for the GPU: ablation-h200/, speed-h200.json, ...):
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
-#                   fast path also eager; a torch.profiler table of 20 fast steps. Alone: it is timed. Its fast
+#                   fast path also eager; a torch.profiler table of 20 fast steps. The fast engine's first run on
+#                   CUDA: if it crashes before training, the ablation jobs of the call run on the plain engine
+#                   (logged; each JSON records its engine). Alone: it is timed. Its fast
 #                   training rate says whether the heavy groups fit: one heavy row is 180 x 1,519 = 273k query
 #                   images (plus synthesis), so at R images/s about 273k/R seconds alone, more when run together.
 #   table4a-light   ablation rows 0, 1, 2, seed 133, 180 epochs (no synthesis: the cached features only); row 0 with
@@ -135,7 +137,15 @@ log="$OUT/session.log"
 if ((speed)); then
   mkdir -p "$res/speed" "$res/speed-eager"
   timeout $((DEADLINE * 7 / 10 - SECONDS)) python3 benchmarks/speed.py $DATA --workers 14 --profile 20 --output "$res/speed" >>"$log" 2>&1
+  rc=$?
   cp "$res/speed/speed.json" "$res/speed-$GPU.json" && cp "$res/speed/profile.txt" "$OUT/profile.txt"
+  # The fast engine first runs on CUDA here. If it crashed before its training rate was printed (not a timeout), the
+  # ablation jobs of this call would crash the same way: they run on the plain engine instead, and the log says so
+  # (each result JSON records its engine).
+  if ((rc != 0 && rc != 124)) && ! grep -q '^fast: training' "$log"; then
+    echo "speed.py failed (exit $rc) before the fast engine trained: the ablation jobs run with --engine plain" >>"$log"
+    EXTRA="$EXTRA --engine plain --workers 4"
+  fi
   # the fast path without torch.compile (eager), for what compiling buys
   t=$((DEADLINE - SECONDS)) && ((t > DEADLINE * 3 / 10)) && t=$((DEADLINE * 3 / 10))
   ((t > 0)) && timeout "$t" python3 benchmarks/speed.py $DATA --workers 14 --engines fast --compile none --infer-compile none \

@@ -254,11 +254,13 @@ def ablation_section(folder: Path, main_tag: str | None = None, link_prefix: str
     commits = sorted({r["commit"] for rs in runs_by_tag.values() for runs in rs.values() for r in runs})
     devices = sorted({r["device"] for rs in runs_by_tag.values() for runs in rs.values() for r in runs})
     commands = sorted({r["command"] for rs in runs_by_tag.values() for runs in rs.values() for r in runs})
+    engines = sorted({r["config"]["train"]["engine"] for runs in rows.values() for r in runs})  # one, unless a fallback
     rel = f"{link_prefix}/{folder.name}"
     out = [f"- result files: `docs/{rel}/`; commit {', '.join(commits)}; {'; '.join(devices)}; torch {first['torch']}",
            f"- setting: {len(evaluation(first, 'clean')['categories'])} categories, {cfg['data']['input_size']} px, "
            f"{cfg['backbone']['name']} ({cfg['backbone']['weights']}), width {cfg['model']['hidden_dim']}, "
-           f"{first['epochs']} epochs at batch {cfg['train']['batch_size']}, engine {cfg['train']['engine']}",
+           f"{first['epochs']} epochs at batch {cfg['train']['batch_size']}, engine {', '.join(engines)}"
+           + (" (which row used which: the commands)" if len(engines) > 1 else ""),
            "- commands:", *[f"  - `{c}`" for c in commands], ""]
     for protocol in ("clean", "paper"):
         out += [f"#### Table 4a, {protocol} protocol (fused map, mean over categories)", "", *table_4a(rows, protocol), ""]
