@@ -304,6 +304,15 @@ def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -
     bad.write_bytes(b"not an image")
     assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "zz_broken.png" in capsys.readouterr().err
+    # A rerun into the first folder that fails before writing anything leaves the first run's index alone; one that
+    # fails after it has overwritten overlays removes it (an error in the second batch of two images here).
+    index = tmp_path / "out" / "predictions.json"
+    assert cli.main(["predict", str(trained), str(bad), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert json.loads(index.read_text())["summary"]["images"] == n
+    assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "out"), "--batch-size", "2",
+                     "--no-progress"]) == 2
+    assert "zz_broken.png" in capsys.readouterr().err
+    assert not index.exists() and not (tmp_path / "out" / "predictions.csv").exists()
     with pytest.warns(UserWarning, match="left out 1"):
         assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "o3"), "--skip-bad",
                          "--no-images", "--no-progress"]) == 0

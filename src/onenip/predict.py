@@ -205,13 +205,18 @@ def _output_names(paths: list[Path]) -> list[str]:
 def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
                 batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
                 fast: bool = False) -> list[dict]:
-    """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs."""
+    """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs.
+
+    The two index files are written last (atomically): a folder without them holds no finished run. Before this run
+    writes its first image, it removes an earlier run's index from the folder, so that a run that stops half way
+    (an error, a kill) never leaves an old index that lists overlays it has overwritten."""
     predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
     paths = expand_inputs(inputs)
     out = Path(output)
     names = _output_names(paths)
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
+    retired = False
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress,
                       dynamic_ncols=True):
         chunk, loaded = [], []
@@ -227,6 +232,10 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
             pred.source = str(paths[k])
             row = pred.row()
             if images:
+                if not retired:  # an earlier run's index would list images this run is about to overwrite
+                    for index in ("predictions.csv", "predictions.json"):
+                        (out / index).unlink(missing_ok=True)
+                    retired = True
                 (out / "overlays").mkdir(parents=True, exist_ok=True)
                 (out / "masks").mkdir(parents=True, exist_ok=True)
                 pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask)
