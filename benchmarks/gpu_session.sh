@@ -26,7 +26,9 @@
 #   speed           speed.py: plain vs fast training and inference, efficientnet_b4 224 px (random weights), the
 #                   fast path also eager; a torch.profiler table of 20 fast steps. The fast engine's first run on
 #                   CUDA: if it crashes before training, the ablation jobs of the call run on the plain engine
-#                   (logged; each JSON records its engine). Alone: it is timed. Its fast
+#                   (logged; each JSON records its engine). If profile.txt shows the synthesis's many small
+#                   kernels limiting a step, try `speed.py --compile-synthesis default` (train.compile_synthesis;
+#                   in no group yet, since it compiles for minutes). Alone: it is timed. Its fast
 #                   training rate says whether the heavy groups fit: one heavy row is 180 x 1,519 = 273k query
 #                   images (plus synthesis), so at R images/s about 273k/R seconds alone, more when run together.
 #   table4a-light   ablation rows 0, 1, 2, seed 133, 180 epochs (no synthesis: the cached features only); row 0 with

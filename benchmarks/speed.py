@@ -15,7 +15,8 @@ encodings cached, bf16 channels-last backbone, bf16 transformer, torch.compile o
 --infer-iters calls at batch 1; throughput uses --infer-batch.
 
 Synthesis: the fast path's batched pseudo-anomalies alone (one training batch), in both ways of applying per-sample
-choices (`BatchSynthesizer.select_by_index`: rows gathered by index, or everything computed and kept with torch.where).
+choices (`BatchSynthesizer.select_by_index`: rows gathered by index, or everything computed and kept with torch.where;
+with --compile-synthesis the torch.where form is the compiled one).
 
 Prints a Markdown table and writes speed.json beside it in --output.
 """
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--infer-compile", default=None,
                     help="torch.compile mode of the fast inference (default: 'reduce-overhead', i.e. CUDA graphs, on "
                          "CUDA; none on the CPU); 'none' for eager")
+    ap.add_argument("--compile-synthesis", default="none",
+                    help="train.compile_synthesis of the fast path: torch.compile its batched synthesis (none: eager)")
     ap.add_argument("--profile", type=int, default=0,
                     help="profile this many fast training steps after the timing; the table goes to profile.txt")
     ap.add_argument("--engines", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
@@ -136,7 +139,8 @@ def main() -> None:
     trainers: dict[str, Trainer] = {}
     for engine in args.engines:
         mode = args.compile or ("default" if engine == "fast" and cuda else "none")
-        cfg = make_config(None, base + [f"train.engine={engine}", f"train.compile={mode}",
+        synthesis = [f"train.compile_synthesis={args.compile_synthesis}"] if engine == "fast" else []
+        cfg = make_config(None, base + [f"train.engine={engine}", f"train.compile={mode}", *synthesis,
                                         f"output_dir={out_dir / engine}"])
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -144,6 +148,8 @@ def main() -> None:
         setup = time.perf_counter() - t0
         ips = time_training(trainer, args.warmup, args.train_steps)
         rows[engine] = {"train_images_per_s": ips, "setup_s": setup, "compile": mode}
+        if engine == "fast":
+            rows[engine]["compile_synthesis"] = args.compile_synthesis
         trainers[engine] = trainer
         print(f"{engine}: training {ips:.1f} query images/s (setup {setup:.1f} s)", flush=True)
 
@@ -179,6 +185,7 @@ def main() -> None:
         batches = trainers["fast"].loader
         idx = torch.arange(args.batch_size, device=device) % batches.images.shape[0]
         pool = batches.textures if batches.textures is not None else batches.images
+        chosen = batches.synthesizer.select_by_index  # None (by device), or False with --compile-synthesis
         for by_index in (True, False):
             batches.synthesizer.select_by_index = by_index
             gen = torch.Generator(device=device).manual_seed(0)
@@ -193,7 +200,7 @@ def main() -> None:
             rows["fast"][key] = 1e3 * statistics.median(times[args.warmup:])
             print(f"synthesis ({'by index' if by_index else 'torch.where'}): {rows['fast'][key]:.1f} ms per batch "
                   f"of {args.batch_size}", flush=True)
-        batches.synthesizer.select_by_index = None
+        batches.synthesizer.select_by_index = chosen
     if args.profile and "fast" in trainers:
         profile_steps(trainers["fast"], args.profile, out_dir / "profile.txt")
     meta = {"device": device_name(device), "commit": git_commit(), "torch": torch.__version__,

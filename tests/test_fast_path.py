@@ -174,6 +174,23 @@ def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, iad
     assert trainer.loader.synthesizer.cfg.brightness_spaces == ["Lab"]
 
 
+def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, iad_mix: Path, textures: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from onenip.synthesis_batch import BatchSynthesizer
+
+    with pytest.raises(ConfigError, match="train.compile_synthesis.*train.engine=fast"):
+        make_config(None, ["train.compile_synthesis=default"])
+    with pytest.raises(ConfigError, match="train.compile_synthesis"):
+        make_config(None, ["train.engine=fast", "train.compile_synthesis=fastest"])
+    asked = []
+    monkeypatch.setattr(BatchSynthesizer, "compile", lambda self, mode, batch_size=0: asked.append((mode, batch_size)))
+    Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.engine=fast"), progress=False)
+    assert asked == []  # eager by default
+    trainer = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.compile_synthesis=max-autotune"),
+                      progress=False)
+    assert asked == [("max-autotune", trainer.local_batch)]
+
+
 @pytest.mark.slow
 def test_compiled_training_forward_gives_the_eager_losses_and_gradients(pair: tuple[Trainer, Trainer], tmp_path: Path,
                                                                         iad_mix: Path, textures: Path) -> None:

@@ -112,6 +112,32 @@ def test_index_and_where_selection_agree(seed: int) -> None:
     assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and torch.equal(a.kind, b.kind)
 
 
+def test_compiled_synthesis_is_one_graph_with_the_eager_values() -> None:
+    """train.compile_synthesis: everything after the draws traces into one graph (fullgraph: no break, no host sync)
+    and computes the eager torch.where form's values. aot_eager traces as inductor does but runs the traced ops
+    unchanged, so the values must be bit-identical; inductor's own kernels were measured instead (the config's help).
+    Other batch sizes than the compiled one run eagerly, without compiling again."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    images, textures = make_batch(12, 48, seed=4), make_batch(5, 48, seed=11)
+    eager = BatchSynthesizer(CFG, textures)
+    eager.select_by_index = False
+    syn = BatchSynthesizer(CFG, textures)
+    syn.compile(backend="aot_eager", fullgraph=True)
+    assert syn.select_by_index is False  # the compiled form is the torch.where one
+    calls = []
+    compiled = syn._compiled
+    syn._compiled = lambda *a, **k: calls.append(a[0].shape[0]) or compiled(*a, **k)
+    for seed in (0, 1):
+        a, b = eager.details(images, gen(seed)), syn.details(images, gen(seed))
+        assert set(a.kind.tolist()) == {0, 1, 2}
+        assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and torch.equal(a.kind, b.kind)
+    last = syn.details(images[:5], gen(2))  # an epoch's smaller last batch: eager
+    assert torch.equal(last.image, eager.details(images[:5], gen(2)).image)
+    assert calls == [12, 12]
+
+
 @pytest.mark.parametrize("prob", [0.5, 0.2])
 def test_kind_frequencies_follow_cutpaste_prob(prob: float) -> None:
     n = 400

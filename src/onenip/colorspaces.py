@@ -190,8 +190,8 @@ def brightness(rgb: Tensor, space: Tensor, mul: Tensor, add: Tensor, add_first: 
     out = rgb
     for code, name in enumerate(SPACES):
         sel = space == code
-        if rgb.device.type == "cpu" and not bool(sel.any()):
-            continue  # skip spaces nobody drew (on an accelerator that check would synchronise with the host)
+        if rgb.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(sel.any()):
+            continue  # skip spaces nobody drew (on an accelerator, or in a compiled graph, the check would sync)
         conv = to_space(rgb, name)
         ch = BRIGHTNESS_CHANNEL[name]
         c = conv[:, ch]

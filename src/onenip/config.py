@@ -103,6 +103,8 @@ class ModelConfig:
 BRIGHTNESS_SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
 #: How texture images can be resized (`synthesis.resize_texture`).
 TEXTURE_RESIZES: tuple[str, ...] = ("opencv", "antialias")
+#: torch.compile's modes, and none (eager): train.compile, train.compile_synthesis.
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -175,7 +177,15 @@ class TrainConfig:
     compile: str = _opt(
         "none",
         "torch.compile the reconstruction network's training forward with this mode (none: eager).",
-        ("none", "default", "reduce-overhead", "max-autotune"),
+        COMPILE_MODES,
+    )
+    compile_synthesis: str = _opt(
+        "none",
+        "fast engine: torch.compile its batched synthesis, in the whole-batch torch.where form a GPU runs (about 4,000 "
+        "operations per batch, one graph), with this mode, for when launching those operations limits a GPU step. "
+        "Compiling takes minutes; the last, smaller batch of an epoch runs eagerly. Inductor's fused arithmetic rounds "
+        "differently, so a rare pixel on a Perlin threshold may fall the other way. none: eager.",
+        COMPILE_MODES,
     )
     save_every: int = _opt(10, "Write the checkpoint every this many epochs (and at the end).")
     eval_every: int = _opt(0, "Evaluate on the test split every this many epochs (0: only at the end if asked).")
@@ -436,6 +446,8 @@ def validate(cfg: Config) -> None:
     need(t.save_every >= 0 and t.eval_every >= 0 and t.max_steps >= 0, "train.save_every/eval_every/max_steps", "must be >= 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
          f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    need(t.compile_synthesis == "none" or t.engine == "fast", "train.compile_synthesis",
+         "compiles the fast engine's batched synthesis: it needs train.engine=fast")
     need(t.engine == "plain" or t.cache_features, "train.engine",
          "fast computes the normal images' features once: it needs train.cache_features=true")
     need(not (t.prompt == "none" and m.arch != "uniad"), "train.prompt",

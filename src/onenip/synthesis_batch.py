@@ -43,6 +43,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -483,6 +484,20 @@ def _perlin_paste(images: Tensor, textures: Tensor, p: Params, cfg: SynthesisCon
     return torch.where(mask, inside, images), mask
 
 
+def _compose(images: Tensor, pool: Tensor, cut: Tensor, is_scar: Tensor, cp: Params, pp: Params, cfg: SynthesisConfig,
+             by_index: bool) -> tuple[Tensor, Tensor]:
+    """Every sample's anomaly from its draws: CutPaste where `cut` (scar where `is_scar`), Perlin + texture from
+    `pool` elsewhere. (uint8 images (B, 3, S, S), bool masks (B, 1, S, S)); no random numbers drawn here."""
+    base = (images, torch.zeros_like(images[:, :1], dtype=torch.bool))
+    base = _replace_rows(
+        cut, by_index, lambda idx: _cutpaste(_rows(images, idx), _take(cp, idx), _rows(is_scar, idx), cfg, by_index), base
+    )
+    image, mask = _replace_rows(
+        ~cut, by_index, lambda idx: _perlin_paste(_rows(images, idx), pool, _take(pp, idx), cfg, by_index), base
+    )
+    return image, mask
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public interface
 # --------------------------------------------------------------------------------------------------------------------
@@ -519,6 +534,18 @@ class BatchSynthesizer:
         self.textures = textures
         #: Select samples by index (True), with torch.where (False), or by device (None: by index on the CPU only).
         self.select_by_index: bool | None = None
+        self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None  # see `compile`
+        self._compiled_batch = 0
+
+    def compile(self, mode: str = "default", batch_size: int = 0, **options: Any) -> None:
+        """torch.compile the synthesis after its random draws, in the torch.where form (which this selects; the
+        by-index form finds rows with data-dependent shapes). The draws stay eager: they are few, and the generator
+        is the stream that makes a batch reproducible. Compiled for one batch size (`batch_size`; 0: the first
+        call's); other sizes, such as an epoch's last batch, run eagerly instead of compiling again. `options` go to
+        torch.compile (e.g. backend, fullgraph)."""
+        self.select_by_index = False
+        self._compiled = torch.compile(_compose, mode=mode, dynamic=False, **options)
+        self._compiled_batch = batch_size
 
     def details(self, images: Tensor, generator: torch.Generator, textures: Tensor | None = None) -> BatchSynthesis:
         """Synthesise one anomaly per image and tell which kind each sample got.
@@ -553,16 +580,12 @@ class BatchSynthesizer:
             is_scar = kind == _SCAR
             cp = _draw_cutpaste(generator, bsz, size, self.cfg, is_scar)
             pp = _draw_perlin_paste(generator, bsz, pool.shape[0], self.cfg, dev)
-            base = (images, torch.zeros_like(images[:, :1], dtype=torch.bool))
-            base = _replace_rows(
-                cut,
-                by_index,
-                lambda idx: _cutpaste(_rows(images, idx), _take(cp, idx), _rows(is_scar, idx), self.cfg, by_index),
-                base,
-            )
-            image, mask = _replace_rows(
-                ~cut, by_index, lambda idx: _perlin_paste(_rows(images, idx), pool, _take(pp, idx), self.cfg, by_index), base
-            )
+            compose = _compose
+            if self._compiled is not None and not by_index:
+                self._compiled_batch = self._compiled_batch or bsz
+                if bsz == self._compiled_batch:
+                    compose = self._compiled
+            image, mask = compose(images, pool, cut, is_scar, cp, pp, self.cfg, by_index)
         return BatchSynthesis(image=image, mask=mask.to(torch.uint8), kind=kind)
 
     def __call__(
