@@ -87,6 +87,9 @@ def speed_sections() -> list[str]:
         if "synthesis_ms_by_index" in fast:
             out += ["", f"The fast path's batched synthesis alone: {fast['synthesis_ms_by_index']:.1f} ms per batch with "
                     f"rows gathered by index, {fast['synthesis_ms_where']:.1f} ms computed whole and kept by torch.where."]
+            if "synthesis_ops_where" in fast:
+                out[-1] += (f" Eager, one batch dispatches {fast['synthesis_ops_by_index']:,} and "
+                            f"{fast['synthesis_ops_where']:,} operations (views included).")
         out.append("")
         out += SPEED_NOTES.get(f.stem, [])
     return out

@@ -29,6 +29,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,6 +91,23 @@ def time_inference(model: DeployModel, images: torch.Tensor, iters: int, warmup:
                 times.append(time.perf_counter() - t0)
     assert score.shape[0] == amap.shape[0] == images.shape[0]
     return times
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """How many ATen operations `fn` dispatches (in eager mode each is at least one kernel launch on a GPU; views
+    and other metadata-only operations are counted too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
 
 
 def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
@@ -198,8 +216,12 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             key = "synthesis_ms_by_index" if by_index else "synthesis_ms_where"
             rows["fast"][key] = 1e3 * statistics.median(times[args.warmup:])
+            ops = 0 if batches.synthesizer._compiled is not None else count_ops(
+                lambda: batches.synthesizer(batches.images[idx], gen, pool))  # eager: what one batch launches
+            if ops:
+                rows["fast"][key.replace("_ms_", "_ops_")] = ops
             print(f"synthesis ({'by index' if by_index else 'torch.where'}): {rows['fast'][key]:.1f} ms per batch "
-                  f"of {args.batch_size}", flush=True)
+                  f"of {args.batch_size}" + (f", {ops} operations" if ops else ""), flush=True)
         batches.synthesizer.select_by_index = chosen
     if args.profile and "fast" in trainers:
         profile_steps(trainers["fast"], args.profile, out_dir / "profile.txt")
@@ -223,6 +245,9 @@ def main() -> None:
         f = rows["fast"]
         lines += ["", f"Fast path's synthesis of one batch of {args.batch_size}: {f['synthesis_ms_by_index']:.1f} ms "
                   f"with rows gathered by index, {f['synthesis_ms_where']:.1f} ms computed whole and kept by torch.where."]
+        if "synthesis_ops_where" in f:
+            lines[-1] += (f" Eager, one batch dispatches {f['synthesis_ops_by_index']:,} and {f['synthesis_ops_where']:,} "
+                          "operations (views included).")
     table = "\n".join(lines)
     print(table)
     out_dir.mkdir(parents=True, exist_ok=True)
