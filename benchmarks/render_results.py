@@ -57,7 +57,17 @@ SPEED_NOTES = {
         "e7025a8: 1.5 img/s, 164 ms plain) was the machine, not the code: e7025a8 rerun now gives plain 2.5 img/s,",
         "97 ms, 13.2 img/s batched and fast 2.6, 81 ms, 18.4. The whole-batch torch.where synthesis (what a GPU",
         "runs) took 167 ms there and 300-349 ms at f8d447e, likely the OpenCV-like texture pipeline of commit",
-        "7b6ec98 (not bisected); the by-index path, which training uses on the CPU, 31 ms there and 24-34 ms here.", ""],
+        "7b6ec98 (not bisected); the by-index path, which training uses on the CPU, 31 ms there and 24-34 ms here.", "",
+        "`train.compile_synthesis` on the CPU: `python benchmarks/speed.py --device cpu --threads 2 --batch-size 16",
+        "--workers 1 --warmup 1 --train-steps 3 --infer-iters 3 --infer-batch 8 --engines fast --compile-synthesis",
+        "none` (then `default`) `--set 'data.categories=[bottle, metal_plate]'`, efficientnet_b4 at 224 px. One eager",
+        "batch of 16 dispatches 2,316 operations by index and 4,041 in the torch.where form (a count by hand at",
+        "batch 64 gave the same 4,041: it does not grow with the batch; on a GPU all but the views are kernel",
+        "launches, which is what compiling saves). The torch.where form took 845 ms eager and 641 ms compiled (commit 258bf83; at",
+        "ab49a5e 671 and 584), training 1.5-1.6 query img/s either way. Compiling cost 113 s on a cold inductor",
+        "cache (the run took 188 s against 75 s eager, ab49a5e) and 2 s with the cache warm (90 s against 88 s,",
+        "258bf83). On the CPU, where a launch costs little, it does not pay; whether it does on a GPU is for",
+        "`profile.txt` of a GPU speed run to show.", ""],
 }
 
 
