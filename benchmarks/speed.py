@@ -94,20 +94,18 @@ def time_inference(model: DeployModel, images: torch.Tensor, iters: int, warmup:
 
 
 def count_ops(fn: Callable[[], object]) -> int:
-    """How many ATen operations `fn` dispatches (in eager mode each is at least one kernel launch on a GPU; views
-    and other metadata-only operations are counted too)."""
+    """How many ATen operations `fn` dispatches (eager, on a GPU all but the views among them are kernel launches;
+    views and other metadata-only operations are counted too)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
-
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-            Count.n += 1
+            self.n = getattr(self, "n", 0) + 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
+    with Count() as counter:
         fn()
-    return Count.n
+    return getattr(counter, "n", 0)
 
 
 def profile_steps(trainer: Trainer, steps: int, path: Path) -> None:
@@ -216,7 +214,7 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
             key = "synthesis_ms_by_index" if by_index else "synthesis_ms_where"
             rows["fast"][key] = 1e3 * statistics.median(times[args.warmup:])
-            ops = 0 if batches.synthesizer._compiled is not None else count_ops(
+            ops = 0 if batches.synthesizer.compiled else count_ops(
                 lambda: batches.synthesizer(batches.images[idx], gen, pool))  # eager: what one batch launches
             if ops:
                 rows["fast"][key.replace("_ms_", "_ops_")] = ops

@@ -183,7 +183,7 @@ def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, iad_mi
     with pytest.raises(ConfigError, match="train.compile_synthesis"):
         make_config(None, ["train.engine=fast", "train.compile_synthesis=fastest"])
     asked = []
-    monkeypatch.setattr(BatchSynthesizer, "compile", lambda self, mode, batch_size=0: asked.append((mode, batch_size)))
+    monkeypatch.setattr(BatchSynthesizer, "compile", lambda self, batch_size, mode: asked.append((mode, batch_size)))
     Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.engine=fast"), progress=False)
     assert asked == []  # eager by default
     trainer = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.compile_synthesis=max-autotune"),

@@ -124,7 +124,7 @@ def test_compiled_synthesis_is_one_graph_with_the_eager_values() -> None:
     eager = BatchSynthesizer(CFG, textures)
     eager.select_by_index = False
     syn = BatchSynthesizer(CFG, textures)
-    syn.compile(backend="aot_eager", fullgraph=True)
+    syn.compile(12, backend="aot_eager", fullgraph=True)
     assert syn.select_by_index is False  # the compiled form is the torch.where one
     calls = []
     compiled = syn._compiled

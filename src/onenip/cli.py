@@ -157,6 +157,7 @@ def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, 
 
 
 _PACKAGE = Path(__file__).resolve().parent
+_python_format_warning = warnings.formatwarning
 
 
 def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -167,9 +168,6 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     if Path(filename).resolve().is_relative_to(_PACKAGE):
         return f"onenip: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
-
-
-_python_format_warning = warnings.formatwarning
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,7 +181,7 @@ class TrainConfig:
     )
     compile_synthesis: str = _opt(
         "none",
-        "fast engine: torch.compile its batched synthesis, in the whole-batch torch.where form a GPU runs (about 4,000 "
+        "fast engine: torch.compile its batched synthesis, in the whole-batch torch.where form a GPU runs (over 4,000 "
         "operations per batch, one graph), with this mode, for when launching those operations limits a GPU step. "
         "Compiling takes minutes; the last, smaller batch of an epoch runs eagerly. Inductor's fused arithmetic rounds "
         "differently, so a rare pixel on a Perlin threshold may fall the other way. none: eager.",

@@ -537,15 +537,20 @@ class BatchSynthesizer:
         self._compiled: Callable[..., tuple[Tensor, Tensor]] | None = None  # see `compile`
         self._compiled_batch = 0
 
-    def compile(self, mode: str = "default", batch_size: int = 0, **options: Any) -> None:
+    def compile(self, batch_size: int, mode: str = "default", **options: Any) -> None:
         """torch.compile the synthesis after its random draws, in the torch.where form (which this selects; the
         by-index form finds rows with data-dependent shapes). The draws stay eager: they are few, and the generator
-        is the stream that makes a batch reproducible. Compiled for one batch size (`batch_size`; 0: the first
-        call's); other sizes, such as an epoch's last batch, run eagerly instead of compiling again. `options` go to
-        torch.compile (e.g. backend, fullgraph)."""
+        is the stream that makes a batch reproducible. Compiled for batches of `batch_size`; other sizes, such as an
+        epoch's last batch, run eagerly instead of compiling again. `options` go to torch.compile (e.g. backend,
+        fullgraph)."""
         self.select_by_index = False
         self._compiled = torch.compile(_compose, mode=mode, dynamic=False, **options)
         self._compiled_batch = batch_size
+
+    @property
+    def compiled(self) -> bool:
+        """Whether `compile` was called."""
+        return self._compiled is not None
 
     def details(self, images: Tensor, generator: torch.Generator, textures: Tensor | None = None) -> BatchSynthesis:
         """Synthesise one anomaly per image and tell which kind each sample got.
@@ -580,11 +585,8 @@ class BatchSynthesizer:
             is_scar = kind == _SCAR
             cp = _draw_cutpaste(generator, bsz, size, self.cfg, is_scar)
             pp = _draw_perlin_paste(generator, bsz, pool.shape[0], self.cfg, dev)
-            compose = _compose
-            if self._compiled is not None and not by_index:
-                self._compiled_batch = self._compiled_batch or bsz
-                if bsz == self._compiled_batch:
-                    compose = self._compiled
+            compiled = self._compiled is not None and not by_index and bsz == self._compiled_batch
+            compose = self._compiled if compiled else _compose
             image, mask = compose(images, pool, cut, is_scar, cp, pp, self.cfg, by_index)
         return BatchSynthesis(image=image, mask=mask.to(torch.uint8), kind=kind)
 

@@ -154,7 +154,7 @@ class Trainer:
                 textures = load_texture_bank(cfg.data.textures, cfg.data.input_size, self.device, cfg.synthesis.texture_resize)
             self.loader = DeviceBatches(self.dataset, self.sampler, self.local_batch, self.device, textures)
             if t.compile_synthesis != "none":
-                self.loader.synthesizer.compile(t.compile_synthesis, batch_size=self.local_batch)
+                self.loader.synthesizer.compile(self.local_batch, t.compile_synthesis)
         else:
             self.loader = DataLoader(
                 self.dataset, batch_size=self.local_batch, sampler=self.sampler, num_workers=cfg.data.workers,
