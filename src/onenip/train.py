@@ -32,7 +32,7 @@ from .datasets import load_split
 from .deploy import build_deployment, split_holdout
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
-from .features import tap_indices, weights_file
+from .features import check_weights, tap_indices
 from .losses import dice_loss, feature_mse
 from .synthesis_batch import load_texture_bank
 from .trainset import DeviceBatches, EpochSampler, TrainSet
@@ -104,8 +104,8 @@ class Trainer:
             )
 
         tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first,
-        if state is None:
-            weights_file(cfg.backbone)  # so does a missing weights file or package (a checkpoint holds its own)
+        if state is None:  # so do a missing weights file or package and an unreachable hub (a checkpoint has its own)
+            check_weights(cfg.backbone)
         # then bad data, before any work: every image and mask is decoded once here
         samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,
                                            threads=max(1, cfg.data.workers))
