@@ -27,7 +27,7 @@ from onenip.deploy import (
 from onenip.detector import Detector
 from onenip.evaluate import build_prompt_pool
 from onenip.metrics import f1_max
-from onenip.predict import Predictor, _output_names, expand_inputs, overlay
+from onenip.predict import Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay
 from onenip.scoring import fuse, image_scores
 from onenip.train import Trainer
 
@@ -273,6 +273,23 @@ def test_output_names_follow_one_rule_and_never_collide() -> None:
     assert _output_names([]) == []
 
 
+def test_retiring_a_run_deletes_only_its_listed_images(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    for rel in ("overlays/a.png", "masks/a_mask.png", "overlays/b.png", "elsewhere.png", "overlays/notes.txt"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"x")
+    listed = [{"overlay": "overlays/a.png", "mask": "masks/a_mask.png"}, {"overlay": "overlays/../elsewhere.png"},
+              {"overlay": "../out/overlays/notes.txt"}, {"overlay": None}, "not a row"]
+    (out / "predictions.json").write_text(json.dumps({"predictions": listed}))
+    (out / "predictions.csv").write_text("image\n")
+    _retire_earlier_run(out)
+    left = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert left == ["elsewhere.png", "overlays/b.png", "overlays/notes.txt"]
+    (out / "predictions.json").write_text("{broken")  # an unreadable index is removed, nothing else
+    _retire_earlier_run(out)
+    assert not (out / "predictions.json").exists() and (out / "overlays" / "b.png").exists()
+
+
 def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "in"
     (folder / "a").mkdir(parents=True)
@@ -299,6 +316,19 @@ def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -
     # one naming rule for the whole run: the stems repeat (a/ and b/), so every image is named by its last two parts
     assert all(r["overlay"] == f"overlays/{Path(r['image']).parent.name}__{Path(r['image']).stem}.png"
                for r in data["predictions"])
+    # A rerun into the same folder leaves only its own overlays and masks (here one image, then none at all with
+    # --no-images); a file no run listed stays.
+    overlays, masks = tmp_path / "out" / "overlays", tmp_path / "out" / "masks"
+    (overlays / "mine.png").write_bytes(b"not onenip's")
+    assert cli.main(["predict", str(trained), str(single), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert sorted(f.name for f in overlays.iterdir()) == ["mine.png", f"{single.stem}.png"]
+    assert [f.name for f in masks.iterdir()] == [f"{single.stem}_mask.png"]
+    assert cli.main(["predict", str(trained), str(single), "--output", str(tmp_path / "out"), "--no-images",
+                     "--no-progress"]) == 0
+    assert [f.name for f in overlays.iterdir()] == ["mine.png"] and not any(masks.iterdir())
+    assert cli.main(["predict", str(trained), str(folder), str(single), pattern, "--output", str(tmp_path / "out"),
+                     "--no-progress"]) == 0
+    capsys.readouterr()
 
     bad = folder / "a" / "zz_broken.png"
     bad.write_bytes(b"not an image")

@@ -202,14 +202,34 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _retire_earlier_run(out: Path) -> None:
+    """Remove an earlier run's index from `out` and the overlays and masks it lists (only files inside `out`'s
+    overlays/ and masks/: an edited index cannot reach elsewhere). Files no index lists are left alone."""
+    try:
+        listed = json.loads((out / "predictions.json").read_text())["predictions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    for index in ("predictions.csv", "predictions.json"):  # first: no index may list a file already gone
+        (out / index).unlink(missing_ok=True)
+    folders = {(out / "overlays").resolve(), (out / "masks").resolve()}
+    for row in listed if isinstance(listed, list) else []:
+        for key in ("overlay", "mask"):
+            rel = row.get(key) if isinstance(row, dict) else None
+            if isinstance(rel, str) and rel:
+                path = (out / rel).resolve()
+                if path.parent in folders and path.suffix == ".png":
+                    path.unlink(missing_ok=True)
+
+
 def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
                 batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
                 fast: bool = False) -> list[dict]:
     """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs.
 
-    The two index files are written last (atomically): a folder without them holds no finished run. Before this run
-    writes its first image, it removes an earlier run's index from the folder, so that a run that stops half way
-    (an error, a kill) never leaves an old index that lists overlays it has overwritten."""
+    The two index files are written last (atomically): a folder without them holds no finished run. Once this run
+    has judged its first image, it retires an earlier run in the folder (`_retire_earlier_run`), so that a run that
+    stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
+    that ends leaves no overlays of images it did not judge."""
     predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
     paths = expand_inputs(inputs)
     out = Path(output)
@@ -231,11 +251,10 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
         for k, pred in zip(chunk, predictor.predict(loaded)):
             pred.source = str(paths[k])
             row = pred.row()
+            if not retired:
+                _retire_earlier_run(out)
+                retired = True
             if images:
-                if not retired:  # an earlier run's index would list images this run is about to overwrite
-                    for index in ("predictions.csv", "predictions.json"):
-                        (out / index).unlink(missing_ok=True)
-                    retired = True
                 (out / "overlays").mkdir(parents=True, exist_ok=True)
                 (out / "masks").mkdir(parents=True, exist_ok=True)
                 pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask)
