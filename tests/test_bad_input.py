@@ -33,10 +33,12 @@ import onenip.images as images
 from onenip.datasets import (
     MAX_LISTED_PROBLEMS,
     Sample,
+    detect_format,
     group_by_category,
     read_btad,
     read_mvtec,
     read_source,
+    read_sources,
     read_visa,
     validate_samples,
 )
@@ -667,6 +669,32 @@ def test_category_without_training_images(tmp_path: Path) -> None:
     assert len(caught.messages) == 1 and "left out 2 of 3 categories" in caught.messages[0]
     assert str(only_test) in caught.messages[0]
     assert {s.category for s in read_mvtec(tmp_path, "test", categories=["bottle"])} == {"bottle"}  # not chosen: fine
+
+
+def test_labelled_folders_need_no_training_images(tmp_path: Path) -> None:
+    """A validation folder of labelled images only (onenip calibrate --val): test/ alone, and its format detected."""
+    (make_category(tmp_path, "screw", train=0) / "train" / "good").mkdir(parents=True)
+    make_category(tmp_path, "nut", train=0)
+    with pytest.raises(DatasetError, match="has no training images"):
+        read_sources([str(tmp_path)], "test")
+    assert {s.category for s in read_sources([str(tmp_path)], "test", labelled_only=True)} == {"screw", "nut"}
+    (tmp_path / "screw" / "train" / "good").rmdir()
+    (tmp_path / "screw" / "train").rmdir()
+    assert detect_format(tmp_path) == "mvtec"
+
+
+def test_chosen_categories_skip_unusable_ones_of_several_roots(tmp_path: Path) -> None:
+    """data.categories keeps a root's unusable categories out of the check, also across several roots."""
+    make_category(tmp_path / "a", "bottle")
+    (make_category(tmp_path / "a", "screw", train=0) / "train" / "good").mkdir(parents=True)
+    make_category(tmp_path / "b", "nut")
+    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(DatasetError, match="screw has no training images"):
+        read_sources(roots, "train")
+    assert {s.category for s in read_sources(roots, "train", ["bottle", "nut"])} == {"bottle", "nut"}
+    assert {s.category for s in read_sources(roots[:1], "train", ["bottle"])} == {"bottle"}
+    with pytest.raises(DatasetError, match="unknown category bolt.*available: bottle, nut, screw"):
+        read_sources(roots, "train", ["bottle", "bolt"])
 
 
 def test_no_category_left_is_an_error_even_with_skip_bad(tmp_path: Path) -> None:

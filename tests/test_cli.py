@@ -7,9 +7,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from onenip import cli
 from onenip.config import option_table
+from onenip.errors import OnenipWarning
 
 
 def _help(capsys, *argv: str) -> str:
@@ -55,7 +57,7 @@ def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
                      "--output_dir", str(run), "--no-progress", "--evaluate"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "trained 1 epochs (2 steps)" in out and "| PA_FLR01_TL |" in out and "| pooled |" in out
+    assert "trained 1 epoch (2 steps)" in out and "| PA_FLR01_TL |" in out and "| pooled |" in out
     assert "decisions at the model's thresholds" in out and "| **all** |" in out  # clean: the deployed model decides
     assert (run / "model.safetensors").is_file() and (run / "results" / "clean" / "results.json").is_file()
     code = cli.main(["test", str(run / "model.safetensors"), "--eval.protocol", "paper", "--no-progress",
@@ -83,6 +85,21 @@ def test_skip_bad_flag_sets_the_option() -> None:
     assert cli._overrides(args) == ["data.skip_bad=true"]
 
 
+def test_every_warning_of_onenip_is_an_onenip_warning() -> None:
+    """The CLI prints them as one line by their category (their location may name another package's file)."""
+    import ast
+
+    calls = []
+    for path in Path(cli.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = node.args[1] if len(node.args) > 1 else next(
+                    (k.value for k in node.keywords if k.arg == "category"), None)
+                calls.append((f"{path.name}:{node.lineno}", category is not None and ast.unparse(category)))
+    assert len(calls) >= 10
+    assert [c for c in calls if c[1] != "OnenipWarning"] == []
+
+
 def test_onenip_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     monkeypatch.setattr(cli, "_run", lambda args: seen.append(warnings.formatwarning) or 0)
@@ -93,5 +110,24 @@ def test_onenip_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     ours = str(Path(cli.__file__).parent / "datasets" / "sources.py")
     assert fmt("data.skip_bad: left out 1", UserWarning, ours, 98, "return read(x)") == \
         "onenip: warning: data.skip_bad: left out 1\n"
+    # issued through a decorator (torch.no_grad), the location names torch's file: the category tells it is ours
+    assert fmt("no mask", OnenipWarning, str(Path(torch.__file__).parent / "utils" / "_contextlib.py"), 124, "") == \
+        "onenip: warning: no mask\n"
     theirs = fmt("deprecated", FutureWarning, "/site-packages/lib/mod.py", 3, "old()")
     assert theirs.startswith("/site-packages/lib/mod.py:3: FutureWarning: deprecated")
+
+
+def test_demo_options_are_checked_before_any_work(tmp_path: Path, capsys) -> None:
+    assert cli.main(["demo", "--steps", "0", "--output", str(tmp_path / "d")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    (tmp_path / "e" / "run").mkdir(parents=True)
+    assert cli.main(["demo", "--output", str(tmp_path / "e")]) == 2
+    assert "already holds a demo run" in capsys.readouterr().err and not (tmp_path / "e" / "data").exists()
+
+
+def test_abbreviated_options_are_not_taken_for_others(capsys) -> None:
+    """--train.epoch is not --train.epochs: a prefix of an option is an error, not a silent match."""
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["fit", "--train.epoch", "3"])
+    assert "--train.epoch" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["fit", "--train.epochs", "3"]).command == "fit"

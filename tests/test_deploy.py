@@ -12,6 +12,7 @@ from PIL import Image
 
 from onenip import cli
 from onenip.api import make_config
+from onenip.checkpoint import checkpoint_file, holds_training_state
 from onenip.config import Config
 from onenip.datasets import Sample, read_sources
 from onenip.deploy import (
@@ -25,9 +26,10 @@ from onenip.deploy import (
     split_holdout,
 )
 from onenip.detector import Detector
+from onenip.errors import CheckpointError, DatasetError
 from onenip.evaluate import build_prompt_pool
 from onenip.metrics import f1_max
-from onenip.predict import Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay
+from onenip.predict import Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay, run_predict
 from onenip.scoring import fuse, image_scores
 from onenip.train import Trainer
 
@@ -372,3 +374,53 @@ def test_calibrate_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys)
     assert cli.main(["calibrate", str(trained), "--val", str(val), "--output", str(f1)]) == 0
     dep = Detector.load(f1).deployment
     assert all(dep.calibration[c]["method"] == "f1" and 0 < dep.calibration[c]["f1"] <= 1 for c in dep.categories)
+    # a labelled folder in test layout alone (no train/) is a validation set too
+    labelled = tmp_path / "labelled"
+    for cat in ("bottle", "metal_plate"):
+        (labelled / cat).mkdir(parents=True)
+        for sub in ("test", "ground_truth"):
+            (labelled / cat / sub).symlink_to(iad_mix / cat / sub, target_is_directory=True)
+    assert cli.main(["calibrate", str(trained), "--val", str(labelled), "--output", str(f1)]) == 0
+    assert Detector.load(f1).deployment.thresholds == dep.thresholds
+    # far = 0: no held-out image above the threshold (their maximum), no division by zero
+    assert cli.main(["calibrate", str(trained), "--far", "0", "--output", str(f1)]) == 0
+    zero = Detector.load(f1).deployment.calibration["bottle"]
+    assert zero["far"] == 0 and "note" not in zero
+
+
+def test_run_folders_and_training_checkpoints(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -> None:
+    """A run folder means its model for predict, test and calibrate; calibrate never rewrites the training
+    checkpoint in place (that would drop what --resume continues from), and a model cannot be resumed."""
+    run = trained.parent
+    last = run / "checkpoints" / "last.safetensors"
+    assert checkpoint_file(run, with_training_state=False) == trained and checkpoint_file(run) == last
+    assert holds_training_state(last) and not holds_training_state(trained)
+    image = sorted((iad_mix / "bottle" / "test" / "good").iterdir())[0]
+    assert cli.main(["predict", str(run), str(image), "--output", str(tmp_path / "p"), "--no-progress"]) == 0
+    size = last.stat().st_size
+    assert cli.main(["calibrate", str(last), "--far", "0.3"]) == 2
+    assert "training checkpoint" in capsys.readouterr().err and last.stat().st_size == size
+    assert cli.main(["calibrate", str(tmp_path), "--far", "0.3"]) == 2  # a folder with no model
+    assert "is a folder without model.safetensors" in capsys.readouterr().err
+    assert cli.main(["calibrate", str(trained), "--far", "0.3", "--output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        Trainer(Detector.load(trained).cfg, resume=trained, progress=False)
+    # outputs that are files, not folders, are named errors
+    afile = tmp_path / "a.png"
+    afile.write_bytes(b"x")
+    assert cli.main(["predict", str(trained), str(image), "--output", str(afile), "--no-progress"]) == 2
+    assert cli.main(["test", str(trained), "--output", str(afile), "--no-progress"]) == 2
+    assert capsys.readouterr().err.count("is a file, not a folder") == 2
+
+
+def test_predict_never_reads_its_own_outputs(trained: Path, iad_mix: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    folder.mkdir()
+    image = sorted((iad_mix / "bottle" / "test" / "good").iterdir())[0]
+    (folder / image.name).write_bytes(image.read_bytes())
+    for _ in range(2):  # the second run finds the first run's overlays and masks inside its input folder
+        rows = run_predict(trained, [str(folder), str(folder / image.name)], folder / "out", progress=False)
+        assert [Path(r["image"]).name for r in rows] == [image.name]  # and an image given twice is judged once
+    with pytest.raises(DatasetError, match="overlays/ or masks/"):
+        run_predict(trained, [str(folder / "out" / "overlays")], folder / "out", progress=False)

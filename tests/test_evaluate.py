@@ -15,6 +15,7 @@ from onenip.api import make_config
 from onenip.detector import Detector
 from onenip.evaluate import IMAGE_METRICS, METRICS, Results, decision_summary, evaluate, write_results
 from onenip.model import Maps
+from onenip.report import read_run
 
 S = 64
 TINT = {"reddish": (128, 0, 0), "bluish": (0, 0, 128)}
@@ -192,6 +193,17 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> N
     folder = write_results(clean, tmp_path / "results")
     data = json.loads((folder / "results.json").read_text())
     assert set(data["mean"]["fused"]) == set(METRICS)
+    # an undefined metric is written as null (strict JSON) and read back as NaN by the report
+    cat = next(iter(clean.categories))
+    clean.categories[cat]["fused"]["pixel_ap"] = float("nan")
+    write_results(clean, folder)
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    data = json.loads((folder / "results.json").read_text(), parse_constant=strict)
+    assert data["categories"][cat]["fused"]["pixel_ap"] is None
+    assert math.isnan(read_run(folder)[0]["categories"][cat]["fused"]["pixel_ap"])
     md = (folder / "results.md").read_text()
     assert "| PA_BDP01_TL |" in md and "**mean**" in md and "retrieval" in md
     lines = (folder / "scores.csv").read_text().splitlines()

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from onenip import cli
 from onenip.api import make_config
 from onenip.api import test as run_test
 from onenip.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
+from onenip.checkpoint import file_sha256
 from onenip.errors import DatasetError, OnenipError
 from onenip.evaluate import METRICS
 from onenip.images import load_image
@@ -436,6 +438,23 @@ def test_report_without_a_usable_checkpoint(run: Path, tmp_path: Path) -> None:
     notes = tree.root.all("p", "no-overlay")
     assert len(notes) == 2 and all("cannot be used" in n.text() and "junk.safetensors" in n.text() for n in notes)
     assert all("plain" in i.classes() for i in tree.root.all("img"))
+
+
+def test_report_says_when_the_tested_model_has_changed(run: Path, tmp_path: Path) -> None:
+    data = json.loads((run / "results.json").read_text())
+    tested = Path(data["checkpoint"])
+    assert data["checkpoint_sha256"] == file_sha256(tested)
+    assert "has changed since this test" not in make_report(run, output=tmp_path / "a.html", gallery=1).read_text()
+    copy = tmp_path / "model.safetensors"
+    shutil.copy(tested, copy)
+    assert cli.main(["calibrate", str(copy), "--far", "0.5"]) == 0  # the same model, other thresholds
+    moved = tmp_path / "results"
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("report.html"))
+    data["checkpoint"] = str(copy)
+    (moved / "results.json").write_text(json.dumps(data))
+    page = make_report(moved, gallery=1)
+    assert "has changed since this test" in page.read_text()
+    parse(page)  # still a well-formed page
 
 
 # -- rendered by a browser ---------------------------------------------------------------------------------------------

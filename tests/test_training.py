@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from onenip.api import make_config
+from onenip.api import fit, make_config
 from onenip.checkpoint import load_checkpoint, save_checkpoint
 from onenip.config import Config, load_config
 from onenip.datasets import read_sources
@@ -181,6 +184,29 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, iad_mix: Path, textures
     Trainer(cfg, progress=False).run()
     with pytest.raises(TrainingError, match="already holds a training run"):
         Trainer(cfg, progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # a finished run whose checkpoints were deleted
+    with pytest.raises(TrainingError, match="already holds a trained model"):
+        Trainer(cfg, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="is a file, not a folder"):
+        Trainer(tiny(tmp_path, iad_mix, textures, f"output_dir={tmp_path / 'file'}"), progress=False)
+
+
+def test_a_moved_run_resumes_where_it_is_and_works_from_anywhere(tmp_path: Path, iad_mix: Path, textures: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relative data.roots and data.textures are saved absolute; --resume goes on in the checkpoint's own run
+    folder, not in the (copied) configuration's output_dir."""
+    monkeypatch.chdir(iad_mix.parent)
+    cfg = tiny(tmp_path, iad_mix, textures, f"data.roots=[{iad_mix.name}]", "train.max_steps=1",
+               f"data.textures={os.path.relpath(textures)}")
+    Trainer(cfg, progress=False).run()
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "run", moved)
+    monkeypatch.chdir(tmp_path)
+    result = fit(overrides=["train.max_steps=2"], resume=moved / "checkpoints" / "last.safetensors", progress=False)
+    assert result.run_dir == moved and result.steps == 2 and not (tmp_path / "run").exists()
+    saved = json.loads((moved / "config.json").read_text())
+    assert saved["data"]["roots"] == [str(iad_mix.absolute())] and saved["data"]["textures"] == str(textures.absolute())
 
 
 def test_resume_rejects_another_architecture(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
@@ -399,7 +425,8 @@ def test_backbone_without_the_taps_is_rejected_before_any_data_is_read(tmp_path:
 def test_missing_weights_are_rejected_before_any_data_is_read(tmp_path: Path) -> None:
     from onenip.errors import ConfigError
 
-    base = [f"data.roots=[{tmp_path / 'does-not-exist'}]", f"output_dir={tmp_path / 'run'}"]
+    (tmp_path / "no-data").mkdir()  # a root that exists (a missing one is named first, before the weights)
+    base = [f"data.roots=[{tmp_path / 'no-data'}]", f"output_dir={tmp_path / 'run'}"]
     missing = tmp_path / "weights" / "lite0.pth"
     with pytest.raises(ConfigError, match="backbone.weights.*lite0.pth"):
         Trainer(make_config(None, [*base, "backbone.name=tf_efficientnet_lite0", f"backbone.weights={missing}"]),
@@ -408,9 +435,12 @@ def test_missing_weights_are_rejected_before_any_data_is_read(tmp_path: Path) ->
         Trainer(make_config(None, [*base, "backbone.name=efficientnet_b0", "backbone.weights=efficientnet-lite"]),
                 progress=False)
     # with weights that exist, the same run gets as far as its data, and fails there
-    with pytest.raises(OnenipError, match="does-not-exist"):
+    with pytest.raises(OnenipError, match="no-data"):
         Trainer(make_config(None, [*base, "backbone.name=tf_efficientnet_lite0", "backbone.weights=random"]),
                 progress=False)
+    with pytest.raises(OnenipError, match="does-not-exist"):  # and a missing root comes before missing weights
+        Trainer(make_config(None, [f"data.roots=[{tmp_path / 'does-not-exist'}]", f"output_dir={tmp_path / 'run'}",
+                                   "backbone.name=tf_efficientnet_lite0", f"backbone.weights={missing}"]), progress=False)
 
 
 def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, iad_mix: Path, textures: Path) -> None:

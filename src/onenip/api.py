@@ -12,10 +12,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import adopt_resolved, incompatible_keys, load_checkpoint
+from .checkpoint import adopt_resolved, checkpoint_file, incompatible_keys, load_checkpoint
 from .config import Config, load_config, merge_dict, validate
 from .detector import Detector, resolve_device, set_threads
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .evaluate import Results, evaluate, write_results
 from .train import FitResult
 from .train import fit as _fit
@@ -46,7 +46,12 @@ def fit(
 
     With `resume`, the checkpoint's configuration is the base and `config`/`overrides` are applied on top of it.
     """
-    base = load_checkpoint(resume, with_training_state=False).config if resume is not None else None
+    base = None
+    if resume is not None:
+        ckpt = checkpoint_file(resume)
+        base = load_checkpoint(ckpt, with_training_state=False).config
+        if ckpt.parent.name == "checkpoints":  # the run goes on in the folder it was found in, even when moved
+            base.output_dir = str(ckpt.parent.parent)
     cfg = make_config(config, overrides, base=base)
     return _fit(cfg, resume=resume, progress=progress, evaluate=evaluate)
 
@@ -63,6 +68,10 @@ def test(
     Results are written to `output` (default: <checkpoint folder>/results/<protocol>) as results.json, results.md
     and scores.csv, and returned.
     """
+    checkpoint = checkpoint_file(checkpoint, with_training_state=False)
+    out = Path(output) if output else checkpoint.parent / "results"  # + the protocol, below
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a folder")
     state = load_checkpoint(checkpoint, with_training_state=False)
     cfg = make_config(config, overrides, base=state.config)
     adopt_resolved(state.config, cfg)
@@ -74,7 +83,6 @@ def test(
     set_threads(cfg.train.threads)
     detector = Detector.from_state(state, source=str(checkpoint)).to(resolve_device(cfg.train.device))
     results = evaluate(detector, cfg, progress=progress)
-    results.checkpoint = str(Path(checkpoint).resolve())
-    ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    write_results(results, output or ckpt_dir / "results" / cfg.eval.protocol)
+    results.checkpoint = str(checkpoint.resolve())
+    write_results(results, out if output else out / cfg.eval.protocol)
     return results

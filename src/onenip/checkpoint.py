@@ -12,6 +12,7 @@ always complete.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -135,15 +136,43 @@ def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, with_training_state: bool = True) -> CheckpointState:
-    """Read a checkpoint; a missing, corrupted, truncated or foreign file raises CheckpointError naming it."""
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, as hex (results.json records the tested model's, for the report to compare)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_file(path: str | Path, with_training_state: bool = True) -> Path:
+    """The checkpoint file `path` names: itself, or in a run folder the trained model (model.safetensors) when the
+    training state is not wanted, the last training checkpoint (checkpoints/last.safetensors) when it is."""
     path = Path(path)
-    if path.is_dir():
-        candidates = [path / "checkpoint.safetensors", path / "checkpoints" / "last.safetensors"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise CheckpointError(f"{path} is a folder without checkpoint.safetensors or checkpoints/last.safetensors")
-        path = found
+    if not path.is_dir():
+        return path
+    names = ["checkpoints/last.safetensors", "checkpoint.safetensors"]
+    if not with_training_state:
+        names = ["model.safetensors", "checkpoint.safetensors", "checkpoints/last.safetensors"]
+    found = next((path / n for n in names if (path / n).is_file()), None)
+    if found is None:
+        raise CheckpointError(f"{path} is a folder without {', '.join(names[:-1])} or {names[-1]}")
+    return found
+
+
+def holds_training_state(path: str | Path) -> bool:
+    """Whether the checkpoint file `path` holds an optimizer state (what `onenip fit --resume` continues from)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "optimizer" in json.loads((f.metadata() or {}).get("onenip", "{}"))
+    except Exception:  # not readable: load_checkpoint says why
+        return False
+
+
+def load_checkpoint(path: str | Path, with_training_state: bool = True) -> CheckpointState:
+    """Read a checkpoint (a file, or a run folder: see `checkpoint_file`); a missing, corrupted, truncated or foreign
+    file raises CheckpointError naming it."""
+    path = checkpoint_file(path, with_training_state)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:

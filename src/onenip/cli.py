@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from .config import option_table, parse_override
-from .errors import ConfigError, OnenipError
+from .errors import ConfigError, OnenipError, OnenipWarning
 
 
 def _is_list(tp: Any) -> bool:
@@ -62,12 +62,12 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="onenip",
+        prog="onenip", allow_abbrev=False,
         description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}")
 
-    fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
+    fit = sub.add_parser("fit", allow_abbrev=False, help="train one model on all categories of the data roots",
                          description="Train one OneNIP (or UniAD) model on the defect-free training images of every "
                                      "category of the data roots at once.")
     fit.add_argument("--config", action="append", metavar="FILE", help="YAML configuration file (repeatable)")
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.epochs=10")
     _add_config_options(fit)
 
-    test = sub.add_parser("test", help="evaluate a trained model on a test split",
+    test = sub.add_parser("test", allow_abbrev=False, help="evaluate a trained model on a test split",
                           description="Evaluate a checkpoint on the test split of its data roots (or of others given "
                                       "here): seven metrics per category and their mean, as JSON and Markdown.")
     test.add_argument("checkpoint", help="model.safetensors (or a checkpoint, or a run folder)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
     _add_config_options(test, sections=("data", "eval"))
 
-    pred = sub.add_parser("predict", help="judge new images: score, decision, category, heat map, defect mask",
+    pred = sub.add_parser("predict", allow_abbrev=False, help="judge new images: score, decision, category, heat map, defect mask",
                           description="Judge new images with a trained model. No category is needed: the most similar "
                                       "prompt of the model's pool is used, and its category's threshold decides. Writes "
                                       "predictions.csv, predictions.json, overlays/ and masks/ to --output.")
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--fast", action="store_true",
                       help="on a GPU: bf16 channels-last backbone and bf16 transformer (scores differ in the last digits)")
 
-    cal = sub.add_parser("calibrate", help="set new decision thresholds on a trained model",
+    cal = sub.add_parser("calibrate", allow_abbrev=False, help="set new decision thresholds on a trained model",
                          description="Set each category's threshold again: at false alarm rate --far on the normal "
                                      "images held out of training, or F1-optimal on a labelled validation folder "
                                      "(--val, read like test data). The model file is rewritten (atomically) unless "
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
-    exp = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+    exp = sub.add_parser("export", allow_abbrev=False, help="export a trained model to ONNX or TorchScript",
                          description="Write the whole image-to-decision path (backbone, prompt pool, reconstruction, "
                                      "fusion, thresholds) as one ONNX or TorchScript file. Before writing, the file is "
                                      "run and compared with PyTorch. ONNX needs `pip install 'onenip[onnx]'`.")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default: 17)")
 
-    rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
+    rep = sub.add_parser("report", allow_abbrev=False, help="a self-contained HTML page of a test run",
                          description="Write one self-contained HTML page (no external files) from a results folder of "
                                      "`onenip test`: per-category table, ROC and PR curves, score distributions of good "
                                      "and defective images, and a gallery of the worst misses with their heat maps.")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--checkpoint", help="model for the gallery's heat maps (default: the one results.json names)")
     rep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
+    demo = sub.add_parser("demo", allow_abbrev=False, help="generate a small dataset, train on the CPU, evaluate, print the table",
                           description="Runs with no download and no data of yours: generates a small multi-category "
                                       "dataset, trains one model briefly with the offline ImageNet backbone, "
                                       "evaluates it and prints the per-category table.")
@@ -165,7 +165,7 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     """onenip's own warnings as one `onenip: warning: ...` line, without the file, line number and source line that
     Python prints by default (they name onenip's code, not the user's problem); other packages' warnings keep Python's
     format, whose location helps to trace them."""
-    if Path(filename).resolve().is_relative_to(_PACKAGE):
+    if issubclass(category, OnenipWarning) or Path(filename).resolve().is_relative_to(_PACKAGE):
         return f"onenip: warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 
@@ -186,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
 
             result = fit(args.config, _overrides(args), resume=args.resume, evaluate=args.evaluate,
                          progress=not args.no_progress)
-            print(f"trained {result.epochs} epochs ({result.steps} steps) in {result.seconds:.1f} s, "
+            print(f"trained {result.epochs} epoch{'s' * (result.epochs != 1)} ({result.steps} steps) in {result.seconds:.1f} s, "
                   f"{result.images_per_second:.1f} query images/s; model: {result.model_path}")
             if result.results is not None:
                 _print_results(result.results)
@@ -208,14 +208,24 @@ def _run(args: argparse.Namespace) -> int:
             flagged = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} images, {flagged} judged defective; results in {args.output}")
         elif args.command == "calibrate":
+            from .checkpoint import checkpoint_file, holds_training_state
             from .deploy import recalibrate
             from .detector import Detector
 
             if args.far is not None and not 0 <= args.far < 1:
                 raise ConfigError(f"--far must be in [0, 1), got {args.far}")
-            detector = Detector.load(args.checkpoint)
+            source = checkpoint_file(args.checkpoint, with_training_state=False)
+            target = Path(args.output) if args.output else source
+            if target.is_dir():
+                raise ConfigError(f"--output {target} is a folder; name the model file to write")
+            if target.resolve() == source.resolve() and holds_training_state(source):
+                raise ConfigError(
+                    f"{source} is a training checkpoint: calibrating it in place would drop the state that "
+                    "onenip fit --resume continues from; calibrate RUN/model.safetensors or give --output PATH"
+                )
+            detector = Detector.load(source)
             detector.deployment = recalibrate(detector, far=args.far, val_roots=args.val, skip_bad=args.skip_bad)
-            path = detector.save(args.output or args.checkpoint)
+            path = detector.save(target)
             for cat in detector.deployment.categories:
                 info = detector.deployment.calibration.get(cat, {})
                 print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")

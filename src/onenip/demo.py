@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .api import make_config
 from .demo_data import make_demo_dataset
+from .errors import ConfigError
 from .evaluate import evaluate, write_results
 from .train import Trainer
 
@@ -43,7 +44,11 @@ def demo_config(output: str | Path, data_root: str | Path, steps: int, device: s
 def run_demo(output: str | Path = "runs/demo", steps: int | None = None, device: str = "auto", progress: bool = True):
     start = time.perf_counter()
     output = Path(output)
-    steps = steps or DEMO_STEPS
+    steps = DEMO_STEPS if steps is None else steps
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if (output / "run").exists():  # before generating the data again
+        raise ConfigError(f"{output} already holds a demo run ({output / 'run'}); choose another --output")
     data_root = make_demo_dataset(output / "data")
     print(f"demo data: {data_root} (generated)")
     cfg = make_config(None, demo_config(output / "run", data_root, steps, device))

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .datasets import Sample, group_by_category
 from .detector import Detector
-from .errors import ConfigError, DatasetError
+from .errors import ConfigError, DatasetError, OnenipWarning
 from .metrics import f1_max
 from .prompts import descriptor
 
@@ -99,13 +99,13 @@ def calibrate_far(scores: dict[str, np.ndarray], far: float, source: str) -> tup
     for cat, s in scores.items():
         thresholds[cat] = far_threshold(s, far)
         info[cat] = {"method": "false_alarm_rate", "far": far, "normal_images": int(len(s)), "source": source}
-        if len(s) * far < 1:
+        if 0 < far and len(s) * far < 1:  # far = 0 asks for the maximum, which any number of images resolves
             info[cat]["note"] = (f"only {len(s)} normal images: a rate of {far} cannot be resolved; the threshold is "
                                  "their maximum score")
     few = [c for c, v in info.items() if "note" in v]
     if few:
         warnings.warn(f"thresholds of {', '.join(few)} rest on fewer than 1/far = {1 / far:.0f} normal images "
-                      f"({source}); their false alarm rate may differ from {far}", stacklevel=2)
+                      f"({source}); their false alarm rate may differ from {far}", OnenipWarning, stacklevel=2)
     return thresholds, info
 
 
@@ -262,8 +262,8 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
     thresholds, info = calibrate_far(scores, far, "held-out training images") if scores else ({}, {})
     if missing:
         warnings.warn(f"no held-out normal images for {', '.join(missing)}: their thresholds come from training "
-                      "images, whose scores are lower than new images' (expect more false alarms); set data.holdout",
-                      stacklevel=2)
+                      "images, whose scores are lower than new images' (expect more false alarms); more normal images, "
+                      "or data.holdout > 0, give held-out ones", OnenipWarning, stacklevel=2)
         fallback = deployment_scores(model, [s for s in train if s.category in missing], cfg.eval.batch_size)
         t2, i2 = calibrate_far(fallback, far, "training images (no held-out images)")
         thresholds.update(t2)
@@ -287,7 +287,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
         dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
     model = DeployModel(detector, dep).to(dep.pool_feats.device)
     if val_roots:
-        val, _ = load_split(val_roots, "test", None, skip_bad)
+        val, _ = load_split(val_roots, "test", None, skip_bad, labelled_only=True)  # no train/ needed
         unknown = sorted({s.category for s in val} - set(dep.categories))
         if unknown:
             raise DatasetError(f"validation categories {', '.join(unknown)} are not among the model's: "
@@ -307,14 +307,15 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
             by_path[s.image] = s
         samples = [by_path[p] for p in held if p in by_path]
         if len(samples) < len(held):
-            warnings.warn(f"{len(held) - len(samples)} held-out images are no longer in the training data", stacklevel=2)
+            warnings.warn(f"{len(held) - len(samples)} held-out images are no longer in the training data", OnenipWarning,
+                          stacklevel=2)
         far = cfg.eval.far if far is None else far
         thresholds, info = calibrate_far(deployment_scores(model, samples, cfg.eval.batch_size), far,
                                          "held-out training images")
     kept = {c: dep.thresholds[c] for c in dep.categories if c not in thresholds}
     if kept:
         warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
-                      stacklevel=2)
+                      OnenipWarning, stacklevel=2)
     return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
                       fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
                       calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},

@@ -22,11 +22,12 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """The device `name` (auto, cpu, cuda, cuda:N) means here; `option` names where it came from, for the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine (use auto or cpu)")
+        raise ConfigError(f"{option}={name!r} but CUDA is not available on this machine (use auto or cpu)")
     return torch.device(name)
 
 

@@ -29,3 +29,7 @@ class ExportError(OnenipError, RuntimeError):
 
 class MissingDependencyError(OnenipError, ImportError):
     """An optional package (onnx, onnxruntime) is needed but not installed."""
+
+
+class OnenipWarning(UserWarning):
+    """A warning onenip gives on purpose (the CLI prints it as one `onenip: warning: ...` line)."""

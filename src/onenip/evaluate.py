@@ -36,12 +36,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_csv, atomic_write_text
+from .checkpoint import atomic_write_csv, atomic_write_text, file_sha256
 from .config import Config
 from .datasets import Sample, load_split
 from .deploy import normalize_score
 from .detector import Detector
-from .errors import DatasetError
+from .errors import DatasetError, OnenipWarning
 from .images import read_sample
 from .metrics import image_metrics, pixel_metrics
 from .model import Maps
@@ -199,7 +199,7 @@ def prompt_source(detector: Detector, cfg: Config) -> list[Sample]:
             raise
         train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
         warnings.warn(f"the model's categories are not all in {cfg.data.roots} ({exc}); prompts come from the "
-                      "evaluated categories' training images", stacklevel=2)
+                      "evaluated categories' training images", OnenipWarning, stacklevel=2)
     held = set(detector.extra.get("holdout", []))
     return [s for s in train if str(s.image) not in held]
 
@@ -341,7 +341,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
         pixel_ok = bool(np.all(has_mask[labels == 1]))
         if not pixel_ok:
             warnings.warn(f"category {cat}: {int(np.sum(~has_mask[labels == 1]))} defective test images have no "
-                          "mask; the category is left out of the pixel metrics", stacklevel=2)
+                          "mask; the category is left out of the pixel metrics", OnenipWarning, stacklevel=2)
         entry: dict[str, Any] = {"images": n, "defective": int(labels.sum()), "pixel_metrics": pixel_ok}
         if pool is not None:
             entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
@@ -422,12 +422,26 @@ def mean_maps(maps: list[Maps]) -> Maps:
     return Maps(rec=rec, ref=ref)
 
 
+def _null_for_nan(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (JSON's null), in nested dicts and lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _null_for_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_null_for_nan(v) for v in obj]
+    return obj
+
+
 def write_results(results: Results, folder: str | Path) -> Path:
     """results.json, results.md (a table per scored map) and scores.csv (one row per test image) in `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = results.to_dict()
-    atomic_write_text(folder / "results.json", json.dumps(data, indent=2, allow_nan=True))
+    if results.checkpoint and Path(results.checkpoint).is_file():  # so that a report can tell the model changed
+        data["checkpoint_sha256"] = file_sha256(results.checkpoint)
+    # strict JSON: an undefined metric (a category without defective images, say) is null, not NaN
+    atomic_write_text(folder / "results.json", json.dumps(_null_for_nan(data), indent=2, allow_nan=False))
     md = [f"# Test results ({results.protocol} protocol)", ""]
     if results.retrieval_accuracy is not None:
         md += [f"Prompt retrieval picked the right category for {100 * results.retrieval_accuracy:.2f} % of test images.", ""]

@@ -274,7 +274,7 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
     detector = Detector.load(checkpoint)
     if detector.deployment is None:
         raise CheckpointError(f"{checkpoint} has no prompt pool and thresholds, so there is nothing to export; run "
-                              "`onenip calibrate` on it first")
+                              "`onenip calibrate MODEL --output NEW.safetensors`, or export the run's model.safetensors")
     model = DeployModel(detector, detector.deployment).cpu().eval()
     out = Path(output) if output is not None else default_output(checkpoint, kind)
     if out.is_dir():

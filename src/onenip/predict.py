@@ -32,7 +32,7 @@ from .checkpoint import atomic_write_csv, atomic_write_text
 from .datasets import IMAGE_EXTENSIONS
 from .deploy import DeployModel
 from .detector import Detector, resolve_device
-from .errors import CheckpointError, DatasetError
+from .errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
 from .images import load_image, resize_image, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
@@ -77,8 +77,9 @@ class Predictor:
         """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
         `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute)."""
         if detector.deployment is None:
-            raise CheckpointError("this model has no prompt pool and thresholds; run `onenip calibrate` on it first")
-        self.device = resolve_device(device)
+            raise CheckpointError("this model has no prompt pool and thresholds (a training checkpoint?); use the "
+                                  "run's model.safetensors, or `onenip calibrate MODEL --output NEW.safetensors`")
+        self.device = resolve_device(device, "--device")
         self.model = DeployModel(detector, detector.deployment).to(self.device)
         if fast or compile_mode:
             self.model.optimize(compile_mode)
@@ -202,6 +203,12 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in `folder`'s overlays/ or masks/ (what `onenip predict` writes there)."""
+    p = path.resolve()
+    return any(p.is_relative_to((folder / sub).resolve()) for sub in ("overlays", "masks"))
+
+
 def _retire_earlier_run(out: Path) -> None:
     """Remove an earlier run's index from `out` and the overlays and masks it lists (only files inside `out`'s
     overlays/ and masks/: an edited index cannot reach elsewhere). Files no index lists are left alone."""
@@ -230,9 +237,18 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     has judged its first image, it retires an earlier run in the folder (`_retire_earlier_run`), so that a run that
     stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
     that ends leaves no overlays of images it did not judge."""
-    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
-    paths = expand_inputs(inputs)
     out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file, not a folder")
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
+    found = expand_inputs(inputs)
+    paths = [p for p in found if not _inside(p, out)]  # never the overlays and masks of an earlier run here
+    if found and not paths:
+        raise DatasetError(f"every input image lies in {out}'s overlays/ or masks/, which onenip predict writes")
+    unique: dict[Path, Path] = {}
+    for p in paths:  # an image given twice is judged once
+        unique.setdefault(p.resolve(), p)
+    paths = list(unique.values())
     names = _output_names(paths)
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
@@ -263,7 +279,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
                 row.update(overlay=f"overlays/{names[k]}.png", mask=f"masks/{names[k]}_mask.png")
             rows.append(row)
     if bad:
-        warnings.warn(f"left out {len(bad)} unreadable images (listed in predictions.json)", stacklevel=2)
+        warnings.warn(f"left out {len(bad)} unreadable images (listed in predictions.json)", OnenipWarning, stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "checkpoint": str(checkpoint), "images": len(rows), "anomalous": sum(r["anomalous"] for r in rows),

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .datasets import Sample, group_by_category
+from .errors import OnenipWarning
 
 
 def paper_prompts(test: list[Sample], train: list[Sample], seed: int) -> list[Sample]:
@@ -43,7 +44,7 @@ def pool_samples(train: list[Sample], per_category: int, seed: int, exclude: set
         kept = [m for m in members if m.image not in exclude]
         if not kept and exclude:
             warnings.warn(f"category {cat}: all its {len(members)} training images are excluded (e.g. all in the "
-                          "prompt pool); drawing from them anyway", stacklevel=2)
+                          "prompt pool); drawing from them anyway", OnenipWarning, stacklevel=2)
         members = kept or members
         rng = np.random.default_rng([seed, c, 0xB001])
         take = rng.choice(len(members), size=min(per_category, len(members)), replace=False)

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from . import charts
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, file_sha256
 from .errors import DatasetError, OnenipError
 
 __all__ = ["ScoreRow", "make_report", "pick_gallery", "read_run"]
@@ -75,6 +75,20 @@ def _parse_float(text: str | None) -> float | None:
     return float(text)
 
 
+def _nan_for_null(data: dict[str, Any]) -> None:
+    """Undefined metrics back to NaN, in place: results.json writes them as null (strict JSON)."""
+    def metrics(d: Any) -> Any:
+        return {k: math.nan if v is None else v for k, v in d.items()} if isinstance(d, dict) else d
+
+    for entry in data["categories"].values():
+        for m in ("rec", "ref", "fused"):
+            if isinstance(entry.get(m), dict):
+                entry[m] = metrics(entry[m])
+    for key in ("mean", "pooled"):
+        if isinstance(data.get(key), dict):
+            data[key] = {m: metrics(v) for m, v in data[key].items()}
+
+
 def read_run(results_dir: str | Path, map_name: str = "fused") -> tuple[dict[str, Any], list[ScoreRow]]:
     """results.json (as a dict) and the rows of scores.csv (scores of `map_name`) of a test run's results folder.
 
@@ -97,6 +111,7 @@ def read_run(results_dir: str | Path, map_name: str = "fused") -> tuple[dict[str
     for cat, entry in data["categories"].items():
         if not isinstance(entry, dict):
             raise DatasetError(f"{rpath} is malformed: category {cat!r} is not an object")
+    _nan_for_null(data)
     maps = sorted({k for c in data["categories"].values() for k in ("rec", "ref", "fused") if isinstance(c.get(k), dict)})
     if map_name not in maps:
         raise OnenipError(f"map {map_name!r} was not scored in {rpath}; scored maps: {', '.join(maps) or 'none'}")
@@ -424,6 +439,11 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         out = out / "report.html"
     ckpt = str(checkpoint) if checkpoint is not None else data.get("checkpoint")
     overlays = _Overlays(ckpt, device) if gallery > 0 else None
+    changed = ""  # the gallery's model is results.json's, but its file was rewritten since the test
+    if overlays is not None and overlays.predictor is not None and ckpt == data.get("checkpoint") \
+            and data.get("checkpoint_sha256") and file_sha256(ckpt) != data["checkpoint_sha256"]:
+        changed = (f'<p class="warning">{_e(ckpt)} has changed since this test (trained on, or calibrated): the '
+                   "gallery's deployed scores and decisions are the current file's, not the tested model's.</p>")
 
     by_cat: dict[str, list[ScoreRow]] = {}
     for r in rows:
@@ -450,8 +470,9 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         gal = _gallery_html(cat, crow, gallery, overlays) if overlays is not None else ""
         sections.append(f'<section class="category" id="category-{i}" data-category="{_e(cat)}"><h2>{_e(cat)}</h2>'
                         f'{intro}<div class="charts">{roc}{pr}{hist}</div>{gal}</section>')
-    warn = (f'<section id="warnings"><p class="warning">scores.csv and results.json disagree:</p><ul>'
-            f'{"".join(warnings_html)}</ul></section>') if warnings_html else ""
+    warn = (f'<p class="warning">scores.csv and results.json disagree:</p><ul>{"".join(warnings_html)}</ul>'
+            if warnings_html else "")
+    warn = f'<section id="warnings">{changed}{warn}</section>' if changed or warn else ""
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     from . import __version__
 

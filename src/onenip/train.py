@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .config import Config
 from .datasets import load_split
+from .datasets.sources import absolute_spec, check_roots
 from .deploy import build_deployment, split_holdout
 from .detector import Detector, resolve_device, set_threads
 from .errors import CheckpointError, OnenipError
@@ -80,6 +81,9 @@ class Trainer:
     """Holds the detector, optimizer and data of one run; `run()` trains to cfg.train.epochs."""
 
     def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True) -> None:
+        cfg.data.roots = [absolute_spec(r) for r in cfg.data.roots]  # config.json and the model work from anywhere
+        if cfg.data.textures:
+            cfg.data.textures = str(Path(cfg.data.textures).expanduser().absolute())
         self.cfg = cfg
         self.progress = progress
         self.run_dir = Path(cfg.output_dir)
@@ -93,6 +97,11 @@ class Trainer:
         state: CheckpointState | None = None
         if resume is not None:
             state = load_checkpoint(resume)
+            if state.optimizer is None:
+                raise CheckpointError(
+                    f"cannot resume {resume}: it holds no training state (a trained model, or one written by onenip "
+                    "calibrate); resume from RUN/checkpoints/last.safetensors"
+                )
             adopt_resolved(state.config, cfg)
             diffs = incompatible_keys(state.config, cfg)
             if diffs:
@@ -102,9 +111,15 @@ class Trainer:
                 f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
                 f"{self.ckpt_path} or choose another output_dir"
             )
+        elif (self.run_dir / "model.safetensors").exists() and self.dist.is_main:
+            raise TrainingError(f"{self.run_dir} already holds a trained model ({self.run_dir / 'model.safetensors'}); "
+                                "choose another output_dir")
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise TrainingError(f"output_dir {self.run_dir} is a file, not a folder")
 
         tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first,
-        if state is None:  # so do a missing weights file or package and an unreachable hub (a checkpoint has its own)
+        check_roots(cfg.data.roots)  # so do missing data roots,
+        if state is None:  # a missing weights file or package and an unreachable hub (a checkpoint has its own)
             check_weights(cfg.backbone)
         # then bad data, before any work: every image and mask is decoded once here
         samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,

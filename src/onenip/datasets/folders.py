@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import DatasetError, OnenipWarning
 from .files import (
     NORMAL_DEFECT,
     Sample,
@@ -152,7 +152,7 @@ def _usable_categories(
             f"{count} of {layout.name} root {root} cannot be used:{listed}\n"
             f"add training images{hint} or choose categories with data.categories"
         )
-    warnings.warn(f"data.skip_bad: left out {count} of {layout.name} root {root}:{listed}", stacklevel=4)
+    warnings.warn(f"data.skip_bad: left out {count} of {layout.name} root {root}:{listed}", OnenipWarning, stacklevel=4)
     return usable
 
 
@@ -162,8 +162,11 @@ def _read_folder_layout(
     categories: Sequence[str] | None,
     layout: _FolderLayout,
     skip_bad: bool = False,
+    labelled_only: bool = False,
 ) -> list[Sample]:
     _check_split(split)
+    if labelled_only and split != "test":
+        raise ValueError("labelled_only reads the test split")
     root_path = _absolute(root)
     _check_folder(root_path, f"{layout.name} root")
     available, unreadable = _folder_categories(root_path, split)
@@ -175,13 +178,18 @@ def _read_folder_layout(
         requested = {categories} if isinstance(categories, str) else set(categories)
         unreadable = {name: reason for name, reason in unreadable.items() if name in requested}
     chosen = _select_categories([*available, *unreadable], categories, f"{layout.name} root {root_path}")
-    chosen = _usable_categories(root_path, chosen, unreadable, layout, skip_bad)
+    if not labelled_only:
+        chosen = _usable_categories(root_path, chosen, unreadable, layout, skip_bad)
+    elif unreadable.keys() & set(chosen):
+        raise DatasetError(f"{layout.name} root {root_path} cannot be read:"
+                           + _listing([unreadable[c] for c in chosen if c in unreadable]))
     read = _folder_train if split == "train" else _folder_test
     return _sort_samples(s for cat in chosen for s in read(root_path / cat, layout))
 
 
 def read_mvtec(
-    root: str | os.PathLike[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False
+    root: str | os.PathLike[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False,
+    labelled_only: bool = False,
 ) -> list[Sample]:
     """Samples of an MVTec AD style folder (any number of categories).
 
@@ -192,17 +200,20 @@ def read_mvtec(
     Every category read, for either split, must have at least one training image in ``train/good`` (one is enough:
     it is its own prompt): a model cannot get normal-image prompts for a category without. Such a category, or a
     category folder that cannot be read, is an error naming it; with `skip_bad` it is left out with one warning
-    (still an error when no category is left). Images are not decoded here: see :func:`validate_samples`.
+    (still an error when no category is left). `labelled_only` (test split only) reads a folder of labelled images
+    (``test/`` alone, e.g. for `onenip calibrate --val`), which the deployed model judges with its own prompt pool:
+    its categories need no training images. Images are not decoded here: see :func:`validate_samples`.
 
     Raises:
         DatasetError: missing root, no categories, an unknown requested category, a category without training
             images, a folder that cannot be listed, or a test folder without images.
     """
-    return _read_folder_layout(root, split, categories, _MVTEC, skip_bad)
+    return _read_folder_layout(root, split, categories, _MVTEC, skip_bad, labelled_only)
 
 
 def read_btad(
-    root: str | os.PathLike[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False
+    root: str | os.PathLike[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False,
+    labelled_only: bool = False,
 ) -> list[Sample]:
     """Samples of a BTAD style folder: ``train/ok``, ``test/ok`` (normal) and ``test/ko`` (defective).
 
@@ -212,4 +223,4 @@ def read_btad(
     Raises:
         DatasetError: as :func:`read_mvtec`.
     """
-    return _read_folder_layout(root, split, categories, _BTAD, skip_bad)
+    return _read_folder_layout(root, split, categories, _BTAD, skip_bad, labelled_only)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError
+from ..errors import DatasetError, OnenipWarning
 from .files import (
     NORMAL_DEFECT,
     Sample,
@@ -242,7 +242,7 @@ def read_jsonl(
         if entry.category in chosen:
             duplicates += _keep_first(seen, _jsonl_sample(entry, root, split, meta), entry.line, meta)
     if duplicates:
-        warnings.warn(f"{meta}: dropped {duplicates} duplicate line(s) repeating an image already listed", stacklevel=2)
+        warnings.warn(f"{meta}: dropped {duplicates} duplicate line(s) repeating an image already listed", OnenipWarning, stacklevel=2)
     return _require_samples(_sort_samples(s for _, s in seen.values()), split, meta)
 
 

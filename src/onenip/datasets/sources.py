@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import DatasetError
+from ..errors import DatasetError, OnenipWarning
 from .files import (
     FORMATS,
     SPLITS,
@@ -23,7 +23,7 @@ from .files import (
     _select_categories,
     _sort_samples,
 )
-from .folders import read_btad, read_mvtec
+from .folders import _folder_categories, read_btad, read_mvtec
 from .listed import JSONL_SUFFIXES, VISA_CSV, _jsonl_meta_file, read_jsonl, read_visa
 
 
@@ -42,7 +42,8 @@ def detect_format(root: str | os.PathLike[str]) -> str:
     """The layout of the dataset folder `root`: ``"visa"``, ``"jsonl"``, ``"btad"`` or ``"mvtec"``.
 
     Checked in that order: ``split_csv/1cls.csv``; ``train``/``test`` ``.json``/``.jsonl`` files; a subfolder with
-    ``train/ok``; a subfolder with ``train/good``.
+    ``train/ok``; a subfolder with ``train/good``; then, for a folder of labelled images only, ``test/ok`` (btad) and
+    ``test/good`` (mvtec).
 
     Raises:
         DatasetError: `root` is missing or matches no layout.
@@ -57,9 +58,13 @@ def detect_format(root: str | os.PathLike[str]) -> str:
         return "btad"
     if _has_subfolder_with(path, "train/good"):
         return "mvtec"
+    if _has_subfolder_with(path, "test/ok"):  # labelled images only (onenip test, onenip calibrate --val)
+        return "btad"
+    if _has_subfolder_with(path, "test/good"):
+        return "mvtec"
     raise DatasetError(
         f"cannot tell the dataset format of {path}: looked for split_csv/1cls.csv (visa), train.json/test.json or "
-        ".jsonl (jsonl), <category>/train/ok (btad) and <category>/train/good (mvtec); "
+        ".jsonl (jsonl), <category>/train/ok or test/ok (btad) and <category>/train/good or test/good (mvtec); "
         "prefix the path with FORMAT: to choose one"
     )
 
@@ -72,8 +77,39 @@ def _parse_spec(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def check_roots(specs: Sequence[str]) -> None:
+    """The cheap part of `read_sources`' checks, for a run to make before slower ones (its backbone weights): no
+    roots, an empty path or a root that is not a folder raise DatasetError naming it."""
+    if not specs:
+        raise DatasetError("data.roots is empty: give at least one dataset root")
+    for spec in specs:
+        _, path_text = _parse_spec(spec)
+        if not path_text.strip():
+            raise DatasetError(f"dataset root {spec!r} has an empty path")
+        _check_folder(_absolute(path_text), "dataset root")
+
+
+def absolute_spec(spec: str) -> str:
+    """``[FORMAT:]PATH`` with PATH made absolute (a run's saved configuration then works from any folder)."""
+    fmt, path = _parse_spec(spec)
+    if not path.strip():
+        return spec  # an error for check_roots to name
+    path = str(Path(path).expanduser().absolute())
+    return f"{fmt}:{path}" if fmt else path
+
+
+def _categories_of(spec: str, split: str) -> set[str]:
+    """The category names of one root (for the folder layouts, every subfolder holding `split`, usable or not)."""
+    fmt, path_text = _parse_spec(spec)
+    root = _absolute(path_text) if path_text.strip() else None
+    if root is not None and _is_folder(root) and (fmt or detect_format(root)) in ("mvtec", "btad"):
+        available, unreadable = _folder_categories(root, split)
+        return {*available, *unreadable}
+    return {s.category for s in read_source(spec, split)}  # listed formats: reading the list is cheap; errors named
+
+
 def read_source(
-    spec: str, split: str, categories: Sequence[str] | None = None, skip_bad: bool = False
+    spec: str, split: str, categories: Sequence[str] | None = None, skip_bad: bool = False, labelled_only: bool = False
 ) -> list[Sample]:
     """Samples of one dataset root given as ``PATH`` (format detected) or ``FORMAT:PATH``.
 
@@ -81,6 +117,7 @@ def read_source(
     jsonl, PATH is a folder holding ``<split>.json`` (or ``.jsonl``) whose image paths are relative to it.
     `skip_bad` leaves out the categories without training images of the folder layouts (mvtec, btad), with a
     warning; visa and jsonl list their files explicitly and a listed file that is missing stays an error.
+    `labelled_only`: the test split of a folder layout whose categories need no training images (see `read_mvtec`).
 
     Raises:
         DatasetError: an empty or missing path, or any error of the format's reader.
@@ -95,9 +132,9 @@ def read_source(
     if fmt == "jsonl":
         return read_jsonl(_jsonl_meta_file(root, split), root, split, categories)
     if fmt == "mvtec":
-        return read_mvtec(root, split, categories, skip_bad)
+        return read_mvtec(root, split, categories, skip_bad, labelled_only)
     if fmt == "btad":
-        return read_btad(root, split, categories, skip_bad)
+        return read_btad(root, split, categories, skip_bad, labelled_only)
     return read_visa(root, split, categories)
 
 
@@ -116,11 +153,12 @@ def _check_collisions(per_source: list[tuple[str, list[Sample]]]) -> None:
 
 
 def read_sources(
-    specs: Sequence[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False
+    specs: Sequence[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False,
+    labelled_only: bool = False,
 ) -> list[Sample]:
     """Samples of several dataset roots merged into one unified set (one model for several datasets).
 
-    Each spec is read by :func:`read_source` (with `skip_bad`); `categories` (None or empty: all) filters across
+    Each spec is read by :func:`read_source` (with `skip_bad` and `labelled_only`); `categories` (None or empty: all) filters across
     all sources. Images are not decoded: pass the result to :func:`validate_samples` for that.
 
     Raises:
@@ -133,8 +171,16 @@ def read_sources(
     repeated = sorted({s for s in specs if list(specs).count(s) > 1})
     if repeated:
         raise DatasetError(f"data.roots lists {', '.join(repeated)} more than once")
-    per_source = [(spec, read_source(spec, split, skip_bad=skip_bad)) for spec in specs]
-    available = {s.category for _, samples in per_source for s in samples}
+    if categories:  # each root reads only the chosen of its categories: the others may be unusable
+        wanted = {categories} if isinstance(categories, str) else set(categories)
+        names = {spec: _categories_of(spec, split) for spec in specs}
+        available = set().union(*names.values())
+        _select_categories(available, categories, f"data.roots ({', '.join(specs)})")  # an unknown one is an error
+        per_source = [(spec, read_source(spec, split, sorted(wanted & names[spec]), skip_bad, labelled_only)
+                       if wanted & names[spec] else []) for spec in specs]
+    else:
+        per_source = [(spec, read_source(spec, split, skip_bad=skip_bad, labelled_only=labelled_only)) for spec in specs]
+        available = {s.category for _, samples in per_source for s in samples}
     chosen = set(_select_categories(available, categories, f"data.roots ({', '.join(specs)})"))
     per_source = [(spec, [s for s in samples if s.category in chosen]) for spec, samples in per_source]
     _check_collisions(per_source)
@@ -215,12 +261,12 @@ def validate_samples(
         )
     if not good:
         raise DatasetError(f"data.skip_bad: all {len(samples)} samples are unusable:{listed}")
-    warnings.warn(f"data.skip_bad: left out {count} that cannot be used:{listed}", stacklevel=2)
+    warnings.warn(f"data.skip_bad: left out {count} that cannot be used:{listed}", OnenipWarning, stacklevel=2)
     return good, bad
 
 
 def load_split(specs: Sequence[str], split: str, categories: Sequence[str] | None = None, skip_bad: bool = False,
-               threads: int = 4) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+               threads: int = 4, labelled_only: bool = False) -> tuple[list[Sample], list[tuple[Sample, str]]]:
     """`read_sources` then `validate_samples`: the usable samples of a split and the skipped ones with reasons."""
-    samples = read_sources(specs, split, categories, skip_bad=skip_bad)
+    samples = read_sources(specs, split, categories, skip_bad=skip_bad, labelled_only=labelled_only)
     return validate_samples(samples, skip_bad=skip_bad, threads=threads)
