@@ -131,3 +131,10 @@ def test_abbreviated_options_are_not_taken_for_others(capsys) -> None:
         cli.build_parser().parse_args(["fit", "--train.epoch", "3"])
     assert "--train.epoch" in capsys.readouterr().err
     assert cli.build_parser().parse_args(["fit", "--train.epochs", "3"]).command == "fit"
+
+
+def test_a_mistyped_option_is_named_with_the_closest_one(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--train.epohcs", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: onenip fit") and "--train.epohcs" in err and "did you mean --train.epochs?" in err

@@ -120,6 +120,16 @@ def _rows(cats: dict[str, tuple[list[float], list[float]]]) -> list[dict]:
             for cat, (good, bad) in cats.items() for lab, vals in ((0, good), (1, bad)) for i, v in enumerate(vals)]
 
 
+def test_markdown_says_which_means_cover_no_category() -> None:
+    pixel = {"pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"}
+    cats = {c: {"fused": {m: math.nan if m in pixel or (c == "b" and m == "image_ap") else 0.9 for m in METRICS}}
+            for c in ("a", "b")}
+    md = Results(protocol="clean", categories=cats, fusion_scale=None, retrieval_accuracy=1.0).to_markdown()
+    assert "No category defines P-AUROC, P-AP, P-F1max, AUPRO" in md
+    assert "Means over fewer than the 2 categories (where the metric is defined): I-AP 1." in md
+    assert "P-AUROC 0" not in md
+
+
 def test_pooled_metrics_rank_all_categories_together() -> None:
     # each category separates perfectly, but b's defective images score below a's good ones
     rows = _rows({"a": ([5.0, 6.0], [7.0, 8.0]), "b": ([1.0, 2.0], [3.0, 4.0])})

@@ -7,6 +7,7 @@ Precedence: defaults < YAML files given with --config (in order) < command-line 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import typing
 import warnings
@@ -154,6 +155,8 @@ def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, 
     if results.decisions is not None:
         print("\ndecisions at the model's thresholds (as `onenip predict` decides):")
         print(results.decisions_markdown())
+    elif results.decisions_note:  # why there are none (the paper protocol, K prompts, another prompt pool)
+        print(f"\n{results.decisions_markdown()}")
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -170,8 +173,23 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     return _python_format_warning(message, category, filename, lineno, line)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; an unknown option is reported by its command's parser (its usage), with the closest
+    option it knows."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        sub = commands[args.command]
+        known = [o for a in sub._actions for o in a.option_strings]
+        first = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
+        close = difflib.get_close_matches(first, known, n=1, cutoff=0.75)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return _run(args)

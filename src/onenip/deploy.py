@@ -265,7 +265,7 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
                       "images, whose scores are lower than new images' (expect more false alarms); more normal images, "
                       "or data.holdout > 0, give held-out ones", OnenipWarning, stacklevel=2)
         fallback = deployment_scores(model, [s for s in train if s.category in missing], cfg.eval.batch_size)
-        t2, i2 = calibrate_far(fallback, far, "training images (no held-out images)")
+        t2, i2 = calibrate_far(fallback, far, "training images, none held out")
         thresholds.update(t2)
         info.update(i2)
     dep.thresholds, dep.calibration = thresholds, info

@@ -137,7 +137,12 @@ class Results:
         lines.append("| **mean** | " + " | ".join(f"**{fmt(v)}**" for v in self.mean(map_name).values()) + " |")
         pooled = self.pooled(map_name)
         lines.append("| pooled | " + " | ".join(fmt(pooled.get(m, float("nan"))) for m in METRICS) + " |")
-        short = [f"{name} {n}" for name, n in zip(names, self.counts(map_name).values()) if n < len(self.categories)]
+        counts = dict(zip(names, self.counts(map_name).values()))
+        none = [name for name, n in counts.items() if n == 0]
+        short = [f"{name} {n}" for name, n in counts.items() if 0 < n < len(self.categories)]
+        if none:
+            lines += ["", f"No category defines {', '.join(none)} (pixel metrics need defective images with masks; "
+                      "image metrics need good and defective images)."]
         if short:
             lines += ["", f"Means over fewer than the {len(self.categories)} categories (where the metric is defined): "
                       + ", ".join(short) + "."]

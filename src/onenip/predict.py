@@ -262,7 +262,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
                 chunk.append(start + k)
             except DatasetError as exc:
                 if not skip_bad:
-                    raise
+                    raise DatasetError(f"{exc} (--skip-bad leaves unreadable images out, listed in predictions.json)") \
+                        from None
                 bad.append({"image": str(p), "reason": str(exc)})
         for k, pred in zip(chunk, predictor.predict(loaded)):
             pred.source = str(paths[k])
