@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from onenip.config import Config, config_from_dict, load_config, option_table, parse_override
@@ -138,3 +140,20 @@ def test_resolved_padding_is_kept_through_resume_and_test() -> None:
     assert fresh.backbone.padding == "dynamic"
     with pytest.raises(ConfigError, match="backbone.padding"):
         config_from_dict(parse_override("backbone.padding=sometimes"))
+
+
+def test_yaml_numbers_without_a_dot_and_unreadable_files(tmp_path: Path) -> None:
+    good = tmp_path / "a.yaml"
+    good.write_text("train:\n  lr: 1e-4\n  weight_decay: 5E-5\n")  # YAML 1.1 reads these as strings
+    cfg = load_config([good])
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 5e-5
+    bad = tmp_path / "b.yaml"
+    bad.write_text("train:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a number"):
+        load_config([bad])
+    binary = tmp_path / "c.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="c.yaml cannot be read as UTF-8"):
+        load_config([binary])
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config([tmp_path])

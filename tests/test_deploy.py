@@ -26,7 +26,7 @@ from onenip.deploy import (
     split_holdout,
 )
 from onenip.detector import Detector
-from onenip.errors import CheckpointError, DatasetError
+from onenip.errors import CheckpointError, ConfigError, DatasetError
 from onenip.evaluate import build_prompt_pool
 from onenip.metrics import f1_max
 from onenip.predict import Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay, run_predict
@@ -410,8 +410,16 @@ def test_run_folders_and_training_checkpoints(trained: Path, iad_mix: Path, tmp_
     afile = tmp_path / "a.png"
     afile.write_bytes(b"x")
     assert cli.main(["predict", str(trained), str(image), "--output", str(afile), "--no-progress"]) == 2
-    assert cli.main(["test", str(trained), "--output", str(afile), "--no-progress"]) == 2
-    assert capsys.readouterr().err.count("is a file, not a folder") == 2
+    assert cli.main(["test", str(trained), "--output", str(afile / "sub"), "--no-progress"]) == 2
+    assert cli.main(["calibrate", str(trained), "--output", str(afile / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.count("is a file, not a folder") == 3
+    # no output may replace a training checkpoint, nor (exports, reports) a model
+    assert cli.main(["calibrate", str(trained), "--far", "0.3", "--output", str(last)]) == 2
+    assert cli.main(["export", str(trained), "--format", "torchscript", "--output", str(trained)]) == 2
+    assert cli.main(["export", str(trained), "--format", "torchscript", "--output", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a training checkpoint") == 2 and "is an onenip model" in err
+    assert last.stat().st_size == size and holds_training_state(last) and Detector.load(trained).deployment
 
 
 def test_predict_never_reads_its_own_outputs(trained: Path, iad_mix: Path, tmp_path: Path) -> None:
@@ -424,3 +432,25 @@ def test_predict_never_reads_its_own_outputs(trained: Path, iad_mix: Path, tmp_p
         assert [Path(r["image"]).name for r in rows] == [image.name]  # and an image given twice is judged once
     with pytest.raises(DatasetError, match="overlays/ or masks/"):
         run_predict(trained, [str(folder / "out" / "overlays")], folder / "out", progress=False)
+    # nor another predict folder's inside the inputs
+    rows = run_predict(trained, [str(folder)], folder / "out" / "nested", progress=False)
+    assert [Path(r["image"]).name for r in rows] == [image.name]
+
+
+def test_predictor_takes_arrays_of_any_numeric_type(trained: Path, iad_mix: Path) -> None:
+    predictor = Predictor.load(trained, device="cpu")
+    rgb = np.asarray(Image.open(sorted((iad_mix / "bottle" / "test" / "good").iterdir())[0]).convert("RGB"))
+    want = predictor.predict(rgb)[0].score
+    for arr in (rgb.astype(np.float32) / 255, rgb.astype(np.float64), rgb.astype(np.uint16) * 257,
+                rgb.astype(np.int64), np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])):
+        assert predictor.predict(arr)[0].score == pytest.approx(want, rel=1e-5), arr.dtype
+    grey = rgb[..., 0]
+    assert predictor.predict(grey[..., None])[0].score == pytest.approx(predictor.predict(grey)[0].score)
+    with pytest.raises(ValueError, match="not empty"):
+        predictor.predict(np.zeros((0, 4, 3), np.uint8))
+    with pytest.raises(TypeError, match="cannot read an image from bytes"):
+        predictor.predict(b"\x89PNG")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        Predictor.load(trained, device="cpu", batch_size=0)
+    with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N"):
+        Predictor.load(trained, device="gpu")

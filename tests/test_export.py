@@ -213,6 +213,8 @@ def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: D
     path = export_model(deployed, "torchscript", tmp_path / "model.torchscript.pt")
     module, meta = load_torchscript(path)
     assert meta["categories"] == reference.categories and meta["input_size"] == 64
+    assert not any(p.requires_grad for p in module.parameters())  # a call builds no autograd graph
+    assert module(torch.from_numpy(images))["score"].grad_fn is None
     np.save(tmp_path / "images.npy", images)
     out = run_isolated("""
         import json, warnings

@@ -21,7 +21,7 @@ from onenip.api import make_config
 from onenip.api import test as run_test
 from onenip.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
 from onenip.checkpoint import file_sha256
-from onenip.errors import DatasetError, OnenipError
+from onenip.errors import ConfigError, DatasetError, OnenipError, OnenipWarning
 from onenip.evaluate import METRICS
 from onenip.images import load_image
 from onenip.metrics import auroc, average_precision, image_metrics
@@ -452,8 +452,11 @@ def test_report_says_when_the_tested_model_has_changed(run: Path, tmp_path: Path
     shutil.copytree(run, moved, ignore=shutil.ignore_patterns("report.html"))
     data["checkpoint"] = str(copy)
     (moved / "results.json").write_text(json.dumps(data))
-    page = make_report(moved, gallery=1)
+    with pytest.warns(OnenipWarning, match="has changed since this test"):  # on the terminal too
+        page = make_report(moved, gallery=1)
     assert "has changed since this test" in page.read_text()
+    with pytest.raises(ConfigError, match="is an onenip model"):  # never written over a model
+        make_report(moved, output=copy, gallery=0)
     parse(page)  # still a well-formed page
 
 

@@ -188,7 +188,7 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, iad_mix: Path, textures
     with pytest.raises(TrainingError, match="already holds a trained model"):
         Trainer(cfg, progress=False)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(TrainingError, match="is a file, not a folder"):
+    with pytest.raises(OnenipError, match="is a file, not a folder"):
         Trainer(tiny(tmp_path, iad_mix, textures, f"output_dir={tmp_path / 'file'}"), progress=False)
 
 

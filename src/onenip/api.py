@@ -12,10 +12,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import adopt_resolved, checkpoint_file, incompatible_keys, load_checkpoint
+from .checkpoint import adopt_resolved, check_output_folder, checkpoint_file, incompatible_keys, load_checkpoint
 from .config import Config, load_config, merge_dict, validate
 from .detector import Detector, resolve_device, set_threads
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .evaluate import Results, evaluate, write_results
 from .train import FitResult
 from .train import fit as _fit
@@ -65,13 +65,13 @@ def test(
 ) -> Results:
     """Evaluate a trained model on the test split of its data roots (or others given in `config`/`overrides`).
 
-    Results are written to `output` (default: <checkpoint folder>/results/<protocol>) as results.json, results.md
-    and scores.csv, and returned.
+    Results are written to `output` (default: <run folder>/results/<protocol>, the run folder being the one that
+    holds the model, or checkpoints/ when it is a training checkpoint) as results.json, results.md and scores.csv,
+    and returned.
     """
     checkpoint = checkpoint_file(checkpoint, with_training_state=False)
-    out = Path(output) if output else checkpoint.parent / "results"  # + the protocol, below
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} is a file, not a folder")
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    out = check_output_folder(Path(output) if output else run / "results", "output")  # + the protocol, below
     state = load_checkpoint(checkpoint, with_training_state=False)
     cfg = make_config(config, overrides, base=state.config)
     adopt_resolved(state.config, cfg)

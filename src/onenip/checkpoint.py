@@ -136,6 +136,44 @@ def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
     return path
 
 
+def check_output_folder(path: str | Path, option: str) -> Path:
+    """Raise ConfigError naming `option` when `path` cannot become a folder: it, or a folder above it, is a file."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{option} {path}: {p} is a file, not a folder")
+            break
+    return path
+
+
+def check_output_file(path: str | Path, option: str, may_replace: str | Path | None = None,
+                      models: bool = False) -> Path:
+    """Raise ConfigError naming `option` when the file `path` cannot or must not be written: it is a folder, a
+    folder above it is a file, or it is an onenip training checkpoint (what --resume continues from). With `models`
+    (exports, reports) no onenip checkpoint may be replaced, except `may_replace`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; name the file to write")
+    check_output_folder(path.parent, option)
+    if path.is_file() and _is_checkpoint(path):
+        if holds_training_state(path):
+            raise ConfigError(f"{option} {path} is a training checkpoint (what onenip fit --resume continues from); "
+                              "write elsewhere")
+        same = may_replace is not None and path.resolve() == Path(may_replace).resolve()
+        if models and not same:
+            raise ConfigError(f"{option} {path} is an onenip model; write elsewhere")
+    return path
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return "onenip" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, as hex (results.json records the tested model's, for the report to compare)."""
     digest = hashlib.sha256()

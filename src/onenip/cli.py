@@ -226,21 +226,14 @@ def _run(args: argparse.Namespace) -> int:
             flagged = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} images, {flagged} judged defective; results in {args.output}")
         elif args.command == "calibrate":
-            from .checkpoint import checkpoint_file, holds_training_state
+            from .checkpoint import check_output_file, checkpoint_file
             from .deploy import recalibrate
             from .detector import Detector
 
             if args.far is not None and not 0 <= args.far < 1:
                 raise ConfigError(f"--far must be in [0, 1), got {args.far}")
             source = checkpoint_file(args.checkpoint, with_training_state=False)
-            target = Path(args.output) if args.output else source
-            if target.is_dir():
-                raise ConfigError(f"--output {target} is a folder; name the model file to write")
-            if target.resolve() == source.resolve() and holds_training_state(source):
-                raise ConfigError(
-                    f"{source} is a training checkpoint: calibrating it in place would drop the state that "
-                    "onenip fit --resume continues from; calibrate RUN/model.safetensors or give --output PATH"
-                )
+            target = check_output_file(args.output or source, "--output" if args.output else "MODEL")
             detector = Detector.load(source)
             detector.deployment = recalibrate(detector, far=args.far, val_roots=args.val, skip_bad=args.skip_bad)
             path = detector.save(target)

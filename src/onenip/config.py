@@ -297,6 +297,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -379,11 +384,13 @@ def load_config(
     for f in files or []:
         path = Path(f)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a folder' if path.is_dir() else 'does not exist'}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        except (UnicodeDecodeError, OSError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {exc}") from None
         merge_dict(cfg, data or {}, source=str(path))
     for item in overrides or []:
         merge_dict(cfg, parse_override(item), source=f"override {item!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ def resolve_device(name: str, option: str = "train.device") -> torch.device:
     """The device `name` (auto, cpu, cuda, cuda:N) means here; `option` names where it came from, for the error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"{option} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{option}={name!r} but CUDA is not available on this machine (use auto or cpu)")
     return torch.device(name)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, check_output_file
 from .deploy import DeployModel
 from .detector import Detector
 from .errors import CheckpointError, ConfigError, ExportError, MissingDependencyError, OnenipError
@@ -275,10 +275,11 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
     if detector.deployment is None:
         raise CheckpointError(f"{checkpoint} has no prompt pool and thresholds, so there is nothing to export; run "
                               "`onenip calibrate MODEL --output NEW.safetensors`, or export the run's model.safetensors")
-    model = DeployModel(detector, detector.deployment).cpu().eval()
+    model = DeployModel(detector, detector.deployment).cpu().eval().requires_grad_(False)  # no autograd when run
     out = Path(output) if output is not None else default_output(checkpoint, kind)
     if out.is_dir():
         out = out / default_output(checkpoint, kind).name
+    check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
     meta = export_metadata(model, source=Path(checkpoint).name)
     data = _export_onnx(model, meta, int(opset)) if kind == "onnx" else _export_torchscript(model, meta)
     atomic_write_bytes(out, data)

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_csv, atomic_write_text
+from .checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from .datasets import IMAGE_EXTENSIONS
 from .deploy import DeployModel
 from .detector import Detector, resolve_device
 from .errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
-from .images import load_image, resize_image, to_rgb
+from .images import _deep_to_uint8, load_image, resize_image, to_rgb
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -62,11 +62,19 @@ def _as_rgb(item: ImageInput) -> Image.Image:
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, np.ndarray):
-        if item.ndim == 3 and item.shape[2] in (3, 4) or item.ndim == 2:
-            arr = item if item.dtype != bool else item.astype(np.uint8) * 255
-            return to_rgb(Image.fromarray(arr[..., :3] if arr.ndim == 3 else arr))
-        raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got shape {item.shape}")
-    raise TypeError(f"cannot read an image from {type(item).__name__}")
+        arr = item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item
+        if not (arr.ndim == 3 and arr.shape[2] in (3, 4) or arr.ndim == 2) or arr.size == 0:
+            raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) and not empty, got "
+                             f"shape {item.shape}")
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:  # scaled as deep image files are (see images.load_image)
+            if arr.dtype.kind not in "uif":
+                raise TypeError(f"an image array must hold numbers, got dtype {arr.dtype}")
+            mode = "F" if arr.dtype.kind == "f" else "I;16" if arr.dtype == np.uint16 else "I"
+            arr = _deep_to_uint8(arr, mode)
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr)))
+    raise TypeError(f"cannot read an image from {type(item).__name__} (give a path, a PIL image or a numpy array)")
 
 
 class Predictor:
@@ -76,6 +84,8 @@ class Predictor:
                  compile_mode: str | None = None) -> None:
         """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
         `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if detector.deployment is None:
             raise CheckpointError("this model has no prompt pool and thresholds (a training checkpoint?); use the "
                                   "run's model.safetensors, or `onenip calibrate MODEL --output NEW.safetensors`")
@@ -97,6 +107,9 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, inputs: ImageInput | Sequence[ImageInput], progress: bool = False) -> list[Prediction]:
+        if isinstance(inputs, (bytes, bytearray)) or inputs is None:
+            raise TypeError(f"cannot read an image from {type(inputs).__name__} (give a path, a PIL image or a numpy "
+                            "array, or a list of them)")
         items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
         out: list[Prediction] = []
         for start in tqdm(range(0, len(items), self.batch_size), desc="predict", unit="batch",
@@ -204,9 +217,14 @@ def _output_names(paths: list[Path]) -> list[str]:
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    """Whether `path` lies in `folder`'s overlays/ or masks/ (what `onenip predict` writes there)."""
-    p = path.resolve()
-    return any(p.is_relative_to((folder / sub).resolve()) for sub in ("overlays", "masks"))
+    """Whether `path` lies in the overlays/ or masks/ of `folder` or of another folder holding a predictions index
+    (what `onenip predict` writes)."""
+    out = folder.resolve()
+    for parent in path.resolve().parents:
+        if parent.name in ("overlays", "masks") and (parent.parent == out or any(
+                (parent.parent / index).is_file() for index in ("predictions.json", "predictions.csv"))):
+            return True
+    return False
 
 
 def _retire_earlier_run(out: Path) -> None:
@@ -237,14 +255,13 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     has judged its first image, it retires an earlier run in the folder (`_retire_earlier_run`), so that a run that
     stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
     that ends leaves no overlays of images it did not judge."""
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file, not a folder")
+    out = check_output_folder(output, "--output")
     predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
     found = expand_inputs(inputs)
     paths = [p for p in found if not _inside(p, out)]  # never the overlays and masks of an earlier run here
     if found and not paths:
-        raise DatasetError(f"every input image lies in {out}'s overlays/ or masks/, which onenip predict writes")
+        raise DatasetError(f"every input image lies in the overlays/ or masks/ that onenip predict wrote (into {out} "
+                           "or another folder holding a predictions index)")
     unique: dict[Path, Path] = {}
     for p in paths:  # an image given twice is judged once
         unique.setdefault(p.resolve(), p)

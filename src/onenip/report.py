@@ -32,6 +32,7 @@ import html
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,8 @@ import numpy as np
 from PIL import Image
 
 from . import charts
-from .checkpoint import atomic_write_text, file_sha256
-from .errors import DatasetError, OnenipError
+from .checkpoint import atomic_write_text, check_output_file, file_sha256
+from .errors import DatasetError, OnenipError, OnenipWarning
 
 __all__ = ["ScoreRow", "make_report", "pick_gallery", "read_run"]
 
@@ -437,11 +438,14 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
     out = Path(output) if output is not None else folder / "report.html"
     if out.is_dir():
         out = out / "report.html"
+    check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
     ckpt = str(checkpoint) if checkpoint is not None else data.get("checkpoint")
     overlays = _Overlays(ckpt, device) if gallery > 0 else None
     changed = ""  # the gallery's model is results.json's, but its file was rewritten since the test
     if overlays is not None and overlays.predictor is not None and ckpt == data.get("checkpoint") \
             and data.get("checkpoint_sha256") and file_sha256(ckpt) != data["checkpoint_sha256"]:
+        warnings.warn(f"{ckpt} has changed since this test: the gallery's deployed scores and decisions are the "
+                      "current file's", OnenipWarning, stacklevel=2)
         changed = (f'<p class="warning">{_e(ckpt)} has changed since this test (trained on, or calibrated): the '
                    "gallery's deployed scores and decisions are the current file's, not the tested model's.</p>")
 

@@ -23,6 +23,7 @@ from .checkpoint import (
     adopt_resolved,
     atomic_write_csv,
     atomic_write_text,
+    check_output_folder,
     incompatible_keys,
     load_checkpoint,
     save_checkpoint,
@@ -114,8 +115,7 @@ class Trainer:
         elif (self.run_dir / "model.safetensors").exists() and self.dist.is_main:
             raise TrainingError(f"{self.run_dir} already holds a trained model ({self.run_dir / 'model.safetensors'}); "
                                 "choose another output_dir")
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise TrainingError(f"output_dir {self.run_dir} is a file, not a folder")
+        check_output_folder(self.run_dir, "output_dir")
 
         tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first,
         check_roots(cfg.data.roots)  # so do missing data roots,
