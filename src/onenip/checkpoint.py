@@ -147,31 +147,31 @@ def check_output_folder(path: str | Path, option: str) -> Path:
     return path
 
 
-def check_output_file(path: str | Path, option: str, may_replace: str | Path | None = None,
-                      models: bool = False) -> Path:
+def check_output_file(path: str | Path, option: str, models: bool = False) -> Path:
     """Raise ConfigError naming `option` when the file `path` cannot or must not be written: it is a folder, a
-    folder above it is a file, or it is an onenip training checkpoint (what --resume continues from). With `models`
-    (exports, reports) no onenip checkpoint may be replaced, except `may_replace`."""
+    folder above it is a file, or it is an onenip training checkpoint (what --resume continues from); with `models`
+    (exports, reports), any onenip checkpoint."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; name the file to write")
     check_output_folder(path.parent, option)
-    if path.is_file() and _is_checkpoint(path):
-        if holds_training_state(path):
-            raise ConfigError(f"{option} {path} is a training checkpoint (what onenip fit --resume continues from); "
-                              "write elsewhere")
-        same = may_replace is not None and path.resolve() == Path(may_replace).resolve()
-        if models and not same:
-            raise ConfigError(f"{option} {path} is an onenip model; write elsewhere")
+    meta = _onenip_metadata(path) if path.is_file() else None
+    if meta is not None and "optimizer" in meta:
+        raise ConfigError(f"{option} {path} is a training checkpoint (what onenip fit --resume continues from); "
+                          "write elsewhere")
+    if meta is not None and models:
+        raise ConfigError(f"{option} {path} is an onenip model; write elsewhere")
     return path
 
 
-def _is_checkpoint(path: Path) -> bool:
+def _onenip_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The onenip metadata of a checkpoint file, or None when it is not a readable onenip checkpoint."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return "onenip" in (f.metadata() or {})
-    except Exception:
-        return False
+            raw = (f.metadata() or {}).get("onenip")
+        return json.loads(raw) if raw is not None else None
+    except Exception:  # not safetensors, truncated, invalid JSON: load_checkpoint says why
+        return None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -196,15 +196,6 @@ def checkpoint_file(path: str | Path, with_training_state: bool = True) -> Path:
     if found is None:
         raise CheckpointError(f"{path} is a folder without {', '.join(names[:-1])} or {names[-1]}")
     return found
-
-
-def holds_training_state(path: str | Path) -> bool:
-    """Whether the checkpoint file `path` holds an optimizer state (what `onenip fit --resume` continues from)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return "optimizer" in json.loads((f.metadata() or {}).get("onenip", "{}"))
-    except Exception:  # not readable: load_checkpoint says why
-        return False
 
 
 def load_checkpoint(path: str | Path, with_training_state: bool = True) -> CheckpointState:

@@ -61,14 +61,22 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: --train.epoch is an error, not --train.epochs (the top parser and every command's)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="onenip", allow_abbrev=False,
+    parser = _Parser(
+        prog="onenip",
         description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}",
+                                parser_class=_Parser)
 
-    fit = sub.add_parser("fit", allow_abbrev=False, help="train one model on all categories of the data roots",
+    fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
                          description="Train one OneNIP (or UniAD) model on the defect-free training images of every "
                                      "category of the data roots at once.")
     fit.add_argument("--config", action="append", metavar="FILE", help="YAML configuration file (repeatable)")
@@ -79,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.epochs=10")
     _add_config_options(fit)
 
-    test = sub.add_parser("test", allow_abbrev=False, help="evaluate a trained model on a test split",
+    test = sub.add_parser("test", help="evaluate a trained model on a test split",
                           description="Evaluate a checkpoint on the test split of its data roots (or of others given "
                                       "here): seven metrics per category and their mean, as JSON and Markdown.")
     test.add_argument("checkpoint", help="model.safetensors (or a checkpoint, or a run folder)")
@@ -91,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
     _add_config_options(test, sections=("data", "eval"))
 
-    pred = sub.add_parser("predict", allow_abbrev=False, help="judge new images: score, decision, category, heat map, defect mask",
+    pred = sub.add_parser("predict", help="judge new images: score, decision, category, heat map, defect mask",
                           description="Judge new images with a trained model. No category is needed: the most similar "
                                       "prompt of the model's pool is used, and its category's threshold decides. Writes "
                                       "predictions.csv, predictions.json, overlays/ and masks/ to --output.")
@@ -106,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--fast", action="store_true",
                       help="on a GPU: bf16 channels-last backbone and bf16 transformer (scores differ in the last digits)")
 
-    cal = sub.add_parser("calibrate", allow_abbrev=False, help="set new decision thresholds on a trained model",
+    cal = sub.add_parser("calibrate", help="set new decision thresholds on a trained model",
                          description="Set each category's threshold again: at false alarm rate --far on the normal "
                                      "images held out of training, or F1-optimal on a labelled validation folder "
                                      "(--val, read like test data). The model file is rewritten (atomically) unless "
@@ -117,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
-    exp = sub.add_parser("export", allow_abbrev=False, help="export a trained model to ONNX or TorchScript",
+    exp = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
                          description="Write the whole image-to-decision path (backbone, prompt pool, reconstruction, "
                                      "fusion, thresholds) as one ONNX or TorchScript file. Before writing, the file is "
                                      "run and compared with PyTorch. ONNX needs `pip install 'onenip[onnx]'`.")
@@ -126,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default: 17)")
 
-    rep = sub.add_parser("report", allow_abbrev=False, help="a self-contained HTML page of a test run",
+    rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
                          description="Write one self-contained HTML page (no external files) from a results folder of "
                                      "`onenip test`: per-category table, ROC and PR curves, score distributions of good "
                                      "and defective images, and a gallery of the worst misses with their heat maps.")
@@ -137,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--checkpoint", help="model for the gallery's heat maps (default: the one results.json names)")
     rep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
-    demo = sub.add_parser("demo", allow_abbrev=False, help="generate a small dataset, train on the CPU, evaluate, print the table",
+    demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
                           description="Runs with no download and no data of yours: generates a small multi-category "
                                       "dataset, trains one model briefly with the offline ImageNet backbone, "
                                       "evaluates it and prints the per-category table.")

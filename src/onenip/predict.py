@@ -216,13 +216,17 @@ def _output_names(paths: list[Path]) -> list[str]:
     return names
 
 
+IMAGE_FOLDERS = ("overlays", "masks")  # what `onenip predict` writes into its output folder, beside the index
+INDEX_FILES = ("predictions.csv", "predictions.json")
+
+
 def _inside(path: Path, folder: Path) -> bool:
     """Whether `path` lies in the overlays/ or masks/ of `folder` or of another folder holding a predictions index
     (what `onenip predict` writes)."""
     out = folder.resolve()
     for parent in path.resolve().parents:
-        if parent.name in ("overlays", "masks") and (parent.parent == out or any(
-                (parent.parent / index).is_file() for index in ("predictions.json", "predictions.csv"))):
+        if parent.name in IMAGE_FOLDERS and (parent.parent == out or any(
+                (parent.parent / index).is_file() for index in INDEX_FILES)):
             return True
     return False
 
@@ -234,9 +238,9 @@ def _retire_earlier_run(out: Path) -> None:
         listed = json.loads((out / "predictions.json").read_text())["predictions"]
     except (OSError, ValueError, KeyError, TypeError):
         listed = []
-    for index in ("predictions.csv", "predictions.json"):  # first: no index may list a file already gone
+    for index in INDEX_FILES:  # first: no index may list a file already gone
         (out / index).unlink(missing_ok=True)
-    folders = {(out / "overlays").resolve(), (out / "masks").resolve()}
+    folders = {(out / sub).resolve() for sub in IMAGE_FOLDERS}
     for row in listed if isinstance(listed, list) else []:
         for key in ("overlay", "mask"):
             rel = row.get(key) if isinstance(row, dict) else None

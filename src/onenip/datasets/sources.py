@@ -83,10 +83,17 @@ def check_roots(specs: Sequence[str]) -> None:
     if not specs:
         raise DatasetError("data.roots is empty: give at least one dataset root")
     for spec in specs:
-        _, path_text = _parse_spec(spec)
-        if not path_text.strip():
-            raise DatasetError(f"dataset root {spec!r} has an empty path")
-        _check_folder(_absolute(path_text), "dataset root")
+        _root_of(spec)
+
+
+def _root_of(spec: str) -> tuple[str | None, Path]:
+    """(format or None, absolute root folder) of ``[FORMAT:]PATH``; an empty path or a missing root raise."""
+    fmt, path_text = _parse_spec(spec)
+    if not path_text.strip():
+        raise DatasetError(f"dataset root {spec!r} has an empty path")
+    root = _absolute(path_text)
+    _check_folder(root, "dataset root")
+    return fmt, root
 
 
 def absolute_spec(spec: str) -> str:
@@ -100,12 +107,11 @@ def absolute_spec(spec: str) -> str:
 
 def _categories_of(spec: str, split: str) -> set[str]:
     """The category names of one root (for the folder layouts, every subfolder holding `split`, usable or not)."""
-    fmt, path_text = _parse_spec(spec)
-    root = _absolute(path_text) if path_text.strip() else None
-    if root is not None and _is_folder(root) and (fmt or detect_format(root)) in ("mvtec", "btad"):
+    fmt, root = _root_of(spec)
+    if (fmt or detect_format(root)) in ("mvtec", "btad"):
         available, unreadable = _folder_categories(root, split)
         return {*available, *unreadable}
-    return {s.category for s in read_source(spec, split)}  # listed formats: reading the list is cheap; errors named
+    return {s.category for s in read_source(spec, split)}  # listed formats: reading the list is cheap
 
 
 def read_source(
@@ -123,11 +129,7 @@ def read_source(
         DatasetError: an empty or missing path, or any error of the format's reader.
     """
     _check_split(split)
-    fmt, path_text = _parse_spec(spec)
-    if not path_text.strip():
-        raise DatasetError(f"dataset root {spec!r} has an empty path")
-    root = _absolute(path_text)
-    _check_folder(root, "dataset root")
+    fmt, root = _root_of(spec)
     fmt = fmt or detect_format(root)
     if fmt == "jsonl":
         return read_jsonl(_jsonl_meta_file(root, split), root, split, categories)
@@ -166,8 +168,7 @@ def read_sources(
             requested category (listing those of every source), or any error of a reader.
     """
     _check_split(split)
-    if not specs:
-        raise DatasetError("data.roots is empty: give at least one dataset root")
+    check_roots(specs)
     repeated = sorted({s for s in specs if list(specs).count(s) > 1})
     if repeated:
         raise DatasetError(f"data.roots lists {', '.join(repeated)} more than once")
