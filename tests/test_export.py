@@ -143,6 +143,8 @@ def test_onnx_matches_pytorch(onnx_file: Path, reference: DeployModel, images: n
     assert full["map"].max() > 1.0  # not a trivially small map: the 1e-4 bound is a real test
     with pytest.raises(ValueError, match="uint8"):
         predictor.predict(images.astype(np.float32))
+    with pytest.raises(ValueError, match="N >= 1"):
+        predictor.predict(images[:0])
 
 
 def test_onnx_graph_and_metadata(onnx_file: Path, reference: DeployModel) -> None:
@@ -236,6 +238,11 @@ def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: D
     with torch.no_grad():
         assert_same({k: v.numpy() for k, v in module(torch.from_numpy(images[:1])).items()},
                     torch_outputs(reference, images[:1]))
+        # the trace kept the uint8 path: anything else is refused, not read as 0-255 (or resized, or empty)
+        for bad in (torch.from_numpy(images).float() / 255, torch.from_numpy(images[:, :, :32]),
+                    torch.from_numpy(images[:0])):
+            with pytest.raises(Exception, match=r"expected uint8 images of shape \(N, 3, 64, 64\) with N >= 1"):
+                module(bad)
 
 
 # -- errors and atomic writing -------------------------------------------------------------------------------------------
@@ -246,6 +253,8 @@ def test_unknown_format_and_opset(trained: Path, tmp_path: Path) -> None:
         export_model(trained, "tflite", tmp_path / "x")
     with pytest.raises(ConfigError, match="opset"):
         export_model(trained, "onnx", tmp_path / "x.onnx", opset=9)
+    with pytest.raises(ConfigError, match="opsets are ONNX's only"):  # not silently ignored
+        export_model(trained, "torchscript", tmp_path / "x.pt", opset=17)
     assert not list(tmp_path.iterdir())
 
 
@@ -327,3 +336,6 @@ def test_export_command(trained: Path, tmp_path: Path, capsys) -> None:
     assert out.is_file() and f"exported: {out}" in capsys.readouterr().out
     assert cli.main(["export", str(trained), "--opset", "3", "--output", str(tmp_path / "x.onnx")]) == 2
     assert "opset" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
+    assert cli.main(["export", str(trained), "--format", "torchscript", "--opset", "17",
+                     "--output", str(tmp_path / "y.pt")]) == 2
+    assert "opsets are ONNX's only" in capsys.readouterr().err and not (tmp_path / "y.pt").exists()

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="model.safetensors of a training run")
     exp.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
     exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
-    exp.add_argument("--opset", type=int, default=17, help="ONNX opset, 14 to 20 (default: 17)")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default: 17); ONNX only")
 
     rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
                          description="Write one self-contained HTML page (no external files) from a results folder of "

@@ -212,14 +212,34 @@ def _export_onnx(model: DeployModel, meta: dict[str, Any], opset: int) -> bytes:
     return data
 
 
+class _CheckedInput(nn.Module):
+    """What a traced model cannot do: refuse input other than the uint8 (N, 3, S, S) it was traced with (a trace
+    keeps the path of the example's dtype, so float images in [0, 1] would be divided by 255 once more, silently).
+    Scripted, around the traced model."""
+
+    def __init__(self, traced: nn.Module, size: int) -> None:
+        super().__init__()
+        self.model = traced
+        self.size = size
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.size(0) < 1 or images.size(1) != 3 \
+                or images.size(2) != self.size or images.size(3) != self.size:
+            raise ValueError(f"expected uint8 images of shape (N, 3, {self.size}, {self.size}) with N >= 1, got "
+                             f"{images.dtype} {images.shape}")
+        return self.model(images)
+
+
 def _export_torchscript(model: DeployModel, meta: dict[str, Any]) -> bytes:
-    """The model traced with torch.jit.trace and saved with its metadata as the extra file onenip.json."""
+    """The model traced with torch.jit.trace inside a scripted input check, saved with its metadata as the extra
+    file onenip.json."""
     try:
         with _quiet_tracing(), torch.no_grad():
             traced = torch.jit.trace(model, (_example_images(TRACE_BATCH, model.size, seed=0),), strict=False,
                                      check_trace=False)
+            checked = torch.jit.script(_CheckedInput(traced, model.size))
             buf = io.BytesIO()
-            torch.jit.save(traced, buf, _extra_files={METADATA_FILE: json.dumps(meta)})
+            torch.jit.save(checked, buf, _extra_files={METADATA_FILE: json.dumps(meta)})
             data = buf.getvalue()
             loaded = torch.jit.load(io.BytesIO(data), map_location="cpu")
             check = _example_images(CHECK_BATCH, model.size, seed=1)
@@ -240,7 +260,10 @@ def default_output(checkpoint: str | Path, fmt: str) -> Path:
     return path.with_name(path.stem + FORMATS[fmt])
 
 
-def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = None, opset: int = 17) -> Path:
+DEFAULT_OPSET = 17
+
+
+def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = None, opset: int | None = None) -> Path:
     """Export a trained model (its checkpoint must hold a deployment) as one self-contained file; returns its path.
 
     Args:
@@ -251,14 +274,14 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
             outputs; metadata in the extra file ``onenip.json``; read it with `load_torchscript`).
         output: the file to write (an existing folder: the default name inside it). Default: beside the checkpoint,
             ``<stem>.onnx`` or ``<stem>.torchscript.pt``.
-        opset: ONNX opset version, 14 to 20.
+        opset: ONNX opset version, 14 to 20 (default: 17); ONNX only.
 
     The file is written atomically (temporary file, then rename), and only after the export has been loaded back
     and checked against PyTorch on a batch of another size: a failed export leaves no file and an existing file at
     `output` untouched.
 
     Raises:
-        ConfigError: unknown format or opset.
+        ConfigError: unknown format or opset, or an opset for TorchScript.
         CheckpointError: the checkpoint cannot be read or holds no deployment (prompt pool and thresholds).
         MissingDependencyError: ONNX export without the onnx or onnxruntime packages (``pip install 'onenip[onnx]'``).
         ExportError: PyTorch cannot export the model, or the exported file computes something else.
@@ -266,8 +289,11 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
     kind = str(fmt).strip().lower()
     if kind not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if kind != "onnx" and opset is not None:
+        raise ConfigError(f"an ONNX opset was given ({opset}) for the {kind} format; opsets are ONNX's only")
+    onnx_opset = DEFAULT_OPSET if opset is None else int(opset)
     if kind == "onnx":
-        if not OPSET_RANGE[0] <= int(opset) <= OPSET_RANGE[1]:
+        if not OPSET_RANGE[0] <= onnx_opset <= OPSET_RANGE[1]:
             raise ConfigError(f"ONNX opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
         _require("onnx", "exporting to ONNX")
         _require("onnxruntime", "checking the ONNX export")
@@ -281,7 +307,7 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         out = out / default_output(checkpoint, kind).name
     check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
     meta = export_metadata(model, source=Path(checkpoint).name)
-    data = _export_onnx(model, meta, int(opset)) if kind == "onnx" else _export_torchscript(model, meta)
+    data = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
     atomic_write_bytes(out, data)
     return out
 
@@ -336,8 +362,9 @@ class OnnxPredictor:
         """uint8 images (N, 3, S, S) -> the model's outputs (score, normalized, anomalous, category, similarity,
         map) as numpy arrays, plus ``category_names`` (N,) str."""
         images = np.ascontiguousarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, self.size, self.size):
-            raise ValueError(f"expected uint8 images of shape (N, 3, {self.size}, {self.size}), got "
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, self.size, self.size) \
+                or len(images) == 0:
+            raise ValueError(f"expected uint8 images of shape (N, 3, {self.size}, {self.size}) with N >= 1, got "
                              f"{images.dtype} {images.shape}")
         out = dict(zip(self.outputs, self.session.run(self.outputs, {INPUT_NAME: images})))
         out["category_names"] = np.array([self.categories[int(i)] for i in out["category"]], dtype=str)
