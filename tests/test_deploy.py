@@ -29,7 +29,7 @@ from onenip.detector import Detector
 from onenip.errors import CheckpointError, ConfigError, DatasetError
 from onenip.evaluate import build_prompt_pool
 from onenip.metrics import f1_max
-from onenip.predict import Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay, run_predict
+from onenip.predict import Prediction, Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay, run_predict
 from onenip.scoring import fuse, image_scores
 from onenip.train import Trainer
 
@@ -335,7 +335,15 @@ def test_predict_command(trained: Path, iad_mix: Path, tmp_path: Path, capsys) -
     bad = folder / "a" / "zz_broken.png"
     bad.write_bytes(b"not an image")
     assert cli.main(["predict", str(trained), str(folder), "--output", str(tmp_path / "o2"), "--no-progress"]) == 2
-    assert "zz_broken.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 image cannot be read" in err and "zz_broken.png" in err and "--skip-bad" in err
+    other = tmp_path / "elsewhere" / "empty.png"  # a second one, met later: one error names both
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    assert cli.main(["predict", str(trained), str(bad), str(single), str(other), "--output", str(tmp_path / "o2"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "2 images cannot be read" in err and "zz_broken.png" in err and "empty.png" in err
     # A rerun into the first folder that fails before writing anything leaves the first run's index alone; one that
     # fails after it has overwritten overlays removes it (an error in the second batch of two images here).
     index = tmp_path / "out" / "predictions.json"
@@ -454,3 +462,15 @@ def test_predictor_takes_arrays_of_any_numeric_type(trained: Path, iad_mix: Path
         Predictor.load(trained, device="cpu", batch_size=0)
     with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N"):
         Predictor.load(trained, device="gpu")
+
+
+def test_a_prediction_prints_as_a_summary_not_its_arrays() -> None:
+    amap = np.zeros((300, 200), np.float32)
+    mask = np.zeros((300, 200), bool)
+    mask[10:20, 10:15] = True
+    p = Prediction(source="a.png", score=0.25, normalized=0.7, anomalous=True, category="bottle", similarity=0.93,
+                   threshold=0.125, anomaly_map=amap, mask=mask)
+    text = repr(p)
+    assert text.startswith("Prediction(source='a.png', anomalous=True, normalized=0.7000")
+    assert "category='bottle'" in text and "anomaly_map=<300x200>" in text and "mask=<50 defect pixels>" in text
+    assert len(text) < 300

@@ -18,6 +18,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -30,6 +31,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from .datasets import IMAGE_EXTENSIONS
+from .datasets.files import _listing
 from .deploy import DeployModel
 from .detector import Detector, resolve_device
 from .errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
@@ -49,6 +51,12 @@ class Prediction:
     threshold: float
     anomaly_map: np.ndarray  # (H, W) float32 at the image's size
     mask: np.ndarray  # (H, W) bool: map > threshold where the image is judged defective
+
+    def __repr__(self) -> str:  # the arrays by their shape
+        return (f"Prediction(source={self.source!r}, anomalous={self.anomalous}, normalized={self.normalized:.4f}, "
+                f"score={self.score:.6g}, threshold={self.threshold:.6g}, category={self.category!r}, "
+                f"similarity={self.similarity:.4f}, anomaly_map=<{self.anomaly_map.shape[0]}x"
+                f"{self.anomaly_map.shape[1]}>, mask=<{int(self.mask.sum())} defect pixels>)")
 
     def row(self) -> dict[str, Any]:
         return {"image": self.source, "anomalous": self.anomalous, "normalized_score": round(self.normalized, 6),
@@ -250,6 +258,24 @@ def _retire_earlier_run(out: Path) -> None:
                     path.unlink(missing_ok=True)
 
 
+def _unreadable(first: DatasetError, rest: Sequence[Path], threads: int = 4) -> DatasetError:
+    """The error for a run without --skip-bad that met an unreadable image: it and every other unreadable one among
+    `rest` (the images not yet read, checked now, so that one rerun can fix them all), up to MAX_LISTED_PROBLEMS."""
+
+    def problem(path: Path) -> str | None:
+        try:
+            load_image(path)
+        except DatasetError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onenip-predict-check") as pool:
+        problems = [str(first)] + [q for q in pool.map(problem, rest) if q is not None]
+    count = "1 image cannot" if len(problems) == 1 else f"{len(problems)} images cannot"
+    return DatasetError(f"{count} be read:{_listing(problems)}\n"
+                        "fix or remove them, or give --skip-bad to leave them out (listed in predictions.json)")
+
+
 def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
                 batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
                 fast: bool = False) -> list[dict]:
@@ -283,8 +309,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
                 chunk.append(start + k)
             except DatasetError as exc:
                 if not skip_bad:
-                    raise DatasetError(f"{exc} (--skip-bad leaves unreadable images out, listed in predictions.json)") \
-                        from None
+                    raise _unreadable(exc, paths[start + k + 1 :]) from None
                 bad.append({"image": str(p), "reason": str(exc)})
         for k, pred in zip(chunk, predictor.predict(loaded)):
             pred.source = str(paths[k])
