@@ -138,3 +138,16 @@ def test_a_mistyped_option_is_named_with_the_closest_one(capsys) -> None:
         cli.main(["fit", "--train.epohcs", "3"])
     err = capsys.readouterr().err
     assert err.startswith("usage: onenip fit") and "--train.epohcs" in err and "did you mean --train.epochs?" in err
+
+
+def test_test_offers_no_training_only_options(capsys) -> None:
+    """`onenip test` lists only what an evaluation reads; a training-only option is named as such, not ignored."""
+    helptext = cli.build_parser()._subparsers._group_actions[0].choices["test"].format_help()
+    assert "--data.roots" in helptext and "--eval.protocol" in helptext
+    for key in cli.TRAINING_ONLY:
+        assert f"--{key} " not in helptext
+    for option in ("--data.holdout", "--data.textures"):
+        with pytest.raises(SystemExit):
+            cli.main(["test", "model.safetensors", option, "x"])
+        err = capsys.readouterr().err
+        assert err.startswith("usage: onenip test") and f"{option} is read in training only" in err

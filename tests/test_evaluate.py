@@ -101,6 +101,11 @@ def test_perfect_maps_score_one_everywhere(tmp_path: Path, protocol: str, refine
         assert res.fusion_scale == pytest.approx(0.0 if protocol == "clean" else 1.0)
     rows = {Path(r["image"]).name + r["category"] + r["defect"]: r for r in res.scores}
     assert len(rows) == 14 and all(r["score_fused"] > 0 for r in res.scores if r["label"] == 1)
+    assert res.maps == (["rec", "ref", "fused"] if refiner else ["rec", "fused"])
+    if not refiner:  # a map that was not scored is an error naming those that were, not a row of NaNs
+        for ask in (res.mean, res.counts, res.pooled, res.to_markdown):
+            with pytest.raises(KeyError, match="map 'ref' was not scored; scored: rec, fused"):
+                ask("ref")
 
 
 def test_clean_protocol_retrieves_a_category_for_a_model_without_prompts(tmp_path: Path) -> None:
@@ -139,7 +144,8 @@ def test_pooled_metrics_rank_all_categories_together() -> None:
     pooled = res.pooled("fused")
     assert pooled["image_auroc"] == pytest.approx(12 / 16)  # 7, 8 beat all four good; 3, 4 beat only 1, 2
     assert 0.5 < pooled["image_ap"] < 1.0 and pooled["image_f1max"] < 1.0
-    assert math.isnan(res.pooled("rec")["image_auroc"])  # no such scores
+    with pytest.raises(KeyError, match="not scored"):  # no such scores
+        res.pooled("rec")
     md = res.to_markdown("fused")
     line = next(x for x in md.splitlines() if x.startswith("| pooled |"))
     assert line.startswith("| pooled | 75.0 |") and line.endswith("| — | — | — | — |")  # image metrics only
@@ -280,3 +286,11 @@ def test_mean_maps() -> None:
     m = mean_maps([a, b])
     assert torch.equal(m.rec, torch.ones(2, 4, 4)) and torch.equal(m.ref, torch.full((2, 4, 4), 0.5))
     assert mean_maps([a]) is a
+
+
+def test_results_print_as_a_summary_not_their_rows() -> None:
+    rows = _rows({"a": ([5.0, 6.0], [7.0, 8.0]), "b": ([1.0, 2.0], [3.0, 4.0])}) * 500
+    cats = {c: {"fused": dict.fromkeys(METRICS, 0.5), "rec": dict.fromkeys(METRICS, 0.25)} for c in ("a", "b")}
+    text = repr(Results(protocol="clean", categories=cats, fusion_scale=None, retrieval_accuracy=1.0, scores=rows))
+    assert text == ("Results(protocol='clean', categories=2, images=4000, maps=['rec', 'fused'], "
+                    "mean image_auroc 0.5000, pixel_ap 0.5000)")

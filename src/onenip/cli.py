@@ -24,11 +24,16 @@ def _is_list(tp: Any) -> bool:
     return typing.get_origin(tp) is list
 
 
-def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+# Data options that only training reads (the model fixes data.input_size): `onenip test` does not offer them.
+TRAINING_ONLY = ("data.input_size", "data.textures", "data.cache_images", "data.holdout")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
+                        exclude: tuple[str, ...] = ()) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, tp, default, help_text, choices in option_table():
         section = key.split(".")[0] if "." in key else "general"
-        if sections is not None and section not in sections:
+        if sections is not None and section not in sections or key in exclude:
             continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--no-progress", action="store_true", help="no progress bar")
     test.add_argument("--skip-bad", action="store_true", help="same as --data.skip_bad true: leave out unusable files")
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
-    _add_config_options(test, sections=("data", "eval"))
+    _add_config_options(test, sections=("data", "eval"), exclude=TRAINING_ONLY)
 
     pred = sub.add_parser("predict", help="judge new images: score, decision, category, heat map, defect mask",
                           description="Judge new images with a trained model. No category is needed: the most similar "
@@ -159,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, as torch)
     if results.retrieval_accuracy is not None:
         print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
-    print(results.to_markdown())
+    shown = ["fused"] if "fused" in results.maps else results.maps  # eval.maps may leave out fused
+    for name in shown:
+        print(results.to_markdown(name) if shown == ["fused"] else f"map {name}:\n{results.to_markdown(name)}\n")
     if results.decisions is not None:
         print("\ndecisions at the model's thresholds (as `onenip predict` decides):")
         print(results.decisions_markdown())
@@ -191,7 +198,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         sub = commands[args.command]
         known = [o for a in sub._actions for o in a.option_strings]
         first = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
-        close = difflib.get_close_matches(first, known, n=1, cutoff=0.75)
+        training_only = [f"--{k}" for k in TRAINING_ONLY] if args.command == "test" else []
+        close = difflib.get_close_matches(first, known + training_only, n=1, cutoff=0.75)
+        if close and close[0] in training_only:
+            sub.error(f"{close[0]} is read in training only; a trained model keeps its own")
         sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
     return args
 

@@ -91,8 +91,24 @@ class Results:
     decisions: dict[str, Any] | None = None  # at the deployed thresholds (see `decision_summary`); None: not applicable
     decisions_note: str | None = None  # why there are no decisions
 
+    def __repr__(self) -> str:  # a summary: the per-image scores of a test set are thousands of rows
+        mean = self.mean("fused" if "fused" in self.maps else self.maps[0]) if self.maps else {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if k in ("image_auroc", "pixel_ap"))
+        return (f"Results(protocol={self.protocol!r}, categories={len(self.categories)}, images={len(self.scores)}, "
+                f"maps={self.maps}" + (f", mean {shown}" if shown else "") + ")")
+
+    @property
+    def maps(self) -> list[str]:
+        """The scored maps, of 'rec', 'ref' and 'fused' (a model without refiner has no 'ref')."""
+        return [m for m in ("rec", "ref", "fused") if any(m in c for c in self.categories.values())]
+
+    def _check_map(self, map_name: str) -> None:
+        if map_name not in self.maps:
+            raise KeyError(f"map {map_name!r} was not scored; scored: {', '.join(self.maps) or 'none'}")
+
     def pooled(self, map_name: str = "fused") -> dict[str, float]:
         """Image AUROC, AP and F1-max of all test images' scores ranked together (nan without both classes)."""
+        self._check_map(map_name)
         rows = [r for r in self.scores if f"score_{map_name}" in r]
         return image_entry([r[f"score_{map_name}"] for r in rows], [r["label"] for r in rows])
 
@@ -103,14 +119,16 @@ class Results:
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         """Unweighted mean over the categories where each metric is defined (see `counts`)."""
+        self._check_map(map_name)
         return {m: float(np.mean(v)) if v else float("nan") for m, v in self._defined(map_name).items()}
 
     def counts(self, map_name: str = "fused") -> dict[str, int]:
         """How many categories each mean covers."""
+        self._check_map(map_name)
         return {m: len(v) for m, v in self._defined(map_name).items()}
 
     def to_dict(self) -> dict[str, Any]:
-        maps = sorted({k for c in self.categories.values() for k in ("rec", "ref", "fused") if k in c})
+        maps = sorted(self.maps)
         return {
             "protocol": self.protocol,
             "checkpoint": self.checkpoint,
@@ -126,6 +144,7 @@ class Results:
         }
 
     def to_markdown(self, map_name: str = "fused") -> str:
+        self._check_map(map_name)
         names = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
         lines = ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
 

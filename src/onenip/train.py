@@ -52,7 +52,7 @@ class FitResult:
     steps: int
     seconds: float
     images_per_second: float
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)  # one row per logged epoch
     results: Any = None  # evaluation results when asked for
 
 
@@ -385,7 +385,8 @@ class Trainer:
         from .evaluate import evaluate
 
         results = evaluate(self.detector, self.cfg, progress=False)
-        return {f"test_{k}": round(v, 6) for k, v in results.mean("fused").items() if not math.isnan(v)}
+        name = "fused" if "fused" in results.maps else results.maps[0]  # eval.maps may leave out fused
+        return {f"test_{k}": round(v, 6) for k, v in results.mean(name).items() if not math.isnan(v)}
 
 
 def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, evaluate: bool = False) -> FitResult:
