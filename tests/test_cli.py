@@ -123,6 +123,9 @@ def test_demo_options_are_checked_before_any_work(tmp_path: Path, capsys) -> Non
     (tmp_path / "e" / "run").mkdir(parents=True)
     assert cli.main(["demo", "--output", str(tmp_path / "e")]) == 2
     assert "already holds a demo run" in capsys.readouterr().err and not (tmp_path / "e" / "data").exists()
+    (tmp_path / "f").write_text("mine")  # an output that is a file: an error naming it, the file kept
+    assert cli.main(["demo", "--output", str(tmp_path / "f")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "f").read_text() == "mine"
 
 
 def test_abbreviated_options_are_not_taken_for_others(capsys) -> None:

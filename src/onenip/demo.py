@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .api import make_config
+from .checkpoint import check_output_folder
 from .demo_data import make_demo_dataset
 from .errors import ConfigError
 from .evaluate import evaluate, write_results
@@ -43,7 +44,7 @@ def demo_config(output: str | Path, data_root: str | Path, steps: int, device: s
 
 def run_demo(output: str | Path = "runs/demo", steps: int | None = None, device: str = "auto", progress: bool = True):
     start = time.perf_counter()
-    output = Path(output)
+    output = check_output_folder(output, "--output")  # a file there (or above) is an error, not a traceback
     steps = DEMO_STEPS if steps is None else steps
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
