@@ -164,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, as torch)
     if results.retrieval_accuracy is not None:
         print(f"prompt retrieval accuracy: {100 * results.retrieval_accuracy:.2f} %")
-    shown = ["fused"] if "fused" in results.maps else results.maps  # eval.maps may leave out fused
-    for name in shown:
-        print(results.to_markdown(name) if shown == ["fused"] else f"map {name}:\n{results.to_markdown(name)}\n")
+    if results.main_map == "fused":
+        print(results.to_markdown("fused"))
+    else:  # eval.maps left out fused: each scored map
+        for name in results.maps:
+            print(f"map {name}:\n{results.to_markdown(name)}\n")
     if results.decisions is not None:
         print("\ndecisions at the model's thresholds (as `onenip predict` decides):")
         print(results.decisions_markdown())

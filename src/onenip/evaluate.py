@@ -92,7 +92,7 @@ class Results:
     decisions_note: str | None = None  # why there are no decisions
 
     def __repr__(self) -> str:  # a summary: the per-image scores of a test set are thousands of rows
-        mean = self.mean("fused" if "fused" in self.maps else self.maps[0]) if self.maps else {}
+        mean = self.mean(self.main_map) if self.maps else {}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if k in ("image_auroc", "pixel_ap"))
         return (f"Results(protocol={self.protocol!r}, categories={len(self.categories)}, images={len(self.scores)}, "
                 f"maps={self.maps}" + (f", mean {shown}" if shown else "") + ")")
@@ -101,6 +101,11 @@ class Results:
     def maps(self) -> list[str]:
         """The scored maps, of 'rec', 'ref' and 'fused' (a model without refiner has no 'ref')."""
         return [m for m in ("rec", "ref", "fused") if any(m in c for c in self.categories.values())]
+
+    @property
+    def main_map(self) -> str:
+        """The map a one-line summary reports: 'fused', or the first scored one when eval.maps leaves it out."""
+        return "fused" if "fused" in self.maps else self.maps[0]
 
     def _check_map(self, map_name: str) -> None:
         if map_name not in self.maps:

@@ -385,8 +385,7 @@ class Trainer:
         from .evaluate import evaluate
 
         results = evaluate(self.detector, self.cfg, progress=False)
-        name = "fused" if "fused" in results.maps else results.maps[0]  # eval.maps may leave out fused
-        return {f"test_{k}": round(v, 6) for k, v in results.mean(name).items() if not math.isnan(v)}
+        return {f"test_{k}": round(v, 6) for k, v in results.mean(results.main_map).items() if not math.isnan(v)}
 
 
 def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, evaluate: bool = False) -> FitResult:
