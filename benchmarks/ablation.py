@@ -46,8 +46,8 @@ from prompt_sensitivity import sensitivity_of  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.checkpoint import atomic_write_text  # noqa: E402
-from onenip.evaluate import evaluate  # noqa: E402
-from onenip.train import Trainer  # noqa: E402
+from onenip.evaluation.evaluate import evaluate  # noqa: E402
+from onenip.training.trainer import Trainer  # noqa: E402
 
 NO_EXTRAS = ["train.restoration=false", "model.refiner=false"]
 ROWS: dict[int, tuple[str, list[str]]] = {

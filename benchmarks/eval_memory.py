@@ -25,8 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from onenip.api import make_config  # noqa: E402
-from onenip.detector import Detector  # noqa: E402
-from onenip.evaluate import evaluate  # noqa: E402
+from onenip.evaluation.evaluate import evaluate  # noqa: E402
+from onenip.models.detector import Detector  # noqa: E402
 
 
 def peak_mib() -> float:

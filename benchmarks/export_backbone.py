@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from onenip.config import BackboneConfig  # noqa: E402
-from onenip.features import FeatureExtractor  # noqa: E402
+from onenip.models.backbone import FeatureExtractor  # noqa: E402
 
 if __name__ == "__main__":
     if len(sys.argv) != 4:

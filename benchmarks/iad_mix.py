@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from onenip.api import make_config  # noqa: E402
-from onenip.evaluate import evaluate, write_results  # noqa: E402
-from onenip.train import Trainer  # noqa: E402
+from onenip.evaluation.evaluate import evaluate, write_results  # noqa: E402
+from onenip.training.trainer import Trainer  # noqa: E402
 
 
 def _read_commit() -> str:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from onenip.metrics import image_metrics, pixel_metrics
+from onenip.evaluation.metrics import image_metrics, pixel_metrics
 
 
 def make_category(rng: np.random.Generator, n_maps: int, size: int) -> tuple[np.ndarray, np.ndarray]:

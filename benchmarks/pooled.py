@@ -35,8 +35,8 @@ from iad_mix import device_name, git_commit  # noqa: E402
 
 from onenip.api import test  # noqa: E402
 from onenip.checkpoint import atomic_write_text  # noqa: E402
-from onenip.detector import resolve_device  # noqa: E402
-from onenip.evaluate import IMAGE_METRICS, Results  # noqa: E402
+from onenip.evaluation.evaluate import IMAGE_METRICS, Results  # noqa: E402
+from onenip.models.detector import resolve_device  # noqa: E402
 
 
 def summary(res: Results) -> dict:

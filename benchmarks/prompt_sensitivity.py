@@ -37,11 +37,11 @@ from iad_mix import device_name, git_commit  # noqa: E402
 
 from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.config import Config  # noqa: E402
-from onenip.datasets import group_by_category, load_split  # noqa: E402
-from onenip.detector import Detector, resolve_device  # noqa: E402
-from onenip.evaluate import METRICS, category_metrics, features_of, prompt_source  # noqa: E402
-from onenip.images import read_sample  # noqa: E402
-from onenip.prompts import paper_prompts  # noqa: E402
+from onenip.data import group_by_category, load_split  # noqa: E402
+from onenip.data.images import read_sample  # noqa: E402
+from onenip.evaluation.evaluate import METRICS, category_metrics, features_of, prompt_source  # noqa: E402
+from onenip.models.detector import Detector, resolve_device  # noqa: E402
+from onenip.models.prompts import paper_prompts  # noqa: E402
 
 MODES = ("same", "other", "self", "gray")
 

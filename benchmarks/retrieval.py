@@ -29,10 +29,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
-from onenip.datasets import read_sources  # noqa: E402
-from onenip.detector import Detector, resolve_device  # noqa: E402
-from onenip.evaluate import features_of  # noqa: E402
-from onenip.prompts import PromptPool, pool_samples  # noqa: E402
+from onenip.data import read_sources  # noqa: E402
+from onenip.evaluation.evaluate import features_of  # noqa: E402
+from onenip.models.detector import Detector, resolve_device  # noqa: E402
+from onenip.models.prompts import PromptPool, pool_samples  # noqa: E402
 
 
 def main() -> None:

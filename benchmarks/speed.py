@@ -41,9 +41,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
-from onenip.deploy import Deployment, DeployModel  # noqa: E402
-from onenip.evaluate import build_prompt_pool  # noqa: E402
-from onenip.train import Trainer  # noqa: E402
+from onenip.evaluation.evaluate import build_prompt_pool  # noqa: E402
+from onenip.models.deployment import Deployment  # noqa: E402
+from onenip.models.inference import DeployModel  # noqa: E402
+from onenip.training.trainer import Trainer  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -39,10 +39,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import data_options, data_overrides, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
-from onenip.datasets import read_sources  # noqa: E402
-from onenip.images import load_image, resize_image  # noqa: E402
-from onenip.synthesis import FolderTextures, synthesize_details  # noqa: E402
-from onenip.synthesis_batch import KIND_NAMES, BatchSynthesizer, load_texture_bank  # noqa: E402
+from onenip.data import read_sources  # noqa: E402
+from onenip.data.images import load_image, resize_image  # noqa: E402
+from onenip.synthesis.batched import KIND_NAMES, BatchSynthesizer, load_texture_bank  # noqa: E402
+from onenip.synthesis.per_image import FolderTextures, synthesize_details  # noqa: E402
 
 STATS = ("area", "empty", "components", "border", "change", "gray_shift", "outside")
 

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-import onenip.images as images
-from onenip.datasets import (
+import onenip.data.images as images
+from onenip.data import (
     MAX_LISTED_PROBLEMS,
     Sample,
     detect_format,
@@ -42,8 +42,8 @@ from onenip.datasets import (
     read_visa,
     validate_samples,
 )
+from onenip.data.images import MAX_PIXELS, load_image, load_mask, read_sample
 from onenip.errors import DatasetError
-from onenip.images import MAX_PIXELS, load_image, load_mask, read_sample
 
 SIZE = (12, 10)  # width, height of the plain tests' images
 

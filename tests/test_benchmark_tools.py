@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from onenip.api import make_config
-from onenip.datasets import read_sources
-from onenip.detector import Detector
+from onenip.data import read_sources
+from onenip.models.detector import Detector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 prompt_sensitivity = pytest.importorskip("prompt_sensitivity")

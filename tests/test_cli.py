@@ -107,7 +107,7 @@ def test_onenip_warnings_print_as_one_line(monkeypatch: pytest.MonkeyPatch) -> N
     assert cli.main(["demo"]) == 0
     assert warnings.formatwarning is before  # restored after the command
     fmt = seen[0]
-    ours = str(Path(cli.__file__).parent / "datasets" / "sources.py")
+    ours = str(Path(cli.__file__).parent / "data" / "sources.py")
     assert fmt("data.skip_bad: left out 1", UserWarning, ours, 98, "return read(x)") == \
         "onenip: warning: data.skip_bad: left out 1\n"
     # issued through a decorator (torch.no_grad), the location names torch's file: the category tells it is ours

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from onenip import colorspaces as cs
-from onenip.synthesis import augment_texture, resize_bilinear
+from onenip.synthesis import colorspaces as cs
+from onenip.synthesis.per_image import augment_texture, resize_bilinear
 
 REF = np.load(Path(__file__).parent / "data" / "opencv_reference.npz")
 

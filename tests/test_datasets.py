@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip.datasets import (
+from onenip.data import (
     Sample,
     detect_format,
     group_by_category,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip import demo_data
-from onenip.demo_data import (
+from onenip.demo import dataset as demo_data
+from onenip.demo.dataset import (
     CATEGORIES,
     DEFECT_TYPES,
     MARKER_NAME,

@@ -14,24 +14,31 @@ from onenip import cli
 from onenip.api import make_config
 from onenip.checkpoint import checkpoint_file, load_checkpoint
 from onenip.config import Config
-from onenip.datasets import Sample, read_sources
-from onenip.deploy import (
-    Deployment,
-    DeployModel,
+from onenip.data import Sample, read_sources
+from onenip.deploy.predictor import (
+    Prediction,
+    Predictor,
+    _output_names,
+    _retire_earlier_run,
+    expand_inputs,
+    overlay,
+    run_predict,
+)
+from onenip.errors import CheckpointError, ConfigError, DatasetError
+from onenip.evaluation.calibration import (
     build_deployment,
     calibrate_f1,
     deployment_scores,
     far_threshold,
-    normalize_score,
     split_holdout,
 )
-from onenip.detector import Detector
-from onenip.errors import CheckpointError, ConfigError, DatasetError
-from onenip.evaluate import build_prompt_pool
-from onenip.metrics import f1_max
-from onenip.predict import Prediction, Predictor, _output_names, _retire_earlier_run, expand_inputs, overlay, run_predict
-from onenip.scoring import fuse, image_scores
-from onenip.train import Trainer
+from onenip.evaluation.evaluate import build_prompt_pool
+from onenip.evaluation.metrics import f1_max
+from onenip.models.deployment import Deployment
+from onenip.models.detector import Detector
+from onenip.models.inference import DeployModel, normalize_score
+from onenip.models.scoring import fuse, image_scores
+from onenip.training.trainer import Trainer
 
 TWO = "[bottle, metal_plate]"
 
@@ -95,14 +102,14 @@ def test_split_holdout_per_category(iad_mix: Path) -> None:
 def deployed(cfg: Config) -> tuple[Detector, Deployment, list[Sample], torch.Tensor]:
     """An untrained model (seed 0) of `cfg` deployed on bottle and metal_plate: detector, deployment, the training
     samples and every ninth test image as a uint8 batch."""
-    from onenip.evaluate import _Images
+    from onenip.data.tensors import SampleImages
 
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train = read_sources(cfg.data.roots, "train", ["bottle", "metal_plate"])
     dep = build_deployment(det, train[::5], train[1::10], far=0.1, cfg=cfg)
     test = read_sources(cfg.data.roots, "test", ["bottle", "metal_plate"])[::9]
-    return det, dep, train, torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
+    return det, dep, train, torch.stack([SampleImages(test, 64)[i]["image"] for i in range(len(test))])
 
 
 @pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
@@ -157,7 +164,8 @@ def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path, a
     constant, drawn from the training images less the held-out ones and from every category of the model, also when
     only one category is evaluated (a pool of that category alone would tell retrieval the answer); and it decides
     each image as predict does, with the threshold of the retrieved category (a model without prompts too)."""
-    from onenip.evaluate import _Images, evaluate
+    from onenip.data.tensors import SampleImages
+    from onenip.evaluation.evaluate import evaluate
 
     cats = ["PA_BDP01_TL", "bottle", "metal_plate"]
     cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(cats)}]", "eval.prompt_pool=3",
@@ -172,7 +180,7 @@ def test_clean_evaluation_scores_what_the_deployed_model_scores(iad_mix: Path, a
     res = evaluate(det, cfg, progress=False)
     assert res.fusion_scale == pytest.approx(det.deployment.fusion_scale, rel=1e-6)
     test = read_sources(cfg.data.roots, "test", ["metal_plate"])
-    images = torch.stack([_Images(test, 64)[i]["image"] for i in range(len(test))])
+    images = torch.stack([SampleImages(test, 64)[i]["image"] for i in range(len(test))])
     with torch.no_grad():
         out = DeployModel(det, det.deployment)(images)
     rows = {r["image"]: r for r in res.scores}

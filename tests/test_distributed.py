@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from onenip.api import make_config
-from onenip.distributed import DistInfo, env_info, per_rank_batch
 from onenip.errors import ConfigError
-from onenip.train import Trainer
+from onenip.training.distributed import DistInfo, env_info, per_rank_batch
+from onenip.training.trainer import Trainer
 
 CATS = "[metal_plate, PA_BDP01_TL]"
 
@@ -94,7 +94,7 @@ def test_two_gloo_processes_on_the_fast_engine_take_the_step_of_one_process(tmp_
 def single_init(trainer: Trainer) -> dict[str, torch.Tensor]:
     """The network's initial weights (the seed fixes them)."""
     torch.manual_seed(trainer.cfg.train.seed)
-    from onenip.detector import Detector
+    from onenip.models.detector import Detector
 
     fresh = Detector.build(trainer.cfg).net
     return {f"net.{k}": v for k, v in fresh.state_dict().items()}

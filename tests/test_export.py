@@ -14,19 +14,14 @@ import pytest
 import torch
 
 from onenip.api import make_config
-from onenip.datasets import read_sources
-from onenip.deploy import DeployModel, build_deployment
-from onenip.detector import Detector
+from onenip.data import read_sources
+from onenip.data.images import load_image, resize_image
+from onenip.deploy.export import ExportError, MissingDependencyError, OnnxPredictor, export_model, load_torchscript
 from onenip.errors import CheckpointError, ConfigError, OnenipError
-from onenip.export import (
-    ExportError,
-    MissingDependencyError,
-    OnnxPredictor,
-    export_model,
-    load_torchscript,
-)
-from onenip.images import load_image, resize_image
-from onenip.train import Trainer
+from onenip.evaluation.calibration import build_deployment
+from onenip.models.detector import Detector
+from onenip.models.inference import DeployModel
+from onenip.training.trainer import Trainer
 
 TWO = ["bottle", "metal_plate"]
 MAP_ATOL = 1e-4  # float32: largest |exported map - PyTorch map|
@@ -282,7 +277,7 @@ def test_missing_onnx_packages_give_the_install_hint(trained: Path, onnx_file: P
 
 
 def test_failed_export_leaves_no_file(trained: Path, tmp_path: Path, monkeypatch) -> None:
-    import onenip.export as export
+    import onenip.deploy.export as export
 
     def broken_onnx(module, example, path, opset):  # writes half a file where it was told to, then fails
         Path(path).write_bytes(b"half a model")
@@ -313,7 +308,7 @@ def test_failed_export_leaves_no_file(trained: Path, tmp_path: Path, monkeypatch
 
 def test_export_that_computes_something_else_is_refused(trained: Path, tmp_path: Path, monkeypatch) -> None:
     """The check run before writing: an export whose maps differ from PyTorch's (here: off by 0.01 somewhere) is not written."""
-    import onenip.export as export
+    import onenip.deploy.export as export
 
     real = export._TupleOutputs.forward
 

@@ -12,8 +12,8 @@ from torch.utils.data import default_collate
 from onenip.api import make_config
 from onenip.checkpoint import load_checkpoint
 from onenip.errors import ConfigError
-from onenip.synthesis_batch import load_texture_bank
-from onenip.train import Trainer
+from onenip.synthesis.batched import load_texture_bank
+from onenip.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_lazy_nan_check_stops_before_a_bad_checkpoint(tmp_path: Path, iad_mix: P
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the fast path checks the loss every few steps (no wait for the GPU in between); a NaN is still caught
     before the epoch's checkpoint, which stays the last good one. Forced here on the CPU."""
-    from onenip.train import TrainingError
+    from onenip.training.trainer import TrainingError
 
     trainer = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "train.save_every=1", "train.epochs=3"),
                       progress=False)
@@ -176,7 +176,7 @@ def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, iad
 
 def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, iad_mix: Path, textures: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from onenip.synthesis_batch import BatchSynthesizer
+    from onenip.synthesis.batched import BatchSynthesizer
 
     with pytest.raises(ConfigError, match="train.compile_synthesis.*train.engine=fast"):
         make_config(None, ["train.compile_synthesis=default"])

@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-import onenip.features as features
+import onenip.models.backbone as features
 from onenip.config import BackboneConfig
 from onenip.errors import ConfigError, WeightsError
-from onenip.features import (
+from onenip.models.backbone import (
     FeatureExtractor,
     _drop_unused_stages,
     check_weights,
@@ -610,7 +610,7 @@ def test_static_padding_equals_dynamic_at_lite0s_nominal_size(lite0: FeatureExtr
 
 def test_resolved_padding_survives_a_checkpoint(tmp_path: Path) -> None:
     from onenip.api import make_config
-    from onenip.detector import Detector
+    from onenip.models.detector import Detector
 
     path = tmp_path / "lite0-lukemelas.pth"
     torch.save(lite_state(), path)

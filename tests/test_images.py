@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip.datasets import Sample, read_mvtec
+from onenip.data import Sample, read_mvtec
+from onenip.data.images import load_image, load_mask, read_sample, resize_image, resize_mask
 from onenip.errors import DatasetError
-from onenip.images import load_image, load_mask, read_sample, resize_image, resize_mask
 
 W, H = 32, 24
 

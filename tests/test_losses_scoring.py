@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onenip.losses import dice_loss, feature_mse
-from onenip.scoring import fuse, fusion_scale, image_scores
+from onenip.models.scoring import fuse, fusion_scale, image_scores
+from onenip.training.losses import dice_loss, feature_mse
 
 
 def test_dice_reference_form_has_no_factor_two() -> None:

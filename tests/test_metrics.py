@@ -9,8 +9,16 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from onenip import metrics
-from onenip.metrics import aupro, auroc, average_precision, binary_metrics, f1_max, image_metrics, pixel_metrics
+from onenip.evaluation import metrics
+from onenip.evaluation.metrics import (
+    aupro,
+    auroc,
+    average_precision,
+    binary_metrics,
+    f1_max,
+    image_metrics,
+    pixel_metrics,
+)
 
 TIE_MODES = ("continuous", "round1", "integer", "all_equal")
 

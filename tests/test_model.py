@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onenip.config import ModelConfig
-from onenip.model import OneNIP, Refiner, StaticPrompt, UniAD, anomaly_maps, build_network, xavier_init
-from onenip.transformer import (
+from onenip.models.networks import OneNIP, Refiner, StaticPrompt, UniAD, anomaly_maps, build_network, xavier_init
+from onenip.models.transformer import (
     Attention,
     EncoderLayer,
     PositionEmbedding2d,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from onenip.datasets import Sample
-from onenip.prompts import PromptPool, descriptor, paper_prompts, pool_samples
+from onenip.data import Sample
+from onenip.models.prompts import PromptPool, descriptor, paper_prompts, pool_samples
 
 
 def _samples(split: str, per_cat: int, cats=("a", "b", "c")) -> list[Sample]:
@@ -49,7 +49,7 @@ def test_retrieval_picks_most_similar() -> None:
 
 
 def test_k_prompts_per_test_image() -> None:
-    from onenip.prompts import paper_prompt_sets
+    from onenip.models.prompts import paper_prompt_sets
 
     train, test = _samples("train", 10), _samples("test", 5)
     sets = paper_prompt_sets(test, train, 0, 4)

@@ -19,14 +19,14 @@ from PIL import Image
 from onenip import cli
 from onenip.api import make_config
 from onenip.api import test as run_test
-from onenip.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
 from onenip.checkpoint import file_sha256
+from onenip.data.images import load_image
 from onenip.errors import ConfigError, DatasetError, OnenipError, OnenipWarning
-from onenip.evaluate import METRICS
-from onenip.images import load_image
-from onenip.metrics import auroc, average_precision, image_metrics
-from onenip.report import THUMBNAIL, ScoreRow, make_report, pick_gallery
-from onenip.train import Trainer
+from onenip.evaluation.evaluate import METRICS
+from onenip.evaluation.metrics import auroc, average_precision, image_metrics
+from onenip.report.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
+from onenip.report.page import THUMBNAIL, ScoreRow, make_report, pick_gallery
+from onenip.training.trainer import Trainer
 
 TWO = "[bottle, metal_plate]"
 PNG_URI = "data:image/png;base64,"

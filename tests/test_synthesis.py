@@ -12,7 +12,7 @@ from PIL import Image
 
 from onenip.config import SynthesisConfig
 from onenip.errors import DatasetError
-from onenip.synthesis import (
+from onenip.synthesis.per_image import (
     AUGMENTER_NAMES,
     ArrayTextures,
     FolderTextures,

@@ -15,13 +15,13 @@ import torchvision.transforms.v2.functional as TF2
 from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 
-import onenip.synthesis_batch as sb
-from onenip import pixel_ops
-from onenip import synthesis as plain
+import onenip.synthesis.batched as sb
 from onenip.config import SynthesisConfig
 from onenip.errors import DatasetError
-from onenip.synthesis import AUGMENTER_NAMES, FolderTextures
-from onenip.synthesis_batch import KIND_NAMES, BatchSynthesis, BatchSynthesizer, load_texture_bank
+from onenip.synthesis import per_image as plain
+from onenip.synthesis import pixel_ops
+from onenip.synthesis.batched import KIND_NAMES, BatchSynthesis, BatchSynthesizer, load_texture_bank
+from onenip.synthesis.per_image import AUGMENTER_NAMES, FolderTextures
 
 CFG = SynthesisConfig()
 CPU = torch.device("cpu")

@@ -15,12 +15,12 @@ import torch
 from onenip.api import fit, make_config
 from onenip.checkpoint import load_checkpoint, save_checkpoint
 from onenip.config import Config, load_config
-from onenip.datasets import read_sources
-from onenip.detector import Detector
+from onenip.data import read_sources
 from onenip.errors import CheckpointError, OnenipError
-from onenip.synthesis import FolderTextures
-from onenip.train import Trainer, TrainingError, lr_at
-from onenip.trainset import EpochSampler, TrainSet
+from onenip.models.detector import Detector
+from onenip.synthesis.per_image import FolderTextures
+from onenip.training.trainer import Trainer, TrainingError, lr_at
+from onenip.training.trainset import EpochSampler, TrainSet
 
 CATS = "[metal_plate, PA_BDP01_TL]"  # 54 + 38 training images
 
@@ -262,7 +262,7 @@ def test_loss_targets_are_the_clean_features_and_the_synthetic_masks(tmp_path: P
                                                                       monkeypatch) -> None:
     """Reconstruction and restoration both aim at the clean query features (§2.2 step 2); the refiner's targets are an
     empty mask for the normal half and the synthesized mask for the synthetic half."""
-    import onenip.train as train_module
+    import onenip.training.trainer as train_module
 
     trainer = Trainer(tiny(tmp_path, iad_mix, textures), progress=False)
     trainer.sampler.set_epoch(0)
@@ -294,7 +294,7 @@ import pathlib, sys
 import torch
 torch.set_num_threads(1)
 from onenip.api import make_config
-from onenip.train import Trainer
+from onenip.training.trainer import Trainer
 import time
 marker = pathlib.Path(sys.argv[1])
 trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
@@ -357,7 +357,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, iad_
 
 
 def test_same_seed_gives_bit_identical_metrics(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    from onenip.evaluate import evaluate
+    from onenip.evaluation.evaluate import evaluate
 
     out = []
     for run in ("a", "b"):

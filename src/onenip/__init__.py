@@ -5,10 +5,10 @@
     results = onenip.test(result.model_path, overrides=["eval.protocol=paper"])
 """
 
-from .api import fit, make_config, test
-from .config import Config, load_config
-from .detector import Detector
-from .errors import (
+from onenip.api import fit, make_config, test
+from onenip.config import Config, load_config
+from onenip.deploy.predictor import Prediction, Predictor
+from onenip.errors import (
     CheckpointError,
     ConfigError,
     DatasetError,
@@ -17,10 +17,10 @@ from .errors import (
     OnenipError,
     WeightsError,
 )
-from .evaluate import Results, evaluate
-from .predict import Prediction, Predictor
+from onenip.evaluation.evaluate import Results, evaluate
+from onenip.models.detector import Detector
+from onenip.version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "DatasetError", "Detector", "ExportError", "MissingDependencyError",
     "OnenipError", "Prediction", "Predictor",

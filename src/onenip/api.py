@@ -12,13 +12,13 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import adopt_resolved, check_output_folder, checkpoint_file, incompatible_keys, load_checkpoint
-from .config import Config, load_config, merge_dict, validate
-from .detector import Detector, resolve_device, set_threads
-from .errors import CheckpointError
-from .evaluate import Results, evaluate, write_results
-from .train import FitResult
-from .train import fit as _fit
+from onenip.checkpoint import adopt_resolved, check_output_folder, checkpoint_file, incompatible_keys, load_checkpoint
+from onenip.config import Config, load_config, merge_dict, validate
+from onenip.errors import CheckpointError
+from onenip.evaluation.evaluate import Results, evaluate, write_results
+from onenip.models.detector import Detector, resolve_device, set_threads
+from onenip.training.trainer import FitResult
+from onenip.training.trainer import fit as _fit
 
 ConfigLike = Config | dict[str, Any] | str | Path | list[str | Path] | None
 

@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .config import Config, config_from_dict
-from .errors import CheckpointError, ConfigError
+from onenip.config import Config, config_from_dict
+from onenip.errors import CheckpointError, ConfigError
 
 FORMAT = "onenip-checkpoint"
 VERSION = 1

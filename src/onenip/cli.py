@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .config import option_table, parse_override
-from .errors import ConfigError, OnenipError, OnenipWarning
+from onenip.config import option_table, parse_override
+from onenip.errors import ConfigError, OnenipError, OnenipWarning
 
 
 def _is_list(tp: Any) -> bool:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "fit":
-            from .api import fit
+            from onenip.api import fit
 
             result = fit(args.config, _overrides(args), resume=args.resume, evaluate=args.evaluate,
                          progress=not args.no_progress)
@@ -230,13 +230,13 @@ def _run(args: argparse.Namespace) -> int:
                 _print_results(result.results)
                 print(f"results: {result.run_dir / 'results' / result.results.protocol}")
         elif args.command == "test":
-            from .api import test
+            from onenip.api import test
 
             overrides = _overrides(args) + ([f"train.device={args.device}"] if args.device else [])
             results = test(args.checkpoint, args.config, overrides, output=args.output, progress=not args.no_progress)
             _print_results(results)
         elif args.command == "predict":
-            from .predict import run_predict
+            from onenip.deploy.predictor import run_predict
 
             if args.batch_size < 1:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -246,9 +246,9 @@ def _run(args: argparse.Namespace) -> int:
             flagged = sum(r["anomalous"] for r in rows)
             print(f"{len(rows)} images, {flagged} judged defective; results in {args.output}")
         elif args.command == "calibrate":
-            from .checkpoint import check_output_file, checkpoint_file
-            from .deploy import recalibrate
-            from .detector import Detector
+            from onenip.checkpoint import check_output_file, checkpoint_file
+            from onenip.evaluation.calibration import recalibrate
+            from onenip.models.detector import Detector
 
             if args.far is not None and not 0 <= args.far < 1:
                 raise ConfigError(f"--far must be in [0, 1), got {args.far}")
@@ -262,11 +262,11 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")
             print(f"calibrated model: {path}")
         elif args.command == "export":
-            from .export import export_model
+            from onenip.deploy.export import export_model
 
             print(f"exported: {export_model(args.checkpoint, args.format, args.output, opset=args.opset)}")
         elif args.command == "report":
-            from .report import make_report
+            from onenip.report.page import make_report
 
             if args.gallery < 0:
                 raise ConfigError(f"--gallery must be >= 0, got {args.gallery}")
@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
                                checkpoint=args.checkpoint, device=args.device)
             print(f"report: {path}")
         elif args.command == "demo":
-            from .demo import run_demo
+            from onenip.demo.run import run_demo
 
             run_demo(args.output, steps=args.steps, device=args.device, progress=not args.no_progress)
     except OnenipError as exc:

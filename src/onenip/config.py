@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import ConfigError
+from onenip.errors import ConfigError
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -1,0 +1,2 @@
+"""Running a trained model on new images: the Python `Predictor`, `onenip predict`, and export to ONNX and
+TorchScript."""

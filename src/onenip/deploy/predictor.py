@@ -1,0 +1,340 @@
+"""Judging new images: `Predictor` (Python) and `onenip predict` (command line).
+
+No category has to be given: each image takes the most similar prompt of the model's prompt pool, and the threshold
+of that prompt's category decides. Per image: the raw score, the normalised score (0.5 = threshold), the decision, the
+retrieved category and its cosine similarity, the anomaly map at the image's own size, and the defect mask (the
+pixels whose map value exceeds the threshold, for images judged defective; empty otherwise).
+
+    from onenip.deploy.predictor import Predictor
+    predictor = Predictor.load("runs/x/model.safetensors")
+    for p in predictor.predict(["a.png", "b.png"]):
+        print(p.source, p.anomalous, p.normalized, p.category)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
+from onenip.data import IMAGE_EXTENSIONS
+from onenip.data.files import listing
+from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
+from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
+from onenip.models.detector import Detector, resolve_device
+from onenip.models.inference import DeployModel
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+@dataclass
+class Prediction:
+    source: str  # the path, or "<image i>" for in-memory images
+    score: float  # raw score: maximum of the 16x16 average-pooled anomaly map
+    normalized: float  # 1 - 2^(-score / threshold): 0.5 at the threshold
+    anomalous: bool  # score > threshold
+    category: str  # category of the retrieved prompt (whose threshold decided)
+    similarity: float  # cosine similarity to that prompt
+    threshold: float
+    anomaly_map: np.ndarray  # (H, W) float32 at the image's size
+    mask: np.ndarray  # (H, W) bool: map > threshold where the image is judged defective
+
+    def __repr__(self) -> str:  # the arrays by their shape
+        return (f"Prediction(source={self.source!r}, anomalous={self.anomalous}, normalized={self.normalized:.4f}, "
+                f"score={self.score:.6g}, threshold={self.threshold:.6g}, category={self.category!r}, "
+                f"similarity={self.similarity:.4f}, anomaly_map=<{self.anomaly_map.shape[0]}x"
+                f"{self.anomaly_map.shape[1]}>, mask=<{int(self.mask.sum())} defect pixels>)")
+
+    def row(self) -> dict[str, Any]:
+        return {"image": self.source, "anomalous": self.anomalous, "normalized_score": round(self.normalized, 6),
+                "score": round(self.score, 6), "threshold": round(self.threshold, 6), "category": self.category,
+                "similarity": round(self.similarity, 6), "defect_pixels": int(self.mask.sum())}
+
+
+def _as_rgb(item: ImageInput) -> Image.Image:
+    if isinstance(item, (str, Path)):
+        return load_image(item)
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, np.ndarray):
+        arr = item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item
+        if not (arr.ndim == 3 and arr.shape[2] in (3, 4) or arr.ndim == 2) or arr.size == 0:
+            raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) and not empty, got "
+                             f"shape {item.shape}")
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:  # scaled as deep image files are (see images.load_image)
+            if arr.dtype.kind not in "uif":
+                raise TypeError(f"an image array must hold numbers, got dtype {arr.dtype}")
+            mode = "F" if arr.dtype.kind == "f" else "I;16" if arr.dtype == np.uint16 else "I"
+            arr = deep_to_uint8(arr, mode)
+        return to_rgb(Image.fromarray(np.ascontiguousarray(arr[..., :3] if arr.ndim == 3 else arr)))
+    raise TypeError(f"cannot read an image from {type(item).__name__} (give a path, a PIL image or a numpy array)")
+
+
+class Predictor:
+    """A trained model ready to judge new images (its checkpoint must hold a deployment: every `onenip fit` writes one)."""
+
+    def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16, fast: bool = False,
+                 compile_mode: str | None = None) -> None:
+        """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
+        `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if detector.deployment is None:
+            raise CheckpointError("this model has no prompt pool and thresholds (a training checkpoint?); use the "
+                                  "run's model.safetensors, or `onenip calibrate MODEL --output NEW.safetensors`")
+        self.device = resolve_device(device, "--device")
+        self.model = DeployModel(detector, detector.deployment).to(self.device)
+        if fast or compile_mode:
+            self.model.optimize(compile_mode)
+        self.batch_size = batch_size
+        self.size = detector.input_size
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, fast: bool = False,
+             compile_mode: str | None = None) -> "Predictor":
+        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast, compile_mode=compile_mode)
+
+    @property
+    def categories(self) -> list[str]:
+        return self.model.categories
+
+    @torch.no_grad()
+    def predict(self, inputs: ImageInput | Sequence[ImageInput], progress: bool = False) -> list[Prediction]:
+        if isinstance(inputs, (bytes, bytearray)) or inputs is None:
+            raise TypeError(f"cannot read an image from {type(inputs).__name__} (give a path, a PIL image or a numpy "
+                            "array, or a list of them)")
+        items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
+        out: list[Prediction] = []
+        for start in tqdm(range(0, len(items), self.batch_size), desc="predict", unit="batch",
+                          disable=not progress, dynamic_ncols=True):
+            chunk = items[start : start + self.batch_size]
+            rgb = [_as_rgb(x) for x in chunk]
+            batch = torch.from_numpy(np.stack([resize_image(im, self.size) for im in rgb])).permute(0, 3, 1, 2)
+            res = self.model(batch.to(self.device))
+            for k, (item, im) in enumerate(zip(chunk, rgb)):
+                out.append(self._one(item, start + k, im, {name: v[k] for name, v in res.items()}))
+        return out
+
+    __call__ = predict
+
+    def _one(self, item: ImageInput, index: int, image: Image.Image, res: dict[str, torch.Tensor]) -> Prediction:
+        w, h = image.size
+        amap = F.interpolate(res["map"][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        cat = int(res["category"])
+        threshold = float(self.model.thresholds[cat])
+        anomalous = bool(res["anomalous"])
+        mask = (amap > threshold) if anomalous else torch.zeros_like(amap, dtype=torch.bool)
+        return Prediction(
+            source=str(item) if isinstance(item, (str, Path)) else f"<image {index}>",
+            score=float(res["score"]), normalized=float(res["normalized"]), anomalous=anomalous,
+            category=self.model.categories[cat], similarity=float(res["similarity"]), threshold=threshold,
+            anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(),
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------------------------------
+
+# A perceptually ordered colour ramp (dark blue -> blue -> cyan -> yellow -> red), interpolated linearly.
+_RAMP = np.array([[0, 0, 64], [0, 64, 255], [0, 220, 220], [255, 230, 0], [220, 0, 0]], dtype=np.float32)
+
+
+def heat(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB colours of the ramp."""
+    x = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    i = np.minimum(x.astype(int), len(_RAMP) - 2)
+    f = (x - i)[..., None]
+    return (_RAMP[i] * (1 - f) + _RAMP[i + 1] * f).astype(np.uint8)
+
+
+def overlay(image: Image.Image | np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray | None = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """The image with its anomaly map as a heat map (threshold in the middle of the ramp) and the mask outlined."""
+    rgb = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image, dtype=np.float32)
+    colours = heat(anomaly_map / (2.0 * threshold)).astype(np.float32)
+    out = rgb * (1 - alpha) + colours * alpha
+    if mask is not None and mask.any():
+        edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
+        out[edge] = (255, 255, 255)
+    return out.clip(0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files as given, folders searched recursively for images, anything else as a glob pattern. Sorted per argument."""
+    out: list[Path] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_file():
+            out.append(path)
+        elif path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+                           and not f.name.startswith("."))
+            if not found:
+                raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
+            out.extend(found)
+        else:
+            found = sorted(Path(f) for f in glob.glob(p, recursive=True) if Path(f).is_file())
+            if not found:
+                raise DatasetError(f"{p}: no such file or folder, and no file matches it as a pattern")
+            out.extend(found)
+    return out
+
+
+def _output_names(paths: list[Path]) -> list[str]:
+    """Output file names, by one rule for all images: the last k parts of each path (without the suffix) joined by
+    "__", with the smallest k that tells apart all the images that their whole paths tell apart: k = 1 (the file
+    stems) unless stems repeat, and then e.g. good__000 and crack__000 for every image of the run alike. A name still
+    shared (the same file given twice, a.png beside a.jpg) gets -2, -3, ... in input order: no output overwrites
+    another."""
+    parts = [p.relative_to(p.anchor).with_suffix("").parts for p in (Path(os.path.abspath(q)) for q in paths)]
+    distinct = len(set(parts))  # what the whole paths tell apart
+    names: list[str] = []
+    for k in range(1, max((len(pp) for pp in parts), default=1) + 1):
+        names = ["__".join(pp[-k:]) for pp in parts]
+        if len(set(names)) == distinct:
+            break
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        n = 1
+        while names[i] in used:
+            n += 1
+            names[i] = f"{name}-{n}"
+        used.add(names[i])
+    return names
+
+
+IMAGE_FOLDERS = ("overlays", "masks")  # what `onenip predict` writes into its output folder, beside the index
+INDEX_FILES = ("predictions.csv", "predictions.json")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` lies in the overlays/ or masks/ of `folder` or of another folder holding a predictions index
+    (what `onenip predict` writes)."""
+    out = folder.resolve()
+    for parent in path.resolve().parents:
+        if parent.name in IMAGE_FOLDERS and (parent.parent == out or any(
+                (parent.parent / index).is_file() for index in INDEX_FILES)):
+            return True
+    return False
+
+
+def _retire_earlier_run(out: Path) -> None:
+    """Remove an earlier run's index from `out` and the overlays and masks it lists (only files inside `out`'s
+    overlays/ and masks/: an edited index cannot reach elsewhere). Files no index lists are left alone."""
+    try:
+        listed = json.loads((out / "predictions.json").read_text())["predictions"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    for index in INDEX_FILES:  # first: no index may list a file already gone
+        (out / index).unlink(missing_ok=True)
+    folders = {(out / sub).resolve() for sub in IMAGE_FOLDERS}
+    for row in listed if isinstance(listed, list) else []:
+        for key in ("overlay", "mask"):
+            rel = row.get(key) if isinstance(row, dict) else None
+            if isinstance(rel, str) and rel:
+                path = (out / rel).resolve()
+                if path.parent in folders and path.suffix == ".png":
+                    path.unlink(missing_ok=True)
+
+
+def _unreadable(first: DatasetError, rest: Sequence[Path], threads: int = 4) -> DatasetError:
+    """The error for a run without --skip-bad that met an unreadable image: it and every other unreadable one among
+    `rest` (the images not yet read, checked now, so that one rerun can fix them all), up to MAX_LISTED_PROBLEMS."""
+
+    def problem(path: Path) -> str | None:
+        try:
+            load_image(path)
+        except DatasetError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onenip-predict-check") as pool:
+        problems = [str(first)] + [q for q in pool.map(problem, rest) if q is not None]
+    count = "1 image cannot" if len(problems) == 1 else f"{len(problems)} images cannot"
+    return DatasetError(f"{count} be read:{listing(problems)}\n"
+                        "fix or remove them, or give --skip-bad to leave them out (listed in predictions.json)")
+
+
+def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
+                batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
+                fast: bool = False) -> list[dict]:
+    """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs.
+
+    The two index files are written last (atomically): a folder without them holds no finished run. Once this run
+    has judged its first image, it retires an earlier run in the folder (`_retire_earlier_run`), so that a run that
+    stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
+    that ends leaves no overlays of images it did not judge."""
+    out = check_output_folder(output, "--output")
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
+    found = expand_inputs(inputs)
+    paths = [p for p in found if not _inside(p, out)]  # never the overlays and masks of an earlier run here
+    if found and not paths:
+        raise DatasetError(f"every input image lies in the overlays/ or masks/ that onenip predict wrote (into {out} "
+                           "or another folder holding a predictions index)")
+    unique: dict[Path, Path] = {}
+    for p in paths:  # an image given twice is judged once
+        unique.setdefault(p.resolve(), p)
+    paths = list(unique.values())
+    names = _output_names(paths)
+    rows: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    retired = False
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+        chunk, loaded = [], []
+        for k, p in enumerate(paths[start : start + batch_size]):
+            try:
+                loaded.append(load_image(p))  # decoded once, for the model and for the overlay
+                chunk.append(start + k)
+            except DatasetError as exc:
+                if not skip_bad:
+                    raise _unreadable(exc, paths[start + k + 1 :]) from None
+                bad.append({"image": str(p), "reason": str(exc)})
+        for k, pred in zip(chunk, predictor.predict(loaded)):
+            pred.source = str(paths[k])
+            row = pred.row()
+            if not retired:
+                _retire_earlier_run(out)
+                retired = True
+            if images:
+                (out / "overlays").mkdir(parents=True, exist_ok=True)
+                (out / "masks").mkdir(parents=True, exist_ok=True)
+                pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask)
+                Image.fromarray(pic).save(out / "overlays" / f"{names[k]}.png")
+                Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / "masks" / f"{names[k]}_mask.png")
+                row.update(overlay=f"overlays/{names[k]}.png", mask=f"masks/{names[k]}_mask.png")
+            rows.append(row)
+    if bad:
+        warnings.warn(f"left out {len(bad)} unreadable images (listed in predictions.json)", OnenipWarning, stacklevel=2)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "checkpoint": str(checkpoint), "images": len(rows), "anomalous": sum(r["anomalous"] for r in rows),
+        "by_category": {c: {"images": sum(r["category"] == c for r in rows),
+                            "anomalous": sum(r["category"] == c and r["anomalous"] for r in rows)}
+                        for c in predictor.categories},
+        "skipped": bad,
+    }
+    atomic_write_csv(out / "predictions.csv", rows)
+    atomic_write_text(out / "predictions.json", json.dumps({"summary": summary, "predictions": rows}, indent=2))
+    return rows

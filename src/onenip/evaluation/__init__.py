@@ -1,0 +1,1 @@
+"""Evaluation: exact metrics, the evaluation protocols (`evaluate`) and calibration of decision thresholds."""

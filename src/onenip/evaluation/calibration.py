@@ -1,0 +1,185 @@
+"""Thresholds for a trained detector, and the deployment built after training.
+
+Thresholds come from normal images only — held-out training images, at a false alarm rate the user chooses
+(`calibrate_far`) — or, given a labelled validation set, maximise F1 (`calibrate_f1`). `build_deployment` draws the
+prompt pool and fusion constant as the clean protocol does and sets the thresholds; `recalibrate` sets new ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from onenip.data import Sample, group_by_category, load_split
+from onenip.data.tensors import SampleImages
+from onenip.errors import ConfigError, DatasetError, OnenipWarning
+from onenip.evaluation.evaluate import build_prompt_pool, train_fusion_scale
+from onenip.evaluation.metrics import f1_max
+from onenip.models.deployment import Deployment
+from onenip.models.detector import Detector
+from onenip.models.inference import DeployModel
+
+# --------------------------------------------------------------------------------------------------------------------
+# Thresholds
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def far_threshold(normal_scores: np.ndarray, far: float) -> float:
+    """The smallest threshold at which at most a fraction `far` of these normal scores lie above it.
+
+    With n scores sorted ascending, k = floor(far * n) false alarms are allowed: the threshold is the (n-k)-th score, so
+    the scores strictly above it are at most k. With fewer than 1/far scores k = 0: the threshold is the maximum.
+    """
+    s = np.sort(np.asarray(normal_scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("no normal scores to set a threshold from")
+    k = int(math.floor(far * s.size + 1e-9))
+    return float(s[s.size - 1 - k])
+
+
+def calibrate_far(scores: dict[str, np.ndarray], far: float, source: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-category thresholds at false-alarm rate `far` from normal scores; warns where too few to resolve it."""
+    thresholds, info = {}, {}
+    for cat, s in scores.items():
+        thresholds[cat] = far_threshold(s, far)
+        info[cat] = {"method": "false_alarm_rate", "far": far, "normal_images": int(len(s)), "source": source}
+        if 0 < far and len(s) * far < 1:  # far = 0 asks for the maximum, which any number of images resolves
+            info[cat]["note"] = (f"only {len(s)} normal images: a rate of {far} cannot be resolved; the threshold is "
+                                 "their maximum score")
+    few = [c for c, v in info.items() if "note" in v]
+    if few:
+        warnings.warn(f"thresholds of {', '.join(few)} rest on fewer than 1/far = {1 / far:.0f} normal images "
+                      f"({source}); their false alarm rate may differ from {far}", OnenipWarning, stacklevel=2)
+    return thresholds, info
+
+
+def calibrate_f1(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per-category thresholds maximising F1 on labelled validation scores (anomalous when score > threshold)."""
+    thresholds, info = {}, {}
+    for cat, s in scores.items():
+        lab = labels[cat]
+        if lab.min() == lab.max():
+            raise DatasetError(f"category {cat}: the validation set needs both normal and defective images for F1")
+        best, t = f1_max(s, lab)  # predict anomalous when score >= t
+        below = s[s < t]
+        # the same decisions with 'score > threshold': the largest score under t (or just under t)
+        thresholds[cat] = float(below.max()) if below.size else float(np.nextafter(t, -np.inf))
+        info[cat] = {"method": "f1", "f1": float(best), "images": int(len(s)), "defective": int(lab.sum())}
+    return thresholds, info
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building a deployment after training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Per category, hold out floor(fraction * n) normal training images (seeded), keeping at least one to train on."""
+    if fraction <= 0:
+        return list(samples), []
+    train, held = [], []
+    for c, (cat, members) in enumerate(group_by_category(samples).items()):
+        n_hold = min(int(math.floor(fraction * len(members))), len(members) - 1)
+        order = np.random.default_rng([seed, c, 0x401D]).permutation(len(members))
+        hold = set(order[:n_hold].tolist())
+        for i, s in enumerate(members):
+            (held if i in hold else train).append(s)
+    return train, held
+
+
+@torch.no_grad()
+def deployment_scores(model: DeployModel, samples: list[Sample], batch_size: int, workers: int = 0) -> dict[str, np.ndarray]:
+    """Raw scores of `samples`, grouped by their TRUE category (the one a threshold is for)."""
+    loader = torch.utils.data.DataLoader(SampleImages(samples, model.size), batch_size=batch_size, num_workers=workers)
+    dev = model.pool_feats.device
+    scores = np.concatenate([model(b["image"].to(dev))["score"].cpu().numpy() for b in loader]) if samples else []
+    out: dict[str, list[float]] = {}
+    for s, v in zip(samples, scores):
+        out.setdefault(s.category, []).append(float(v))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def build_deployment(detector: Detector, train: list[Sample], holdout: list[Sample], far: float,
+                     cfg=None) -> Deployment:
+    """Prompt pool and fusion constant from training images; thresholds at false-alarm rate `far` from the held-out
+    normal images (from the training images themselves, with a warning, for categories without held-out images)."""
+    cfg = cfg or detector.cfg
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=1))  # DeployModel uses the best prompt
+    detector.eval()
+    pool = build_prompt_pool(detector, train, cfg)
+    scale = train_fusion_scale(detector, train, pool, cfg) if detector.net.refiner is not None else None
+    dep = Deployment(
+        pool_feats=pool.feats, pool_categories=pool.categories, pool_images=[str(s.image) for s in pool.samples],
+        fusion_scale=scale, thresholds={c: math.inf for c in set(pool.categories)},
+        alpha=cfg.eval.fusion_alpha, score_kernel=cfg.eval.score_kernel,
+    )
+    model = DeployModel(detector, dep).to(pool.feats.device)
+    held_cats = {s.category for s in holdout}
+    missing = sorted(set(pool.categories) - held_cats)
+    scores = deployment_scores(model, holdout, cfg.eval.batch_size)
+    thresholds, info = calibrate_far(scores, far, "held-out training images") if scores else ({}, {})
+    if missing:
+        warnings.warn(f"no held-out normal images for {', '.join(missing)}: their thresholds come from training "
+                      "images, whose scores are lower than new images' (expect more false alarms); more normal images, "
+                      "or data.holdout > 0, give held-out ones", OnenipWarning, stacklevel=2)
+        fallback = deployment_scores(model, [s for s in train if s.category in missing], cfg.eval.batch_size)
+        t2, i2 = calibrate_far(fallback, far, "training images, none held out")
+        thresholds.update(t2)
+        info.update(i2)
+    dep.thresholds, dep.calibration = thresholds, info
+    return dep
+
+
+@torch.no_grad()
+def recalibrate(detector: Detector, far: float | None = None, val_roots: list[str] | None = None,
+                skip_bad: bool = False) -> Deployment:
+    """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
+    normal and defective images), or at false-alarm rate `far` on the images held out of its training."""
+    cfg = detector.cfg
+    dep = detector.deployment
+    if dep is None:  # an older checkpoint: build the pool and fusion constant from its training data
+        train, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
+        train, _ = split_holdout(train, cfg.data.holdout, cfg.train.seed)
+        dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
+    model = DeployModel(detector, dep).to(dep.pool_feats.device)
+    if val_roots:
+        val, _ = load_split(val_roots, "test", None, skip_bad, labelled_only=True)  # no train/ needed
+        unknown = sorted({s.category for s in val} - set(dep.categories))
+        if unknown:
+            raise DatasetError(f"validation categories {', '.join(unknown)} are not among the model's: "
+                             f"{', '.join(dep.categories)}")
+        scores = deployment_scores(model, val, cfg.eval.batch_size)
+        labels: dict[str, list[int]] = {}
+        for s in val:
+            labels.setdefault(s.category, []).append(s.label)
+        thresholds, info = calibrate_f1(scores, {k: np.array(v) for k, v in labels.items()})
+    else:
+        held = [Path(p) for p in detector.extra.get("holdout", [])]
+        if not held:
+            raise ConfigError("this model kept no held-out normal images (data.holdout was 0): give a labelled "
+                             "validation folder (--val) or retrain with data.holdout > 0")
+        by_path = {}
+        for s in load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)[0]:
+            by_path[s.image] = s
+        samples = [by_path[p] for p in held if p in by_path]
+        if len(samples) < len(held):
+            warnings.warn(f"{len(held) - len(samples)} held-out images are no longer in the training data", OnenipWarning,
+                          stacklevel=2)
+        far = cfg.eval.far if far is None else far
+        thresholds, info = calibrate_far(deployment_scores(model, samples, cfg.eval.batch_size), far,
+                                         "held-out training images")
+    kept = {c: dep.thresholds[c] for c in dep.categories if c not in thresholds}
+    if kept:
+        warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
+                      OnenipWarning, stacklevel=2)
+    return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
+                      fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
+                      calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},
+                      alpha=dep.alpha, score_kernel=dep.score_kernel)

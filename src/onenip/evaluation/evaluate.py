@@ -1,0 +1,462 @@
+"""Evaluation on the test split (§6): maps, fusion, image scores and the seven metrics per category and on average.
+
+Metrics (all exact, see `metrics`): image AUROC, AP and F1-max on image scores; pixel AUROC, AP, F1-max and AUPRO
+(FPR limit 0.3) on the maps at the input resolution against the masks resized to it (nearest). Labels come from the
+dataset (a defective image whose mask is empty still counts as defective). A category with a defective test image
+that has no mask is left out of the pixel metrics, with a warning. Means are unweighted over categories.
+
+The clean protocol evaluates the model as deployed: its prompt pool and fusion constant are drawn as `fit` draws the
+deployment's (same training images, less the held-out ones, same categories, same seeds), whatever subset of
+categories is evaluated. Every model retrieves the most similar pool image, as the deployed model does (a model without
+prompts uses it only to pick the category whose threshold applies), so retrieval accuracy is reported for all.
+
+Beyond the per-category metrics and their mean:
+
+* pooled image metrics: AUROC, AP and F1-max of all test images' scores ranked together, whatever their category.
+  A unified model has to be judged with one ranking too: a mean of per-category AUROCs near 1 can hide scores that
+  are not comparable between categories (a good image of one scoring above a defective image of another).
+* decisions at the model's own thresholds (clean protocol, one prompt, the deployment's prompt pool and fusion
+  constant: what `onenip predict` decides, image for image): per category, false alarms among the good images and
+  misses among the defective ones, and the pooled metrics of the threshold-relative score `score / threshold` (the
+  ranking of `predict`'s normalised score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from onenip.checkpoint import atomic_write_csv, atomic_write_text, file_sha256
+from onenip.config import Config
+from onenip.data import Sample, load_split
+from onenip.data.tensors import SampleImages
+from onenip.errors import DatasetError, OnenipWarning
+from onenip.evaluation.metrics import image_metrics, pixel_metrics
+from onenip.models.detector import Detector
+from onenip.models.inference import normalize_score
+from onenip.models.networks import Maps
+from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
+from onenip.models.scoring import fuse, fusion_scale, image_scores
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+METRICS = IMAGE_METRICS + PIXEL_METRICS
+
+
+@dataclass
+class Results:
+    """Per-category metrics of each scored map ('rec', 'ref', 'fused'), in [0, 1]; nan where undefined."""
+
+    protocol: str
+    categories: dict[str, dict[str, Any]]
+    fusion_scale: float | None
+    retrieval_accuracy: float | None
+    seconds: dict[str, float] = field(default_factory=dict)
+    scores: list[dict[str, Any]] = field(default_factory=list)  # one row per test image
+    skipped: list[dict[str, str]] = field(default_factory=list)  # test files left out by data.skip_bad, with reasons
+    checkpoint: str | None = None  # the model evaluated, when it came from a file
+    decisions: dict[str, Any] | None = None  # at the deployed thresholds (see `decision_summary`); None: not applicable
+    decisions_note: str | None = None  # why there are no decisions
+
+    def __repr__(self) -> str:  # a summary: the per-image scores of a test set are thousands of rows
+        mean = self.mean(self.main_map) if self.maps else {}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in mean.items() if k in ("image_auroc", "pixel_ap"))
+        return (f"Results(protocol={self.protocol!r}, categories={len(self.categories)}, images={len(self.scores)}, "
+                f"maps={self.maps}" + (f", mean {shown}" if shown else "") + ")")
+
+    @property
+    def maps(self) -> list[str]:
+        """The scored maps, of 'rec', 'ref' and 'fused' (a model without refiner has no 'ref')."""
+        return [m for m in ("rec", "ref", "fused") if any(m in c for c in self.categories.values())]
+
+    @property
+    def main_map(self) -> str:
+        """The map a one-line summary reports: 'fused', or the first scored one when eval.maps leaves it out."""
+        return "fused" if "fused" in self.maps else self.maps[0]
+
+    def _check_map(self, map_name: str) -> None:
+        if map_name not in self.maps:
+            raise KeyError(f"map {map_name!r} was not scored; scored: {', '.join(self.maps) or 'none'}")
+
+    def pooled(self, map_name: str = "fused") -> dict[str, float]:
+        """Image AUROC, AP and F1-max of all test images' scores ranked together (nan without both classes)."""
+        self._check_map(map_name)
+        rows = [r for r in self.scores if f"score_{map_name}" in r]
+        return image_entry([r[f"score_{map_name}"] for r in rows], [r["label"] for r in rows])
+
+    def _defined(self, map_name: str) -> dict[str, list[float]]:
+        """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
+        return {m: [c[map_name][m] for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m])]
+                for m in METRICS}
+
+    def mean(self, map_name: str = "fused") -> dict[str, float]:
+        """Unweighted mean over the categories where each metric is defined (see `counts`)."""
+        self._check_map(map_name)
+        return {m: float(np.mean(v)) if v else float("nan") for m, v in self._defined(map_name).items()}
+
+    def counts(self, map_name: str = "fused") -> dict[str, int]:
+        """How many categories each mean covers."""
+        self._check_map(map_name)
+        return {m: len(v) for m, v in self._defined(map_name).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        maps = sorted(self.maps)
+        return {
+            "protocol": self.protocol,
+            "checkpoint": self.checkpoint,
+            "fusion_scale": self.fusion_scale,
+            "retrieval_accuracy": self.retrieval_accuracy,
+            "seconds": self.seconds,
+            "skipped": self.skipped,
+            "categories": self.categories,
+            "mean": {m: self.mean(m) for m in maps},
+            "pooled": {m: self.pooled(m) for m in maps},
+            "decisions": self.decisions,
+            "decisions_note": self.decisions_note,
+        }
+
+    def to_markdown(self, map_name: str = "fused") -> str:
+        self._check_map(map_name)
+        names = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
+        lines = ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+
+        def fmt(v: float) -> str:
+            return "—" if math.isnan(v) else f"{100 * v:.1f}"
+
+        for cat, res in self.categories.items():
+            lines.append(f"| {cat} | " + " | ".join(fmt(res[map_name][m]) for m in METRICS) + " |")
+        lines.append("| **mean** | " + " | ".join(f"**{fmt(v)}**" for v in self.mean(map_name).values()) + " |")
+        pooled = self.pooled(map_name)
+        lines.append("| pooled | " + " | ".join(fmt(pooled.get(m, float("nan"))) for m in METRICS) + " |")
+        counts = dict(zip(names, self.counts(map_name).values()))
+        none = [name for name, n in counts.items() if n == 0]
+        short = [f"{name} {n}" for name, n in counts.items() if 0 < n < len(self.categories)]
+        if none:
+            lines += ["", f"No category defines {', '.join(none)} (pixel metrics need defective images with masks; "
+                      "image metrics need good and defective images)."]
+        if short:
+            lines += ["", f"Means over fewer than the {len(self.categories)} categories (where the metric is defined): "
+                      + ", ".join(short) + "."]
+        lines += ["", "pooled: all test images' scores ranked together, whatever their category (image metrics only)."]
+        return "\n".join(lines)
+
+    def decisions_markdown(self) -> str:
+        """The table of decisions at the model's thresholds, or why there is none."""
+        d = self.decisions
+        if d is None:
+            return f"No decisions: {self.decisions_note or 'not computed'}."
+
+        def rate(k: int, n: int) -> str:
+            return "—" if n == 0 else f"{k} / {n} ({100 * k / n:.1f} %)"
+
+        lines = ["| category | false alarms (good flagged) | misses (defective passed) |", "|---|---:|---:|"]
+        for cat, c in {**d["categories"], "**all**": d["all"]}.items():
+            lines.append(f"| {cat} | {rate(c['false_alarms'], c['good'])} | {rate(c['missed'], c['defective'])} |")
+        p = d["pooled_relative"]
+        sources = sorted({str(c["source"]) for c in d.get("calibration", {}).values() if "source" in c})
+        lines += ["", "Thresholds" + (f" (from {', '.join(sources)})" if sources else "") + ": "
+                  + "; ".join(f"{cat} {t:.6g}" for cat, t in d["thresholds"].items()) + ".",
+                  "Pooled metrics of score / threshold (the ranking of predict's normalised score): "
+                  + ", ".join(f"{n} {100 * p[k]:.1f}" for n, k in zip(("I-AUROC", "I-AP", "I-F1max"), IMAGE_METRICS))
+                  + "."]
+        return "\n".join(lines)
+
+
+def _loader(ds: Dataset, cfg: Config) -> DataLoader:
+    return DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.workers)
+
+
+@torch.no_grad()
+def features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torch.Tensor:
+    """Backbone features (N, C, h, w) of the samples' images at cfg.data.input_size, on the detector's device."""
+    dev = next(detector.parameters()).device
+    feats = [detector.features(b["image"].to(dev)) for b in _loader(SampleImages(samples, cfg.data.input_size), cfg)]
+    return torch.cat(feats)
+
+
+def model_categories(detector: Detector) -> list[str] | None:
+    """The categories a model was trained on (None for a model that recorded none)."""
+    if detector.extra.get("categories"):
+        return sorted(detector.extra["categories"])
+    return detector.deployment.categories if detector.deployment is not None else None
+
+
+def prompt_source(detector: Detector, cfg: Config) -> list[Sample]:
+    """The normal training images prompts and the clean fusion constant are drawn from, as for the deployed model:
+    those of every category the model knows, not only of the evaluated ones (retrieval must not be told which
+    categories to expect), less the images held out of training for its thresholds. On other roots than the model's
+    (new categories), their training images of the evaluated categories."""
+    skip, threads, cats = cfg.data.skip_bad, max(1, cfg.data.workers), cfg.data.categories or None
+    known = model_categories(detector)
+    try:
+        train, _ = load_split(cfg.data.roots, "train", known or cats, skip, threads)
+    except DatasetError as exc:
+        if known is None:
+            raise
+        train, _ = load_split(cfg.data.roots, "train", cats, skip, threads)
+        warnings.warn(f"the model's categories are not all in {cfg.data.roots} ({exc}); prompts come from the "
+                      "evaluated categories' training images", OnenipWarning, stacklevel=2)
+    held = set(detector.extra.get("holdout", []))
+    return [s for s in train if str(s.image) not in held]
+
+
+@torch.no_grad()
+def build_prompt_pool(detector: Detector, train: list[Sample], cfg: Config) -> PromptPool:
+    samples = pool_samples(train, cfg.eval.prompt_pool, cfg.eval.seed)
+    return PromptPool(samples, features_of(detector, samples, cfg))
+
+
+@torch.no_grad()
+def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool | None, cfg: Config) -> float:
+    """c of the clean protocol: (max + min) / 2 of the reconstruction maps of normal training images (not in the pool)."""
+    exclude = {s.image for s in pool.samples} if pool is not None else set()
+    samples = pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude=exclude)
+    feats = features_of(detector, samples, cfg)
+    lo, hi = math.inf, -math.inf
+    for s in range(0, feats.shape[0], cfg.eval.batch_size):
+        f = feats[s : s + cfg.eval.batch_size]
+        if pool is None or not detector.uses_prompt:
+            rec = detector.maps(f, None).rec
+        else:  # the maps the test images get: the mean over their eval.prompts most similar prompts
+            j = pool.retrieve_top(f, cfg.eval.prompts)[0]
+            rec = mean_maps([detector.maps(f, pool.feats[j[:, k]]) for k in range(j.shape[1])]).rec
+        lo, hi = min(lo, float(rec.min())), max(hi, float(rec.max()))
+    return fusion_scale(lo, hi)
+
+
+def image_entry(scores: Any, labels: Any) -> dict[str, float]:
+    """image_auroc, image_ap, image_f1max of image scores (nan without both classes, or without images)."""
+    if len(scores) == 0:
+        return dict.fromkeys(IMAGE_METRICS, float("nan"))
+    im = image_metrics(np.asarray(scores, dtype=np.float64), np.asarray(labels))
+    return {"image_auroc": im["auroc"], "image_ap": im["ap"], "image_f1max": im["f1_max"]}
+
+
+def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
+    """Seven metrics of one category's maps (pixel metrics nan without usable masks) and the image scores."""
+    scores = image_scores(maps, cfg.eval.score_kernel)
+    res = image_entry(scores, labels)
+    if masks is not None:
+        pm = pixel_metrics(maps, masks, cfg.eval.fpr_limit)
+        res.update({"pixel_auroc": pm["auroc"], "pixel_ap": pm["ap"], "pixel_f1max": pm["f1_max"],
+                    "pixel_aupro": pm["aupro"]})
+    else:
+        res.update({k: float("nan") for k in PIXEL_METRICS})
+    return res, scores
+
+
+@torch.no_grad()
+def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None) -> Results:
+    """Evaluate `detector` on the test split of cfg.data.roots under cfg.eval.protocol.
+
+    One category at a time: its maps are computed, scored and dropped before the next, so memory grows with the
+    largest category, not with the test set. The paper protocol's fusion constant needs the reconstruction maps of the
+    whole test set first: a first pass computes only their minimum and maximum (inference runs twice).
+    """
+    t_start = time.perf_counter()
+    detector.eval()
+    dev = next(detector.parameters()).device
+    e, size = cfg.eval, cfg.data.input_size
+    cats = cfg.data.categories or None
+    skip, threads = cfg.data.skip_bad, max(1, cfg.data.workers)
+    skipped: list[tuple[Sample, str]] = []
+    if samples is not None:
+        test = samples
+    else:
+        test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
+    train = prompt_source(detector, cfg)
+    paper = detector.uses_prompt and e.protocol == "paper"
+    prompt_samples = paper_prompt_sets(test, train, e.seed, e.prompts) if paper else None
+    pool = build_prompt_pool(detector, train, cfg) if e.protocol == "clean" else None  # every deployed model retrieves
+    k_prompts = e.prompts if detector.uses_prompt else 1
+    has_ref = detector.net.refiner is not None
+    names = [m for m in e.maps if not (m == "ref" and not has_ref)]  # without a refiner, fused is rec
+    by_cat: dict[str, list[int]] = {}
+    for i, s in enumerate(test):
+        by_cat.setdefault(s.category, []).append(i)
+    batches = sum(-(-len(ix) // e.batch_size) for ix in by_cat.values())
+    bar = tqdm(total=batches * (2 if has_ref and prompt_samples is not None else 1), desc="test", unit="batch",
+               disable=not progress, dynamic_ncols=True)
+
+    def infer(indices: list[int]):
+        """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities).
+        With eval.prompts = K > 1 the maps are the mean of the maps of the K prompts."""
+        subset = [test[i] for i in indices]
+        prompts = [prompt_samples[i] for i in indices] if prompt_samples is not None else None
+        for batch in _loader(SampleImages(subset, size, prompts), cfg):
+            feats = detector.features(batch["image"].to(dev))
+            prompt_feats: list[torch.Tensor | None] = [None]
+            got, sim = None, None
+            if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
+                prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
+            elif pool is not None:
+                j, s = pool.retrieve_top(feats, k_prompts)  # (B, K), best first
+                if detector.uses_prompt:
+                    prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
+                got, sim = [pool.categories[k] for k in j[:, 0].tolist()], s[:, 0].tolist()
+            bar.update(1)
+            yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
+                batch["has_mask"], got, sim
+
+    t_infer = 0.0
+    if not has_ref:
+        scale = None
+    elif e.protocol == "clean":
+        scale = train_fusion_scale(detector, train, pool, cfg)
+    else:  # paper protocol: (max + min) / 2 over the whole test set (transductive, as the authors' code)
+        t0 = time.perf_counter()
+        lo, hi = math.inf, -math.inf
+        for _, maps, *_ in infer(list(range(len(test)))):
+            lo, hi = min(lo, float(maps.rec.min())), max(hi, float(maps.rec.max()))
+        scale = fusion_scale(lo, hi)
+        t_infer += time.perf_counter() - t0
+
+    categories: dict[str, dict[str, Any]] = {}
+    score_rows: list[dict[str, Any]] = [
+        {"image": str(s.image), "category": s.category, "defect": s.defect, "label": s.label, "retrieved": None,
+         "similarity": None} for s in test
+    ]
+    t_metrics = 0.0
+    for cat in sorted(by_cat):
+        indices = by_cat[cat]
+        n = len(indices)
+        t0 = time.perf_counter()
+        maps = {name: np.empty((n, size, size), dtype=np.float32) for name in names}
+        masks = np.zeros((n, size, size), dtype=bool)
+        has_mask = np.zeros(n, dtype=bool)
+        for pos, m, mask, hm, got, sim in infer(indices):
+            fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
+            for name in names:
+                maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
+            masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
+            for p, g, si in zip(pos, got or [], sim or []):
+                score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6))
+        t1 = time.perf_counter()
+        t_infer += t1 - t0
+        labels = np.array([test[i].label for i in indices])
+        pixel_ok = bool(np.all(has_mask[labels == 1]))
+        if not pixel_ok:
+            warnings.warn(f"category {cat}: {int(np.sum(~has_mask[labels == 1]))} defective test images have no "
+                          "mask; the category is left out of the pixel metrics", OnenipWarning, stacklevel=2)
+        entry: dict[str, Any] = {"images": n, "defective": int(labels.sum()), "pixel_metrics": pixel_ok}
+        if pool is not None:
+            entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
+        for name in names:
+            entry[name], scores = category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
+            for i, sc in zip(indices, scores):
+                score_rows[i][f"score_{name}"] = float(sc)
+            del maps[name]  # free each map as soon as it is scored
+        categories[cat] = entry
+        t_metrics += time.perf_counter() - t1
+    bar.close()
+    retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
+    note = why_no_decisions(detector, cfg, pool, scale, names)
+    dep = detector.deployment
+    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration) if note is None else None
+    seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
+               "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
+    return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
+                   seconds=seconds, scores=score_rows,
+                   skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped],
+                   decisions=decisions, decisions_note=note)
+
+
+def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, scale: float | None,
+                     names: list[str]) -> str | None:
+    """None when this evaluation scores what the model's deployment scores (so its thresholds decide as predict
+    does); otherwise why not."""
+    dep, e = detector.deployment, cfg.eval
+    if dep is None:
+        return "the model carries no deployment (thresholds)"
+    if pool is None:
+        return "the paper protocol gives the prompts; the deployed model retrieves them (use the clean protocol)"
+    if detector.uses_prompt and e.prompts != 1:
+        return f"eval.prompts={e.prompts}: the deployed model uses one prompt"
+    if "fused" not in names:
+        return "eval.maps has no 'fused' map, the one the deployed model scores"
+    if [str(s.image) for s in pool.samples] != list(dep.pool_images):
+        return "the prompt pool differs from the deployment's (eval.prompt_pool, eval.seed or the data changed)"
+    same_scale = (scale is None) == (dep.fusion_scale is None) and (
+        scale is None or math.isclose(scale, dep.fusion_scale, rel_tol=1e-5, abs_tol=1e-12))
+    if not same_scale or e.fusion_alpha != dep.alpha or e.score_kernel != dep.score_kernel:
+        return "the fusion constant, eval.fusion_alpha or eval.score_kernel differ from the deployment's"
+    if not all(math.isfinite(dep.thresholds.get(c, math.inf)) for c in dep.categories):
+        return "the deployment has no finite threshold for every category"
+    return None
+
+
+def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decide each image (rows of `Results.scores`) as the deployed model does: anomalous when its fused score exceeds
+    the threshold of the RETRIEVED category. Adds threshold, normalized (1 - 2^(-score / threshold)) and anomalous
+    to each row; returns the counts per true category and in all, and the pooled metrics of score / threshold."""
+    counts: dict[str, dict[str, int]] = {}
+    relative = np.empty(len(rows))
+    for i, r in enumerate(rows):
+        t = thresholds[r["retrieved"]]
+        safe = max(t, 1e-12)  # as DeployModel clamps it
+        relative[i] = r["score_fused"] / safe
+        r.update(threshold=t, normalized=float(normalize_score(r["score_fused"], safe)), anomalous=bool(r["score_fused"] > t))
+        c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0})
+        if r["label"]:
+            c["defective"] += 1
+            c["missed"] += not r["anomalous"]
+        else:
+            c["good"] += 1
+            c["false_alarms"] += r["anomalous"]
+    total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed")}
+    return {"categories": dict(sorted(counts.items())), "all": total, "thresholds": dict(sorted(thresholds.items())),
+            "calibration": calibration or {}, "pooled_relative": image_entry(relative, [r["label"] for r in rows])}
+
+
+def mean_maps(maps: list[Maps]) -> Maps:
+    """K-prompt fusion: the mean of the reconstruction maps and of the refiner maps of K prompts."""
+    if len(maps) == 1:
+        return maps[0]
+    rec = torch.stack([m.rec for m in maps]).mean(0)
+    ref = torch.stack([m.ref for m in maps]).mean(0) if maps[0].ref is not None else None
+    return Maps(rec=rec, ref=ref)
+
+
+def _null_for_nan(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (JSON's null), in nested dicts and lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _null_for_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_null_for_nan(v) for v in obj]
+    return obj
+
+
+def write_results(results: Results, folder: str | Path) -> Path:
+    """results.json, results.md (a table per scored map) and scores.csv (one row per test image) in `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = results.to_dict()
+    if results.checkpoint and Path(results.checkpoint).is_file():  # so that a report can tell the model changed
+        data["checkpoint_sha256"] = file_sha256(results.checkpoint)
+    # strict JSON: an undefined metric (a category without defective images, say) is null, not NaN
+    atomic_write_text(folder / "results.json", json.dumps(_null_for_nan(data), indent=2, allow_nan=False))
+    md = [f"# Test results ({results.protocol} protocol)", ""]
+    if results.retrieval_accuracy is not None:
+        md += [f"Prompt retrieval picked the right category for {100 * results.retrieval_accuracy:.2f} % of test images.", ""]
+    if results.skipped:
+        md += [f"{len(results.skipped)} unusable test files were left out (data.skip_bad); results.json lists them.", ""]
+    for name in data["mean"]:
+        md += [f"## map: {name}", "", results.to_markdown(name), ""]
+    md += ["## Decisions at the model's thresholds (as `onenip predict` decides)", "", results.decisions_markdown(), ""]
+    atomic_write_text(folder / "results.md", "\n".join(md))
+    if results.scores:
+        atomic_write_csv(folder / "scores.csv", results.scores)
+    return folder

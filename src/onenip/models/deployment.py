@@ -1,0 +1,47 @@
+"""What a trained detector needs to judge new images on its own: its prompt pool, fusion constant and thresholds.
+
+A `Deployment` holds a prompt pool (backbone features of a few normal training images of every category; a new image
+takes the most similar one, so no category has to be given), the fusion constant c (from training images) and one
+decision threshold per category. `onenip.evaluation.calibration` builds one after training and sets its thresholds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class Deployment:
+    pool_feats: Tensor  # (P, C, H, W) backbone features of the prompt pool
+    pool_categories: list[str]  # (P,) category of each pool image
+    pool_images: list[str]  # (P,) where each came from
+    fusion_scale: float | None  # c of fused = alpha * rec + (1 - alpha) * c * ref; None without a refiner
+    thresholds: dict[str, float]  # per category, in raw-score units: anomalous when score > threshold
+    calibration: dict[str, Any] = field(default_factory=dict)  # how the thresholds were set, per category
+    alpha: float = 0.5
+    score_kernel: int = 16
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted(set(self.pool_categories))
+
+    def to_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors, JSON-able metadata) for a checkpoint."""
+        meta = {
+            "pool_categories": self.pool_categories, "pool_images": self.pool_images,
+            "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
+            "alpha": self.alpha, "score_kernel": self.score_kernel,
+        }
+        return {"pool_feats": self.pool_feats.detach().cpu().contiguous()}, meta
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> "Deployment":
+        return cls(
+            pool_feats=tensors["pool_feats"], pool_categories=list(meta["pool_categories"]),
+            pool_images=list(meta["pool_images"]), fusion_scale=meta["fusion_scale"],
+            thresholds={k: float(v) for k, v in meta["thresholds"].items()}, calibration=dict(meta["calibration"]),
+            alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
+        )

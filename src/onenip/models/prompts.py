@@ -1,0 +1,81 @@
+"""Choosing the normal image prompt of a test image.
+
+- paper protocol (the authors' code, §6): a random normal training image of the test image's TRUE category, drawn
+  independently for each test image (here seeded by (seed, index) so a run repeats exactly);
+- clean protocol (the retrieval of the paper's §3.5, never run by the authors' code): the category is not given. A
+  pool holds a few normal training images of every category (§3.5 selects one per class: `eval.prompt_pool=1`); a
+  test image takes the pool image whose spatially averaged backbone features are most similar (cosine) to its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from onenip.data import Sample, group_by_category
+from onenip.errors import OnenipWarning
+
+
+def paper_prompts(test: list[Sample], train: list[Sample], seed: int) -> list[Sample]:
+    """For each test sample, a random training sample of the same category (seeded by (seed, index))."""
+    return [p[0] for p in paper_prompt_sets(test, train, seed, 1)]
+
+
+def paper_prompt_sets(test: list[Sample], train: list[Sample], seed: int, k: int) -> list[list[Sample]]:
+    """For each test sample, k random training samples of its category (with replacement; seeded by (seed, index)).
+    The first is the one `paper_prompts` draws."""
+    by_cat = group_by_category(train)
+    out = []
+    for i, s in enumerate(test):
+        members = by_cat.get(s.category)
+        if not members:
+            raise ValueError(f"category {s.category!r} has test images but no training images to draw a prompt from")
+        out.append([members[int(j)] for j in np.random.default_rng([seed, i]).integers(len(members), size=k)])
+    return out
+
+
+def pool_samples(train: list[Sample], per_category: int, seed: int, exclude: set = frozenset()) -> list[Sample]:
+    """`per_category` distinct training samples of every category, drawn with a seeded generator."""
+    out: list[Sample] = []
+    for c, (cat, members) in enumerate(group_by_category(train).items()):
+        kept = [m for m in members if m.image not in exclude]
+        if not kept and exclude:
+            warnings.warn(f"category {cat}: all its {len(members)} training images are excluded (e.g. all in the "
+                          "prompt pool); drawing from them anyway", OnenipWarning, stacklevel=2)
+        members = kept or members
+        rng = np.random.default_rng([seed, c, 0xB001])
+        take = rng.choice(len(members), size=min(per_category, len(members)), replace=False)
+        out.extend(members[int(i)] for i in sorted(take))
+    return out
+
+
+def descriptor(feats: Tensor) -> Tensor:
+    """(B, C, H, W) features -> (B, C) unit-norm spatial means."""
+    return torch.nn.functional.normalize(feats.float().mean(dim=(2, 3)), dim=1)
+
+
+class PromptPool:
+    """Prompt features of normal images of every category and class-agnostic retrieval by cosine similarity."""
+
+    def __init__(self, samples: list[Sample], feats: Tensor) -> None:
+        if len(samples) != feats.shape[0] or not samples:
+            raise ValueError("the prompt pool needs one feature map per sample, and at least one sample")
+        self.samples = samples
+        self.categories = [s.category for s in samples]
+        self.feats = feats  # (P, C, H, W)
+        self.keys = descriptor(feats)  # (P, C)
+
+    def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) query features -> (indices (B,), cosine similarities (B,)) of the best pool entries."""
+        j, sim = self.retrieve_top(feats, 1)
+        return j[:, 0], sim[:, 0]
+
+    def retrieve_top(self, feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
+        (k is capped at the pool's size)."""
+        sim = descriptor(feats) @ self.keys.to(feats.device).T  # (B, P)
+        top = sim.topk(min(k, sim.shape[1]), dim=1)
+        return top.indices, top.values
