@@ -37,7 +37,6 @@ from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel, normalize_score
-from onenip.models.scoring import fuse, image_scores
 from onenip.training.trainer import Trainer
 
 TWO = "[bottle, metal_plate]"
@@ -113,20 +112,17 @@ def deployed(cfg: Config) -> tuple[Detector, Deployment, list[Sample], torch.Ten
 
 
 @pytest.mark.parametrize("arch", ["onenip", "static-prompt"])
-def test_deploy_model_computes_what_evaluation_computes(iad_mix: Path, arch: str) -> None:
+def test_deploy_model_decides_by_the_threshold_of_the_retrieved_category(iad_mix: Path, arch: str) -> None:
     cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", "eval.prompt_pool=3",
                                   f"model.arch={arch}", *(["train.prompt=none"] if arch == "uniad" else [])))
     det, dep, train, images = deployed(cfg)
     model = DeployModel(det, dep)
+    # the maps and scores are those of onenip.models.scoring, the functions evaluation calls: one code path, so no
+    # comparison with evaluation here; what the module adds is retrieval, prompt caching and the decision
     with torch.no_grad():
         out = model(images)
-        feats = det.features(images)
         pool = build_prompt_pool(det, train[::5], cfg)
-        j, sim = pool.retrieve(feats)
-        maps = det.maps(feats, pool.feats[j])
-        fused = fuse(maps.rec, maps.ref, 0.5, dep.fusion_scale)
-    torch.testing.assert_close(out["map"], fused, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out["score"].numpy(), image_scores(fused.numpy(), 16), rtol=1e-5)
+        j, _ = pool.retrieve(det.features(images))
     assert [model.categories[i] for i in out["category"].tolist()] == [pool.categories[i] for i in j.tolist()]
     thr = torch.tensor([dep.thresholds[model.categories[i]] for i in out["category"].tolist()])
     assert torch.equal(out["anomalous"], out["score"] > thr)

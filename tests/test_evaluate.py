@@ -14,7 +14,7 @@ from PIL import Image
 from onenip.api import make_config
 from onenip.evaluation.evaluate import IMAGE_METRICS, METRICS, Results, decision_summary, evaluate, write_results
 from onenip.models.detector import Detector
-from onenip.models.networks import Maps
+from onenip.models.scoring import Maps
 from onenip.report.page import read_run
 
 S = 64
@@ -279,7 +279,7 @@ def test_k_prompt_fusion_averages_the_maps_of_k_prompts(tmp_path: Path, protocol
 
 
 def test_mean_maps() -> None:
-    from onenip.evaluation.evaluate import mean_maps
+    from onenip.models.scoring import mean_maps
 
     a = Maps(rec=torch.zeros(2, 4, 4), ref=torch.ones(2, 4, 4))
     b = Maps(rec=torch.full((2, 4, 4), 2.0), ref=torch.zeros(2, 4, 4))

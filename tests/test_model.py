@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from onenip.config import ModelConfig
-from onenip.models.networks import OneNIP, Refiner, StaticPrompt, UniAD, anomaly_maps, build_network, xavier_init
+from onenip.models.networks import OneNIP, Refiner, StaticPrompt, UniAD, build_network, xavier_init
+from onenip.models.scoring import anomaly_maps
 from onenip.models.transformer import (
     Attention,
     EncoderLayer,
@@ -568,8 +569,8 @@ def test_anomaly_maps() -> None:
     net = small_net().eval()
     q, p = feats(2, 1), feats(2, 2)
     with torch.no_grad():
-        maps = anomaly_maps(net, q, p, SIZE)
         rec = net.reconstruct(q, p)
+        maps = anomaly_maps(net, q, rec, SIZE)
         err = (rec - q).norm(dim=1, keepdim=True)
         expected = F.interpolate(err, size=(SIZE, SIZE), mode="bilinear", align_corners=True)[:, 0]
         expected_ref = torch.sigmoid(
@@ -589,7 +590,8 @@ def test_anomaly_maps_without_refiner() -> None:
     net = small_net(refiner=False).eval()
     assert net.refiner is None
     with torch.no_grad():
-        maps = anomaly_maps(net, feats(2, 1), feats(2, 2), SIZE)
+        q = feats(2, 1)
+        maps = anomaly_maps(net, q, net.reconstruct(q, feats(2, 2)), SIZE)
     assert maps.ref is None and maps.rec.shape == (2, SIZE, SIZE)
 
 
@@ -597,7 +599,7 @@ def test_anomaly_maps_uniad() -> None:
     net = small_net("uniad").eval()
     q = feats(2, 1)
     with torch.no_grad():
-        maps = anomaly_maps(net, q, None, SIZE)
+        maps = anomaly_maps(net, q, net.reconstruct(q), SIZE)
         err = (net.reconstruct(q) - q).norm(dim=1, keepdim=True)
     expected = F.interpolate(err, size=(SIZE, SIZE), mode="bilinear", align_corners=True)[:, 0]
     torch.testing.assert_close(maps.rec, expected, rtol=1e-5, atol=1e-5)

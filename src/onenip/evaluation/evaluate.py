@@ -43,10 +43,8 @@ from onenip.data.tensors import SampleImages
 from onenip.errors import DatasetError, OnenipWarning
 from onenip.evaluation.metrics import image_metrics, pixel_metrics
 from onenip.models.detector import Detector
-from onenip.models.inference import normalize_score
-from onenip.models.networks import Maps
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
-from onenip.models.scoring import fuse, fusion_scale, image_scores
+from onenip.models.scoring import fuse, fusion_scale, image_scores, mean_maps, normalize_score
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
@@ -244,7 +242,7 @@ def image_entry(scores: Any, labels: Any) -> dict[str, float]:
 
 def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, cfg: Config) -> tuple[dict, np.ndarray]:
     """Seven metrics of one category's maps (pixel metrics nan without usable masks) and the image scores."""
-    scores = image_scores(maps, cfg.eval.score_kernel)
+    scores = image_scores(torch.from_numpy(maps), cfg.eval.score_kernel).double().numpy()
     res = image_entry(scores, labels)
     if masks is not None:
         pm = pixel_metrics(maps, masks, cfg.eval.fpr_limit)
@@ -417,15 +415,6 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
     total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed")}
     return {"categories": dict(sorted(counts.items())), "all": total, "thresholds": dict(sorted(thresholds.items())),
             "calibration": calibration or {}, "pooled_relative": image_entry(relative, [r["label"] for r in rows])}
-
-
-def mean_maps(maps: list[Maps]) -> Maps:
-    """K-prompt fusion: the mean of the reconstruction maps and of the refiner maps of K prompts."""
-    if len(maps) == 1:
-        return maps[0]
-    rec = torch.stack([m.rec for m in maps]).mean(0)
-    ref = torch.stack([m.ref for m in maps]).mean(0) if maps[0].ref is not None else None
-    return Maps(rec=rec, ref=ref)
 
 
 def _null_for_nan(obj: Any) -> Any:

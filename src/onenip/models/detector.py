@@ -15,7 +15,8 @@ from onenip.config import Config
 from onenip.errors import CheckpointError, ConfigError
 from onenip.models.backbone import FeatureExtractor
 from onenip.models.deployment import Deployment
-from onenip.models.networks import Maps, ReconstructionNet, anomaly_maps, build_network
+from onenip.models.networks import ReconstructionNet, build_network
+from onenip.models.scoring import Maps, anomaly_maps
 
 
 def set_threads(threads: int) -> None:
@@ -93,7 +94,10 @@ class Detector(nn.Module):
         return self.extractor(images)
 
     def maps(self, feats: Tensor, prompt_feats: Tensor | None) -> Maps:
-        return anomaly_maps(self.net, feats, prompt_feats if self.uses_prompt else None, self.input_size)
+        """Features (B, C, H, W) and one prompt's features (B, C, H, W; ignored without prompts) -> the anomaly maps
+        (`onenip.models.scoring.anomaly_maps`, as the deployed model computes them)."""
+        rec = self.net.reconstruct(feats, prompt_feats if self.uses_prompt else None)
+        return anomaly_maps(self.net, feats, rec, self.input_size)
 
     def checkpoint_state(self, **training: Any) -> CheckpointState:
         """Everything to save: network, backbone, deployment (if any), plus the given training fields."""

@@ -1,30 +1,20 @@
-"""The one inference path: uint8 image batch -> features -> prompt -> reconstruction -> maps -> fusion -> score -> decision.
-
-Scores: the raw score is the maximum of the 16x16 average-pooled fused map. The normalised score is
-1 - 2^(-score / threshold): 0 for a zero map, 0.5 exactly at the category's threshold, approaching 1 above; it is
-monotone, so it ranks images as the raw score does, and never saturates into ties.
-
-`DeployModel` runs the whole path as one `nn.Module`, used by the Python `Predictor` and exported to ONNX and
-TorchScript, so every way of running a model gives the same numbers.
+"""The deployed model: uint8 image batch -> features -> retrieved prompt -> reconstruction -> maps -> fusion -> score
+-> decision, as one `nn.Module` (method §6). The Python `Predictor` and `onenip predict` run it, `onenip export` traces
+it to ONNX and TorchScript, and calibration scores images with it. Each step is the function of
+`onenip.models.scoring` or the `Detector` method that evaluation calls too, so there is one code path.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
-from onenip.models.prompts import descriptor
-
-
-def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.ndarray | float):
-    """1 - 2^(-score / threshold): 0.5 at the threshold, monotone, in [0, 1) for scores >= 0."""
-    return 1.0 - 2.0 ** (-score / threshold)
+from onenip.models.prompts import descriptor, nearest
+from onenip.models.scoring import anomaly_maps, fuse, image_scores, normalize_score
 
 
 class DeployModel(nn.Module):
@@ -57,9 +47,8 @@ class DeployModel(nn.Module):
         self.register_buffer("thresholds", torch.tensor([deployment.thresholds[c] for c in self.categories],
                                                         dtype=torch.float32))
         self.alpha = float(deployment.alpha)
-        self.scale = float(deployment.fusion_scale) if deployment.fusion_scale is not None else 0.0
+        self.scale = float(deployment.fusion_scale) if deployment.fusion_scale is not None else None
         self.kernel = int(deployment.score_kernel)
-        self.has_refiner = detector.net.refiner is not None
         self.eval()
 
     def optimize(self, compile_mode: str | None = None) -> "DeployModel":
@@ -72,25 +61,21 @@ class DeployModel(nn.Module):
             self.forward = torch.compile(self.forward, mode=compile_mode, dynamic=False)  # type: ignore[method-assign]
         return self
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        feats = self.extractor(images)  # (N, C, H, W)
-        sim = descriptor(feats) @ self.pool_keys.T  # (N, P) cosine similarities to the pool
-        best_sim, best = sim.max(dim=1)
+    def reconstruct(self, feats: Tensor, best: Tensor) -> Tensor:
+        """Query features (N, C, H, W) and the indices (N,) of their pool prompts -> F_hat (N, C, H, W), with the pool's
+        stored encoding when the prompts are cached (the same function as `ReconstructionNet.reconstruct`)."""
         low = torch.autocast(feats.device.type, dtype=self.autocast) if self.autocast is not None else nullcontext()
         with low:
             if self.net.uses_prompt and self.cache_prompts:
-                rec = self.net.decode(self.net.encode(feats), self.pool_encoded[best])  # (N, C, H, W)
-            else:
-                rec = self.net.reconstruct(feats, self.pool_feats[best] if self.net.uses_prompt else None)
-            delta = (rec.float() - feats)  # (N, C, H, W)
-            ref_logits = self.net.refiner(delta.abs()) if self.has_refiner else None
-        size = (self.size, self.size)
-        err = delta.norm(dim=1, keepdim=True)  # (N, 1, H, W)
-        amap = F.interpolate(err, size=size, mode="bilinear", align_corners=True)
-        if ref_logits is not None:
-            ref = torch.sigmoid(F.interpolate(ref_logits.float(), size=size, mode="bilinear", align_corners=True))
-            amap = self.alpha * amap + (1.0 - self.alpha) * self.scale * ref
-        score = F.avg_pool2d(amap, self.kernel, stride=1).flatten(1).amax(dim=1)  # (N,)
+                return self.net.decode(self.net.encode(feats), self.pool_encoded[best])
+            return self.net.reconstruct(feats, self.pool_feats[best] if self.net.uses_prompt else None)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        feats = self.extractor(images)  # (N, C, H, W)
+        best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1))  # (N,) each
+        maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
+        amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
+        score = image_scores(amap, self.kernel)  # (N,)
         category = self.pool_category[best]
         threshold = self.thresholds[category].clamp_min(1e-12)
         return {
@@ -99,7 +84,5 @@ class DeployModel(nn.Module):
             "anomalous": score > threshold,
             "category": category,
             "similarity": best_sim,
-            "map": amap[:, 0],
+            "map": amap,
         }
-
-

@@ -13,8 +13,6 @@ Shapes: B batch, C backbone channels (272 for efficientnet_b4), D hidden size, H
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -206,19 +204,3 @@ def build_network(cfg: ModelConfig, in_channels: int, input_size: int) -> Recons
     if cfg.arch == "static-prompt":
         return StaticPrompt(cfg, in_channels, grid)
     raise ValueError(f"model.arch: unknown architecture {cfg.arch!r}")
-
-
-@dataclass
-class Maps:
-    """Anomaly maps at the input resolution, each (B, S, S) float32."""
-
-    rec: Tensor  # ||F_hat - F||_2, upsampled (Eq. 9)
-    ref: Tensor | None  # sigmoid of the refiner logits (None without refiner)
-
-
-def anomaly_maps(net: ReconstructionNet, feats: Tensor, prompt_feats: Tensor | None, size: int) -> Maps:
-    """Inference: features (B, C, H, W) and prompt features -> reconstruction-error and refiner maps (§6)."""
-    rec = net.reconstruct(feats, prompt_feats)
-    rec_map = upsample((rec - feats).float().norm(dim=1, keepdim=True), size)[:, 0]
-    ref = torch.sigmoid(net.refine(rec, feats, size).float())[:, 0] if net.refiner is not None else None
-    return Maps(rec=rec_map, ref=ref)

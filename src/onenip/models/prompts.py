@@ -57,6 +57,14 @@ def descriptor(feats: Tensor) -> Tensor:
     return torch.nn.functional.normalize(feats.float().mean(dim=(2, 3)), dim=1)
 
 
+def nearest(keys: Tensor, feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Class-agnostic retrieval (§6): pool descriptors `keys` (P, C) and query features (B, C, H, W) -> (indices
+    (B, k), cosine similarities (B, k)) of the k most similar pool entries, best first (k capped at P)."""
+    sim = descriptor(feats) @ keys.to(feats.device).T  # (B, P)
+    top = sim.topk(min(k, sim.shape[1]), dim=1)
+    return top.indices, top.values
+
+
 class PromptPool:
     """Prompt features of normal images of every category and class-agnostic retrieval by cosine similarity."""
 
@@ -76,6 +84,4 @@ class PromptPool:
     def retrieve_top(self, feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
         (k is capped at the pool's size)."""
-        sim = descriptor(feats) @ self.keys.to(feats.device).T  # (B, P)
-        top = sim.topk(min(k, sim.shape[1]), dim=1)
-        return top.indices, top.values
+        return nearest(self.keys, feats, k)

@@ -1,16 +1,60 @@
-"""From anomaly maps to the final map and the image score (§6).
+"""The steps of inference from a reconstruction to a decision (method §6), each written once: evaluation, calibration
+and the deployed model (`onenip.models.inference.DeployModel`, which the Predictor runs and the exports trace) call
+these, and nothing else computes a map, a fusion or a score.
 
-fused = alpha * rec + (1 - alpha) * c * ref, with c = (max(rec) + min(rec)) / 2 over a reference set of maps (the whole
-test set in the authors' code; normal training images in the clean protocol), so that the refiner's [0, 1] output is
-brought to the scale of the reconstruction error. The image score is the maximum of the map average-pooled with a
-16 x 16 window (stride 1, no padding).
+* maps (`anomaly_maps`): the reconstruction error ||F_hat - F||_2 over channels, upsampled bilinearly to the input
+  size (Eq. 9), and the refiner's map, the sigmoid of its upsampled logits; with K prompts, the mean of the K maps.
+* fusion (`fuse`): alpha * rec + (1 - alpha) * c * ref, with c = (max(rec) + min(rec)) / 2 over a reference set of
+  maps (`fusion_scale`: normal training images in the clean protocol, the whole test set in the authors' code), so
+  that the refiner's [0, 1] output is brought to the scale of the reconstruction error.
+* image score (`image_scores`): the maximum of the map average-pooled with a 16 x 16 window (stride 1, no padding).
+* decision: anomalous when the score exceeds the threshold of the retrieved category. The normalised score
+  1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and approaches 1 above; it is
+  monotone, so it ranks images as the raw score does, and never saturates into ties.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from onenip.models.networks import ReconstructionNet, upsample
+
+
+@dataclass
+class Maps:
+    """Anomaly maps at the input resolution, each (B, S, S) float32."""
+
+    rec: Tensor  # ||F_hat - F||_2, upsampled (Eq. 9)
+    ref: Tensor | None  # sigmoid of the refiner logits (None without refiner)
+
+
+def anomaly_maps(net: ReconstructionNet, feats: Tensor, rec: Tensor, size: int,
+                 autocast: torch.dtype | None = None) -> Maps:
+    """Features F (B, C, H, W) and their reconstruction F_hat -> the reconstruction-error map and, with a refiner, its
+    map (§4), each (B, size, size) float32. `autocast`: the refiner runs under autocast to this dtype (the fast path)."""
+    delta = rec.float() - feats.float()  # (B, C, H, W)
+    rec_map = upsample(delta.norm(dim=1, keepdim=True), size)[:, 0]
+    if net.refiner is None:
+        return Maps(rec=rec_map, ref=None)
+    low = torch.autocast(delta.device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with low:
+        logits = net.refiner(delta.abs())  # (B, 1, H', W')
+    return Maps(rec=rec_map, ref=torch.sigmoid(upsample(logits.float(), size))[:, 0])
+
+
+def mean_maps(maps: list[Maps]) -> Maps:
+    """K-prompt fusion: the mean of the reconstruction maps and of the refiner maps of K prompts."""
+    if len(maps) == 1:
+        return maps[0]
+    rec = torch.stack([m.rec for m in maps]).mean(0)
+    ref = torch.stack([m.ref for m in maps]).mean(0) if maps[0].ref is not None else None
+    return Maps(rec=rec, ref=ref)
 
 
 def fusion_scale(rec_min: float, rec_max: float) -> float:
@@ -18,23 +62,19 @@ def fusion_scale(rec_min: float, rec_max: float) -> float:
     return 0.5 * (float(rec_max) + float(rec_min))
 
 
-def fuse(rec: np.ndarray | Tensor, ref: np.ndarray | Tensor | None, alpha: float, scale: float):
+def fuse(rec: Tensor, ref: Tensor | None, alpha: float, scale: float | None) -> Tensor:
     """alpha * rec + (1 - alpha) * scale * ref (rec alone when there is no refiner map)."""
-    if ref is None:
+    if ref is None or scale is None:
         return rec
     return alpha * rec + (1.0 - alpha) * scale * ref
 
 
-def image_scores(maps: np.ndarray | Tensor, kernel: int = 16, chunk: int = 64) -> np.ndarray:
-    """(N, S, S) maps -> (N,) max of the kernel x kernel mean filter (valid positions only), via an integral image."""
-    m = torch.as_tensor(maps)
-    n, h, w = m.shape
-    k = min(kernel, h, w)
-    out = np.empty(n, dtype=np.float64)
-    for s in range(0, n, chunk):
-        part = m[s : s + chunk].double()
-        ii = torch.zeros(part.shape[0], h + 1, w + 1, dtype=torch.float64)
-        ii[:, 1:, 1:] = part.cumsum(1).cumsum(2)
-        box = ii[:, k:, k:] - ii[:, :-k, k:] - ii[:, k:, :-k] + ii[:, :-k, :-k]  # window sums (n, h-k+1, w-k+1)
-        out[s : s + chunk] = (box.flatten(1).amax(1) / (k * k)).cpu().numpy()
-    return out
+def image_scores(maps: Tensor, kernel: int = 16) -> Tensor:
+    """(N, S, S) maps -> (N,) the maximum of the kernel x kernel mean filter over the valid positions."""
+    k = min(kernel, maps.shape[-2], maps.shape[-1])
+    return F.avg_pool2d(maps.float().unsqueeze(1), k, stride=1).flatten(1).amax(dim=1)
+
+
+def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.ndarray | float):
+    """1 - 2^(-score / threshold): 0.5 at the threshold, monotone, in [0, 1) for scores >= 0."""
+    return 1.0 - 2.0 ** (-score / threshold)
