@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing
 from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
+from onenip.logs import progress_bar
 from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
 
@@ -120,8 +120,7 @@ class Predictor:
                             "array, or a list of them)")
         items = [inputs] if isinstance(inputs, (str, Path, Image.Image, np.ndarray)) else list(inputs)
         out: list[Prediction] = []
-        for start in tqdm(range(0, len(items), self.batch_size), desc="predict", unit="batch",
-                          disable=not progress, dynamic_ncols=True):
+        for start in progress_bar(range(0, len(items), self.batch_size), desc="predict", unit="batch", disable=not progress):
             chunk = items[start : start + self.batch_size]
             rgb = [_as_rgb(x) for x in chunk]
             batch = torch.from_numpy(np.stack([resize_image(im, self.size) for im in rgb])).permute(0, 3, 1, 2)
@@ -300,8 +299,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     rows: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
     retired = False
-    for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress,
-                      dynamic_ncols=True):
+    for start in progress_bar(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
         chunk, loaded = [], []
         for k, p in enumerate(paths[start : start + batch_size]):
             try:

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from onenip.checkpoint import atomic_write_csv, atomic_write_text, file_sha256
 from onenip.config import Config
@@ -42,6 +41,7 @@ from onenip.data import Sample, load_split
 from onenip.data.tensors import SampleImages
 from onenip.errors import DatasetError, OnenipWarning
 from onenip.evaluation.metrics import image_metrics, pixel_metrics
+from onenip.logs import progress_bar
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
 from onenip.models.scoring import fuse, fusion_scale, image_scores, mean_maps, normalize_score
@@ -254,7 +254,8 @@ def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndar
 
 
 @torch.no_grad()
-def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None) -> Results:
+def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None,
+             skipped: list[tuple[Sample, str]] | None = None) -> Results:
     """Evaluate `detector` on the test split of cfg.data.roots under cfg.eval.protocol.
 
     One category at a time: its maps are computed, scored and dropped before the next, so memory grows with the
@@ -267,9 +268,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     e, size = cfg.eval, cfg.data.input_size
     cats = cfg.data.categories or None
     skip, threads = cfg.data.skip_bad, max(1, cfg.data.workers)
-    skipped: list[tuple[Sample, str]] = []
-    if samples is not None:
-        test = samples
+    if samples is not None:  # the test split read already (and the files it left out, with data.skip_bad)
+        test, skipped = samples, list(skipped or [])
     else:
         test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
     train = prompt_source(detector, cfg)
@@ -283,8 +283,9 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     for i, s in enumerate(test):
         by_cat.setdefault(s.category, []).append(i)
     batches = sum(-(-len(ix) // e.batch_size) for ix in by_cat.values())
-    bar = tqdm(total=batches * (2 if has_ref and prompt_samples is not None else 1), desc="test", unit="batch",
-               disable=not progress, dynamic_ncols=True)
+    if has_ref and prompt_samples is not None:  # the paper protocol's first pass, over the whole test set at once
+        batches += -(-len(test) // e.batch_size)
+    bar = progress_bar(total=batches, desc="test", unit="batch", disable=not progress)
 
     def infer(indices: list[int]):
         """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities).

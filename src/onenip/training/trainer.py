@@ -7,15 +7,17 @@ when training ends, `model.safetensors` (weights and configuration, what `onenip
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from onenip.checkpoint import (
     CheckpointState,
@@ -28,16 +30,24 @@ from onenip.checkpoint import (
     save_checkpoint,
 )
 from onenip.config import Config
-from onenip.data import load_split
+from onenip.data import Sample, load_split
 from onenip.data.sources import absolute_spec, check_roots
 from onenip.errors import CheckpointError, OnenipError
 from onenip.evaluation.calibration import build_deployment, split_holdout
+from onenip.evaluation.evaluate import evaluate as run_evaluation
+from onenip.evaluation.evaluate import write_results
+from onenip.logs import progress_bar, stop_on_sigint
 from onenip.models.backbone import check_weights, tap_indices
 from onenip.models.detector import Detector, resolve_device, set_threads
 from onenip.synthesis.batched import load_texture_bank
 from onenip.training import distributed
 from onenip.training.losses import dice_loss, feature_mse
 from onenip.training.trainset import DeviceBatches, EpochSampler, TrainSet
+
+log = logging.getLogger(__name__)
+
+# What a run writes in its folder: a folder holding any of them holds an earlier run, which fit never overwrites.
+RUN_FILES = ("model.safetensors", "checkpoints", "config.json", "train_log.csv", "skipped_train.csv", "results")
 
 
 class TrainingError(OnenipError, RuntimeError):
@@ -79,9 +89,17 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 class Trainer:
-    """Holds the detector, optimizer and data of one run; `run()` trains to cfg.train.epochs."""
+    """One training run: `Trainer(cfg)` checks everything and builds model, optimiser and data; `run()` trains to
+    cfg.train.epochs and writes the deployable model.
 
-    def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True) -> None:
+    The construction goes in four steps, each a method: `_preflight` (the output folder, the checkpoint to resume, the
+    backbone, data roots and weights: every cheap check before any image is decoded), `_read_data` (every training image
+    and mask decoded once, the held-out split), `_build_model` (detector, optimiser, the resumed state) and
+    `_build_loader` (training set, feature cache, sampler and batches).
+    """
+
+    def __init__(self, cfg: Config, resume: str | Path | None = None, progress: bool = True,
+                 evaluate: bool = False) -> None:
         cfg.data.roots = [absolute_spec(r) for r in cfg.data.roots]  # config.json and the model work from anywhere
         if cfg.data.textures:
             cfg.data.textures = str(Path(cfg.data.textures).expanduser().absolute())
@@ -89,12 +107,20 @@ class Trainer:
         self.progress = progress
         self.run_dir = Path(cfg.output_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.safetensors"
-        t = cfg.train
-        self.dist, dist_device = distributed.setup(t.device)  # several processes under torchrun
-        self.device = dist_device or resolve_device(t.device)
-        self.local_batch = distributed.per_rank_batch(t.batch_size, self.dist)
-        set_threads(t.threads)
+        self.dist, dist_device = distributed.setup(cfg.train.device)  # several processes under torchrun
+        self.device = dist_device or resolve_device(cfg.train.device)
+        self.local_batch = distributed.per_rank_batch(cfg.train.batch_size, self.dist)
+        set_threads(cfg.train.threads)
+        state = self._preflight(resume)
+        samples = self._read_data(evaluate)
+        self._build_model(samples, state, resume)
+        self._build_loader(samples)
 
+    # -- construction ------------------------------------------------------------------------------------------------
+    def _preflight(self, resume: str | Path | None) -> CheckpointState | None:
+        """The checks that need no image decoded: the output folder (an earlier run in it is never overwritten), the
+        checkpoint to resume (compatible, not already complete), the backbone's taps, the data roots, the weights."""
+        cfg, t = self.cfg, self.cfg.train
         state: CheckpointState | None = None
         if resume is not None:
             state = load_checkpoint(resume)
@@ -107,24 +133,52 @@ class Trainer:
             diffs = incompatible_keys(state.config, cfg)
             if diffs:
                 raise CheckpointError(f"cannot resume {resume}: options differ from the checkpoint's: {', '.join(diffs)}")
-        elif self.ckpt_path.exists() and self.dist.is_main:
-            raise TrainingError(
-                f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
-                f"{self.ckpt_path} or choose another output_dir"
-            )
-        elif (self.run_dir / "model.safetensors").exists() and self.dist.is_main:
-            raise TrainingError(f"{self.run_dir} already holds a trained model ({self.run_dir / 'model.safetensors'}); "
-                                "choose another output_dir")
+            if state.epoch >= t.epochs or (t.max_steps and state.step >= t.max_steps):
+                done = f"{state.epoch} of {t.epochs} epochs" + (f", {state.step} of {t.max_steps} steps" if t.max_steps else "")
+                raise TrainingError(
+                    f"{resume}: the run is complete ({done}); nothing to resume and nothing was written. To train "
+                    "longer, resume it with a larger --train.epochs (or --train.max_steps)"
+                )
+        elif self.dist.is_main:
+            earlier = sorted(p.name for p in map(self.run_dir.joinpath, RUN_FILES) if p.exists())
+            if self.ckpt_path.exists():
+                raise TrainingError(
+                    f"{self.run_dir} already holds a training run ({self.ckpt_path}); resume it with --resume "
+                    f"{self.ckpt_path} or choose another output_dir"
+                )
+            if "model.safetensors" in earlier:
+                raise TrainingError(f"{self.run_dir} already holds a trained model ({self.run_dir / 'model.safetensors'}); "
+                                    "choose another output_dir")
+            if earlier:
+                raise TrainingError(f"{self.run_dir} holds an earlier run ({', '.join(earlier)}), which a new run would "
+                                    "overwrite or mix with its own files; choose another output_dir or remove them")
         check_output_folder(self.run_dir, "output_dir")
-
         tap_indices(cfg.backbone.name, cfg.backbone.strides)  # a backbone without the needed taps fails first,
         check_roots(cfg.data.roots)  # so do missing data roots,
         if state is None:  # a missing weights file or package and an unreachable hub (a checkpoint has its own)
             check_weights(cfg.backbone)
-        # then bad data, before any work: every image and mask is decoded once here
+        return state
+
+    def _read_data(self, evaluate: bool) -> list[Sample]:
+        """Every training image and mask decoded once (bad data stops here, before any work), the images held out for
+        the thresholds, and with `evaluate` the test split too. Logs the counts per category."""
+        cfg = self.cfg
+        threads = max(1, cfg.data.workers)
         samples, self.skipped = load_split(cfg.data.roots, "train", cfg.data.categories or None, cfg.data.skip_bad,
-                                           threads=max(1, cfg.data.workers))
-        samples, self.holdout = split_holdout(samples, cfg.data.holdout, t.seed)  # for the thresholds, never trained on
+                                           threads=threads)
+        samples, self.holdout = split_holdout(samples, cfg.data.holdout, cfg.train.seed)  # never trained on
+        self.test_samples: list[Sample] | None = None
+        self.test_skipped: list[tuple[Sample, str]] = []
+        if evaluate:
+            self.test_samples, self.test_skipped = load_split(cfg.data.roots, "test", cfg.data.categories or None,
+                                                              cfg.data.skip_bad, threads=threads)
+        if self.dist.is_main:
+            log.info(data_summary(samples, self.holdout, self.test_samples))
+        return samples
+
+    def _build_model(self, samples: list[Sample], state: CheckpointState | None, resume: str | Path | None) -> None:
+        """The detector (new, or the resumed checkpoint's), the optimiser, and the counters and random state."""
+        cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
         if state is not None:
             self.detector = Detector.from_state(state, source=str(resume))
@@ -140,14 +194,29 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay,
                                            fused=fused or None)
         self.epoch, self.step, self.history = 0, 0, []
+        self.epoch_step = 0  # batches of the current epoch already trained (a run interrupted mid-epoch resumes there)
         if state is not None:
             if state.optimizer is not None:
                 self.optimizer.load_state_dict(state.optimizer)
             set_rng_state(state.rng, self.device)
             self.epoch, self.step, self.history = state.epoch, state.step, state.history
+            self.epoch_step = int(state.extra.get("epoch_step", 0))
+            self.detector.extra.pop("epoch_step", None)
         if self.dist.rank > 0:  # jitter and dropout: each process its own stream
             torch.manual_seed(hash((t.seed, self.dist.rank, self.step)) & 0x7FFF_FFFF)
+        self.model: torch.nn.Module = self.net  # what the training forward runs: the network or its DDP wrapper
+        if self.dist.enabled:
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.v1_decoder_bug,  # the v1 decoder leaves image_to_prompt unused
+            )
+        if t.compile != "none":
+            self.model = torch.compile(self.model, mode=t.compile, dynamic=False)
 
+    def _build_loader(self, samples: list[Sample]) -> None:
+        """The training set, the backbone of the training step (and its feature cache), the sampler and the batches:
+        a DataLoader (plain engine) or batches made on the device (fast engine)."""
+        cfg, t = self.cfg, self.cfg.train
         self.synthesize = t.restoration or cfg.model.refiner
         self.dataset = TrainSet(
             samples, cfg.data.input_size, cfg.synthesis, cfg.data.textures, prompt=t.prompt,
@@ -180,14 +249,6 @@ class Trainer:
         self.sync_every = 25 if self.fast and self.device.type == "cuda" else 1
         self._unchecked: torch.Tensor | None = None  # summed losses since the last NaN check (on the device)
         self._unchecked_from = self.step + 1
-        self.model: torch.nn.Module = self.net  # what the training forward runs: the network or its DDP wrapper
-        if self.dist.enabled:
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.v1_decoder_bug,  # the v1 decoder leaves image_to_prompt unused
-            )
-        if t.compile != "none":
-            self.model = torch.compile(self.model, mode=t.compile, dynamic=False)
 
     @property
     def amp(self) -> bool:
@@ -313,6 +374,11 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def run(self, evaluate_every: int | None = None) -> FitResult:
+        """Train to cfg.train.epochs (or train.max_steps), then build the deployment and write model.safetensors.
+
+        Ctrl-C (SIGINT) stops after the step in progress: the checkpoint is written (atomically) with the position in
+        the epoch, so that `onenip fit --resume` continues exactly where the run stopped; a second Ctrl-C stops at once.
+        """
         cfg, t = self.cfg, self.cfg.train
         main = self.dist.is_main
         if main:
@@ -321,56 +387,22 @@ class Trainer:
         if self.skipped and main:  # data.skip_bad: what was left out, and why
             atomic_write_csv(self.run_dir / "skipped_train.csv",
                              [{"image": str(smp.image), "mask": str(smp.mask or ""), "reason": why} for smp, why in self.skipped])
-        steps_per_epoch = len(self.loader)
-        total = t.epochs * steps_per_epoch
+        total = t.epochs * len(self.loader)
         if t.max_steps:
             total = min(total, t.max_steps)
-        bar = tqdm(total=total, initial=min(self.step, total), unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and main), desc="fit", leave=True)
-        start, images_done, first_step = time.perf_counter(), 0, self.step
+        bar = progress_bar(total=total, initial=min(self.step, total), unit="step", disable=not (self.progress and main),
+                           desc="fit")
+        clock = {"start": time.perf_counter(), "images": 0, "first_step": self.step, "total": total}
         evaluate_every = t.eval_every if evaluate_every is None else evaluate_every
         try:
-            while self.epoch < t.epochs and not (t.max_steps and self.step >= t.max_steps):
-                lr = lr_at(cfg, self.epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.sampler.set_epoch(self.epoch)
-                sums: dict[str, torch.Tensor] = {}
-                n_batches, n_images, t0 = 0, 0, time.perf_counter()
-                for batch in self.loader:
-                    terms = self.train_step(batch)
-                    for k, v in terms.items():
-                        sums[k] = sums[k] + v if k in sums else v
-                    n_batches += 1
-                    n_images += len(batch["index"]) * self.dist.world_size
-                    bar.update(1)
-                    if self.step % self.sync_every == 0:
-                        bar.set_postfix(epoch=self.epoch + 1, loss=f"{float(terms['loss']):.4f}",
-                                        img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
-                    if t.max_steps and self.step >= t.max_steps:
-                        break
-                self.check_finite(force=True)  # before this epoch's row and checkpoint
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                seconds = time.perf_counter() - t0
-                images_done += n_images
-                self.epoch += 1
-                row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr}
-                row.update({k: round(float(v) / max(n_batches, 1), 6) for k, v in sums.items()})
-                row.update({"images_per_s": round(n_images / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)})
-                if main and evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
-                    row.update(self._evaluate_row())
-                self.history.append(row)
-                self.write_log()
-                if not self.progress and main:  # one line per epoch, with an estimate of the time left
-                    left = (total - min(self.step, total)) * (time.perf_counter() - start) / max(self.step - first_step, 1)
-                    print(" ".join(f"{k}={v}" for k, v in row.items()) + f" eta={left / 60:.1f}min", flush=True)
-                last = self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
-                if last or (t.save_every and self.epoch % t.save_every == 0):
-                    self.save()
+            with stop_on_sigint() as stop:
+                while not self.finished:
+                    if not self._train_epoch(bar, clock, evaluate_every, stop):
+                        self._save_interrupted()
+                        raise KeyboardInterrupt
         finally:
             bar.close()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - clock["start"]
         model_path = self.run_dir / "model.safetensors"
         if main:  # thresholds and prompt pool: one process is enough
             self.detector.deployment = build_deployment(self.detector, self.dataset.samples, self.holdout, cfg.eval.far)
@@ -378,28 +410,104 @@ class Trainer:
         distributed.barrier(self.dist)
         return FitResult(
             run_dir=self.run_dir, model_path=model_path, epochs=self.epoch, steps=self.step, seconds=elapsed,
-            images_per_second=images_done / max(elapsed, 1e-9), history=self.history,
+            images_per_second=clock["images"] / max(elapsed, 1e-9), history=self.history,
         )
 
-    def _evaluate_row(self) -> dict[str, float]:
-        from onenip.evaluation.evaluate import evaluate
+    @property
+    def finished(self) -> bool:
+        t = self.cfg.train
+        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
 
-        results = evaluate(self.detector, self.cfg, progress=False)
+    def _train_epoch(self, bar: Any, clock: dict[str, Any], evaluate_every: int, stop: Callable[[], bool]) -> bool:
+        """Train the rest of the current epoch (from batch `epoch_step`), log its row, write the checkpoint when due.
+        False when a stop was asked for (Ctrl-C) before the epoch ended."""
+        cfg, t, main = self.cfg, self.cfg.train, self.dist.is_main
+        lr = lr_at(cfg, self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.sampler.set_epoch(self.epoch, skip=self.epoch_step * self.local_batch)
+        sums: dict[str, torch.Tensor] = {}
+        n_batches, n_images, t0 = 0, 0, time.perf_counter()
+        for batch in self.loader:
+            terms = self.train_step(batch)
+            self.epoch_step += 1
+            for k, v in terms.items():
+                sums[k] = sums[k] + v if k in sums else v
+            n_batches += 1
+            n_images += len(batch["index"]) * self.dist.world_size
+            bar.update(1)
+            if self.step % self.sync_every == 0:
+                bar.set_postfix(epoch=self.epoch + 1, loss=f"{float(terms['loss']):.4f}",
+                                img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
+            if (t.max_steps and self.step >= t.max_steps) or stop():
+                break
+        self.check_finite(force=True)  # before this epoch's row and checkpoint
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        clock["images"] += n_images
+        if stop() and self.epoch_step < len(self.loader) and not (t.max_steps and self.step >= t.max_steps):
+            return False
+        seconds = time.perf_counter() - t0
+        self.epoch += 1
+        self.epoch_step = 0
+        row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "lr": lr}
+        row.update({k: round(float(v) / max(n_batches, 1), 6) for k, v in sums.items()})
+        row.update({"images_per_s": round(n_images / max(seconds, 1e-9), 2), "seconds": round(seconds, 3)})
+        if main and evaluate_every and self.epoch % evaluate_every == 0 and self.epoch < t.epochs:
+            row.update(self._evaluate_row())
+        self.history.append(row)
+        self.write_log()
+        if not self.progress and main:  # one line per epoch, with an estimate of the time left
+            done = max(self.step - clock["first_step"], 1)
+            left = (clock["total"] - min(self.step, clock["total"])) * (time.perf_counter() - clock["start"]) / done
+            log.info(" ".join(f"{k}={v}" for k, v in row.items()) + f" eta={left / 60:.1f}min")
+        if self.finished or (t.save_every and self.epoch % t.save_every == 0):
+            self.save()
+        return not stop()
+
+    def _save_interrupted(self) -> None:
+        """The checkpoint of a run stopped by Ctrl-C, with the batches of the current epoch already trained."""
+        self.detector.extra["epoch_step"] = self.epoch_step
+        try:
+            path = self.save()
+        finally:
+            self.detector.extra.pop("epoch_step", None)
+        if self.dist.is_main:
+            where = f"epoch {self.epoch + 1}, after batch {self.epoch_step} of {len(self.loader)}" if self.epoch_step \
+                else f"the end of epoch {self.epoch}"
+            log.warning(f"interrupted: the checkpoint {path} holds the run at step {self.step} ({where}); continue it "
+                        f"with: onenip fit --resume {path}")
+
+    def _evaluate_row(self) -> dict[str, float]:
+        results = run_evaluation(self.detector, self.cfg, progress=False)
         return {f"test_{k}": round(v, 6) for k, v in results.mean(results.main_map).items() if not math.isnan(v)}
 
 
+def data_summary(train: list[Sample], holdout: list[Sample], test: list[Sample] | None) -> str:
+    """One line per category: training images, held out (for the thresholds) and test images (when read)."""
+    cats = sorted({s.category for s in train + holdout + (test or [])})
+    count = {name: Counter(s.category for s in part) for name, part in (("train", train), ("held", holdout),
+                                                                         ("test", test or []))}
+    width = max(len(c) for c in cats)
+    lines = [f"{len(cats)} categories: {len(train)} training images, {len(holdout)} held out for the thresholds"
+             + (f", {len(test)} test images" if test is not None else "")]
+    for c in cats:
+        line = f"  {c:<{width}}  train {count['train'][c]:>5}  held out {count['held'][c]:>4}"
+        lines.append(line + (f"  test {count['test'][c]:>5}" if test is not None else ""))
+    return "\n".join(lines)
+
+
 def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, evaluate: bool = False) -> FitResult:
-    """Train one model on every category of cfg.data.roots; optionally evaluate it on their test splits."""
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    """Train one model on every category of cfg.data.roots; optionally evaluate it on their test splits (read and
+    decoded before training starts, so that a bad test file stops the run before any work)."""
+    trainer = Trainer(cfg, resume=resume, progress=progress, evaluate=evaluate)
     try:
         result = trainer.run()
     finally:
         distributed.teardown(trainer.dist)
     if evaluate and trainer.dist.is_main:
-        from onenip.evaluation.evaluate import evaluate as run_eval
-        from onenip.evaluation.evaluate import write_results
-
-        result.results = run_eval(trainer.detector, cfg, progress=progress)
+        result.results = run_evaluation(trainer.detector, cfg, progress=progress, samples=trainer.test_samples,
+                                        skipped=trainer.test_skipped)
         result.results.checkpoint = str(result.model_path.resolve())
         write_results(result.results, trainer.run_dir / "results" / cfg.eval.protocol)
     return result

@@ -24,14 +24,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
     """A fresh permutation of the indices every epoch, seeded by (seed, epoch); yields (epoch, index).
 
     With `world_size` > 1 each rank takes every world_size-th element of the permutation (padded to equal length).
+    `skip` leaves out the first positions of this rank's order (a run resumed in the middle of an epoch).
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return -(-self.n // self.world_size)
@@ -40,7 +41,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         order = np.random.default_rng([self.seed, self.epoch, 0x5A]).permutation(self.n)
         total = len(self) * self.world_size
         order = np.concatenate([order, order[: total - self.n]])
-        for i in order[self.rank :: self.world_size]:
+        for i in order[self.rank :: self.world_size][self.skip :]:
             yield self.epoch, int(i)
 
 
@@ -183,8 +184,8 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
-        epoch = self.sampler.epoch
-        for b, start in enumerate(range(0, len(order), self.batch_size)):
+        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size  # resumed mid-epoch: batch `first`
+        for b, start in enumerate(range(0, len(order), self.batch_size), start=first):
             index = order[start : start + self.batch_size].to(self.device)
             gen = self.generator(epoch, b)
             out: dict[str, torch.Tensor] = {"index": index, "category": self.labels[index]}

@@ -1,0 +1,148 @@
+"""A run folder is never overwritten or mixed without a word: a complete run is not resumed, an earlier run's files
+stop a new run, Ctrl-C leaves a checkpoint that resumes exactly, and bad test data stops `fit --evaluate` before
+training. Each test fails without the behaviour it names."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from onenip.api import fit, make_config
+from onenip.checkpoint import load_checkpoint
+from onenip.errors import DatasetError
+from onenip.training.trainer import Trainer, TrainingError
+
+CATS = "[bracket, grain]"
+
+
+def overrides(gen_data: Path, gen_textures: Path, *extra: str) -> list[str]:
+    return [f"data.roots=[{gen_data}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={gen_textures}",
+            "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
+            "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
+            "train.batch_size=8", "train.epochs=2", "train.device=cpu", "train.lr=5e-4", *extra]
+
+
+def test_resuming_a_complete_run_writes_nothing(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    run = tmp_path / "run"
+    fit(None, overrides(gen_data, gen_textures, "train.epochs=1", f"output_dir={run}"), progress=False)
+    ckpt = run / "checkpoints" / "last.safetensors"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match=r"the run is complete \(1 of 1 epochs\); nothing to resume"):
+        fit(None, [], resume=ckpt, progress=False)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a larger train.epochs continues it
+    result = fit(None, ["train.epochs=2"], resume=ckpt, progress=False)
+    assert result.epochs == 2
+
+
+@pytest.mark.parametrize("earlier", ["config.json", "train_log.csv", "results/clean/results.json", "skipped_train.csv"])
+def test_an_earlier_run_without_checkpoint_is_not_overwritten(tmp_path: Path, gen_data: Path, gen_textures: Path,
+                                                              earlier: str) -> None:
+    run = tmp_path / "run"
+    (run / earlier).parent.mkdir(parents=True, exist_ok=True)
+    (run / earlier).write_text("an earlier run's")
+    with pytest.raises(TrainingError, match=f"holds an earlier run \\({Path(earlier).parts[0]}\\)"):
+        Trainer(make_config(None, overrides(gen_data, gen_textures, f"output_dir={run}")), progress=False)
+    assert (run / earlier).read_text() == "an earlier run's"
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()) == [earlier]
+
+
+def test_fit_evaluate_reads_the_test_split_before_training(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(gen_data, data)
+    bad = sorted((data / "grain" / "test").rglob("*.png"))[0]
+    bad.write_bytes(b"not a png")
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError, match=bad.name):
+        fit(None, overrides(data, gen_textures, f"output_dir={run}"), evaluate=True, progress=False)
+    assert not run.exists()  # stopped before any work: no model, no log
+
+
+def test_fit_logs_the_categories_and_their_counts(tmp_path: Path, gen_data: Path, gen_textures: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="onenip"):
+        trainer = Trainer(make_config(None, overrides(gen_data, gen_textures, "data.holdout=0.25",
+                                                      f"output_dir={tmp_path / 'run'}")), progress=False, evaluate=True)
+    text = caplog.text
+    train, held = len(trainer.dataset), len(trainer.holdout)
+    assert f"2 categories: {train} training images, {held} held out for the thresholds" in text
+    for cat in ("bracket", "grain"):
+        n_train = sum(s.category == cat for s in trainer.dataset.samples)
+        n_held = sum(s.category == cat for s in trainer.holdout)
+        n_test = sum(s.category == cat for s in trainer.test_samples)
+        assert re.search(rf"{cat} +train +{n_train} +held out +{n_held} +test +{n_test}\n", text), text
+
+
+CHILD = """
+import logging, pathlib, sys, time
+import torch
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from onenip.api import make_config
+from onenip.training.trainer import Trainer
+marker = pathlib.Path(sys.argv[1])
+trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
+step = trainer.train_step
+def counted(batch):
+    out = step(batch)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(trainer.step))
+    tmp.replace(marker)
+    if trainer.step > len(trainer.loader):
+        time.sleep(0.3)  # from epoch 2 on, slow enough to be interrupted mid-epoch
+    return out
+trainer.train_step = counted
+trainer.run()
+"""
+
+
+def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path: Path, gen_data: Path,
+                                                                    gen_textures: Path) -> None:
+    """SIGINT in the middle of epoch 2 (no checkpoint due before the end): the run stops after the step in progress,
+    writes its checkpoint with the position in the epoch and prints the resume command; resuming ends with exactly
+    the weights of an uninterrupted run."""
+    args = overrides(gen_data, gen_textures, "train.epochs=3", "train.save_every=10")
+    straight = Trainer(make_config(None, args + [f"output_dir={tmp_path / 'a'}"]), progress=False)
+    straight.run()
+    per_epoch = len(straight.loader)
+    assert per_epoch >= 4
+
+    run_b, marker = tmp_path / "b", tmp_path / "steps"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(marker), *args, f"output_dir={run_b}"],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        text = marker.read_text().strip() if marker.exists() else ""
+        if text and int(text) >= per_epoch + 2:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the child ended before it could be interrupted"
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode != 0  # KeyboardInterrupt once the checkpoint is written
+    ckpt = run_b / "checkpoints" / "last.safetensors"
+    state = load_checkpoint(ckpt)
+    assert state.epoch == 1 and 0 < state.extra["epoch_step"] < per_epoch
+    assert state.step == per_epoch + state.extra["epoch_step"]
+    assert f"onenip fit --resume {ckpt}" in err and f"step {state.step}" in err, err
+    assert not (run_b / "model.safetensors").exists()
+
+    resumed = Trainer(make_config(None, args + [f"output_dir={run_b}"]), resume=ckpt, progress=False)
+    assert resumed.epoch_step == state.extra["epoch_step"] and "epoch_step" not in resumed.detector.extra
+    resumed.run()
+    assert resumed.step == straight.step == 3 * per_epoch
+    for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert "epoch_step" not in load_checkpoint(ckpt).extra
