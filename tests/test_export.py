@@ -23,7 +23,7 @@ from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.training.trainer import Trainer
 
-TWO = ["bottle", "metal_plate"]
+TWO = ["disc", "weave"]  # two generated categories: an object and a texture
 MAP_ATOL = 1e-4  # float32: largest |exported map - PyTorch map|
 SCORE_RTOL = 1e-4
 
@@ -35,19 +35,19 @@ def small(*extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, iad_mix: Path, textures: Path) -> Path:
+def trained(tmp_path_factory, gen_data: Path, gen_textures: Path) -> Path:
     run = tmp_path_factory.mktemp("export") / "run"
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", "data.categories=[bottle, metal_plate]",
-                                  f"data.textures={textures}", "data.holdout=0.2", "train.batch_size=8",
+    cfg = make_config(None, small(f"data.roots=[{gen_data}]", "data.categories=[disc, weave]",
+                                  f"data.textures={gen_textures}", "data.holdout=0.2", "train.batch_size=8",
                                   "train.max_steps=6", "eval.far=0.05", f"output_dir={run}"))
     Trainer(cfg, progress=False).run()
     return run / "model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def images(iad_mix: Path) -> np.ndarray:
-    """12 real test images (N, 3, 64, 64) uint8: per category 3 normal and 3 defective."""
-    test = read_sources([str(iad_mix)], "test", TWO)
+def images(gen_data: Path) -> np.ndarray:
+    """12 generated test images (N, 3, 64, 64) uint8: per category 3 normal and 3 defective."""
+    test = read_sources([str(gen_data)], "test", TWO)
     chosen = []
     for cat in TWO:
         for label in (0, 1):
@@ -184,14 +184,14 @@ def test_onnx_runs_without_checkpoint_onenip_or_torch(onnx_file: Path, reference
     assert_same(got, torch_outputs(reference, images))
 
 
-def test_onnx_export_of_a_prompt_free_model_without_refiner(iad_mix: Path, tmp_path: Path, images: np.ndarray) -> None:
+def test_onnx_export_of_a_prompt_free_model_without_refiner(gen_data: Path, tmp_path: Path, images: np.ndarray) -> None:
     """UniAD (no prompt, the pool only picks the threshold) without refiner: the other branches of DeployModel."""
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", "data.categories=[bottle, metal_plate]",
+    cfg = make_config(None, small(f"data.roots=[{gen_data}]", "data.categories=[disc, weave]",
                                   "model.arch=uniad", "train.prompt=none", "model.refiner=false", "eval.prompt_pool=2"))
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train = read_sources(cfg.data.roots, "train", TWO)
-    det.deployment = build_deployment(det, train[::40], train[1::40], far=0.1, cfg=cfg)
+    det.deployment = build_deployment(det, train[::10], train[1::10], far=0.1, cfg=cfg)
     ckpt = det.save(tmp_path / "uniad.safetensors")
     (tmp_path / "out").mkdir()
     path = export_model(ckpt, "onnx", tmp_path / "out")  # an existing folder: the default name inside it
@@ -234,8 +234,10 @@ def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: D
         assert_same({k: v.numpy() for k, v in module(torch.from_numpy(images[:1])).items()},
                     torch_outputs(reference, images[:1]))
         # the trace kept the uint8 path: anything else is refused, not read as 0-255 (or resized, or empty)
-        for bad in (torch.from_numpy(images).float() / 255, torch.from_numpy(images[:, :, :32]),
-                    torch.from_numpy(images[:0])):
+        with pytest.raises(Exception, match=r"got another dtype \(float images in \[0, 1\]\?") as info:
+            module(torch.from_numpy(images).float() / 255)
+        assert "got 6" not in str(info.value)  # TorchScript prints a dtype as its number: not in the message
+        for bad in (torch.from_numpy(images[:, :, :32]), torch.from_numpy(images[:0])):
             with pytest.raises(Exception, match=r"expected uint8 images of shape \(N, 3, 64, 64\) with N >= 1"):
                 module(bad)
 

@@ -146,3 +146,44 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path: Pat
     for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), k
     assert "epoch_step" not in load_checkpoint(ckpt).extra
+
+
+def test_predict_says_when_it_removes_an_earlier_runs_outputs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from onenip.deploy.predictor import _retire_earlier_run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with caplog.at_level(logging.INFO, logger="onenip"):
+        _retire_earlier_run(out)  # nothing there: nothing to say
+    assert caplog.text == ""
+    (out / "overlays").mkdir()
+    (out / "overlays" / "a.png").write_bytes(b"x")
+    (out / "predictions.json").write_text('{"predictions": [{"overlay": "overlays/a.png"}]}')
+    with caplog.at_level(logging.INFO, logger="onenip"):
+        _retire_earlier_run(out)
+    assert f"{out} held an earlier predict run: removed its index" in caplog.text and "the 1 overlays" in caplog.text
+
+
+def test_test_results_replace_the_earlier_ones_and_their_report(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from onenip.evaluation.evaluate import Results, write_results
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name in ("report.html", "scores.csv"):
+        (folder / name).write_text("of the earlier results")
+    with caplog.at_level(logging.INFO, logger="onenip"):
+        write_results(Results(protocol="clean", categories={}, fusion_scale=None, retrieval_accuracy=None), folder)
+    assert not (folder / "report.html").exists() and "removed" in caplog.text and "report.html" in caplog.text
+    assert not (folder / "scores.csv").exists()  # no scores now: the earlier ones are not left beside the new results
+    assert f"results written to {folder}" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["results.json", "results.md"]
+
+
+def test_an_exported_model_given_as_a_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    from onenip.checkpoint import load_checkpoint as load
+    from onenip.errors import CheckpointError
+
+    for name, kind in (("model.onnx", "ONNX"), ("model.torchscript.pt", "TorchScript")):
+        (tmp_path / name).write_bytes(b"\x08\x07\x12\x04rest of an export")
+        with pytest.raises(CheckpointError, match=f"is an exported model \\({kind}\\), not an onenip checkpoint"):
+            load(tmp_path / name)

@@ -223,10 +223,13 @@ class _CheckedInput(nn.Module):
         self.size = size
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.size(0) < 1 or images.size(1) != 3 \
-                or images.size(2) != self.size or images.size(3) != self.size:
+        if images.dtype != torch.uint8:  # TorchScript prints a dtype as a number: name the common mistake instead
+            raise ValueError(f"expected uint8 images (0-255) of shape (N, 3, {self.size}, {self.size}); got another "
+                             "dtype (float images in [0, 1]? multiply by 255 and convert them to uint8)")
+        if images.dim() != 4 or images.size(0) < 1 or images.size(1) != 3 or images.size(2) != self.size \
+                or images.size(3) != self.size:
             raise ValueError(f"expected uint8 images of shape (N, 3, {self.size}, {self.size}) with N >= 1, got "
-                             f"{images.dtype} {images.shape}")
+                             f"shape {images.shape}")
         return self.model(images)
 
 

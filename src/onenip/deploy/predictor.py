@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -38,6 +39,8 @@ from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,6 +244,8 @@ def _inside(path: Path, folder: Path) -> bool:
 def _retire_earlier_run(out: Path) -> None:
     """Remove an earlier run's index from `out` and the overlays and masks it lists (only files inside `out`'s
     overlays/ and masks/: an edited index cannot reach elsewhere). Files no index lists are left alone."""
+    if not any((out / index).exists() for index in INDEX_FILES):
+        return
     try:
         listed = json.loads((out / "predictions.json").read_text())["predictions"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -248,13 +253,17 @@ def _retire_earlier_run(out: Path) -> None:
     for index in INDEX_FILES:  # first: no index may list a file already gone
         (out / index).unlink(missing_ok=True)
     folders = {(out / sub).resolve() for sub in IMAGE_FOLDERS}
+    removed = 0
     for row in listed if isinstance(listed, list) else []:
         for key in ("overlay", "mask"):
             rel = row.get(key) if isinstance(row, dict) else None
             if isinstance(rel, str) and rel:
                 path = (out / rel).resolve()
-                if path.parent in folders and path.suffix == ".png":
-                    path.unlink(missing_ok=True)
+                if path.parent in folders and path.suffix == ".png" and path.exists():
+                    path.unlink()
+                    removed += 1
+    log.warning(f"{out} held an earlier predict run: removed its index ({', '.join(INDEX_FILES)}) and the {removed} "
+                "overlays and masks it listed")
 
 
 def _unreadable(first: DatasetError, rest: Sequence[Path], threads: int = 4) -> DatasetError:

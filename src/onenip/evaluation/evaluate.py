@@ -24,6 +24,7 @@ Beyond the per-category metrics and their mean:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -45,6 +46,8 @@ from onenip.logs import progress_bar
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
 from onenip.models.scoring import fuse, fusion_scale, image_scores, mean_maps, normalize_score
+
+log = logging.getLogger(__name__)
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
@@ -430,14 +433,21 @@ def _null_for_nan(obj: Any) -> Any:
 
 
 def write_results(results: Results, folder: str | Path) -> Path:
-    """results.json, results.md (a table per scored map) and scores.csv (one row per test image) in `folder`."""
+    """results.json, results.md (a table per scored map) and scores.csv (one row per test image) in `folder`.
+
+    Results already in the folder are replaced as a whole: their results.json (the file a report reads first) goes
+    first and comes back last, so that an interrupted write never leaves new and old files looking like one run; a
+    report.html of the earlier results is removed, with a message (it would show results that are gone)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").unlink(missing_ok=True)
+    if (folder / "report.html").exists():
+        (folder / "report.html").unlink()
+        log.warning(f"removed {folder / 'report.html'}: it showed the earlier results in this folder; "
+                    f"`onenip report {folder}` makes one of the new results")
     data = results.to_dict()
     if results.checkpoint and Path(results.checkpoint).is_file():  # so that a report can tell the model changed
         data["checkpoint_sha256"] = file_sha256(results.checkpoint)
-    # strict JSON: an undefined metric (a category without defective images, say) is null, not NaN
-    atomic_write_text(folder / "results.json", json.dumps(_null_for_nan(data), indent=2, allow_nan=False))
     md = [f"# Test results ({results.protocol} protocol)", ""]
     if results.retrieval_accuracy is not None:
         md += [f"Prompt retrieval picked the right category for {100 * results.retrieval_accuracy:.2f} % of test images.", ""]
@@ -449,4 +459,9 @@ def write_results(results: Results, folder: str | Path) -> Path:
     atomic_write_text(folder / "results.md", "\n".join(md))
     if results.scores:
         atomic_write_csv(folder / "scores.csv", results.scores)
+    else:
+        (folder / "scores.csv").unlink(missing_ok=True)
+    # strict JSON: an undefined metric (a category without defective images, say) is null, not NaN
+    atomic_write_text(folder / "results.json", json.dumps(_null_for_nan(data), indent=2, allow_nan=False))
+    log.info(f"results written to {folder} (results.json, results.md, scores.csv)")
     return folder
