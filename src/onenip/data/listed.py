@@ -19,6 +19,7 @@ from typing import Any
 
 from onenip.data.files import (
     NORMAL_DEFECT,
+    SPLITS,
     Sample,
     absolute,
     check_folder,
@@ -106,7 +107,20 @@ def read_visa(root: str | os.PathLike[str], split: str, categories: Sequence[str
     csv_path = root_path / VISA_CSV
     if not is_file(csv_path):
         raise DatasetError(f"VisA split file {csv_path} does not exist")
-    rows = [(line, row) for line, row in _read_visa_rows(csv_path) if (row.get("split") or "").strip().lower() == split]
+    all_rows = _read_visa_rows(csv_path)
+    other = [(line, (row.get("split") or "").strip()) for line, row in all_rows
+             if (row.get("split") or "").strip().lower() not in SPLITS]
+    if other:
+        values = sorted({value or "(empty)" for _, value in other})
+        warnings.warn(f"{csv_path}: {len(other)} rows whose split is neither train nor test ({', '.join(values[:5])}; "
+                      f"the first on line {other[0][0]}) are left out", OnenipWarning, stacklevel=2)
+    rows = [(line, row) for line, row in all_rows if (row.get("split") or "").strip().lower() == split]
+    if split == "train":  # a defective image is never trained on as a normal one
+        defective = [line for line, row in rows if (row.get("label") or "").strip().lower() == "anomaly"]
+        if defective:
+            warnings.warn(f"{csv_path}: {len(defective)} defective images (label anomaly) listed in the train split "
+                          f"are not trained on (the first on line {defective[0]})", OnenipWarning, stacklevel=2)
+            rows = [(line, row) for line, row in rows if (row.get("label") or "").strip().lower() != "anomaly"]
     available = {_visa_category(row, csv_path, line) for line, row in rows}
     chosen = set(select_categories(available, categories, f"VisA split file {csv_path} ({split} split)"))
     seen: dict[Path, tuple[int, Sample]] = {}
@@ -238,8 +252,12 @@ def read_jsonl(
     chosen = set(select_categories((e.category for e in entries), categories, f"metadata file {meta}"))
     seen: dict[Path, tuple[int, Sample]] = {}
     duplicates = 0
+    defective = [e.line for e in entries if e.label == 1 and e.category in chosen] if split == "train" else []
+    if defective:  # a defective image is never trained on as a normal one
+        warnings.warn(f"{meta}: {len(defective)} defective images (label 1) listed in the train split are not trained "
+                      f"on (the first on line {defective[0]})", OnenipWarning, stacklevel=2)
     for entry in entries:
-        if entry.category in chosen:
+        if entry.category in chosen and not (split == "train" and entry.label == 1):
             duplicates += keep_first(seen, _jsonl_sample(entry, root, split, meta), entry.line, meta)
     if duplicates:
         warnings.warn(f"{meta}: dropped {duplicates} duplicate line(s) repeating an image already listed", OnenipWarning, stacklevel=2)

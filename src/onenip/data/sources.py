@@ -132,13 +132,33 @@ def read_source(
     check_split(split)
     fmt, root = _root_of(spec)
     fmt = fmt or detect_format(root)
-    if fmt == "jsonl":
-        return read_jsonl(jsonl_meta_file(root, split), root, split, categories)
     if fmt == "mvtec":
         return read_mvtec(root, split, categories, skip_bad, labelled_only)
     if fmt == "btad":
         return read_btad(root, split, categories, skip_bad, labelled_only)
-    return read_visa(root, split, categories)
+    samples = read_jsonl(jsonl_meta_file(root, split), root, split, categories) if fmt == "jsonl" else \
+        read_visa(root, split, categories)
+    if split == "test" and not labelled_only:  # as the folder layouts: a category to test needs training images
+        _check_trained_categories(spec, fmt, root, samples)
+    return samples
+
+
+def _check_trained_categories(spec: str, fmt: str, root: Path, test: list[Sample]) -> None:
+    """Raise if a category of the test split of a listed format (visa, jsonl) has no normal training image listed."""
+    wanted = sorted({s.category for s in test})
+    try:
+        with warnings.catch_warnings():  # the train split's own warnings are given when it is read for training
+            warnings.simplefilter("ignore")
+            train = read_jsonl(jsonl_meta_file(root, "train"), root, "train", None) if fmt == "jsonl" else \
+                read_visa(root, "train", None)
+        trained = {s.category for s in train}
+    except DatasetError:
+        trained = set()
+    untrained = [c for c in wanted if c not in trained]
+    if untrained:
+        raise DatasetError(f"{spec}: categories {', '.join(untrained)} have test images but no normal training image "
+                           "listed, so no model can know them; leave them out with data.categories, or list their "
+                           "training images")
 
 
 def _check_collisions(per_source: list[tuple[str, list[Sample]]]) -> None:
