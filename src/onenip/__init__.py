@@ -1,5 +1,7 @@
 """OneNIP: unified (multi-class) anomaly detection with one normal image prompt (ECCV 2024).
 
+Section references "§N" in the docstrings point to the numbered sections of docs/method.md.
+
     import onenip
     result = onenip.fit("configs/iad-mix-offline.yaml", evaluate=True)
     results = onenip.test(result.model_path, overrides=["eval.protocol=paper"])

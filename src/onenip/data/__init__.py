@@ -10,7 +10,7 @@ Four layouts are understood, each turned into a flat, sorted list of :class:`Sam
 
 :func:`read_source` reads one ``[FORMAT:]PATH`` spec, :func:`read_sources` merges several into one unified set.
 The readers look at file names only; :func:`validate_samples` then decodes every image and mask (with
-:mod:`onenip.images`) and reports, or with ``skip_bad`` skips, the unusable ones.
+:mod:`onenip.data.images`) and reports, or with ``skip_bad`` skips, the unusable ones.
 
 Folders assembled by hand: a folder that cannot be listed, a file where a folder is expected and a category without
 training images are DatasetErrors naming them; file names may hold any characters the file system allows (non-ASCII,

@@ -1,6 +1,6 @@
 """`onenip demo`: the whole job on an embedded default, with no download and no user data.
 
-It generates a small multi-category dataset (`demo_data`: procedural textures and objects whose defects are drawn
+It generates a small multi-category dataset (`onenip.demo.dataset`: procedural textures and objects whose defects are drawn
 differently from the training pseudo-anomalies), trains one OneNIP model on all categories on the CPU with the offline
 ImageNet EfficientNet-Lite0 backbone (the paper's network, at 96 px and 300 steps of batch 16 to take minutes),
 evaluates it (clean protocol: the category is not given) and prints the table.

@@ -1,6 +1,6 @@
 """How the images of the demo dataset are drawn: its four categories and their defect types.
 
-The drawing half of `onenip.demo_data` (which renders images from seeds and writes the dataset); its underscore
+The drawing half of `onenip.demo.dataset` (which renders images from seeds and writes the dataset); its underscore
 names are that module's, not a public API.
 
 Categories (two textures, two objects; each image varies in pose, colour, lighting and noise):

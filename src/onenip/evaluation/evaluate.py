@@ -1,6 +1,6 @@
 """Evaluation on the test split (§6): maps, fusion, image scores and the seven metrics per category and on average.
 
-Metrics (all exact, see `metrics`): image AUROC, AP and F1-max on image scores; pixel AUROC, AP, F1-max and AUPRO
+Metrics (all exact, see `onenip.evaluation.metrics`): image AUROC, AP and F1-max on image scores; pixel AUROC, AP, F1-max and AUPRO
 (FPR limit 0.3) on the maps at the input resolution against the masks resized to it (nearest). Labels come from the
 dataset (a defective image whose mask is empty still counts as defective). A category with a defective test image
 that has no mask is left out of the pixel metrics, with a warning. Means are unweighted over categories.

@@ -150,7 +150,7 @@ class OneNIP(ReconstructionNet):
         return self.decode(encoded[:b], encoded[b:])
 
     def encode(self, feats: Tensor) -> Tensor:
-        """The shared self-attention encoder (§2.3), image by image: (B, C, H, W) -> (B, L, D). A deployed model
+        """The shared self-attention encoder (§2.2 step 7, §2.4), image by image: (B, C, H, W) -> (B, L, D). A deployed model
         encodes its prompt pool once (the prompt is fixed) and decodes every query against the stored result."""
         return self.encoder(self.tokens(feats), self.pos(), self.allowed)
 
@@ -167,7 +167,7 @@ class OneNIP(ReconstructionNet):
 
 
 class StaticPrompt(OneNIP):
-    """Unidirectional decoder with static prompt (the paper's §3 and Table 4a line 1): the shared encoder encodes
+    """Unidirectional decoder with static prompt (the paper's §3.1 and Table 4a line 1; method §2.6): the shared encoder encodes
     query and prompt as OneNIP does; UniAD's layer-wise query decoder then reads the query's encoding, with the encoded
     prompt in place of every layer's learned query embedding. The prompt is not updated by the decoder (static); the
     decoder's output stream becomes F_hat."""

@@ -3,7 +3,7 @@
 - paper protocol (the authors' code, §6): a random normal training image of the test image's TRUE category, drawn
   independently for each test image (here seeded by (seed, index) so a run repeats exactly);
 - clean protocol (the retrieval of the paper's §3.5, never run by the authors' code): the category is not given. A
-  pool holds a few normal training images of every category (§3.5 selects one per class: `eval.prompt_pool=1`); a
+  pool holds a few normal training images of every category (the paper's §3.5 selects one per class: `eval.prompt_pool=1`); a
   test image takes the pool image whose spatially averaged backbone features are most similar (cosine) to its own.
 """
 

@@ -1,8 +1,8 @@
 """Exact ROC and precision-recall curves of image scores, score histograms, and their inline SVG charts.
 
 The curves are computed from the scores themselves, with no threshold grid: one sort and cumulative counts at every
-distinct score (as `onenip.metrics` does), so the trapezoid area of the ROC polyline is the Mann-Whitney AUROC and the
-step-wise area of the PR curve the average precision that `metrics` reports for the same scores. Ties between a good
+distinct score (as `onenip.evaluation.metrics` does), so the trapezoid area of the ROC polyline is the Mann-Whitney AUROC and the
+step-wise area of the PR curve the average precision that `onenip.evaluation.metrics` reports for the same scores. Ties between a good
 and a defective image give a diagonal ROC segment. Where a curve is undefined (one class only) the chart says why.
 
 The charts are standalone ``<svg>`` elements (300 x 270 px, no script, no external reference) that `onenip.report`

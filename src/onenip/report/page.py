@@ -1,6 +1,6 @@
 """`onenip report RUN_DIR`: one self-contained HTML page from the results of a test run.
 
-The page is built from the two files `onenip test` writes (see `evaluate.write_results`): results.json (metrics) and
+The page is built from the two files `onenip test` writes (see `onenip.evaluation.evaluate.write_results`): results.json (metrics) and
 scores.csv (one image score per test image). It holds
 
 * a header: protocol, checkpoint, fusion constant, prompt retrieval accuracy, number of images, skipped files;
@@ -8,9 +8,10 @@ scores.csv (one image score per test image). It holds
 * the per-category table of the seven metrics of one scored map (in %, NaN as an em dash), their mean and the
   pooled image metrics (all test images ranked together);
 * per category: the ROC curve and the precision-recall curve of the image scores, computed exactly from scores.csv
-  (`onenip.charts`: sort and cumulative counts at every distinct score, as `metrics` does: the AUROC is the trapezoid
-  area of the ROC polyline, the AP the step-wise area of the PR curve, so both equal results.json's image_auroc and
-  image_ap), and the distribution of the scores of good and defective images (two histograms on a shared binning);
+  (`onenip.report.charts`: sort and cumulative counts at every distinct score, as `onenip.evaluation.metrics` does:
+  the AUROC is the trapezoid area of the ROC polyline, the AP the step-wise area of the PR curve, so both equal
+  results.json's image_auroc and image_ap), and the distribution of the scores of good and defective images (two
+  histograms on a shared binning);
 * per category, a gallery of the worst misses: the defective images with the lowest scores and the good images with
   the highest scores, each shown as the deployed model's overlay (anomaly heat map, defect mask outlined) with its
   score, normalised score, decision and retrieved category. Without a usable checkpoint the plain images are shown,

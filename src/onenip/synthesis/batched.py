@@ -1,4 +1,4 @@
-"""Batched pseudo-anomaly synthesis in pure torch: the fast path of `onenip.synthesis` (method notes §3, issue 4).
+"""Batched pseudo-anomaly synthesis in pure torch: the fast path of `onenip.synthesis` (method §3, issue 4).
 
 `onenip.synthesis` makes one anomaly at a time with numpy and PIL on the CPU. Training on one GPU at thousands of
 images per second cannot afford that, so this module makes the same three kinds of anomaly for a whole batch of uint8
@@ -22,7 +22,7 @@ Each kind, and each colour adjustment or texture augmenter, is applied to the sa
 ``torch.where`` (no host/device synchronisation, so the work is queued on the stream ahead of the training step, at the
 price of redundant arithmetic); on the CPU only the selected rows are gathered by index and computed (cheapest there).
 Both give the same values, since every computation is per sample; there is no Python loop over samples in either. The
-hybrid choice is that of `synthesis.synthesize`: CutPaste with probability ``cfg.cutpaste_prob`` (normal or scar with
+hybrid choice is that of `onenip.synthesis.per_image.synthesize`: CutPaste with probability ``cfg.cutpaste_prob`` (normal or scar with
 probability 1/2 each), Perlin + texture otherwise. All parameters of all kinds are drawn for every sample, in a fixed
 order, so the random stream does not depend on the kinds drawn.
 
@@ -513,7 +513,7 @@ def _check_batch(images: Tensor, name: str = "images") -> None:
 
 
 class BatchSynthesizer:
-    """Hybrid pseudo-anomalies for a batch (§3), the batched counterpart of `synthesis.synthesize`.
+    """Hybrid pseudo-anomalies for a batch (§3), the batched counterpart of `onenip.synthesis.per_image.synthesize`.
 
     Holds the configuration and an optional texture bank (a uint8 (T, 3, S, S) tensor, e.g. from `load_texture_bank`,
     best kept on the training device). Without a bank, every call must pass a texture pool (e.g. other training

@@ -1,4 +1,4 @@
-"""OpenCV's 8-bit colour conversions for the texture brightness augmenter (method notes §3), in torch.
+"""OpenCV's 8-bit colour conversions for the texture brightness augmenter (method §3), in torch.
 
 The authors augment textures with imgaug's ``MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30))``. For each image
 it picks one of six colour spaces uniformly (YCrCb, HSV, HLS, Lab, Luv, YUV), converts the uint8 image there with
@@ -71,7 +71,7 @@ _SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 def select_sector(sector: Tensor, v: Tensor, p: Tensor, q: Tensor, t: Tensor) -> Tensor:
     """(B, 3, H, W) RGB from the hue sector (B, H, W, int64 in [0, 6)) and the four candidate values (B, H, W).
 
-    Shared by every hue-based conversion back to RGB (HSV and HLS here, PIL's HSV in `onenip.synthesis_batch`).
+    Shared by every hue-based conversion back to RGB (HSV and HLS here, PIL's HSV in `onenip.synthesis.batched`).
     """
     table = torch.tensor(_SECTOR_TABLE, dtype=torch.long, device=sector.device)
     index = table[:, sector].movedim(0, 1)  # (B, 3, H, W)

@@ -1,4 +1,4 @@
-"""Pseudo-anomaly synthesis for the supervised refiner (method notes §3).
+"""Pseudo-anomaly synthesis for the supervised refiner (method §3).
 
 Three kinds of synthetic anomaly are produced on an RGB uint8 image that has already been resized to the input size,
 so every mask is at input resolution:
@@ -96,7 +96,7 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A uint8 (H, W, C) image resized to (height, width) like ``cv2.resize(..., INTER_LINEAR)`` (method notes §3).
+    """A uint8 (H, W, C) image resized to (height, width) like ``cv2.resize(..., INTER_LINEAR)`` (method §3).
 
     The authors' code resizes textures with OpenCV, which interpolates between the two nearest pixels per axis with
     no antialiasing, so a texture shrunk by more than 2x keeps its fine (aliased) detail; PIL's bilinear filter would

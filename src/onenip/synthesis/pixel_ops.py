@@ -1,4 +1,4 @@
-"""PIL's and torchvision's uint8 image operations, per sample over a batch, in torch (the kernels of `synthesis_batch`).
+"""PIL's and torchvision's uint8 image operations, per sample over a batch, in torch (the kernels of `onenip.synthesis.batched`).
 
 The plain synthesis (`onenip.synthesis`) jitters CutPaste patches with torchvision's colour adjustments on PIL images
 and augments textures with PIL (``ImageOps``, ``ImageEnhance``, HSV conversion), one image at a time. The fast path
@@ -15,7 +15,7 @@ on. These are those operations, written from the libraries' documented arithmeti
 Images are float tensors (B, 3, H, W) holding integer values in [0, 255] (uint8 semantics: every operation clamps and
 truncates, or rounds where the library does, before it returns); per-sample parameters are (B,) tensors. Every
 computation is per sample, so computing a subset of rows gives the same values as computing all and selecting.
-`synthesis_batch` draws the parameters and chooses which samples get which operation.
+`onenip.synthesis.batched` draws the parameters and chooses which samples get which operation.
 """
 
 from __future__ import annotations

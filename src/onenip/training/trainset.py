@@ -139,11 +139,11 @@ class DeviceBatches:
 
     Every training image is decoded once and kept on the device as uint8 (N, 3, S, S); textures too (or the images
     themselves serve as textures, as in the plain path). Each batch's pseudo-anomalies are synthesized there in one go
-    (`synthesis_batch.BatchSynthesizer`, the same distributions as `synthesis.synthesize`) and its prompts are drawn
-    there. The order of queries is the same `EpochSampler` permutation the plain path uses; the random draws of a batch
-    come from a generator seeded by (seed, epoch, batch, rank), so a resumed run sees the batches an uninterrupted one
-    would. Batches are dicts like the plain DataLoader's without image and prompt (their features are cached):
-    index (B,), category (B,), synthetic (B, 3, S, S) uint8, mask (B, 1, S, S) uint8, prompt_index (B,).
+    (`onenip.synthesis.batched.BatchSynthesizer`, the same distributions as `onenip.synthesis.per_image.synthesize`)
+    and its prompts are drawn there. The order of queries is the same `EpochSampler` permutation the plain path uses;
+    the random draws of a batch come from a generator seeded by (seed, epoch, batch, rank), so a resumed run sees the
+    batches an uninterrupted one would. Batches are dicts like the plain DataLoader's without image and prompt
+    (their features are cached): index (B,), category (B,), synthetic (B, 3, S, S) uint8, mask (B, 1, S, S) uint8, prompt_index (B,).
     """
 
     def __init__(self, dataset: TrainSet, sampler: EpochSampler, batch_size: int, device: torch.device,
