@@ -28,6 +28,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from onenip.evaluation.metrics import image_metrics, pixel_metrics
 from onenip.logs import progress_bar
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
-from onenip.models.scoring import fuse, fusion_scale, image_scores, mean_maps, normalize_score
+from onenip.models.scoring import Maps, fuse, fusion_scale, image_scores, mean_maps, normalize_score
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +257,125 @@ def category_metrics(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndar
     return res, scores
 
 
+def read_test(detector: Detector, cfg: Config, samples: list[Sample] | None = None,
+              skipped: list[tuple[Sample, str]] | None = None) -> tuple[list[Sample], list[tuple[Sample, str]]]:
+    """The test images to evaluate (read from cfg.data.roots unless given) and the unusable ones left out.
+
+    A labelled folder in test layout is enough (the model carries what it learned from its training images). Test
+    categories the model was not trained on are left out, with a warning naming them, unless data.categories names
+    them: their images would be judged with the prompts and thresholds of other categories."""
+    if samples is None:
+        samples, skipped = load_split(cfg.data.roots, "test", cfg.data.categories or None, cfg.data.skip_bad,
+                                      max(1, cfg.data.workers), labelled_only=True)
+    known = model_categories(detector)
+    unknown = sorted({s.category for s in samples} - set(known or [])) if known is not None else []
+    asked = [c for c in unknown if c in (cfg.data.categories or [])]
+    left_out = [c for c in unknown if c not in asked]
+    if left_out:
+        n = sum(s.category in left_out for s in samples)
+        warnings.warn(f"test categories {', '.join(left_out)} are not among the model's ({', '.join(known or [])}): "
+                      f"their {n} images are left out of the results; name them in data.categories to evaluate them "
+                      "anyway", OnenipWarning, stacklevel=3)
+        samples = [s for s in samples if s.category not in left_out]
+    if asked:
+        warnings.warn(f"test categories {', '.join(asked)} are not among the model's: their images are judged with the "
+                      "prompts and thresholds of the categories they are matched to", OnenipWarning, stacklevel=3)
+    if not samples:
+        raise DatasetError(f"no test images of the model's categories ({', '.join(known or [])}) in {cfg.data.roots}")
+    return samples, list(skipped or [])
+
+
+def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
+                 ) -> tuple[PromptPool | None, list[list[Sample]] | None, list[Sample] | None]:
+    """(prompt pool the clean protocol retrieves from, the paper protocol's prompts of each test image, the normal
+    training images the clean fusion constant comes from). Without training images in cfg.data.roots, the clean
+    protocol uses the model's own deployment (pool and fusion constant), as `onenip predict` does: the training images
+    are None then."""
+    e = cfg.eval
+    try:
+        train = prompt_source(detector, cfg)
+    except DatasetError as exc:
+        dep = detector.deployment
+        if e.protocol != "clean" or dep is None:
+            raise DatasetError(f"{exc}; the {e.protocol} protocol needs the training images of the evaluated "
+                               "categories" + ("" if dep is not None else " (this model carries no prompt pool)")) from None
+        warnings.warn(f"no training images to draw prompts from ({exc}): the model's own prompt pool and fusion "
+                      "constant are used, as onenip predict uses them", OnenipWarning, stacklevel=3)
+        pool_samples_ = [Sample(Path(p), c, 0, "good", None, "train") for p, c in zip(dep.pool_images, dep.pool_categories)]
+        return PromptPool(pool_samples_, dep.pool_feats.to(next(detector.parameters()).device)), None, None
+    if e.protocol == "clean":  # every deployed model retrieves (one without prompts: for the category's threshold)
+        return build_prompt_pool(detector, train, cfg), None, train
+    return None, paper_prompt_sets(test, train, e.seed, e.prompts) if detector.uses_prompt else None, train
+
+
+def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: PromptPool | None,
+                  prompts: list[list[Sample]] | None, bar: Any) -> Iterator[tuple[np.ndarray, Maps, torch.Tensor,
+                                                                                     torch.Tensor, list | None, list | None]]:
+    """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
+    similarities). The prompts are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1
+    the maps are the mean of the maps of the K prompts."""
+    dev = next(detector.parameters()).device
+    k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
+    for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
+        feats = detector.features(batch["image"].to(dev))
+        prompt_feats: list[torch.Tensor | None] = [None]
+        got, sim = None, None
+        if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
+            prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
+        elif pool is not None:
+            j, si = pool.retrieve_top(feats, k_prompts)  # (B, K), best first
+            if detector.uses_prompt:
+                prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
+            got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
+        bar.update(1)
+        yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
+            batch["has_mask"], got, sim
+
+
+def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
+                      scale: float | None, pool: PromptPool | None, prompts: list[list[Sample]] | None,
+                      score_rows: list[dict[str, Any]], bar: Any, clock: dict[str, float]) -> dict[str, Any]:
+    """The metrics of one category (its test images at `indices`); fills their score rows and adds the seconds
+    spent to clock["inference"] and clock["metrics"]. Its maps are dropped as soon as they are scored."""
+    t0 = time.perf_counter()
+    e, size, n = cfg.eval, cfg.data.input_size, len(indices)
+    has_ref = detector.net.refiner is not None
+    maps = {name: np.empty((n, size, size), dtype=np.float32) for name in names}
+    masks = np.zeros((n, size, size), dtype=bool)
+    has_mask = np.zeros(n, dtype=bool)
+    subset = [test[i] for i in indices]
+    subset_prompts = [prompts[i] for i in indices] if prompts is not None else None
+    for pos, m, mask, hm, got, sim in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
+        fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
+        for name in names:
+            maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
+        masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
+        for p, g, si in zip(pos, got or [], sim or []):
+            score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6))
+    t1 = time.perf_counter()
+    clock["inference"] += t1 - t0
+    cat = subset[0].category
+    labels = np.array([s.label for s in subset])
+    pixel_ok = bool(np.all(has_mask[labels == 1]))
+    if not pixel_ok:
+        warnings.warn(f"category {cat}: {int(np.sum(~has_mask[labels == 1]))} defective test images have no "
+                      "mask; the category is left out of the pixel metrics", OnenipWarning, stacklevel=3)
+    entry: dict[str, Any] = {"images": n, "defective": int(labels.sum()), "pixel_metrics": pixel_ok}
+    if pool is not None:
+        entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
+    for name in names:
+        entry[name], scores = category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
+        for i, sc in zip(indices, scores):
+            score_rows[i][f"score_{name}"] = float(sc)
+        del maps[name]  # free each map as soon as it is scored
+    clock["metrics"] += time.perf_counter() - t1
+    return entry
+
+
 @torch.no_grad()
 def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None,
              skipped: list[tuple[Sample, str]] | None = None) -> Results:
-    """Evaluate `detector` on the test split of cfg.data.roots under cfg.eval.protocol.
+    """Evaluate `detector` on the test split of cfg.data.roots (or on `samples`) under cfg.eval.protocol.
 
     One category at a time: its maps are computed, scored and dropped before the next, so memory grows with the
     largest category, not with the test set. The paper protocol's fusion constant needs the reconstruction maps of the
@@ -267,106 +383,43 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     """
     t_start = time.perf_counter()
     detector.eval()
-    dev = next(detector.parameters()).device
-    e, size = cfg.eval, cfg.data.input_size
-    cats = cfg.data.categories or None
-    skip, threads = cfg.data.skip_bad, max(1, cfg.data.workers)
-    if samples is not None:  # the test split read already (and the files it left out, with data.skip_bad)
-        test, skipped = samples, list(skipped or [])
-    else:
-        test, skipped = load_split(cfg.data.roots, "test", cats, skip, threads)
-    train = prompt_source(detector, cfg)
-    paper = detector.uses_prompt and e.protocol == "paper"
-    prompt_samples = paper_prompt_sets(test, train, e.seed, e.prompts) if paper else None
-    pool = build_prompt_pool(detector, train, cfg) if e.protocol == "clean" else None  # every deployed model retrieves
-    k_prompts = e.prompts if detector.uses_prompt else 1
+    e = cfg.eval
+    test, skipped = read_test(detector, cfg, samples, skipped)
+    pool, prompts, train = prompt_setup(detector, cfg, test)
     has_ref = detector.net.refiner is not None
     names = [m for m in e.maps if not (m == "ref" and not has_ref)]  # without a refiner, fused is rec
     by_cat: dict[str, list[int]] = {}
     for i, s in enumerate(test):
         by_cat.setdefault(s.category, []).append(i)
     batches = sum(-(-len(ix) // e.batch_size) for ix in by_cat.values())
-    if has_ref and prompt_samples is not None:  # the paper protocol's first pass, over the whole test set at once
+    if has_ref and prompts is not None:  # the paper protocol's first pass, over the whole test set at once
         batches += -(-len(test) // e.batch_size)
     bar = progress_bar(total=batches, desc="test", unit="batch", disable=not progress)
-
-    def infer(indices: list[int]):
-        """Per batch: (positions in `indices`, Maps on the device, masks, has_mask, retrieved categories, similarities).
-        With eval.prompts = K > 1 the maps are the mean of the maps of the K prompts."""
-        subset = [test[i] for i in indices]
-        prompts = [prompt_samples[i] for i in indices] if prompt_samples is not None else None
-        for batch in _loader(SampleImages(subset, size, prompts), cfg):
-            feats = detector.features(batch["image"].to(dev))
-            prompt_feats: list[torch.Tensor | None] = [None]
-            got, sim = None, None
-            if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
-                prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
-            elif pool is not None:
-                j, s = pool.retrieve_top(feats, k_prompts)  # (B, K), best first
-                if detector.uses_prompt:
-                    prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
-                got, sim = [pool.categories[k] for k in j[:, 0].tolist()], s[:, 0].tolist()
-            bar.update(1)
-            yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
-                batch["has_mask"], got, sim
-
-    t_infer = 0.0
+    t0 = time.perf_counter()
     if not has_ref:
         scale = None
     elif e.protocol == "clean":
-        scale = train_fusion_scale(detector, train, pool, cfg)
+        scale = train_fusion_scale(detector, train, pool, cfg) if train is not None else detector.deployment.fusion_scale
     else:  # paper protocol: (max + min) / 2 over the whole test set (transductive, as the authors' code)
-        t0 = time.perf_counter()
         lo, hi = math.inf, -math.inf
-        for _, maps, *_ in infer(list(range(len(test)))):
+        for _, maps, *_ in infer_batches(detector, cfg, test, pool, prompts, bar):
             lo, hi = min(lo, float(maps.rec.min())), max(hi, float(maps.rec.max()))
         scale = fusion_scale(lo, hi)
-        t_infer += time.perf_counter() - t0
-
-    categories: dict[str, dict[str, Any]] = {}
+    clock = {"inference": time.perf_counter() - t0 if e.protocol == "paper" else 0.0, "metrics": 0.0}
     score_rows: list[dict[str, Any]] = [
         {"image": str(s.image), "category": s.category, "defect": s.defect, "label": s.label, "retrieved": None,
          "similarity": None} for s in test
     ]
-    t_metrics = 0.0
-    for cat in sorted(by_cat):
-        indices = by_cat[cat]
-        n = len(indices)
-        t0 = time.perf_counter()
-        maps = {name: np.empty((n, size, size), dtype=np.float32) for name in names}
-        masks = np.zeros((n, size, size), dtype=bool)
-        has_mask = np.zeros(n, dtype=bool)
-        for pos, m, mask, hm, got, sim in infer(indices):
-            fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
-            for name in names:
-                maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
-            masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
-            for p, g, si in zip(pos, got or [], sim or []):
-                score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6))
-        t1 = time.perf_counter()
-        t_infer += t1 - t0
-        labels = np.array([test[i].label for i in indices])
-        pixel_ok = bool(np.all(has_mask[labels == 1]))
-        if not pixel_ok:
-            warnings.warn(f"category {cat}: {int(np.sum(~has_mask[labels == 1]))} defective test images have no "
-                          "mask; the category is left out of the pixel metrics", OnenipWarning, stacklevel=2)
-        entry: dict[str, Any] = {"images": n, "defective": int(labels.sum()), "pixel_metrics": pixel_ok}
-        if pool is not None:
-            entry["retrieval_accuracy"] = float(np.mean([score_rows[i]["retrieved"] == cat for i in indices]))
-        for name in names:
-            entry[name], scores = category_metrics(maps[name], masks if pixel_ok else None, labels, cfg)
-            for i, sc in zip(indices, scores):
-                score_rows[i][f"score_{name}"] = float(sc)
-            del maps[name]  # free each map as soon as it is scored
-        categories[cat] = entry
-        t_metrics += time.perf_counter() - t1
+    categories = {cat: evaluate_category(detector, cfg, test, by_cat[cat], names, scale, pool, prompts, score_rows, bar,
+                                         clock) for cat in sorted(by_cat)}
     bar.close()
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
     note = why_no_decisions(detector, cfg, pool, scale, names)
     dep = detector.deployment
     decisions = decision_summary(score_rows, dep.thresholds, dep.calibration) if note is None else None
-    seconds = {"inference": round(t_infer, 3), "metrics": round(t_metrics, 3),
-               "total": round(time.perf_counter() - t_start, 3), "images_per_s": round(len(test) / max(t_infer, 1e-9), 2)}
+    seconds = {"inference": round(clock["inference"], 3), "metrics": round(clock["metrics"], 3),
+               "total": round(time.perf_counter() - t_start, 3),
+               "images_per_s": round(len(test) / max(clock["inference"], 1e-9), 2)}
     return Results(protocol=e.protocol, categories=categories, fusion_scale=scale, retrieval_accuracy=retrieval,
                    seconds=seconds, scores=score_rows,
                    skipped=[{"image": str(smp.image), "reason": why} for smp, why in skipped],
