@@ -91,12 +91,15 @@ class ReconstructionNet(nn.Module):
         self.register_buffer("allowed", allowed, persistent=False)  # (L, L) bool or None
 
     def jitter(self, feats: Tensor) -> Tensor:
-        """Feature jitter in training (§2.2 step 4): f += eps * ||f||_2 / C * scale, eps ~ N(0, I)."""
+        """Feature jitter in training (§2.2 step 4): with probability jitter_prob, f += eps * ||f||_2 / C * scale,
+        eps ~ N(0, I). The coin is a tensor on the features' device, so that the host never waits for it (and a
+        compiled graph does not break on it)."""
         cfg = self.cfg
-        if not self.training or cfg.jitter_scale <= 0 or torch.rand(()) > cfg.jitter_prob:
+        if not self.training or cfg.jitter_scale <= 0:
             return feats
+        apply = (torch.rand((), device=feats.device) <= cfg.jitter_prob).to(feats.dtype)  # () 1 or 0
         norm = feats.norm(dim=1, keepdim=True)  # (B, 1, H, W)
-        return feats + torch.randn_like(feats) * norm / feats.shape[1] * cfg.jitter_scale
+        return feats + torch.randn_like(feats) * norm / feats.shape[1] * (cfg.jitter_scale * apply)
 
     def tokens(self, feats: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, L, D)."""

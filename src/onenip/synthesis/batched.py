@@ -214,8 +214,10 @@ def _draw_cutpaste(g: torch.Generator, bsz: int, size: int, cfg: SynthesisConfig
     # Colour jitter: a random order of the four adjustments and their factors (torchvision's ColorJitter ranges).
     b, c, s, h = (float(v) for v in cfg.jitter)
     order = _rand(g, (bsz, 4), dev).argsort(dim=1)
-    lows = torch.tensor([max(0.0, 1.0 - b), max(0.0, 1.0 - c), max(0.0, 1.0 - s), -h], device=dev)
-    highs = torch.tensor([1.0 + b, 1.0 + c, 1.0 + s, h], device=dev)
+    lows = colorspaces.device_constant(f"jitter_lows_{b}_{c}_{s}_{h}", dev, lambda: torch.tensor(
+        [max(0.0, 1.0 - b), max(0.0, 1.0 - c), max(0.0, 1.0 - s), -h]))
+    highs = colorspaces.device_constant(f"jitter_highs_{b}_{c}_{s}_{h}", dev, lambda: torch.tensor(
+        [1.0 + b, 1.0 + c, 1.0 + s, h]))
     factors = lows + (highs - lows) * _rand(g, (bsz, 4), dev)
     return {
         "pw": pw,
@@ -447,7 +449,8 @@ def _augment_textures(x: Tensor, p: Params, by_index: bool = False) -> Tensor:
             (
                 pick == _AUG["brightness"],
                 lambda y, q, k=k: colorspaces.brightness(
-                    y, q["lum_space"][:, k], q["lum_mul"][:, k], q["lum_add"][:, k], q["lum_add_first"][:, k]
+                    y, q["lum_space"][:, k], q["lum_mul"][:, k], q["lum_add"][:, k], q["lum_add_first"][:, k],
+                    skip_unused=by_index and not torch.compiler.is_compiling(),  # the CPU form's shortcut only
                 ),
             ),
             (pick == _AUG["sharpness"], lambda y, q, k=k: pixel_ops.sharpness(y, q["sharpness"][:, k])),
@@ -580,7 +583,7 @@ class BatchSynthesizer:
             # Every draw is made for every sample, in a fixed order, so the stream does not depend on the kinds.
             cut = _rand(generator, (bsz,), dev) < float(self.cfg.cutpaste_prob)
             scar = _rand(generator, (bsz,), dev) < 0.5
-            codes = torch.tensor([_NORMAL, _SCAR, _PERLIN], dtype=torch.long, device=dev)
+            codes = colorspaces.device_constant("kind_codes", dev, lambda: torch.tensor([_NORMAL, _SCAR, _PERLIN]))
             kind = torch.where(cut, torch.where(scar, codes[1], codes[0]), codes[2])
             is_scar = kind == _SCAR
             cp = _draw_cutpaste(generator, bsz, size, self.cfg, is_scar)

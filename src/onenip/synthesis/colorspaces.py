@@ -18,6 +18,8 @@ plain synthesis (one image at a time) and the batched fast path call `brightness
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -64,6 +66,19 @@ def _gamma_compress(v: Tensor) -> Tensor:
     return torch.where(v <= 0.0031308, 12.92 * v, 1.055 * v.pow(1.0 / 2.4) - 0.055)
 
 
+_CONSTANTS: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def device_constant(name: str, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+    """The constant tensor `name`, built once per device: a table the synthesis indexes with is copied to a GPU once,
+    not at every batch (each copy of host data to a GPU makes the host wait)."""
+    key = (name, torch.device(device))
+    table = _CONSTANTS.get(key)
+    if table is None:
+        table = _CONSTANTS[key] = build().to(device)
+    return table
+
+
 # Which of the four candidates (v, p, q, t) is R, G and B in each of the six hue sectors (OpenCV's and PIL's order).
 _SECTOR_TABLE = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))
 
@@ -73,7 +88,7 @@ def select_sector(sector: Tensor, v: Tensor, p: Tensor, q: Tensor, t: Tensor) ->
 
     Shared by every hue-based conversion back to RGB (HSV and HLS here, PIL's HSV in `onenip.synthesis.batched`).
     """
-    table = torch.tensor(_SECTOR_TABLE, dtype=torch.long, device=sector.device)
+    table = device_constant("sector_table", sector.device, lambda: torch.tensor(_SECTOR_TABLE, dtype=torch.long))
     index = table[:, sector].movedim(0, 1)  # (B, 3, H, W)
     return torch.stack((v, p, q, t), dim=1).gather(1, index)
 
@@ -180,18 +195,23 @@ def from_space(x: Tensor, space: str) -> Tensor:
     raise ValueError(f"unknown colour space {space!r}; known: {', '.join(SPACES)}")
 
 
-def brightness(rgb: Tensor, space: Tensor, mul: Tensor, add: Tensor, add_first: Tensor) -> Tensor:
+def brightness(rgb: Tensor, space: Tensor, mul: Tensor, add: Tensor, add_first: Tensor,
+               skip_unused: bool | None = None) -> Tensor:
     """imgaug's MultiplyAndAddToBrightness of every image: (B, 3, H, W) RGB -> (B, 3, H, W) RGB.
 
     `space` (B,) int64 indexes `SPACES`; `mul` (B,) the factor, `add` (B,) the integer offset; `add_first` (B,) bool
-    adds before multiplying. Each step is rounded and clipped to uint8, in the image's colour space.
+    adds before multiplying. Each step is rounded and clipped to uint8, in the image's colour space. `skip_unused`
+    skips the colour spaces no image drew, which reads a value back to the host: the CPU's shortcut (the default on
+    the CPU outside a compiled graph); on an accelerator the wait would cost more than the conversion.
     """
+    if skip_unused is None:
+        skip_unused = rgb.device.type == "cpu" and not torch.compiler.is_compiling()
     m, a, first = mul.view(-1, 1, 1), add.view(-1, 1, 1), add_first.view(-1, 1, 1)
     out = rgb
     for code, name in enumerate(SPACES):
         sel = space == code
-        if rgb.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(sel.any()):
-            continue  # skip spaces nobody drew (on an accelerator, or in a compiled graph, the check would sync)
+        if skip_unused and not bool(sel.any()):
+            continue  # a space nobody drew
         conv = to_space(rgb, name)
         ch = BRIGHTNESS_CHANNEL[name]
         c = conv[:, ch]

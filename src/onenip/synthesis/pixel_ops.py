@@ -223,9 +223,8 @@ def lut_posterize(bits: Tensor) -> Tensor:
 def sharpness(x: Tensor, factor: Tensor) -> Tensor:
     """PIL ``ImageEnhance.Sharpness``: blend the SMOOTH-filtered image (3x3 kernel [[1,1,1],[1,5,1],[1,1,1]] / 13,
     rounded, border pixels kept) towards the image by `factor` (B,), truncated."""
-    kernel = torch.ones(3, 3, device=x.device, dtype=x.dtype)
-    kernel[1, 1] = 5.0
-    weight = (kernel / 13.0).expand(3, 1, 3, 3)
+    weight = colorspaces.device_constant(f"smooth_{x.dtype}", x.device, lambda: (torch.tensor(
+        [[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype) / 13.0).expand(3, 1, 3, 3))
     smooth = x.clone()
     smooth[:, :, 1:-1, 1:-1] = F.conv2d(x, weight, groups=3).add(0.5).floor()
     return to_u8_values(smooth + per_sample(factor) * (x - smooth))

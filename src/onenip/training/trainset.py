@@ -183,10 +183,10 @@ class DeviceBatches:
         return self.members[lab, pick.clamp_max(self.counts[lab] - 1)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long).to(self.device)  # one copy per epoch
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size  # resumed mid-epoch: batch `first`
         for b, start in enumerate(range(0, len(order), self.batch_size), start=first):
-            index = order[start : start + self.batch_size].to(self.device)
+            index = order[start : start + self.batch_size]
             gen = self.generator(epoch, b)
             out: dict[str, torch.Tensor] = {"index": index, "category": self.labels[index]}
             if self.dataset.do_synthesize:
