@@ -22,13 +22,13 @@ from onenip.api import test as run_test
 from onenip.checkpoint import file_sha256
 from onenip.data.images import load_image
 from onenip.errors import ConfigError, DatasetError, OnenipError, OnenipWarning
-from onenip.evaluation.evaluate import METRICS
+from onenip.evaluation.evaluate import METRICS, decision_summary
 from onenip.evaluation.metrics import auroc, average_precision, image_metrics
-from onenip.report.charts import histogram, pr_curve, roc_curve, step_ap, trapezoid_auroc
+from onenip.report.charts import histogram, histogram_svg, pr_curve, roc_curve, step_ap, trapezoid_auroc
 from onenip.report.page import THUMBNAIL, ScoreRow, make_report, pick_gallery
 from onenip.training.trainer import Trainer
 
-TWO = "[bottle, metal_plate]"
+TWO = "[disc, weave]"  # two generated categories
 PNG_URI = "data:image/png;base64,"
 
 
@@ -134,8 +134,9 @@ def assert_self_contained(tree: Tree) -> None:
 
 
 def fake_run(folder: Path, cats: dict[str, tuple[np.ndarray, np.ndarray]], checkpoint: str | None = None,
-             image_dir: Path | None = None) -> Path:
-    """results.json and scores.csv as `onenip test` writes them, with image metrics computed from the scores."""
+             image_dir: Path | None = None, thresholds: dict[str, float] | None = None) -> Path:
+    """results.json and scores.csv as `onenip test` writes them, with image metrics computed from the scores; with
+    `thresholds` (per category) also the decisions of the clean protocol (`decision_summary`)."""
     folder.mkdir(parents=True, exist_ok=True)
     image_dir = image_dir or folder / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,8 @@ def fake_run(folder: Path, cats: dict[str, tuple[np.ndarray, np.ndarray]], check
                          "retrieved": cat, "similarity": 0.9, "score_fused": float(s)})
     data = {"protocol": "clean", "checkpoint": checkpoint, "fusion_scale": 1.5, "retrieval_accuracy": 1.0,
             "seconds": {}, "skipped": [], "categories": entries}
+    if thresholds is not None:  # adds threshold, normalized and anomalous to each row
+        data["decisions"] = decision_summary(rows, thresholds)
     (folder / "results.json").write_text(json.dumps(data, allow_nan=True))
     with (folder / "scores.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -209,6 +212,25 @@ def test_gallery_takes_the_worst_of_each_kind() -> None:
     assert [p.image for p in pick_gallery(rows[:5], 3)] == ["b1", "b3", "b2"]  # no good image: all places defective
 
 
+def test_gallery_with_decisions_takes_only_the_errors() -> None:
+    """With decisions, images judged correctly are never shown: misses lowest first, then false alarms highest first."""
+    def row(name: str, label: int, score: float, t: float = 3.0) -> ScoreRow:
+        return ScoreRow(name, "c", "crack" if label else "good", label, "c", 0.9, score, threshold=t,
+                        normalized=1 - 2 ** (-score / t), anomalous=score > t)
+
+    rows = [row(f"b{i}", 1, s) for i, s in enumerate([5.0, 1.0, 3.0, 2.0, 4.0])]  # b1, b3, b2 missed (<= 3)
+    rows += [row(f"g{i}", 0, s) for i, s in enumerate([0.5, 3.5, 0.1, 4.5, 3.2])]  # g3, g1, g4 flagged (> 3)
+    assert [p.image for p in pick_gallery(rows, 4)] == ["b1", "b3", "g3", "g1"]
+    assert [p.image for p in pick_gallery(rows, 100)] == ["b1", "b3", "b2", "g3", "g1", "g4"]
+    assert [p.image for p in pick_gallery(rows, 100, decisions=False)][:3] == ["b1", "b3", "b2"]  # hardest: all 10
+    assert len(pick_gallery(rows, 100, decisions=False)) == 10
+    assert [p.image for p in pick_gallery(list(reversed(rows)), 4)] == ["b1", "b3", "g3", "g1"]  # order-independent
+    assert pick_gallery([r for r in rows if not r.wrong], 8) == []  # nothing judged wrongly: nothing to show
+    # a false alarm decided by another (retrieved) category's lower threshold ranks by its normalised score
+    rows.append(row("g9", 0, 2.0, t=1.0))
+    assert [p.image for p in pick_gallery(rows, 100)][3:] == ["g9", "g3", "g1", "g4"]
+
+
 # -- hand-made results folders -------------------------------------------------------------------------------------------
 
 
@@ -254,6 +276,89 @@ def test_table_curves_and_nan_of_a_hand_made_run(tmp_path: Path) -> None:
     assert not tree.root.all("div", "gallery")
 
 
+def gallery_of(tree: Tree, cat: str) -> Node:
+    return [g for g in tree.root.all("div", "gallery") if g.attrs["data-category"] == cat][0]
+
+
+def test_gallery_shows_misses_and_false_alarms_at_the_threshold(tmp_path: Path) -> None:
+    mixed = (np.array([0.1, 0.2, 0.6, 0.7, 0.3, 0.45, 0.55, 0.9, 0.4, 0.8]), np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1]))
+    perfect = (np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), np.array([0, 0, 0, 1, 1, 1]))
+    images = tmp_path / "images"
+    folder = fake_run(tmp_path / "res", {"mixed": mixed, "perfect": perfect}, image_dir=images,
+                      thresholds={"mixed": 0.5, "perfect": 0.5})
+    tree = parse(make_report(folder, gallery=6))
+    assert_self_contained(tree)
+    gal = gallery_of(tree, "mixed")
+    # misses 0.3 < 0.4 < 0.45 (lowest first), false alarms 0.7 > 0.6 (highest first): 5 errors, the 6th place unused
+    files = [f.attrs["title"] for f in gal.all("span", "file")]
+    assert files == [str(images / f"0_{i}.png") for i in (4, 8, 5, 3, 2)]
+    shots = gal.all("figure", "shot")
+    assert [("(missed)" in f.text(), "(false alarm)" in f.text()) for f in shots] == [(True, False)] * 3 + [(False, True)] * 2
+    assert not any("(correct)" in f.text() for f in shots)  # nothing judged correctly in the gallery
+    assert "1. worst of 3 missed" in shots[0].text() and "1. worst of 2 false alarms" in shots[3].text()
+    assert gal.attrs["data-kind"] == "errors" and (gal.attrs["data-misses"], gal.attrs["data-false-alarms"]) == ("3", "2")
+    assert "misses and false alarms" in gal.all("h3")[0].text().lower()
+    assert "threshold 0.5" in shots[0].text() and "deployed: \u2014 (no model)" in shots[0].text()
+    gal = gallery_of(tree, "perfect")
+    assert not gal.all("figure") and not gal.all("img")
+    assert "no misses or false alarms at the model's threshold" in gal.text()
+
+    # without thresholds (paper protocol) the same ranking is the hardest images, not "misses"
+    folder = fake_run(tmp_path / "paper", {"mixed": mixed}, image_dir=images)
+    gal = gallery_of(parse(make_report(folder, gallery=4)), "mixed")
+    head = gal.all("h3")[0].text()
+    assert gal.attrs["data-kind"] == "hardest" and head == "Hardest images (no thresholds in this run)"
+    assert "miss" not in head.lower()
+    assert [f.attrs["title"] for f in gal.all("span", "file")] == [str(images / f"0_{i}.png") for i in (4, 8, 3, 2)]
+    assert all("decision \u2014 (no model)" in f.text() for f in gal.all("figure"))
+
+
+def threshold_x(svg: Node) -> float:
+    lines = svg.all("line", "threshold-line")
+    assert len(lines) == 1 and lines[0].attrs["x1"] == lines[0].attrs["x2"]
+    return float(lines[0].attrs["x1"])
+
+
+def test_histogram_marks_the_threshold(tmp_path: Path) -> None:
+    left, right = 46, 288  # the plot's pixel range (charts._LEFT, _LEFT + _PW)
+    scores, labels = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9]), np.array([0, 0, 0, 1, 1, 1])
+    svg = Tree(histogram_svg("c", scores, labels, 0.5)).root.all("svg", "hist")[0]
+    assert float(svg.attrs["data-threshold"]) == 0.5 and "threshold 0.5" in svg.all("title")[0].text()
+    assert [t.text() for t in svg.all("text", "threshold-label")] == ["threshold"]
+    edges = [float(v) for v in svg.attrs["data-edges"].split()]
+    assert threshold_x(svg) == pytest.approx(left + (0.5 - edges[0]) / (edges[-1] - edges[0]) * (right - left), abs=0.01)
+    for t in (5.0, -3.0):  # outside the scores: the x range is widened, the line stays in the plot
+        svg = Tree(histogram_svg("c", scores, labels, t)).root.all("svg", "hist")[0]
+        x = threshold_x(svg)
+        assert left < x < right
+        bars = [float(r.attrs["x"]) + float(r.attrs["width"]) * (t > 0) for r in svg.all("rect") if r.parent.tag == "g"
+                and "bars" in r.parent.classes()]
+        assert (x > max(bars)) if t > 0 else (x < min(bars))  # beyond every bar, on the threshold's side
+        ticks = [float(v.text()) for v in svg.all("text", "tick-label")]
+        assert any(abs(v - t) < abs(t) / 2 for v in ticks)  # the axis reaches out to it
+    for t in (None, math.nan, math.inf):
+        svg = Tree(histogram_svg("c", scores, labels, t)).root.all("svg", "hist")[0]
+        assert not svg.all("line", "threshold-line") and "data-threshold" not in svg.attrs
+        assert svg.all("title")[0].text() == "Image scores"
+
+    cats = {"a": two_class(7), "b": two_class(8), "c": two_class(9)}
+    folder = fake_run(tmp_path / "res", cats, thresholds={"a": 0.7, "b": 9.5, "c": 0.9})
+    data = json.loads((folder / "results.json").read_text())
+    del data["decisions"]["thresholds"]["c"]  # a category without a threshold gets no line
+    (folder / "results.json").write_text(json.dumps(data, allow_nan=True))
+    tree = parse(make_report(folder, gallery=0))
+    hists = {s.attrs["data-category"]: s for s in tree.root.all("svg", "hist")}
+    for cat, t in (("a", 0.7), ("b", 9.5)):
+        assert float(hists[cat].attrs["data-threshold"]) == t and left <= threshold_x(hists[cat]) <= right
+        assert f"threshold {t:.4g}" in hists[cat].all("title")[0].text()
+    assert not hists["c"].all("line", "threshold-line") and "threshold" not in hists["c"].text()
+    intro = [s for s in tree.root.all("section", "category") if s.attrs["data-category"] == "a"][0].all("p")[0].text()
+    assert "Threshold 0.7 (fused score, marked on the histogram)" in intro
+
+    folder = fake_run(tmp_path / "paper", cats)  # no decisions at all
+    assert not parse(make_report(folder, gallery=0)).root.all("line", "threshold-line")
+
+
 def test_one_class_category_still_renders(tmp_path: Path) -> None:
     folder = fake_run(tmp_path / "res", {"ok": two_class(5), "allgood": (np.array([0.1, 0.3, 0.2]), np.zeros(3, int))})
     tree = parse(make_report(folder, gallery=2))
@@ -296,10 +401,10 @@ def test_missing_or_malformed_files_are_named(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, iad_mix: Path, textures: Path) -> Path:
-    """The results folder of `onenip test` on a tiny model of two iad-mix categories (all three maps scored)."""
+def run(tmp_path_factory, gen_data: Path, gen_textures: Path) -> Path:
+    """The results folder of `onenip test` on a tiny model of two generated categories (all three maps scored)."""
     root = tmp_path_factory.mktemp("report")
-    cfg = make_config(None, small(f"data.roots=[{iad_mix}]", f"data.categories={TWO}", f"data.textures={textures}",
+    cfg = make_config(None, small(f"data.roots=[{gen_data}]", f"data.categories={TWO}", f"data.textures={gen_textures}",
                                   "data.holdout=0.2", "train.batch_size=8", "train.max_steps=6", "eval.far=0.05",
                                   f"output_dir={root / 'run'}"))
     Trainer(cfg, progress=False).run()
@@ -324,7 +429,7 @@ def test_report_of_a_test_run(run: Path, report: Path) -> None:
     tree = parse(report)
     assert_self_contained(tree)
     cats = list(data["categories"])
-    assert cats == ["bottle", "metal_plate"]
+    assert cats == ["disc", "weave"]
 
     # header
     facts = {dt.text(): dd.text() for dt, dd in zip(tree.root.all("dt"), tree.root.all("dd"))}
@@ -382,15 +487,24 @@ def test_report_of_a_test_run(run: Path, report: Path) -> None:
         assert len(svg.attrs["data-edges"].split()) == len(svg.attrs["data-good"].split()) + 1
         assert svg.all("g", "good") and svg.all("g", "defective")  # bars of both kinds
         assert [t.text() for t in svg.all("text", "legend-text")] == [f"good ({good})", f"defective ({bad})"]
+        threshold = data["decisions"]["thresholds"][svg.attrs["data-category"]]  # marked on the fused scores
+        assert float(svg.attrs["data-threshold"]) == threshold and len(svg.all("line", "threshold-line")) == 1
+        assert f"threshold {threshold:.4g}" in svg.all("title")[0].text()
 
-    # the gallery: overlays of the worst misses, decodable PNGs at most 256 px
+    # the gallery: overlays of the misses and false alarms at the model's thresholds, decodable PNGs at most 256 px
+    n_errors = 0
     for gal in tree.root.all("div", "gallery"):
         cat = gal.attrs["data-category"]
-        rows = [r for r in scores if r["category"] == cat]
+        want = errors(scores, cat, 8)
+        n_errors += len(want)
+        assert gal.attrs["data-kind"] == "errors"
+        assert [f.attrs["title"] for f in gal.all("span", "file")] == [r["image"] for r in want]
         shots = gal.all("figure", "shot")
-        assert len(shots) == 8 and len(gal.all("figure", "defective")) == 4
-        lowest_bad = min(float(r["score_fused"]) for r in rows if r["label"] == "1")
-        assert f"test score {lowest_bad:.4g} (1. lowest of" in shots[0].text()
+        if not want:
+            assert "no misses or false alarms at the model's threshold" in gal.text()
+        for shot, r in zip(shots, want):
+            verdict = "missed" if r["label"] == "1" else "false alarm"
+            assert f"({verdict})" in shot.all("span", "tested")[0].text() and "worst of" in shot.text()
         for img in gal.all("img"):
             assert "overlay" in img.classes()
             pic = decode(img.attrs["src"])
@@ -398,6 +512,21 @@ def test_report_of_a_test_run(run: Path, report: Path) -> None:
         assert all("deployed: score" in s.text() and "retrieved" in s.text() for s in shots)
         assert not gal.all("p", "no-overlay")
     assert len(tree.root.all("div", "gallery")) == 2
+    assert n_errors > 0  # the tiny model errs (other tests rely on a gallery with pictures)
+
+
+def errors(scores: list[dict[str, str]], cat: str, n: int) -> list[dict[str, str]]:
+    """The gallery of `cat` as scores.csv's decisions define it: misses (lowest normalised score first), then false
+    alarms (highest first), ties by path, half the places each (the misses' half rounded up)."""
+    rows = [r for r in scores if r["category"] == cat]
+    misses = sorted((r for r in rows if r["label"] == "1" and r["anomalous"] == "False"),
+                    key=lambda r: (float(r["normalized"]), r["image"]))
+    alarms = sorted((r for r in rows if r["label"] == "0" and r["anomalous"] == "True"),
+                    key=lambda r: (-float(r["normalized"]), r["image"]))
+    n_bad = min(len(misses), (n + 1) // 2)
+    n_good = min(len(alarms), n - n_bad)
+    n_bad = min(len(misses), n - n_good)
+    return misses[:n_bad] + alarms[:n_good]
 
 
 def test_report_of_another_map_and_without_gallery(run: Path, tmp_path: Path) -> None:
@@ -423,14 +552,21 @@ def test_report_without_a_usable_checkpoint(run: Path, tmp_path: Path) -> None:
     notes = tree.root.all("p", "no-overlay")
     assert len(notes) == 2 and all("gone/model.safetensors does not exist" in n.text() for n in notes)
     assert len(tree.root.all("table", "metrics")) == 1 and len(tree.root.all("svg", "pr")) == 2  # the page is complete
-    gal = tree.root.all("div", "gallery")[0]
+    with (moved / "scores.csv").open() as f:
+        scores = list(csv.DictReader(f))
+    gals = tree.root.all("div", "gallery")
+    for gal in gals:
+        assert len(gal.all("img")) == len(errors(scores, gal.attrs["data-category"], 3))
+    gal = [g for g in gals if g.all("img")][0]
     imgs = gal.all("img")
-    assert len(imgs) == 3 and all("plain" in i.classes() for i in imgs)
+    assert all("plain" in i.classes() for i in imgs)
     source = gal.all("span", "file")[0].attrs["title"]
     plain = load_image(source)
     plain.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(decode(imgs[0].attrs["src"])), np.asarray(plain))  # the image itself, no heat map
-    assert all("decision \u2014 (no model)" in f.text() for f in gal.all("figure"))
+    # the test's decision is still shown; the deployed model's is not
+    assert all("deployed: \u2014 (no model)" in f.text() and "at the test: normalised" in f.text()
+               for f in gal.all("figure"))
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a checkpoint")
@@ -484,7 +620,8 @@ def test_report_renders_in_headless_chromium(chromium: str, report: Path, tmp_pa
     tree = Tree(dom.stdout)
     assert len(tree.root.all("table", "metrics")) == 1 and len(tree.root.all("tbody")[0].all("tr")) == 2
     assert len(tree.root.all("svg", "roc")) == 2 and len(tree.root.all("svg", "pr")) == 2
-    assert len(tree.root.all("svg", "hist")) == 2 and len(tree.root.all("img", "overlay")) == 16
+    overlays = len(parse(report).root.all("img", "overlay"))
+    assert len(tree.root.all("svg", "hist")) == 2 and len(tree.root.all("img", "overlay")) == overlays > 0
 
     shot = tmp_path / "shot.png"
     res = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2000", url], capture_output=True,

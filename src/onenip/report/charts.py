@@ -6,8 +6,8 @@ step-wise area of the PR curve the average precision that `onenip.evaluation.met
 and a defective image give a diagonal ROC segment. Where a curve is undefined (one class only) the chart says why.
 
 The charts are standalone ``<svg>`` elements (300 x 270 px, no script, no external reference) that `onenip.report`
-places in its page; their ``data-*`` attributes carry the exact values drawn (area, bin edges and counts), so tests
-and other tools can read them back. Category names and messages are HTML-escaped.
+places in its page; their ``data-*`` attributes carry the exact values drawn (area, bin edges and counts, the
+threshold a histogram marks), so tests and other tools can read them back. Category names and messages are HTML-escaped.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["histogram", "histogram_svg", "pr_curve", "pr_svg", "roc_curve", "roc_svg", "step_ap", "trapezoid_auroc"]
 
-GOOD_COLOUR, BAD_COLOUR, CURVE_COLOUR = "#2b7bba", "#d7301f", "#1b3a6b"
+GOOD_COLOUR, BAD_COLOUR, CURVE_COLOUR, THRESHOLD_COLOUR = "#2b7bba", "#d7301f", "#1b3a6b", "#222"
 _W, _H = 300, 270  # chart size in pixels
 _LEFT, _RIGHT, _TOP, _BOTTOM = 46, 12, 34, 42
 _PW, _PH = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
@@ -214,15 +214,30 @@ def pr_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> tuple[str, float
                        chance), ap
 
 
-def histogram_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> str:
-    """Histograms of the good and the defective images' scores of one category on one shared binning."""
+def histogram_svg(cat: str, scores: np.ndarray, labels: np.ndarray, threshold: float | None = None) -> str:
+    """Histograms of the good and the defective images' scores of one category on one shared binning.
+
+    With a `threshold` (the model's decision threshold of the category, on the same scores) a vertical line marks it,
+    labelled and named in the title; the x range is widened to include it when it lies outside the scores (the bins
+    stay those of the scores). A missing or non-finite threshold draws nothing.
+    """
     good, bad = scores[labels == 0], scores[labels == 1]
     edges, gc, bc = histogram(good, bad)
+    if threshold is not None and not math.isfinite(float(threshold)):
+        threshold = None
     attrs = (f'data-category="{html.escape(cat)}" data-edges="{" ".join(_num(v) for v in edges)}" '
              f'data-good="{" ".join(str(int(v)) for v in gc)}" data-defective="{" ".join(str(int(v)) for v in bc)}"')
+    title = "Image scores"
+    if threshold is not None:
+        threshold = float(threshold)
+        attrs += f' data-threshold="{threshold!r}"'
+        title = f"Image scores, threshold {threshold:.4g}"
     legend = [(GOOD_COLOUR, "good", f"good ({good.size})"), (BAD_COLOUR, "defective", f"defective ({bad.size})")]
-    out = _frame("Image scores", legend, "image score", "images", "hist", attrs)
+    out = _frame(title, legend, "image score", "images", "hist", attrs)
     xlo, xhi = float(edges[0]), float(edges[-1])
+    if threshold is not None and not xlo <= threshold <= xhi:  # widen the x range (a margin beyond the line)
+        pad = 0.05 * (max(xhi, threshold) - min(xlo, threshold))
+        xlo, xhi = (threshold - pad, xhi) if threshold < xlo else (xlo, threshold + pad)
     top = max(1, int(max(gc.max(initial=0), bc.max(initial=0))))
     yticks, _ = _nice_ticks(0, top, 4)
     yticks = [t for t in yticks if abs(t - round(t)) < 1e-9] or [0.0]
@@ -241,4 +256,14 @@ def histogram_svg(cat: str, scores: np.ndarray, labels: np.ndarray) -> str:
                         f'height="{h:.2f}"><title>{cls}: {int(c)} in [{edges[k]:.4g}, {edges[k + 1]:.4g}]</title></rect>')
         out.append(f'<g class="bars {cls}" fill="{colour}" fill-opacity="0.55" stroke="{colour}" '
                    f'stroke-width="0.6">{"".join(bars)}</g>')
+    if threshold is not None:
+        px = _LEFT + (threshold - xlo) / (xhi - xlo) * _PW
+        px = min(max(px, _LEFT), _LEFT + _PW)  # within the plot, whatever the rounding
+        right = px > _LEFT + _PW / 2  # the label on the side with more room
+        lx = px - 3 if right else px + 3
+        out.append(f'<g class="threshold"><line class="threshold-line" x1="{px:.2f}" y1="{_TOP}" x2="{px:.2f}" '
+                   f'y2="{_TOP + _PH}" stroke="{THRESHOLD_COLOUR}" stroke-width="1.5" stroke-dasharray="5 3">'
+                   f'<title>threshold {threshold:.6g}: scores above it are anomalous</title></line>'
+                   f'<text class="threshold-label" x="{lx:.2f}" y="{_TOP + 11}" fill="{THRESHOLD_COLOUR}" '
+                   f'text-anchor="{"end" if right else "start"}">threshold</text></g>')
     return "\n".join(out + ["</svg>"])

@@ -11,11 +11,15 @@ scores.csv (one image score per test image). It holds
   (`onenip.report.charts`: sort and cumulative counts at every distinct score, as `onenip.evaluation.metrics` does:
   the AUROC is the trapezoid area of the ROC polyline, the AP the step-wise area of the PR curve, so both equal
   results.json's image_auroc and image_ap), and the distribution of the scores of good and defective images (two
-  histograms on a shared binning);
-* per category, a gallery of the worst misses: the defective images with the lowest scores and the good images with
-  the highest scores, each shown as the deployed model's overlay (anomaly heat map, defect mask outlined) with its
-  score, normalised score, decision and retrieved category. Without a usable checkpoint the plain images are shown,
-  with a note saying why.
+  histograms on a shared binning, with the category's decision threshold marked when the run has one and the page is
+  about the fused map, the one the thresholds apply to);
+* per category, a gallery. When the run has decisions (scores.csv rows carry `anomalous`, clean protocol): the misses
+  (defective images judged good) and the false alarms (good images judged defective) at the model's thresholds, worst
+  first, or a line saying there are none. Without decisions (paper protocol): the hardest images, i.e. the defective
+  images with the lowest scores and the good ones with the highest, titled as such (no thresholds say which are
+  misses). Each picture is the deployed model's overlay (anomaly heat map, defect mask outlined) with its score,
+  normalised score, decision and retrieved category. Without a usable checkpoint the plain images are shown, with a
+  note saying why.
 
 Everything is inline (CSS, SVG charts, images as base64 PNG data URIs): the file can be mailed or archived on its own
 and opens without network access. Every string read from a file is HTML-escaped.
@@ -45,7 +49,7 @@ from onenip.checkpoint import atomic_write_text, check_output_file, file_sha256
 from onenip.errors import DatasetError, OnenipError, OnenipWarning
 from onenip.report import charts
 
-__all__ = ["ScoreRow", "make_report", "pick_gallery", "read_run"]
+__all__ = ["ScoreRow", "has_decisions", "make_report", "pick_gallery", "read_run"]
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
@@ -69,6 +73,19 @@ class ScoreRow:
     retrieved: str  # category of the retrieved prompt ("" under the paper protocol)
     similarity: float | None
     score: float
+    # the test's decision (clean protocol, `decision_summary`): threshold of the retrieved category, normalised fused
+    # score, and whether it exceeded the threshold; None where the run has no decisions
+    threshold: float | None = None
+    normalized: float | None = None
+    anomalous: bool | None = None
+
+    @property
+    def wrong(self) -> bool:
+        """A miss or a false alarm at the test's threshold (False without a decision)."""
+        return self.anomalous is not None and self.anomalous != (self.label == 1)
+
+
+_ANOMALOUS = {"": None, "true": True, "false": False, "1": True, "0": False}
 
 
 def _parse_float(text: str | None) -> float | None:
@@ -143,8 +160,15 @@ def read_run(results_dir: str | Path, map_name: str = "fused") -> tuple[dict[str
                                        f"{column} {rec.get(column)!r}") from None
                 if math.isnan(score):
                     raise DatasetError(f"{spath} line {line}: {column} is NaN")
+                try:
+                    anomalous = _ANOMALOUS[str(rec.get("anomalous") or "").strip().lower()]
+                    threshold, normalized = _parse_float(rec.get("threshold")), _parse_float(rec.get("normalized"))
+                except (KeyError, ValueError, TypeError, AttributeError):
+                    raise DatasetError(f"{spath} line {line} is malformed: anomalous {rec.get('anomalous')!r}, threshold "
+                                       f"{rec.get('threshold')!r}, normalized {rec.get('normalized')!r}") from None
                 rows.append(ScoreRow(image=rec["image"] or "", category=rec["category"] or "", defect=rec.get("defect") or "",
-                                     label=label, retrieved=rec.get("retrieved") or "", similarity=sim, score=score))
+                                     label=label, retrieved=rec.get("retrieved") or "", similarity=sim, score=score,
+                                     threshold=threshold, normalized=normalized, anomalous=anomalous))
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{spath} is not UTF-8 text: {exc}") from None
     except csv.Error as exc:
@@ -167,15 +191,43 @@ def _e(value: Any) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pick_gallery(rows: list[ScoreRow], n: int) -> list[ScoreRow]:
-    """The worst misses of one category: defective images with the lowest scores, good ones with the highest.
+def has_decisions(rows: list[ScoreRow]) -> bool:
+    """Whether every row carries the test's decision (clean protocol with thresholds); False for no rows."""
+    return bool(rows) and all(r.anomalous is not None for r in rows)
 
-    At most `n` in total, split evenly (the defective half rounded up); a kind with too few images leaves its places
-    to the other. Ties are broken by image path, so the choice is deterministic.
-    """
+
+def _badness(r: ScoreRow) -> float:
+    """How far an image lies above its threshold: the normalised score where the row has one (the fused score
+    relative to the threshold that decided it), else the score."""
+    return r.normalized if r.normalized is not None and math.isfinite(r.normalized) else r.score
+
+
+def _candidates(rows: list[ScoreRow], decisions: bool) -> tuple[list[ScoreRow], list[ScoreRow]]:
+    """The defective and the good candidates of a gallery, worst first, ties by image path (see `pick_gallery`)."""
     by_path = sorted(rows, key=lambda r: r.image)
-    bad = sorted((r for r in by_path if r.label == 1), key=lambda r: r.score)
-    good = sorted((r for r in by_path if r.label == 0), key=lambda r: -r.score)
+    if decisions:
+        bad = sorted((r for r in by_path if r.label == 1 and r.anomalous is False), key=_badness)
+        good = sorted((r for r in by_path if r.label == 0 and r.anomalous is True), key=lambda r: -_badness(r))
+    else:
+        bad = sorted((r for r in by_path if r.label == 1), key=lambda r: r.score)
+        good = sorted((r for r in by_path if r.label == 0), key=lambda r: -r.score)
+    return bad, good
+
+
+def pick_gallery(rows: list[ScoreRow], n: int, decisions: bool | None = None) -> list[ScoreRow]:
+    """The gallery of one category: at most `n` images, defective ones first.
+
+    With decisions (`decisions` True, or None and every row carries one, see `has_decisions`): the misses (defective
+    images judged good), lowest score first, then the false alarms (good images judged defective), highest score
+    first; the score is the normalised one where rows have it (same order as the score within one threshold). Images
+    judged correctly are never picked, so the list is empty when the category has no error.
+    Without decisions: the hardest images, the defective ones with the lowest scores and the good ones with the highest.
+
+    The places are split evenly (the defective half rounded up); a kind with too few images leaves its places to the
+    other. Ties are broken by image path, so the choice is deterministic.
+    """
+    bad, good = _candidates(rows, has_decisions(rows) if decisions is None else decisions)
+    n = max(n, 0)
     n_bad = min(len(bad), (n + 1) // 2)
     n_good = min(len(good), n - n_bad)
     n_bad = min(len(bad), n - n_good)
@@ -231,6 +283,19 @@ class _Overlays:
         return out
 
 
+def _verdict(label: int, anomalous: bool) -> tuple[str, str]:
+    """(decision, verdict) of one image: 'anomalous' or 'normal', and 'correct', 'missed' or 'false alarm'."""
+    decision = "anomalous" if anomalous else "normal"
+    if (label == 1) == anomalous:
+        return decision, "correct"
+    return decision, "missed" if label == 1 else "false alarm"
+
+
+def _decision_html(decision: str, verdict: str) -> str:
+    return (f'<span class="decision {decision}">{decision}</span> '
+            f'<span class="verdict {verdict.replace(" ", "-")}">({verdict})</span>')
+
+
 def _figure(row: ScoreRow, uri: str | None, pred: Any, error: str, rank: str) -> str:
     """One gallery entry: the picture (or why it is missing) and its caption."""
     kind = "defective" if row.label == 1 else "good"
@@ -238,16 +303,21 @@ def _figure(row: ScoreRow, uri: str | None, pred: Any, error: str, rank: str) ->
     lines = [f'<span class="badge {kind}">{kind}{": " + _e(row.defect) if row.label == 1 and row.defect else ""}</span>',
              f'<span class="file" title="{_e(row.image)}">{_e(name)}</span>',
              f"test score <b>{row.score:.4g}</b> ({rank})"]
+    if row.anomalous is not None:  # the decision recorded by the test (scores.csv)
+        norm = f"{row.normalized:.3f}" if row.normalized is not None else EM_DASH
+        thr = f", threshold {row.threshold:.4g}" if row.threshold is not None else ""
+        of = f" of {_e(row.retrieved)}" if thr and row.retrieved else ""
+        lines.append(f'<span class="tested">at the test: normalised <b>{norm}</b>, '
+                     f"{_decision_html(*_verdict(row.label, row.anomalous))}{thr}{of}</span>")
     if pred is not None:
-        decision = "anomalous" if pred.anomalous else "normal"
-        miss = (row.label == 1) != pred.anomalous
-        verdict = ("missed" if row.label == 1 else "false alarm") if miss else "correct"
         lines.append(f'deployed: score {pred.score:.4g}, normalised <b>{pred.normalized:.3f}</b>, '
-                     f'<span class="decision {decision}">{decision}</span> '
-                     f'<span class="verdict {verdict.replace(" ", "-")}">({verdict})</span>')
+                     f"{_decision_html(*_verdict(row.label, bool(pred.anomalous)))}")
         lines.append(f"retrieved {_e(pred.category)} (similarity {pred.similarity:.3f})")
     else:
-        lines.append(f"normalised {EM_DASH}, decision {EM_DASH} (no model)")
+        if row.anomalous is not None:
+            lines.append(f"deployed: {EM_DASH} (no model)")
+        else:
+            lines.append(f"normalised {EM_DASH}, decision {EM_DASH} (no model)")
         if row.retrieved:
             sim = f" (similarity {row.similarity:.3f})" if row.similarity is not None else ""
             lines.append(f"retrieved {_e(row.retrieved)}{sim}")
@@ -259,10 +329,27 @@ def _figure(row: ScoreRow, uri: str | None, pred: Any, error: str, rank: str) ->
     return f'<figure class="shot {kind}">{pic}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
 
-def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays) -> str:
-    picks = pick_gallery(rows, n)
-    if not picks:
-        return ""
+def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays, decisions: bool) -> str:
+    """The gallery of one category (see `pick_gallery`); with decisions, a line saying so when there is no error."""
+    picks = pick_gallery(rows, n, decisions)
+    if decisions:
+        misses, alarms = _candidates(rows, True)
+        head = "Misses and false alarms at the model's threshold"
+        attrs = f'data-category="{_e(cat)}" data-kind="errors" data-misses="{len(misses)}" data-false-alarms="{len(alarms)}"'
+        if not picks:
+            return (f'<div class="gallery" {attrs}><h3>{head}</h3><p class="note no-errors">{_e(cat)}: no misses or '
+                    "false alarms at the model's threshold (every test image was judged correctly).</p></div>")
+        shown = sum(r.label == 1 for r in picks), sum(r.label == 0 for r in picks)
+        what = (f"{shown[0]} of {len(misses)} misses (defective images judged good, lowest score first) and {shown[1]} "
+                f"of {len(alarms)} false alarms (good images judged defective, highest score first) at the model's "
+                "threshold.")
+    else:
+        if not picks:
+            return ""
+        head = "Hardest images (no thresholds in this run)"
+        attrs = f'data-category="{_e(cat)}" data-kind="hardest"'
+        what = ("The defective images with the lowest scores and the good images with the highest. This run has no "
+                "decision thresholds, so it does not say which of them are misses.")
     ranked_bad = sorted((r.score for r in rows if r.label == 1))
     ranked_good = sorted((r.score for r in rows if r.label == 0), reverse=True)
     loaded: list[Image.Image] = []
@@ -281,7 +368,11 @@ def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays) -
     rendered = overlays.render(loaded) if loaded else []
     figures = []
     for r, w, err in zip(picks, where, errors):
-        if r.label == 1:
+        if decisions and r.label == 1:
+            rank = f"{next(i for i, m in enumerate(misses) if m is r) + 1}. worst of {len(misses)} missed"
+        elif decisions:
+            rank = f"{next(i for i, m in enumerate(alarms) if m is r) + 1}. worst of {len(alarms)} false alarms"
+        elif r.label == 1:
             rank = f"{ranked_bad.index(r.score) + 1}. lowest of {len(ranked_bad)} defective"
         else:
             rank = f"{ranked_good.index(r.score) + 1}. highest of {len(ranked_good)} good"
@@ -292,7 +383,7 @@ def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays) -
                 'colour ramp, blue low, red high) with the predicted defect outlined in white.</p>')
     else:
         note = f'<p class="note no-overlay">No overlays: {_e(overlays.note)}. The plain images are shown.</p>'
-    return (f'<div class="gallery" data-category="{_e(cat)}"><h3>Worst misses</h3>{note}'
+    return (f'<div class="gallery" {attrs}><h3>{head}</h3><p class="note what">{what}</p>{note}'
             f'<div class="shots">{"".join(figures)}</div></div>')
 
 
@@ -324,7 +415,8 @@ figure.shot .file{font-family:monospace;word-break:break-all}
 .badge{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-weight:600}
 .badge.good{background:#2b7bba}.badge.defective{background:#d7301f}
 .decision.anomalous{color:#b3261e;font-weight:600}.decision.normal{color:#1f6f3a;font-weight:600}
-.verdict.missed,.verdict.false-alarm{color:#b3261e}
+.verdict.missed,.verdict.false-alarm{color:#b3261e}.no-errors{color:#1f6f3a}
+svg .threshold-label{font-size:10px}
 .missing{height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#a33;padding:6px}
 .note{font-size:13px;color:#5a6475}.no-overlay{color:#8a5a00}.warning{color:#b3261e;font-weight:600}
 footer{font-size:12px;color:#7a8394;margin-top:20px}
@@ -381,6 +473,38 @@ def _decisions(data: dict[str, Any]) -> str:
             + part(int(a["missed"]), int(a["defective"]), "defective images passed"))
 
 
+def _thresholds(data: dict[str, Any]) -> dict[str, float]:
+    """The model's threshold per category (results.json's decisions.thresholds): finite numbers only, {} if none."""
+    d = data.get("decisions")
+    raw = d.get("thresholds") if isinstance(d, dict) else None
+    out: dict[str, float] = {}
+    for cat, t in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            value = float(t)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[str(cat)] = value
+    return out
+
+
+def _category_decisions(data: dict[str, Any], cat: str, thresholds: dict[str, float], map_name: str) -> str:
+    """' Threshold t: k of n good images flagged, j of m defective passed.' for one category, or ''."""
+    if cat not in thresholds:
+        return ""
+    line = f" Threshold {thresholds[cat]:.4g} (fused score"
+    line += ", marked on the histogram)" if map_name == "fused" else f"; the histogram shows the {_e(map_name)} map)"
+    d = data.get("decisions")
+    c = (d.get("categories") or {}).get(cat) if isinstance(d, dict) and isinstance(d.get("categories"), dict) else None
+    if isinstance(c, dict):
+        try:
+            line += (f": {int(c['false_alarms'])} of {int(c['good'])} good images flagged, {int(c['missed'])} of "
+                     f"{int(c['defective'])} defective passed")
+        except (KeyError, TypeError, ValueError):
+            pass
+    return line + "."
+
+
 def _header(data: dict[str, Any], rows: list[ScoreRow], map_name: str, checkpoint: str | None, src: Path) -> str:
     def opt(v: Any, fmt: str) -> str:
         return EM_DASH if v is None else format(float(v), fmt)
@@ -421,7 +545,8 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         results_dir: the folder `onenip test` wrote (results.json, scores.csv).
         output: the HTML file (default results_dir/report.html); an existing folder gets report.html inside.
         map_name: which scored map the table, curves and gallery are about ('fused', 'rec' or 'ref').
-        gallery: worst misses shown per category (0: no gallery).
+        gallery: images shown per category (0: no gallery): the misses and false alarms at the model's thresholds
+            when the run has decisions, else the hardest images.
         checkpoint: the model drawing the gallery's overlays (default: results.json's checkpoint).
         device: where that model runs ('auto', 'cpu', 'cuda', ...).
 
@@ -450,6 +575,8 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         changed = (f'<p class="warning">{_e(ckpt)} has changed since this test (trained on, or calibrated): the '
                    "gallery's deployed scores and decisions are the current file's, not the tested model's.</p>")
 
+    thresholds = _thresholds(data)
+    decided = has_decisions(rows)  # the gallery shows misses and false alarms, not merely the hardest images
     by_cat: dict[str, list[ScoreRow]] = {}
     for r in rows:
         by_cat.setdefault(r.category, []).append(r)
@@ -461,7 +588,7 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         labels = np.array([r.label for r in crow], dtype=np.int64)
         roc, area = charts.roc_svg(cat, scores, labels)
         pr, ap = charts.pr_svg(cat, scores, labels)
-        hist = charts.histogram_svg(cat, scores, labels)
+        hist = charts.histogram_svg(cat, scores, labels, thresholds.get(cat) if map_name == "fused" else None)
         res = entry.get(map_name) or {}
         for name, got, key in (("AUROC", area, "image_auroc"), ("AP", ap, "image_ap")):
             want = float(res.get(key, math.nan))
@@ -471,8 +598,8 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         n_bad = int(labels.sum())
         intro = (f'<p class="note">{len(crow)} test images ({len(crow) - n_bad} good, {n_bad} defective); '
                  f"image AUROC {_pct(res.get('image_auroc'))} %, AP {_pct(res.get('image_ap'))} %, "
-                 f"F1-max {_pct(res.get('image_f1max'))} %.</p>")
-        gal = _gallery_html(cat, crow, gallery, overlays) if overlays is not None else ""
+                 f"F1-max {_pct(res.get('image_f1max'))} %.{_category_decisions(data, cat, thresholds, map_name)}</p>")
+        gal = _gallery_html(cat, crow, gallery, overlays, decided) if overlays is not None else ""
         sections.append(f'<section class="category" id="category-{i}" data-category="{_e(cat)}"><h2>{_e(cat)}</h2>'
                         f'{intro}<div class="charts">{roc}{pr}{hist}</div>{gal}</section>')
     warn = (f'<p class="warning">scores.csv and results.json disagree:</p><ul>{"".join(warnings_html)}</ul>'
