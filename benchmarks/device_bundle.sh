@@ -9,4 +9,9 @@ rm -rf .devdata/iad-mix .devdata/textures
 cp -r "$shared/data/iad-mix" .devdata/iad-mix
 cp -r "$shared/data/textures" .devdata/textures
 "${PYTHON:-.venv/bin/python}" benchmarks/export_backbone.py tf_efficientnet_lite0 efficientnet-lite .devdata/lite0.safetensors
+# the commit the bundle's code is at (the device machine gets the working tree without .git): gpu_session.sh passes
+# it to every benchmark as ONENIP_COMMIT; "+changes" when the tracked tree differs from that commit
+commit=$(git rev-parse --short HEAD)
+git diff --quiet HEAD -- . ':!docs/results' || commit="$commit+changes"
+echo "$commit" > .devdata/COMMIT
 du -sh .devdata

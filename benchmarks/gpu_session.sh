@@ -9,7 +9,8 @@
 #
 # `next` takes the first group, in the order below, whose result files are not yet in docs/results/ (they travel
 # with the working tree), so every session with a GPU measures the next missing piece; when that group is speed,
-# the group after it follows in the same call, with the time speed leaves. `DRY_RUN=1 GPU_TAG=h200 bash
+# the group after it follows in the same call, with the jobs that fit in the time speed leaves at its measured
+# rate. `DRY_RUN=1 GPU_TAG=h200 bash
 # benchmarks/gpu_session.sh next` prints what it would run on an H200, here, at no device time (without a GPU the
 # script needs GPU_TAG to name its results). What travels is the tracked tree
 # (3.3 MB at commit 2715281) and .devdata (62.0 MB): 62.3 MiB of the 64 MiB allowed, so keep anything bulky
@@ -67,6 +68,9 @@ R=docs/results
 [[ -d $D/iad-mix && -d $D/textures && -f $D/lite0.safetensors ]] ||
   { echo "$D/ is incomplete: run 'bash benchmarks/device_bundle.sh' here and carry .devdata" >&2; exit 2; }
 export PYTHONUNBUFFERED=1
+# The commit every result records: git's where .git travelled, else the one device_bundle.sh wrote (or ONENIP_COMMIT).
+ONENIP_COMMIT=${ONENIP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || cat $D/COMMIT 2>/dev/null || echo unknown)}
+export ONENIP_COMMIT
 DATA="--data $D/iad-mix --textures $D/textures"
 A="$DATA --weights $D/lite0.safetensors --engine fast --epochs 180 --workers 2"
 
@@ -134,7 +138,7 @@ log="$OUT/session.log"
 { echo "groups: ${groups[*]} (GPU tag $GPU)"
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
-  nproc; git log --oneline -1 2>/dev/null; } >"$log" 2>&1
+  nproc; echo "commit $ONENIP_COMMIT"; } >"$log" 2>&1
 
 if ((speed)); then
   mkdir -p "$res/speed" "$res/speed-eager"
@@ -156,6 +160,22 @@ fi
 
 pids=()
 left=$((DEADLINE - SECONDS))
+# After speed, plan from its measured rate: one job trains 180 epochs of 1,519 query images (and its synthesis, which
+# the rate includes); jobs run together on the one GPU, so together they take about the sum of their times. Only the
+# jobs that fit in what is left start (none when the rate is unknown); the others stay for the next call.
+if ((speed && ${#jobs[@]})); then
+  rate=$(python3 -c "import json,sys; print(int(json.load(open(sys.argv[1]))['rows']['fast']['train_images_per_s']))" \
+    "$res/speed-$GPU.json" 2>/dev/null || echo 0)
+  if ((rate <= 0)); then
+    echo "no fast training rate from speed: the ablation jobs wait for the next call" >>"$log"; jobs=()
+  else
+    per_job=$((180 * 1519 / rate + 60))  # + start-up and evaluation
+    fit=$((left / per_job))
+    ((fit * 2 < ${#jobs[@]})) && {
+      echo "speed measured $rate query img/s: a job takes about $per_job s, $fit of $((${#jobs[@]} / 2)) fit in $left s" >>"$log"
+      jobs=("${jobs[@]:0:$((fit * 2))}"); }
+  fi
+fi
 ((${#jobs[@]} && left < MIN_JOB)) && { echo "only $left s left: the ablation jobs do not start" >>"$log"; jobs=(); }
 ((${#jobs[@]})) && echo "ablation jobs start with $left s left" >>"$log"
 for ((i = 0; i < ${#jobs[@]}; i += 2)); do

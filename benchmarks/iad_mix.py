@@ -30,11 +30,15 @@ from onenip.training.trainer import Trainer  # noqa: E402
 
 
 def _read_commit() -> str:
+    """ONENIP_COMMIT when set (gpu_session.sh sets it: the device machine gets the working tree without .git), else
+    git's HEAD."""
+    if os.environ.get("ONENIP_COMMIT"):
+        return os.environ["ONENIP_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
     except Exception:
-        return os.environ.get("ONENIP_COMMIT", "unknown")
+        return "unknown"
 
 
 _COMMIT_AT_START = _read_commit()  # read when the code is imported: a commit made during a long run is not its code
