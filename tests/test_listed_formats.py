@@ -92,3 +92,20 @@ def test_jsonl_category_without_training_images_is_an_error(tmp_path: Path) -> N
     root = jsonl(tmp_path / "j", train=[("a", 0), ("b", 1)], test=[("a", 1), ("b", 0), ("b", 1)])
     with pytest.raises(DatasetError, match="categories b have test images but no normal training image listed"):
         read_source(f"jsonl:{root}", "test")  # b's only training line is defective: not a training image
+
+
+def test_files_that_are_not_images_are_named_not_dropped_silently(tmp_path: Path) -> None:
+    from onenip.deploy.predictor import expand_inputs
+
+    good = tmp_path / "m" / "part" / "train" / "good"
+    for name in ("000.png", "001.png"):
+        _png(good / name)
+    (good / "002.webp").write_bytes(b"RIFF")
+    (good / "notes.txt").write_text("x")
+    (good / ".DS_Store").write_bytes(b"")  # hidden files are not named
+    _png(tmp_path / "m" / "part" / "test" / "good" / "000.png")
+    with pytest.warns(OnenipWarning, match=r"train/good: 2 files that are not images of a supported type .* are left "
+                                           r"out: 002.webp, notes.txt$"):
+        assert len(read_source(str(tmp_path / "m"), "train")) == 2
+    with pytest.warns(OnenipWarning, match=r"folder .*good: 2 files that are not images .* left out: 002.webp, notes.txt"):
+        assert [p.name for p in expand_inputs([str(good)])] == ["000.png", "001.png"]

@@ -10,11 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from onenip.errors import DatasetError
+from onenip.errors import DatasetError, OnenipWarning
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 """Lower-case suffixes of the files taken as images (compared case-insensitively)."""
@@ -155,11 +156,24 @@ def _is_image_entry(entry: os.DirEntry[str]) -> bool:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """The image files directly inside `folder` (see :func:`_is_image_entry`), sorted by name.
+    """The image files directly inside `folder` (see :func:`_is_image_entry`), sorted by name. Other visible files
+    are left out with a warning that counts and names them (a .webp or .gif photo is not read).
 
     Empty if the folder does not exist; raises DatasetError if it cannot be listed.
     """
-    return [Path(entry.path) for entry in _entries(folder) if _is_image_entry(entry)]
+    entries = _entries(folder)
+    images = [Path(entry.path) for entry in entries if _is_image_entry(entry)]
+    other = [e.name for e in entries if not e.name.startswith(".") and not _is_image_entry(e) and not _entry_is_folder(e)]
+    warn_unsupported(str(folder), other)
+    return images
+
+
+def warn_unsupported(where: str, names: Sequence[str]) -> None:
+    """Warn that the files `names` found in `where` are not read (not images of a supported type)."""
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(f"{where}: {len(names)} files that are not images of a supported type "
+                      f"({', '.join(sorted(IMAGE_EXTENSIONS))}) are left out: {shown}", OnenipWarning, stacklevel=3)
 
 
 def _entry_is_folder(entry: os.DirEntry[str]) -> bool:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from onenip.data import IMAGE_EXTENSIONS
-from onenip.data.files import listing
+from onenip.data.files import listing, warn_unsupported
 from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
 from onenip.logs import progress_bar
@@ -190,8 +190,11 @@ def expand_inputs(paths: Sequence[str]) -> list[Path]:
         if path.is_file():
             out.append(path)
         elif path.is_dir():
-            found = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
-                           and not f.name.startswith("."))
+            files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+            found = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+            warn_unsupported(f"folder {path}", [str(f.relative_to(path)) for f in files if f.suffix.lower() not in
+                                                IMAGE_EXTENSIONS and f.parent.name not in IMAGE_FOLDERS
+                                                and f.name not in INDEX_FILES])
             if not found:
                 raise DatasetError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder {path}")
             out.extend(found)
