@@ -1,34 +1,150 @@
-"""Shared test fixtures. Real data is read from ../shared/data beside the checkout (never copied into the repo)."""
+"""Shared test fixtures, in two tiers.
+
+Generated data (always available, made once per session under pytest's temporary folder):
+
+- ``gen_data``: ``gen_folder/gen-mix``, a small MVTec-AD layout dataset drawn by
+  `onenip.demo.dataset.make_demo_dataset` (categories weave, grain, disc, bracket; `GEN_TRAIN` training, `GEN_TEST_GOOD`
+  good and `GEN_TEST_DEFECT` defective test images each, with masks, `GEN_SIZE` px square RGB PNGs). Deterministic.
+- ``gen_textures``: ``gen_folder/textures``, a few small procedurally drawn RGB JPEGs (some in sub-folders, not all
+  square), the stand-in for DTD as ``data.textures``.
+
+Real data (only where it is present; tests that need it are skipped otherwise, never failed):
+
+- ``shared_data``: the folder holding ``iad-mix/`` and ``textures/``: ``$ONENIP_DATA`` when set (a folder that does not
+  exist then means "no real data": there is no fallback), else ``$ONENIP_SHARED/data`` (default ``../shared/data``
+  beside the checkout) unless ``ONENIP_NO_SHARED=1``.
+- ``iad_mix``, ``textures``: its two sub-folders (see ``../shared/data/README.md``). Never copied into the repository.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ONENIP_SHARED", REPO.parent / "shared"))
 
 # The test networks are small: on a 2-core runner, handing every small op to a second OpenMP thread costs far more
 # than it saves (measured here: 0.6 ms per small matmul with one thread, 16 ms with two).
 torch.set_num_threads(1)
 
+# -- generated data -----------------------------------------------------------------------------------------------------
+
+GEN_CATEGORIES = ("bracket", "disc", "grain", "weave")  # sorted, as the readers list them
+GEN_SIZE = 96  # not the tests' input size (64), so images are resized as real ones are
+GEN_TRAIN = 20  # training images per category
+GEN_TEST_GOOD = 5  # good test images per category
+GEN_TEST_DEFECT = 6  # defective test images per category (two of each of the category's three defect types)
+GEN_TEST = GEN_TEST_GOOD + GEN_TEST_DEFECT
+
+
+@pytest.fixture(scope="session")
+def gen_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder holding the generated gen-mix/ and textures/, laid out as the real data folder."""
+    return tmp_path_factory.mktemp("generated")
+
+
+@pytest.fixture(scope="session")
+def gen_data(gen_folder: Path) -> Path:
+    """Root of the generated MVTec-layout dataset (read-only for tests: copy what you modify)."""
+    from onenip.demo.dataset import make_demo_dataset
+
+    root = gen_folder / "gen-mix"
+    return make_demo_dataset(root, seed=0, image_size=GEN_SIZE, n_train=GEN_TRAIN, n_test_good=GEN_TEST_GOOD,
+                             n_test_defect=GEN_TEST_DEFECT)
+
+
+TEXTURE_FILES = (  # (relative path, width, height)
+    ("banded/banded_0.jpg", 96, 128),
+    ("banded/banded_1.jpg", 112, 112),
+    ("chequered/chequered_0.jpg", 128, 96),
+    ("chequered/chequered_1.jpg", 100, 100),
+    ("blotchy/blotchy_0.jpg", 120, 90),
+    ("blotchy/blotchy_1.jpg", 96, 96),
+    ("rings_0.jpg", 112, 140),
+    ("rings_1.jpg", 104, 104),
+)
+
+
+def _texture(kind: str, width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """A width x height RGB uint8 texture of `kind` (banded, chequered, blotchy, rings), drawn from `rng`."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle, period = rng.uniform(0, np.pi), rng.uniform(6, 20)
+    u = x * np.cos(angle) + y * np.sin(angle)
+    v = -x * np.sin(angle) + y * np.cos(angle)
+    if kind == "banded":
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * u / period)
+    elif kind == "chequered":
+        t = ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float32)
+    elif kind == "blotchy":
+        coarse = rng.random((height // 12 + 2, width // 12 + 2)).astype(np.float32)
+        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)) / 255.0
+    else:  # rings
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / period)
+    low, high = rng.uniform(0, 0.4, 3), rng.uniform(0.6, 1.0, 3)
+    img = low + (high - low) * t[..., None] + rng.normal(0, 0.03, (height, width, 3))
+    return np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def gen_textures(gen_folder: Path) -> Path:
+    """A folder of generated texture JPEGs (`TEXTURE_FILES`), for ``data.textures``."""
+    root = gen_folder / "textures"
+    rng = np.random.default_rng(2024)
+    for rel, width, height in TEXTURE_FILES:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kind = path.stem.rsplit("_", 1)[0]
+        Image.fromarray(_texture(kind, width, height, rng)).save(path, quality=90)
+    return root
+
+
+# -- real data ----------------------------------------------------------------------------------------------------------
+
+HOW_TO_GET_REAL_DATA = ("set ONENIP_DATA to a folder holding iad-mix/ and textures/, or place them in "
+                        "../shared/data beside the checkout (see ../shared/data/README.md)")
+
+
+def real_data_folder() -> tuple[Path | None, str]:
+    """(the real data folder or None, where it was looked for)."""
+    env = os.environ.get("ONENIP_DATA")
+    if env:
+        path = Path(env).expanduser()
+        return (path if path.is_dir() else None), f"ONENIP_DATA={env}"
+    if os.environ.get("ONENIP_NO_SHARED", "") not in ("", "0"):
+        return None, "ONENIP_NO_SHARED is set"
+    path = Path(os.environ.get("ONENIP_SHARED", REPO.parent / "shared")) / "data"
+    return (path if path.is_dir() else None), str(path)
+
+
+def _real(sub: str) -> Path:
+    folder, where = real_data_folder()
+    if folder is None or not (folder / sub).is_dir():
+        pytest.skip(f"real data {sub}/ not found ({where}); {HOW_TO_GET_REAL_DATA}")
+    return folder / sub
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The shared data folder (iad-mix, textures). Missing data is a test failure, not a skip."""
-    path = SHARED / "data"
-    assert (path / "iad-mix").is_dir(), f"benchmark data not found at {path}; set ONENIP_SHARED to the shared folder"
-    return path
+    """The real data folder (iad-mix, textures); tests that need it are skipped when it is missing."""
+    folder, where = real_data_folder()
+    if folder is None:
+        pytest.skip(f"real data not found ({where}); {HOW_TO_GET_REAL_DATA}")
+    return folder
 
 
 @pytest.fixture(scope="session")
-def iad_mix(shared_data: Path) -> Path:
-    return shared_data / "iad-mix"
+def iad_mix() -> Path:
+    """The real iad-mix benchmark (10 categories, MVTec layout); skipped when missing."""
+    return _real("iad-mix")
 
 
 @pytest.fixture(scope="session")
-def textures(shared_data: Path) -> Path:
-    return shared_data / "textures"
+def textures() -> Path:
+    """The real texture folder (DTD JPEGs); skipped when missing."""
+    return _real("textures")

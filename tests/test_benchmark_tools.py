@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GEN_TEST
 
 from onenip.api import make_config
 from onenip.data import read_sources
@@ -16,12 +17,12 @@ from onenip.models.detector import Detector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 prompt_sensitivity = pytest.importorskip("prompt_sensitivity")
 
-TWO = ["PA_BDP01_TL", "PA_FLR01_TL"]
+TWO = ["bracket", "grain"]  # two generated categories
 
 
-def test_other_prompts_come_from_another_category_and_repeat(iad_mix: Path) -> None:
-    test = read_sources([str(iad_mix)], "test", TWO)
-    train = read_sources([str(iad_mix)], "train", TWO)
+def test_other_prompts_come_from_another_category_and_repeat(gen_data: Path) -> None:
+    test = read_sources([str(gen_data)], "test", TWO)
+    train = read_sources([str(gen_data)], "train", TWO)
     other = prompt_sensitivity.other_prompts(test, train, seed=3)
     assert all(p.category != s.category for p, s in zip(other, test))
     assert other == prompt_sensitivity.other_prompts(test, train, seed=3)
@@ -30,8 +31,8 @@ def test_other_prompts_come_from_another_category_and_repeat(iad_mix: Path) -> N
         prompt_sensitivity.other_prompts(test[:1], [s for s in train if s.category == test[0].category], seed=0)
 
 
-def test_sensitivity_of_an_untrained_prompted_model(tmp_path: Path, iad_mix: Path) -> None:
-    cfg = make_config(None, [f"data.roots=[{iad_mix}]", f"data.categories=[{', '.join(TWO)}]", "data.input_size=32",
+def test_sensitivity_of_an_untrained_prompted_model(tmp_path: Path, gen_data: Path) -> None:
+    cfg = make_config(None, [f"data.roots=[{gen_data}]", f"data.categories=[{', '.join(TWO)}]", "data.input_size=32",
                              "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=random",
                              "model.hidden_dim=32", "model.ffn_dim=64", "model.heads=4", "model.refiner_channels=8",
                              "train.device=cpu"])
@@ -39,7 +40,7 @@ def test_sensitivity_of_an_untrained_prompted_model(tmp_path: Path, iad_mix: Pat
     det = Detector.build(cfg)
     det.save(tmp_path / "model.safetensors")
     res = prompt_sensitivity.sensitivity(tmp_path, None, torch.device("cpu"), seed=0)
-    assert res["test_images"] == 116 and set(res["modes"]) == {"same", "other", "self", "gray"}
+    assert res["test_images"] == 2 * GEN_TEST and set(res["modes"]) == {"same", "other", "self", "gray"}
     for mode, maps in res["modes"].items():
         assert set(maps) == {"rec", "ref"}
         for m in maps.values():
@@ -51,14 +52,14 @@ def test_sensitivity_of_an_untrained_prompted_model(tmp_path: Path, iad_mix: Pat
                 assert m["relative_change"] > 1e-4
 
 
-def test_ablation_sensitivity_flag_writes_the_prompt_sensitivity(tmp_path: Path, iad_mix: Path, textures: Path,
+def test_ablation_sensitivity_flag_writes_the_prompt_sensitivity(tmp_path: Path, gen_data: Path, gen_textures: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """ablation.py --sensitivity (what gpu_session.sh runs on rows 2 and 5) adds the four prompts' metrics to a prompted
     row's result file, and only to a prompted row's."""
     ablation = pytest.importorskip("ablation")
     monkeypatch.setattr(sys, "argv", [
         "ablation.py", "--rows", "0", "2", "--seeds", "1", "--epochs", "1", "--engine", "plain", "--sensitivity",
-        "--data", str(iad_mix), "--textures", str(textures), "--weights", "random", "--input-size", "32",
+        "--data", str(gen_data), "--textures", str(gen_textures), "--weights", "random", "--input-size", "32",
         "--batch-size", "8", "--workers", "0", "--output", str(tmp_path),
         "--set", f"data.categories=[{', '.join(TWO)}]", "--set", "model.hidden_dim=32", "--set", "model.ffn_dim=64",
         "--set", "model.heads=4", "--set", "train.device=cpu"])

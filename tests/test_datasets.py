@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import GEN_CATEGORIES, GEN_TEST, GEN_TEST_DEFECT, GEN_TEST_GOOD, GEN_TRAIN
 from PIL import Image
 
 from onenip.data import (
@@ -460,3 +461,19 @@ def test_iad_mix_counts(iad_mix: Path) -> None:
         assert (sum(s.label == 0 for s in cat_test), sum(s.label == 1 for s in cat_test)) == (n_good, n_bad), category
     assert detect_format(iad_mix) == "mvtec"
     assert read_sources([str(iad_mix)], "test") == test
+
+
+def test_generated_dataset_reads_as_mvtec(gen_data: Path) -> None:
+    """The generated dataset of the test session (conftest.gen_data) reads as the real benchmark does: MVTec layout,
+    every defective test image with its mask, every good one without."""
+    train = read_mvtec(gen_data, "train")
+    test = read_mvtec(gen_data, "test")
+    assert detect_format(gen_data) == "mvtec"
+    assert list(group_by_category(test)) == list(GEN_CATEGORIES)
+    assert len(train) == len(GEN_CATEGORIES) * GEN_TRAIN and len(test) == len(GEN_CATEGORIES) * GEN_TEST
+    assert sum(s.label == 1 for s in test) == len(GEN_CATEGORIES) * GEN_TEST_DEFECT
+    assert all((s.mask is not None) == (s.label == 1) for s in test)
+    assert all(s.mask.is_file() for s in test if s.mask is not None)
+    assert Counter(s.defect for s in test if s.category == "disc") == {"good": GEN_TEST_GOOD, "scratch": 2, "dent": 2,
+                                                                       "missing": 2}
+    assert read_sources([str(gen_data)], "test") == test

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GEN_TEST, GEN_TEST_DEFECT
 from PIL import Image
 
 from onenip.api import make_config
@@ -187,9 +188,9 @@ def test_missing_mask_leaves_the_category_out_of_pixel_metrics(tmp_path: Path) -
         in res.to_markdown("fused")
 
 
-def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> None:
+def test_real_model_both_protocols_and_files(tmp_path: Path, gen_data: Path) -> None:
     cfg = make_config(None, [
-        f"data.roots=[{iad_mix}]", "data.categories=[PA_BDP01_TL, PA_GLA01_TL]", "data.input_size=64",
+        f"data.roots=[{gen_data}]", "data.categories=[bracket, grain]", "data.input_size=64",
         "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
         "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "eval.prompt_pool=2",
     ])
@@ -204,7 +205,7 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> N
     assert clean.fusion_scale > 0 and paper1.fusion_scale > 0 and clean.fusion_scale != paper1.fusion_scale
     for res in (clean, paper1):
         for entry in res.categories.values():
-            assert entry["images"] == 58 and entry["defective"] == 48
+            assert entry["images"] == GEN_TEST and entry["defective"] == GEN_TEST_DEFECT
             assert all(0.0 <= entry["fused"][m] <= 1.0 for m in METRICS)
     folder = write_results(clean, tmp_path / "results")
     data = json.loads((folder / "results.json").read_text())
@@ -221,9 +222,9 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, iad_mix: Path) -> N
     assert data["categories"][cat]["fused"]["pixel_ap"] is None
     assert math.isnan(read_run(folder)[0]["categories"][cat]["fused"]["pixel_ap"])
     md = (folder / "results.md").read_text()
-    assert "| PA_BDP01_TL |" in md and "**mean**" in md and "retrieval" in md
+    assert "| bracket |" in md and "**mean**" in md and "retrieval" in md
     lines = (folder / "scores.csv").read_text().splitlines()
-    assert len(lines) == 1 + 116 and lines[0].startswith("image,category,defect,label,retrieved,similarity")
+    assert len(lines) == 1 + 2 * GEN_TEST and lines[0].startswith("image,category,defect,label,retrieved,similarity")
 
 
 def test_bad_test_files_stop_evaluation_or_are_skipped_and_counted(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_training import tiny  # the small OneNIP on two real categories at 64 px (output in <folder>/run)
+from test_training import tiny  # the small OneNIP on two generated categories at 64 px (output in <folder>/run)
 from torch.utils.data import default_collate
 
 from onenip.api import make_config
@@ -17,12 +17,18 @@ from onenip.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, iad_mix: Path, textures: Path) -> tuple[Trainer, Trainer]:
+def pair(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> tuple[Trainer, Trainer]:
     root = tmp_path_factory.mktemp("fast")
-    plain = Trainer(tiny(root / "plain", iad_mix, textures), progress=False)
-    fast = Trainer(tiny(root / "fast", iad_mix, textures, "train.engine=fast"), progress=False)
+    plain = Trainer(tiny(root / "plain", gen_data, gen_textures), progress=False)
+    fast = Trainer(tiny(root / "fast", gen_data, gen_textures, "train.engine=fast"), progress=False)
     fast.net.load_state_dict(plain.net.state_dict())
     return plain, fast
+
+
+def spread(trainer: Trainer, n: int) -> list[int]:
+    """`n` training indices spread evenly over the dataset (so over both categories): the first, ..., the last."""
+    last = len(trainer.dataset) - 1
+    return [round(k * last / (n - 1)) for k in range(n)]
 
 
 def plain_batch(trainer: Trainer, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -52,7 +58,7 @@ def test_same_batch_gives_the_same_losses_and_maps(pair: tuple[Trainer, Trainer]
     """On fixed inputs (the same queries, synthetic images, masks and prompts) the fast path's losses equal the plain
     path's, in training mode with the same jitter and dropout draws, and so do the gradients."""
     plain, fast = pair
-    batch = plain_batch(plain, list(range(0, 80, 10)))
+    batch = plain_batch(plain, spread(plain, 8))
     assert batch["synthetic"].shape == (8, 3, 64, 64)
     assert_same_losses_and_gradients(plain, fast, batch, seed=7, rel=1e-5, grad_rtol=1e-4, grad_atol=1e-6)
     # the backbone pass on the synthesized images: channels-last copy, same features
@@ -62,7 +68,7 @@ def test_same_batch_gives_the_same_losses_and_maps(pair: tuple[Trainer, Trainer]
 
 def test_bf16_backbone_stays_within_bf16_tolerance(pair: tuple[Trainer, Trainer]) -> None:
     plain, _ = pair
-    images = plain_batch(plain, [0, 1, 60, 61])["synthetic"]
+    images = plain_batch(plain, spread(plain, 4))["synthetic"]
     ref = plain.detector.features(images)
     low = plain.detector.extractor.fast_copy(torch.bfloat16)(images)
     assert low.dtype == torch.float32 and low.shape == ref.shape
@@ -102,18 +108,18 @@ def test_device_batches_follow_the_plain_order_and_rules(pair: tuple[Trainer, Tr
     assert not torch.equal(next(iter(fast.loader))["synthetic"], again["synthetic"])
 
 
-def test_fast_training_lowers_the_loss_and_resumes_exactly(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    straight = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.engine=fast", "train.lr=2e-3"), progress=False)
+def test_fast_training_lowers_the_loss_and_resumes_exactly(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    straight = Trainer(tiny(tmp_path / "a", gen_data, gen_textures, "train.engine=fast", "train.lr=2e-3"), progress=False)
     result = straight.run()
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < losses[0], losses
     per_epoch = len(straight.loader)
-    first = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.lr=2e-3",
+    first = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, "train.engine=fast", "train.lr=2e-3",
                          f"train.max_steps={per_epoch}"), progress=False)
     first.run()
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.safetensors"
     assert load_checkpoint(ckpt).epoch == 1
-    resumed = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.lr=2e-3"), resume=ckpt,
+    resumed = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, "train.engine=fast", "train.lr=2e-3"), resume=ckpt,
                       progress=False)
     resumed.run()
     assert resumed.step == straight.step
@@ -129,13 +135,13 @@ def test_fast_engine_needs_cached_features(tmp_path: Path) -> None:
         make_config(None, ["train.engine=turbo"])
 
 
-def test_lazy_nan_check_stops_before_a_bad_checkpoint(tmp_path: Path, iad_mix: Path, textures: Path,
+def test_lazy_nan_check_stops_before_a_bad_checkpoint(tmp_path: Path, gen_data: Path, gen_textures: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """On CUDA the fast path checks the loss every few steps (no wait for the GPU in between); a NaN is still caught
     before the epoch's checkpoint, which stays the last good one. Forced here on the CPU."""
     from onenip.training.trainer import TrainingError
 
-    trainer = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "train.save_every=1", "train.epochs=3"),
+    trainer = Trainer(tiny(tmp_path, gen_data, gen_textures, "train.engine=fast", "train.save_every=1", "train.epochs=3"),
                       progress=False)
     trainer.sync_every = 4
     per_epoch = len(trainer.loader)
@@ -160,21 +166,22 @@ def test_fast_feature_cache_comes_from_the_step_backbone(pair: tuple[Trainer, Tr
     """Both halves of a fast batch, [normal; synthetic], come from one backbone: the cached normal features are the
     step backbone's (and, in float32 on the CPU, the plain path's)."""
     plain, fast = pair
-    images = torch.stack([torch.from_numpy(fast.dataset.image(i).transpose(2, 0, 1).copy()) for i in (0, 1, 60)])
-    torch.testing.assert_close(fast.feature_cache[[0, 1, 60]], fast.step_backbone(images), rtol=0, atol=0)
+    chosen = [0, 1, len(fast.dataset) - 1]  # both categories
+    images = torch.stack([torch.from_numpy(fast.dataset.image(i).transpose(2, 0, 1).copy()) for i in chosen])
+    torch.testing.assert_close(fast.feature_cache[chosen], fast.step_backbone(images), rtol=0, atol=0)
     torch.testing.assert_close(fast.feature_cache, plain.feature_cache, rtol=1e-4, atol=1e-4)
     assert fast.step_backbone.channels_last and fast.step_backbone.dtype == torch.float32  # no CUDA, or amp off
     assert fast.feature_cache.is_contiguous()  # the standard layout: the jitter draws as on the plain path
 
 
-def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    trainer = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "synthesis.texture_resize=antialias",
+def test_fast_texture_bank_follows_the_texture_resize_option(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    trainer = Trainer(tiny(tmp_path, gen_data, gen_textures, "train.engine=fast", "synthesis.texture_resize=antialias",
                            "synthesis.brightness_spaces=[Lab]"), progress=False)
-    assert torch.equal(trainer.loader.textures, load_texture_bank(textures, 64, resize="antialias"))
+    assert torch.equal(trainer.loader.textures, load_texture_bank(gen_textures, 64, resize="antialias"))
     assert trainer.loader.synthesizer.cfg.brightness_spaces == ["Lab"]
 
 
-def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, iad_mix: Path, textures: Path,
+def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, gen_data: Path, gen_textures: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from onenip.synthesis.batched import BatchSynthesizer
 
@@ -184,25 +191,25 @@ def test_compile_synthesis_option_reaches_the_synthesizer(tmp_path: Path, iad_mi
         make_config(None, ["train.engine=fast", "train.compile_synthesis=fastest"])
     asked = []
     monkeypatch.setattr(BatchSynthesizer, "compile", lambda self, batch_size, mode: asked.append((mode, batch_size)))
-    Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.engine=fast"), progress=False)
+    Trainer(tiny(tmp_path / "a", gen_data, gen_textures, "train.engine=fast"), progress=False)
     assert asked == []  # eager by default
-    trainer = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.engine=fast", "train.compile_synthesis=max-autotune"),
+    trainer = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, "train.engine=fast", "train.compile_synthesis=max-autotune"),
                       progress=False)
     assert asked == [("max-autotune", trainer.local_batch)]
 
 
 @pytest.mark.slow
 def test_compiled_training_forward_gives_the_eager_losses_and_gradients(pair: tuple[Trainer, Trainer], tmp_path: Path,
-                                                                        iad_mix: Path, textures: Path) -> None:
+                                                                        gen_data: Path, gen_textures: Path) -> None:
     """train.compile wraps the training forward in torch.compile (the fast engine's default on CUDA, so every GPU run
     goes through it). With inductor's random ops falling back to eager's (the same jitter and dropout draws), a batch
     in training mode gives the eager losses and gradients, and a compiled optimizer step moves the network that
     checkpoints store."""
     _, eager = pair
-    compiled = Trainer(tiny(tmp_path, iad_mix, textures, "train.engine=fast", "train.compile=default"), progress=False)
+    compiled = Trainer(tiny(tmp_path, gen_data, gen_textures, "train.engine=fast", "train.compile=default"), progress=False)
     assert compiled.model is not compiled.net  # the compiled wrapper runs the forward; the network keeps the weights
     compiled.net.load_state_dict(eager.net.state_dict())
-    batch = plain_batch(eager, [0, 10, 60, 70])
+    batch = plain_batch(eager, spread(eager, 4))
     with torch._inductor.config.patch(fallback_random=True):
         assert_same_losses_and_gradients(eager, compiled, batch, seed=11, rel=1e-4, grad_rtol=1e-3, grad_atol=1e-5)
         before = [p.detach().clone() for p in compiled.net.parameters()]

@@ -130,10 +130,11 @@ def bn_input_correlation(fe: FeatureExtractor, images: torch.Tensor) -> tuple[fl
     return float(np.median(corrs)), len(corrs)
 
 
-def test_mapping_is_semantically_right(iad_mix: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Real images: each BatchNorm sees inputs whose channel means follow its running mean. Shape-compatible but
+@pytest.mark.parametrize("data", ["gen_data", "iad_mix"])  # generated images always; the real benchmark where present
+def test_mapping_is_semantically_right(data: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images (not noise): each BatchNorm sees inputs whose channel means follow its running mean. Shape-compatible but
     wrong mappings (e.g. two BNs of the same width swapped) break this."""
-    imgs = iad_images(iad_mix)
+    imgs = iad_images(request.getfixturevalue(data))
     median, n_layers = bn_input_correlation(extractor(), imgs)
     assert n_layers == 33  # stem + 16 blocks' norms up to the stride-16 stage
     assert median > 0.8

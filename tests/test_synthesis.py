@@ -288,8 +288,8 @@ def test_perlin_paste_resizes_texture() -> None:
 
 
 @pytest.mark.parametrize("size", [64, 224])
-def test_folder_textures(textures: Path, size: int) -> None:
-    src = FolderTextures(textures)
+def test_folder_textures(gen_textures: Path, size: int) -> None:
+    src = FolderTextures(gen_textures)
     assert isinstance(src, TextureSource)
     assert len(src) > 0
     samples = [src.sample(np.random.default_rng(s), size) for s in range(4)]

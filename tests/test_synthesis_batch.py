@@ -505,8 +505,8 @@ def test_texture_pool_per_call_and_errors() -> None:
         BatchSynthesizer(CFG, pool[:0])
 
 
-def test_load_texture_bank(tmp_path: Path, textures: Path) -> None:
-    files = sorted(textures.rglob("*.jpg"))[:3]
+def test_load_texture_bank(tmp_path: Path, gen_textures: Path) -> None:
+    files = sorted(gen_textures.rglob("*.jpg"))[:3]
     assert len(files) == 3
     for i, f in enumerate(files):
         shutil.copy(f, tmp_path / f"{i}_{f.name}")

@@ -1,4 +1,4 @@
-"""Training on real iad-mix images (CPU): items, the loss going down, checkpoints, resume, and clear failures."""
+"""Training on generated images (CPU): items, the loss going down, checkpoints, resume, and clear failures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GEN_TRAIN
 
 from onenip.api import fit, make_config
 from onenip.checkpoint import load_checkpoint, save_checkpoint
@@ -22,13 +23,13 @@ from onenip.synthesis.per_image import FolderTextures
 from onenip.training.trainer import Trainer, TrainingError, lr_at
 from onenip.training.trainset import EpochSampler, TrainSet
 
-CATS = "[metal_plate, PA_BDP01_TL]"  # 54 + 38 training images
+CATS = "[bracket, grain]"  # two generated categories of GEN_TRAIN training images each
 
 
-def tiny(tmp_path: Path, iad_mix: Path, textures: Path, *extra: str) -> Config:
-    """A small but complete OneNIP (4+4 layers at width 64) on two real categories at 64 px."""
+def tiny(tmp_path: Path, gen_data: Path, gen_textures: Path, *extra: str) -> Config:
+    """A small but complete OneNIP (4+4 layers at width 64) on two generated categories at 64 px."""
     return make_config(None, [
-        f"data.roots=[{iad_mix}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={textures}",
+        f"data.roots=[{gen_data}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={gen_textures}",
         "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
         "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
         "train.batch_size=8", "train.epochs=2", "train.device=cpu", "train.lr=5e-4",
@@ -39,11 +40,11 @@ def tiny(tmp_path: Path, iad_mix: Path, textures: Path, *extra: str) -> Config:
 # -- items ------------------------------------------------------------------------------------------------------------
 
 
-def test_items_are_reproducible_and_prompts_share_the_category(iad_mix: Path, textures: Path) -> None:
-    samples = read_sources([str(iad_mix)], "train", ["metal_plate", "PA_BDP01_TL"])
+def test_items_are_reproducible_and_prompts_share_the_category(gen_data: Path, gen_textures: Path) -> None:
+    samples = read_sources([str(gen_data)], "train", ["bracket", "grain"])
     cfg = make_config(None, []).synthesis
-    ds = TrainSet(samples, 64, cfg, str(textures), prompt="dynamic", seed=5, threads=2)
-    smooth = TrainSet(samples, 64, dataclasses.replace(cfg, texture_resize="antialias"), str(textures), cache=False)
+    ds = TrainSet(samples, 64, cfg, str(gen_textures), prompt="dynamic", seed=5, threads=2)
+    smooth = TrainSet(samples, 64, dataclasses.replace(cfg, texture_resize="antialias"), str(gen_textures), cache=False)
     assert isinstance(ds.textures, FolderTextures) and (ds.textures.resize, smooth.textures.resize) == ("opencv", "antialias")
     a, b, c = ds[(3, 10)], ds[(3, 10)], ds[(4, 10)]
     for k in ("image", "synthetic", "mask", "prompt"):
@@ -102,8 +103,8 @@ def _fixed_batch_loss(trainer: Trainer) -> float:
 
 
 @pytest.mark.parametrize("cache", ["true", "false"])
-def test_a_few_steps_lower_the_loss(tmp_path: Path, iad_mix: Path, textures: Path, cache: str) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=40", "train.epochs=100", "train.lr=2e-3",
+def test_a_few_steps_lower_the_loss(tmp_path: Path, gen_data: Path, gen_textures: Path, cache: str) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=40", "train.epochs=100", "train.lr=2e-3",
                f"train.cache_features={cache}")
     trainer = Trainer(cfg, progress=False)
     before = _fixed_batch_loss(trainer)
@@ -117,15 +118,15 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path, iad_mix: Path, textures: Pat
     assert load_config([tmp_path / "run" / "config.json"]) == cfg  # the run folder's JSON config reloads
 
 
-def test_cached_and_plain_features_give_the_same_losses(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    plain = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.cache_features=false"), progress=False)
-    cached = Trainer(tiny(tmp_path / "b", iad_mix, textures, "train.cache_features=true"), progress=False)
+def test_cached_and_plain_features_give_the_same_losses(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    plain = Trainer(tiny(tmp_path / "a", gen_data, gen_textures, "train.cache_features=false"), progress=False)
+    cached = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, "train.cache_features=true"), progress=False)
     cached.net.load_state_dict(plain.net.state_dict())
     a, b = _fixed_batch_loss(plain), _fixed_batch_loss(cached)
     assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_uniad_and_ablation_switches_train(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+def test_uniad_and_ablation_switches_train(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
     for i, extra in enumerate([
         ("model.arch=uniad", "train.prompt=none", "model.refiner=false", "train.restoration=false"),
         ("model.arch=uniad", "train.prompt=none", "model.refiner=false"),  # restoration without prompt
@@ -133,7 +134,7 @@ def test_uniad_and_ablation_switches_train(tmp_path: Path, iad_mix: Path, textur
         ("train.prompt=static", "model.refiner=false", "train.restoration=false"),  # one fixed prompt (Table 4d)
         ("train.restoration=false",),  # refiner trained on synthetic images without the restoration MSE
     ]):
-        cfg = tiny(tmp_path / str(i), iad_mix, textures, "train.max_steps=2", *extra)
+        cfg = tiny(tmp_path / str(i), gen_data, gen_textures, "train.max_steps=2", *extra)
         trainer = Trainer(cfg, progress=False)
         assert trainer.synthesize == (cfg.train.restoration or cfg.model.refiner)
         res = trainer.run()
@@ -143,8 +144,8 @@ def test_uniad_and_ablation_switches_train(tmp_path: Path, iad_mix: Path, textur
 # -- checkpoints and resume ---------------------------------------------------------------------------------------------
 
 
-def test_checkpoint_round_trip(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=3")
+def test_checkpoint_round_trip(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=3")
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
@@ -163,15 +164,15 @@ def test_checkpoint_round_trip(tmp_path: Path, iad_mix: Path, textures: Path) ->
     assert [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")] == []
 
 
-def test_resume_gives_the_same_weights(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    straight = Trainer(tiny(tmp_path / "a", iad_mix, textures, "train.save_every=1"), progress=False)
+def test_resume_gives_the_same_weights(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    straight = Trainer(tiny(tmp_path / "a", gen_data, gen_textures, "train.save_every=1"), progress=False)
     straight.run()
     steps_per_epoch = len(straight.loader)
-    first = Trainer(tiny(tmp_path / "b", iad_mix, textures, f"train.max_steps={steps_per_epoch}"), progress=False)
+    first = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, f"train.max_steps={steps_per_epoch}"), progress=False)
     first.run()  # stops after epoch 1 of 2, as if killed there
     ckpt = tmp_path / "b" / "run" / "checkpoints" / "last.safetensors"
     assert load_checkpoint(ckpt).epoch == 1
-    resumed = Trainer(tiny(tmp_path / "b", iad_mix, textures), resume=ckpt, progress=False)
+    resumed = Trainer(tiny(tmp_path / "b", gen_data, gen_textures), resume=ckpt, progress=False)
     resumed.run()
     assert resumed.epoch == 2 and resumed.step == straight.step
     for (k, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
@@ -179,8 +180,8 @@ def test_resume_gives_the_same_weights(tmp_path: Path, iad_mix: Path, textures: 
     assert len(resumed.history) == 2
 
 
-def test_existing_run_is_not_overwritten(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+def test_existing_run_is_not_overwritten(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=1")
     Trainer(cfg, progress=False).run()
     with pytest.raises(TrainingError, match="already holds a training run"):
         Trainer(cfg, progress=False)
@@ -189,16 +190,18 @@ def test_existing_run_is_not_overwritten(tmp_path: Path, iad_mix: Path, textures
         Trainer(cfg, progress=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(OnenipError, match="is a file, not a folder"):
-        Trainer(tiny(tmp_path, iad_mix, textures, f"output_dir={tmp_path / 'file'}"), progress=False)
+        Trainer(tiny(tmp_path, gen_data, gen_textures, f"output_dir={tmp_path / 'file'}"), progress=False)
 
 
-def test_a_moved_run_resumes_where_it_is_and_works_from_anywhere(tmp_path: Path, iad_mix: Path, textures: Path,
+def test_a_moved_run_resumes_where_it_is_and_works_from_anywhere(tmp_path: Path, gen_data: Path, gen_textures: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Relative data.roots and data.textures are saved absolute; --resume goes on in the checkpoint's own run
     folder, not in the (copied) configuration's output_dir."""
-    monkeypatch.chdir(iad_mix.parent)
-    cfg = tiny(tmp_path, iad_mix, textures, f"data.roots=[{iad_mix.name}]", "train.max_steps=1",
-               f"data.textures={os.path.relpath(textures)}")
+    monkeypatch.chdir(gen_data.parent)
+    here = Path.cwd()  # as the OS names the working folder (links resolved): relative paths are made absolute from it
+    textures = os.path.relpath(gen_textures)
+    cfg = tiny(tmp_path, gen_data, gen_textures, f"data.roots=[{gen_data.name}]", "train.max_steps=1",
+               f"data.textures={textures}")
     Trainer(cfg, progress=False).run()
     moved = tmp_path / "moved"
     shutil.move(tmp_path / "run", moved)
@@ -206,13 +209,13 @@ def test_a_moved_run_resumes_where_it_is_and_works_from_anywhere(tmp_path: Path,
     result = fit(overrides=["train.max_steps=2"], resume=moved / "checkpoints" / "last.safetensors", progress=False)
     assert result.run_dir == moved and result.steps == 2 and not (tmp_path / "run").exists()
     saved = json.loads((moved / "config.json").read_text())
-    assert saved["data"]["roots"] == [str(iad_mix.absolute())] and saved["data"]["textures"] == str(textures.absolute())
+    assert saved["data"]["roots"] == [str(here / gen_data.name)] and saved["data"]["textures"] == str(here / textures)
 
 
-def test_resume_rejects_another_architecture(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+def test_resume_rejects_another_architecture(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=1")
     Trainer(cfg, progress=False).run()
-    other = tiny(tmp_path / "x", iad_mix, textures, "model.hidden_dim=32")
+    other = tiny(tmp_path / "x", gen_data, gen_textures, "model.hidden_dim=32")
     with pytest.raises(CheckpointError, match="model.hidden_dim"):
         Trainer(other, resume=tmp_path / "run" / "checkpoints" / "last.safetensors", progress=False)
 
@@ -232,8 +235,8 @@ def test_corrupted_and_foreign_checkpoints_are_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing.safetensors")
 
 
-def test_truncated_checkpoint_is_refused(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=1")
+def test_truncated_checkpoint_is_refused(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=1")
     Trainer(cfg, progress=False).run()
     good = (tmp_path / "run" / "model.safetensors").read_bytes()
     cut = tmp_path / "cut.safetensors"
@@ -242,8 +245,8 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path, iad_mix: Path, textures
         Detector.load(cut)
 
 
-def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, iad_mix: Path, textures: Path, monkeypatch) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.max_steps=3")
+def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, gen_data: Path, gen_textures: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.max_steps=3")
     trainer = Trainer(cfg, progress=False)
     real = trainer.losses
 
@@ -258,13 +261,13 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path: Path, iad_mix: Path, text
         trainer.run()
 
 
-def test_loss_targets_are_the_clean_features_and_the_synthetic_masks(tmp_path: Path, iad_mix: Path, textures: Path,
+def test_loss_targets_are_the_clean_features_and_the_synthetic_masks(tmp_path: Path, gen_data: Path, gen_textures: Path,
                                                                       monkeypatch) -> None:
     """Reconstruction and restoration both aim at the clean query features (§2.2 step 2); the refiner's targets are an
     empty mask for the normal half and the synthesized mask for the synthetic half."""
     import onenip.training.trainer as train_module
 
-    trainer = Trainer(tiny(tmp_path, iad_mix, textures), progress=False)
+    trainer = Trainer(tiny(tmp_path, gen_data, gen_textures), progress=False)
     trainer.sampler.set_epoch(0)
     batch = next(iter(trainer.loader))
     clean, synthetic, prompt = trainer.batch_features(batch)
@@ -312,7 +315,7 @@ trainer.run()
 """
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
     """A training process killed with SIGKILL in the middle of an epoch loses nothing but that epoch: its checkpoint
     is complete, and resuming from it ends with exactly the weights of an uninterrupted run with the same seed."""
     import os
@@ -321,7 +324,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, iad_
     import sys
     import time
 
-    overrides = [f"data.roots=[{iad_mix}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={textures}",
+    overrides = [f"data.roots=[{gen_data}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={gen_textures}",
                  "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
                  "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
                  "train.batch_size=8", "train.epochs=3", "train.device=cpu", "train.save_every=1", "train.lr=5e-4"]
@@ -356,25 +359,25 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, iad_
         assert torch.equal(a, b), k
 
 
-def test_same_seed_gives_bit_identical_metrics(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+def test_same_seed_gives_bit_identical_metrics(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
     from onenip.evaluation.evaluate import evaluate
 
     out = []
     for run in ("a", "b"):
-        cfg = tiny(tmp_path / run, iad_mix, textures, "train.max_steps=4", "data.categories=[PA_BDP01_TL]")
+        cfg = tiny(tmp_path / run, gen_data, gen_textures, "train.max_steps=4", "data.categories=[grain]")
         trainer = Trainer(cfg, progress=False)
         trainer.run()
         out.append(evaluate(trainer.detector, cfg, progress=False))
     assert out[0].categories == out[1].categories  # exact equality of every float
     assert [r["score_fused"] for r in out[0].scores] == [r["score_fused"] for r in out[1].scores]
-    cfg = tiny(tmp_path / "c", iad_mix, textures, "train.max_steps=4", "data.categories=[PA_BDP01_TL]", "train.seed=7")
+    cfg = tiny(tmp_path / "c", gen_data, gen_textures, "train.max_steps=4", "data.categories=[grain]", "train.seed=7")
     trainer = Trainer(cfg, progress=False)
     trainer.run()
     assert evaluate(trainer.detector, cfg, progress=False).categories != out[0].categories  # the seed matters
 
 
-def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, iad_mix: Path, textures: Path, monkeypatch) -> None:
-    cfg = tiny(tmp_path, iad_mix, textures, "train.save_every=1", "train.epochs=3")
+def test_nan_keeps_the_last_good_checkpoint(tmp_path: Path, gen_data: Path, gen_textures: Path, monkeypatch) -> None:
+    cfg = tiny(tmp_path, gen_data, gen_textures, "train.save_every=1", "train.epochs=3")
     trainer = Trainer(cfg, progress=False)
     per_epoch = len(trainer.loader)
     real = trainer.losses
@@ -443,21 +446,36 @@ def test_missing_weights_are_rejected_before_any_data_is_read(tmp_path: Path) ->
                                    "backbone.name=tf_efficientnet_lite0", f"backbone.weights={missing}"]), progress=False)
 
 
-def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, iad_mix: Path, textures: Path) -> None:
+def test_bad_training_image_stops_training_or_is_skipped(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
     import shutil
 
     from onenip.errors import DatasetError
 
     root = tmp_path / "data"
-    shutil.copytree(iad_mix / "PA_BDP01_TL", root / "PA_BDP01_TL")
-    victim = sorted((root / "PA_BDP01_TL" / "train" / "good").iterdir())[3]
+    shutil.copytree(gen_data / "grain", root / "grain")
+    victim = sorted((root / "grain" / "train" / "good").iterdir())[3]
     victim.write_bytes(b"")
     base = [f"data.roots=[{root}]", "data.categories=[]", "train.max_steps=1", "data.holdout=0"]
     with pytest.raises(DatasetError, match=victim.name):
-        Trainer(tiny(tmp_path / "a", iad_mix, textures, *base), progress=False)
+        Trainer(tiny(tmp_path / "a", gen_data, gen_textures, *base), progress=False)
     with pytest.warns(UserWarning, match="skip_bad"):
-        trainer = Trainer(tiny(tmp_path / "b", iad_mix, textures, *base, "data.skip_bad=true"), progress=False)
-    assert len(trainer.dataset) == 37 and [s.image.name for s, _ in trainer.skipped] == [victim.name]
+        trainer = Trainer(tiny(tmp_path / "b", gen_data, gen_textures, *base, "data.skip_bad=true"), progress=False)
+    assert len(trainer.dataset) == GEN_TRAIN - 1 and [s.image.name for s, _ in trainer.skipped] == [victim.name]
     trainer.run()
     rows = (tmp_path / "b" / "run" / "skipped_train.csv").read_text().splitlines()
     assert len(rows) == 2 and victim.name in rows[1] and "empty" in rows[1]
+
+
+def test_training_and_evaluation_on_real_data(tmp_path: Path, iad_mix: Path, gen_textures: Path) -> None:
+    """Real iad-mix images through a short training and the clean evaluation: grey non-square images (kolektorsdd)
+    beside RGB ones (metal_plate), what the generated data does not have. Skipped without the real data."""
+    from onenip.evaluation.evaluate import evaluate
+
+    cfg = tiny(tmp_path, iad_mix, gen_textures, "data.categories=[kolektorsdd, metal_plate]", "train.max_steps=2")
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.run()
+    assert result.steps == 2 and np.isfinite(result.history[-1]["loss"])
+    res = evaluate(trainer.detector, cfg, progress=False)
+    assert {c: (e["images"], e["defective"]) for c, e in res.categories.items()} == {"kolektorsdd": (117, 50),
+                                                                                     "metal_plate": (97, 71)}
+    assert all(0.0 <= e["fused"]["image_auroc"] <= 1.0 for e in res.categories.values())
