@@ -83,6 +83,6 @@ def test(
     set_threads(cfg.train.threads)
     detector = Detector.from_state(state, source=str(checkpoint)).to(resolve_device(cfg.train.device))
     results = evaluate(detector, cfg, progress=progress)
-    results.checkpoint = str(checkpoint.resolve())
+    results.checkpoint = str(checkpoint.expanduser().absolute())  # as given, made absolute; links are not resolved
     write_results(results, out if output else out / cfg.eval.protocol)
     return results

@@ -95,10 +95,40 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 class _Parser(argparse.ArgumentParser):
-    """No abbreviated options: --train.epoch is an error, not --train.epochs (the top parser and every command's)."""
+    """No abbreviated options: --train.epoch is an error, not --train.epochs (the top parser and every command's).
+    A command's error is printed under a one-line usage (`short_usage`), not the dozens of lines of its options."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def short_usage(self) -> str:
+        """'usage: onenip test [options] checkpoint (onenip test --help lists them)': the command, its positional
+        arguments and where its options are listed."""
+        names = []
+        for action in self._actions:
+            if action.option_strings or isinstance(action, argparse._SubParsersAction):
+                continue
+            name = action.metavar or action.dest
+            names.append(f"{name} [{name} ...]" if action.nargs == "+" else name)
+        return f"usage: {' '.join([self.prog, '[options]', *names])} ({self.prog} --help lists them)"
+
+    def error(self, message: str) -> typing.NoReturn:
+        if self._subparsers is not None:  # the top parser: its usage is one line already
+            super().error(message)
+        self.exit(2, f"{self.short_usage()}\n{self.prog}: error: {message}\n")
+
+
+def version_text() -> str:
+    """'onenip 0.1.0 (torch 2.x)': onenip's version, and PyTorch's where it is installed (read without importing it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from onenip.version import __version__
+
+    try:
+        torch = f" (torch {version('torch')})"
+    except PackageNotFoundError:
+        torch = ""
+    return f"onenip {__version__}{torch}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="onenip",
         description="Unified multi-class anomaly detection with one normal image prompt (OneNIP, ECCV 2024).",
     )
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of onenip and PyTorch, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}",
                                 parser_class=_Parser)
 
@@ -148,13 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="on a GPU: bf16 channels-last backbone and bf16 transformer (scores differ in the last digits)")
 
     cal = sub.add_parser("calibrate", help="set new decision thresholds on a trained model",
-                         description="Set each category's threshold again: at false alarm rate --far on the normal "
-                                     "images held out of training, or F1-optimal on a labelled validation folder "
-                                     "(--val, read like test data). The model file is rewritten (atomically) unless "
-                                     "--output is given.")
+                         description="Set each category's threshold again, one of two ways: at false alarm rate "
+                                     "--far on the normal images held out of training, or F1-optimal on a labelled "
+                                     "validation folder (--val, read like test data). Prints each category's old and "
+                                     "new threshold and the images the new one rests on. The model file is rewritten "
+                                     "(atomically) unless --output is given.")
     cal.add_argument("checkpoint", help="model.safetensors of a training run")
-    cal.add_argument("--far", type=float, default=None, help="false alarm rate (default: the model's eval.far)")
-    cal.add_argument("--val", nargs="+", metavar="ROOT", help="labelled validation roots (normal and defective images)")
+    cal.add_argument("--far", type=float, default=None, help="false alarm rate (default: the model's eval.far); not with --val")
+    cal.add_argument("--val", nargs="+", metavar="ROOT", help="labelled validation roots (good and defective images); not with --far")
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
@@ -187,6 +220,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+CALIBRATE_ONE_OF = ("--far and --val set thresholds in two different ways; give one of them. --far RATE puts each "
+                    "category's threshold where at most that fraction of the normal images held out of training "
+                    "scores above it; --val ROOT makes it F1-optimal on a labelled folder of normal and defective "
+                    "images (the model's eval.far is used when neither is given).")
+
+
+def _calibration_basis(info: dict[str, Any]) -> str:
+    """What a threshold rests on, from its `calibration` entry: the method and how many images."""
+    if info.get("method") == "false_alarm_rate":
+        n = info.get("normal_images", "?")
+        return f"false alarm rate {info.get('far', '?')} on {n} normal image{'s' * (n != 1)} from {info.get('source', '?')}"
+    if info.get("method") == "f1":
+        n = info.get("images", "?")
+        return f"F1-optimal on {n} images, {info.get('defective', '?')} defective: F1 {info.get('f1', float('nan')):.3f}"
+    return str(info.get("method", "unknown method"))
+
+
+def _calibration_table(before: Any, after: Any) -> str:  # models.deployment.Deployment (imported lazily, as torch)
+    """Per category: the old threshold, the new one, and what the new one rests on (method, number of images)."""
+    width = max(map(len, after.categories), default=0)
+    lines = []
+    for cat in after.categories:
+        new, info = after.thresholds[cat], after.calibration.get(cat, {})
+        old = before.thresholds.get(cat) if before is not None else None
+        old_info = before.calibration.get(cat, {}) if before is not None else None
+        head = f"{cat:<{width}}  threshold {'none' if old is None else f'{old:.4f}'} -> {new:.4f}"
+        if old is not None and new == old and info == old_info:
+            lines.append(f"{cat:<{width}}  threshold {new:.4f} unchanged  ({_calibration_basis(info)})")
+        else:
+            lines.append(f"{head}  ({_calibration_basis(info)})")
+    return "\n".join(lines)
 
 
 def _print_results(results: Any) -> None:  # evaluate.Results (imported lazily, as torch)
@@ -292,16 +358,17 @@ def _run(args: argparse.Namespace) -> int:
             from onenip.evaluation.calibration import recalibrate
             from onenip.models.detector import Detector
 
+            if args.far is not None and args.val:
+                raise ConfigError(CALIBRATE_ONE_OF)
             if args.far is not None and not 0 <= args.far < 1:
                 raise ConfigError(f"--far must be in [0, 1), got {args.far}")
             source = checkpoint_file(args.checkpoint, with_training_state=False)
             target = check_output_file(args.output or source, "--output" if args.output else "MODEL")
             detector = Detector.load(source)
+            before = detector.deployment
             detector.deployment = recalibrate(detector, far=args.far, val_roots=args.val, skip_bad=args.skip_bad)
             path = detector.save(target)
-            for cat in detector.deployment.categories:
-                info = detector.deployment.calibration.get(cat, {})
-                print(f"{cat}: threshold {detector.deployment.thresholds[cat]:.4f} ({info.get('method', '?')})")
+            print(_calibration_table(before, detector.deployment))
             print(f"calibrated model: {path}")
         elif args.command == "export":
             from onenip.deploy.export import export_model

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,8 @@ TEXTURE_RESIZES: tuple[str, ...] = ("opencv", "antialias")
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
 #: Strides a feature tap can have (backbone.strides).
 STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
+#: The most data-loading workers a configuration has by default (`default_workers`).
+MAX_DEFAULT_WORKERS = 4
 #: The JSON Schema of `Config`, shipped with the package (regenerate with `write_schema()`).
 SCHEMA_PATH = Path(__file__).with_name("config.schema.json")
 
@@ -50,6 +53,11 @@ _PARTIAL = "partial"  # validation context: one source merged, the checks betwee
 # --------------------------------------------------------------------------------------------------------------------
 # Value types (each converts text typed on the command line as its type says)
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    """data.workers when none is given: MAX_DEFAULT_WORKERS, or the machine's CPU count if smaller (at least 1)."""
+    return max(1, min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1))
 
 
 def _flag(value: Any) -> Any:
@@ -149,7 +157,12 @@ class DataConfig:
         None,
         description="Folder of texture images for Perlin pseudo-anomalies (e.g. DTD); other training images when unset.",
     )
-    workers: int = Field(4, ge=0, description="Data-loading worker processes (0 loads in the main process).")
+    workers: int = Field(
+        default_factory=default_workers,
+        ge=0,
+        description=f"Data-loading worker processes (0 loads in the main process). Default: {MAX_DEFAULT_WORKERS} or the "
+        "machine's CPU count if smaller (more workers than CPUs only compete for them); a value given is kept as it is.",
+    )
     cache_images: Flag = Field(True, description="Decode and resize every training image once and keep it in memory.")
     holdout: float = Field(
         0.1,

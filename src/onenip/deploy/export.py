@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import logging
 import math
 import tempfile
 import warnings
@@ -50,6 +51,8 @@ from onenip.checkpoint import atomic_write_bytes, check_output_file
 from onenip.errors import CheckpointError, ConfigError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
+
+log = logging.getLogger(__name__)
 
 FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 """Export formats and the suffix of their default file name."""
@@ -170,8 +173,9 @@ def _check_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, Tensor], wh
     return diffs["map"]
 
 
-def _export_onnx(model: DeployModel, meta: dict[str, Any], opset: int) -> bytes:
-    """The model as ONNX bytes, with metadata, validated by onnx.checker and run once by onnxruntime."""
+def _export_onnx(model: DeployModel, meta: dict[str, Any], opset: int) -> tuple[bytes, float]:
+    """The model as ONNX bytes, with metadata, validated by onnx.checker and run once by onnxruntime; and the largest
+    difference of its maps from PyTorch's."""
     onnx = _require("onnx", "exporting to ONNX")
     ort = _require("onnxruntime", "checking the ONNX export")
     wrapper = _TupleOutputs(model).eval()
@@ -208,8 +212,8 @@ def _export_onnx(model: DeployModel, meta: dict[str, Any], opset: int) -> bytes:
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot run the exported model on {CHECK_BATCH} images ({exc})") from exc
     with torch.no_grad():
-        _check_outputs(got, model(check), "the ONNX export")
-    return data
+        diff = _check_outputs(got, model(check), "the ONNX export")
+    return data, diff
 
 
 class _CheckedInput(nn.Module):
@@ -233,9 +237,9 @@ class _CheckedInput(nn.Module):
         return self.model(images)
 
 
-def _export_torchscript(model: DeployModel, meta: dict[str, Any]) -> bytes:
+def _export_torchscript(model: DeployModel, meta: dict[str, Any]) -> tuple[bytes, float]:
     """The model traced with torch.jit.trace inside a scripted input check, saved with its metadata as the extra
-    file onenip.json."""
+    file onenip.json; and the largest difference of its maps from PyTorch's."""
     try:
         with _quiet_tracing(), torch.no_grad():
             traced = torch.jit.trace(model, (_example_images(TRACE_BATCH, model.size, seed=0),), strict=False,
@@ -250,8 +254,7 @@ def _export_torchscript(model: DeployModel, meta: dict[str, Any]) -> bytes:
             want = model(check)
     except Exception as exc:
         raise ExportError(f"TorchScript export failed ({type(exc).__name__}: {exc})") from exc
-    _check_outputs(got, want, "the TorchScript export")
-    return data
+    return data, _check_outputs(got, want, "the TorchScript export")
 
 
 def default_output(checkpoint: str | Path, fmt: str) -> Path:
@@ -281,7 +284,7 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
 
     The file is written atomically (temporary file, then rename), and only after the export has been loaded back
     and checked against PyTorch on a batch of another size: a failed export leaves no file and an existing file at
-    `output` untouched.
+    `output` untouched. The check's largest map difference is logged (INFO, logger ``onenip.deploy.export``).
 
     Raises:
         ConfigError: unknown format or opset, or an opset for TorchScript.
@@ -310,7 +313,9 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         out = out / default_output(checkpoint, kind).name
     check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
     meta = export_metadata(model, source=Path(checkpoint).name)
-    data = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
+    data, diff = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
+    name = "ONNX" if kind == "onnx" else "TorchScript"
+    log.info(f"{name} outputs match PyTorch's on {CHECK_BATCH} random images: largest map difference {diff:.2g}")
     atomic_write_bytes(out, data)
     return out
 

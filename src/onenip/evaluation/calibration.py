@@ -141,7 +141,18 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
 def recalibrate(detector: Detector, far: float | None = None, val_roots: list[str] | None = None,
                 skip_bad: bool = False) -> Deployment:
     """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
-    normal and defective images), or at false-alarm rate `far` on the images held out of its training."""
+    normal and defective images), or at false-alarm rate `far` (default: the model's eval.far) on the images held out
+    of its training. The two are different methods: giving both is a ConfigError, not one of them ignored.
+
+    Each recalibrated category's `calibration` entry says how its threshold was set and on how many images
+    (``normal_images`` for a false alarm rate; ``images`` and ``defective`` for F1); a category without calibration
+    images keeps its threshold and entry (with a warning)."""
+    if far is not None and val_roots:
+        raise ConfigError(
+            f"a false alarm rate ({far}) and a validation set ({', '.join(map(str, val_roots))}) were both given, but "
+            "they set thresholds in two different ways: a false alarm rate sets each category's threshold so that at "
+            "most that fraction of the normal images held out of training score above it; a validation set sets it "
+            "F1-optimal on those labelled (normal and defective) images. Give one of them.")
     cfg = detector.cfg
     dep = detector.deployment
     if dep is None:  # an older checkpoint: build the pool and fusion constant from its training data

@@ -508,6 +508,6 @@ def fit(cfg: Config, resume: str | Path | None = None, progress: bool = True, ev
     if evaluate and trainer.dist.is_main:
         result.results = run_evaluation(trainer.detector, cfg, progress=progress, samples=trainer.test_samples,
                                         skipped=trainer.test_skipped)
-        result.results.checkpoint = str(result.model_path.resolve())
+        result.results.checkpoint = str(result.model_path.absolute())  # as saved paths are: links not resolved
         write_results(result.results, trainer.run_dir / "results" / cfg.eval.protocol)
     return result
