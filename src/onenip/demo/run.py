@@ -59,7 +59,7 @@ def run_demo(output: str | Path = "runs/demo", steps: int | None = None, device:
     fit = trainer.run()
     print(f"trained in {fit.seconds:.0f} s ({fit.images_per_second:.1f} query images/s)")
     results = evaluate(trainer.detector, cfg, progress=progress)
-    results.checkpoint = str(Path(fit.model_path).resolve())
+    results.checkpoint = str(Path(fit.model_path).absolute())  # saved paths keep links (as typed)
     folder = write_results(results, Path(cfg.output_dir) / "results" / cfg.eval.protocol)
     print()
     print(f"clean protocol: category not given; prompt retrieval right for "
