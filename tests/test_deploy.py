@@ -187,13 +187,17 @@ def test_clean_evaluation_scores_what_the_deployed_model_scores(gen_data: Path, 
     deployed = [det.deployment.categories[i] for i in out["category"].tolist()]
     assert [rows[str(s.image)]["retrieved"] for s in test] == deployed
     assert [rows[str(s.image)]["anomalous"] for s in test] == out["anomalous"].tolist()
+    assert [rows[str(s.image)]["known"] for s in test] == out["known"].tolist()  # the product-type check too
+    np.testing.assert_allclose([rows[str(s.image)]["type_distance"] for s in test], out["type_distance"].numpy(),
+                               rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose([rows[str(s.image)]["normalized"] for s in test], out["normalized"].numpy(), rtol=1e-4)
     labels = np.array([s.label for s in test])
     flagged = out["anomalous"].numpy()
     assert 0 < flagged.sum() < len(test)  # a random model: some of each, so the counts below are not trivially zero
     assert res.decisions["categories"]["weave"] == {
         "good": int((labels == 0).sum()), "false_alarms": int((flagged & (labels == 0)).sum()),
-        "defective": int(labels.sum()), "missed": int((~flagged & (labels == 1)).sum())}
+        "defective": int(labels.sum()), "missed": int((~flagged & (labels == 1)).sum()),
+        "unknown": int((~out["known"].numpy()).sum())}
     assert res.decisions["calibration"]["weave"]["method"] == "false_alarm_rate"
     # another prompt pool than the deployment's: the evaluation no longer scores what predict scores, so no decisions
     cfg.eval.prompt_pool = 2

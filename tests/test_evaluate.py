@@ -157,9 +157,9 @@ def test_decisions_use_the_threshold_of_the_retrieved_category() -> None:
     rows[1]["retrieved"] = "b"  # a good image of a (6.0) retrieved as b: b's threshold 2.5 flags it
     rows[6]["retrieved"] = "a"  # a defective image of b (3.0) retrieved as a: a's threshold 6.5 passes it
     d = decision_summary(rows, {"a": 6.5, "b": 2.5})
-    assert d["categories"]["a"] == {"good": 2, "false_alarms": 1, "defective": 2, "missed": 0}
-    assert d["categories"]["b"] == {"good": 2, "false_alarms": 0, "defective": 2, "missed": 1}
-    assert d["all"] == {"good": 4, "false_alarms": 1, "defective": 4, "missed": 1}
+    assert d["categories"]["a"] == {"good": 2, "false_alarms": 1, "defective": 2, "missed": 0, "unknown": 0}
+    assert d["categories"]["b"] == {"good": 2, "false_alarms": 0, "defective": 2, "missed": 1, "unknown": 0}
+    assert d["all"] == {"good": 4, "false_alarms": 1, "defective": 4, "missed": 1, "unknown": 0}
     assert [r["anomalous"] for r in rows] == [False, True, True, True, False, False, False, True]
     assert rows[1]["threshold"] == 2.5 and rows[1]["normalized"] == pytest.approx(1 - 2 ** (-6.0 / 2.5))
     assert rows[2]["normalized"] > 0.5 > rows[0]["normalized"]  # 0.5 exactly at the threshold
@@ -169,6 +169,20 @@ def test_decisions_use_the_threshold_of_the_retrieved_category() -> None:
                   decisions=d)
     md = res.decisions_markdown()
     assert "| a | 1 / 2 (50.0 %) | 0 / 2 (0.0 %) |" in md and "| **all** | 1 / 4 (25.0 %) | 1 / 4 (25.0 %) |" in md
+
+
+def test_an_image_of_an_unknown_type_is_not_judged() -> None:
+    rows = _rows({"a": ([5.0, 6.0], [7.0, 8.0]), "b": ([1.0, 2.0], [3.0, 4.0])})
+    for r, dist in zip(rows, [0.1, 0.1, 0.9, 0.1, 0.1, 0.9, 0.1, 0.1]):
+        r["type_distance"] = dist  # images 2 (defective a) and 5 (good b) lie beyond their type's limit
+    d = decision_summary(rows, {"a": 6.5, "b": 2.5}, type_limits={"a": 0.5, "b": 0.5})
+    assert [r["known"] for r in rows] == [True, True, False, True, True, False, True, True]
+    assert [r["anomalous"] for r in rows] == [False, False, False, True, False, False, True, True]
+    assert d["categories"]["a"] == {"good": 2, "false_alarms": 0, "defective": 2, "missed": 1, "unknown": 1}
+    assert d["all"]["unknown"] == 2
+    md = Results(protocol="clean", categories={}, fusion_scale=None, retrieval_accuracy=1.0, scores=rows,
+                 decisions=d).decisions_markdown()
+    assert "| a | 0 / 2 (0.0 %) | 1 / 2 (50.0 %) | 1 / 4 (25.0 %) |" in md
 
 
 def test_missing_mask_leaves_the_category_out_of_pixel_metrics(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
+from onenip.models.prompts import pool_samples
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thresholds
@@ -94,15 +95,43 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 
 @torch.no_grad()
-def deployment_scores(model: DeployModel, samples: list[Sample], batch_size: int, workers: int = 0) -> dict[str, np.ndarray]:
-    """Raw scores of `samples`, grouped by their TRUE category (the one a threshold is for)."""
+def deployment_outputs(model: DeployModel, samples: list[Sample], batch_size: int, key: str, workers: int = 0,
+                       own_type: bool = False) -> dict[str, np.ndarray]:
+    """Output `key` of the deployed model for `samples`, grouped by their TRUE category. `own_type`: each image is
+    given its own product type (no retrieval)."""
     loader = torch.utils.data.DataLoader(SampleImages(samples, model.size), batch_size=batch_size, num_workers=workers)
     dev = model.pool_feats.device
-    scores = np.concatenate([model(b["image"].to(dev))["score"].cpu().numpy() for b in loader]) if samples else []
+    index = {c: i for i, c in enumerate(model.categories)}
+    values: list[np.ndarray] = []
+    for b in loader:
+        given = torch.tensor([index[samples[i].category] for i in b["index"].tolist()], device=dev) if own_type else None
+        values.append(model(b["image"].to(dev), given)[key].float().cpu().numpy())
     out: dict[str, list[float]] = {}
-    for s, v in zip(samples, scores):
+    for s, v in zip(samples, np.concatenate(values) if values else []):
         out.setdefault(s.category, []).append(float(v))
     return {k: np.array(v) for k, v in out.items()}
+
+
+def deployment_scores(model: DeployModel, samples: list[Sample], batch_size: int, workers: int = 0) -> dict[str, np.ndarray]:
+    """Raw scores of `samples`, grouped by their TRUE category (the one a threshold is for)."""
+    return deployment_outputs(model, samples, batch_size, "score", workers)
+
+
+TYPE_IMAGES = 100  # normal images per category whose type distances set its limit (more cost more inference)
+
+
+def type_limits(model: DeployModel, normal: list[Sample], pool_images: set[str], margin: float, seed: int,
+                batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per category, the limit of the product-type check: `margin` x the largest type distance of up to TYPE_IMAGES of
+    its normal images outside the prompt pool (given their own type). An image farther from every prompt of the type
+    it resembles most is of a type the model does not know."""
+    rest = [s for s in normal if str(s.image) not in pool_images]
+    chosen = pool_samples(rest, TYPE_IMAGES, seed + 2) if rest else []
+    dists = deployment_outputs(model, chosen, batch_size, "type_distance", own_type=True)
+    limits = {c: float(d.max()) * margin for c, d in dists.items()}
+    info = {c: {"type_images": int(len(d)), "type_margin": margin, "largest_type_distance": float(d.max())}
+            for c, d in dists.items()}
+    return limits, info
 
 
 @torch.no_grad()
@@ -133,6 +162,11 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
         t2, i2 = calibrate_far(fallback, far, "training images, none held out")
         thresholds.update(t2)
         info.update(i2)
+    if cfg.eval.unknown_margin > 0:
+        dep.type_thresholds, type_info = type_limits(model, train + holdout, set(dep.pool_images), cfg.eval.unknown_margin,
+                                                     cfg.eval.seed, cfg.eval.batch_size)
+        for c, v in type_info.items():
+            info.setdefault(c, {}).update(v)
     dep.thresholds, dep.calibration = thresholds, info
     return dep
 
@@ -190,7 +224,10 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
     if kept:
         warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
                       OnenipWarning, stacklevel=2)
+    type_keys = ("type_images", "type_margin", "largest_type_distance")  # the type check is not recalibrated
+    for c, v in info.items():
+        v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
     return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
                       fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
                       calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},
-                      alpha=dep.alpha, score_kernel=dep.score_kernel)
+                      alpha=dep.alpha, score_kernel=dep.score_kernel, type_thresholds=dict(dep.type_thresholds))

@@ -46,7 +46,16 @@ from onenip.evaluation.metrics import image_metrics, pixel_metrics
 from onenip.logs import progress_bar
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
-from onenip.models.scoring import Maps, fuse, fusion_scale, image_scores, mean_maps, normalize_score
+from onenip.models.scoring import (
+    Maps,
+    fuse,
+    fusion_scale,
+    image_scores,
+    mean_maps,
+    normalize_score,
+    type_banks,
+    type_distance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +170,11 @@ class Results:
         def rate(k: int, n: int) -> str:
             return "—" if n == 0 else f"{k} / {n} ({100 * k / n:.1f} %)"
 
-        lines = ["| category | false alarms (good flagged) | misses (defective passed) |", "|---|---:|---:|"]
+        lines = ["| category | false alarms (good flagged) | misses (defective passed) | of an unknown type (not judged) |",
+                 "|---|---:|---:|---:|"]
         for cat, c in {**d["categories"], "**all**": d["all"]}.items():
-            lines.append(f"| {cat} | {rate(c['false_alarms'], c['good'])} | {rate(c['missed'], c['defective'])} |")
+            lines.append(f"| {cat} | {rate(c['false_alarms'], c['good'])} | {rate(c['missed'], c['defective'])} | "
+                         f"{rate(c.get('unknown', 0), c['good'] + c['defective'])} |")
         p = d["pooled_relative"]
         sources = sorted({str(c["source"]) for c in d.get("calibration", {}).values() if "source" in c})
         lines += ["", "Thresholds" + (f" (from {', '.join(sources)})" if sources else "") + ": "
@@ -310,16 +321,20 @@ def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
 
 def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: PromptPool | None,
                   prompts: list[list[Sample]] | None, bar: Any) -> Iterator[tuple[np.ndarray, Maps, torch.Tensor,
-                                                                                     torch.Tensor, list | None, list | None]]:
+                                                                                     torch.Tensor, list | None, list | None,
+                                                                                     list | None]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities). The prompts are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1
-    the maps are the mean of the maps of the K prompts."""
+    similarities, type distances to the retrieved category's prompts). The prompts are `prompts` (given, per image)
+    or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the maps of the K prompts."""
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
+    if pool is not None:  # the product-type check's banks, as the deployed model builds them
+        kinds = sorted(set(pool.categories))
+        bank, valid = type_banks(pool.feats, torch.tensor([kinds.index(c) for c in pool.categories]), len(kinds))
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         feats = detector.features(batch["image"].to(dev))
         prompt_feats: list[torch.Tensor | None] = [None]
-        got, sim = None, None
+        got, sim, dist = None, None, None
         if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
             prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
         elif pool is not None:
@@ -327,9 +342,11 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             if detector.uses_prompt:
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
+            kind = torch.tensor([kinds.index(c) for c in got], device=bank.device)
+            dist = type_distance(feats, bank[kind], valid[kind]).tolist()
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
-            batch["has_mask"], got, sim
+            batch["has_mask"], got, sim, dist
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
@@ -345,13 +362,13 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     has_mask = np.zeros(n, dtype=bool)
     subset = [test[i] for i in indices]
     subset_prompts = [prompts[i] for i in indices] if prompts is not None else None
-    for pos, m, mask, hm, got, sim in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
+    for pos, m, mask, hm, got, sim, dist in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
         fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
-        for p, g, si in zip(pos, got or [], sim or []):
-            score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6))
+        for p, g, si, d in zip(pos, got or [], sim or [], dist or []):
+            score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6), type_distance=round(d, 6))
     t1 = time.perf_counter()
     clock["inference"] += t1 - t0
     cat = subset[0].category
@@ -416,7 +433,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
     note = why_no_decisions(detector, cfg, pool, scale, names)
     dep = detector.deployment
-    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration) if note is None else None
+    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration, dep.type_thresholds) if note is None else None
     seconds = {"inference": round(clock["inference"], 3), "metrics": round(clock["metrics"], 3),
                "total": round(time.perf_counter() - t_start, 3),
                "images_per_s": round(len(test) / max(clock["inference"], 1e-9), 2)}
@@ -450,26 +467,31 @@ def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, s
     return None
 
 
-def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float],
-                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Decide each image (rows of `Results.scores`) as the deployed model does: anomalous when its fused score exceeds
-    the threshold of the RETRIEVED category. Adds threshold, normalized (1 - 2^(-score / threshold)) and anomalous
-    to each row; returns the counts per true category and in all, and the pooled metrics of score / threshold."""
+def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], calibration: dict[str, Any] | None = None,
+                     type_limits: dict[str, float] | None = None) -> dict[str, Any]:
+    """Decide each image (rows of `Results.scores`) as the deployed model does: of an unknown product type when its
+    type distance exceeds the RETRIEVED category's limit (then not judged), else anomalous when its fused score
+    exceeds that category's threshold. Adds threshold, normalized (1 - 2^(-score / threshold)), known and anomalous
+    to each row; returns the counts per true category and in all (an image of an unknown type is neither a false
+    alarm nor a detection: a defective one counts as missed), and the pooled metrics of score / threshold."""
     counts: dict[str, dict[str, int]] = {}
     relative = np.empty(len(rows))
     for i, r in enumerate(rows):
         t = thresholds[r["retrieved"]]
         safe = max(t, 1e-12)  # as DeployModel clamps it
         relative[i] = r["score_fused"] / safe
-        r.update(threshold=t, normalized=float(normalize_score(r["score_fused"], safe)), anomalous=bool(r["score_fused"] > t))
-        c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0})
+        known = r.get("type_distance") is None or r["type_distance"] <= (type_limits or {}).get(r["retrieved"], math.inf)
+        r.update(threshold=t, normalized=float(normalize_score(r["score_fused"], safe)), known=known,
+                 anomalous=bool(r["score_fused"] > t) and known)
+        c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0, "unknown": 0})
+        c["unknown"] += not known
         if r["label"]:
             c["defective"] += 1
             c["missed"] += not r["anomalous"]
         else:
             c["good"] += 1
             c["false_alarms"] += r["anomalous"]
-    total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed")}
+    total = {k: sum(c[k] for c in counts.values()) for k in ("good", "false_alarms", "defective", "missed", "unknown")}
     return {"categories": dict(sorted(counts.items())), "all": total, "thresholds": dict(sorted(thresholds.items())),
             "calibration": calibration or {}, "pooled_relative": image_entry(relative, [r["label"] for r in rows])}
 

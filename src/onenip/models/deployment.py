@@ -23,6 +23,8 @@ class Deployment:
     calibration: dict[str, Any] = field(default_factory=dict)  # how the thresholds were set, per category
     alpha: float = 0.5
     score_kernel: int = 16
+    type_thresholds: dict[str, float] = field(default_factory=dict)  # per category: the largest type distance of a
+    # known image (empty: no check, as in models built before it)
 
     @property
     def categories(self) -> list[str]:
@@ -33,7 +35,7 @@ class Deployment:
         meta = {
             "pool_categories": self.pool_categories, "pool_images": self.pool_images,
             "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
-            "alpha": self.alpha, "score_kernel": self.score_kernel,
+            "alpha": self.alpha, "score_kernel": self.score_kernel, "type_thresholds": self.type_thresholds,
         }
         return {"pool_feats": self.pool_feats.detach().cpu().contiguous()}, meta
 
@@ -44,4 +46,5 @@ class Deployment:
             pool_images=list(meta["pool_images"]), fusion_scale=meta["fusion_scale"],
             thresholds={k: float(v) for k, v in meta["thresholds"].items()}, calibration=dict(meta["calibration"]),
             alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
+            type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
         )

@@ -6,6 +6,7 @@ it to ONNX and TorchScript, and calibration scores images with it. Each step is 
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -14,12 +15,14 @@ from torch import Tensor, nn
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.prompts import descriptor, nearest
-from onenip.models.scoring import anomaly_maps, fuse, image_scores, normalize_score
+from onenip.models.scoring import anomaly_maps, fuse, image_scores, normalize_score, type_banks, type_distance
 
 
 class DeployModel(nn.Module):
     """uint8 images (N, 3, S, S) -> dict of score (N,), normalized (N,), anomalous (N,) bool, category (N,) int64,
-    similarity (N,), map (N, S, S) float32 (the fused anomaly map). `categories[i]` names category index i.
+    similarity (N,), map (N, S, S) float32 (the fused anomaly map), known (N,) bool (False: the image is of no product
+    type the model knows, and is not judged: anomalous is False) and type_distance (N,). `categories[i]` names
+    category index i.
 
     The prompt pool is encoded once (`cache_prompts`; the prompts are fixed once deployed): a query then costs one
     encoder pass, not two. `fast` makes the fast path for a GPU: the backbone runs in bf16 with channels-last
@@ -49,6 +52,12 @@ class DeployModel(nn.Module):
         self.alpha = float(deployment.alpha)
         self.scale = float(deployment.fusion_scale) if deployment.fusion_scale is not None else None
         self.kernel = int(deployment.score_kernel)
+        # the product-type check: each type's prompt patches (padded to one length) and its limit (inf: no check)
+        bank, valid = type_banks(deployment.pool_feats.float(), self.pool_category, len(self.categories))
+        self.register_buffer("type_bank", bank)  # (K, M, C)
+        self.register_buffer("type_valid", valid)  # (K, M)
+        self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
+                                                          for c in self.categories], dtype=torch.float32))  # (K,)
         self.eval()
 
     def optimize(self, compile_mode: str | None = None) -> "DeployModel":
@@ -70,19 +79,27 @@ class DeployModel(nn.Module):
                 return self.net.decode(self.net.encode(feats), self.pool_encoded[best])
             return self.net.reconstruct(feats, self.pool_feats[best] if self.net.uses_prompt else None)
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, category: Tensor | None = None) -> dict[str, Tensor]:
+        """uint8 images (N, 3, S, S) -> the outputs listed in the class docstring. `category` (N,) int64 gives each
+        image's product type (an index of `categories`): its prompt is the most similar of that type's pool images
+        instead of the most similar of all."""
         feats = self.extractor(images)  # (N, C, H, W)
-        best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1))  # (N,) each
+        allowed = self.pool_category[None, :] == category[:, None] if category is not None else None  # (N, P)
+        best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed))  # (N,) each
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         score = image_scores(amap, self.kernel)  # (N,)
         category = self.pool_category[best]
         threshold = self.thresholds[category].clamp_min(1e-12)
+        distance = type_distance(feats, self.type_bank[category], self.type_valid[category])  # (N,)
+        known = distance <= self.type_limits[category]
         return {
             "score": score,
             "normalized": normalize_score(score, threshold),
-            "anomalous": score > threshold,
+            "anomalous": (score > threshold) & known,  # an image of an unknown type is not judged
             "category": category,
             "similarity": best_sim,
             "map": amap,
+            "known": known,
+            "type_distance": distance,
         }

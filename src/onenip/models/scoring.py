@@ -8,6 +8,10 @@ these, and nothing else computes a map, a fusion or a score.
   maps (`fusion_scale`: normal training images in the clean protocol, the whole test set in the authors' code), so
   that the refiner's [0, 1] output is brought to the scale of the reconstruction error.
 * image score (`image_scores`): the maximum of the map average-pooled with a 16 x 16 window (stride 1, no padding).
+* product type (`type_distance`): how far the image is from every normal image of its type it was shown, from the
+  frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
+  prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
+  another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
 * decision: anomalous when the score exceeds the threshold of the retrieved category. The normalised score
   1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and approaches 1 above; it is
   monotone, so it ranks images as the raw score does, and never saturates into ties.
@@ -78,3 +82,31 @@ def image_scores(maps: Tensor, kernel: int = 16) -> Tensor:
 def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.ndarray | float):
     """1 - 2^(-score / threshold): 0.5 at the threshold, monotone, in [0, 1) for scores >= 0."""
     return 1.0 - 2.0 ** (-score / threshold)
+
+
+TYPE_QUANTILE = 0.25  # of the query patches' nearest-patch distances: robust to defects, not to another product
+
+
+def type_bank(feats: Tensor) -> Tensor:
+    """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank."""
+    return F.normalize(feats.float().flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]), dim=1)
+
+
+def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> tuple[Tensor, Tensor]:
+    """The prompt pool's features (P, C, H, W) and each entry's type index (P,) -> every type's bank of patches,
+    padded to one length (K, M, C), and which of them are real (K, M)."""
+    banks = [type_bank(pool_feats[pool_category.to(pool_feats.device) == k]) for k in range(n_types)]
+    longest = max(b.shape[0] for b in banks)
+    bank = torch.stack([torch.cat([b, b.new_zeros(longest - b.shape[0], b.shape[1])]) for b in banks])
+    valid = torch.stack([torch.arange(longest, device=bank.device) < b.shape[0] for b in banks])
+    return bank, valid
+
+
+def type_distance(feats: Tensor, bank: Tensor, valid: Tensor) -> Tensor:
+    """Query features (N, C, H, W), each query's bank of patches (N, M, C, unit vectors) and which are real (N, M)
+    -> (N,) the TYPE_QUANTILE of the query patches' cosine distances to their nearest bank patch."""
+    q = F.normalize(feats.float().flatten(2).transpose(1, 2), dim=2)  # (N, L, C)
+    cos = (q @ bank.transpose(1, 2)).masked_fill(~valid[:, None, :], -2.0)  # (N, L, M)
+    nearest = 1.0 - cos.amax(dim=2)  # (N, L)
+    k = int(TYPE_QUANTILE * (nearest.shape[1] - 1)) + 1
+    return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
