@@ -491,6 +491,6 @@ def test_a_prediction_prints_as_a_summary_not_its_arrays() -> None:
     p = Prediction(source="a.png", score=0.25, normalized=0.7, anomalous=True, category="bottle", similarity=0.93,
                    threshold=0.125, anomaly_map=amap, mask=mask)
     text = repr(p)
-    assert text.startswith("Prediction(source='a.png', anomalous=True, normalized=0.7000")
+    assert text.startswith("Prediction(source='a.png', decision='defective', normalized=0.7000")
     assert "category='bottle'" in text and "anomaly_map=<300x200>" in text and "mask=<50 defect pixels>" in text
     assert len(text) < 300

@@ -178,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--no-progress", action="store_true", help="no progress bar")
     pred.add_argument("--fast", action="store_true",
                       help="on a GPU: bf16 channels-last backbone and bf16 transformer (scores differ in the last digits)")
+    pred.add_argument("--type", dest="product_type", metavar="NAME",
+                      help="every image is of this product type: its prompt and threshold, no retrieval (on a line, "
+                           "the type is usually known)")
+    pred.add_argument("--threshold", type=float, metavar="LEVEL",
+                      help="normalised score above which an image is defective (default 0.5: the calibrated threshold; "
+                           "higher flags fewer images)")
+    pred.add_argument("--far", type=float, metavar="RATE",
+                      help="set each type's threshold at this false alarm rate on the held-out normal scores the model "
+                           "keeps (no data needed; `onenip calibrate` writes a new model instead)")
 
     cal = sub.add_parser("calibrate", help="set new decision thresholds on a trained model",
                          description="Set each category's threshold again, one of two ways: at false alarm rate "
@@ -350,9 +359,12 @@ def _run(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
             rows = run_predict(args.checkpoint, args.inputs, args.output, device=args.device,
                                batch_size=args.batch_size, images=not args.no_images, skip_bad=args.skip_bad,
-                               progress=not args.no_progress, fast=args.fast)
-            flagged = sum(r["anomalous"] for r in rows)
-            print(f"{len(rows)} images, {flagged} judged defective; results in {args.output}")
+                               progress=not args.no_progress, fast=args.fast, product_type=args.product_type,
+                               level=args.threshold, far=args.far)
+            flagged, unknown = sum(r["anomalous"] for r in rows), sum(not r["known"] for r in rows)
+            print(f"{len(rows)} images, {flagged} judged defective"
+                  + (f", {unknown} of a product type the model does not know (not judged)" if unknown else "")
+                  + f"; results in {args.output}")
         elif args.command == "calibrate":
             from onenip.checkpoint import check_output_file, checkpoint_file
             from onenip.evaluation.calibration import recalibrate

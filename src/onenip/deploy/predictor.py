@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -34,7 +35,9 @@ from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing, warn_unsupported
 from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
+from onenip.evaluation.calibration import far_threshold
 from onenip.logs import progress_bar
+from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
 
@@ -54,17 +57,26 @@ class Prediction:
     threshold: float
     anomaly_map: np.ndarray  # (H, W) float32 at the image's size
     mask: np.ndarray  # (H, W) bool: map > threshold where the image is judged defective
+    known: bool = True  # False: the image matches no product type the model knows, and is not judged
+    type_distance: float = float("nan")  # its distance to the prompts of `category` (the check's measure)
+
+    @property
+    def decision(self) -> str:
+        """"defective", "good", or "unknown" (a product type the model does not know: not judged)."""
+        return "unknown" if not self.known else "defective" if self.anomalous else "good"
 
     def __repr__(self) -> str:  # the arrays by their shape
-        return (f"Prediction(source={self.source!r}, anomalous={self.anomalous}, normalized={self.normalized:.4f}, "
+        return (f"Prediction(source={self.source!r}, decision={self.decision!r}, normalized={self.normalized:.4f}, "
                 f"score={self.score:.6g}, threshold={self.threshold:.6g}, category={self.category!r}, "
                 f"similarity={self.similarity:.4f}, anomaly_map=<{self.anomaly_map.shape[0]}x"
                 f"{self.anomaly_map.shape[1]}>, mask=<{int(self.mask.sum())} defect pixels>)")
 
     def row(self) -> dict[str, Any]:
-        return {"image": self.source, "anomalous": self.anomalous, "normalized_score": round(self.normalized, 6),
-                "score": round(self.score, 6), "threshold": round(self.threshold, 6), "category": self.category,
-                "similarity": round(self.similarity, 6), "defect_pixels": int(self.mask.sum())}
+        return {"image": self.source, "decision": self.decision, "anomalous": self.anomalous,
+                "normalized_score": round(self.normalized, 6), "score": round(self.score, 6),
+                "threshold": round(self.threshold, 6), "category": self.category, "known": self.known,
+                "similarity": round(self.similarity, 6), "type_distance": round(self.type_distance, 6),
+                "defect_pixels": int(self.mask.sum())}
 
 
 def _as_rgb(item: ImageInput) -> Image.Image:
@@ -92,9 +104,15 @@ class Predictor:
     """A trained model ready to judge new images (its checkpoint must hold a deployment: every `onenip fit` writes one)."""
 
     def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16, fast: bool = False,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, product_type: str | None = None, level: float | None = None,
+                 far: float | None = None) -> None:
         """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
-        `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute)."""
+        `compile_mode` also torch.compile (worth it for long runs: compiling takes a minute).
+
+        `product_type`: every image is of this type (its prompt and threshold, no retrieval). Sensitivity without a
+        recalibration file: `level` is the normalised score above which an image is defective (0.5, the default, is
+        the calibrated threshold; 0.6 flags fewer images), `far` sets each type's threshold at this false-alarm rate
+        on the held-out normal scores the model keeps (see `thresholds_at`)."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if detector.deployment is None:
@@ -102,6 +120,15 @@ class Predictor:
                                   "run's model.safetensors, or `onenip calibrate MODEL --output NEW.safetensors`")
         self.device = resolve_device(device, "--device")
         self.model = DeployModel(detector, detector.deployment).to(self.device)
+        self.given_type: int | None = None
+        if product_type is not None:
+            if product_type not in self.model.categories:
+                raise ConfigError(f"--type {product_type!r} is not one of the model's product types: "
+                                  f"{', '.join(self.model.categories)}")
+            self.given_type = self.model.categories.index(product_type)
+        if level is not None or far is not None:
+            self.model.thresholds.copy_(torch.tensor(thresholds_at(detector.deployment, self.model.categories, level, far),
+                                                     dtype=torch.float32, device=self.device))
         if fast or compile_mode:
             self.model.optimize(compile_mode)
         self.batch_size = batch_size
@@ -127,7 +154,8 @@ class Predictor:
             chunk = items[start : start + self.batch_size]
             rgb = [_as_rgb(x) for x in chunk]
             batch = torch.from_numpy(np.stack([resize_image(im, self.size) for im in rgb])).permute(0, 3, 1, 2)
-            res = self.model(batch.to(self.device))
+            given = None if self.given_type is None else torch.full((len(chunk),), self.given_type, device=self.device)
+            res = self.model(batch.to(self.device), given)
             for k, (item, im) in enumerate(zip(chunk, rgb)):
                 out.append(self._one(item, start + k, im, {name: v[k] for name, v in res.items()}))
         return out
@@ -145,8 +173,32 @@ class Predictor:
             source=str(item) if isinstance(item, (str, Path)) else f"<image {index}>",
             score=float(res["score"]), normalized=float(res["normalized"]), anomalous=anomalous,
             category=self.model.categories[cat], similarity=float(res["similarity"]), threshold=threshold,
-            anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(),
+            anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(), known=bool(res["known"]),
+            type_distance=float(res["type_distance"]),
         )
+
+
+def thresholds_at(deployment: Deployment, categories: list[str], level: float | None = None,
+                  far: float | None = None) -> list[float]:
+    """Each type's threshold for another sensitivity, without data: at false-alarm rate `far` on the held-out normal
+    scores the model keeps (`calibration[type]["normal_scores"]`), and/or scaled so that the normalised score
+    1 - 2^(-score / threshold) crosses `level` where it crossed 0.5 (threshold x -log2(1 - level))."""
+    if level is not None and not 0 < level < 1:
+        raise ConfigError(f"--threshold must be a normalised score between 0 and 1 (0.5: the calibrated threshold), got {level}")
+    if far is not None and not 0 <= far < 1:
+        raise ConfigError(f"--far must be in [0, 1), got {far}")
+    out = []
+    for c in categories:
+        t = deployment.thresholds[c]
+        if far is not None:
+            scores = deployment.calibration.get(c, {}).get("normal_scores")
+            if not scores:
+                raise ConfigError(f"--far: the model keeps no held-out normal scores for {c} (a model trained before "
+                                  "they were kept, or without held-out images): use `onenip calibrate MODEL --far` "
+                                  "with its training data")
+            t = far_threshold(np.asarray(scores), far)
+        out.append(t * (-math.log2(1.0 - level)) if level is not None else t)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -166,15 +218,44 @@ def heat(values: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: Image.Image | np.ndarray, anomaly_map: np.ndarray, threshold: float, mask: np.ndarray | None = None,
-            alpha: float = 0.5) -> np.ndarray:
-    """The image with its anomaly map as a heat map (threshold in the middle of the ramp) and the mask outlined."""
+            alpha: float = 0.5, caption: Prediction | None = None) -> np.ndarray:
+    """The image with its anomaly map as a heat map (threshold in the middle of the ramp) and the mask outlined; with
+    `caption`, a band below it with the decision, the normalised score, the product type and the colour legend (the
+    ramp from 0 to twice the threshold, the threshold marked)."""
     rgb = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image, dtype=np.float32)
     colours = heat(anomaly_map / (2.0 * threshold)).astype(np.float32)
     out = rgb * (1 - alpha) + colours * alpha
     if mask is not None and mask.any():
         edge = mask & ~(np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1))
         out[edge] = (255, 255, 255)
-    return out.clip(0, 255).astype(np.uint8)
+    pic = out.clip(0, 255).astype(np.uint8)
+    return pic if caption is None else _with_caption(pic, caption)
+
+
+_DECISION_COLOURS = {"defective": (220, 0, 0), "good": (0, 150, 60), "unknown": (120, 120, 120)}
+
+
+def _with_caption(pic: np.ndarray, pred: Prediction) -> np.ndarray:
+    """`pic` above a band: the decision on its colour with the normalised score and the product type, then the heat
+    ramp as a legend (0 at the left, the threshold at the black mark, twice it at the right)."""
+    from PIL import ImageDraw
+
+    w = pic.shape[1]
+    band = Image.new("RGB", (w, CAPTION_HEIGHT), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    draw.rectangle((0, 0, w - 1, 17), fill=_DECISION_COLOURS[pred.decision])
+    kind = pred.category if pred.known else f"not {pred.category}?"
+    draw.text((4, 3), f"{pred.decision.upper()}  {pred.normalized:.2f}  {kind}", fill=(255, 255, 255))
+    ramp = heat(np.linspace(0.0, 1.0, max(w - 8, 2)))
+    band.paste(Image.fromarray(np.repeat(ramp[None], 8, axis=0)), (4, 21))
+    mid = 4 + (w - 8) // 2
+    draw.line((mid, 19, mid, 30), fill=(0, 0, 0))
+    draw.text((4, 31), "0", fill=(0, 0, 0))
+    draw.text((mid - 8, 31), "thr", fill=(0, 0, 0))
+    return np.concatenate([pic, np.asarray(band)], axis=0)
+
+
+CAPTION_HEIGHT = 44  # pixels added below an overlay by its caption
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -289,7 +370,8 @@ def _unreadable(first: DatasetError, rest: Sequence[Path], threads: int = 4) -> 
 
 def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Path, device: str = "auto",
                 batch_size: int = 16, images: bool = True, skip_bad: bool = False, progress: bool = True,
-                fast: bool = False) -> list[dict]:
+                fast: bool = False, product_type: str | None = None, level: float | None = None,
+                far: float | None = None) -> list[dict]:
     """Judge every image, write predictions.csv / predictions.json and (with `images`) overlays/ and masks/ PNGs.
 
     The two index files are written last (atomically): a folder without them holds no finished run. Once this run
@@ -297,7 +379,8 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
     that ends leaves no overlays of images it did not judge."""
     out = check_output_folder(output, "--output")
-    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast)
+    predictor = Predictor(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast,
+                          product_type=product_type, level=level, far=far)
     found = expand_inputs(inputs)
     paths = [p for p in found if not _inside(p, out)]  # never the overlays and masks of an earlier run here
     if found and not paths:
@@ -330,7 +413,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
             if images:
                 (out / "overlays").mkdir(parents=True, exist_ok=True)
                 (out / "masks").mkdir(parents=True, exist_ok=True)
-                pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask)
+                pic = overlay(loaded[chunk.index(k)], pred.anomaly_map, pred.threshold, pred.mask, caption=pred)
                 Image.fromarray(pic).save(out / "overlays" / f"{names[k]}.png")
                 Image.fromarray(pred.mask.astype(np.uint8) * 255).save(out / "masks" / f"{names[k]}_mask.png")
                 row.update(overlay=f"overlays/{names[k]}.png", mask=f"masks/{names[k]}_mask.png")
@@ -340,6 +423,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "checkpoint": str(checkpoint), "images": len(rows), "anomalous": sum(r["anomalous"] for r in rows),
+        "unknown": sum(not r["known"] for r in rows), "given_type": product_type, "level": level, "far": far,
         "by_category": {c: {"images": sum(r["category"] == c for r in rows),
                             "anomalous": sum(r["category"] == c and r["anomalous"] for r in rows)}
                         for c in predictor.categories},

@@ -49,7 +49,8 @@ def calibrate_far(scores: dict[str, np.ndarray], far: float, source: str) -> tup
     thresholds, info = {}, {}
     for cat, s in scores.items():
         thresholds[cat] = far_threshold(s, far)
-        info[cat] = {"method": "false_alarm_rate", "far": far, "normal_images": int(len(s)), "source": source}
+        info[cat] = {"method": "false_alarm_rate", "far": far, "normal_images": int(len(s)), "source": source,
+                     "normal_scores": sorted(round(float(v), 6) for v in s)}  # for another rate later, without data
         if 0 < far and len(s) * far < 1:  # far = 0 asks for the maximum, which any number of images resolves
             info[cat]["note"] = (f"only {len(s)} normal images: a rate of {far} cannot be resolved; the threshold is "
                                  "their maximum score")
@@ -224,7 +225,8 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
     if kept:
         warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
                       OnenipWarning, stacklevel=2)
-    type_keys = ("type_images", "type_margin", "largest_type_distance")  # the type check is not recalibrated
+    # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later
+    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores")
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
     return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
