@@ -1,0 +1,98 @@
+"""Known and unknown products, leave one type out: how many images of a type the model never saw are reported as
+unknown, and how many images of known types are wrongly reported unknown.
+
+    python benchmarks/unknown_types.py                      # iad-mix, tf_efficientnet_lite0 (offline ImageNet), 224 px
+
+For each product type T of the data: a deployment is built, as `onenip fit` builds it, from the other types'
+training images only (prompt pool, held-out split, thresholds and the product-type limits of `eval.unknown_margin`);
+then the deployed model (`DeployModel`, what predict runs) judges every test image of every type. The type check
+uses the frozen backbone's features alone (models.scoring.type_distance), so the network is not trained here: a small
+untrained one stands in (its maps are not measured). Prints and writes unknown_types.json / .md to --output: per T,
+the share of T's test images reported unknown (goal >= 95 %) and of the other types' test images (goal <= 1 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from iad_mix import device_name, git_commit  # noqa: E402
+
+from onenip.api import make_config  # noqa: E402
+from onenip.data import read_sources  # noqa: E402
+from onenip.evaluation.calibration import build_deployment, deployment_outputs, split_holdout  # noqa: E402
+from onenip.models.detector import Detector  # noqa: E402
+from onenip.models.inference import DeployModel  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=os.environ.get("ONENIP_DATA", str(REPO.parent / "shared" / "data")) + "/iad-mix")
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default="efficientnet-lite")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--margin", type=float, default=None, help="eval.unknown_margin (default: the configuration's)")
+    ap.add_argument("--types", nargs="*", default=None, help="the types to leave out (default: every one)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--output", default=str(REPO / "runs" / "unknown-types"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = [f"data.roots=[{args.data}]", f"data.input_size={args.input_size}", f"backbone.name={args.backbone}",
+                 f"backbone.weights={args.weights}", "data.workers=0", "model.hidden_dim=64", "model.ffn_dim=128",
+                 "model.heads=4", "model.refiner_channels=32", "train.device=cpu"]
+    if args.margin is not None:
+        overrides.append(f"eval.unknown_margin={args.margin}")
+    cfg = make_config(None, overrides)
+    torch.manual_seed(0)
+    det = Detector.build(cfg).eval()
+    train_all = read_sources(cfg.data.roots, "train")
+    test = read_sources(cfg.data.roots, "test")
+    types = sorted({s.category for s in train_all})
+    rows, t0 = [], time.perf_counter()
+    for left_out in args.types or types:
+        train, held = split_holdout([s for s in train_all if s.category != left_out], cfg.data.holdout, cfg.train.seed)
+        dep = build_deployment(det, train, held, cfg.eval.far, cfg)
+        model = DeployModel(det, dep)
+        known = deployment_outputs(model, test, cfg.eval.batch_size, "known")  # per true type: 1.0 known, 0.0 unknown
+        unseen = 1.0 - known[left_out].mean()
+        others = np.concatenate([v for k, v in known.items() if k != left_out])
+        rows.append({"left_out": left_out, "unseen_flagged": float(unseen), "unseen_images": int(len(known[left_out])),
+                     "known_flagged": float(1.0 - others.mean()), "known_images": int(len(others)),
+                     "known_flagged_by_type": {k: float(1.0 - v.mean()) for k, v in known.items() if k != left_out}})
+        print(f"{left_out}: {100 * unseen:.1f} % of its {len(known[left_out])} test images unknown; "
+              f"{100 * rows[-1]['known_flagged']:.2f} % of {len(others)} known-type test images wrongly unknown", flush=True)
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
+            "device": device_name(torch.device("cpu")), "margin": cfg.eval.unknown_margin, "input_size": args.input_size,
+            "backbone": args.backbone, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    lines = [f"Leave one type out, margin {cfg.eval.unknown_margin}; {args.backbone} at {args.input_size} px; commit "
+             f"{meta['commit']}; {meta['device']}.", f"Command: `{meta['command']}`", "",
+             "| type left out | its test images reported unknown | known-type test images wrongly unknown |",
+             "| --- | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['left_out']} | {100 * r['unseen_flagged']:.1f} % of {r['unseen_images']} | "
+                     f"{100 * r['known_flagged']:.2f} % of {r['known_images']} |")
+    lines.append(f"| **mean** | {100 * np.mean([r['unseen_flagged'] for r in rows]):.1f} % | "
+                 f"{100 * np.mean([r['known_flagged'] for r in rows]):.2f} % |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "unknown_types.json").write_text(json.dumps(meta, indent=2))
+    (out / "unknown_types.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
