@@ -393,7 +393,7 @@ class EvalConfig:
         0.01, ge=0, lt=1, description="False alarm rate on held-out normal images at which each category's threshold is set."
     )
     unknown_margin: float = Field(
-        1.1, ge=0, description="Unknown products: an image whose type distance (to the prompt images of its product type) "
+        1.2, ge=0, description="Unknown products: an image whose type distance (to the prompt images of its product type) "
         "exceeds this many times the largest type distance of that type's training images is reported as of an unknown "
         "type instead of being judged; 0 turns the check off.",
     )
