@@ -83,3 +83,20 @@ def test_predict_writes_decisions_and_captioned_overlays(model: Path, gen_data: 
     size = Image.open(images[0]).size
     assert over.shape[:2] == (size[1] + CAPTION_HEIGHT, size[0])  # the image, then the caption with the legend
     assert "unknown" in (tmp_path / "out" / "predictions.json").read_text()
+
+
+def test_report_of_a_predict_folder(model: Path, gen_data: Path, tmp_path: Path) -> None:
+    from onenip import cli
+
+    images = [str(p) for p in good_test_images(gen_data, ["disc", "grain"])[:6]]
+    out = tmp_path / "out"
+    rows = run_predict(model, images, out, device="cpu", progress=False)
+    assert cli.main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "Predictions:" in page and "unknown type" in page and page.count("data:image/png;base64,") >= 1
+    assert "http://" not in page and "https://" not in page  # self-contained
+    counts = {d: sum(r["decision"] == d for r in rows) for d in ("good", "defective", "unknown")}
+    assert sum(counts.values()) == 6
+    # a rerun of predict into the folder removes that report with the run it showed
+    run_predict(model, images[:2], out, device="cpu", progress=False)
+    assert not (out / "report.html").exists()

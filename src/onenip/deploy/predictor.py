@@ -336,6 +336,7 @@ def _retire_earlier_run(out: Path) -> None:
         listed = []
     for index in INDEX_FILES:  # first: no index may list a file already gone
         (out / index).unlink(missing_ok=True)
+    (out / "report.html").unlink(missing_ok=True)  # a report of that run (`onenip report`) would show it
     folders = {(out / sub).resolve() for sub in IMAGE_FOLDERS}
     removed = 0
     for row in listed if isinstance(listed, list) else []:
@@ -346,8 +347,8 @@ def _retire_earlier_run(out: Path) -> None:
                 if path.parent in folders and path.suffix == ".png" and path.exists():
                     path.unlink()
                     removed += 1
-    log.warning(f"{out} held an earlier predict run: removed its index ({', '.join(INDEX_FILES)}) and the {removed} "
-                "overlays and masks it listed")
+    log.warning(f"{out} held an earlier predict run: removed its index ({', '.join(INDEX_FILES)}), its report and the "
+                f"{removed} overlays and masks it listed")
 
 
 def _unreadable(first: DatasetError, rest: Sequence[Path], threads: int = 4) -> DatasetError:

@@ -48,6 +48,7 @@ from PIL import Image
 from onenip.checkpoint import atomic_write_text, check_output_file, file_sha256
 from onenip.errors import DatasetError, OnenipError, OnenipWarning
 from onenip.report import charts
+from onenip.report.predictions import make_predictions_report
 
 __all__ = ["ScoreRow", "has_decisions", "make_report", "pick_gallery", "read_run"]
 
@@ -539,7 +540,8 @@ def _header(data: dict[str, Any], rows: list[ScoreRow], map_name: str, checkpoin
 
 def make_report(results_dir: str | Path, output: str | Path | None = None, map_name: str = "fused", gallery: int = 8,
                 checkpoint: str | Path | None = None, device: str = "auto") -> Path:
-    """Write one self-contained HTML report of the test run whose results.json and scores.csv are in `results_dir`.
+    """Write one self-contained HTML report of the test run whose results.json and scores.csv are in `results_dir`
+    (or, for the output folder of `onenip predict`, the page of `onenip.report.predictions`).
 
     Args:
         results_dir: the folder `onenip test` wrote (results.json, scores.csv).
@@ -560,6 +562,8 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
     if gallery < 0:
         raise ValueError(f"gallery must be >= 0, got {gallery}")
     folder = Path(results_dir)
+    if (folder / "predictions.json").is_file() and not (folder / "results.json").is_file():
+        return make_predictions_report(folder, output, gallery)  # an `onenip predict` folder: its own page
     data, rows = read_run(folder, map_name)
     out = Path(output) if output is not None else folder / "report.html"
     if out.is_dir():
