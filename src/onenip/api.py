@@ -9,13 +9,24 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from onenip.checkpoint import adopt_resolved, check_output_folder, checkpoint_file, incompatible_keys, load_checkpoint
+from onenip.checkpoint import (
+    adopt_resolved,
+    check_output_file,
+    check_output_folder,
+    checkpoint_file,
+    incompatible_keys,
+    load_checkpoint,
+)
 from onenip.config import Config, load_config, merge_dict, validate
-from onenip.errors import CheckpointError
+from onenip.deploy.predictor import expand_inputs
+from onenip.errors import CheckpointError, ConfigError
+from onenip.evaluation.calibration import add_type as _add_type
 from onenip.evaluation.evaluate import Results, evaluate, write_results
+from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device, set_threads
 from onenip.training.trainer import FitResult
 from onenip.training.trainer import fit as _fit
@@ -86,3 +97,19 @@ def test(
     results.checkpoint = str(checkpoint.expanduser().absolute())  # as given, made absolute; links are not resolved
     write_results(results, out if output else out / cfg.eval.protocol)
     return results
+
+
+def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),
+             far: float | None = None, output: str | Path | None = None, skip_bad: bool = False) -> tuple[Path, Deployment]:
+    """Add the product type `name` to a trained model from normal `images` (files, folders or globs; K >= 1) with no
+    training (see `onenip.evaluation.calibration.add_type`), and write the model: in place (atomically) unless
+    `output` is given. Returns the written path and the new deployment."""
+    source = checkpoint_file(checkpoint, with_training_state=False)
+    target = check_output_file(output or source, "--output" if output else "MODEL")
+    if not images:
+        raise ConfigError("give at least one normal image of the new type")
+    detector = Detector.load(source)
+    files = expand_inputs([str(p) for p in images])
+    extra = expand_inputs([str(p) for p in normal]) if normal else []
+    detector.deployment = _add_type(detector, name, files, extra, far=far, skip_bad=skip_bad)
+    return detector.save(target), detector.deployment

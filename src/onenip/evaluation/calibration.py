@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from onenip.data import Sample, group_by_category, load_split
+from onenip.data import Sample, group_by_category, load_split, validate_samples
 from onenip.data.tensors import SampleImages
 from onenip.errors import ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.evaluate import build_prompt_pool, train_fusion_scale
@@ -233,3 +234,97 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
                       fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
                       calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},
                       alpha=dep.alpha, score_kernel=dep.score_kernel, type_thresholds=dict(dep.type_thresholds))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A product type added after training
+# --------------------------------------------------------------------------------------------------------------------
+
+SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # of a lone prompt image, by a quarter of a feature cell, for its threshold
+
+
+@torch.no_grad()
+def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),
+             far: float | None = None, margin: float | None = None, skip_bad: bool = False) -> Deployment:
+    """The detector's deployment with the product type `name` added from K >= 1 normal `images`, with no gradient
+    step: the K images join the prompt pool (so retrieval can find the type), the type is scored by the training-free
+    prompt map (each patch's distance to the nearest patch of its prompt images), and it gets a threshold and a limit
+    for the unknown-type check.
+
+    The threshold is set at false alarm rate `far` (default eval.far) on the scores of `normal`, further normal images
+    of the type, when given; otherwise on the K images themselves, each scored against the other K - 1 (leave one
+    out; with K = 1, four copies of the image shifted by a quarter of a feature cell stand in). The type limit is
+    `margin` (default eval.unknown_margin) x the largest type distance of the same images.
+
+    Raises:
+        ConfigError: an empty name, a name the model has already, no images, a model without deployment.
+        DatasetError: an image that cannot be read (naming it).
+    """
+    cfg, dep = detector.cfg, detector.deployment
+    if dep is None:
+        raise ConfigError("this model has no deployment (a training checkpoint?): add a type to its model.safetensors")
+    name = name.strip()
+    if not name:
+        raise ConfigError("--name: give the new product type a name")
+    if name in dep.categories:
+        raise ConfigError(f"--name {name!r}: the model has this product type already (types: {', '.join(dep.categories)}); "
+                          "choose another name")
+    if not images:
+        raise ConfigError("give at least one normal image of the new type")
+    far = cfg.eval.far if far is None else far
+    margin = cfg.eval.unknown_margin if margin is None else margin
+    prompts = _type_samples(images, name, skip_bad)
+    extra = _type_samples(normal, name, skip_bad) if normal else []
+    detector.eval()
+    dev = next(detector.parameters()).device
+    size = detector.input_size
+    pixels = torch.stack([SampleImages(prompts, size)[i]["image"] for i in range(len(prompts))]).to(dev)  # (K, 3, S, S)
+    feats = detector.features(pixels)  # (K, C, H, W)
+
+    def with_pool(keep: list[int]) -> Deployment:
+        return Deployment(
+            pool_feats=torch.cat([dep.pool_feats.to(dev), feats[keep]]), pool_categories=dep.pool_categories + [name] * len(keep),
+            pool_images=dep.pool_images + [str(prompts[i].image) for i in keep], fusion_scale=dep.fusion_scale,
+            thresholds={**dep.thresholds, name: math.inf}, calibration=dep.calibration, alpha=dep.alpha,
+            score_kernel=dep.score_kernel, type_thresholds={**dep.type_thresholds, name: math.inf},
+            added_types=dep.added_types + [name])
+
+    full = with_pool(list(range(len(prompts))))
+    index = full.categories.index(name)
+    if extra:
+        model = DeployModel(detector, full).to(dev)
+        scores = deployment_outputs(model, extra, cfg.eval.batch_size, "score", own_type=True)[name]
+        dists = deployment_outputs(model, extra, cfg.eval.batch_size, "type_distance", own_type=True)[name]
+        source = f"{len(extra)} further normal images"
+    elif len(prompts) > 1:  # leave one out: each image against the other K - 1
+        outs = [DeployModel(detector, with_pool([j for j in range(len(prompts)) if j != i])).to(dev)(
+            pixels[i : i + 1], torch.tensor([index], device=dev)) for i in range(len(prompts))]
+        scores = np.array([float(o["score"][0]) for o in outs])
+        dists = np.array([float(o["type_distance"][0]) for o in outs])
+        source = f"the {len(prompts)} prompt images, each against the others"
+    else:
+        step = max(1, size // 64)  # a quarter of a 16-pixel feature cell
+        padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
+        shifted = torch.cat([padded[:, :, step + dy * step : step + dy * step + size, step + dx * step : step + dx * step + size]
+                             for dx, dy in SHIFTS])
+        out = DeployModel(detector, full).to(dev)(shifted, torch.full((len(SHIFTS),), index, device=dev))
+        scores, dists = out["score"].cpu().numpy(), out["type_distance"].cpu().numpy()
+        source = "4 shifted copies of the single prompt image"
+    thresholds, info = calibrate_far({name: np.asarray(scores)}, far, source)
+    info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
+                      added_from=[str(s.image) for s in prompts])
+    full.thresholds[name] = thresholds[name]
+    full.type_thresholds[name] = float(np.max(dists)) * margin if margin > 0 else math.inf
+    full.calibration = {**dep.calibration, **info}
+    full.pool_feats = full.pool_feats.cpu()
+    return full
+
+
+def _type_samples(paths: Sequence[str | Path], name: str, skip_bad: bool) -> list[Sample]:
+    """Normal images of a new type as samples, each decoded once (an unreadable one is named, or with skip_bad left
+    out with a warning)."""
+    samples = [Sample(Path(p).expanduser().absolute(), name, 0, "good", None, "train") for p in paths]
+    good, bad = validate_samples(samples, skip_bad=skip_bad)
+    if not good:
+        raise DatasetError(f"none of the {len(samples)} images of {name!r} can be read")
+    return good

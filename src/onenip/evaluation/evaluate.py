@@ -53,6 +53,8 @@ from onenip.models.scoring import (
     image_scores,
     mean_maps,
     normalize_score,
+    patch_distances,
+    prompt_map,
     type_banks,
     type_distance,
 )
@@ -303,6 +305,11 @@ def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
     protocol uses the model's own deployment (pool and fusion constant), as `onenip predict` does: the training images
     are None then."""
     e = cfg.eval
+    dep = detector.deployment
+    if dep is not None and dep.added_types and e.protocol == "clean":  # their prompts are the deployment's alone
+        log.info(f"types added after training ({', '.join(dep.added_types)}): the model's own prompt pool and fusion "
+                 "constant are used, as onenip predict uses them")
+        return _deployment_pool(detector), None, None
     try:
         train = prompt_source(detector, cfg)
     except DatasetError as exc:
@@ -312,20 +319,29 @@ def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
                                "categories" + ("" if dep is not None else " (this model carries no prompt pool)")) from None
         warnings.warn(f"no training images to draw prompts from ({exc}): the model's own prompt pool and fusion "
                       "constant are used, as onenip predict uses them", OnenipWarning, stacklevel=3)
-        pool_samples_ = [Sample(Path(p), c, 0, "good", None, "train") for p, c in zip(dep.pool_images, dep.pool_categories)]
-        return PromptPool(pool_samples_, dep.pool_feats.to(next(detector.parameters()).device)), None, None
+        return _deployment_pool(detector), None, None
     if e.protocol == "clean":  # every deployed model retrieves (one without prompts: for the category's threshold)
         return build_prompt_pool(detector, train, cfg), None, train
     return None, paper_prompt_sets(test, train, e.seed, e.prompts) if detector.uses_prompt else None, train
 
 
+def _deployment_pool(detector: Detector) -> PromptPool:
+    """The deployment's prompt pool as a PromptPool (its images by path)."""
+    dep = detector.deployment
+    samples = [Sample(Path(p), c, 0, "good", None, "train") for p, c in zip(dep.pool_images, dep.pool_categories)]
+    return PromptPool(samples, dep.pool_feats.to(next(detector.parameters()).device))
+
+
 def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: PromptPool | None,
                   prompts: list[list[Sample]] | None, bar: Any) -> Iterator[tuple[np.ndarray, Maps, torch.Tensor,
                                                                                      torch.Tensor, list | None, list | None,
-                                                                                     list | None]]:
+                                                                                     list | None, Any]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities, type distances to the retrieved category's prompts). The prompts are `prompts` (given, per image)
-    or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the maps of the K prompts."""
+    similarities, type distances to the retrieved category's prompts, and for the images whose retrieved category
+    was added after training (the deployment's added_types) (which, their prompt map), else None). The prompts are
+    `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the maps
+    of the K prompts."""
+    added_types = set(detector.deployment.added_types) if detector.deployment is not None else set()
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     if pool is not None:  # the product-type check's banks, as the deployed model builds them
@@ -334,7 +350,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         feats = detector.features(batch["image"].to(dev))
         prompt_feats: list[torch.Tensor | None] = [None]
-        got, sim, dist = None, None, None
+        got, sim, dist, added = None, None, None, None
         if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
             prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
         elif pool is not None:
@@ -343,10 +359,14 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = torch.tensor([kinds.index(c) for c in got], device=bank.device)
-            dist = type_distance(feats, bank[kind], valid[kind]).tolist()
+            nearest = patch_distances(feats, bank[kind], valid[kind])
+            dist = type_distance(nearest).tolist()
+            which = torch.tensor([c in added_types for c in got], device=feats.device)
+            if bool(which.any()):  # as the deployed model: a type added from its prompts gets the prompt map
+                added = (which, prompt_map(nearest, feats.shape[-1], cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
-            batch["has_mask"], got, sim, dist
+            batch["has_mask"], got, sim, dist, added
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
@@ -362,8 +382,10 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     has_mask = np.zeros(n, dtype=bool)
     subset = [test[i] for i in indices]
     subset_prompts = [prompts[i] for i in indices] if prompts is not None else None
-    for pos, m, mask, hm, got, sim, dist in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
+    for pos, m, mask, hm, got, sim, dist, added in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
         fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
+        if added is not None:
+            fused = torch.where(added[0][:, None, None], added[1], fused)
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()

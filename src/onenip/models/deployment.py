@@ -25,6 +25,8 @@ class Deployment:
     score_kernel: int = 16
     type_thresholds: dict[str, float] = field(default_factory=dict)  # per category: the largest type distance of a
     # known image (empty: no check, as in models built before it)
+    added_types: list[str] = field(default_factory=list)  # types added after training from their prompt images alone
+    # (`onenip add-type`): scored by the training-free prompt map, not the learned one
 
     @property
     def categories(self) -> list[str]:
@@ -36,6 +38,7 @@ class Deployment:
             "pool_categories": self.pool_categories, "pool_images": self.pool_images,
             "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
             "alpha": self.alpha, "score_kernel": self.score_kernel, "type_thresholds": self.type_thresholds,
+            "added_types": self.added_types,
         }
         return {"pool_feats": self.pool_feats.detach().cpu().contiguous()}, meta
 
@@ -47,4 +50,5 @@ class Deployment:
             thresholds={k: float(v) for k, v in meta["thresholds"].items()}, calibration=dict(meta["calibration"]),
             alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
             type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
+            added_types=list(meta.get("added_types", [])),
         )

@@ -15,7 +15,16 @@ from torch import Tensor, nn
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.prompts import descriptor, nearest
-from onenip.models.scoring import anomaly_maps, fuse, image_scores, normalize_score, type_banks, type_distance
+from onenip.models.scoring import (
+    anomaly_maps,
+    fuse,
+    image_scores,
+    normalize_score,
+    patch_distances,
+    prompt_map,
+    type_banks,
+    type_distance,
+)
 
 
 class DeployModel(nn.Module):
@@ -58,6 +67,8 @@ class DeployModel(nn.Module):
         self.register_buffer("type_valid", valid)  # (K, M)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
+        self.register_buffer("added", torch.tensor([c in deployment.added_types for c in self.categories]))  # (K,)
+        self.any_added = bool(deployment.added_types)
         self.eval()
 
     def optimize(self, compile_mode: str | None = None) -> "DeployModel":
@@ -88,10 +99,14 @@ class DeployModel(nn.Module):
         best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed))  # (N,) each
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
-        score = image_scores(amap, self.kernel)  # (N,)
         category = self.pool_category[best]
+        patches = patch_distances(feats, self.type_bank[category], self.type_valid[category])  # (N, L)
+        if self.any_added:  # a type added from its prompts alone: the training-free map
+            knn = prompt_map(patches, feats.shape[-1], self.size)
+            amap = torch.where(self.added[category][:, None, None], knn, amap)
+        score = image_scores(amap, self.kernel)  # (N,)
         threshold = self.thresholds[category].clamp_min(1e-12)
-        distance = type_distance(feats, self.type_bank[category], self.type_valid[category])  # (N,)
+        distance = type_distance(patches)  # (N,)
         known = distance <= self.type_limits[category]
         return {
             "score": score,

@@ -12,6 +12,9 @@ these, and nothing else computes a map, a fusion or a score.
   frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
+* a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
+  `prompt_map`: each patch's distance to the nearest patch of the type's prompt images, a training-free map in the
+  manner of PatchCore, in place of the learned one.
 * decision: anomalous when the score exceeds the threshold of the retrieved category. The normalised score
   1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and approaches 1 above; it is
   monotone, so it ranks images as the raw score does, and never saturates into ties.
@@ -102,11 +105,21 @@ def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> tuple
     return bank, valid
 
 
-def type_distance(feats: Tensor, bank: Tensor, valid: Tensor) -> Tensor:
+def patch_distances(feats: Tensor, bank: Tensor, valid: Tensor) -> Tensor:
     """Query features (N, C, H, W), each query's bank of patches (N, M, C, unit vectors) and which are real (N, M)
-    -> (N,) the TYPE_QUANTILE of the query patches' cosine distances to their nearest bank patch."""
+    -> (N, H * W): every query patch's cosine distance to its nearest bank patch."""
     q = F.normalize(feats.float().flatten(2).transpose(1, 2), dim=2)  # (N, L, C)
     cos = (q @ bank.transpose(1, 2)).masked_fill(~valid[:, None, :], -2.0)  # (N, L, M)
-    nearest = 1.0 - cos.amax(dim=2)  # (N, L)
+    return 1.0 - cos.amax(dim=2)
+
+
+def type_distance(nearest: Tensor) -> Tensor:
+    """`patch_distances` (N, L) -> (N,) their TYPE_QUANTILE: how far the image is from its type's prompt images."""
     k = int(TYPE_QUANTILE * (nearest.shape[1] - 1)) + 1
     return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
+
+
+def prompt_map(nearest: Tensor, grid: int, size: int) -> Tensor:
+    """The map of a product type added from its prompt images alone (no training, method: beyond the paper): the
+    `patch_distances` (N, L) on the (grid x grid) feature grid, upsampled to (N, size, size) as the learned maps are."""
+    return upsample(nearest.view(-1, 1, grid, grid), size)[:, 0]
