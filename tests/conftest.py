@@ -110,6 +110,27 @@ HOW_TO_GET_REAL_DATA = ("set ONENIP_DATA to a folder holding iad-mix/ and textur
                         "../shared/data beside the checkout (see ../shared/data/README.md)")
 
 
+TINY_MODEL = [  # a small but complete OneNIP on two generated types: trained in 3 steps (a few seconds)
+    "data.categories=[disc, weave]", "data.input_size=64", "data.workers=0", "data.holdout=0.25",
+    "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", "model.hidden_dim=64",
+    "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8", "train.max_steps=3",
+    "train.device=cpu",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> Path:
+    """model.safetensors of a tiny model trained on the generated types disc and weave (TINY_MODEL), with its
+    deployment (a quarter of the normal images held out for the thresholds). Read-only: copy it to change it."""
+    from onenip.api import make_config
+    from onenip.training.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("tiny-model") / "run"
+    cfg = make_config(None, [f"data.roots=[{gen_data}]", f"data.textures={gen_textures}", *TINY_MODEL, f"output_dir={run}"])
+    Trainer(cfg, progress=False).run()
+    return run / "model.safetensors"
+
+
 def real_data_folder() -> tuple[Path | None, str]:
     """(the real data folder or None, where it was looked for)."""
     env = os.environ.get("ONENIP_DATA")

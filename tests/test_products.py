@@ -11,24 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip.api import make_config
 from onenip.data import read_sources
 from onenip.deploy.predictor import CAPTION_HEIGHT, Predictor, run_predict
 from onenip.errors import ConfigError
 from onenip.models.detector import Detector
-from onenip.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> Path:
-    run = tmp_path_factory.mktemp("products") / "run"
-    cfg = make_config(None, [
-        f"data.roots=[{gen_data}]", "data.categories=[disc, weave]", "data.input_size=64", f"data.textures={gen_textures}",
-        "data.workers=0", "data.holdout=0.25", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
-        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8",
-        "train.max_steps=3", "train.device=cpu", f"output_dir={run}"])
-    Trainer(cfg, progress=False).run()
-    return run / "model.safetensors"
+def model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def good_test_images(gen_data: Path, cats: list[str]) -> list[Path]:

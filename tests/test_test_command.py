@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 
 import onenip
-from onenip.api import make_config
 from onenip.errors import OnenipWarning
-from onenip.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> Path:
-    run = tmp_path_factory.mktemp("testcmd") / "run"
-    cfg = make_config(None, [
-        f"data.roots=[{gen_data}]", "data.categories=[disc, weave]", "data.input_size=64", f"data.textures={gen_textures}",
-        "data.workers=0", "data.holdout=0.2", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
-        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8",
-        "train.max_steps=3", "train.device=cpu", f"output_dir={run}"])
-    Trainer(cfg, progress=False).run()
-    return run / "model.safetensors"
+def model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 def test_categories_the_model_never_saw_are_named_and_left_out(model: Path, gen_data: Path, tmp_path: Path) -> None:
