@@ -187,3 +187,26 @@ def test_an_exported_model_given_as_a_checkpoint_is_named_as_such(tmp_path: Path
         (tmp_path / name).write_bytes(b"\x08\x07\x12\x04rest of an export")
         with pytest.raises(CheckpointError, match=f"is an exported model \\({kind}\\), not an onenip checkpoint"):
             load(tmp_path / name)
+
+
+def test_progress_bars_redraw_rarely_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ast
+
+    from onenip import logs
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    bar = logs.progress_bar(total=10, desc="x", unit="step")
+    assert bar.mininterval == logs.LOG_INTERVAL == 60.0  # a CI log gets a line a minute, not hundreds
+    bar.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = logs.progress_bar(total=10, desc="x", unit="step")
+    assert bar.mininterval == logs.TERMINAL_INTERVAL
+    bar.close()
+    # every bar of the package is made there: no module uses tqdm directly
+    src = Path(logs.__file__).parent
+    def imports_tqdm(path: Path) -> bool:
+        tree = ast.parse(path.read_text())
+        return any(isinstance(n, (ast.Import, ast.ImportFrom)) and "tqdm" in ast.dump(n) for n in ast.walk(tree))
+
+    direct = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "logs.py" and imports_tqdm(p)]
+    assert direct == []
