@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=version_text(),
                         help="print the versions of onenip and PyTorch, and exit")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,test,predict,calibrate,export,report,demo}",
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{fit,test,predict,serve,calibrate,add-type,export,report,demo}",
                                 parser_class=_Parser)
 
     fit = sub.add_parser("fit", help="train one model on all categories of the data roots",
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Judge new images with a trained model. No category is needed: the most similar "
                                       "prompt of the model's pool is used, and its category's threshold decides. Writes "
                                       "predictions.csv, predictions.json, overlays/ and masks/ to --output.")
-    pred.add_argument("checkpoint", help="model.safetensors of a training run")
+    pred.add_argument("checkpoint", help="model.safetensors of a training run, or a file of `onenip export`: .onnx "
+                                         "(ONNX Runtime), .xml (OpenVINO), .torchscript.pt (TorchScript), run on the CPU")
     pred.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     pred.add_argument("--output", default="predictions", metavar="DIR", help="output folder (default: predictions)")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -200,25 +202,72 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
-    exp = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+    add = sub.add_parser("add-type", help="add a product type to a trained model from a few normal images, no training",
+                         description="Add a product type from K >= 1 normal images (files, folders or globs), with no "
+                                     "gradient step: they join the prompt pool, the type is scored by the training-free "
+                                     "prompt map (each patch's distance to the nearest patch of its prompt images), and "
+                                     "it gets a threshold (from --normal images when given, else from the K images, "
+                                     "each against the others) and an unknown-type limit. predict, test, serve and "
+                                     "export then treat it as a trained type. The model file is rewritten (atomically) "
+                                     "unless --output is given.")
+    add.add_argument("checkpoint", help="model.safetensors of a training run")
+    add.add_argument("images", nargs="+", metavar="PATH", help="normal images of the new type: files, folders or globs")
+    add.add_argument("--name", required=True, help="the new product type's name")
+    add.add_argument("--normal", nargs="+", metavar="PATH", default=[],
+                     help="further normal images of the type, for its threshold (not added to the prompts)")
+    add.add_argument("--far", type=float, default=None, help="false alarm rate of the threshold (default: the model's eval.far)")
+    add.add_argument("--output", metavar="PATH", help="write the model with the new type here instead")
+    add.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (with a warning)")
+
+    exp = sub.add_parser("export", help="export a trained model to ONNX, TorchScript or OpenVINO",
                          description="Write the whole image-to-decision path (backbone, prompt pool, reconstruction, "
-                                     "fusion, thresholds) as one ONNX or TorchScript file. Before writing, the file is "
-                                     "run and compared with PyTorch. ONNX needs `pip install 'onenip[onnx]'`.")
+                                     "fusion, thresholds) as one ONNX, TorchScript or OpenVINO (.xml + .bin) file. "
+                                     "Before writing, the file is run and compared with PyTorch. ONNX needs `pip install "
+                                     "'onenip[onnx]'`, OpenVINO `pip install 'onenip[openvino]'`. `onenip predict` "
+                                     "runs the exported file.")
     exp.add_argument("checkpoint", help="model.safetensors of a training run")
-    exp.add_argument("--format", default="onnx", choices=("onnx", "torchscript"), help="default: onnx")
+    exp.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "openvino"), help="default: onnx")
+    exp.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8"),
+                     help="OpenVINO only: fp32 (default), bf16 (AMX / AVX-512 BF16 CPUs) or int8 (post-training "
+                          "quantization calibrated on the model's own normal training images, which must be there)")
     exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default: 17); ONNX only")
 
-    rep = sub.add_parser("report", help="a self-contained HTML page of a test run",
+    rep = sub.add_parser("report", help="a self-contained HTML page of a test run or a predict run",
                          description="Write one self-contained HTML page (no external files) from a results folder of "
                                      "`onenip test`: per-category table, ROC and PR curves, score distributions of good "
-                                     "and defective images, and a gallery of the worst misses with their heat maps.")
-    rep.add_argument("results", metavar="RUN_DIR", help="results folder (holds results.json and scores.csv)")
+                                     "and defective images, and a gallery of the misses and false alarms with their heat "
+                                     "maps; or from the output folder of `onenip predict`: per product type the images "
+                                     "judged good, defective and of an unknown type, the scores, and their overlays.")
+    rep.add_argument("results", metavar="RUN_DIR", help="results folder of `onenip test` (results.json, scores.csv) or "
+                                                        "output folder of `onenip predict` (predictions.json)")
     rep.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
     rep.add_argument("--map", default="fused", choices=("fused", "rec", "ref"), help="which scored map (default: fused)")
     rep.add_argument("--gallery", type=int, default=8, help="worst misses shown per category (default: 8)")
     rep.add_argument("--checkpoint", help="model for the gallery's heat maps (default: the one results.json names)")
     rep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+    srv = sub.add_parser("serve", help="judge images over HTTP: a JSON API, a web page, a watched folder",
+                         description="Serve a trained model over HTTP (needs `pip install 'onenip[serve]'`): POST "
+                                     "/predict (one image), POST /predict/batch, GET /health, GET /model, a web page at "
+                                     "/ to drop images on, the API documentation at /docs (no external request). "
+                                     "Requests arriving together are judged in one batch. With --watch, every new "
+                                     "image in a folder is judged too, and its result appended to "
+                                     "FOLDER/onenip-results.csv.")
+    srv.add_argument("checkpoint", help="model.safetensors of a training run")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
+                                                         "0.0.0.0: every network interface)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: a free one, printed)")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    srv.add_argument("--batch-size", type=int, default=8, help="most images judged in one batch (default: 8)")
+    srv.add_argument("--max-wait-ms", type=float, default=0.0,
+                     help="how long a batch waits for more images after its first (default: 0: it takes the images "
+                          "queued while the model was busy; a few ms can help a GPU fill its batches)")
+    srv.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
+                     help="largest request body, in bytes; larger ones get 413 (default: 33554432, 32 MiB)")
+    srv.add_argument("--watch", metavar="FOLDER",
+                     help="also judge every new image appearing in FOLDER; results appended to FOLDER/onenip-results.csv")
+    srv.add_argument("--access-log", action="store_true", help="log every request")
 
     demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
                           description="Runs with no download and no data of yours: generates a small multi-category "
@@ -382,10 +431,18 @@ def _run(args: argparse.Namespace) -> int:
             path = detector.save(target)
             print(_calibration_table(before, detector.deployment))
             print(f"calibrated model: {path}")
+        elif args.command == "add-type":
+            from onenip.api import add_type
+
+            path, dep = add_type(args.checkpoint, args.name, args.images, normal=args.normal, far=args.far,
+                                 output=args.output, skip_bad=args.skip_bad)
+            info = dep.calibration[args.name]
+            print(f"added {args.name!r} from {len(info['added_from'])} images: threshold {dep.thresholds[args.name]:.6g} "
+                  f"({info['source']}), unknown-type limit {dep.type_thresholds[args.name]:.6g}; model: {path}")
         elif args.command == "export":
             from onenip.deploy.export import export_model
 
-            print(f"exported: {export_model(args.checkpoint, args.format, args.output, opset=args.opset)}")
+            print(f"exported: {export_model(args.checkpoint, args.format, args.output, opset=args.opset, precision=args.precision)}")
         elif args.command == "report":
             from onenip.report.page import make_report
 
@@ -394,6 +451,18 @@ def _run(args: argparse.Namespace) -> int:
             path = make_report(args.results, args.output, map_name=args.map, gallery=args.gallery,
                                checkpoint=args.checkpoint, device=args.device)
             print(f"report: {path}")
+        elif args.command == "serve":
+            try:
+                from onenip.deploy.server import serve
+            except ImportError as exc:
+                raise ConfigError(f"onenip serve needs the serve extra: pip install 'onenip[serve]' ({exc})") from None
+
+            def ready(url: str) -> None:
+                print(f"onenip serve: {url} (API documentation: {url}docs); Ctrl+C stops", flush=True)
+
+            serve(args.checkpoint, host=args.host, port=args.port, device=args.device, batch_size=args.batch_size,
+                  max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, watch=args.watch, access_log=args.access_log,
+                  ready=ready)
         elif args.command == "demo":
             from onenip.demo.run import run_demo
 

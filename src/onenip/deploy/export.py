@@ -30,11 +30,11 @@ other than the one traced, and its maps must match PyTorch's.
 
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import logging
 import math
+import os
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -48,21 +48,32 @@ import torch
 from torch import Tensor, nn
 
 from onenip.checkpoint import atomic_write_bytes, check_output_file
-from onenip.errors import CheckpointError, ConfigError, ExportError, MissingDependencyError, OnenipError
+from onenip.deploy.runtimes import (
+    INPUT_NAME,
+    METADATA_FILE,
+    METADATA_PREFIX,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    OnnxRuntime,
+    openvino_config,
+    require,
+)
+from onenip.errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 
+__all__ = ["INPUT_NAME", "METADATA_FILE", "OUTPUT_NAMES", "FORMATS", "PRECISIONS", "ExportError",
+           "MissingDependencyError", "OnnxPredictor", "export_model", "load_torchscript", "default_output"]
+
 log = logging.getLogger(__name__)
 
-FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-"""Export formats and the suffix of their default file name."""
-INPUT_NAME = "images"
-OUTPUT_NAMES: tuple[str, ...] = ("score", "normalized", "anomalous", "category", "similarity", "map")
+FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "openvino": ".xml"}
+"""Export formats and the suffix of their default file name (OpenVINO: the .xml and its .bin beside it)."""
 OPSET_RANGE = (14, 20)
 """ONNX opsets the TorchScript-based exporter handles for this model (scaled_dot_product_attention needs 14)."""
 INSTALL_HINT = "pip install 'onenip[onnx]'"
-METADATA_FILE = "onenip.json"
-"""Name of the TorchScript extra file holding the metadata."""
+CALIBRATION_IMAGES = 300
+"""int8: at most this many of the model's normal training images calibrate the quantization (NNCF's default)."""
 TRACE_BATCH, CHECK_BATCH = 2, 3
 """Batch size of the example traced, and of the check run on the written file (a different one: N is dynamic)."""
 CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-5
@@ -70,13 +81,8 @@ CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-5
 
 
 def _require(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency or raise MissingDependencyError with the install command."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(
-            f"{purpose} needs the Python package {module}, which is not installed: {INSTALL_HINT}"
-        ) from None
+    """Import an optional dependency or raise MissingDependencyError naming the onenip extra that installs it."""
+    return require(module, purpose)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,9 +90,10 @@ def _require(module: str, purpose: str) -> ModuleType:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def export_metadata(model: DeployModel, source: str | None = None) -> dict[str, Any]:
+def export_metadata(model: DeployModel, source: str | None = None, precision: str = "fp32") -> dict[str, Any]:
     """What a user of the exported file needs besides the graph: category names (index order), input size,
-    thresholds (as float32, the values the graph compares against), the outputs, the versions."""
+    thresholds (as float32, the values the graph compares against), the outputs, the versions, the precision the
+    file is meant to run at (OpenVINO: fp32, bf16 or int8; the others: fp32)."""
     from onenip.version import __version__
 
     thresholds = model.thresholds.detach().cpu().tolist()
@@ -105,12 +112,13 @@ def export_metadata(model: DeployModel, source: str | None = None) -> dict[str, 
         "score_kernel": model.kernel,
         "backbone": getattr(model.extractor, "name", ""),
         "source": source or "",
+        "precision": precision,
     }
 
 
 def _onnx_props(meta: Mapping[str, Any]) -> dict[str, str]:
     """Metadata as ONNX metadata_props: ``onenip.<key>``, strings as they are, everything else as JSON."""
-    return {f"onenip.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    return {f"{METADATA_PREFIX}.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -162,7 +170,9 @@ def _check_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, Tensor], wh
     """Raise ExportError unless the exported file's outputs match PyTorch's; returns the largest map difference."""
     allowed = CHECK_ATOL + CHECK_RTOL * float(np.abs(want["map"].numpy()).max())
     diffs = {}
-    for name in ("score", "map", "similarity"):
+    for name in ("score", "map", "similarity", "type_distance"):
+        if name not in got and name not in want:
+            continue
         a, b = np.asarray(got[name], dtype=np.float64), want[name].numpy().astype(np.float64)
         if a.shape != b.shape:
             raise ExportError(f"{what}: output {name} has shape {a.shape}, PyTorch's {b.shape}")
@@ -257,9 +267,170 @@ def _export_torchscript(model: DeployModel, meta: dict[str, Any]) -> tuple[bytes
     return data, _check_outputs(got, want, "the TorchScript export")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# OpenVINO
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def calibration_images(detector: Detector, limit: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """int8 calibration data: up to `limit` of the model's own normal training images (the train split of its
+    ``data.roots``, its trained categories, without the images it held out for the thresholds), taken in turn from
+    each category, resized straight to the input size: uint8 (n, 3, S, S).
+
+    Raises DatasetError naming what is missing: the roots the model records, or images in them."""
+    from onenip.data import read_sources
+    from onenip.data.images import load_image, resize_image
+
+    roots = [str(r) for r in (detector.cfg.data.roots or [])]
+    categories = sorted(detector.extra.get("categories") or [])
+    hint = ("int8 quantization calibrates on the model's own normal training images; export with --precision bf16 "
+            "or fp32 (no data needed), or export on a machine where they are")
+    if not roots:
+        raise DatasetError(f"the model records no training roots (data.roots): {hint}")
+    missing = [r for r in roots if not Path(r).exists()]
+    if missing:
+        raise DatasetError(f"the model's training roots (data.roots) {', '.join(missing)} are not there (from "
+                           f"{Path.cwd()}): {hint}")
+    held = {str(p) for p in detector.extra.get("holdout", [])}
+    samples = [s for s in read_sources(roots, "train", categories or None) if s.label == 0 and str(s.image) not in held]
+    if not samples:
+        raise DatasetError(f"no normal training images of {', '.join(categories) or 'any category'} in "
+                           f"{', '.join(roots)}: {hint}")
+    by_category: dict[str, list] = {}
+    for smp in samples:
+        by_category.setdefault(smp.category, []).append(smp)
+    chosen, queues = [], [list(v) for _, v in sorted(by_category.items())]
+    while len(chosen) < limit and any(queues):  # one of each category in turn: the small ones are all in
+        for q in queues:
+            if q and len(chosen) < limit:
+                chosen.append(q.pop(0))
+    size = detector.input_size
+    return np.stack([resize_image(load_image(s.image), size) for s in chosen]).transpose(0, 3, 1, 2).copy()
+
+
+def _openvino_model(model: DeployModel) -> Any:
+    """The DeployModel as an OpenVINO model, converted from PyTorch by OpenVINO's PyTorch frontend (which traces it as
+    the TorchScript export does, and keeps scaled_dot_product_attention as one fused ScaledDotProductAttention op; the
+    ONNX graph spells attention out as MatMul, Where, Softmax and IsNaN nodes, ~20 % slower here): input ``images`` u8
+    (N, 3, S, S) with N dynamic, outputs named as the ONNX file's; then `_separable_pooling`."""
+    ov = _require("openvino", "exporting to OpenVINO")
+    size = model.size
+    try:
+        with _quiet_tracing(), torch.no_grad():
+            ov_model = ov.convert_model(_TupleOutputs(model).eval(), example_input=_example_images(TRACE_BATCH, size, seed=0),
+                                        input=[(ov.PartialShape([-1, 3, size, size]), ov.Type.u8)])
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot convert the model ({type(exc).__name__}: {exc})") from exc
+    if len(ov_model.outputs) != len(OUTPUT_NAMES):
+        raise ExportError(f"the OpenVINO model has {len(ov_model.outputs)} outputs, not {len(OUTPUT_NAMES)}")
+    ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
+    for out, name in zip(ov_model.outputs, OUTPUT_NAMES):
+        out.get_tensor().set_names({name})
+    _separable_pooling(ov_model)
+    return ov_model
+
+
+def _separable_pooling(ov_model: Any) -> int:
+    """Replace each k x k average pooling of stride 1 without padding (the image score's mean filter over the S x S
+    map: k^2 additions per position, ~15 % of the whole model's time on 2 cores) by a 1 x k pooling and a k x 1 one
+    (2k additions; the same mean up to float rounding). Returns how many were replaced."""
+    import openvino.opset14 as ops
+
+    replaced = 0
+    for node in ov_model.get_ordered_ops():
+        if node.get_type_name() != "AvgPool":
+            continue
+        attrs = node.get_attributes()
+        kernel, strides = list(attrs["kernel"]), list(attrs["strides"])
+        pads = list(attrs["pads_begin"]) + list(attrs["pads_end"])
+        if len(kernel) != 2 or kernel[0] != kernel[1] or kernel[0] < 4 or strides != [1, 1] or any(pads) \
+                or attrs.get("auto_pad", "explicit") not in ("explicit", "notset", "valid"):
+            continue
+        k = int(kernel[0])
+        rows = ops.avg_pool(node.input_value(0), [1, 1], [0, 0], [0, 0], [1, k], exclude_pad=True, rounding_type="floor")
+        both = ops.avg_pool(rows.output(0), [1, 1], [0, 0], [0, 0], [k, 1], exclude_pad=True, rounding_type="floor")
+        both.set_friendly_name(node.get_friendly_name())
+        node.output(0).replace(both.output(0))
+        replaced += 1
+    if replaced:
+        ov_model.validate_nodes_and_infer_types()
+    return replaced
+
+
+def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np.ndarray]:
+    ov = _require("openvino", "running an OpenVINO model")
+    compiled = ov.Core().compile_model(ov_model, "CPU", openvino_config(precision))
+    result = compiled.create_infer_request().infer({INPUT_NAME: images.numpy()})
+    return {out.get_any_name(): np.array(result[out]) for out in compiled.outputs}
+
+
+def _quantize(ov_model: Any, images: np.ndarray) -> Any:
+    """Post-training int8 quantization of the OpenVINO model by NNCF, calibrated on `images` (one at a time)."""
+    nncf = _require("nncf", "int8 quantization (OpenVINO export --precision int8)")
+    dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))], lambda x: {INPUT_NAME: x})
+    try:
+        return nncf.quantize(ov_model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
+                             model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True)
+    except Exception as exc:
+        raise ExportError(f"int8 quantization failed ({type(exc).__name__}: {exc})") from exc
+
+
+def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
+                     calibration: np.ndarray | None = None) -> tuple[Any, float]:
+    """The model as an OpenVINO model with the metadata in its rt_info (``onenip`` -> key -> string; precision too:
+    `OpenVinoRuntime` compiles it at that precision), checked in float32 against PyTorch on a fresh batch before
+    int8 quantization; and the largest map difference of that check. The bf16 and int8 runs are checked to give
+    finite outputs of the right shapes (their agreement with PyTorch is measured by tests and benchmarks/cpu_speed.py
+    on real images: on random ones, bf16 noise decides nothing)."""
+    if precision == "int8" and calibration is None:
+        raise ExportError("int8 quantization needs calibration images")
+    ov_model = _openvino_model(model)
+    check = _example_images(CHECK_BATCH, model.size, seed=1)
+    with torch.no_grad():
+        want = model(check)
+    try:
+        got = _run_openvino(ov_model, "fp32", check)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot run the converted model on {CHECK_BATCH} images ({exc})") from exc
+    diff = _check_outputs(got, want, "the OpenVINO export")
+    if precision == "int8":
+        assert calibration is not None
+        log.info(f"int8: calibrating on {len(calibration)} normal training images")
+        ov_model = _quantize(ov_model, calibration)
+    if precision != "fp32":
+        got = _run_openvino(ov_model, precision, check)
+        bad = [k for k in ("score", "map", "similarity") if got[k].shape != tuple(want[k].shape)
+               or not np.isfinite(got[k]).all()]
+        if bad:
+            raise ExportError(f"the OpenVINO export at {precision} gives non-finite or misshapen outputs {bad}")
+        rel = float(np.abs(got["score"] - want["score"].numpy()).max() / max(float(want["score"].abs().max()), 1e-12))
+        log.info(f"OpenVINO {precision}: largest relative score difference from PyTorch on random images {rel:.2g}")
+    for key, value in meta.items():
+        ov_model.set_rt_info(value if isinstance(value, str) else json.dumps(value), [METADATA_PREFIX, key])
+    # for other OpenVINO tools (benchmark_app, OVMS): the precision the file is meant to run at
+    ov_model.set_rt_info(openvino_config(precision)["INFERENCE_PRECISION_HINT"],
+                         ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    return ov_model, diff
+
+
+def _save_openvino(ov_model: Any, out: Path) -> None:
+    """Write the .xml and its .bin atomically: both into a temporary folder beside `out`, then renamed, the .bin
+    first (an .xml is never there without its weights)."""
+    ov = _require("openvino", "exporting to OpenVINO")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        xml = Path(tmp) / "model.xml"
+        try:
+            ov.save_model(ov_model, str(xml), compress_to_fp16=False)
+        except Exception as exc:
+            raise ExportError(f"OpenVINO cannot save the model ({type(exc).__name__}: {exc})") from exc
+        os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
+        os.replace(xml, out)
+
+
 def default_output(checkpoint: str | Path, fmt: str) -> Path:
-    """Where an export goes by default: beside the checkpoint, ``<stem>.onnx`` / ``<stem>.torchscript.pt`` (inside
-    a run folder given as the checkpoint: ``model.onnx`` / ``model.torchscript.pt``)."""
+    """Where an export goes by default: beside the checkpoint, ``<stem>.onnx`` / ``<stem>.torchscript.pt`` /
+    ``<stem>.xml`` (inside a run folder given as the checkpoint: ``model.onnx`` / ...)."""
     path = Path(checkpoint)
     if path.is_dir():
         return path / f"model{FORMATS[fmt]}"
@@ -269,27 +440,37 @@ def default_output(checkpoint: str | Path, fmt: str) -> Path:
 DEFAULT_OPSET = 17
 
 
-def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = None, opset: int | None = None) -> Path:
+def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = None, opset: int | None = None,
+                 precision: str | None = None) -> Path:
     """Export a trained model (its checkpoint must hold a deployment) as one self-contained file; returns its path.
 
     Args:
         checkpoint: model.safetensors of a training run (or a checkpoint / run folder `Detector.load` accepts).
         fmt: ``"onnx"`` (an ONNX model, opset `opset`, input ``images`` uint8 (N, 3, S, S), outputs score,
-            normalized, anomalous, category, similarity, map, metadata in ``metadata_props``) or ``"torchscript"``
-            (``torch.jit.trace`` of `DeployModel`, saved with ``torch.jit.save``; returns a dict of the same
-            outputs; metadata in the extra file ``onenip.json``; read it with `load_torchscript`).
+            normalized, anomalous, category, similarity, map, known, type_distance, metadata in ``metadata_props``),
+            ``"torchscript"`` (``torch.jit.trace`` of `DeployModel`, saved with ``torch.jit.save``; returns a dict of
+            the same outputs; metadata in the extra file ``onenip.json``; read it with `load_torchscript`) or
+            ``"openvino"`` (OpenVINO IR: ``<name>.xml`` and ``<name>.bin``, converted from PyTorch by OpenVINO's converter,
+            the same input and outputs, metadata in the rt_info under ``onenip``; run it with
+            `onenip.deploy.runtimes.OpenVinoRuntime` or `Predictor.load`).
         output: the file to write (an existing folder: the default name inside it). Default: beside the checkpoint,
-            ``<stem>.onnx`` or ``<stem>.torchscript.pt``.
+            ``<stem>.onnx``, ``<stem>.torchscript.pt`` or ``<stem>.xml``.
         opset: ONNX opset version, 14 to 20 (default: 17); ONNX only.
+        precision: OpenVINO only: ``"fp32"`` (the default), ``"bf16"`` (the same file, run with bf16 inference
+            precision: AMX / AVX-512 BF16 CPUs) or ``"int8"`` (post-training quantization by NNCF, calibrated on up to
+            `CALIBRATION_IMAGES` of the model's own normal training images: see `calibration_images`).
 
     The file is written atomically (temporary file, then rename), and only after the export has been loaded back
     and checked against PyTorch on a batch of another size: a failed export leaves no file and an existing file at
     `output` untouched. The check's largest map difference is logged (INFO, logger ``onenip.deploy.export``).
 
     Raises:
-        ConfigError: unknown format or opset, or an opset for TorchScript.
+        ConfigError: unknown format, opset or precision, an opset for a format other than ONNX, a precision other
+            than fp32 for a format other than OpenVINO.
         CheckpointError: the checkpoint cannot be read or holds no deployment (prompt pool and thresholds).
-        MissingDependencyError: ONNX export without the onnx or onnxruntime packages (``pip install 'onenip[onnx]'``).
+        MissingDependencyError: ONNX export without the onnx or onnxruntime packages (``pip install 'onenip[onnx]'``),
+            OpenVINO export without openvino (or, for int8, nncf) (``pip install 'onenip[openvino]'``).
+        DatasetError: int8 without the model's training images (see `calibration_images`).
         ExportError: PyTorch cannot export the model, or the exported file computes something else.
     """
     kind = str(fmt).strip().lower()
@@ -297,12 +478,22 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         raise ConfigError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     if kind != "onnx" and opset is not None:
         raise ConfigError(f"an ONNX opset was given ({opset}) for the {kind} format; opsets are ONNX's only")
+    level = "fp32" if precision is None else str(precision).strip().lower()
+    if level not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if kind != "openvino" and level != "fp32":
+        raise ConfigError(f"--precision {level} applies to the openvino format only ({kind} files run in float32)")
     onnx_opset = DEFAULT_OPSET if opset is None else int(opset)
     if kind == "onnx":
         if not OPSET_RANGE[0] <= onnx_opset <= OPSET_RANGE[1]:
             raise ConfigError(f"ONNX opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
+    if kind == "onnx":
         _require("onnx", "exporting to ONNX")
         _require("onnxruntime", "checking the ONNX export")
+    if kind == "openvino":
+        _require("openvino", "exporting to OpenVINO")
+        if level == "int8":
+            _require("nncf", "int8 quantization (OpenVINO export --precision int8)")
     detector = Detector.load(checkpoint)
     if detector.deployment is None:
         raise CheckpointError(f"{checkpoint} has no prompt pool and thresholds, so there is nothing to export; run "
@@ -312,7 +503,22 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
     if out.is_dir():
         out = out / default_output(checkpoint, kind).name
     check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
-    meta = export_metadata(model, source=Path(checkpoint).name)
+    if kind == "openvino":
+        if out.suffix.lower() != ".xml":
+            raise ConfigError(f"output {out}: an OpenVINO model is an .xml file (and the .bin beside it)")
+        check_output_file(out.with_suffix(".bin"), "output", models=True)
+    meta = export_metadata(model, source=Path(checkpoint).name, precision=level)
+    scores = {c: info.get("normal_scores") for c, info in detector.deployment.calibration.items()
+              if isinstance(info, dict) and info.get("normal_scores")}
+    if scores:  # the held-out normal scores: Predictor(..., far=RATE) sets thresholds from them, file or checkpoint
+        meta["normal_scores"] = scores
+    if kind == "openvino":
+        calibration = calibration_images(detector) if level == "int8" else None
+        ov_model, diff = _export_openvino(model, meta, level, calibration)
+        log.info(f"OpenVINO outputs (float32) match PyTorch's on {CHECK_BATCH} random images: largest map difference "
+                 f"{diff:.2g}")
+        _save_openvino(ov_model, out)
+        return out
     data, diff = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
     name = "ONNX" if kind == "onnx" else "TorchScript"
     log.info(f"{name} outputs match PyTorch's on {CHECK_BATCH} random images: largest map difference {diff:.2g}")
@@ -340,41 +546,19 @@ def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str
     return module.eval(), meta
 
 
-class OnnxPredictor:
-    """An exported ONNX model run by onnxruntime on the CPU: everything it needs is in the file.
+class OnnxPredictor(OnnxRuntime):
+    """An exported ONNX model run by onnxruntime on the CPU: everything it needs is in the file (the ONNX case of
+    `onenip.deploy.runtimes.open_runtime`, with the category names added to the outputs).
 
         predictor = OnnxPredictor("model.onnx")
         out = predictor.predict(images)  # uint8 (N, 3, S, S), RGB
         out["anomalous"], out["category_names"], out["map"]
     """
 
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        """`threads`: onnxruntime's intra-op threads (0: its default)."""
-        ort = _require("onnxruntime", "running an ONNX model")
-        options = ort.SessionOptions()
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise CheckpointError(f"onnxruntime cannot load {path}: {exc}") from None
-        props = self.session.get_modelmeta().custom_metadata_map
-        if "onenip.categories" not in props or "onenip.input_size" not in props:
-            raise CheckpointError(f"{path} is not an ONNX model exported by onenip (no onenip.* metadata)")
-        self.categories: list[str] = json.loads(props["onenip.categories"])
-        self.size = int(props["onenip.input_size"])
-        self.thresholds: dict[str, float] = json.loads(props.get("onenip.thresholds", "{}"))
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 images (N, 3, S, S) -> the model's outputs (score, normalized, anomalous, category, similarity,
-        map) as numpy arrays, plus ``category_names`` (N,) str."""
-        images = np.ascontiguousarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, self.size, self.size) \
-                or len(images) == 0:
-            raise ValueError(f"expected uint8 images of shape (N, 3, {self.size}, {self.size}) with N >= 1, got "
-                             f"{images.dtype} {images.shape}")
-        out = dict(zip(self.outputs, self.session.run(self.outputs, {INPUT_NAME: images})))
+        map, known, type_distance) as numpy arrays, plus ``category_names`` (N,) str."""
+        out = self.run(images)
         out["category_names"] = np.array([self.categories[int(i)] for i in out["category"]], dtype=str)
         return out
 

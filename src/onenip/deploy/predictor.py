@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Union
 
 import numpy as np
@@ -34,12 +35,14 @@ from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_
 from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing, warn_unsupported
 from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
+from onenip.deploy.runtimes import Runtime, is_exported, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.calibration import far_threshold
 from onenip.logs import progress_bar
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
+from onenip.models.scoring import normalize_score
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -100,10 +103,51 @@ def _as_rgb(item: ImageInput) -> Image.Image:
     raise TypeError(f"cannot read an image from {type(item).__name__} (give a path, a PIL image or a numpy array)")
 
 
+def _runtime_device(device: str) -> torch.device:
+    if str(device).strip().lower() not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device}: an exported file runs on the CPU (use auto or cpu), or predict with the "
+                          "model file (model.safetensors) on a GPU")
+    return torch.device("cpu")
+
+
+class ExportedModel:
+    """An exported file's runtime in the place of `DeployModel` for `Predictor`: uint8 images (N, 3, S, S) -> the same
+    dict of tensors (whatever outputs the file has; a file without known / type_distance reads as known, distance
+    NaN). `thresholds` (a tensor, one per category) starts at the file's; set to others (`level`, `far`: see
+    `thresholds_at`, `far` from the held-out normal scores the metadata carries), the decisions and normalised
+    scores are made again from the raw scores, as DeployModel makes them."""
+
+    def __init__(self, runtime: Runtime, level: float | None = None, far: float | None = None) -> None:
+        self.runtime = runtime
+        self.categories: list[str] = runtime.categories
+        self.size = runtime.size
+        self.file_thresholds = torch.tensor([runtime.thresholds[c] for c in self.categories], dtype=torch.float32)
+        self.thresholds = self.file_thresholds.clone()
+        if level is not None or far is not None:
+            scores = runtime.meta.get("normal_scores") or {}
+            stored = SimpleNamespace(thresholds=runtime.thresholds,
+                                     calibration={c: {"normal_scores": scores.get(c)} for c in self.categories})
+            self.thresholds = torch.tensor(thresholds_at(stored, self.categories, level, far),  # type: ignore[arg-type]
+                                           dtype=torch.float32)
+
+    def __call__(self, images: torch.Tensor, category: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if category is not None:
+            raise ConfigError("an exported file cannot be given the product type")
+        out = {k: torch.from_numpy(np.asarray(v)) for k, v in self.runtime.run(images.cpu().numpy()).items()}
+        n = len(images)
+        out.setdefault("known", torch.ones(n, dtype=torch.bool))
+        out.setdefault("type_distance", torch.full((n,), float("nan")))
+        if not torch.equal(self.thresholds, self.file_thresholds):  # another sensitivity: decide again
+            threshold = self.thresholds[out["category"]].clamp_min(1e-12)
+            out["normalized"] = normalize_score(out["score"], threshold)
+            out["anomalous"] = (out["score"] > threshold) & out["known"]
+        return out
+
+
 class Predictor:
     """A trained model ready to judge new images (its checkpoint must hold a deployment: every `onenip fit` writes one)."""
 
-    def __init__(self, detector: Detector, device: str = "auto", batch_size: int = 16, fast: bool = False,
+    def __init__(self, detector: Detector | Runtime, device: str = "auto", batch_size: int = 16, fast: bool = False,
                  compile_mode: str | None = None, product_type: str | None = None, level: float | None = None,
                  far: float | None = None) -> None:
         """`fast`: bf16 channels-last backbone and bf16 transformer on a GPU (see `DeployModel.optimize`); with
@@ -115,6 +159,19 @@ class Predictor:
         on the held-out normal scores the model keeps (see `thresholds_at`)."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(detector, Runtime):  # an exported file (see `load`): its runtime runs the batches
+            self.device = _runtime_device(device)
+            self.model = ExportedModel(detector, level, far)
+            if fast or compile_mode:
+                raise ConfigError(f"--fast and compile are options of a model file (model.safetensors); {detector.path} "
+                                  f"runs as exported ({detector.name}, {detector.precision})")
+            if product_type is not None:
+                raise ConfigError(f"--type needs the model file (model.safetensors): an exported file ({detector.path}) "
+                                  "always retrieves the product type itself")
+            self.given_type = None
+            self.batch_size = batch_size
+            self.size = detector.size
+            return
         if detector.deployment is None:
             raise CheckpointError("this model has no prompt pool and thresholds (a training checkpoint?); use the "
                                   "run's model.safetensors, or `onenip calibrate MODEL --output NEW.safetensors`")
@@ -136,8 +193,20 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, fast: bool = False,
-             compile_mode: str | None = None) -> "Predictor":
-        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast, compile_mode=compile_mode)
+             compile_mode: str | None = None, threads: int = 0, **options: Any) -> "Predictor":
+        """A model file (model.safetensors, a checkpoint or run folder) run by PyTorch, or an exported file run by
+        its runtime, chosen by the suffix (`onenip.deploy.runtimes.open_runtime`): ``.onnx`` ONNX Runtime, ``.xml``
+        OpenVINO (at the precision it was exported for), ``.torchscript.pt`` TorchScript. `threads`: the runtime's
+        threads (0: its default; exported files only). Other `options` go to `Predictor` (product_type, level,
+        far, ...)."""
+        if is_exported(checkpoint):
+            return cls(open_runtime(checkpoint, threads=threads), device=device, batch_size=batch_size, fast=fast,
+                       compile_mode=compile_mode, **options)
+        if threads:
+            raise ConfigError("threads applies to exported files (.onnx, .xml, .torchscript.pt); PyTorch's are set by "
+                              "torch.set_num_threads")
+        return cls(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast, compile_mode=compile_mode,
+                   **options)
 
     @property
     def categories(self) -> list[str]:
@@ -380,7 +449,7 @@ def run_predict(checkpoint: str | Path, inputs: Sequence[str], output: str | Pat
     stops half way (an error, a kill) never leaves an old index that lists overlays it has overwritten, and a run
     that ends leaves no overlays of images it did not judge."""
     out = check_output_folder(output, "--output")
-    predictor = Predictor(Detector.load(checkpoint), device=device, batch_size=batch_size, fast=fast,
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, fast=fast,
                           product_type=product_type, level=level, far=far)
     found = expand_inputs(inputs)
     paths = [p for p in found if not _inside(p, out)]  # never the overlays and masks of an earlier run here

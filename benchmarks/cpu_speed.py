@@ -1,0 +1,309 @@
+"""Every CPU runtime of the deployed model side by side, in one run, on the same model and images: speed and parity.
+
+    python benchmarks/cpu_speed.py                          # trains a small model first (see --steps), iad-mix
+    python benchmarks/cpu_speed.py --model runs/x/model.safetensors
+
+Runtimes: PyTorch eager fp32 (`DeployModel`, what predict runs), PyTorch eager under bf16 autocast, ONNX Runtime fp32
+(`onenip export --format onnx`), OpenVINO fp32 / bf16 / int8 (`onenip export --format openvino --precision P`), each
+with --threads intra-op threads (default 2). Measured:
+
+- latency: one image per call, the median of --repeats calls (after warm-up), the runtimes taking turns call by call so
+  that a machine shared with other work slows them alike;
+- throughput: batches of --batch images, images / median batch time, taking turns likewise;
+- parity against PyTorch fp32 on the test images of --data (iad-mix when found at ../shared/data/iad-mix or
+  $ONENIP_DATA/iad-mix, else the generated demo data): the mean over categories of the image AUROC, its difference
+  from PyTorch fp32's, the share of identical decisions (good / defective / unknown) and of identical retrieved types.
+
+Parity needs a trained model: --model, else one is trained here on the CPU (tf_efficientnet_lite0 at 224 px, the default
+network, --steps steps of batch 8, a tenth of the normal images held out for the thresholds) into --work, and reused
+from there by later runs; the output says which. With --profile, OpenVINO's per-layer-type times of each OpenVINO
+runtime at batch 1 (what holds the latency). Writes cpu_speed.json and cpu_speed.md to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from iad_mix import git_commit  # noqa: E402
+
+from onenip.data import read_sources  # noqa: E402
+from onenip.data.images import load_image, resize_image  # noqa: E402
+from onenip.deploy.export import export_model  # noqa: E402
+from onenip.deploy.runtimes import OnnxRuntime, OpenVinoRuntime  # noqa: E402
+from onenip.evaluation.metrics import auroc  # noqa: E402
+from onenip.models.detector import Detector  # noqa: E402
+from onenip.models.inference import DeployModel  # noqa: E402
+
+Run = Callable[[np.ndarray], dict[str, np.ndarray]]
+
+
+def cpu_info() -> dict[str, object]:
+    """lscpu's model name and the flags that decide the low-precision paths."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                name = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"model": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
+def data_root(arg: str | None) -> tuple[Path, str]:
+    if arg:
+        return Path(arg), "given"
+    for base in (os.environ.get("ONENIP_DATA"), str(REPO.parent / "shared" / "data")):
+        if base and (Path(base) / "iad-mix").is_dir():
+            return Path(base) / "iad-mix", "iad-mix"
+    from onenip.demo.dataset import make_demo_dataset
+
+    root = REPO / "runs" / "cpu-speed" / "demo-data"
+    if not root.is_dir():
+        make_demo_dataset(root, seed=0, image_size=256, n_train=60, n_test_good=20, n_test_defect=20)
+    return root, "generated demo data (iad-mix not found)"
+
+
+def train_model(root: Path, work: Path, steps: int, threads: int) -> Path:
+    from onenip.api import make_config
+    from onenip.training.trainer import Trainer
+
+    textures = root.parent / "textures"
+    cfg = make_config(None, [
+        f"data.roots=[{root}]", "data.input_size=224", "data.holdout=0.1", "data.workers=1",
+        *([f"data.textures={textures}"] if textures.is_dir() else []),
+        "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", "train.device=cpu",
+        "train.batch_size=8", f"train.max_steps={steps}", f"output_dir={work / 'run'}",
+    ])
+    torch.set_num_threads(threads)
+    Trainer(cfg, progress=False).run()
+    return work / "run" / "model.safetensors"
+
+
+def test_images(root: Path, categories: list[str], size: int, limit: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """All test images of the model's types (every k-th for --limit), resized to the input size: uint8 (N, 3, S, S),
+    labels (N,), categories (N,)."""
+    samples = read_sources([str(root)], "test", [c for c in categories if (root / c).is_dir()] or None)
+    if limit and len(samples) > limit:
+        samples = samples[:: -(-len(samples) // limit)]
+    images = np.stack([resize_image(load_image(s.image), size) for s in samples]).transpose(0, 3, 1, 2).copy()
+    return images, np.array([s.label for s in samples]), [s.category for s in samples]
+
+
+def torch_runner(model: DeployModel, bf16: bool) -> Run:
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:  # torch's threads: set once in main (resetting them costs)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(torch.from_numpy(images))
+        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in out.items()}
+    return run
+
+
+def timed_turns(runs: dict[str, Run], batch: np.ndarray, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per call of each runtime on `batch`, the runtimes taking turns call by call."""
+    for run in runs.values():
+        for _ in range(warmup):
+            run(batch)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run(batch)
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def decisions(out: dict[str, np.ndarray]) -> np.ndarray:
+    known = out.get("known", np.ones(len(out["score"]), dtype=bool))
+    return np.where(~known, "unknown", np.where(out["anomalous"], "defective", "good"))
+
+
+def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: list[str], batch: int) -> dict[str, dict]:
+    outs: dict[str, dict[str, np.ndarray]] = {}
+    for name, run in runs.items():
+        parts = [run(images[i : i + batch]) for i in range(0, len(images), batch)]
+        outs[name] = {k: np.concatenate([p[k] for p in parts]) for k in ("score", "anomalous", "category", "known")
+                      if k in parts[0]}
+    ref = outs["pytorch-fp32"]
+    cat_arr = np.array(cats)
+    result = {}
+    for name, out in outs.items():
+        per_cat = [auroc(out["score"][cat_arr == c], labels[cat_arr == c]) for c in sorted(set(cats))
+                   if len(set(labels[cat_arr == c].tolist())) == 2]
+        result[name] = {
+            "mean_image_auroc": 100 * float(np.mean(per_cat)),
+            "identical_decisions": 100 * float(np.mean(decisions(out) == decisions(ref))),
+            "identical_types": 100 * float(np.mean(out["category"] == ref["category"])),
+            "largest_relative_score_difference": float(np.max(np.abs(out["score"] - ref["score"]) / np.abs(ref["score"]))),
+        }
+    for name in result:
+        result[name]["auroc_difference"] = result[name]["mean_image_auroc"] - result["pytorch-fp32"]["mean_image_auroc"]
+    return result
+
+
+def openvino_profile(runtime_path: Path, precision: str, threads: int, size: int) -> dict[str, object]:
+    """Per layer type (and kernel), milliseconds per image at batch 1, from OpenVINO's PERF_COUNT."""
+    import openvino as ov
+
+    core = ov.Core()
+    from onenip.deploy.runtimes import openvino_config
+
+    config = {**openvino_config(precision, threads), "PERF_COUNT": True}
+    request = core.compile_model(core.read_model(str(runtime_path)), "CPU", config).create_infer_request()
+    x = np.random.default_rng(0).integers(0, 256, (1, 3, size, size), dtype=np.uint8)
+    for _ in range(3):
+        request.infer({"images": x})
+    by_type: collections.Counter = collections.Counter()
+    n = 20
+    for _ in range(n):
+        request.infer({"images": x})
+        for p in request.profiling_info:
+            by_type[f"{p.node_type} ({p.exec_type})"] += p.real_time.total_seconds() * 1000 / n
+    total = sum(by_type.values())
+    amx = sum(v for k, v in by_type.items() if "amx" in k.lower())
+    return {"total_ms": total, "amx_share": amx / max(total, 1e-9),
+            "top": [[k, round(v, 3)] for k, v in by_type.most_common(14)]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="a trained model.safetensors (default: train one into --work, or reuse it)")
+    ap.add_argument("--data", help="dataset root for parity (default: iad-mix if found, else generated demo data)")
+    ap.add_argument("--work", default=str(REPO / "runs" / "cpu-speed"), help="the trained model and the exports")
+    ap.add_argument("--steps", type=int, default=300, help="training steps when no --model is given")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="batch of the throughput measurement and of parity")
+    ap.add_argument("--repeats", type=int, default=40, help="calls per runtime for the latency median")
+    ap.add_argument("--batch-repeats", type=int, default=8, help="batches per runtime for the throughput median")
+    ap.add_argument("--limit", type=int, default=0, help="at most this many test images for parity (0: all)")
+    ap.add_argument("--runtimes", nargs="*", default=None, help="a subset (names as in the table)")
+    ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type times at batch 1")
+    ap.add_argument("--output", default=str(REPO / "docs" / "results" / "cpu-speed"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    root, data_kind = data_root(args.data)
+    if args.model:
+        model_path, model_note = Path(args.model), f"given: {args.model}"
+    else:
+        model_path = work / "run" / "model.safetensors"
+        if model_path.is_file():
+            model_note = f"trained earlier by this script into {model_path}"
+        else:
+            model_path = train_model(root, work, args.steps, args.threads)
+            model_note = f"trained by this run: {args.steps} steps of batch 8 on {root}"
+    det = Detector.load(model_path)
+    model_note += (f" ({det.cfg.backbone.name}, {det.input_size} px, hidden {det.cfg.model.hidden_dim}, "
+                   f"{det.cfg.model.encoder_layers}+{det.cfg.model.decoder_layers} layers)")
+    print(f"model: {model_note}", flush=True)
+    size = det.input_size
+    exports = work / "exports" / model_path.stem
+    exports.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    export_seconds: dict[str, float] = {}
+    for fmt, precision, name in (("onnx", None, "model.onnx"), ("openvino", "fp32", "fp32.xml"),
+                                 ("openvino", "bf16", "bf16.xml"), ("openvino", "int8", "int8.xml")):
+        path = exports / name
+        key = "onnxruntime-fp32" if precision is None else f"openvino-{precision}"
+        if args.runtimes is not None and key not in args.runtimes:
+            continue
+        if not path.is_file() or path.stat().st_mtime < model_path.stat().st_mtime:
+            t = time.perf_counter()
+            export_model(model_path, fmt, path, precision=precision)
+            export_seconds[key] = round(time.perf_counter() - t, 1)
+            print(f"exported {key} in {export_seconds[key]} s", flush=True)
+        files[key] = path
+
+    model = DeployModel(det, det.deployment).eval().requires_grad_(False)
+    runs: dict[str, Run] = {"pytorch-fp32": torch_runner(model, False),
+                            "pytorch-bf16-autocast": torch_runner(model, True)}
+    if "onnxruntime-fp32" in files:
+        runs["onnxruntime-fp32"] = OnnxRuntime(files["onnxruntime-fp32"], threads=args.threads).run
+    for precision in ("fp32", "bf16", "int8"):
+        if f"openvino-{precision}" in files:
+            runs[f"openvino-{precision}"] = OpenVinoRuntime(files[f"openvino-{precision}"], threads=args.threads).run
+    if args.runtimes is not None:
+        runs = {k: v for k, v in runs.items() if k in args.runtimes or k == "pytorch-fp32"}
+
+    load_before = os.getloadavg()
+    rng = np.random.default_rng(0)
+    images, labels, cats = test_images(root, det.deployment.categories, size, args.limit)
+    one = images[rng.integers(len(images))][None].copy()
+    many = images[rng.choice(len(images), args.batch, replace=False)].copy()
+    latency = timed_turns(runs, one, args.repeats)
+    print("latency (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in latency.items()), flush=True)
+    batched = timed_turns(runs, many, args.batch_repeats, warmup=1)
+    print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items()), flush=True)
+    load_mid = os.getloadavg()
+    agree = parity(runs, images, labels, cats, args.batch)
+    profiles = {}
+    if args.profile:
+        for precision in ("fp32", "bf16", "int8"):
+            if f"openvino-{precision}" in files:
+                profiles[f"openvino-{precision}"] = openvino_profile(files[f"openvino-{precision}"], precision,
+                                                                     args.threads, size)
+    cpu = cpu_info()
+    low = {"pytorch-fp32": "no", "pytorch-bf16-autocast": "bf16 autocast (oneDNN: AMX-BF16 where the CPU has it)",
+           "onnxruntime-fp32": "no", "openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
+           "openvino-bf16": "bf16 (AMX-BF16)", "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
+    rows = [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
+             "low_precision": low.get(name, ""), **agree[name],
+             **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(), "cpu": cpu,
+            "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
+            "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
+            "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
+            "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles}
+    versions = {}
+    for pkg in ("onnxruntime", "openvino", "nncf"):
+        try:
+            versions[pkg] = __import__(pkg).__version__
+        except Exception:
+            pass
+    meta["versions"] = versions
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cpu_speed.json").write_text(json.dumps(meta, indent=2))
+    md = [f"- command: `{meta['command']}`",
+          f"- commit {meta['commit']}; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); "
+          f"{args.threads} threads per runtime; torch {torch.__version__}, "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          f"- model: {model_note}", f"- parity: {len(images)} test images of {data_kind}, against PyTorch fp32",
+          f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs", "",
+          "| runtime | low precision | batch 1 latency (ms) | batch " + str(args.batch) + " throughput (img/s) | "
+          "mean image AUROC | Δ AUROC (points) | identical decisions | identical types |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | {r['throughput_img_s']:.0f} | "
+                  f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | {r['identical_decisions']:.1f} % | "
+                  f"{r['identical_types']:.1f} % |")
+    for name, prof in profiles.items():
+        md += ["", f"{name}, batch 1, OpenVINO per-layer-type time (PERF_COUNT, {prof['total_ms']:.1f} ms in all, "
+                   f"{100 * prof['amx_share']:.0f} % in AMX kernels): "
+               + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:10])]
+    (out / "cpu_speed.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

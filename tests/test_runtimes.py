@@ -1,0 +1,261 @@
+"""Exported files run by their runtimes (ONNX Runtime, OpenVINO at fp32 / bf16 / int8, TorchScript) through one
+interface: the same outputs as PyTorch's `DeployModel` (fp32 within float tolerance; bf16 and int8 the same decisions),
+the metadata carried in the file, `Predictor.load` and `onenip predict` on an exported file, and named errors for a
+missing optional package or missing calibration data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import onenip
+from onenip.cli import main
+from onenip.data import read_sources
+from onenip.data.images import load_image, resize_image
+from onenip.deploy.export import export_model
+from onenip.deploy.predictor import Predictor
+from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, open_runtime, runtime_name
+from onenip.errors import CheckpointError, ConfigError, DatasetError, MissingDependencyError
+from onenip.models.detector import Detector
+from onenip.models.inference import DeployModel
+
+TWO = ["disc", "weave"]  # the tiny model's types (conftest.TINY_MODEL)
+MAP_ATOL = 1e-4  # float32 runtimes: largest |map - PyTorch map|
+
+has_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
+                                  reason="openvino not installed (pip install 'onenip[openvino]')")
+has_nncf = pytest.mark.skipif(__import__("importlib").util.find_spec("nncf") is None,
+                              reason="nncf not installed (pip install 'onenip[openvino]')")
+
+
+@pytest.fixture(scope="module")
+def images(gen_data: Path) -> np.ndarray:
+    """16 generated test images (N, 3, 64, 64) uint8: per type 4 normal and 4 defective."""
+    test = read_sources([str(gen_data)], "test", TWO)
+    chosen = []
+    for cat in TWO:
+        for label in (0, 1):
+            chosen += [s for s in test if s.category == cat and s.label == label][:4]
+    return np.stack([resize_image(load_image(s.image), 64) for s in chosen]).transpose(0, 3, 1, 2).copy()
+
+
+def torch_outputs(model: DeployModel, images: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        return {k: v.numpy() for k, v in model(torch.from_numpy(images)).items()}
+
+
+@pytest.fixture(scope="module")
+def deployed(tiny_model: Path, images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with each threshold in the widest gap between the scores of the test images that retrieve its
+    type, so that decisions are mixed and no score lies near a threshold (bf16 / int8 agreement is then a real test)."""
+    det = Detector.load(tiny_model)
+    out = torch_outputs(DeployModel(det, det.deployment).eval(), images)
+    for i, cat in enumerate(TWO):
+        s = np.sort(out["score"][out["category"] == i].astype(np.float64))
+        if s.size >= 2:
+            k = int(np.argmax(np.diff(s)))
+            det.deployment.thresholds[cat] = float((s[k] + s[k + 1]) / 2)
+    return det.save(tmp_path_factory.mktemp("runtimes") / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(deployed: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    det = Detector.load(deployed)
+    return torch_outputs(DeployModel(det, det.deployment).eval(), images)
+
+
+@pytest.fixture(scope="module")
+def exported(deployed: Path) -> dict[str, Path]:
+    """Every export available here, beside the checkpoint."""
+    files = {"onnx": export_model(deployed, "onnx"), "torchscript": export_model(deployed, "torchscript")}
+    if runtime_name("x.xml") and __import__("importlib").util.find_spec("openvino") is not None:
+        folder = deployed.parent
+        files["openvino-fp32"] = export_model(deployed, "openvino", folder / "fp32.xml")
+        files["openvino-bf16"] = export_model(deployed, "openvino", folder / "bf16.xml", precision="bf16")
+        if __import__("importlib").util.find_spec("nncf") is not None:
+            files["openvino-int8"] = export_model(deployed, "openvino", folder / "int8.xml", precision="int8")
+    return files
+
+
+def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """float32 agreement: maps within MAP_ATOL, the rest as close, decisions, categories and known identical."""
+    assert list(got)[: len(OUTPUT_NAMES)] == list(OUTPUT_NAMES)
+    assert got["map"].dtype == np.float32 and got["map"].shape == want["map"].shape
+    assert float(np.abs(got["map"].astype(np.float64) - want["map"]).max()) <= MAP_ATOL
+    np.testing.assert_allclose(got["score"], want["score"], rtol=1e-4, atol=0)
+    np.testing.assert_allclose(got["normalized"], want["normalized"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["type_distance"], want["type_distance"], rtol=1e-4, atol=1e-5)
+    for key in ("anomalous", "known"):
+        assert got[key].dtype == np.bool_ and np.array_equal(got[key], want[key]), key
+    assert got["category"].dtype == np.int64 and np.array_equal(got["category"], want["category"])
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript", "openvino-fp32"])
+def test_float32_runtimes_compute_what_pytorch_computes(kind: str, exported: dict[str, Path], images: np.ndarray,
+                                                        reference: dict[str, np.ndarray]) -> None:
+    if kind not in exported:
+        pytest.skip(f"{kind}: its package is not installed")
+    runtime = open_runtime(exported[kind], threads=1)
+    assert runtime.name == {"onnx": "onnxruntime", "torchscript": "torchscript"}.get(kind, "openvino")
+    assert_close(runtime.run(images), reference)
+    for part in (images[:1], images[5:8]):  # any batch size
+        got = runtime.run(part)
+        assert got["map"].shape == (len(part), 64, 64)
+    assert set(reference["anomalous"].tolist()) == {False, True}  # both decisions: agreement is a real test
+    with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 3, 64, 64\) with N >= 1"):
+        runtime.run(images.astype(np.float32))
+    with pytest.raises(ValueError, match="N >= 1"):
+        runtime.run(images[:0])
+
+
+@has_openvino
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_low_precision_openvino_takes_the_same_decisions(precision: str, exported: dict[str, Path],
+                                                         images: np.ndarray, reference: dict[str, np.ndarray]) -> None:
+    if f"openvino-{precision}" not in exported:
+        pytest.skip("nncf not installed")
+    runtime = open_runtime(exported[f"openvino-{precision}"], threads=1)
+    assert runtime.precision == precision and runtime.meta["precision"] == precision
+    got = runtime.run(images)
+    assert np.array_equal(got["category"], reference["category"])
+    assert np.array_equal(got["known"], reference["known"])
+    # bf16: the same decisions; int8 on this barely trained model (scores 84-97, thresholds a point from some): one
+    # image of 16 may cross (benchmarks/cpu_speed.py measures the agreement of a trained model on iad-mix)
+    differ = int((got["anomalous"] != reference["anomalous"]).sum())
+    assert differ <= (0 if precision == "bf16" else 1), (got["anomalous"], reference["anomalous"])
+    rel = np.abs(got["score"] - reference["score"]) / np.abs(reference["score"])
+    assert rel.max() < 0.15, rel  # the scores themselves move by bf16 / int8 rounding, not more
+    order = np.argsort(reference["score"])
+    assert np.corrcoef(got["score"][order], reference["score"][order])[0, 1] > 0.95
+
+
+def test_metadata_travels_in_every_file(exported: dict[str, Path], deployed: Path) -> None:
+    det = Detector.load(deployed)
+    dep = det.deployment
+    for kind, path in exported.items():
+        runtime = open_runtime(path)
+        meta = runtime.meta
+        assert runtime.categories == TWO and runtime.size == 64, kind
+        assert runtime.thresholds == pytest.approx(dep.thresholds, rel=1e-6), kind
+        assert meta["version"] == onenip.__version__ and meta["format"] == "onenip-deploy", kind
+        assert meta["outputs"] == list(OUTPUT_NAMES) and meta["input_size"] == 64, kind
+        assert meta["precision"] == (kind.split("-")[1] if kind.startswith("openvino") else "fp32"), kind
+        assert set(meta["normal_scores"]) == set(TWO), kind  # for Predictor(far=...) on the file
+        assert runtime.outputs[: len(OUTPUT_NAMES)] == list(OUTPUT_NAMES), kind
+    if "openvino-fp32" in exported:
+        assert exported["openvino-fp32"].with_suffix(".bin").is_file()
+
+
+def test_predictor_load_chooses_the_runtime_by_suffix(exported: dict[str, Path], deployed: Path, gen_data: Path) -> None:
+    files = sorted((gen_data / "disc" / "test").rglob("*.png"))[:3] + sorted((gen_data / "weave" / "test").rglob("*.png"))[:3]
+    want = Predictor.load(deployed, device="cpu").predict(files)
+    for kind, path in exported.items():
+        predictor = Predictor.load(path, batch_size=4)
+        assert predictor.categories == TWO and predictor.size == 64
+        got = predictor.predict(files)
+        assert [p.category for p in got] == [p.category for p in want], kind
+        if not kind.endswith(("bf16", "int8")):
+            assert [p.decision for p in got] == [p.decision for p in want], kind
+            for g, w in zip(got, want):
+                assert g.anomaly_map.shape == w.anomaly_map.shape
+                assert g.score == pytest.approx(w.score, rel=1e-4) and g.threshold == pytest.approx(w.threshold)
+                assert g.type_distance == pytest.approx(w.type_distance, rel=1e-4, abs=1e-5)
+    # another sensitivity on the file: the decisions made again from its raw scores, as the checkpoint makes them
+    for options in ({"level": 0.3}, {"far": 0.0}):
+        want = Predictor.load(deployed, device="cpu", **options).predict(files)
+        got = Predictor.load(exported["onnx"], **options).predict(files)
+        assert [p.decision for p in got] == [p.decision for p in want], options
+        assert [p.normalized for p in got] == pytest.approx([p.normalized for p in want], rel=1e-4), options
+    with pytest.raises(ConfigError, match="--type needs the model file"):
+        Predictor.load(exported["onnx"], product_type="disc")
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        Predictor.load(exported["onnx"], device="cuda")
+
+
+def test_predict_command_on_an_exported_file(exported: dict[str, Path], deployed: Path, gen_data: Path,
+                                             tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    shutil.copytree(gen_data / "disc" / "test", inputs)
+    assert main(["predict", str(deployed), str(inputs), "--output", str(tmp_path / "ckpt"), "--no-progress"]) == 0
+    want = json.loads((tmp_path / "ckpt" / "predictions.json").read_text())["predictions"]
+    kind = "openvino-fp32" if "openvino-fp32" in exported else "onnx"
+    assert main(["predict", str(exported[kind]), str(inputs), "--output", str(tmp_path / "out"), "--no-progress"]) == 0
+    got = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    assert [r["decision"] for r in got] == [r["decision"] for r in want]
+    assert [r["category"] for r in got] == [r["category"] for r in want]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-4)
+    assert all((tmp_path / "out" / r["overlay"]).is_file() for r in got)
+
+
+@has_openvino
+def test_export_command_writes_openvino(deployed: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "line" / "model.xml"
+    assert main(["export", str(deployed), "--format", "openvino", "--precision", "bf16", "--output", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert out.is_file() and out.with_suffix(".bin").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.bin", "model.xml"]  # no temporary left
+    assert isinstance(open_runtime(out), OpenVinoRuntime) and open_runtime(out).precision == "bf16"
+
+
+def test_precision_applies_to_openvino_only(deployed: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="openvino format only"):
+        export_model(deployed, "onnx", tmp_path / "x.onnx", precision="int8")
+    with pytest.raises(ConfigError, match="unknown precision"):
+        export_model(deployed, "openvino", tmp_path / "x.xml", precision="fp8")
+    assert not list(tmp_path.iterdir())
+
+
+@has_openvino
+@has_nncf
+def test_int8_without_the_training_images_names_them(deployed: Path, tmp_path: Path) -> None:
+    det = Detector.load(deployed)
+    det.cfg.data.roots = [str(tmp_path / "gone" / "gen-mix")]
+    moved = det.save(tmp_path / "moved.safetensors")
+    with pytest.raises(DatasetError, match=r"training roots \(data.roots\) .*gone/gen-mix are not there.*--precision bf16"):
+        export_model(moved, "openvino", tmp_path / "x.xml", precision="int8")
+    assert not (tmp_path / "x.xml").exists()
+
+
+@pytest.mark.parametrize(("module", "fmt", "precision"), [("openvino", "openvino", "fp32"), ("nncf", "openvino", "int8")])
+def test_missing_package_names_the_extra(module: str, fmt: str, precision: str, deployed: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=rf"needs the Python package {module}.*pip install 'onenip\[openvino\]'"):
+        export_model(deployed, fmt, tmp_path / "x.xml", precision=precision)
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_runtime_package_names_the_extra(exported: dict[str, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    xml = tmp_path / "model.xml"  # the check comes before the file is read: any .xml will do
+    xml.write_text("<net/>")
+    xml.with_suffix(".bin").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'onenip\[openvino\]'"):
+        Predictor.load(xml)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'onenip\[onnx\]'"):
+        Predictor.load(exported["onnx"])
+
+
+def test_unusable_files_are_named(tmp_path: Path, exported: dict[str, Path]) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        open_runtime(tmp_path / "missing.onnx")
+    with pytest.raises(CheckpointError, match="not an exported model file"):
+        open_runtime(tmp_path / "model.tflite")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="onnxruntime cannot load"):
+        open_runtime(bad)
+    if "openvino-fp32" in exported:
+        xml = tmp_path / "alone.xml"
+        shutil.copy(exported["openvino-fp32"], xml)  # without its .bin
+        with pytest.raises(CheckpointError, match=r"alone.bin are missing"):
+            open_runtime(xml)
