@@ -31,26 +31,17 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 uvicorn = pytest.importorskip("uvicorn", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 
-from onenip.api import make_config  # noqa: E402
 from onenip.cli import main  # noqa: E402
 from onenip.data import images as image_reader  # noqa: E402
 from onenip.deploy.predictor import Predictor  # noqa: E402
 from onenip.deploy.server import RESULTS_CSV, Batcher, FolderWatcher, bind, create_app, page_html  # noqa: E402
-from onenip.training.trainer import Trainer  # noqa: E402
 
 MAX_BYTES = 400_000
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> Path:
-    run = tmp_path_factory.mktemp("serve") / "run"
-    cfg = make_config(None, [
-        f"data.roots=[{gen_data}]", "data.categories=[disc, weave]", "data.input_size=64", f"data.textures={gen_textures}",
-        "data.workers=0", "data.holdout=0.2", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
-        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8",
-        "train.max_steps=3", "train.device=cpu", f"output_dir={run}"])
-    Trainer(cfg, progress=False).run()
-    return run / "model.safetensors"
+def model(tiny_model: Path) -> Path:
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
