@@ -55,6 +55,7 @@ from onenip.deploy.runtimes import (
     OUTPUT_NAMES,
     PRECISIONS,
     OnnxRuntime,
+    load_torchscript,
     openvino_config,
     require,
 )
@@ -529,21 +530,6 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
 # --------------------------------------------------------------------------------------------------------------------
 # Using exported files
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def load_torchscript(path: str | Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """(module, metadata) of an exported TorchScript file, on the CPU; the module maps uint8 images (N, 3, S, S) to
-    the dict of outputs. Needs only torch (no onenip model code)."""
-    extra = {METADATA_FILE: ""}
-    try:
-        with _quiet_tracing():
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra[METADATA_FILE] or "null")
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the TorchScript model {path}: {exc}") from None
-    if not isinstance(meta, dict) or "categories" not in meta:
-        raise CheckpointError(f"{path} is not a TorchScript model exported by onenip (no {METADATA_FILE})")
-    return module.eval(), meta
 
 
 class OnnxPredictor(OnnxRuntime):

@@ -222,28 +222,36 @@ class OpenVinoRuntime(Runtime):
         return {name: np.array(result[out]) for name, out in zip(self.outputs, self.compiled.outputs)}
 
 
+def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """(module, metadata) of an exported TorchScript file, on the CPU; the module maps uint8 images (N, 3, S, S) to
+    the dict of outputs. Needs only torch (no onenip model code)."""
+    import torch
+
+    extra = {METADATA_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        meta = json.loads(extra[METADATA_FILE] or "null")
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the TorchScript model {path}: {exc}") from None
+    if not isinstance(meta, dict) or "categories" not in meta:
+        raise CheckpointError(f"{path} is not a TorchScript model exported by onenip (no {METADATA_FILE})")
+    return module.eval(), meta
+
+
 class TorchScriptRuntime(Runtime):
     """A ``.torchscript.pt`` file run by torch.jit on the CPU (torch alone)."""
 
     name = "torchscript"
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import torch
 
-        extra = {METADATA_FILE: ""}
         _threads(threads)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
-                warnings.filterwarnings("ignore", category=DeprecationWarning)
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-            meta = json.loads(extra[METADATA_FILE] or "null")
-        except Exception as exc:
-            raise CheckpointError(f"cannot read the TorchScript model {path}: {exc}") from None
-        if not isinstance(meta, dict) or "categories" not in meta:
-            raise CheckpointError(f"{path} is not a TorchScript model exported by onenip (no {METADATA_FILE})")
-        self.module = module.eval()
+        module, meta = load_torchscript(path)
+        self.module = module
         self.threads = threads
         super().__init__(path, meta, list(meta.get("outputs", OUTPUT_NAMES)))
 
