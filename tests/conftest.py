@@ -13,7 +13,7 @@ Real data (only where it is present; tests that need it are skipped otherwise, n
 - ``shared_data``: the folder holding ``iad-mix/`` and ``textures/``: ``$ONENIP_DATA`` when set (a folder that does not
   exist then means "no real data": there is no fallback), else ``$ONENIP_SHARED/data`` (default ``../shared/data``
   beside the checkout) unless ``ONENIP_NO_SHARED=1``.
-- ``iad_mix``, ``textures``: its two sub-folders (see ``../shared/data/README.md``). Never copied into the repository.
+- ``iad_mix``, ``textures``: its two sub-folders. Never copied into the repository.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def gen_textures(gen_folder: Path) -> Path:
 # -- real data ----------------------------------------------------------------------------------------------------------
 
 HOW_TO_GET_REAL_DATA = ("set ONENIP_DATA to a folder holding iad-mix/ and textures/, or place them in "
-                        "../shared/data beside the checkout (see ../shared/data/README.md)")
+                        "../shared/data beside the checkout")
 
 
 TINY_MODEL = [  # a small but complete OneNIP on two generated types: trained in 3 steps (a few seconds)
