@@ -19,6 +19,9 @@ Real data (only where it is present; tests that need it are skipped otherwise, n
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +172,43 @@ def iad_mix() -> Path:
 def textures() -> Path:
     """The real texture folder (DTD JPEGs); skipped when missing."""
     return _real("textures")
+
+
+TRAINING_CHILD = """
+import logging, pathlib, sys, time
+import torch
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from onenip.api import make_config
+from onenip.training.trainer import Trainer
+marker = pathlib.Path(sys.argv[1])
+trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
+step = trainer.train_step
+def counted(batch):
+    out = step(batch)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(str(trainer.step))
+    tmp.replace(marker)  # atomic: the parent never reads a half-written count
+    if trainer.step > len(trainer.loader):
+        time.sleep(0.3)  # from epoch 2 on, slow enough that a loaded machine still stops it mid-epoch
+    return out
+trainer.train_step = counted
+trainer.run()
+"""
+
+
+def training_child(tmp_path: Path, overrides: list[str], until_step: int) -> subprocess.Popen:
+    """`onenip fit`'s Trainer with `overrides` in a child process (stderr piped), returned once it has taken
+    `until_step` optimizer steps, still running (from the second epoch on it sleeps 0.3 s a step)."""
+    script, marker = tmp_path / "child.py", tmp_path / "steps"
+    script.write_text(TRAINING_CHILD)
+    child = subprocess.Popen([sys.executable, str(script), str(marker), *overrides],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and child.poll() is None:
+        text = marker.read_text().strip() if marker.exists() else ""
+        if text and int(text) >= until_step:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, "the training child ended before it reached step " + str(until_step)
+    return child

@@ -56,6 +56,11 @@ def test_further_normal_images_set_the_threshold(model: Path, gen_data: Path, tm
     _, dep = add_type(model, "grain", grain(gen_data, "train")[:2], normal=grain(gen_data, "train")[2:12],
                       output=tmp_path / "m.safetensors")
     assert dep.calibration["grain"]["normal_images"] == 10 and "10 further normal images" in dep.calibration["grain"]["source"]
+    # the scores the threshold rests on are those the deployed model gives these images as the added type
+    preds = Predictor(Detector.load(tmp_path / "m.safetensors"), device="cpu", product_type="grain").predict(
+        grain(gen_data, "train")[2:12])
+    assert dep.calibration["grain"]["normal_scores"] == pytest.approx(sorted(p.score for p in preds), rel=1e-4, abs=1e-6)
+    assert dep.type_thresholds["grain"] == pytest.approx(1.2 * max(p.type_distance for p in preds), rel=1e-4)
 
 
 def test_bad_input_is_named(model: Path, gen_data: Path, tmp_path: Path) -> None:

@@ -5,17 +5,15 @@ training. Each test fails without the behaviour it names."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import training_child
 
 from onenip.api import fit, make_config
 from onenip.checkpoint import load_checkpoint
@@ -83,29 +81,6 @@ def test_fit_logs_the_categories_and_their_counts(tmp_path: Path, gen_data: Path
         assert re.search(rf"{cat} +train +{n_train} +held out +{n_held} +test +{n_test}\n", text), text
 
 
-CHILD = """
-import logging, pathlib, sys, time
-import torch
-torch.set_num_threads(1)
-logging.basicConfig(level=logging.INFO, format="%(message)s")
-from onenip.api import make_config
-from onenip.training.trainer import Trainer
-marker = pathlib.Path(sys.argv[1])
-trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
-step = trainer.train_step
-def counted(batch):
-    out = step(batch)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(str(trainer.step))
-    tmp.replace(marker)
-    if trainer.step > len(trainer.loader):
-        time.sleep(0.3)  # from epoch 2 on, slow enough to be interrupted mid-epoch
-    return out
-trainer.train_step = counted
-trainer.run()
-"""
-
-
 def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path: Path, gen_data: Path,
                                                                     gen_textures: Path) -> None:
     """SIGINT in the middle of epoch 2 (no checkpoint due before the end): the run stops after the step in progress,
@@ -117,18 +92,8 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path: Pat
     per_epoch = len(straight.loader)
     assert per_epoch >= 4
 
-    run_b, marker = tmp_path / "b", tmp_path / "steps"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), str(marker), *args, f"output_dir={run_b}"],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and child.poll() is None:
-        text = marker.read_text().strip() if marker.exists() else ""
-        if text and int(text) >= per_epoch + 2:
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the child ended before it could be interrupted"
+    run_b = tmp_path / "b"
+    child = training_child(tmp_path, [*args, f"output_dir={run_b}"], until_step=per_epoch + 2)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode != 0  # KeyboardInterrupt once the checkpoint is written
@@ -210,3 +175,26 @@ def test_progress_bars_redraw_rarely_off_a_terminal(monkeypatch: pytest.MonkeyPa
 
     direct = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "logs.py" and imports_tqdm(p)]
     assert direct == []
+
+
+def test_ctrl_c_on_the_last_step_lets_the_run_end(tmp_path: Path, gen_data: Path, gen_textures: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop asked for during the very last step: nothing is left to resume, so the run writes its model."""
+    import contextlib
+
+    import onenip.training.trainer as trainer_module
+
+    trainer = Trainer(make_config(None, overrides(gen_data, gen_textures, "train.epochs=1",
+                                                  f"output_dir={tmp_path / 'run'}")), progress=False)
+    last = len(trainer.loader)
+
+    @contextlib.contextmanager
+    def asked_at_the_last_step():
+        yield lambda: trainer.step >= last
+
+    monkeypatch.setattr(trainer_module, "stop_on_sigint", asked_at_the_last_step)
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:  # (pytest would take it for the user's Ctrl-C and stop the session)
+        pytest.fail("the run stopped after its last step instead of writing its model")
+    assert result.steps == last and (tmp_path / "run" / "model.safetensors").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GEN_TRAIN
+from conftest import GEN_TRAIN, training_child
 
 from onenip.api import fit, make_config
 from onenip.checkpoint import load_checkpoint, save_checkpoint
@@ -292,37 +292,10 @@ def test_loss_targets_are_the_clean_features_and_the_synthetic_masks(tmp_path: P
     assert seen["masks"][:b].sum() == 0 and torch.equal(seen["masks"][b:], batch["mask"])
 
 
-CHILD = """
-import pathlib, sys
-import torch
-torch.set_num_threads(1)
-from onenip.api import make_config
-from onenip.training.trainer import Trainer
-import time
-marker = pathlib.Path(sys.argv[1])
-trainer = Trainer(make_config(None, sys.argv[2:]), progress=False)
-step = trainer.train_step
-def counted(batch):
-    out = step(batch)
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(str(trainer.step))
-    tmp.replace(marker)  # atomic: the parent never reads a half-written count
-    if trainer.step > len(trainer.loader):
-        time.sleep(0.3)  # from epoch 2 on, slow enough that a loaded machine still kills it mid-epoch
-    return out
-trainer.train_step = counted
-trainer.run()
-"""
-
-
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, gen_data: Path, gen_textures: Path) -> None:
     """A training process killed with SIGKILL in the middle of an epoch loses nothing but that epoch: its checkpoint
     is complete, and resuming from it ends with exactly the weights of an uninterrupted run with the same seed."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     overrides = [f"data.roots=[{gen_data}]", f"data.categories={CATS}", "data.input_size=64", f"data.textures={gen_textures}",
                  "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
@@ -332,18 +305,8 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, gen_
     straight.run()
     per_epoch = len(straight.loader)
 
-    run_b, marker = tmp_path / "b", tmp_path / "steps"
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    child = subprocess.Popen([sys.executable, str(script), str(marker), *overrides, f"output_dir={run_b}"],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while time.time() < deadline and child.poll() is None:
-        text = marker.read_text().strip() if marker.exists() else ""
-        if text and int(text) >= per_epoch + 2:
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the child ended before it could be killed"
+    run_b = tmp_path / "b"
+    child = training_child(tmp_path, [*overrides, f"output_dir={run_b}"], until_step=per_epoch + 2)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL

@@ -16,16 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from onenip.data import Sample, group_by_category, load_split, validate_samples
 from onenip.data.tensors import SampleImages
 from onenip.errors import ConfigError, DatasetError, OnenipWarning
-from onenip.evaluation.evaluate import build_prompt_pool, train_fusion_scale
+from onenip.evaluation.evaluate import build_prompt_pool, features_of, train_fusion_scale
 from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.models.prompts import pool_samples
+from onenip.models.scoring import image_scores, patch_distances, prompt_map, type_bank, type_distance
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thresholds
@@ -276,48 +278,43 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     prompts = _type_samples(images, name, skip_bad)
     extra = _type_samples(normal, name, skip_bad) if normal else []
     detector.eval()
-    dev = next(detector.parameters()).device
-    size = detector.input_size
-    pixels = torch.stack([SampleImages(prompts, size)[i]["image"] for i in range(len(prompts))]).to(dev)  # (K, 3, S, S)
-    feats = detector.features(pixels)  # (K, C, H, W)
-
-    def with_pool(keep: list[int]) -> Deployment:
-        return Deployment(
-            pool_feats=torch.cat([dep.pool_feats.to(dev), feats[keep]]), pool_categories=dep.pool_categories + [name] * len(keep),
-            pool_images=dep.pool_images + [str(prompts[i].image) for i in keep], fusion_scale=dep.fusion_scale,
-            thresholds={**dep.thresholds, name: math.inf}, calibration=dep.calibration, alpha=dep.alpha,
-            score_kernel=dep.score_kernel, type_thresholds={**dep.type_thresholds, name: math.inf},
-            added_types=dep.added_types + [name])
-
-    full = with_pool(list(range(len(prompts))))
-    index = full.categories.index(name)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=0))  # a few images: no worker processes
+    feats = features_of(detector, prompts, cfg)  # (K, C, H, W)
+    size, kernel = detector.input_size, dep.score_kernel
     if extra:
-        model = DeployModel(detector, full).to(dev)
-        scores = deployment_outputs(model, extra, cfg.eval.batch_size, "score", own_type=True)[name]
-        dists = deployment_outputs(model, extra, cfg.eval.batch_size, "type_distance", own_type=True)[name]
+        scores, dists = prompt_scores(features_of(detector, extra, cfg), feats, size, kernel)
         source = f"{len(extra)} further normal images"
     elif len(prompts) > 1:  # leave one out: each image against the other K - 1
-        outs = [DeployModel(detector, with_pool([j for j in range(len(prompts)) if j != i])).to(dev)(
-            pixels[i : i + 1], torch.tensor([index], device=dev)) for i in range(len(prompts))]
-        scores = np.array([float(o["score"][0]) for o in outs])
-        dists = np.array([float(o["type_distance"][0]) for o in outs])
+        pairs = [prompt_scores(feats[i : i + 1], torch.cat([feats[:i], feats[i + 1 :]]), size, kernel)
+                 for i in range(len(prompts))]
+        scores, dists = (np.concatenate(v) for v in zip(*pairs))
         source = f"the {len(prompts)} prompt images, each against the others"
     else:
+        pixels = SampleImages(prompts, size)[0]["image"][None].float().to(feats.device)  # (1, 3, S, S)
         step = max(1, size // 64)  # a quarter of a 16-pixel feature cell
-        padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
+        padded = torch.nn.functional.pad(pixels, (step, step, step, step), mode="reflect").to(torch.uint8)
         shifted = torch.cat([padded[:, :, step + dy * step : step + dy * step + size, step + dx * step : step + dx * step + size]
                              for dx, dy in SHIFTS])
-        out = DeployModel(detector, full).to(dev)(shifted, torch.full((len(SHIFTS),), index, device=dev))
-        scores, dists = out["score"].cpu().numpy(), out["type_distance"].cpu().numpy()
+        scores, dists = prompt_scores(detector.features(shifted), feats, size, kernel)
         source = "4 shifted copies of the single prompt image"
-    thresholds, info = calibrate_far({name: np.asarray(scores)}, far, source)
+    thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
                       added_from=[str(s.image) for s in prompts])
-    full.thresholds[name] = thresholds[name]
-    full.type_thresholds[name] = float(np.max(dists)) * margin if margin > 0 else math.inf
-    full.calibration = {**dep.calibration, **info}
-    full.pool_feats = full.pool_feats.cpu()
-    return full
+    return Deployment(
+        pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
+        pool_images=dep.pool_images + [str(s.image) for s in prompts], fusion_scale=dep.fusion_scale,
+        thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info}, alpha=dep.alpha,
+        score_kernel=kernel, added_types=dep.added_types + [name],
+        type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf})
+
+
+def prompt_scores(feats: Tensor, prompts: Tensor, size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and type distances of images (N, C, H, W) judged by the prompt map of `prompts` (P, C, H, W): what
+    the deployed model computes for an image of a type added from these prompt images."""
+    bank = type_bank(prompts)[None].expand(len(feats), -1, -1)  # (N, P * H * W, C)
+    patches = patch_distances(feats, bank, torch.ones(bank.shape[:2], dtype=torch.bool, device=bank.device))
+    scores = image_scores(prompt_map(patches, feats.shape[-1], size), kernel)
+    return scores.cpu().numpy(), type_distance(patches).cpu().numpy()
 
 
 def _type_samples(paths: Sequence[str | Path], name: str, skip_bad: bool) -> list[Sample]:

@@ -55,7 +55,6 @@ from onenip.models.scoring import (
     normalize_score,
     patch_distances,
     prompt_map,
-    type_banks,
     type_distance,
 )
 
@@ -344,9 +343,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     added_types = set(detector.deployment.added_types) if detector.deployment is not None else set()
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
-    if pool is not None:  # the product-type check's banks, as the deployed model builds them
-        kinds = sorted(set(pool.categories))
-        bank, valid = type_banks(pool.feats, torch.tensor([kinds.index(c) for c in pool.categories]), len(kinds))
+    bank, valid = pool.type_banks if pool is not None else (None, None)  # the product-type check's
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         feats = detector.features(batch["image"].to(dev))
         prompt_feats: list[torch.Tensor | None] = [None]
@@ -358,7 +355,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             if detector.uses_prompt:
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
-            kind = torch.tensor([kinds.index(c) for c in got], device=bank.device)
+            kind = pool.kind[j[:, 0]]
             nearest = patch_distances(feats, bank[kind], valid[kind])
             dist = type_distance(nearest).tolist()
             which = torch.tensor([c in added_types for c in got], device=feats.device)

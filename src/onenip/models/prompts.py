@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from onenip.data import Sample, group_by_category
 from onenip.errors import OnenipWarning
+from onenip.models.scoring import type_banks
 
 
 def paper_prompts(test: list[Sample], train: list[Sample], seed: int) -> list[Sample]:
@@ -78,6 +80,13 @@ class PromptPool:
         self.categories = [s.category for s in samples]
         self.feats = feats  # (P, C, H, W)
         self.keys = descriptor(feats)  # (P, C)
+        self.kinds = sorted(set(self.categories))  # the product types, as the deployed model indexes them
+        self.kind = torch.tensor([self.kinds.index(c) for c in self.categories], device=feats.device)  # (P,)
+
+    @functools.cached_property
+    def type_banks(self) -> tuple[Tensor, Tensor]:
+        """Every type's bank of prompt patches and which are real (`scoring.type_banks`), built once."""
+        return type_banks(self.feats, self.kind, len(self.kinds))
 
     def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) query features -> (indices (B,), cosine similarities (B,)) of the best pool entries."""

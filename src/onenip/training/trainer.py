@@ -397,7 +397,8 @@ class Trainer:
         try:
             with stop_on_sigint() as stop:
                 while not self.finished:
-                    if not self._train_epoch(bar, clock, evaluate_every, stop):
+                    self._train_epoch(bar, clock, evaluate_every, stop)
+                    if stop() and not self.finished:  # a Ctrl-C on the last step lets the run end as planned
                         self._save_interrupted()
                         raise KeyboardInterrupt
         finally:
@@ -414,13 +415,17 @@ class Trainer:
         )
 
     @property
-    def finished(self) -> bool:
-        t = self.cfg.train
-        return self.epoch >= t.epochs or bool(t.max_steps and self.step >= t.max_steps)
+    def out_of_steps(self) -> bool:
+        """train.max_steps is set and reached."""
+        return bool(self.cfg.train.max_steps and self.step >= self.cfg.train.max_steps)
 
-    def _train_epoch(self, bar: Any, clock: dict[str, Any], evaluate_every: int, stop: Callable[[], bool]) -> bool:
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs or self.out_of_steps
+
+    def _train_epoch(self, bar: Any, clock: dict[str, Any], evaluate_every: int, stop: Callable[[], bool]) -> None:
         """Train the rest of the current epoch (from batch `epoch_step`), log its row, write the checkpoint when due.
-        False when a stop was asked for (Ctrl-C) before the epoch ended."""
+        A stop asked for (Ctrl-C) ends it after the step in progress, without its row: `epoch_step` says where."""
         cfg, t, main = self.cfg, self.cfg.train, self.dist.is_main
         lr = lr_at(cfg, self.epoch)
         for group in self.optimizer.param_groups:
@@ -439,14 +444,14 @@ class Trainer:
             if self.step % self.sync_every == 0:
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{float(terms['loss']):.4f}",
                                 img_s=f"{n_images / max(time.perf_counter() - t0, 1e-9):.1f}")
-            if (t.max_steps and self.step >= t.max_steps) or stop():
+            if self.out_of_steps or stop():
                 break
         self.check_finite(force=True)  # before this epoch's row and checkpoint
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         clock["images"] += n_images
-        if stop() and self.epoch_step < len(self.loader) and not (t.max_steps and self.step >= t.max_steps):
-            return False
+        if self.epoch_step < len(self.loader) and not self.out_of_steps:  # stopped part way
+            return
         seconds = time.perf_counter() - t0
         self.epoch += 1
         self.epoch_step = 0
@@ -463,7 +468,6 @@ class Trainer:
             log.info(" ".join(f"{k}={v}" for k, v in row.items()) + f" eta={left / 60:.1f}min")
         if self.finished or (t.save_every and self.epoch % t.save_every == 0):
             self.save()
-        return not stop()
 
     def _save_interrupted(self) -> None:
         """The checkpoint of a run stopped by Ctrl-C, with the batches of the current epoch already trained."""
