@@ -92,6 +92,9 @@ def test_jsonl_category_without_training_images_is_an_error(tmp_path: Path) -> N
     root = jsonl(tmp_path / "j", train=[("a", 0), ("b", 1)], test=[("a", 1), ("b", 0), ("b", 1)])
     with pytest.raises(DatasetError, match="categories b have test images but no normal training image listed"):
         read_source(f"jsonl:{root}", "test")  # b's only training line is defective: not a training image
+    from onenip.data import read_sources
+
+    assert {s.category for s in read_sources([f"jsonl:{root}"], "test", ["a"])} == {"a"}  # leaving b out works
 
 
 def test_files_that_are_not_images_are_named_not_dropped_silently(tmp_path: Path) -> None:

@@ -88,6 +88,10 @@ def test_report_of_a_predict_folder(model: Path, gen_data: Path, tmp_path: Path)
     assert "http://" not in page and "https://" not in page  # self-contained
     counts = {d: sum(r["decision"] == d for r in rows) for d in ("good", "defective", "unknown")}
     assert sum(counts.values()) == 6
+    for cat in {r["category"] for r in rows}:  # each type's row of the table shows its counts
+        mine = [r for r in rows if r["category"] == cat]
+        cells = [len(mine)] + [sum(r["decision"] == d for r in mine) for d in ("good", "defective", "unknown")]
+        assert f"<tr><td>{cat}</td>" + "".join(f"<td>{n}</td>" for n in cells) + "</tr>" in page
     # a rerun of predict into the folder removes that report with the run it showed
     run_predict(model, images[:2], out, device="cpu", progress=False)
     assert not (out / "report.html").exists()

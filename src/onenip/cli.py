@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "output folder of `onenip predict` (predictions.json)")
     rep.add_argument("--output", metavar="FILE", help="HTML file (default: RUN_DIR/report.html)")
     rep.add_argument("--map", default="fused", choices=("fused", "rec", "ref"), help="which scored map (default: fused)")
-    rep.add_argument("--gallery", type=int, default=8, help="worst misses shown per category (default: 8)")
+    rep.add_argument("--gallery", type=int, default=8,
+                     help="images shown per category: the misses and false alarms, or the hardest images "
+                          "without thresholds (default: 8)")
     rep.add_argument("--checkpoint", help="model for the gallery's heat maps (default: the one results.json names)")
     rep.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 

@@ -112,7 +112,9 @@ def _categories_of(spec: str, split: str) -> set[str]:
     if (fmt or detect_format(root)) in ("mvtec", "btad"):
         available, unreadable = folder_categories(root, split)
         return {*available, *unreadable}
-    return {s.category for s in read_source(spec, split)}  # listed formats: reading the list is cheap
+    # listed formats: reading the list is cheap; only names are wanted here, so no category's training images are
+    # checked (the categories chosen are, when they are read)
+    return {s.category for s in read_source(spec, split, labelled_only=True)}
 
 
 def read_source(

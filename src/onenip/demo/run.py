@@ -2,7 +2,7 @@
 
 It generates a small multi-category dataset (`onenip.demo.dataset`: procedural textures and objects whose defects are drawn
 differently from the training pseudo-anomalies), trains one OneNIP model on all categories on the CPU with the offline
-ImageNet EfficientNet-Lite0 backbone (the paper's network, at 96 px and 300 steps of batch 16 to take minutes),
+ImageNet EfficientNet-Lite0 backbone (the paper uses EfficientNet-B4; here at 96 px and 300 steps of batch 16 to take minutes),
 evaluates it (clean protocol: the category is not given) and prints the table.
 """
 
