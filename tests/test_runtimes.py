@@ -20,7 +20,7 @@ from onenip.data import read_sources
 from onenip.data.images import load_image, resize_image
 from onenip.deploy.export import export_model
 from onenip.deploy.predictor import Predictor
-from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, open_runtime, runtime_name
+from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, MissingDependencyError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -74,7 +74,7 @@ def reference(deployed: Path, images: np.ndarray) -> dict[str, np.ndarray]:
 def exported(deployed: Path) -> dict[str, Path]:
     """Every export available here, beside the checkpoint."""
     files = {"onnx": export_model(deployed, "onnx"), "torchscript": export_model(deployed, "torchscript")}
-    if runtime_name("x.xml") and __import__("importlib").util.find_spec("openvino") is not None:
+    if __import__("importlib").util.find_spec("openvino") is not None:
         folder = deployed.parent
         files["openvino-fp32"] = export_model(deployed, "openvino", folder / "fp32.xml")
         files["openvino-bf16"] = export_model(deployed, "openvino", folder / "bf16.xml", precision="bf16")

@@ -181,9 +181,11 @@ def test_batch_answers_in_order(server: Server, test_images: list[Path]) -> None
         same_answer(a, post_image(server.url, p)[1])
 
 
-def test_health_and_model(server: Server, model: Path, predictor: Predictor) -> None:
+def test_health_and_model(server: Server, model: Path, predictor: Predictor, gen_data: Path) -> None:
+    before = request(server.url, "GET", "/health")[1]["judged"]
+    assert post_image(server.url, sorted((gen_data / "disc" / "test").rglob("*.png"))[0])[0] == 200
     status, health = request(server.url, "GET", "/health")
-    assert status == 200 and health["status"] == "ok" and health["judged"] >= 0
+    assert status == 200 and health["status"] == "ok" and health["judged"] == before + 1  # the image is counted
     status, info = request(server.url, "GET", "/model")
     import torch
 

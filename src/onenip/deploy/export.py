@@ -40,7 +40,6 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -72,18 +71,12 @@ FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "o
 """Export formats and the suffix of their default file name (OpenVINO: the .xml and its .bin beside it)."""
 OPSET_RANGE = (14, 20)
 """ONNX opsets the TorchScript-based exporter handles for this model (scaled_dot_product_attention needs 14)."""
-INSTALL_HINT = "pip install 'onenip[onnx]'"
 CALIBRATION_IMAGES = 300
 """int8: at most this many of the model's normal training images calibrate the quantization (NNCF's default)."""
 TRACE_BATCH, CHECK_BATCH = 2, 3
 """Batch size of the example traced, and of the check run on the written file (a different one: N is dynamic)."""
 CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-5
 """Largest |exported - PyTorch| the export check allows: CHECK_ATOL + CHECK_RTOL * (largest |PyTorch map value|)."""
-
-
-def _require(module: str, purpose: str) -> ModuleType:
-    """Import an optional dependency or raise MissingDependencyError naming the onenip extra that installs it."""
-    return require(module, purpose)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -187,8 +180,8 @@ def _check_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, Tensor], wh
 def _export_onnx(model: DeployModel, meta: dict[str, Any], opset: int) -> tuple[bytes, float]:
     """The model as ONNX bytes, with metadata, validated by onnx.checker and run once by onnxruntime; and the largest
     difference of its maps from PyTorch's."""
-    onnx = _require("onnx", "exporting to ONNX")
-    ort = _require("onnxruntime", "checking the ONNX export")
+    onnx = require("onnx", "exporting to ONNX")
+    ort = require("onnxruntime", "checking the ONNX export")
     wrapper = _TupleOutputs(model).eval()
     size = model.size
     with tempfile.TemporaryDirectory(prefix="onenip-export-") as tmp:
@@ -314,7 +307,7 @@ def _openvino_model(model: DeployModel) -> Any:
     the TorchScript export does, and keeps scaled_dot_product_attention as one fused ScaledDotProductAttention op; the
     ONNX graph spells attention out as MatMul, Where, Softmax and IsNaN nodes, ~20 % slower here): input ``images`` u8
     (N, 3, S, S) with N dynamic, outputs named as the ONNX file's; then `_separable_pooling`."""
-    ov = _require("openvino", "exporting to OpenVINO")
+    ov = require("openvino", "exporting to OpenVINO")
     size = model.size
     try:
         with _quiet_tracing(), torch.no_grad():
@@ -359,7 +352,7 @@ def _separable_pooling(ov_model: Any) -> int:
 
 
 def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np.ndarray]:
-    ov = _require("openvino", "running an OpenVINO model")
+    ov = require("openvino", "running an OpenVINO model")
     compiled = ov.Core().compile_model(ov_model, "CPU", openvino_config(precision))
     result = compiled.create_infer_request().infer({INPUT_NAME: images.numpy()})
     return {out.get_any_name(): np.array(result[out]) for out in compiled.outputs}
@@ -367,7 +360,7 @@ def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np
 
 def _quantize(ov_model: Any, images: np.ndarray) -> Any:
     """Post-training int8 quantization of the OpenVINO model by NNCF, calibrated on `images` (one at a time)."""
-    nncf = _require("nncf", "int8 quantization (OpenVINO export --precision int8)")
+    nncf = require("nncf", "int8 quantization (OpenVINO export --precision int8)")
     dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))], lambda x: {INPUT_NAME: x})
     try:
         return nncf.quantize(ov_model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
@@ -417,7 +410,7 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
 def _save_openvino(ov_model: Any, out: Path) -> None:
     """Write the .xml and its .bin atomically: both into a temporary folder beside `out`, then renamed, the .bin
     first (an .xml is never there without its weights)."""
-    ov = _require("openvino", "exporting to OpenVINO")
+    ov = require("openvino", "exporting to OpenVINO")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         xml = Path(tmp) / "model.xml"
@@ -489,12 +482,12 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         if not OPSET_RANGE[0] <= onnx_opset <= OPSET_RANGE[1]:
             raise ConfigError(f"ONNX opset must be between {OPSET_RANGE[0]} and {OPSET_RANGE[1]}, got {opset}")
     if kind == "onnx":
-        _require("onnx", "exporting to ONNX")
-        _require("onnxruntime", "checking the ONNX export")
+        require("onnx", "exporting to ONNX")
+        require("onnxruntime", "checking the ONNX export")
     if kind == "openvino":
-        _require("openvino", "exporting to OpenVINO")
+        require("openvino", "exporting to OpenVINO")
         if level == "int8":
-            _require("nncf", "int8 quantization (OpenVINO export --precision int8)")
+            require("nncf", "int8 quantization (OpenVINO export --precision int8)")
     detector = Detector.load(checkpoint)
     if detector.deployment is None:
         raise CheckpointError(f"{checkpoint} has no prompt pool and thresholds, so there is nothing to export; run "

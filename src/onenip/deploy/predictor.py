@@ -85,8 +85,8 @@ class Prediction:
 def _as_rgb(item: ImageInput) -> Image.Image:
     if isinstance(item, (str, Path)):
         return load_image(item)
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
+    if isinstance(item, Image.Image):  # decoded images (load_image's) are RGB already: no copy
+        return item if item.mode == "RGB" else to_rgb(item)
     if isinstance(item, np.ndarray):
         arr = item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item
         if not (arr.ndim == 3 and arr.shape[2] in (3, 4) or arr.ndim == 2) or arr.size == 0:
