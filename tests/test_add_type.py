@@ -69,6 +69,8 @@ def test_bad_input_is_named(model: Path, gen_data: Path, tmp_path: Path) -> None
         add_type(model, "grain", [], output=tmp_path / "a.safetensors")
     with pytest.raises(ConfigError, match="'disc': the model has this product type already"):
         add_type(model, "disc", images, output=tmp_path / "b.safetensors")
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\), got 1.5"):  # not a traceback, nor a wrong threshold
+        add_type(model, "grain", images, far=1.5, output=tmp_path / "f.safetensors")
     with pytest.raises(ConfigError, match="give the new product type a name"):
         add_type(model, "  ", images, output=tmp_path / "c.safetensors")
     not_image = tmp_path / "notes.png"

@@ -40,6 +40,8 @@ def far_threshold(normal_scores: np.ndarray, far: float) -> float:
     With n scores sorted ascending, k = floor(far * n) false alarms are allowed: the threshold is the (n-k)-th score, so
     the scores strictly above it are at most k. With fewer than 1/far scores k = 0: the threshold is the maximum.
     """
+    if not 0 <= far < 1:  # every way to a threshold (fit, calibrate, add-type, predict --far) comes here
+        raise ConfigError(f"--far (a false alarm rate) must be in [0, 1), got {far}")
     s = np.sort(np.asarray(normal_scores, dtype=np.float64))
     if s.size == 0:
         raise ValueError("no normal scores to set a threshold from")
