@@ -1,10 +1,29 @@
-"""Render docs/benchmarks.md from the benchmark JSON files in docs/results/ (no number is typed by hand)."""
+"""Render the generated parts of docs/benchmarks.md from the benchmark result files in docs/results/.
+
+The page mixes generated and hand-written sections. Each generated part stands between two marker lines,
+
+    <!-- generated NAME: written by benchmarks/render_results.py, do not edit (sha256 0123456789ab) -->
+    <!-- end generated NAME -->
+
+(NAME one of `REGIONS`), and a rerun replaces only what stands between them: every line outside the markers is kept
+where it is. Rather than lose text it does not own, the script changes nothing and exits with status 1 when a marker
+is missing, unknown, repeated, malformed or unbalanced, or when a generated part was edited by hand since it was
+written (its text no longer has the checksum of its marker; `--force` overwrites such edits). A new generated part
+needs its two marker lines placed in the page first.
+
+    python benchmarks/render_results.py        # plots need `pip install -e '.[bench]'`
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import math
+import re
 import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -122,8 +141,6 @@ FAST_VS_PLAIN_NOTES = {
 def fast_vs_plain_section() -> list[str]:
     """Does the fast path train as well as the plain one? Row 5 of ablation.py with each engine, several seeds each
     (docs/results/fast-vs-plain-*/: *plain-row5-seed*.json and *fast-row5-seed*.json)."""
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from compare_runs import compare_table
 
@@ -405,8 +422,6 @@ def pooled_section() -> list[str]:
 
 def ablation_sections() -> list[str]:
     """Table 4a and what goes beyond it (benchmarks/ablation.py): the GPU folder when measured, and the CPU stand-in."""
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render_ablation import ablation_section
 
@@ -432,12 +447,14 @@ def ablation_sections() -> list[str]:
     return out
 
 
-if __name__ == "__main__":
-    md = [
+def intro() -> list[str]:
+    return [
         "# Benchmarks", "",
-        "Every number here comes from a file in `docs/results/` written by a script of `benchmarks/` (iad_mix.py,",
-        "ablation.py, speed.py, eval_memory.py); this page and its plots are rendered from them by",
-        "`python benchmarks/render_results.py` (plots need `pip install -e '.[bench]'`).", "",
+        "The generated parts of this page and their plots are rendered from the files in `docs/results/` that scripts",
+        "of `benchmarks/` write (iad_mix.py, ablation.py, speed.py, eval_memory.py, ...) by",
+        "`python benchmarks/render_results.py` (plots need `pip install -e '.[bench]'`). It rewrites only what stands",
+        "between its `generated` markers (HTML comments) and keeps every line outside them: the sections written by",
+        "hand.", "",
         "How the GPU runs are made: `bash benchmarks/device_bundle.sh` copies iad-mix, the textures and the offline",
         "backbone weights (the tapped layers of `tf_efficientnet_lite0`, exported to safetensors) into `.devdata/`,",
         "which travels to the GPU machine; the command of each section then ran there. `benchmarks/gpu_session.sh`",
@@ -449,27 +466,139 @@ if __name__ == "__main__":
         "of the true category as prompt (seeded) and the fusion constant from the whole test set, as the authors' code.",
         "Maps: `rec` reconstruction error, `ref` refiner, `fused` = 0.5·rec + 0.5·c·ref (the tables show `fused`).", "",
     ]
-    md += section("OneNIP on iad-mix, 224 px, tf_efficientnet_lite0 (offline ImageNet weights)",
-                  DOCS / "results" / "iad-mix-onenip-lite0-224.json")
-    md += section("UniAD baseline on iad-mix, same backbone and schedule",
-                  DOCS / "results" / "iad-mix-uniad-lite0-224.json")
-    md += ["## Evaluation memory: 10,000 test images", "",
-           "`python3 benchmarks/eval_memory.py --images 10000 --categories 10 --device cuda --workers 8 --weights",
-           ".devdata/lite0.safetensors --hidden 256` at commit be18822 on one NVIDIA H100 80GB HBM3 (16 CPU cores):",
-           "10,000 synthetic test images of 224 px in 10 categories (random weights in the transformer; the maps, not",
-           "the network, take the memory), both protocols, all seven metrics on the fused map. The evaluation streams",
-           "one category at a time.", "", "```", *(DOCS / "results" / "eval-memory-10k-h100.log").read_text().splitlines(),
-           "```", ""]
-    md += ["## Metrics speed (CPU)", "",
-           "`python benchmarks/metrics_speed.py` (synthetic MVTec-sized data: 15 categories x 115 maps of 224 x 224 =",
-           "86.6 M pixels, 3 % defective): all seven metrics for all categories in 1.8 s and 2.3 s (two runs) on the",
-           "2-core CPU machine of this project (numpy sort + searchsorted); scikit-learn needs 6.3 s for pixel AUROC and",
-           "AP of one category.", ""]
-    md += speed_sections()
-    md += retrieval_section()
-    md += synthesis_section()
-    md += fast_vs_plain_section()
-    md += ablation_sections()
-    md += pooled_section()
-    (DOCS / "benchmarks.md").write_text("\n".join(md))
-    print(DOCS / "benchmarks.md")
+
+
+def iad_mix_sections() -> list[str]:
+    return (section("OneNIP on iad-mix, 224 px, tf_efficientnet_lite0 (offline ImageNet weights)",
+                    DOCS / "results" / "iad-mix-onenip-lite0-224.json")
+            + section("UniAD baseline on iad-mix, same backbone and schedule",
+                      DOCS / "results" / "iad-mix-uniad-lite0-224.json"))
+
+
+def eval_memory_section() -> list[str]:
+    return ["## Evaluation memory: 10,000 test images", "",
+            "`python3 benchmarks/eval_memory.py --images 10000 --categories 10 --device cuda --workers 8 --weights",
+            ".devdata/lite0.safetensors --hidden 256` at commit be18822 on one NVIDIA H100 80GB HBM3 (16 CPU cores):",
+            "10,000 synthetic test images of 224 px in 10 categories (random weights in the transformer; the maps, not",
+            "the network, take the memory), both protocols, all seven metrics on the fused map. The evaluation streams",
+            "one category at a time.", "", "```", *(DOCS / "results" / "eval-memory-10k-h100.log").read_text().splitlines(),
+            "```", ""]
+
+
+def metrics_speed_section() -> list[str]:
+    return ["## Metrics speed (CPU)", "",
+            "`python benchmarks/metrics_speed.py` (synthetic MVTec-sized data: 15 categories x 115 maps of 224 x 224 =",
+            "86.6 M pixels, 3 % defective): all seven metrics for all categories in 1.8 s and 2.3 s (two runs) on the",
+            "2-core CPU machine of this project (numpy sort + searchsorted); scikit-learn needs 6.3 s for pixel AUROC and",
+            "AP of one category.", ""]
+
+
+# The generated parts of the page, by the name their markers carry (the page decides where each stands).
+REGIONS: dict[str, Callable[[], list[str]]] = {
+    "intro": intro, "iad-mix": iad_mix_sections, "eval-memory": eval_memory_section,
+    "metrics-speed": metrics_speed_section, "speed": speed_sections, "retrieval": retrieval_section,
+    "synthesis": synthesis_section, "fast-vs-plain": fast_vs_plain_section, "ablation": ablation_sections,
+    "pooled": pooled_section,
+}
+
+_BEGIN = re.compile(r"<!-- generated (?P<name>[\w-]+): written by benchmarks/render_results\.py, do not edit "
+                    r"\(sha256 (?P<sum>[0-9a-f]{12})\) -->")
+_END = re.compile(r"<!-- end generated (?P<name>[\w-]+) -->")
+_MARKER = re.compile(r"\s*<!--\s*(end\s+)?generated\b")  # any line meant as a marker, well-formed or not
+
+
+class PageError(Exception):
+    """The page cannot be updated without losing text the renderer does not own (the message says why)."""
+
+
+def checksum(body: list[str]) -> str:
+    """The checksum a BEGIN marker records of the lines between it and its END marker."""
+    return hashlib.sha256("\n".join(body).encode("utf-8")).hexdigest()[:12]
+
+
+def region_lines(name: str, lines: list[str]) -> list[str]:
+    """A generated part as it stands in the page: its markers around its lines, with a blank line inside each."""
+    lines = "\n".join(lines).split("\n") if lines else []  # an item may hold several lines
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    body = ["", *lines, ""] if lines else []
+    return [f"<!-- generated {name}: written by benchmarks/render_results.py, do not edit (sha256 {checksum(body)}) -->",
+            *body, f"<!-- end generated {name} -->"]
+
+
+def update_page(page: str, regions: dict[str, list[str]], force: bool = False) -> str:
+    """`page` with the text between the markers of each generated part replaced by `regions[name]`; every other line
+    is kept as it is, in place.
+
+    Raises:
+        PageError: a marker of `regions` is missing, or one is unknown, repeated, malformed or unbalanced; or (unless
+            `force`) the text of a generated part no longer has the checksum of its marker (edited by hand).
+    """
+    lines = page.split("\n")
+    out: list[str] = []
+    seen: set[str] = set()
+    edited: list[str] = []
+    open_name, open_line, open_sum, body = None, 0, "", []
+    for number, line in enumerate(lines, start=1):
+        begin, end = _BEGIN.fullmatch(line), _END.fullmatch(line)
+        if begin:
+            name = begin["name"]
+            if open_name is not None:
+                raise PageError(f"line {number}: generated part {name!r} begins inside {open_name!r} (line {open_line}),"
+                                " which has no end marker")
+            if name not in regions:
+                raise PageError(f"line {number}: unknown generated part {name!r} (this script writes "
+                                f"{', '.join(regions)}); remove its markers by hand, keeping what should stay")
+            if name in seen:
+                raise PageError(f"line {number}: generated part {name!r} stands in the page twice")
+            open_name, open_line, open_sum, body = name, number, begin["sum"], []
+        elif end:
+            if end["name"] != open_name:
+                raise PageError(f"line {number}: end marker of {end['name']!r} without its begin marker"
+                                + (f" (inside {open_name!r}, line {open_line})" if open_name else ""))
+            if checksum(body) != open_sum:
+                edited.append(f"{open_name!r} (lines {open_line}-{number})")
+            seen.add(open_name)
+            out += region_lines(open_name, regions[open_name])
+            open_name = None
+        elif _MARKER.match(line):
+            raise PageError(f"line {number}: malformed marker {line.strip()!r}; a generated part stands between "
+                            "'<!-- generated NAME: written by benchmarks/render_results.py, do not edit (sha256 "
+                            "CHECKSUM) -->' and '<!-- end generated NAME -->'")
+        elif open_name is not None:
+            body.append(line)
+        else:
+            out.append(line)
+    if open_name is not None:
+        raise PageError(f"generated part {open_name!r} (line {open_line}) has no end marker: the rest of the page "
+                        "would be replaced")
+    missing = [name for name in regions if name not in seen]
+    if missing:
+        raise PageError("no markers for the generated part(s) " + ", ".join(missing) + "; place the lines "
+                        + "; ".join(" and ".join(repr(m) for m in region_lines(name, [])) for name in missing)
+                        + " where each belongs")
+    if edited and not force:
+        raise PageError(f"generated part(s) {', '.join(edited)} were edited by hand since they were written; "
+                        "move the edits into benchmarks/render_results.py or outside the markers, or rerun with "
+                        "--force to overwrite them")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the generated parts of docs/benchmarks.md from docs/results/.")
+    parser.add_argument("--page", type=Path, default=DOCS / "benchmarks.md", help="the page (default: %(default)s)")
+    parser.add_argument("--force", action="store_true", help="overwrite generated parts edited by hand")
+    args = parser.parse_args(argv)
+    try:
+        page = update_page(args.page.read_text(encoding="utf-8"), {name: make() for name, make in REGIONS.items()},
+                           args.force)
+    except (OSError, PageError) as exc:
+        print(f"render_results.py: {args.page} is left unchanged: {exc}", file=sys.stderr)
+        return 1
+    args.page.write_text(page, encoding="utf-8")
+    print(args.page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

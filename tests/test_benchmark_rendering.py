@@ -1,15 +1,20 @@
-"""benchmarks/render_ablation.py: result files of ablation.py -> Table 4a with mean ± std, and the target checks."""
+"""benchmarks/render_ablation.py: result files of ablation.py -> Table 4a with mean ± std, and the target checks;
+benchmarks/render_results.py: a rerender of docs/benchmarks.md replaces its generated parts and keeps the rest."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
 render_ablation = pytest.importorskip("render_ablation")
+render_results = importlib.import_module("render_results")
 
 KEYS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 
@@ -114,3 +119,77 @@ def test_curve_averages_only_the_runs_that_logged_one(tmp_path: Path) -> None:
     table = render_ablation.curves({0: runs}, tmp_path / "curves.png")
     assert table[2] == "| row 0 | 35.0 | 45.0 | 60.0 |"  # seed 3 (no curve) would pull epoch 3 to 70.0
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+# -- render_results.py: generated parts between markers, hand-written sections kept ----------------------------------
+
+
+def page(*parts: str | tuple[str, list[str]]) -> str:
+    """A page of hand-written text (str) and generated parts ((name, lines), with their markers)."""
+    lines: list[str] = []
+    for part in parts:
+        lines += part.split("\n") if isinstance(part, str) else render_results.region_lines(*part)
+    return "\n".join(lines)
+
+
+def outside_markers(text: str) -> list[str]:
+    """The lines of a page that no generated part holds."""
+    out, inside = [], False
+    for line in text.split("\n"):
+        if line.startswith("<!-- generated "):
+            inside = True
+        elif line.startswith("<!-- end generated "):
+            inside = False
+        elif not inside:
+            out.append(line)
+    return out
+
+
+HAND = "## Serving: `onenip serve` under load\n\nWritten by hand: 182.0 images/s.\n"
+
+
+def test_rerender_updates_generated_parts_and_keeps_hand_written_sections() -> None:
+    old = page("Preface by hand.\n", ("intro", ["# Benchmarks", "", "old intro", ""]), HAND,
+               ("speed", ["## Speed", "", "| 1.0 |", ""]), "## Peers\n\nby hand, last\n")
+    new = render_results.update_page(old, {"intro": ["# Benchmarks", "", "new intro", ""],
+                                           "speed": ["## Speed", "", "| 2.0 |", "| 3.0 |\n| 4.0 |", ""]})
+    assert outside_markers(new) == outside_markers(old)  # every hand-written line, in place and in order
+    assert new.index("new intro") < new.index("Written by hand: 182.0") < new.index("| 2.0 |") < new.index("by hand, last")
+    assert "old intro" not in new and "| 1.0 |" not in new and "| 4.0 |" in new
+    assert render_results.update_page(new, {"intro": [], "speed": []}).count("Written by hand") == 1  # markers valid
+    assert "<!-- generated speed: " in render_results.update_page(new, {"intro": [], "speed": []})
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda p: p.replace("| 1.0 |", "| 1.5 |"), r"'speed' \(lines 10-16\) were edited by hand"),
+    (lambda p: p.replace("<!-- end generated speed -->", ""), "'speed' .* has no end marker"),
+    (lambda p: p.replace("<!-- end generated intro -->\n", ""), "'speed' begins inside 'intro'"),
+    (lambda p: p.replace("<!-- generated intro", "<!-- generated other"), "unknown generated part 'other'"),
+    (lambda p: p + "\n" + page(("speed", [])), "'speed' stands in the page twice"),
+    (lambda p: p.replace("generated speed:", "generated  speed:"), "malformed marker"),
+    (lambda p: "\n".join(outside_markers(p)), r"no markers for the generated part\(s\) intro, speed; place the lines "
+                                              r"'<!-- generated intro: .*\(sha256 e3b0c44298fc\) -->' and"),
+])
+def test_rerender_refuses_rather_than_lose_text(change: Callable[[str], str], message: str) -> None:
+    old = change(page(("intro", ["# Benchmarks", ""]), HAND, ("speed", ["## Speed", "", "| 1.0 |", ""])))
+    with pytest.raises(render_results.PageError, match=message):
+        render_results.update_page(old, {"intro": ["# Benchmarks"], "speed": ["## Speed", "", "| 2.0 |"]})
+
+
+def test_force_overwrites_a_hand_edit_of_a_generated_part() -> None:
+    old = page(("speed", ["| 1.0 |"]), HAND).replace("| 1.0 |", "| 1.5 |")
+    new = render_results.update_page(old, {"speed": ["| 2.0 |"]}, force=True)
+    assert "| 1.5 |" not in new and "| 2.0 |" in new and outside_markers(new) == outside_markers(old)
+
+
+def test_the_page_can_be_rendered_again_without_losing_a_line() -> None:
+    """docs/benchmarks.md has the markers of every part the script writes, none of them edited by hand, and a
+    rerender keeps every other line (the generators themselves are not run: they write plots)."""
+    text = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    names = list(render_results.REGIONS)
+    again = render_results.update_page(text, {name: [f"({name})"] for name in names})
+    assert outside_markers(again) == outside_markers(text)
+    assert all(f"({name})" in again for name in names)
+    for title in ("## Summaries and measurements quoted in the other pages", "## Serving: `onenip serve` under load",
+                  "## Known and unknown products", "## New product types without retraining"):
+        assert title in outside_markers(text)

@@ -206,6 +206,18 @@ def test_mvtec_is_deterministic_and_filters_categories(mvtec: Path) -> None:
     assert read_mvtec(mvtec, "test", categories=[]) == read_mvtec(mvtec, "test")
 
 
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_mvtec_lists_each_training_folder_once(mvtec: Path, split: str) -> None:
+    """Checking that a category has training images and reading them is one listing: its warning comes once."""
+    (mvtec / "bottle" / "train" / "good" / "notes.txt").write_text("x")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = read_mvtec(mvtec, split)
+    said = [str(w.message) for w in caught]
+    assert len(said) == 1 and "train/good: 1 files that are not images" in said[0] and said[0].endswith("notes.txt"), said
+    assert len(samples) == (4 if split == "train" else 6)
+
+
 def test_mvtec_unknown_category_lists_available(mvtec: Path) -> None:
     with pytest.raises(DatasetError, match=r"unknown category carpet.*available: bottle, screw"):
         read_mvtec(mvtec, "train", categories=["carpet", "bottle"])

@@ -5,6 +5,8 @@ training images is an error, as in the folder layouts. Each test fails without t
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +97,28 @@ def test_jsonl_category_without_training_images_is_an_error(tmp_path: Path) -> N
     from onenip.data import read_sources
 
     assert {s.category for s in read_sources([f"jsonl:{root}"], "test", ["a"])} == {"a"}  # leaving b out works
+
+
+@pytest.mark.parametrize("fmt", ["visa", "jsonl"])
+def test_one_warning_counts_the_defective_training_images_of_the_chosen_categories(fmt: str, tmp_path: Path) -> None:
+    """Both formats apply the one rule alike: the categories left out are not counted, and it is said once."""
+    if fmt == "visa":
+        spec = str(visa(tmp_path / "v", [("pcb", "train", "normal"), ("pcb", "train", "anomaly"),
+                                         ("candle", "train", "anomaly"), ("candle", "train", "normal"),
+                                         ("candle", "train", "anomaly")]))
+        want = r"1cls\.csv: 1 defective images \(label anomaly\) listed in the train split are not trained on \(the " \
+               r"first on line 3\)"
+    else:
+        root = jsonl(tmp_path / "j", train=[("pcb", 0), ("candle", 1), ("pcb", 1), ("candle", 1), ("candle", 0)],
+                     test=[("pcb", 1)])
+        spec, want = f"jsonl:{root}", (r"train\.json: 1 defective images \(label 1\) listed in the train split are not "
+                                       r"trained on \(the first on line 3\)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train = read_source(spec, "train", ["pcb"])
+    said = [str(w.message) for w in caught if "not trained on" in str(w.message)]
+    assert len(said) == 1 and re.search(want, said[0]), said
+    assert [(s.category, s.label) for s in train] == [("pcb", 0)]
 
 
 def test_files_that_are_not_images_are_named_not_dropped_silently(tmp_path: Path) -> None:

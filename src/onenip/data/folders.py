@@ -95,10 +95,6 @@ def _train_images(cat_dir: Path, layout: _FolderLayout) -> list[Path]:
     )
 
 
-def _folder_train(cat_dir: Path, layout: _FolderLayout) -> list[Sample]:
-    return [Sample(p, cat_dir.name, 0, NORMAL_DEFECT, None, "train") for p in _train_images(cat_dir, layout)]
-
-
 def _folder_test_type(cat_dir: Path, folder_name: str, layout: _FolderLayout) -> list[Sample]:
     """Samples of one ``test/<folder_name>`` folder, defective images paired with their masks."""
     images = list_images(cat_dir / "test" / folder_name)
@@ -129,21 +125,22 @@ def _folder_test(cat_dir: Path, layout: _FolderLayout) -> list[Sample]:
 
 def _usable_categories(
     root: Path, chosen: list[str], unreadable: dict[str, str], layout: _FolderLayout, skip_bad: bool
-) -> list[str]:
-    """The chosen categories that have training images. The others raise one DatasetError listing them all, or with
-    `skip_bad` are dropped with one warning (an error still when none is left)."""
+) -> dict[str, list[Path]]:
+    """The chosen categories that have training images, with those images (each training folder is listed here only,
+    so its warnings are given once). The others raise one DatasetError listing them all, or with `skip_bad` are
+    dropped with one warning (an error still when none is left)."""
     problems: dict[str, str] = {}
+    usable: dict[str, list[Path]] = {}
     for cat in chosen:
         if cat in unreadable:
             problems[cat] = unreadable[cat]
             continue
         try:
-            _train_images(root / cat, layout)
+            usable[cat] = _train_images(root / cat, layout)
         except DatasetError as exc:
             problems[cat] = str(exc)
     if not problems:
-        return chosen
-    usable = [cat for cat in chosen if cat not in problems]
+        return usable
     listed = listing(list(problems.values()))
     count = f"{len(problems)} of {len(chosen)} categor{'y' if len(chosen) == 1 else 'ies'}"
     if not skip_bad or not usable:
@@ -178,13 +175,15 @@ def _read_folder_layout(
         requested = {categories} if isinstance(categories, str) else set(categories)
         unreadable = {name: reason for name, reason in unreadable.items() if name in requested}
     chosen = select_categories([*available, *unreadable], categories, f"{layout.name} root {root_path}")
-    if not labelled_only:
-        chosen = _usable_categories(root_path, chosen, unreadable, layout, skip_bad)
-    elif unreadable.keys() & set(chosen):
-        raise DatasetError(f"{layout.name} root {root_path} cannot be read:"
-                           + listing([unreadable[c] for c in chosen if c in unreadable]))
-    read = _folder_train if split == "train" else _folder_test
-    return sort_samples(s for cat in chosen for s in read(root_path / cat, layout))
+    if labelled_only:
+        if unreadable.keys() & set(chosen):
+            raise DatasetError(f"{layout.name} root {root_path} cannot be read:"
+                               + listing([unreadable[c] for c in chosen if c in unreadable]))
+        return sort_samples(s for cat in chosen for s in _folder_test(root_path / cat, layout))
+    train = _usable_categories(root_path, chosen, unreadable, layout, skip_bad)
+    if split == "train":
+        return sort_samples(Sample(p, cat, 0, NORMAL_DEFECT, None, "train") for cat, images in train.items() for p in images)
+    return sort_samples(s for cat in train for s in _folder_test(root_path / cat, layout))
 
 
 def read_mvtec(

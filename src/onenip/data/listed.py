@@ -3,7 +3,8 @@
 * VisA: ``<root>/split_csv/1cls.csv``, one row per image (category, split, label, image and mask paths);
 * JSON lines: ``train.json`` / ``test.json``, one object per line (the UniAD / OneNIP metadata).
 
-A listed file that is missing is an error naming the metadata file and line; an image listed twice counts once.
+A listed file that is missing is an error naming the metadata file and line; an image listed twice counts once; a
+defective image listed in the train split is not trained on (one warning counts them).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import csv
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from onenip.data.files import (
     NORMAL_DEFECT,
@@ -32,6 +33,23 @@ from onenip.data.files import (
     sort_samples,
 )
 from onenip.errors import DatasetError, OnenipWarning
+
+_Listed = TypeVar("_Listed")
+
+
+def _trainable(listed: list[_Listed], split: str, defective: Callable[[_Listed], bool], line: Callable[[_Listed], int],
+               source: Path, label: str) -> list[_Listed]:
+    """`listed` (the entries of the chosen categories, in file order) without the defective images when `split` is
+    train: a defective image listed for training is never trained on as a normal one. One warning counts them and names
+    the line of the first (`label`: how the format marks them)."""
+    if split != "train":
+        return listed
+    dropped = [line(entry) for entry in listed if defective(entry)]
+    if dropped:
+        warnings.warn(f"{source}: {len(dropped)} defective images ({label}) listed in the train split are not trained "
+                      f"on (the first on line {dropped[0]})", OnenipWarning, stacklevel=3)
+    return [entry for entry in listed if not defective(entry)]
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # VisA (split_csv/1cls.csv)
@@ -115,20 +133,14 @@ def read_visa(root: str | os.PathLike[str], split: str, categories: Sequence[str
         warnings.warn(f"{csv_path}: {len(other)} rows whose split is neither train nor test ({', '.join(values[:5])}; "
                       f"the first on line {other[0][0]}) are left out", OnenipWarning, stacklevel=2)
     rows = [(line, row) for line, row in all_rows if (row.get("split") or "").strip().lower() == split]
-    if split == "train":  # a defective image is never trained on as a normal one
-        defective = [line for line, row in rows if (row.get("label") or "").strip().lower() == "anomaly"]
-        if defective:
-            warnings.warn(f"{csv_path}: {len(defective)} defective images (label anomaly) listed in the train split "
-                          f"are not trained on (the first on line {defective[0]})", OnenipWarning, stacklevel=2)
-            rows = [(line, row) for line, row in rows if (row.get("label") or "").strip().lower() != "anomaly"]
     available = {_visa_category(row, csv_path, line) for line, row in rows}
     chosen = set(select_categories(available, categories, f"VisA split file {csv_path} ({split} split)"))
+    rows = [(line, row) for line, row in rows if _visa_category(row, csv_path, line) in chosen]
+    rows = _trainable(rows, split, lambda r: (r[1].get("label") or "").strip().lower() == "anomaly", lambda r: r[0],
+                      csv_path, "label anomaly")
     seen: dict[Path, tuple[int, Sample]] = {}
     for line, row in rows:
-        if _visa_category(row, csv_path, line) not in chosen:
-            continue
-        sample = _visa_row(row, root_path, csv_path, line)
-        keep_first(seen, sample, line, csv_path)
+        keep_first(seen, _visa_row(row, root_path, csv_path, line), line, csv_path)
     return require_samples(sort_samples(s for _, s in seen.values()), split, csv_path)
 
 
@@ -250,15 +262,12 @@ def read_jsonl(
     check_folder(root, "image folder")
     entries = _read_jsonl_entries(meta)
     chosen = set(select_categories((e.category for e in entries), categories, f"metadata file {meta}"))
+    entries = _trainable([e for e in entries if e.category in chosen], split, lambda e: e.label == 1, lambda e: e.line,
+                         meta, "label 1")
     seen: dict[Path, tuple[int, Sample]] = {}
     duplicates = 0
-    defective = [e.line for e in entries if e.label == 1 and e.category in chosen] if split == "train" else []
-    if defective:  # a defective image is never trained on as a normal one
-        warnings.warn(f"{meta}: {len(defective)} defective images (label 1) listed in the train split are not trained "
-                      f"on (the first on line {defective[0]})", OnenipWarning, stacklevel=2)
     for entry in entries:
-        if entry.category in chosen and not (split == "train" and entry.label == 1):
-            duplicates += keep_first(seen, _jsonl_sample(entry, root, split, meta), entry.line, meta)
+        duplicates += keep_first(seen, _jsonl_sample(entry, root, split, meta), entry.line, meta)
     if duplicates:
         warnings.warn(f"{meta}: dropped {duplicates} duplicate line(s) repeating an image already listed", OnenipWarning, stacklevel=2)
     return require_samples(sort_samples(s for _, s in seen.values()), split, meta)

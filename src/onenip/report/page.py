@@ -30,11 +30,8 @@ and opens without network access. Every string read from a file is HTML-escaped.
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime as _dt
-import html
-import io
 import json
 import math
 import warnings
@@ -45,16 +42,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onenip.checkpoint import atomic_write_text, check_output_file, file_sha256
+from onenip.checkpoint import atomic_write_text, file_sha256
 from onenip.errors import DatasetError, OnenipError, OnenipWarning
 from onenip.report import charts
+from onenip.report.html_file import escape, page_file, png_uri, thumbnail
 from onenip.report.predictions import make_predictions_report
 
 __all__ = ["ScoreRow", "has_decisions", "make_report", "pick_gallery", "read_run"]
 
 METRIC_KEYS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
-THUMBNAIL = 256  # longest side, in pixels, of a gallery picture
 EM_DASH = "\u2014"
 
 
@@ -178,16 +175,6 @@ def read_run(results_dir: str | Path, map_name: str = "fused") -> tuple[dict[str
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# HTML
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _e(value: Any) -> str:
-    """HTML-escape anything read from a file (quotes included, for attributes)."""
-    return html.escape(str(value), quote=True)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Gallery
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -235,19 +222,6 @@ def pick_gallery(rows: list[ScoreRow], n: int, decisions: bool | None = None) ->
     return bad[:n_bad] + good[:n_good]
 
 
-def _png_uri(pic: Image.Image) -> str:
-    buf = io.BytesIO()
-    pic.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _thumbnail(image: Image.Image) -> Image.Image:
-    """A copy of `image` shrunk (never enlarged, aspect ratio kept) to at most THUMBNAIL pixels on its long side."""
-    small = image.copy()
-    small.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
-    return small
-
-
 class _Overlays:
     """The deployed model of the checkpoint, or why there is none (`note`)."""
 
@@ -270,12 +244,12 @@ class _Overlays:
     def render(self, images: list[Image.Image]) -> list[tuple[Image.Image, Any]]:
         """(thumbnail of the overlay, Prediction) per image; thumbnails of the plain images without a model."""
         if self.predictor is None:
-            return [(_thumbnail(im), None) for im in images]
+            return [(thumbnail(im), None) for im in images]
         from onenip.deploy.predictor import overlay
 
         out = []
         for im, pred in zip(images, self.predictor.predict(images)):
-            small = _thumbnail(im)
+            small = thumbnail(im)
             amap = pred.anomaly_map
             if small.size != im.size:  # shrink first, so the 1-pixel mask outline stays visible
                 amap = np.asarray(Image.fromarray(amap).resize(small.size, Image.Resampling.BILINEAR))
@@ -301,19 +275,19 @@ def _figure(row: ScoreRow, uri: str | None, pred: Any, error: str, rank: str) ->
     """One gallery entry: the picture (or why it is missing) and its caption."""
     kind = "defective" if row.label == 1 else "good"
     name = Path(row.image).name or row.image
-    lines = [f'<span class="badge {kind}">{kind}{": " + _e(row.defect) if row.label == 1 and row.defect else ""}</span>',
-             f'<span class="file" title="{_e(row.image)}">{_e(name)}</span>',
+    lines = [f'<span class="badge {kind}">{kind}{": " + escape(row.defect) if row.label == 1 and row.defect else ""}</span>',
+             f'<span class="file" title="{escape(row.image)}">{escape(name)}</span>',
              f"test score <b>{row.score:.4g}</b> ({rank})"]
     if row.anomalous is not None:  # the decision recorded by the test (scores.csv)
         norm = f"{row.normalized:.3f}" if row.normalized is not None else EM_DASH
         thr = f", threshold {row.threshold:.4g}" if row.threshold is not None else ""
-        of = f" of {_e(row.retrieved)}" if thr and row.retrieved else ""
+        of = f" of {escape(row.retrieved)}" if thr and row.retrieved else ""
         lines.append(f'<span class="tested">at the test: normalised <b>{norm}</b>, '
                      f"{_decision_html(*_verdict(row.label, row.anomalous))}{thr}{of}</span>")
     if pred is not None:
         lines.append(f'deployed: score {pred.score:.4g}, normalised <b>{pred.normalized:.3f}</b>, '
                      f"{_decision_html(*_verdict(row.label, bool(pred.anomalous)))}")
-        lines.append(f"retrieved {_e(pred.category)} (similarity {pred.similarity:.3f})")
+        lines.append(f"retrieved {escape(pred.category)} (similarity {pred.similarity:.3f})")
     else:
         if row.anomalous is not None:
             lines.append(f"deployed: {EM_DASH} (no model)")
@@ -321,12 +295,12 @@ def _figure(row: ScoreRow, uri: str | None, pred: Any, error: str, rank: str) ->
             lines.append(f"normalised {EM_DASH}, decision {EM_DASH} (no model)")
         if row.retrieved:
             sim = f" (similarity {row.similarity:.3f})" if row.similarity is not None else ""
-            lines.append(f"retrieved {_e(row.retrieved)}{sim}")
+            lines.append(f"retrieved {escape(row.retrieved)}{sim}")
     cls = "overlay" if pred is not None else "plain"
     if uri is not None:
-        pic = f'<img class="{cls}" src="{uri}" alt="{_e(name)}">'
+        pic = f'<img class="{cls}" src="{uri}" alt="{escape(name)}">'
     else:
-        pic = f'<div class="missing">image unavailable: {_e(error)}</div>'
+        pic = f'<div class="missing">image unavailable: {escape(error)}</div>'
     return f'<figure class="shot {kind}">{pic}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
 
@@ -336,9 +310,9 @@ def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays, d
     if decisions:
         misses, alarms = _candidates(rows, True)
         head = "Misses and false alarms at the model's threshold"
-        attrs = f'data-category="{_e(cat)}" data-kind="errors" data-misses="{len(misses)}" data-false-alarms="{len(alarms)}"'
+        attrs = f'data-category="{escape(cat)}" data-kind="errors" data-misses="{len(misses)}" data-false-alarms="{len(alarms)}"'
         if not picks:
-            return (f'<div class="gallery" {attrs}><h3>{head}</h3><p class="note no-errors">{_e(cat)}: no misses or '
+            return (f'<div class="gallery" {attrs}><h3>{head}</h3><p class="note no-errors">{escape(cat)}: no misses or '
                     "false alarms at the model's threshold (every test image was judged correctly).</p></div>")
         shown = sum(r.label == 1 for r in picks), sum(r.label == 0 for r in picks)
         what = (f"{shown[0]} of {len(misses)} misses (defective images judged good, lowest score first) and {shown[1]} "
@@ -348,7 +322,7 @@ def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays, d
         if not picks:
             return ""
         head = "Hardest images (no thresholds in this run)"
-        attrs = f'data-category="{_e(cat)}" data-kind="hardest"'
+        attrs = f'data-category="{escape(cat)}" data-kind="hardest"'
         what = ("The defective images with the lowest scores and the good images with the highest. This run has no "
                 "decision thresholds, so it does not say which of them are misses.")
     ranked_bad = sorted((r.score for r in rows if r.label == 1))
@@ -378,12 +352,12 @@ def _gallery_html(cat: str, rows: list[ScoreRow], n: int, overlays: _Overlays, d
         else:
             rank = f"{ranked_good.index(r.score) + 1}. highest of {len(ranked_good)} good"
         pic, pred = rendered[w] if w is not None else (None, None)
-        figures.append(_figure(r, _png_uri(pic) if pic is not None else None, pred, err, rank))
+        figures.append(_figure(r, png_uri(pic) if pic is not None else None, pred, err, rank))
     if overlays.predictor is not None:
         note = ('<p class="note">Overlays: the deployed model\'s fused anomaly map (the threshold in the middle of the '
                 'colour ramp, blue low, red high) with the predicted defect outlined in white.</p>')
     else:
-        note = f'<p class="note no-overlay">No overlays: {_e(overlays.note)}. The plain images are shown.</p>'
+        note = f'<p class="note no-overlay">No overlays: {escape(overlays.note)}. The plain images are shown.</p>'
     return (f'<div class="gallery" {attrs}><h3>{head}</h3><p class="note what">{what}</p>{note}'
             f'<div class="shots">{"".join(figures)}</div></div>')
 
@@ -438,8 +412,8 @@ def _table(data: dict[str, Any], map_name: str) -> str:
     for cat, entry in cats.items():
         res = entry.get(map_name) or {}
         cells = "".join(f"<td>{_pct(res.get(m, math.nan))}</td>" for m in METRIC_KEYS)
-        body.append(f'<tr data-category="{_e(cat)}"><td>{_e(cat)}</td><td>{_e(entry.get("images", EM_DASH))}</td>'
-                    f'<td>{_e(entry.get("defective", EM_DASH))}</td>{cells}</tr>')
+        body.append(f'<tr data-category="{escape(cat)}"><td>{escape(cat)}</td><td>{escape(entry.get("images", EM_DASH))}</td>'
+                    f'<td>{escape(entry.get("defective", EM_DASH))}</td>{cells}</tr>')
     mean = (data.get("mean") or {}).get(map_name)
     if not isinstance(mean, dict):  # older or hand-made files: the unweighted mean over categories, as evaluate does
         mean = {}
@@ -455,7 +429,7 @@ def _table(data: dict[str, Any], map_name: str) -> str:
         cells = "".join(f"<td>{_pct(pooled.get(m, math.nan))}</td>" for m in METRIC_KEYS)
         rows += (f'<tr class="pooled" title="all test images ranked together, whatever their category"><td>pooled</td>'
                  f"<td>{n_img}</td><td>{n_bad}</td>{cells}</tr>")
-    return (f'<table class="metrics" id="metrics" data-map="{_e(map_name)}"><thead><tr>{head}</tr></thead>'
+    return (f'<table class="metrics" id="metrics" data-map="{escape(map_name)}"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody><tfoot>{rows}</tfoot></table>')
 
 
@@ -464,7 +438,7 @@ def _decisions(data: dict[str, Any]) -> str:
     d = data.get("decisions")
     if not isinstance(d, dict) or not isinstance(d.get("all"), dict):
         note = data.get("decisions_note")
-        return f"{EM_DASH} ({_e(note)})" if note else EM_DASH
+        return f"{EM_DASH} ({escape(note)})" if note else EM_DASH
     a = d["all"]
 
     def part(k: int, n: int, what: str) -> str:
@@ -494,7 +468,7 @@ def _category_decisions(data: dict[str, Any], cat: str, thresholds: dict[str, fl
     if cat not in thresholds:
         return ""
     line = f" Threshold {thresholds[cat]:.4g} (fused score"
-    line += ", marked on the histogram)" if map_name == "fused" else f"; the histogram shows the {_e(map_name)} map)"
+    line += ", marked on the histogram)" if map_name == "fused" else f"; the histogram shows the {escape(map_name)} map)"
     d = data.get("decisions")
     c = (d.get("categories") or {}).get(cat) if isinstance(d, dict) and isinstance(d.get("categories"), dict) else None
     if isinstance(c, dict):
@@ -513,23 +487,23 @@ def _header(data: dict[str, Any], rows: list[ScoreRow], map_name: str, checkpoin
     ret = data.get("retrieval_accuracy")
     ret_text = f"{100 * float(ret):.2f} %" if ret is not None else f"{EM_DASH} (prompts given by the protocol)"
     n_bad = sum(r.label for r in rows)
-    facts = [("results", _e(src)), ("protocol", _e(data.get("protocol", EM_DASH))),
-             ("checkpoint", _e(data.get("checkpoint") or EM_DASH)),
+    facts = [("results", escape(src)), ("protocol", escape(data.get("protocol", EM_DASH))),
+             ("checkpoint", escape(data.get("checkpoint") or EM_DASH)),
              ("fusion constant c", opt(data.get("fusion_scale"), ".6g")),
              ("prompt retrieval accuracy", ret_text),
              ("test images", f"{len(rows)} ({len(rows) - n_bad} good, {n_bad} defective) in {len(data['categories'])} "
                              "categories"),
-             ("scored map", _e(map_name)),
+             ("scored map", escape(map_name)),
              ("decisions at the model's thresholds", _decisions(data))]
     if checkpoint and checkpoint != data.get("checkpoint"):
-        facts.append(("gallery checkpoint", _e(checkpoint)))
+        facts.append(("gallery checkpoint", escape(checkpoint)))
     secs = data.get("seconds") or {}
     if isinstance(secs, dict) and secs.get("images_per_s") is not None:
-        facts.append(("speed", f"{_e(secs.get('images_per_s'))} images/s, {_e(secs.get('total', EM_DASH))} s in all"))
+        facts.append(("speed", f"{escape(secs.get('images_per_s'))} images/s, {escape(secs.get('total', EM_DASH))} s in all"))
     skipped = data.get("skipped") or []
     if skipped:
-        items = "".join(f"<li><code>{_e(s.get('image', s) if isinstance(s, dict) else s)}</code>: "
-                        f"{_e(s.get('reason', '') if isinstance(s, dict) else '')}</li>" for s in skipped)
+        items = "".join(f"<li><code>{escape(s.get('image', s) if isinstance(s, dict) else s)}</code>: "
+                        f"{escape(s.get('reason', '') if isinstance(s, dict) else '')}</li>" for s in skipped)
         facts.append(("skipped files", f'<details class="skipped"><summary>{len(skipped)} unusable test files left '
                                        f"out</summary><ul>{items}</ul></details>"))
     else:
@@ -565,10 +539,7 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
     if (folder / "predictions.json").is_file() and not (folder / "results.json").is_file():
         return make_predictions_report(folder, output, gallery)  # an `onenip predict` folder: its own page
     data, rows = read_run(folder, map_name)
-    out = Path(output) if output is not None else folder / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
-    check_output_file(out, "output", models=True)  # never over a model or a training checkpoint
+    out = page_file(folder, output)  # never over a model or a training checkpoint
     ckpt = str(checkpoint) if checkpoint is not None else data.get("checkpoint")
     overlays = _Overlays(ckpt, device) if gallery > 0 else None
     changed = ""  # the gallery's model is results.json's, but its file was rewritten since the test
@@ -576,7 +547,7 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
             and data.get("checkpoint_sha256") and file_sha256(ckpt) != data["checkpoint_sha256"]:
         warnings.warn(f"{ckpt} has changed since this test: the gallery's deployed scores and decisions are the "
                       "current file's", OnenipWarning, stacklevel=2)
-        changed = (f'<p class="warning">{_e(ckpt)} has changed since this test (trained on, or calibrated): the '
+        changed = (f'<p class="warning">{escape(ckpt)} has changed since this test (trained on, or calibrated): the '
                    "gallery's deployed scores and decisions are the current file's, not the tested model's.</p>")
 
     thresholds = _thresholds(data)
@@ -597,14 +568,14 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
         for name, got, key in (("AUROC", area, "image_auroc"), ("AP", ap, "image_ap")):
             want = float(res.get(key, math.nan))
             if not (math.isnan(got) and math.isnan(want)) and not abs(got - want) <= 1e-6:
-                warnings_html.append(f"<li>{_e(cat)}: image {name} from scores.csv is {got:.6f}, results.json says "
+                warnings_html.append(f"<li>{escape(cat)}: image {name} from scores.csv is {got:.6f}, results.json says "
                                      f"{want:.6f}</li>")
         n_bad = int(labels.sum())
         intro = (f'<p class="note">{len(crow)} test images ({len(crow) - n_bad} good, {n_bad} defective); '
                  f"image AUROC {_pct(res.get('image_auroc'))} %, AP {_pct(res.get('image_ap'))} %, "
                  f"F1-max {_pct(res.get('image_f1max'))} %.{_category_decisions(data, cat, thresholds, map_name)}</p>")
         gal = _gallery_html(cat, crow, gallery, overlays, decided) if overlays is not None else ""
-        sections.append(f'<section class="category" id="category-{i}" data-category="{_e(cat)}"><h2>{_e(cat)}</h2>'
+        sections.append(f'<section class="category" id="category-{i}" data-category="{escape(cat)}"><h2>{escape(cat)}</h2>'
                         f'{intro}<div class="charts">{roc}{pr}{hist}</div>{gal}</section>')
     warn = (f'<p class="warning">scores.csv and results.json disagree:</p><ul>{"".join(warnings_html)}</ul>'
             if warnings_html else "")
@@ -615,9 +586,9 @@ def make_report(results_dir: str | Path, output: str | Path | None = None, map_n
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>onenip report: {_e(folder.name)}</title><style>{_CSS}</style></head><body><main>"
+        f"<title>onenip report: {escape(folder.name)}</title><style>{_CSS}</style></head><body><main>"
         f"{_header(data, rows, map_name, ckpt, folder)}{warn}"
-        f'<section id="table"><h2>Metrics per category ({_e(map_name)} map, %)</h2>{_table(data, map_name)}'
+        f'<section id="table"><h2>Metrics per category ({escape(map_name)} map, %)</h2>{_table(data, map_name)}'
         '<p class="note">Image metrics from the image scores, pixel metrics from the anomaly maps; '
         f"{EM_DASH} where undefined (no masks, or one class only). The mean is unweighted over categories.</p></section>"
         f'{"".join(sections)}'

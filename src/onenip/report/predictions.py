@@ -9,9 +9,6 @@ test report: the file opens anywhere without network access, and every string re
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onenip.checkpoint import atomic_write_text, check_output_file
+from onenip.checkpoint import atomic_write_text
 from onenip.errors import DatasetError
+from onenip.report.html_file import escape, page_file, png_uri, thumbnail
 from onenip.version import __version__
-
-THUMBNAIL = 256  # pixels on an overlay's long side in the page
 
 
 def read_predictions(folder: str | Path) -> dict[str, Any]:
@@ -46,10 +42,6 @@ def read_predictions(folder: str | Path) -> dict[str, Any]:
     return data
 
 
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _thumb_uri(folder: Path, rel: Any) -> str | None:
     """The overlay at `rel` (inside `folder` only) as a PNG data URI, or None when it cannot be read."""
     if not isinstance(rel, str) or not rel:
@@ -59,13 +51,10 @@ def _thumb_uri(folder: Path, rel: Any) -> str | None:
         return None
     try:
         with Image.open(path) as img:
-            small = img.convert("RGB")
-            small.thumbnail((THUMBNAIL, THUMBNAIL))
+            small = thumbnail(img)
     except (OSError, ValueError):
         return None
-    buf = io.BytesIO()
-    small.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return png_uri(small)
 
 
 def _histogram(values: list[float], bins: int = 20) -> str:
@@ -88,10 +77,10 @@ def _gallery(folder: Path, rows: list[dict[str, Any]], title: str, n: int) -> st
     for r in rows[:n]:
         uri = _thumb_uri(folder, r.get("overlay"))
         pic = f'<img src="{uri}" alt="overlay">' if uri else '<p class="note">(no overlay: run without --no-images)</p>'
-        figs.append(f"<figure>{pic}<figcaption>{_e(Path(str(r['image'])).name)}<br>{_e(r['decision'])}, "
+        figs.append(f"<figure>{pic}<figcaption>{escape(Path(str(r['image'])).name)}<br>{escape(r['decision'])}, "
                     f"normalised {float(r['normalized_score']):.3f}</figcaption></figure>")
     more = f" (the first {n} of {len(rows)})" if len(rows) > n else ""
-    return f"<h3>{_e(title)}{more}</h3><div class=\"gallery\">{''.join(figs)}</div>"
+    return f"<h3>{escape(title)}{more}</h3><div class=\"gallery\">{''.join(figs)}</div>"
 
 
 _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse}"
@@ -105,36 +94,33 @@ def make_predictions_report(folder: str | Path, output: str | Path | None = None
     src = Path(folder)
     data = read_predictions(src)
     rows, summary = data["predictions"], data.get("summary", {})
-    out = Path(output) if output is not None else src / "report.html"
-    if out.is_dir():
-        out = out / "report.html"
-    check_output_file(out, "output", models=True)
+    out = page_file(src, output)
     cats = sorted({str(r["category"]) for r in rows})
     table = ["<table><tr><th>product type</th><th>images</th><th>good</th><th>defective</th><th>unknown type</th></tr>"]
     sections = []
     for cat in cats:
         mine = [r for r in rows if str(r["category"]) == cat]
         count = {d: sum(r["decision"] == d for r in mine) for d in ("good", "defective", "unknown")}
-        table.append(f"<tr><td>{_e(cat)}</td><td>{len(mine)}</td><td>{count['good']}</td><td>{count['defective']}</td>"
+        table.append(f"<tr><td>{escape(cat)}</td><td>{len(mine)}</td><td>{count['good']}</td><td>{count['defective']}</td>"
                      f"<td>{count['unknown']}</td></tr>")
         flagged = sorted((r for r in mine if r["decision"] == "defective"), key=lambda r: -float(r["normalized_score"]))
         unknown = sorted((r for r in mine if r["decision"] == "unknown"), key=lambda r: -float(r.get("type_distance") or 0))
         judged = [float(r["normalized_score"]) for r in mine if r["decision"] != "unknown"]
-        sections.append(f"<section><h2>{_e(cat)}</h2><p class=\"note\">normalised scores of the judged images "
+        sections.append(f"<section><h2>{escape(cat)}</h2><p class=\"note\">normalised scores of the judged images "
                         f"(above 0.5: defective)</p>{_histogram(judged)}"
                         + (_gallery(src, flagged, "judged defective", gallery) if gallery else "")
                         + (_gallery(src, unknown, f"unknown type (the nearest known type is {cat})", gallery)
                            if gallery else "") + "</section>")
     table.append("</table>")
     skipped = summary.get("skipped") or []
-    facts = (f"<p>{len(rows)} images judged by {_e(summary.get('checkpoint', 'the model'))}"
+    facts = (f"<p>{len(rows)} images judged by {escape(summary.get('checkpoint', 'the model'))}"
              + (f"; {len(skipped)} unreadable images left out" if skipped else "")
-             + (f"; every image taken as {_e(summary['given_type'])}" if summary.get("given_type") else "")
-             + (f"; threshold level {_e(summary['level'])}" if summary.get("level") is not None else "")
-             + (f"; thresholds at false alarm rate {_e(summary['far'])}" if summary.get("far") is not None else "")
+             + (f"; every image taken as {escape(summary['given_type'])}" if summary.get("given_type") else "")
+             + (f"; threshold level {escape(summary['level'])}" if summary.get("level") is not None else "")
+             + (f"; thresholds at false alarm rate {escape(summary['far'])}" if summary.get("far") is not None else "")
              + ".</p>")
-    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>onenip predictions: {_e(src.name)}</title>"
-            f"<style>{_CSS}</style></head><body><main><h1>Predictions: {_e(src)}</h1>{facts}{''.join(table)}"
-            f"{''.join(sections)}<p class=\"note\">onenip {_e(__version__)}</p></main></body></html>")
+    page = (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>onenip predictions: {escape(src.name)}</title>"
+            f"<style>{_CSS}</style></head><body><main><h1>Predictions: {escape(src)}</h1>{facts}{''.join(table)}"
+            f"{''.join(sections)}<p class=\"note\">onenip {escape(__version__)}</p></main></body></html>")
     atomic_write_text(out, page)
     return out
