@@ -11,7 +11,7 @@ import torch
 
 from onenip import cli
 from onenip.config import option_table
-from onenip.errors import OnenipWarning
+from onenip.errors import ConfigError, OnenipWarning
 
 
 def _help(capsys, *argv: str) -> str:
@@ -28,7 +28,12 @@ def test_help_documents_every_option(capsys) -> None:
     assert "--resume" in text and "--config" in text and "--set" in text
     test_text = _help(capsys, "test")
     assert "--eval.protocol" in test_text and "--data.roots" in test_text and "--model.arch" not in test_text
-    assert "demo" in _help(capsys)
+    # the top help lists every command (its hand-written metavar too) with its one-line help
+    top = " ".join(_help(capsys).split())
+    commands = cli.build_parser()._subparsers._group_actions[0]
+    assert sorted(commands.metavar.strip("{}").split(",")) == sorted(commands.choices)
+    for action in commands._choices_actions:
+        assert action.help and f"{action.dest} {' '.join(action.help.split())}" in top, action.dest
 
 
 def test_errors_are_one_line_naming_the_option(capsys, tmp_path: Path) -> None:
@@ -78,11 +83,39 @@ def test_python_api_is_exported() -> None:
     assert callable(onenip.fit) and callable(onenip.test) and onenip.Config().data.input_size == 224
 
 
-def test_skip_bad_flag_sets_the_option() -> None:
+def test_short_flags_set_their_option_as_any_option_does() -> None:
+    """--skip-bad (fit, test) is --data.skip_bad true and --device (test) is --train.device: the same overrides, and
+    an error names the flag as typed."""
+    from onenip.config import load_config
+
     args = cli.build_parser().parse_args(["fit", "--skip-bad", "--train.epochs", "3"])
     assert sorted(cli._overrides(args)) == ["data.skip_bad=true", "train.epochs=3"]
-    args = cli.build_parser().parse_args(["test", "m.safetensors", "--skip-bad"])
-    assert cli._overrides(args) == ["data.skip_bad=true"]
+    args = cli.build_parser().parse_args(["test", "m.safetensors", "--skip-bad", "--device", "cuda:1"])
+    assert sorted(cli._overrides(args)) == ["data.skip_bad=true", "train.device=cuda:1"]
+    cfg = load_config(overrides=cli._overrides(args))
+    assert cfg.data.skip_bad is True and cfg.train.device == "cuda:1"
+    args = cli.build_parser().parse_args(["test", "m.safetensors", "--device", "tpu"])
+    with pytest.raises(ConfigError, match=r"^train\.device: must be auto, cpu, cuda or cuda:N, got 'tpu' "
+                                          r"\(command line: --device tpu\)$"):
+        load_config(overrides=cli._overrides(args))
+
+
+def test_each_command_line_option_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One validation per option merged (`load_config`) and one of the whole configuration: none before it."""
+    from onenip import config
+
+    calls = []
+
+    class Counting:
+        def validate_python(self, *args, **kwargs):
+            calls.append(kwargs.get("context"))
+            return adapter.validate_python(*args, **kwargs)
+
+    adapter = config._ADAPTER
+    monkeypatch.setattr(config, "_ADAPTER", Counting())
+    cfg = _cli_config("--train.epochs", "3", "--skip-bad", "--set", "train.lr=0.5")
+    assert (cfg.train.epochs, cfg.data.skip_bad, cfg.train.lr) == (3, True, 0.5)
+    assert len(calls) == 3 + 1
 
 
 def test_every_warning_of_onenip_is_an_onenip_warning() -> None:
@@ -133,7 +166,7 @@ def test_abbreviated_options_are_not_taken_for_others(capsys) -> None:
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["fit", "--train.epoch", "3"])
     assert "--train.epoch" in capsys.readouterr().err
-    assert cli.build_parser().parse_args(["fit", "--train.epochs", "3"]).command == "fit"
+    assert cli._overrides(cli.build_parser().parse_args(["fit", "--train.epochs", "3"])) == ["train.epochs=3"]
 
 
 def test_a_mistyped_option_is_named_with_the_closest_one(capsys) -> None:

@@ -14,7 +14,7 @@ import pytest
 from conftest import GEN_TEST_DEFECT, GEN_TEST_GOOD, GEN_TRAIN
 
 from onenip import cli
-from onenip.api import fit
+from onenip.api import calibrate, fit
 from onenip.config import Config, load_config, schema
 from onenip.errors import ConfigError, OnenipWarning
 from onenip.evaluation.calibration import recalibrate
@@ -53,13 +53,22 @@ def run(tmp_path_factory: pytest.TempPathFactory, linked: Path) -> Path:
 # -- 1. calibrate: --far and --val are two methods; the output says old, new, and what the new one rests on ----------
 
 
+ONE_METHOD = ("--far and --val set thresholds in two different ways; give one of them (given: --far 0.1 and --val "
+              "validation). --far RATE puts each category's threshold where at most that fraction of the normal images "
+              "held out of training scores above it; --val ROOT makes it F1-optimal on a labelled folder of normal and "
+              "defective images (the model's eval.far is used when neither is given).")
+
+
 def test_calibrate_refuses_far_and_val_together(capsys: pytest.CaptureFixture[str]) -> None:
+    """One message from the command line and from Python, before the model (here none) is looked at."""
     assert cli.main(["calibrate", "model.safetensors", "--far", "0.1", "--val", "validation"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("onenip: error: --far and --val set thresholds in two different ways; give one of them")
-    assert "--far RATE" in err and "held out of training" in err and "--val ROOT" in err and "F1-optimal" in err
-    with pytest.raises(ConfigError, match="false alarm rate .* validation set .* Give one of them"):
-        recalibrate(None, far=0.1, val_roots=["validation"])  # refused before the model is looked at
+    assert capsys.readouterr().err == f"onenip: error: {ONE_METHOD}\n"
+    with pytest.raises(ConfigError) as exc:
+        calibrate("model.safetensors", far=0.1, val_roots=["validation"])
+    assert str(exc.value) == ONE_METHOD
+    with pytest.raises(ConfigError) as exc:
+        recalibrate(None, far=0.1, val_roots=["validation"])
+    assert str(exc.value) == ONE_METHOD
 
 
 def _table(out: str) -> dict[str, str]:
@@ -97,6 +106,10 @@ def test_calibrate_shows_old_and_new_thresholds_and_their_images(run: Path, gen_
     lines = _table(capsys.readouterr().out)
     assert f"threshold {new['weave']:.4f} unchanged  (false alarm rate 0.3 on {HELD} normal images" in lines["weave"]
     assert f"threshold {new['disc']:.4f} -> {best['disc']:.4f}  (F1-optimal on" in lines["disc"]
+    # the Python call the command makes: the model written, the new deployment and the one it replaced
+    path, after, before = calibrate(run, far=0.3, output=tmp_path / "api.safetensors")  # a run folder: its model
+    assert path == tmp_path / "api.safetensors" and before.thresholds == old
+    assert after.thresholds == Detector.load(path).deployment.thresholds == pytest.approx(new)
 
 
 # -- 2. data.workers: no more than the machine's CPUs by default, a value given kept -----------------------------------

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 
 import pytest
 
-from onenip.config import Config, config_from_dict, load_config, option_table, parse_override
+from onenip.config import (
+    STRIDES,
+    Config,
+    closest,
+    config_from_dict,
+    load_config,
+    merge_dict,
+    option_table,
+    parse_override,
+    schema,
+)
 from onenip.errors import ConfigError
 
 
@@ -99,6 +111,20 @@ def test_override_syntax() -> None:
         parse_override("data.categories=[a, b")
 
 
+def test_merge_dict_returns_a_new_config_and_changes_neither_argument() -> None:
+    cfg = Config()
+    values = {"train": {"epochs": "7"}, "data": {"roots": ["a"]}, "output_dir": "x"}
+    cfg_before, values_before = copy.deepcopy(cfg), copy.deepcopy(values)
+    merged = merge_dict(cfg, values)
+    assert (merged.train.epochs, merged.data.roots, merged.output_dir) == (7, ["a"], "x")
+    assert merged.train.lr == cfg.train.lr  # the options not given are cfg's
+    assert cfg == cfg_before and values == values_before
+    merged.data.roots.append("b")  # no list shared with the arguments
+    assert values["data"]["roots"] == ["a"] and cfg.data.roots == []
+    base = Config()
+    assert load_config(overrides=["train.epochs=3"], base=base).train.epochs == 3 and base == Config()
+
+
 def test_round_trip_through_dict() -> None:
     cfg = load_config(overrides=["train.epochs=7", "data.roots=[a]"])
     again = config_from_dict(cfg.to_dict())
@@ -148,6 +174,40 @@ def test_resolved_padding_is_kept_through_resume_and_test() -> None:
     assert fresh.backbone.padding == "dynamic"
     with pytest.raises(ConfigError, match="backbone.padding"):
         config_from_dict(parse_override("backbone.padding=sometimes"))
+
+
+def test_the_device_option_and_the_schema_agree() -> None:
+    """train.device is checked by one pattern, the schema's: a value one accepts the other accepts."""
+    pattern = schema()["$defs"]["TrainConfig"]["properties"]["device"]["pattern"]
+    for value in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert re.search(pattern, value), value
+        assert load_config(overrides=[f"train.device={value}"]).train.device == value
+    for value in ("tpu", "CUDA", "cuda:", "cuda:x", "cuda:\u00b2", "cpu:0"):  # '²' is a digit to str.isdigit
+        assert not re.search(pattern, value), value
+        with pytest.raises(ConfigError, match=rf"^train\.device: must be auto, cpu, cuda or cuda:N, got {value!r} "):
+            load_config(overrides=[f"train.device={value}"])
+
+
+def test_stride_choices_are_the_validation_the_help_and_the_schema() -> None:
+    assert {key: choices for key, *_, choices in option_table()}["backbone.strides"] == STRIDES
+    assert schema()["$defs"]["BackboneConfig"]["properties"]["strides"]["items"]["enum"] == list(STRIDES)
+    assert load_config(overrides=["backbone.strides=[04, 16]"]).backbone.strides == [4, 16]  # text read as an integer
+    with pytest.raises(ConfigError, match=r"^backbone\.strides\[1\]: must be one of 1, 2, 4, 8 or 16, got 32 "):
+        load_config(overrides=["backbone.strides=[16, 32]"])
+    with pytest.raises(ConfigError, match=r"^backbone\.strides\[0\]: expected an integer, got 'x' "):
+        load_config(overrides=["backbone.strides=[x]"])
+
+
+def test_closest_names_for_did_you_mean() -> None:
+    """The one suggester of the configuration's messages and of the command line's."""
+    known = ["train.epochs", "train.lr", "data.input_size", "model"]
+    assert closest("train.epoch", known) == ["train.epochs"]
+    assert closest("epochs", known) == ["train.epochs"]  # no section given: any section's option
+    assert closest("train.input_size", known) == ["data.input_size"]
+    assert closest("modle", known) == ["model"]
+    assert closest("--batch-sise", ["--batch-size", "--output"]) == ["--batch-size"]
+    assert closest("train.zzz", known) == [] and closest("x", []) == []
+    assert closest("eval.ab", ["data.ab", "train.ab"]) == ["data.ab", "train.ab"]  # ties: all of them
 
 
 def test_yaml_numbers_without_a_dot_and_unreadable_files(tmp_path: Path) -> None:

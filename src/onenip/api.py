@@ -4,12 +4,13 @@
     result = onenip.fit("configs/iad-mix-offline.yaml", overrides=["train.epochs=100"], evaluate=True)
     results = onenip.test(result.model_path, overrides=["eval.protocol=paper"])
     print(results.to_markdown())
+
+`calibrate` and `add_type` change a trained model's deployment and write the model again.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from onenip.config import Config, load_config, merge_dict, validate
 from onenip.deploy.predictor import expand_inputs
 from onenip.errors import CheckpointError, ConfigError
 from onenip.evaluation.calibration import add_type as _add_type
+from onenip.evaluation.calibration import check_one_method, recalibrate
 from onenip.evaluation.evaluate import Results, evaluate, write_results
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device, set_threads
@@ -35,15 +37,14 @@ ConfigLike = Config | dict[str, Any] | str | Path | list[str | Path] | None
 
 
 def make_config(config: ConfigLike = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    """A validated Config from a Config, a nested dict, one or several YAML files, plus KEY=VALUE overrides."""
+    """A new validated Config from a Config, a nested dict, one or several YAML files, plus KEY=VALUE overrides (neither
+    `config` nor `base` is changed)."""
     if isinstance(config, Config):
-        cfg = copy.deepcopy(config)
-        return load_config(overrides=overrides, base=cfg)
+        return load_config(overrides=overrides, base=config)
     if isinstance(config, dict):
-        cfg = merge_dict(copy.deepcopy(base) if base else Config(), config)
-        return load_config(overrides=overrides, base=cfg)
+        return load_config(overrides=overrides, base=merge_dict(base or Config(), config))
     files = [config] if isinstance(config, (str, Path)) else list(config or [])
-    return load_config(files, overrides, base=copy.deepcopy(base) if base else None)
+    return load_config(files, overrides, base=base)
 
 
 def fit(
@@ -99,17 +100,43 @@ def test(
     return results
 
 
+def _rewrite_deployment(checkpoint: str | Path, output: str | Path | None,
+                        change: Callable[[Detector], Deployment]) -> tuple[Path, Deployment, Deployment | None]:
+    """Load the model `checkpoint` names (a run folder: its model.safetensors), give it the deployment
+    `change(detector)` returns, and write it: in place (atomically) unless `output` is given; never over a training
+    checkpoint. Returns the written path, the new deployment and the one it replaced (None: the model had none)."""
+    source = checkpoint_file(checkpoint, with_training_state=False)
+    target = check_output_file(output or source, "--output" if output else "MODEL")
+    detector = Detector.load(source)
+    before = detector.deployment
+    detector.deployment = change(detector)
+    return detector.save(target), detector.deployment, before
+
+
+def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
+              output: str | Path | None = None, skip_bad: bool = False) -> tuple[Path, Deployment, Deployment | None]:
+    """Set a trained model's thresholds again, at false alarm rate `far` (default: its eval.far) on the normal images
+    held out of its training, or F1-optimal on the labelled validation roots `val_roots` (not both: a ConfigError
+    before anything is loaded); see `onenip.evaluation.calibration.recalibrate`. The model is written in place
+    (atomically) unless `output` is given. Returns the written path, the new deployment and the previous one (None for
+    a model saved without one)."""
+    check_one_method(far, val_roots)
+    return _rewrite_deployment(checkpoint, output,
+                               lambda detector: recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad))
+
+
 def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),
              far: float | None = None, output: str | Path | None = None, skip_bad: bool = False) -> tuple[Path, Deployment]:
     """Add the product type `name` to a trained model from normal `images` (files, folders or globs; K >= 1) with no
     training (see `onenip.evaluation.calibration.add_type`), and write the model: in place (atomically) unless
     `output` is given. Returns the written path and the new deployment."""
-    source = checkpoint_file(checkpoint, with_training_state=False)
-    target = check_output_file(output or source, "--output" if output else "MODEL")
     if not images:
         raise ConfigError("give at least one normal image of the new type")
-    detector = Detector.load(source)
-    files = expand_inputs([str(p) for p in images])
-    extra = expand_inputs([str(p) for p in normal]) if normal else []
-    detector.deployment = _add_type(detector, name, files, extra, far=far, skip_bad=skip_bad)
-    return detector.save(target), detector.deployment
+
+    def change(detector: Detector) -> Deployment:
+        files = expand_inputs([str(p) for p in images])
+        extra = expand_inputs([str(p) for p in normal]) if normal else []
+        return _add_type(detector, name, files, extra, far=far, skip_bad=skip_bad)
+
+    path, deployment, _ = _rewrite_deployment(checkpoint, output, change)
+    return path, deployment

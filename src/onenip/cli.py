@@ -7,7 +7,6 @@ Precedence: defaults < YAML files given with --config (in order) < command-line 
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import sys
 import typing
@@ -15,7 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from onenip.config import Config, list_text, merge_dict, option_table, parse_override
+from onenip.config import Override, closest, list_text, option_table
 from onenip.errors import ConfigError, OnenipError, OnenipWarning
 
 
@@ -50,6 +49,24 @@ def _shown(default: Any) -> str:
     return "unset" if default is None else str(default)
 
 
+class _SetsOption(argparse.Action):
+    """An option that sets the configuration option of its dest, 'opt:KEY' (`_overrides` reads them all): it keeps the
+    value (a flag that takes none: its `const`) with the option as typed, which an error about the value names."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = [] if self.nargs == 0 else values if isinstance(values, list) else [values]
+        setattr(namespace, self.dest, (" ".join([str(option_string), *given]), self.const if self.nargs == 0 else values))
+
+
+def _add_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, key: str, help_text: str,
+                metavar: str | None = None, nargs: str | int | None = None, const: str | None = None) -> None:
+    """The command-line option `flag` for the configuration option `key`: --KEY itself, or a shorter flag for it
+    (--skip-bad, --device). A flag with nargs=0 takes no value and sets `const`."""
+    parser.add_argument(flag, dest=f"opt:{key}", action=_SetsOption, metavar=metavar, nargs=nargs, const=const,
+                        default=None, help=help_text)
+
+
 def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ...] | None = None,
                         exclude: tuple[str, ...] = ()) -> None:
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -59,11 +76,8 @@ def _add_config_options(parser: argparse.ArgumentParser, sections: tuple[str, ..
             continue
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options", None if groups else VALUES)
-        groups[section].add_argument(
-            f"--{key}", dest=f"opt:{key}", metavar=_metavar(tp, choices),
-            nargs="+" if _is_list(tp) else None, default=None,
-            help=f"{help_text} (default: {_shown(default)})".replace("%", "%%"),
-        )
+        _add_option(groups[section], f"--{key}", key, f"{help_text} (default: {_shown(default)})".replace("%", "%%"),
+                    metavar=_metavar(tp, choices), nargs="+" if _is_list(tp) else None)
 
 
 def _list_item(values: list[str]) -> str:
@@ -74,24 +88,17 @@ def _list_item(values: list[str]) -> str:
     return list_text(values)
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    """Command-line options as KEY=VALUE overrides, values as typed (the option's type converts them). Each is checked
-    here, so that an error names the option as it was given."""
+def _overrides(args: argparse.Namespace) -> list[Override]:
+    """The configuration options given on the command line (`_add_option`'s, then --set) as KEY=VALUE overrides,
+    values as typed: the option's type converts them when `load_config` merges them, and an error names the option as
+    it was given."""
     out = []
-    for dest, value in vars(args).items():
-        if not dest.startswith("opt:") or value is None:
-            continue
-        key = dest[4:]
-        item = f"{key}={_list_item(value) if isinstance(value, list) else value}"
-        shown = " ".join(value) if isinstance(value, list) else value
-        merge_dict(Config(), parse_override(item), source=f"command line: --{key} {shown}")
-        out.append(item)
-    if getattr(args, "skip_bad", False) and args.command in ("fit", "test"):
-        out.append("data.skip_bad=true")
-    for item in args.set or []:
-        merge_dict(Config(), parse_override(item), source=f"command line: --set {item}")
-        out.append(item)
-    return out
+    for dest, given in vars(args).items():
+        if dest.startswith("opt:") and given is not None:
+            typed, value = given
+            out.append(Override(f"{dest[4:]}={_list_item(value) if isinstance(value, list) else value}",
+                                f"command line: {typed}"))
+    return out + [Override(item, f"command line: --set {item}") for item in args.set or []]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--resume", metavar="CKPT", help="resume from a checkpoint (its configuration is the base)")
     fit.add_argument("--evaluate", action="store_true", help="evaluate on the test split after training")
     fit.add_argument("--no-progress", action="store_true", help="one log line per epoch instead of a progress bar")
-    fit.add_argument("--skip-bad", action="store_true", help="same as --data.skip_bad true: leave out unusable files")
+    _add_option(fit, "--skip-bad", "data.skip_bad", "same as --data.skip_bad true: leave out unusable files", nargs=0,
+                const="true")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any option, e.g. train.epochs=10")
     _add_config_options(fit)
 
@@ -159,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("checkpoint", help="model.safetensors (or a checkpoint, or a run folder)")
     test.add_argument("--config", action="append", metavar="FILE", help="YAML configuration file (repeatable)")
     test.add_argument("--output", metavar="DIR", help="results folder (default: <checkpoint folder>/results/<protocol>)")
-    test.add_argument("--device", help="auto, cpu, cuda or cuda:N (default: auto)")
+    _add_option(test, "--device", "train.device", "auto, cpu, cuda or cuda:N (default: the model's train.device)",
+                metavar="DEVICE")
     test.add_argument("--no-progress", action="store_true", help="no progress bar")
-    test.add_argument("--skip-bad", action="store_true", help="same as --data.skip_bad true: leave out unusable files")
+    _add_option(test, "--skip-bad", "data.skip_bad", "same as --data.skip_bad true: leave out unusable files", nargs=0,
+                const="true")
     test.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option, e.g. eval.protocol=paper")
     _add_config_options(test, sections=("data", "eval"), exclude=TRAINING_ONLY)
 
@@ -282,12 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CALIBRATE_ONE_OF = ("--far and --val set thresholds in two different ways; give one of them. --far RATE puts each "
-                    "category's threshold where at most that fraction of the normal images held out of training "
-                    "scores above it; --val ROOT makes it F1-optimal on a labelled folder of normal and defective "
-                    "images (the model's eval.far is used when neither is given).")
-
-
 def _calibration_basis(info: dict[str, Any]) -> str:
     """What a threshold rests on, from its `calibration` entry: the method and how many images."""
     if info.get("method") == "false_alarm_rate":
@@ -355,10 +359,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         known = [o for a in sub._actions for o in a.option_strings]
         first = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
         training_only = [f"--{k}" for k in TRAINING_ONLY] if args.command == "test" else []
-        close = difflib.get_close_matches(first, known + training_only, n=1, cutoff=0.75)
+        close = closest(first, known + training_only)
         if close and close[0] in training_only:
             sub.error(f"{close[0]} is read in training only; a trained model keeps its own")
-        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return args
 
 
@@ -400,8 +404,8 @@ def _run(args: argparse.Namespace) -> int:
         elif args.command == "test":
             from onenip.api import test
 
-            overrides = _overrides(args) + ([f"train.device={args.device}"] if args.device else [])
-            results = test(args.checkpoint, args.config, overrides, output=args.output, progress=not args.no_progress)
+            results = test(args.checkpoint, args.config, _overrides(args), output=args.output,
+                           progress=not args.no_progress)
             _print_results(results)
         elif args.command == "predict":
             from onenip.deploy.predictor import run_predict
@@ -417,21 +421,11 @@ def _run(args: argparse.Namespace) -> int:
                   + (f", {unknown} of a product type the model does not know (not judged)" if unknown else "")
                   + f"; results in {args.output}")
         elif args.command == "calibrate":
-            from onenip.checkpoint import check_output_file, checkpoint_file
-            from onenip.evaluation.calibration import recalibrate
-            from onenip.models.detector import Detector
+            from onenip.api import calibrate
 
-            if args.far is not None and args.val:
-                raise ConfigError(CALIBRATE_ONE_OF)
-            if args.far is not None and not 0 <= args.far < 1:
-                raise ConfigError(f"--far must be in [0, 1), got {args.far}")
-            source = checkpoint_file(args.checkpoint, with_training_state=False)
-            target = check_output_file(args.output or source, "--output" if args.output else "MODEL")
-            detector = Detector.load(source)
-            before = detector.deployment
-            detector.deployment = recalibrate(detector, far=args.far, val_roots=args.val, skip_bad=args.skip_bad)
-            path = detector.save(target)
-            print(_calibration_table(before, detector.deployment))
+            path, after, before = calibrate(args.checkpoint, far=args.far, val_roots=args.val, output=args.output,
+                                            skip_bad=args.skip_bad)
+            print(_calibration_table(before, after))
             print(f"calibrated model: {path}")
         elif args.command == "add-type":
             from onenip.api import add_type

@@ -16,11 +16,13 @@ unsets data.textures.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
 import os
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,6 +43,9 @@ TEXTURE_RESIZES: tuple[str, ...] = ("opencv", "antialias")
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune")
 #: Strides a feature tap can have (backbone.strides).
 STRIDES: tuple[int, ...] = (1, 2, 4, 8, 16)
+#: What train.device accepts (its schema's pattern too), and how a message says it.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+_PATTERN_TEXT = {DEVICE_PATTERN: "auto, cpu, cuda or cuda:N"}
 #: The most data-loading workers a configuration has by default (`default_workers`).
 MAX_DEFAULT_WORKERS = 4
 #: The JSON Schema of `Config`, shipped with the package (regenerate with `write_schema()`).
@@ -104,26 +109,26 @@ def _distinct(items: list) -> list:
     return items
 
 
-def _stride(value: int) -> int:
-    if value not in STRIDES:
-        raise ValueError(f"must be one of {', '.join(map(str, STRIDES))}, got {value}")
-    return value
+_INT = TypeAdapter(int)
 
 
-def _device(value: str) -> str:
-    if value in ("auto", "cpu", "cuda") or value.startswith("cuda:") and value[5:].isdigit():
-        return value
-    raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+def _integer(value: Any) -> Any:
+    """`value` converted as an integer option converts it (the text '08' is 8): for a choice among integers, a Literal,
+    which takes integers only."""
+    try:
+        return _INT.validate_python(value)
+    except ValidationError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
 
 
 Flag = Annotated[bool, BeforeValidator(_flag)]
 Items = Annotated[list[str], BeforeValidator(_as_list)]
 Folder = Annotated[str | None, BeforeValidator(_unset_if_empty)]
-Stride = Annotated[int, AfterValidator(_stride), Field(json_schema_extra={"enum": list(STRIDES)})]
+Stride = Annotated[Literal[STRIDES], BeforeValidator(_integer)]
 _LowHigh = Field(min_length=2, max_length=2)
 FloatRange = Annotated[list[Annotated[float, Field(gt=0)]], BeforeValidator(_as_list), _LowHigh, AfterValidator(_low_high)]
 IntRange = Annotated[list[Annotated[int, Field(gt=0)]], BeforeValidator(_as_list), _LowHigh, AfterValidator(_low_high)]
-Device = Annotated[str, AfterValidator(_device), Field(json_schema_extra={"pattern": "^(auto|cpu|cuda(:[0-9]+)?)$"})]
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN)]
 CompileMode = Literal[COMPILE_MODES]
 
 
@@ -470,18 +475,25 @@ def _key(loc: tuple) -> str:
     return out
 
 
-def _unknown(key: str, value: Any) -> str:
-    """'unknown option, did you mean train.epochs?': the known keys whose option name (or section) is closest to the one
-    given, those of the same section first."""
-    section, _, name = key.rpartition(".")
-    kind = "section" if not section and isinstance(value, dict) else "option"
+def closest(given: str, known: Iterable[str], cutoff: float = 0.6) -> list[str]:
+    """The names of `known` closest to `given`, for a 'did you mean': all those tied best (difflib's similarity ratio),
+    none below `cutoff`. Dotted names (section.option, --section.option) are compared by their last part, a name of the
+    same section preferred: train.epoch and epochs both find train.epochs, and --train.epohcs finds --train.epochs."""
+    section, _, name = given.rpartition(".")
     scores: dict[str, float] = {}
-    for known in list(_FIELDS) + ([] if section else list(SECTIONS)):
-        own_section, _, own_name = known.rpartition(".")
+    for k in known:
+        own_section, _, own_name = k.rpartition(".")
         ratio = difflib.SequenceMatcher(None, name, own_name).ratio()
-        scores[known] = ratio + (0.05 if section and own_section == section else 0.0)
-    best = max(scores.values())
-    close = [k for k, v in scores.items() if v == best] if best >= 0.6 else []
+        scores[k] = ratio + (0.05 if section and own_section == section else 0.0)
+    best = max(scores.values(), default=0.0)
+    return [k for k, v in scores.items() if v == best] if best >= cutoff else []
+
+
+def _unknown(key: str, value: Any) -> str:
+    """'unknown option, did you mean train.epochs?': the known keys (or sections) closest to the one given."""
+    section = key.rpartition(".")[0]
+    kind = "section" if not section and isinstance(value, dict) else "option"
+    close = closest(key, list(_FIELDS) + ([] if section else list(SECTIONS)))
     if close:
         return f"unknown {kind}, did you mean {' or '.join(close)}?"
     if section in SECTIONS:
@@ -526,6 +538,8 @@ def _problem(err: dict, key: str) -> str:
         text = f"must be a multiple of {ctx['multiple_of']}"
     elif kind == "literal_error":
         text = f"must be one of {ctx['expected']}"
+    elif kind == "string_pattern_mismatch":
+        text = f"must be {_PATTERN_TEXT.get(ctx['pattern'], 'text matching ' + ctx['pattern'])}"
     elif kind in ("too_short", "too_long"):
         n = ctx["min_length"] if kind == "too_short" else ctx["max_length"]
         text = f"must have {'at least' if kind == 'too_short' else 'at most'} {n} item{'s' * (n != 1)}"
@@ -556,9 +570,9 @@ def _error(exc: ValidationError, source: str | None) -> ConfigError:
 
 
 def merge_dict(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
-    """Merge a nested mapping {section: {option: value}} (or {'output_dir': ...}) into `cfg` in place. Every unknown key
-    and bad value of `values` is reported at once, naming `source`; options that must agree with each other are checked
-    by `validate` (a later source may set the other one)."""
+    """A new Config: `cfg` with a nested mapping {section: {option: value}} (or {'output_dir': ...}) merged onto it;
+    neither argument is changed. Every unknown key and bad value of `values` is reported at once, naming `source`;
+    options that must agree with each other are checked by `validate` (a later source may set the other one)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(values).__name__}")
     merged = cfg.to_dict()
@@ -566,16 +580,28 @@ def merge_dict(cfg: Config, values: dict[str, Any], source: str = "config") -> C
         if key in SECTIONS and value is None:
             continue
         if key in SECTIONS and isinstance(value, dict):
-            merged[key].update(value)
+            merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
     try:
-        new = _ADAPTER.validate_python(merged, context={_PARTIAL: True})
+        return _ADAPTER.validate_python(merged, context={_PARTIAL: True})
     except ValidationError as exc:
         raise _error(exc, source) from None
-    for f in dataclasses.fields(Config):  # in place, without the agreement checks of assignment
-        object.__setattr__(cfg, f.name, getattr(new, f.name))
-    return cfg
+
+
+class Override(str):
+    """A KEY=VALUE override that says where it was given, for the messages about it: the command line passes
+    `Override('train.epochs=abc', 'command line: --train.epochs abc')`. A plain string is named `override 'KEY=VALUE'`."""
+
+    source: str
+
+    def __new__(cls, item: str, source: str) -> Override:
+        self = super().__new__(cls, item)
+        self.source = source
+        return self
+
+    def __getnewargs__(self) -> tuple[str, str]:  # copy and pickle
+        return str(self), self.source
 
 
 def parse_override(item: str) -> dict[str, Any]:
@@ -616,8 +642,9 @@ def list_text(items: list[str]) -> str:
 def load_config(
     files: list[str | Path] | None = None, overrides: list[str] | None = None, base: Config | None = None
 ) -> Config:
-    """Defaults <- YAML files in order <- KEY=VALUE overrides; then `validate`."""
-    cfg = base if base is not None else Config()
+    """A new Config: defaults (or `base`, which is not changed) <- YAML files in order <- KEY=VALUE overrides; then
+    `validate`. Each source is checked as it is merged, and an error names it (an `Override` says where it was given)."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     for f in files or []:
         path = Path(f)
         if not path.is_file():
@@ -628,9 +655,10 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         except (UnicodeDecodeError, OSError) as exc:
             raise ConfigError(f"config file {path} cannot be read as UTF-8 text: {exc}") from None
-        merge_dict(cfg, data or {}, source=f"config file {path}")
+        cfg = merge_dict(cfg, data or {}, source=f"config file {path}")
     for item in overrides or []:
-        merge_dict(cfg, parse_override(item), source=f"override {item!r}")
+        source = item.source if isinstance(item, Override) else f"override {item!r}"
+        cfg = merge_dict(cfg, parse_override(item), source=source)
     validate(cfg)
     return cfg
 
@@ -659,7 +687,7 @@ def option_table() -> list[tuple[str, Any, Any, str, tuple | None]]:
         section, _, name = key.rpartition(".")
         default = defaults[section][name] if section else defaults[name]
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp
-        choices = typing.get_args(item) if typing.get_origin(item) is Literal else (STRIDES if key == "backbone.strides" else None)
+        choices = typing.get_args(item) if typing.get_origin(item) is Literal else None
         rows.append((key, tp, default, info.description or "", choices))
     return rows
 

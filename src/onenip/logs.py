@@ -14,8 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-# Seconds between two redraws of a progress bar on a terminal, and where the output is a file or a CI log (no
-# terminal), where every redraw is a new line: there the bar is redrawn at most once a minute.
+# Seconds between two redraws of a progress bar on a terminal (at least; at most 10, tqdm's default), and where the
+# output is a file or a CI log (no terminal), where every redraw is a new line: there the bar is redrawn once a minute.
 TERMINAL_INTERVAL = 0.1
 LOG_INTERVAL = 60.0
 
@@ -27,7 +27,7 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, unit: str, tota
     terminal = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=True,
                 mininterval=TERMINAL_INTERVAL if terminal else LOG_INTERVAL,
-                maxinterval=max(10.0, TERMINAL_INTERVAL) if terminal else LOG_INTERVAL, **kwargs)
+                maxinterval=10.0 if terminal else LOG_INTERVAL, **kwargs)
 
 
 @contextmanager

@@ -177,22 +177,30 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
     return dep
 
 
+def check_one_method(far: float | None, val_roots: Sequence[str | Path] | None) -> None:
+    """Raise ConfigError when both a false alarm rate and a validation set are given: they set thresholds in two
+    different ways, and neither is silently ignored. `recalibrate` checks it; `onenip.api.calibrate` before it loads
+    the model."""
+    if far is not None and val_roots:
+        raise ConfigError(
+            "--far and --val set thresholds in two different ways; give one of them (given: --far "
+            f"{far} and --val {' '.join(map(str, val_roots))}). --far RATE puts each category's threshold where at most "
+            "that fraction of the normal images held out of training scores above it; --val ROOT makes it F1-optimal "
+            "on a labelled folder of normal and defective images (the model's eval.far is used when neither is given).")
+
+
 @torch.no_grad()
-def recalibrate(detector: Detector, far: float | None = None, val_roots: list[str] | None = None,
+def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
                 skip_bad: bool = False) -> Deployment:
     """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
     normal and defective images), or at false-alarm rate `far` (default: the model's eval.far) on the images held out
-    of its training. The two are different methods: giving both is a ConfigError, not one of them ignored.
+    of its training. The two are different methods: giving both is a ConfigError (`check_one_method`), not one of them
+    ignored.
 
     Each recalibrated category's `calibration` entry says how its threshold was set and on how many images
     (``normal_images`` for a false alarm rate; ``images`` and ``defective`` for F1); a category without calibration
     images keeps its threshold and entry (with a warning)."""
-    if far is not None and val_roots:
-        raise ConfigError(
-            f"a false alarm rate ({far}) and a validation set ({', '.join(map(str, val_roots))}) were both given, but "
-            "they set thresholds in two different ways: a false alarm rate sets each category's threshold so that at "
-            "most that fraction of the normal images held out of training score above it; a validation set sets it "
-            "F1-optimal on those labelled (normal and defective) images. Give one of them.")
+    check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
     if dep is None:  # an older checkpoint: build the pool and fusion constant from its training data
@@ -201,7 +209,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: list[st
         dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
     model = DeployModel(detector, dep).to(dep.pool_feats.device)
     if val_roots:
-        val, _ = load_split(val_roots, "test", None, skip_bad, labelled_only=True)  # no train/ needed
+        val, _ = load_split([str(r) for r in val_roots], "test", None, skip_bad, labelled_only=True)  # no train/ needed
         unknown = sorted({s.category for s in val} - set(dep.categories))
         if unknown:
             raise DatasetError(f"validation categories {', '.join(unknown)} are not among the model's: "
@@ -314,7 +322,7 @@ def prompt_scores(feats: Tensor, prompts: Tensor, size: int, kernel: int) -> tup
     """Image scores and type distances of images (N, C, H, W) judged by the prompt map of `prompts` (P, C, H, W): what
     the deployed model computes for an image of a type added from these prompt images."""
     bank = type_bank(prompts)[None].expand(len(feats), -1, -1)  # (N, P * H * W, C)
-    patches = patch_distances(feats, bank, torch.ones(bank.shape[:2], dtype=torch.bool, device=bank.device))
+    patches = patch_distances(feats, bank)
     scores = image_scores(prompt_map(patches, feats.shape[-1], size), kernel)
     return scores.cpu().numpy(), type_distance(patches).cpu().numpy()
 
