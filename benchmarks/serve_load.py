@@ -4,11 +4,12 @@ the same model, and the server's memory before and after many requests.
     python benchmarks/serve_load.py                                    # a tiny model at 64 px, trained here (~20 s)
     python benchmarks/serve_load.py --model runs/x/model.safetensors --clients 1 4 8 --seconds 20 --requests 10000
 
-Without --model, a tiny model (the test suite's: Lite0 backbone, hidden 64, 3 training steps) is trained on the demo's
-generated data at --size px; its speed is that of a real model of that input size and backbone (the transformer is
-smaller). The server runs as a subprocess (`onenip serve --port 0`) on 127.0.0.1; the clients are threads of this
-process, each with one keep-alive connection, posting the raw PNG bytes of the demo's test images to /predict in a
-closed loop. On a small machine the clients take CPU time from the server: the figures are a lower bound.
+Without --model, the tiny model of the test suite (`onenip.demo.run.tiny_config`: Lite0 backbone, hidden 64, 3
+training steps) is trained on the demo's generated data at --size px; its speed is that of a real model of that input
+size and backbone (the transformer is smaller). The server runs as a subprocess (`onenip serve --port 0`) on
+127.0.0.1; the clients are threads of this process, each with one keep-alive connection, posting the raw PNG bytes of
+the demo's test images to /predict in a closed loop. On a small machine the clients take CPU time from the server:
+the figures are a lower bound.
 
 Offline: the same model through `Predictor.predict` on the same image files, in batches of --batch-size (what `onenip
 predict` does, file decoding included), in this process while the server idles. ratio = served / offline images/s.
@@ -42,18 +43,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(folder: Path, size: int) -> tuple[Path, Path]:
-    """Train the test suite's tiny model on the demo's generated data: (model file, data root)."""
+    """Train the test suite's tiny model (`tiny_config`) on the demo's generated data: (model file, data root)."""
     from onenip.api import make_config
     from onenip.demo.dataset import make_demo_dataset
+    from onenip.demo.run import tiny_config
     from onenip.training.trainer import Trainer
 
     data = make_demo_dataset(folder / "data", seed=0, image_size=max(96, size), n_train=12, n_test_good=8,
                              n_test_defect=12)
-    cfg = make_config(None, [
-        f"data.roots=[{data}]", "data.categories=[disc, weave]", f"data.input_size={size}", "data.workers=0",
-        "data.holdout=0.2", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
-        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8",
-        "train.max_steps=3", "train.device=cpu", f"output_dir={folder / 'run'}"])
+    cfg = make_config(None, [f"data.roots=[{data}]", *tiny_config(size), f"output_dir={folder / 'run'}"])
     Trainer(cfg, progress=False).run()
     return folder / "run" / "model.safetensors", data
 

@@ -7,6 +7,12 @@ Generated data (always available, made once per session under pytest's temporary
   good and `GEN_TEST_DEFECT` defective test images each, with masks, `GEN_SIZE` px square RGB PNGs). Deterministic.
 - ``gen_textures``: ``gen_folder/textures``, a few small procedurally drawn RGB JPEGs (some in sub-folders, not all
   square), the stand-in for DTD as ``data.textures``.
+- ``tiny_model``: a tiny model (`onenip.demo.run.tiny_config`) trained on two generated types; ``gen_batch``: 16 of
+  their test images as the deployed model's uint8 input, with `torch_outputs` (what PyTorch's DeployModel computes on
+  it), `assert_same_outputs` (an exported runtime computes the same) and `thresholds_in_widest_gaps` (decisions that
+  are mixed and robust, so that agreement is a real test).
+
+Tools: ``chromium``, a headless browser (skipped where it is not installed).
 
 Real data (only where it is present; tests that need it are skipped otherwise, never failed):
 
@@ -19,6 +25,7 @@ Real data (only where it is present; tests that need it are skipped otherwise, n
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -113,25 +120,80 @@ HOW_TO_GET_REAL_DATA = ("set ONENIP_DATA to a folder holding iad-mix/ and textur
                         "../shared/data beside the checkout")
 
 
-TINY_MODEL = [  # a small but complete OneNIP on two generated types: trained in 3 steps (a few seconds)
-    "data.categories=[disc, weave]", "data.input_size=64", "data.workers=0", "data.holdout=0.25",
-    "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", "model.hidden_dim=64",
-    "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8", "train.max_steps=3",
-    "train.device=cpu",
-]
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, gen_data: Path, gen_textures: Path) -> Path:
-    """model.safetensors of a tiny model trained on the generated types disc and weave (TINY_MODEL), with its
-    deployment (a quarter of the normal images held out for the thresholds). Read-only: copy it to change it."""
+    """model.safetensors of the tiny model (`onenip.demo.run.tiny_config`: 64 px, 3 training steps) trained on the
+    generated types disc and weave, with its deployment (a quarter of the normal images held out for the thresholds).
+    Read-only: copy it to change it."""
     from onenip.api import make_config
+    from onenip.demo.run import tiny_config
     from onenip.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("tiny-model") / "run"
-    cfg = make_config(None, [f"data.roots=[{gen_data}]", f"data.textures={gen_textures}", *TINY_MODEL, f"output_dir={run}"])
+    cfg = make_config(None, [f"data.roots=[{gen_data}]", f"data.textures={gen_textures}", *tiny_config(),
+                             f"output_dir={run}"])
     Trainer(cfg, progress=False).run()
     return run / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def gen_batch(gen_data: Path) -> np.ndarray:
+    """16 generated test images as the tiny model's input, uint8 (16, 3, 64, 64): per type of `TINY_TYPES` (in order)
+    its first 4 good and first 4 defective ones. Read-only."""
+    from onenip.data import read_sources
+    from onenip.data.images import load_batch
+    from onenip.demo.run import TINY_TYPES
+
+    test = read_sources([str(gen_data)], "test", list(TINY_TYPES))
+    chosen = [[s.image for s in test if s.category == cat and s.label == label][:4] for cat in TINY_TYPES for label in (0, 1)]
+    return load_batch([path for group in chosen for path in group], 64)
+
+
+def torch_outputs(model: torch.nn.Module, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """What a `DeployModel` computes on the uint8 `batch` (N, 3, S, S), as numpy arrays."""
+    with torch.no_grad():
+        return {k: v.numpy() for k, v in model(torch.from_numpy(batch)).items()}
+
+
+MAP_ATOL = 1e-4  # float32 exports: largest |exported map - PyTorch map|
+SCORE_RTOL = 1e-4
+
+
+def assert_same_outputs(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """An export's outputs `got` (a runtime's, ONNX Runtime's, TorchScript's) against PyTorch's `want` in float32: every
+    output of the file, in its order; maps within MAP_ATOL, scores within SCORE_RTOL, the rest as close; decisions,
+    known and categories identical. Returns the largest map difference."""
+    from onenip.deploy.runtimes import OUTPUT_NAMES
+
+    assert list(got)[: len(OUTPUT_NAMES)] == list(OUTPUT_NAMES)
+    assert got["map"].dtype == np.float32 and got["map"].shape == want["map"].shape
+    diff = float(np.abs(got["map"].astype(np.float64) - want["map"]).max())
+    assert diff <= MAP_ATOL, diff
+    np.testing.assert_allclose(got["score"], want["score"], rtol=SCORE_RTOL, atol=0)
+    np.testing.assert_allclose(got["normalized"], want["normalized"], rtol=SCORE_RTOL, atol=1e-6)
+    np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got["type_distance"], want["type_distance"], rtol=SCORE_RTOL, atol=1e-5)
+    for key in ("anomalous", "known"):
+        assert got[key].dtype == np.bool_ and np.array_equal(got[key], want[key]), key
+    assert got["category"].dtype == np.int64 and np.array_equal(got["category"], want["category"])
+    return diff
+
+
+def thresholds_in_widest_gaps(checkpoint: Path, batch: np.ndarray, out: Path) -> Path:
+    """`checkpoint` saved to `out` with each type's threshold in the widest gap between the scores of the images of
+    `batch` that retrieve it: the decisions on them are mixed (a few training steps flag nothing) and no score lies
+    near a threshold, so that identical decisions (of an export, or at a lower precision) are a real test."""
+    from onenip.models.detector import Detector
+    from onenip.models.inference import DeployModel
+
+    det = Detector.load(checkpoint)
+    scores = torch_outputs(DeployModel(det, det.deployment).eval(), batch)
+    for i, cat in enumerate(det.deployment.categories):
+        s = np.sort(scores["score"][scores["category"] == i].astype(np.float64))
+        if s.size >= 2:
+            k = int(np.argmax(np.diff(s)))
+            det.deployment.thresholds[cat] = float((s[k] + s[k + 1]) / 2)
+    return det.save(out)
 
 
 def real_data_folder() -> tuple[Path | None, str]:
@@ -172,6 +234,18 @@ def iad_mix() -> Path:
 def textures() -> Path:
     """The real texture folder (DTD JPEGs); skipped when missing."""
     return _real("textures")
+
+
+# -- tools --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium (skips, before any model is trained, where it is not installed)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium is not installed: on Debian/Ubuntu run `apt-get install -y chromium`")
+    return browser
 
 
 TRAINING_CHILD = """

@@ -505,7 +505,7 @@ def test_zero_size_header_check(tmp_path: Path) -> None:
     img = Image.new("L", (1, 1))
     img._size = (0, 4)  # type: ignore[attr-defined] - what a lenient plugin could produce
     with pytest.raises(DatasetError, match=r"zero\.png is 0x4 pixels"):
-        images._check_header_size(img, "zero.png", "image")
+        images._check_header_size(img, "image file zero.png")
 
 
 def test_directory_named_like_an_image(tmp_path: Path) -> None:

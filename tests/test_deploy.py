@@ -24,6 +24,7 @@ from onenip.deploy.predictor import (
     expand_inputs,
     overlay,
     run_predict,
+    thresholds_at,
 )
 from onenip.errors import CheckpointError, ConfigError, DatasetError
 from onenip.evaluation.calibration import (
@@ -37,7 +38,8 @@ from onenip.evaluation.evaluate import build_prompt_pool
 from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
-from onenip.models.inference import DeployModel, normalize_score
+from onenip.models.inference import DeployModel
+from onenip.models.scoring import decide, normalize_score
 from onenip.training.trainer import Trainer
 
 TWO = "[disc, weave]"  # two generated categories: an object and a texture
@@ -81,6 +83,36 @@ def test_normalized_score() -> None:
     x = np.linspace(0, 10, 50)
     n = normalize_score(x, 3.0)
     assert np.all(np.diff(n) > 0) and n.max() < 1.0
+
+
+def test_decide_on_tensors_and_arrays_alike() -> None:
+    score = [0.5, 2.0, 3.0, 3.0, 0.0, 1e-3]
+    threshold = [1.0, 2.0, 2.0, 2.0, 0.0, 0.0]
+    known = [True, True, True, False, True, True]
+    n_np, a_np = decide(np.array(score), np.array(threshold), np.array(known))
+    n_t, a_t = decide(torch.tensor(score), torch.tensor(threshold), torch.tensor(known))
+    assert isinstance(n_np, np.ndarray) and isinstance(a_np, np.ndarray) and a_np.dtype == bool
+    assert isinstance(n_t, torch.Tensor) and isinstance(a_t, torch.Tensor) and a_t.dtype == torch.bool
+    # at the threshold: not above it; an unknown type: not judged; a zero threshold: floored, no NaN
+    assert a_np.tolist() == a_t.tolist() == [False, False, True, False, False, True]
+    np.testing.assert_allclose(n_t.numpy(), n_np, rtol=1e-6)
+    assert n_np[:5] == pytest.approx([1 - 2**-0.5, 0.5, 1 - 2**-1.5, 1 - 2**-1.5, 0.0]) and n_np[5] == 1.0
+
+
+def test_thresholds_at_takes_plain_mappings() -> None:
+    thresholds = {"a": 2.0, "b": 4.0}
+    normal = {"a": [0.1 * i for i in range(1, 21)], "b": None}
+    assert thresholds_at(thresholds, normal, ["b", "a"]) == [4.0, 2.0]  # in the order asked
+    assert thresholds_at(thresholds, normal, ["a", "b"], level=0.75) == pytest.approx([4.0, 8.0])  # x -log2(1 - 0.75)
+    assert thresholds_at(thresholds, normal, ["a"], far=0.1) == [far_threshold(np.array(normal["a"]), 0.1)]
+    with pytest.raises(ConfigError, match="no held-out normal scores for b"):
+        thresholds_at(thresholds, normal, ["a", "b"], far=0.1)
+    with pytest.raises(ConfigError, match="--threshold must be a normalised score between 0 and 1"):
+        thresholds_at(thresholds, normal, ["a"], level=1.0)
+    dep = Deployment(pool_feats=torch.zeros(2, 1, 1, 1), pool_categories=["a", "b"], pool_images=["a.png", "b.png"],
+                     fusion_scale=None, thresholds=thresholds,
+                     calibration={"a": {"normal_scores": normal["a"], "far": 0.1}, "b": {"far": 0.1}})
+    assert dep.normal_scores == {"a": normal["a"]}
 
 
 def test_split_holdout_per_category(gen_data: Path) -> None:

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_outputs, thresholds_in_widest_gaps, torch_outputs
 
 from onenip.api import make_config
 from onenip.data import read_sources
-from onenip.data.images import load_image, resize_image
+from onenip.demo.run import TINY_TYPES
 from onenip.deploy.export import ExportError, MissingDependencyError, OnnxPredictor, export_model, load_torchscript
 from onenip.errors import CheckpointError, ConfigError, OnenipError
 from onenip.evaluation.calibration import build_deployment
@@ -23,9 +24,7 @@ from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.training.trainer import Trainer
 
-TWO = ["disc", "weave"]  # two generated categories: an object and a texture
-MAP_ATOL = 1e-4  # float32: largest |exported map - PyTorch map|
-SCORE_RTOL = 1e-4
+TWO = list(TINY_TYPES)  # two generated categories: an object and a texture
 
 
 def small(*extra: str) -> list[str]:
@@ -45,31 +44,10 @@ def trained(tmp_path_factory, gen_data: Path, gen_textures: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def images(gen_data: Path) -> np.ndarray:
-    """12 generated test images (N, 3, 64, 64) uint8: per category 3 normal and 3 defective."""
-    test = read_sources([str(gen_data)], "test", TWO)
-    chosen = []
-    for cat in TWO:
-        for label in (0, 1):
-            members = [s for s in test if s.category == cat and s.label == label]
-            chosen += members[:: max(1, len(members) // 3)][:3]
-    assert len(chosen) == 12
-    return np.stack([resize_image(load_image(s.image), 64) for s in chosen]).transpose(0, 3, 1, 2).copy()
-
-
-@pytest.fixture(scope="module")
-def deployed(trained: Path, images: np.ndarray, tmp_path_factory) -> Path:
-    """The trained model with each threshold moved into the widest gap between the scores of the test images that
-    retrieve its category, so that the decisions on them are mixed (six training steps flag nothing) and no score lies
-    near a threshold: identical decisions are then a real test."""
-    det = Detector.load(trained)
-    out = torch_outputs(DeployModel(det, det.deployment).eval(), images)
-    for i, cat in enumerate(TWO):
-        s = np.sort(out["score"][out["category"] == i].astype(np.float64))
-        if s.size >= 2:
-            k = int(np.argmax(np.diff(s)))
-            det.deployment.thresholds[cat] = float((s[k] + s[k + 1]) / 2)
-    return det.save(tmp_path_factory.mktemp("deployed") / "model.safetensors")
+def deployed(trained: Path, gen_batch: np.ndarray, tmp_path_factory) -> Path:
+    """The trained model with mixed, robust decisions on `gen_batch` (six training steps flag nothing): identical
+    decisions are then a real test."""
+    return thresholds_in_widest_gaps(trained, gen_batch, tmp_path_factory.mktemp("deployed") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -90,24 +68,6 @@ def onnx_file(deployed: Path, tmp_path_factory) -> Path:
     return path
 
 
-def torch_outputs(model: DeployModel, images: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        return {k: v.numpy() for k, v in model(torch.from_numpy(images)).items()}
-
-
-def assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
-    """Maps within MAP_ATOL, scores within SCORE_RTOL, identical decisions and categories; returns the map difference."""
-    assert got["map"].dtype == np.float32 and got["map"].shape == want["map"].shape
-    diff = float(np.abs(got["map"].astype(np.float64) - want["map"]).max())
-    assert diff <= MAP_ATOL, diff
-    np.testing.assert_allclose(got["score"], want["score"], rtol=SCORE_RTOL, atol=0)
-    np.testing.assert_allclose(got["normalized"], want["normalized"], rtol=SCORE_RTOL, atol=1e-6)
-    np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=0, atol=1e-5)
-    assert got["anomalous"].dtype == np.bool_ and np.array_equal(got["anomalous"], want["anomalous"])
-    assert got["category"].dtype == np.int64 and np.array_equal(got["category"], want["category"])
-    return diff
-
-
 def run_isolated(code: str, tmp_path: Path, block: tuple[str, ...]) -> str:
     """Run `code` in a fresh interpreter in which the modules `block` cannot be imported."""
     script = tmp_path / "isolated.py"
@@ -120,26 +80,26 @@ def run_isolated(code: str, tmp_path: Path, block: tuple[str, ...]) -> str:
 # -- ONNX ----------------------------------------------------------------------------------------------------------------
 
 
-def test_onnx_matches_pytorch(onnx_file: Path, reference: DeployModel, images: np.ndarray) -> None:
+def test_onnx_matches_pytorch(onnx_file: Path, reference: DeployModel, gen_batch: np.ndarray) -> None:
     predictor = OnnxPredictor(onnx_file)
     assert predictor.categories == reference.categories == TWO
     assert predictor.size == 64
     assert predictor.thresholds == pytest.approx(dict(zip(TWO, reference.thresholds.tolist())), rel=1e-7)
     diffs = []
-    for batch in (images, images[:1], images[3:8]):  # the export traced a batch of 2: N is dynamic
+    for batch in (gen_batch, gen_batch[:1], gen_batch[3:8]):  # the export traced a batch of 2: N is dynamic
         got = predictor.predict(batch)
         want = torch_outputs(reference, batch)
-        diffs.append(assert_same(got, want))
+        diffs.append(assert_same_outputs(got, want))
         assert got["category_names"].tolist() == [TWO[i] for i in want["category"]]
     print(f"ONNX: largest map difference {max(diffs):.3g}")
-    full = predictor.predict(images)
+    full = predictor.predict(gen_batch)
     assert set(full["category"].tolist()) == {0, 1}  # both categories retrieved
     assert set(full["anomalous"].tolist()) == {False, True}  # both decisions
     assert full["map"].max() > 1.0  # not a trivially small map: the 1e-4 bound is a real test
     with pytest.raises(ValueError, match="uint8"):
-        predictor.predict(images.astype(np.float32))
+        predictor.predict(gen_batch.astype(np.float32))
     with pytest.raises(ValueError, match="N >= 1"):
-        predictor.predict(images[:0])
+        predictor.predict(gen_batch[:0])
 
 
 def test_onnx_graph_and_metadata(onnx_file: Path, reference: DeployModel) -> None:
@@ -166,10 +126,10 @@ def test_onnx_graph_and_metadata(onnx_file: Path, reference: DeployModel) -> Non
     assert onnx_file.stat().st_size > pool.nbytes + sum(p.numel() for p in reference.parameters()) * 4 * 0.9
 
 
-def test_onnx_runs_without_checkpoint_onenip_or_torch(onnx_file: Path, reference: DeployModel, images: np.ndarray,
+def test_onnx_runs_without_checkpoint_onenip_or_torch(onnx_file: Path, reference: DeployModel, gen_batch: np.ndarray,
                                                       tmp_path: Path) -> None:
     assert not list(onnx_file.parent.glob("*.safetensors"))  # the checkpoint it came from is gone
-    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "images.npy", gen_batch)
     out = run_isolated(f"""
         import json
         import numpy as np
@@ -182,10 +142,10 @@ def test_onnx_runs_without_checkpoint_onenip_or_torch(onnx_file: Path, reference
     """, tmp_path, block=("torch", "onenip", "timm"))
     assert json.loads(out) == reference.categories
     got = dict(np.load(tmp_path / "out.npz"))
-    assert_same(got, torch_outputs(reference, images))
+    assert_same_outputs(got, torch_outputs(reference, gen_batch))
 
 
-def test_onnx_export_of_a_prompt_free_model_without_refiner(gen_data: Path, tmp_path: Path, images: np.ndarray) -> None:
+def test_onnx_export_of_a_prompt_free_model_without_refiner(gen_data: Path, tmp_path: Path, gen_batch: np.ndarray) -> None:
     """UniAD (no prompt, the pool only picks the threshold) without refiner: the other branches of DeployModel."""
     cfg = make_config(None, small(f"data.roots=[{gen_data}]", "data.categories=[disc, weave]",
                                   "model.arch=uniad", "train.prompt=none", "model.refiner=false", "eval.prompt_pool=2"))
@@ -198,13 +158,13 @@ def test_onnx_export_of_a_prompt_free_model_without_refiner(gen_data: Path, tmp_
     path = export_model(ckpt, "onnx", tmp_path / "out")  # an existing folder: the default name inside it
     assert path == tmp_path / "out" / "uniad.onnx"
     model = DeployModel(det, det.deployment).eval()
-    assert_same(OnnxPredictor(path).predict(images), torch_outputs(model, images))
+    assert_same_outputs(OnnxPredictor(path).predict(gen_batch), torch_outputs(model, gen_batch))
 
 
 # -- TorchScript ---------------------------------------------------------------------------------------------------------
 
 
-def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: DeployModel, images: np.ndarray,
+def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: DeployModel, gen_batch: np.ndarray,
                                                     tmp_path: Path, monkeypatch) -> None:
     for name in ("onnx", "onnxruntime"):  # TorchScript export needs neither
         monkeypatch.setitem(sys.modules, name, None)
@@ -212,8 +172,8 @@ def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: D
     module, meta = load_torchscript(path)
     assert meta["categories"] == reference.categories and meta["input_size"] == 64
     assert not any(p.requires_grad for p in module.parameters())  # a call builds no autograd graph
-    assert module(torch.from_numpy(images))["score"].grad_fn is None
-    np.save(tmp_path / "images.npy", images)
+    assert module(torch.from_numpy(gen_batch))["score"].grad_fn is None
+    np.save(tmp_path / "images.npy", gen_batch)
     out = run_isolated("""
         import json, warnings
         import numpy as np
@@ -228,17 +188,17 @@ def test_torchscript_matches_pytorch_without_onenip(deployed: Path, reference: D
         print(json.loads(extra["onenip.json"])["categories"])
     """, tmp_path, block=("onenip", "timm"))
     assert out.strip() == str(reference.categories)
-    diffs = [assert_same(dict(np.load(tmp_path / "all.npz")), torch_outputs(reference, images)),
-             assert_same(dict(np.load(tmp_path / "part.npz")), torch_outputs(reference, images[2:7]))]
+    diffs = [assert_same_outputs(dict(np.load(tmp_path / "all.npz")), torch_outputs(reference, gen_batch)),
+             assert_same_outputs(dict(np.load(tmp_path / "part.npz")), torch_outputs(reference, gen_batch[2:7]))]
     print(f"TorchScript: largest map difference {max(diffs):.3g}")
     with torch.no_grad():
-        assert_same({k: v.numpy() for k, v in module(torch.from_numpy(images[:1])).items()},
-                    torch_outputs(reference, images[:1]))
+        assert_same_outputs({k: v.numpy() for k, v in module(torch.from_numpy(gen_batch[:1])).items()},
+                            torch_outputs(reference, gen_batch[:1]))
         # the trace kept the uint8 path: anything else is refused, not read as 0-255 (or resized, or empty)
         with pytest.raises(Exception, match=r"got another dtype \(float images in \[0, 1\]\?") as info:
-            module(torch.from_numpy(images).float() / 255)
+            module(torch.from_numpy(gen_batch).float() / 255)
         assert "got 6" not in str(info.value)  # TorchScript prints a dtype as its number: not in the message
-        for bad in (torch.from_numpy(images[:, :, :32]), torch.from_numpy(images[:0])):
+        for bad in (torch.from_numpy(gen_batch[:, :, :32]), torch.from_numpy(gen_batch[:0])):
             with pytest.raises(Exception, match=r"expected uint8 images of shape \(N, 3, 64, 64\) with N >= 1"):
                 module(bad)
 

@@ -12,12 +12,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
 import onenip.models.backbone as features
 from onenip.config import BackboneConfig
+from onenip.data.images import load_batch
 from onenip.errors import ConfigError, WeightsError
 from onenip.models.backbone import (
     FeatureExtractor,
@@ -101,13 +101,12 @@ def test_mapping_rejects_foreign_keys() -> None:
 
 
 def iad_images(root: Path, n: int = 12, size: int = 224) -> torch.Tensor:
-    """n normal training images from different categories, resized with PIL bilinear -> (n, 3, size, size) uint8."""
+    """n normal training images from different categories, as the model reads them -> (n, 3, size, size) uint8."""
     cats = sorted(p for p in root.iterdir() if (p / "train" / "good").is_dir())
     lists = [sorted((c / "train" / "good").iterdir()) for c in cats]
     paths = [files[k] for k in range(n) for files in lists if k < len(files)][:n]
     assert len(paths) == n
-    arrays = [np.array(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR)) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(load_batch(paths, size))
 
 
 def bn_input_correlation(fe: FeatureExtractor, images: torch.Tensor) -> tuple[float, int]:

@@ -9,8 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onenip.data import Sample, read_mvtec
-from onenip.data.images import load_image, load_mask, read_sample, resize_image, resize_mask
+from onenip.data import Sample, images, read_mvtec
+from onenip.data.images import (
+    TooManyPixelsError,
+    UnacceptedFormatError,
+    load_batch,
+    load_image,
+    load_mask,
+    read_sample,
+    resize_image,
+    resize_mask,
+)
 from onenip.errors import DatasetError
 
 W, H = 32, 24
@@ -150,6 +159,71 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
         load_image(tmp_path)
 
 
+class OneWayStream(io.RawIOBase):
+    """A binary stream that cannot seek (a socket, a pipe)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        chunk = self._data.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def encode(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_image_in_memory_reads_as_its_file(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(4).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    data = encode(pixels)
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    want = np.asarray(load_image(path))
+    np.testing.assert_array_equal(want, pixels)
+    with open(path, "rb") as stream:
+        for source in (data, bytearray(data), memoryview(data), io.BytesIO(data), OneWayStream(data), stream):
+            img = load_image(source)
+            assert img.mode == "RGB", type(source)
+            np.testing.assert_array_equal(np.asarray(img), want)
+    grey = load_image(encode(gradient()), name="grey.png", formats=("PNG",))  # converted as files are
+    assert grey.mode == "RGB" and grey.size == (W, H)
+    with pytest.raises(TypeError, match="give a path, bytes or a binary stream"):
+        load_image(42)  # type: ignore[arg-type]
+
+
+def test_image_in_memory_errors_name_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    noise = np.random.default_rng(5).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    data = encode(noise)
+    with pytest.raises(DatasetError, match=r"^cannot read image half\.png: .*truncated"):
+        load_image(data[: len(data) // 2], name="half.png")
+    with pytest.raises(DatasetError, match=r"^cannot read image up\.png: cannot identify image file \(the data is empty"):
+        load_image(b"", name="up.png")
+    with pytest.raises(DatasetError, match=r"^cannot read image <bytes>: cannot identify image file \(not an image"):
+        load_image(b"hello\n" * 20)
+    path = tmp_path / "named.png"
+    path.write_bytes(data[:100])
+    with open(path, "rb") as stream, pytest.raises(DatasetError, match=r"^cannot read image .*named\.png: "):
+        load_image(stream)  # a file's stream names itself
+    gif = encode(noise, "GIF")
+    assert load_image(gif).size == (128, 128)  # every format by default
+    with pytest.raises(UnacceptedFormatError, match=r"^cannot read image a\.gif: GIF images are not accepted here "
+                                                    r"\(accepted: PNG, JPEG\)"):
+        load_image(gif, name="a.gif", formats=("PNG", "JPEG"))
+    monkeypatch.setattr(images, "MAX_PIXELS", 100 * 100)  # the header check, before anything is decoded
+    with pytest.raises(TooManyPixelsError, match=r"^image big\.png: 128x128 pixels is more than the limit of 10,000 "):
+        load_image(data, name="big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 50 * 50)  # Pillow's own bomb error, converted
+    with pytest.raises(TooManyPixelsError, match=r"^image big\.png: 16,384 pixels is more than the limit of 2,500 "):
+        load_image(data, name="big.png")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # load_mask
 # --------------------------------------------------------------------------------------------------------------------
@@ -220,6 +294,22 @@ def test_resize_image_converts_grey_and_rejects_bad_size() -> None:
     assert out.shape == (8, 8, 3) and np.all(out == 77)
     with pytest.raises(ValueError, match="size"):
         resize_image(Image.new("RGB", (4, 4)), 0)
+
+
+def test_load_batch_is_the_models_uint8_input(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    pics = [Image.fromarray(rng.integers(0, 256, (H + 4 * i, W, 3), dtype=np.uint8)) for i in range(3)]
+    path = save(pics[1], tmp_path / "b.png")
+    batch = load_batch([pics[0], path, encode(np.asarray(pics[2])), Image.fromarray(gradient())], 16)
+    assert batch.shape == (4, 3, 16, 16) and batch.dtype == np.uint8
+    assert batch.transpose(0, 2, 3, 1).flags.c_contiguous  # channels-last memory: PyTorch's CPU convolutions' fastest
+    for got, img in zip(batch, [*pics, Image.fromarray(gradient())]):
+        np.testing.assert_array_equal(got, resize_image(img, 16).transpose(2, 0, 1))
+    assert load_batch([], 16).shape == (0, 3, 16, 16)
+    with pytest.raises(DatasetError, match=r"gone\.png does not exist"):
+        load_batch([path, tmp_path / "gone.png"], 16)
+    with pytest.raises(ValueError, match="size"):
+        load_batch([path], 0)
 
 
 def test_resize_mask_nearest() -> None:

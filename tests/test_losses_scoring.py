@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from onenip.models.scoring import fuse, fusion_scale, image_scores
+from onenip.models.networks import upsample
+from onenip.models.scoring import fuse, fusion_scale, image_scores, patch_distances, type_bank, type_banks
 from onenip.training.losses import dice_loss, feature_mse
 
 
@@ -59,3 +60,26 @@ def test_fusion() -> None:
     rec, ref = np.full((1, 2, 2), 2.0), np.full((1, 2, 2), 0.5)
     np.testing.assert_allclose(fuse(rec, ref, 0.5, 3.0), 0.5 * 2.0 + 0.5 * 3.0 * 0.5)
     assert fuse(rec, None, 0.5, 3.0) is rec
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 14, 14), 224), ((1, 1, 56, 56), 224), ((2, 1, 7, 5), 9), ((1, 2, 1, 1), 8)])
+def test_upsample_is_bilinear_with_aligned_corners(shape: tuple[int, ...], size: int) -> None:
+    """The matrix-product upsampling gives F.interpolate's bilinear (align_corners=True) values, any grid."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    want = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    assert torch.allclose(upsample(x, size), want, atol=1e-5)
+
+
+def test_type_banks_pad_without_changing_distances() -> None:
+    """Types with fewer prompt patches are brought to the longest bank by repeating their own patches: every query's
+    nearest-patch distances equal those against its type's unpadded bank (a zero or foreign pad would change them)."""
+    gen = torch.Generator().manual_seed(1)
+    pool = torch.randn(5, 8, 3, 3, generator=gen).abs()  # 5 prompt images, 8 channels, 3 x 3 patches
+    kind = torch.tensor([0, 0, 0, 1, 2])  # type 0 has three images, types 1 and 2 one each
+    bank = type_banks(pool, kind, 3)
+    assert bank.shape == (3, 27, 8)
+    query = -torch.randn(3, 8, 3, 3, generator=gen).abs()  # every cosine to the pool < 0: a zero pad would win
+    got = patch_distances(query, bank)  # query i against type i's padded bank
+    for k in range(3):
+        alone = type_bank(pool[kind == k])[None]
+        assert torch.allclose(got[k], patch_distances(query[k : k + 1], alone)[0], atol=1e-6)

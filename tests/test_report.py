@@ -25,7 +25,8 @@ from onenip.errors import ConfigError, DatasetError, OnenipError, OnenipWarning
 from onenip.evaluation.evaluate import METRICS, decision_summary
 from onenip.evaluation.metrics import auroc, average_precision, image_metrics
 from onenip.report.charts import histogram, histogram_svg, pr_curve, roc_curve, step_ap, trapezoid_auroc
-from onenip.report.page import THUMBNAIL, ScoreRow, make_report, pick_gallery
+from onenip.report.html_file import THUMBNAIL
+from onenip.report.page import ScoreRow, make_report, pick_gallery
 from onenip.training.trainer import Trainer
 
 TWO = "[disc, weave]"  # two generated categories
@@ -254,6 +255,33 @@ def test_names_from_files_are_escaped(tmp_path: Path) -> None:
     assert files and all(f.startswith(str(images)) for f in files)
     shots = tree.root.all("img", "plain")
     assert len(shots) == 8 and all(decode(i.attrs["src"]).size == (256, 171) for i in shots)  # 300x200 shrunk
+
+
+def test_page_of_a_hand_made_predict_folder(tmp_path: Path) -> None:
+    """The predict page shares the test page's escaping, thumbnails and output file: names escaped, overlays inlined
+    as RGB PNGs of at most THUMBNAIL pixels, none read from outside the run's folder, report.html inside a folder."""
+    run = tmp_path / "predictions"
+    (run / "overlays").mkdir(parents=True)
+    Image.new("RGBA", (600, 300), (200, 30, 30, 128)).save(run / "overlays" / "a.png")
+    Image.new("RGB", (40, 40)).save(tmp_path / "outside.png")
+    evil = "<script>alert('x')</script>"
+    rows = [{"image": f"/in/{evil}.png", "category": evil, "normalized_score": 0.9, "anomalous": True,
+             "overlay": "overlays/a.png"},
+            {"image": "/in/b.png", "category": evil, "normalized_score": 0.8, "anomalous": True,
+             "overlay": "../outside.png"},
+            {"image": "/in/c.png", "category": "plain", "normalized_score": 0.1, "anomalous": False}]
+    (run / "predictions.json").write_text(json.dumps({"summary": {"checkpoint": "<b>m</b>"}, "predictions": rows}))
+    (tmp_path / "out").mkdir()
+    out = make_report(run, output=tmp_path / "out", gallery=4)
+    assert out == tmp_path / "out" / "report.html"
+    page = out.read_text()
+    assert "<script" not in page.lower() and "<b>m" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)" in page
+    tree = Tree(page)
+    assert_self_contained(tree)
+    (img,) = tree.root.all("img")  # the overlay of the folder; the one outside it is not read
+    pic = decode(img.attrs["src"])
+    assert pic.mode == "RGB" and pic.size == (THUMBNAIL, THUMBNAIL // 2)
+    assert page.count("(no overlay: run without --no-images)") == 1
 
 
 def test_table_curves_and_nan_of_a_hand_made_run(tmp_path: Path) -> None:
@@ -597,15 +625,6 @@ def test_report_says_when_the_tested_model_has_changed(run: Path, tmp_path: Path
 
 
 # -- rendered by a browser ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium (skips, before any model is trained, where it is not installed)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("headless Chromium is not installed: on Debian/Ubuntu run `apt-get install -y chromium`")
-    return browser
 
 
 @pytest.mark.slow

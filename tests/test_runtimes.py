@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import assert_same_outputs, thresholds_in_widest_gaps, torch_outputs
 
 import onenip
 from onenip.cli import main
-from onenip.data import read_sources
-from onenip.data.images import load_image, resize_image
+from onenip.demo.run import TINY_TYPES
 from onenip.deploy.export import export_model
 from onenip.deploy.predictor import Predictor
 from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, open_runtime
@@ -25,8 +24,7 @@ from onenip.errors import CheckpointError, ConfigError, DatasetError, MissingDep
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 
-TWO = ["disc", "weave"]  # the tiny model's types (conftest.TINY_MODEL)
-MAP_ATOL = 1e-4  # float32 runtimes: largest |map - PyTorch map|
+TWO = list(TINY_TYPES)  # the tiny model's types
 
 has_openvino = pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None,
                                   reason="openvino not installed (pip install 'onenip[openvino]')")
@@ -35,39 +33,15 @@ has_nncf = pytest.mark.skipif(__import__("importlib").util.find_spec("nncf") is 
 
 
 @pytest.fixture(scope="module")
-def images(gen_data: Path) -> np.ndarray:
-    """16 generated test images (N, 3, 64, 64) uint8: per type 4 normal and 4 defective."""
-    test = read_sources([str(gen_data)], "test", TWO)
-    chosen = []
-    for cat in TWO:
-        for label in (0, 1):
-            chosen += [s for s in test if s.category == cat and s.label == label][:4]
-    return np.stack([resize_image(load_image(s.image), 64) for s in chosen]).transpose(0, 3, 1, 2).copy()
-
-
-def torch_outputs(model: DeployModel, images: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        return {k: v.numpy() for k, v in model(torch.from_numpy(images)).items()}
+def deployed(tiny_model: Path, gen_batch: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with mixed, robust decisions on `gen_batch` (bf16 / int8 agreement is then a real test)."""
+    return thresholds_in_widest_gaps(tiny_model, gen_batch, tmp_path_factory.mktemp("runtimes") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")
-def deployed(tiny_model: Path, images: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with each threshold in the widest gap between the scores of the test images that retrieve its
-    type, so that decisions are mixed and no score lies near a threshold (bf16 / int8 agreement is then a real test)."""
-    det = Detector.load(tiny_model)
-    out = torch_outputs(DeployModel(det, det.deployment).eval(), images)
-    for i, cat in enumerate(TWO):
-        s = np.sort(out["score"][out["category"] == i].astype(np.float64))
-        if s.size >= 2:
-            k = int(np.argmax(np.diff(s)))
-            det.deployment.thresholds[cat] = float((s[k] + s[k + 1]) / 2)
-    return det.save(tmp_path_factory.mktemp("runtimes") / "model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def reference(deployed: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def reference(deployed: Path, gen_batch: np.ndarray) -> dict[str, np.ndarray]:
     det = Detector.load(deployed)
-    return torch_outputs(DeployModel(det, det.deployment).eval(), images)
+    return torch_outputs(DeployModel(det, det.deployment).eval(), gen_batch)
 
 
 @pytest.fixture(scope="module")
@@ -83,47 +57,33 @@ def exported(deployed: Path) -> dict[str, Path]:
     return files
 
 
-def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    """float32 agreement: maps within MAP_ATOL, the rest as close, decisions, categories and known identical."""
-    assert list(got)[: len(OUTPUT_NAMES)] == list(OUTPUT_NAMES)
-    assert got["map"].dtype == np.float32 and got["map"].shape == want["map"].shape
-    assert float(np.abs(got["map"].astype(np.float64) - want["map"]).max()) <= MAP_ATOL
-    np.testing.assert_allclose(got["score"], want["score"], rtol=1e-4, atol=0)
-    np.testing.assert_allclose(got["normalized"], want["normalized"], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got["type_distance"], want["type_distance"], rtol=1e-4, atol=1e-5)
-    for key in ("anomalous", "known"):
-        assert got[key].dtype == np.bool_ and np.array_equal(got[key], want[key]), key
-    assert got["category"].dtype == np.int64 and np.array_equal(got["category"], want["category"])
-
-
 @pytest.mark.parametrize("kind", ["onnx", "torchscript", "openvino-fp32"])
-def test_float32_runtimes_compute_what_pytorch_computes(kind: str, exported: dict[str, Path], images: np.ndarray,
+def test_float32_runtimes_compute_what_pytorch_computes(kind: str, exported: dict[str, Path], gen_batch: np.ndarray,
                                                         reference: dict[str, np.ndarray]) -> None:
     if kind not in exported:
         pytest.skip(f"{kind}: its package is not installed")
     runtime = open_runtime(exported[kind], threads=1)
     assert runtime.name == {"onnx": "onnxruntime", "torchscript": "torchscript"}.get(kind, "openvino")
-    assert_close(runtime.run(images), reference)
-    for part in (images[:1], images[5:8]):  # any batch size
+    assert_same_outputs(runtime.run(gen_batch), reference)
+    for part in (gen_batch[:1], gen_batch[5:8]):  # any batch size
         got = runtime.run(part)
         assert got["map"].shape == (len(part), 64, 64)
     assert set(reference["anomalous"].tolist()) == {False, True}  # both decisions: agreement is a real test
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 3, 64, 64\) with N >= 1"):
-        runtime.run(images.astype(np.float32))
+        runtime.run(gen_batch.astype(np.float32))
     with pytest.raises(ValueError, match="N >= 1"):
-        runtime.run(images[:0])
+        runtime.run(gen_batch[:0])
 
 
 @has_openvino
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_low_precision_openvino_takes_the_same_decisions(precision: str, exported: dict[str, Path],
-                                                         images: np.ndarray, reference: dict[str, np.ndarray]) -> None:
+                                                         gen_batch: np.ndarray, reference: dict[str, np.ndarray]) -> None:
     if f"openvino-{precision}" not in exported:
         pytest.skip("nncf not installed")
     runtime = open_runtime(exported[f"openvino-{precision}"], threads=1)
     assert runtime.precision == precision and runtime.meta["precision"] == precision
-    got = runtime.run(images)
+    got = runtime.run(gen_batch)
     assert np.array_equal(got["category"], reference["category"])
     assert np.array_equal(got["known"], reference["known"])
     # bf16: the same decisions; int8 on this barely trained model (scores 84-97, thresholds a point from some): one

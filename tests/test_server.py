@@ -33,8 +33,19 @@ uvicorn = pytest.importorskip("uvicorn", reason="onenip serve needs the serve ex
 
 from onenip.cli import main  # noqa: E402
 from onenip.data import images as image_reader  # noqa: E402
+from onenip.data.images import load_image  # noqa: E402
+from onenip.deploy import server as server_module  # noqa: E402
 from onenip.deploy.predictor import Predictor  # noqa: E402
-from onenip.deploy.server import RESULTS_CSV, Batcher, FolderWatcher, bind, create_app, page_html  # noqa: E402
+from onenip.deploy.server import (  # noqa: E402
+    RESULTS_CSV,
+    Batcher,
+    FolderWatcher,
+    UploadError,
+    bind,
+    create_app,
+    decode_upload,
+    page_html,
+)
 
 MAX_BYTES = 400_000
 
@@ -258,9 +269,34 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_goes_on(server: Server, tes
 def test_the_pixel_limit_of_onenips_reader_applies(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(image_reader, "MAX_PIXELS", 40 * 40)
     status, ans = request(server.url, "POST", "/predict", png(np.zeros((50, 50, 3), np.uint8)), {"Content-Type": "image/png"})
-    assert status == 413 and "50x50 is more than the limit of 1,600 pixels" in ans["error"]
+    assert status == 413 and "image upload: 50x50 pixels is more than the limit of 1,600 pixels" in ans["error"]
     status, _ = request(server.url, "POST", "/predict", png(np.zeros((40, 40, 3), np.uint8)), {"Content-Type": "image/png"})
     assert status == 200
+
+
+def test_uploads_are_decoded_in_memory_by_the_image_reader(test_images: list[Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_disk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an upload was written to disk")
+
+    monkeypatch.setattr(Path, "write_bytes", no_disk)
+    data = test_images[0].read_bytes()
+    got = decode_upload(data, "a.png")
+    assert np.array_equal(np.asarray(got), np.asarray(load_image(test_images[0])))  # what the reader makes of the file
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, format="GIF")
+    for upload, name, status, message in [
+        (data[: len(data) // 2], "half.png", 400, "cannot read image half.png: image file is truncated"),
+        (b"", "empty.png", 400, "cannot read image empty.png: cannot identify image file (the data is empty: 0 bytes)"),
+        (gif.getvalue(), "a.gif", 415, "cannot read image a.gif: GIF images are not accepted here (accepted: PNG, JPEG"),
+    ]:
+        with pytest.raises(UploadError) as refused:
+            decode_upload(upload, name)
+        assert refused.value.status == status and message in refused.value.message, refused.value.message
+    monkeypatch.setattr(image_reader, "MAX_PIXELS", 90 * 90)
+    with pytest.raises(UploadError) as refused:
+        decode_upload(data, "big.png")
+    assert refused.value.status == 413 and refused.value.message.startswith("image big.png: 96x96 pixels is more than")
 
 
 # -- batching --------------------------------------------------------------------------------------------------------
@@ -447,10 +483,11 @@ def test_serve_command_errors(model: Path, tmp_path: Path, capsys: pytest.Captur
 # -- the page and the API documentation ------------------------------------------------------------------------------
 
 
-def test_page_and_docs_need_no_external_file(server: Server) -> None:
+def test_page_and_docs_need_no_external_file(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     page = page_html()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "the page loads an external file"
     assert not re.search(r"""(@import|url\()\s*["']?(https?:)?//""", page)
+    monkeypatch.setattr(server_module, "page_html", lambda: "read again")  # the app read it once, when it was made
     status, served = request(server.url, "GET", "/")
     assert status == 200 and served == page
     status, html = request(server.url, "GET", "/docs")
@@ -461,14 +498,6 @@ def test_page_and_docs_need_no_external_file(server: Server) -> None:
     assert status == 200 and {"/predict", "/predict/batch", "/health", "/model"} <= set(spec["paths"])
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body and "image/png" in body
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        pytest.skip("headless Chromium is not installed: on Debian/Ubuntu run `apt-get install -y chromium`")
-    return browser
 
 
 class Browser:

@@ -1,26 +1,29 @@
-"""Reading images and masks from disk and resizing them to the square network input.
+"""Reading images and masks and resizing them to the square network input.
 
 Every image becomes 8-bit RGB whatever its mode (grey, palette, alpha, CMYK, 16-bit, float); every mask becomes a
-boolean array (pixel value > 0). Any file that cannot be opened or decoded raises
-:class:`~onenip.errors.DatasetError` naming the file and the reason. Images are resized straight to a square (aspect
-ratio not kept, no crop), as OneNIP does.
+boolean array (pixel value > 0). Images are read from a path, or from data in memory (bytes or a binary stream: an
+upload, see :func:`load_image`) with the same checks. Anything that cannot be opened or decoded raises
+:class:`~onenip.errors.DatasetError` naming the file (or the in-memory data's name) and the reason. Images are resized
+straight to a square (aspect ratio not kept, no crop), as OneNIP does; :func:`load_batch` makes the deployed model's
+uint8 input batch.
 
 Decompression bombs: onenip applies its own limit, :data:`MAX_PIXELS`, to the size a file's header claims, before any
 pixel is decoded, and reports a larger file as a DatasetError. Pillow's own check (``Image.MAX_IMAGE_PIXELS``, whose
 ``DecompressionBombWarning`` and ``DecompressionBombError`` would otherwise leak out) is aligned with that limit and
-silenced while onenip opens a file; see :func:`_pillow_guard`. Truncated files are always errors: onenip never sets
-``ImageFile.LOAD_TRUNCATED_IMAGES``.
+silenced while onenip opens a file; see :func:`_pillow_guard`. A larger image raises :class:`TooManyPixelsError`.
+Truncated files are always errors: onenip never sets ``ImageFile.LOAD_TRUNCATED_IMAGES``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -28,7 +31,8 @@ from PIL import Image
 from onenip.data.files import Sample
 from onenip.errors import DatasetError
 
-__all__ = ["MAX_PIXELS", "load_image", "load_mask", "read_sample", "resize_image", "resize_mask"]
+__all__ = ["MAX_PIXELS", "ImageSource", "TooManyPixelsError", "UnacceptedFormatError", "load_batch", "load_image",
+           "load_mask", "read_sample", "resize_image", "resize_mask"]
 
 MAX_PIXELS: int = 100_000_000
 """Most pixels (width x height, as the file's header claims) an image or mask may have.
@@ -46,6 +50,16 @@ SIXTEEN_TO_EIGHT = 257.0
 
 _T = TypeVar("_T")
 PathLike = str | os.PathLike[str]
+ImageSource = PathLike | bytes | bytearray | memoryview | BinaryIO
+"""What :func:`load_image` reads: a path, or the encoded image in memory (bytes, or a binary stream)."""
+
+
+class TooManyPixelsError(DatasetError):
+    """An image or mask with more than :data:`MAX_PIXELS` pixels (as its header claims, or as Pillow finds decoding)."""
+
+
+class UnacceptedFormatError(DatasetError):
+    """An image of a format the caller does not accept (see the `formats` of :func:`load_image`)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -84,36 +98,61 @@ def _pillow_guard(bomb_warning: str) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _too_large(path: PathLike, what: str, size: str) -> DatasetError:
-    return DatasetError(
-        f"{what} file {path}: {size} pixels is more than the limit of {MAX_PIXELS:,} pixels (onenip.data.images.MAX_PIXELS); "
-        "the file is corrupt, or too large to decode safely"
+def _too_large(label: str, size: str) -> TooManyPixelsError:
+    return TooManyPixelsError(
+        f"{label}: {size} pixels is more than the limit of {MAX_PIXELS:,} pixels (onenip.data.images.MAX_PIXELS); "
+        "the image is corrupt, or too large to decode safely"
     )
 
 
-def _check_header_size(img: Image.Image, path: PathLike, what: str) -> None:
-    """Raise unless the size in the header of `img` is at least 1x1 and at most :data:`MAX_PIXELS` pixels."""
+def _check_header_size(img: Image.Image, label: str) -> None:
+    """Raise unless the size in the header of `img` (named `label` in errors) is at least 1x1 and at most
+    :data:`MAX_PIXELS` pixels."""
     width, height = img.size
     if width < 1 or height < 1:
-        raise DatasetError(f"{what} file {path} is {width}x{height} pixels: an image must have at least one pixel")
+        raise DatasetError(f"{label} is {width}x{height} pixels: an image must have at least one pixel")
     if width * height > MAX_PIXELS:
-        raise _too_large(path, what, f"{width}x{height}")
+        raise _too_large(label, f"{width}x{height}")
 
 
-def _bomb_error(exc: Exception, path: PathLike, what: str) -> DatasetError:
-    """Pillow's DecompressionBombError / DecompressionBombWarning as a DatasetError naming the file."""
+def _bomb_error(exc: Exception, label: str) -> TooManyPixelsError:
+    """Pillow's DecompressionBombError / DecompressionBombWarning as a TooManyPixelsError naming the file."""
     found = _PILLOW_PIXELS.search(str(exc))
-    return _too_large(path, what, f"{int(found.group(1)):,}" if found else "its size in")
+    return _too_large(label, f"{int(found.group(1)):,}" if found else "its size in")
 
 
-def _unidentified_reason(path: PathLike) -> str:
-    """Why Pillow could not identify `path`: empty, or not a format it reads."""
+def _is_empty(source: PathLike | BinaryIO) -> bool:
+    """Whether the file at `source`, or the seekable stream `source` (read from its start, as Pillow reads it), holds
+    no byte."""
     try:
-        if os.path.getsize(path) == 0:
-            return "cannot identify image file (the file is empty: 0 bytes)"
+        if isinstance(source, (str, os.PathLike)):
+            return os.path.getsize(source) == 0
+        source.seek(0)
+        return not source.read(1)
     except OSError:
-        pass
-    return "cannot identify image file (not an image, or a format Pillow cannot read)"
+        return False
+
+
+def _unidentified(source: PathLike | BinaryIO, label: str, formats: Sequence[str] | None) -> DatasetError:
+    """The error for `source` (named `label`), which Pillow could not identify when it tried `formats` (all when
+    None): empty, of a format not among `formats` (UnacceptedFormatError), or not a format Pillow reads."""
+    kind = "file" if isinstance(source, (str, os.PathLike)) else "data"
+    if _is_empty(source):
+        return DatasetError(f"cannot read {label}: cannot identify image file (the {kind} is empty: 0 bytes)")
+    found = _format_of(source) if formats is not None else None
+    if found is not None:
+        return UnacceptedFormatError(f"cannot read {label}: {found} images are not accepted here (accepted: "
+                                     f"{', '.join(formats or ())})")
+    return DatasetError(f"cannot read {label}: cannot identify image file (not an image, or a format Pillow cannot read)")
+
+
+def _format_of(source: PathLike | BinaryIO) -> str | None:
+    """The format Pillow takes `source` for, from its header alone (nothing is decoded), or None."""
+    try:
+        with _pillow_guard("ignore"), Image.open(source) as img:
+            return str(img.format or "") or None
+    except Exception:  # noqa: BLE001 - not an image Pillow knows (or too large: the format is all that is asked)
+        return None
 
 
 def _missing_reason(path: PathLike, what: str) -> str:
@@ -127,17 +166,43 @@ def _missing_reason(path: PathLike, what: str) -> str:
     return f"{what} file {path} does not exist"
 
 
-def _open_decoded(path: PathLike, what: str, convert: Callable[[Image.Image], _T]) -> _T:
-    """Open `path`, decode it fully and return ``convert(image)``; every failure becomes a DatasetError.
+def _label(source: ImageSource, what: str, name: str | None) -> str:
+    """How errors name `source`: "image file PATH", or for data in memory "image NAME" (`name`, else the stream's own
+    name, else "<bytes>" / "<stream>"). TypeError for what is neither a path, nor bytes, nor a binary stream."""
+    if isinstance(source, (str, os.PathLike)):
+        return f"{what} file {source}"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"{what} {name or '<bytes>'}"
+    if not callable(getattr(source, "read", None)):
+        raise TypeError(f"cannot read {what} data from {type(source).__name__}: give a path, bytes or a binary stream")
+    return f"{what} {name or getattr(source, 'name', None) or '<stream>'}"
+
+
+def _seekable(source: ImageSource) -> PathLike | BinaryIO:
+    """What Pillow opens for `source`: a path as it is, bytes and a stream that cannot seek as an in-memory stream."""
+    if isinstance(source, (str, os.PathLike)):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    seekable = getattr(source, "seekable", None)
+    return source if seekable is not None and seekable() else io.BytesIO(source.read())
+
+
+def _open_decoded(source: ImageSource, what: str, convert: Callable[[Image.Image], _T], name: str | None = None,
+                  formats: Sequence[str] | None = None) -> _T:
+    """Open `source` (a path, bytes or a binary stream; only with the Pillow `formats` given, if any), decode it fully
+    and return ``convert(image)``; every failure becomes a DatasetError naming the source (see `_label`).
 
     The header size is checked against :data:`MAX_PIXELS` before decoding. Decoding the whole file (``load``) is
     what detects truncated files; ``Image.open`` only reads the header.
     """
+    label = _label(source, what, name)
+    fp = _seekable(source)  # a stream that fails to read is the caller's error, not the image's: raised as it is
     try:
         with _pillow_guard("ignore"):
-            img = Image.open(path)
+            img = Image.open(fp, formats=None if formats is None else list(formats))
         with img:
-            _check_header_size(img, path, what)
+            _check_header_size(img, label)
             if img.format in _LOAD_WITHOUT_BOMB_CHECK:
                 img.load()
             else:
@@ -145,20 +210,21 @@ def _open_decoded(path: PathLike, what: str, convert: Callable[[Image.Image], _T
                     img.load()
             return convert(img)
     except FileNotFoundError as exc:
-        raise DatasetError(_missing_reason(path, what)) from exc
+        raise DatasetError(_missing_reason(source, what) if isinstance(source, (str, os.PathLike)) else
+                           f"cannot read {label}: {exc}") from exc
     except IsADirectoryError as exc:
-        raise DatasetError(f"{what} file {path} is a folder, not an image") from exc
+        raise DatasetError(f"{label} is a folder, not an image") from exc
     except PermissionError as exc:
-        raise DatasetError(f"cannot read {what} file {path}: permission denied") from exc
+        raise DatasetError(f"cannot read {label}: permission denied") from exc
     except DatasetError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise _bomb_error(exc, path, what) from exc
+        raise _bomb_error(exc, label) from exc
     except Image.UnidentifiedImageError as exc:
-        raise DatasetError(f"cannot read {what} file {path}: {_unidentified_reason(path)}") from exc
+        raise _unidentified(fp, label, formats) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt data makes Pillow raise OSError, SyntaxError, struct.error...
         reason = str(exc) or "unknown error"
-        raise DatasetError(f"cannot read {what} file {path}: {reason} ({type(exc).__name__})") from exc
+        raise DatasetError(f"cannot read {label}: {reason} ({type(exc).__name__})") from exc
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,17 +263,29 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """The image at `path`, fully decoded, as an 8-bit RGB Pillow image.
+def load_image(source: ImageSource, name: str | None = None, formats: Sequence[str] | None = None) -> Image.Image:
+    """The image at the path `source`, or encoded in the bytes or binary stream `source` (an upload; a stream is read
+    from its start), fully decoded, as an 8-bit RGB Pillow image.
 
     Grey (``L``, ``1``), palette, ``LA``, ``RGBA`` (alpha dropped, not composited), ``CMYK``, 16-bit and float images
     are converted; see :func:`deep_to_uint8` for how deep images are scaled. EXIF orientation is not applied, so
-    the pixels line up with masks drawn on the stored image.
+    the pixels line up with masks drawn on the stored image. A path and data in memory get the same checks.
+
+    Args:
+        source: a path, or the encoded image as bytes / bytearray / memoryview or a binary stream.
+        name: how errors name data in memory ("image NAME", e.g. an upload's file name); default: the stream's
+            ``name``, else ``<bytes>`` / ``<stream>``. A path names itself ("image file PATH").
+        formats: the Pillow formats accepted (e.g. ``("PNG", "JPEG")``); only their decoders see the data.
+            Default: every format Pillow reads.
 
     Raises:
-        DatasetError: the file is missing, not an image, truncated or otherwise undecodable (naming it and why).
+        TooManyPixelsError: more than :data:`MAX_PIXELS` pixels (a DatasetError).
+        UnacceptedFormatError: an image of a format not among `formats` (a DatasetError), naming its format.
+        DatasetError: the file is missing, or the data is empty, not an image, truncated or otherwise undecodable
+            (naming the source and why).
+        TypeError: `source` is none of the above.
     """
-    return _open_decoded(path, "image", to_rgb)
+    return _open_decoded(source, "image", to_rgb, name, formats)
 
 
 def resize_image(img: Image.Image, size: int) -> np.ndarray:
@@ -219,6 +297,24 @@ def resize_image(img: Image.Image, size: int) -> np.ndarray:
     rgb = img if img.mode == "RGB" else to_rgb(img)
     resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
     return np.array(resized, dtype=np.uint8)
+
+
+def load_batch(images: Sequence[ImageSource | Image.Image], size: int) -> np.ndarray:
+    """Images (Pillow images, or anything :func:`load_image` reads) each resized by :func:`resize_image`, in order,
+    as the deployed model's input: uint8 (N, 3, size, size).
+
+    The array is a channels-first view of channels-last memory (the (N, size, size, 3) stack of the images, not
+    copied): PyTorch's CPU convolutions run faster on it than on the standard layout, to the same values; the
+    exported runtimes take any layout (``np.ascontiguousarray`` gives the standard one).
+
+    Raises:
+        DatasetError: an image cannot be read (naming it).
+        ValueError: `size` is not a positive integer.
+    """
+    _check_size(size)
+    pixels = [resize_image(item if isinstance(item, Image.Image) else load_image(item), size) for item in images]
+    stacked = np.stack(pixels) if pixels else np.empty((0, size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
+    return stacked.transpose(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------------

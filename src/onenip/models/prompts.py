@@ -84,8 +84,8 @@ class PromptPool:
         self.kind = torch.tensor([self.kinds.index(c) for c in self.categories], device=feats.device)  # (P,)
 
     @functools.cached_property
-    def type_banks(self) -> tuple[Tensor, Tensor]:
-        """Every type's bank of prompt patches and which are real (`scoring.type_banks`), built once."""
+    def type_banks(self) -> Tensor:
+        """Every type's bank of prompt patches (K, M, C) (`scoring.type_banks`), built once."""
         return type_banks(self.feats, self.kind, len(self.kinds))
 
     def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,9 +15,9 @@ these, and nothing else computes a map, a fusion or a score.
 * a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
   `prompt_map`: each patch's distance to the nearest patch of the type's prompt images, a training-free map in the
   manner of PatchCore, in place of the learned one.
-* decision: anomalous when the score exceeds the threshold of the retrieved category. The normalised score
-  1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and approaches 1 above; it is
-  monotone, so it ranks images as the raw score does, and never saturates into ties.
+* decision (`decide`): anomalous when the score exceeds the threshold of the retrieved category and the image is of a
+  known type. The normalised score 1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and
+  approaches 1 above; it is monotone, so it ranks images as the raw score does, and never saturates into ties.
 """
 
 from __future__ import annotations
@@ -87,6 +87,24 @@ def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.n
     return 1.0 - 2.0 ** (-score / threshold)
 
 
+MIN_THRESHOLD = 1e-12
+"""`decide` floors thresholds at this: a zero threshold (every normal score 0) divides nothing by zero."""
+
+
+def decide(score: Tensor | np.ndarray, threshold: Tensor | np.ndarray,
+           known: Tensor | np.ndarray) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+    """The decision on N images: their scores (N,), the threshold of each one's product type (N,) and whether that
+    type is known (N,) bool -> (normalized (N,) float, `normalize_score` at the threshold floored at MIN_THRESHOLD;
+    anomalous (N,) bool, score above that threshold and the type known: an image of an unknown type is not judged).
+    Torch tensors (traceable: the deployed model and its exports) or numpy arrays alike; the result is of the kind
+    given."""
+    if isinstance(threshold, Tensor):
+        threshold = threshold.clamp_min(MIN_THRESHOLD)
+    else:
+        threshold = np.maximum(threshold, MIN_THRESHOLD)
+    return normalize_score(score, threshold), (score > threshold) & known
+
+
 TYPE_QUANTILE = 0.25  # of the query patches' nearest-patch distances: robust to defects, not to another product
 
 
@@ -95,22 +113,20 @@ def type_bank(feats: Tensor) -> Tensor:
     return F.normalize(feats.float().flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]), dim=1)
 
 
-def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> tuple[Tensor, Tensor]:
+def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> Tensor:
     """The prompt pool's features (P, C, H, W) and each entry's type index (P,) -> every type's bank of patches,
-    padded to one length (K, M, C), and which of them are real (K, M)."""
+    brought to one length by repeating its first patches (K, M, C): a repeated patch cannot change a nearest-patch
+    distance, so no mask is needed."""
     banks = [type_bank(pool_feats[pool_category.to(pool_feats.device) == k]) for k in range(n_types)]
     longest = max(b.shape[0] for b in banks)
-    bank = torch.stack([torch.cat([b, b.new_zeros(longest - b.shape[0], b.shape[1])]) for b in banks])
-    valid = torch.stack([torch.arange(longest, device=bank.device) < b.shape[0] for b in banks])
-    return bank, valid
+    return torch.stack([b.repeat(-(-longest // b.shape[0]), 1)[:longest] for b in banks])
 
 
-def patch_distances(feats: Tensor, bank: Tensor, valid: Tensor) -> Tensor:
-    """Query features (N, C, H, W), each query's bank of patches (N, M, C, unit vectors) and which are real (N, M)
-    -> (N, H * W): every query patch's cosine distance to its nearest bank patch."""
+def patch_distances(feats: Tensor, bank: Tensor) -> Tensor:
+    """Query features (N, C, H, W) and each query's bank of patches (N, M, C, unit vectors) -> (N, H * W): every
+    query patch's cosine distance to its nearest bank patch."""
     q = F.normalize(feats.float().flatten(2).transpose(1, 2), dim=2)  # (N, L, C)
-    cos = (q @ bank.transpose(1, 2)).masked_fill(~valid[:, None, :], -2.0)  # (N, L, M)
-    return 1.0 - cos.amax(dim=2)
+    return 1.0 - (q @ bank.transpose(1, 2)).amax(dim=2)  # (N, L, M) -> (N, L)
 
 
 def type_distance(nearest: Tensor) -> Tensor:
