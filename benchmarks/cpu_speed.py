@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import git_commit  # noqa: E402
 
 from onenip.data import read_sources  # noqa: E402
-from onenip.data.images import load_image, resize_image  # noqa: E402
+from onenip.data.images import load_batch  # noqa: E402
 from onenip.deploy.export import export_model  # noqa: E402
 from onenip.deploy.runtimes import OnnxRuntime, OpenVinoRuntime  # noqa: E402
 from onenip.evaluation.metrics import auroc  # noqa: E402
@@ -107,7 +107,7 @@ def test_images(root: Path, categories: list[str], size: int, limit: int) -> tup
     samples = read_sources([str(root)], "test", [c for c in categories if (root / c).is_dir()] or None)
     if limit and len(samples) > limit:
         samples = samples[:: -(-len(samples) // limit)]
-    images = np.stack([resize_image(load_image(s.image), size) for s in samples]).transpose(0, 3, 1, 2).copy()
+    images = np.ascontiguousarray(load_batch([s.image for s in samples], size))
     return images, np.array([s.label for s in samples]), [s.category for s in samples]
 
 

@@ -7,6 +7,8 @@ Runs in a venv of its own with the `peers` extra (anomalib, pinned), not in the 
     /work/peers-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[peers]'
     /work/peers-venv/bin/python benchmarks/peers.py --data DATA/iad-mix --max-train 100 --threads 2
     /work/peers-venv/bin/python benchmarks/peers.py --render-only     # the tables again, onenip's rows refreshed
+    /work/peers-venv/bin/python benchmarks/peers.py --shots 1 4 16 --shot-seeds 0 1 2 --threads 1
+    /work/peers-venv/bin/python benchmarks/peers.py --shots 1 4 16 --render-only  # against onenip's added types
 
 What is kept equal to onenip (`benchmarks/iad_mix.py`):
 
@@ -40,7 +42,16 @@ cannot afford its default:
 * the unified PatchCore: one memory bank, the union of the per-category coresets (k-center greedy over all
   categories' patches at once would take longer still), searched for every test image with no category given.
 
-Writes ``--output`` (JSON; models already in an existing file are kept unless run again) and prints a Markdown table.
+PatchCore from K images (``--shots``): the reference for a product type added to onenip without retraining
+(`benchmarks/add_type.py`). For every type, K and seed (``--shot-seeds``), a per-category PatchCore is built from
+exactly the K training images `onenip.models.prompts.pool_samples` draws from the type's training images with that
+seed (the call add_type.py makes: the same images), and tested on the type's whole test split. Its coreset ratio is
+1.0 unless ``--coreset`` says otherwise: with K <= 16 images the bank holds at most 16 x 784 patches, so there is
+nothing to gain from subsampling it, and every patch is kept (k-center greedy, which would only reorder them at
+n^2 cost, is skipped). ``--max-train`` does not apply.
+
+Writes ``--output`` (JSON; models already in an existing file are kept unless run again; with ``--shots`` rows
+of other types, K or seeds likewise) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -50,7 +61,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,12 +70,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from iad_mix import git_commit  # noqa: E402
+
 from onenip.config import BackboneConfig, Config  # noqa: E402
 from onenip.data import Sample, load_split  # noqa: E402
 from onenip.data.images import read_sample  # noqa: E402
 from onenip.evaluation.evaluate import METRICS, category_metrics, image_entry  # noqa: E402
-from onenip.evaluation.metrics import image_metrics, pixel_metrics  # noqa: E402
+from onenip.evaluation.metrics import image_metrics  # noqa: E402
 from onenip.models.backbone import FeatureExtractor, is_lukemelas, map_lukemelas_to_timm, read_state_dict, weights_file  # noqa: E402
+from onenip.models.prompts import pool_samples  # noqa: E402
 
 NAMES = {"patchcore": "anomalib PatchCore, per category", "padim": "anomalib PaDiM, per category",
          "patchcore_unified": "PatchCore, unified (one memory bank)"}
@@ -156,14 +170,10 @@ def run_batches(model: torch.nn.Module, norm: Normalize, images: np.ndarray, bat
 
 
 def score(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, peer_scores: np.ndarray, cfg: Config) -> dict:
-    """Seven metrics with the peer's image score; the image metrics of onenip's image score of the maps beside them."""
-    res = image_entry(peer_scores, labels)
-    from_map, _ = category_metrics(maps, None, labels, cfg)
-    if masks is not None:
-        pm = pixel_metrics(maps, masks, cfg.eval.fpr_limit)
-        res.update(pixel_auroc=pm["auroc"], pixel_ap=pm["ap"], pixel_f1max=pm["f1_max"], pixel_aupro=pm["aupro"])
-    else:
-        res.update(dict.fromkeys(METRICS[3:], float("nan")))
+    """Seven metrics with the peer's image score; the image metrics of onenip's image score of the maps beside them.
+    The maps are scored by onenip's evaluation (`category_metrics`); only the image score is replaced."""
+    from_map, _ = category_metrics(maps, masks, labels, cfg)
+    res = {**image_entry(peer_scores, labels), **{k: from_map[k] for k in METRICS[3:]}}
     res["image_from_map"] = {k: from_map[k] for k in METRICS[:3]}
     return res
 
@@ -177,7 +187,7 @@ def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> t
     from anomalib.models import Padim, Patchcore
 
     off = dict(pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
-    if kind == "patchcore":
+    if kind == "patchcore":  # the coreset ratio: args.coreset, set in main
         module = Patchcore(backbone=args.backbone, layers=args.patchcore_layers, pre_trained=False,
                            coreset_sampling_ratio=args.coreset, num_neighbors=9, **off)
     else:
@@ -188,14 +198,17 @@ def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> t
 
 
 def run_category(kind: str, args: argparse.Namespace, sd: dict, norm: Normalize, cat: str, train: list[Sample],
-                 test: list[Sample], cfg: Config, seed: int) -> tuple[dict, torch.Tensor | None, np.ndarray, np.ndarray]:
-    """Fit one peer on one category, test it; (entry, memory bank (PatchCore) or None, test maps, peer scores)."""
+                 test: list[Sample], cfg: Config, seed: int, chosen: list[Sample] | None = None
+                 ) -> tuple[dict, torch.Tensor | None, np.ndarray, np.ndarray]:
+    """Fit one peer on one category, test it; (entry, memory bank (PatchCore) or None, test maps, peer scores).
+    `chosen`: the training images to fit on (default: `train`, for PatchCore at most --max-train of them)."""
     torch.manual_seed(seed)
     np.random.seed(seed)  # anomalib's sparse random projection (coreset) draws from numpy's global generator
     rng = np.random.default_rng(seed)
-    chosen = train
-    if kind == "patchcore" and args.max_train and len(train) > args.max_train:
-        chosen = [train[i] for i in sorted(rng.choice(len(train), args.max_train, replace=False))]
+    if chosen is None:
+        chosen = train
+        if kind == "patchcore" and args.max_train and len(train) > args.max_train:
+            chosen = [train[i] for i in sorted(rng.choice(len(train), args.max_train, replace=False))]
     t0 = time.perf_counter()
     tr_imgs, _, _ = read_images(chosen, args.size)
     te_imgs, te_masks, labels = read_images(test, args.size)
@@ -206,7 +219,11 @@ def run_category(kind: str, args: argparse.Namespace, sd: dict, norm: Normalize,
     model.train()
     model.feature_extractor.eval()  # the backbone stays in eval mode (BatchNorm statistics), as in anomalib's training
     run_batches(model, norm, tr_imgs, args.batch_size)
-    module.fit()  # PatchCore: k-center greedy coreset; PaDiM: per-position Gaussians
+    if kind == "patchcore" and args.coreset >= 1.0:  # every patch: k-center greedy would only reorder them (n^2)
+        model.memory_bank = torch.vstack(model.embedding_store)
+        model.embedding_store.clear()
+    else:
+        module.fit()  # PatchCore: k-center greedy coreset; PaDiM: per-position Gaussians
     fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -314,12 +331,75 @@ def markdown(result: dict, standin: bool = False) -> str:
     return head + "\n".join(lines) + "\n" + "\n".join(timing) + "\n"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# --------------------------------------------------------------------------------------------------------------------
+# PatchCore from K images, against a type added to onenip from the same K images
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_shots(args: argparse.Namespace, sd: dict, norm: Normalize, by: dict[str, tuple[list[Sample], list[Sample]]],
+              cfg: Config, rows: list[dict], save) -> None:
+    """Per type, K and seed: PatchCore built from the K training images `pool_samples` draws (as add_type.py does),
+    tested on the type's whole test split; a row each, appended to `rows` (one of the same type, K and seed replaced)."""
+    for cat, (train, test) in by.items():
+        for k in args.shots:
+            for seed in args.shot_seeds:
+                shots = pool_samples(train, k, seed)  # add_type.py: pool_samples(the type's training samples, k, seed)
+                e, _, _, _ = run_category("patchcore", args, sd, norm, cat, train, test, cfg, seed, chosen=shots)
+                row = {"type": cat, "k": k, "seed": seed, **{m: e[m] for m in METRICS},
+                       "image_from_map": e["image_from_map"],
+                       **{f: e[f] for f in ("fit_seconds", "fit_cpu_seconds", "inference_seconds",
+                                            "inference_cpu_seconds", "ms_per_image", "read_seconds", "memory_bank",
+                                            "images", "defective", "train_images", "train_available")},
+                       "train_files": [os.path.relpath(s.image, args.data) for s in shots]}
+                rows[:] = [r for r in rows if (r["type"], r["k"], r["seed"]) != (cat, k, seed)] + [row]
+                print(f"patchcore K={k} seed {seed} {cat}: " + " ".join(f"{n} {pct(e[m])}" for n, m in zip(SHORT, METRICS))
+                      + f"; bank {e['memory_bank']}, fit {e['fit_seconds']} s, {e['ms_per_image']} ms/image", flush=True)
+                save()
+
+
+def per_type(rows: list[dict], k: int) -> dict[str, dict[str, float]]:
+    """Per type: the seven metrics at K = `k`, means over the seeds (draws)."""
+    types = sorted({r["type"] for r in rows if r["k"] == k})
+    return {t: {m: float(np.mean([r[m] for r in rows if r["type"] == t and r["k"] == k])) for m in METRICS}
+            for t in types}
+
+
+def shots_summary(rows: list[dict]) -> dict:
+    """Per K: means over types (of the means over seeds), seeds and types counted, CPU seconds per build and image."""
+    out = {}
+    for k in sorted({r["k"] for r in rows}):
+        mine = [r for r in rows if r["k"] == k]
+        out[str(k)] = {"types": len({r["type"] for r in mine}), "seeds": sorted({r["seed"] for r in mine}),
+                       "mean": mean_of(per_type(rows, k)),
+                       "fit_cpu_seconds_per_build": round(float(np.mean([r["fit_cpu_seconds"] for r in mine])), 2),
+                       "cpu_ms_per_image": round(1000 * sum(r["inference_cpu_seconds"] for r in mine)
+                                                 / sum(r["images"] for r in mine), 2)}
+    return out
+
+
+def shots_markdown(result: dict, added_path: Path) -> str:
+    """Per K: onenip's added type (benchmarks/add_type.py's result) against PatchCore from the same K images, means
+    over the types both have, how many types each leads; per type as well."""
+    added = json.loads(added_path.read_text())["rows"] if added_path.is_file() else []
+    head = "| type | model | " + " | ".join(SHORT) + " |\n|---|---|" + "---:|" * len(SHORT) + "\n"
+    parts = []
+    for k in sorted({r["k"] for r in result["rows"]}):
+        pc, ours = per_type(result["rows"], k), per_type(added, k)
+        types = [t for t in pc if t in ours]
+        if not types:
+            continue
+        lines = [f"| {t} | {name} | " + " | ".join(pct(v[t][m]) for m in METRICS) + " |"
+                 for t in types for name, v in (("onenip, added", ours), ("PatchCore from K", pc))]
+        for name, v in (("onenip, added", ours), ("PatchCore from K", pc)):
+            mean = mean_of({t: v[t] for t in types})
+            lines.append(f"| **mean** | **{name}** | " + " | ".join(f"**{pct(mean[m])}**" for m in METRICS) + " |")
+        lead = []
+        for m, n in zip(METRICS, SHORT):
+            a = [round(1000 * ours[t][m]) - round(1000 * pc[t][m]) for t in types]  # compared at the shown 0.1
+            lead.append(f"{n} {sum(x > 0 for x in a)}/{sum(x == 0 for x in a)}/{sum(x < 0 for x in a)}")
+        parts.append(f"K = {k} ({len(types)} types; onenip ahead/level/behind: {', '.join(lead)})\n\n" + head
+                     + "\n".join(lines) + "\n")
+    return "\n".join(parts)
 
 
 def cpu_model() -> str:
@@ -344,7 +424,8 @@ def main() -> None:
     p.add_argument("--patchcore-layers", nargs="+", default=["blocks.2", "blocks.4"])
     p.add_argument("--padim-layers", nargs="+", default=["blocks.1", "blocks.2", "blocks.4"])
     p.add_argument("--padim-features", type=int, default=100)
-    p.add_argument("--coreset", type=float, default=0.01, help="PatchCore's coreset_sampling_ratio (anomalib: 0.1)")
+    p.add_argument("--coreset", type=float, default=None,
+                   help="PatchCore's coreset_sampling_ratio (anomalib: 0.1); default 0.01, with --shots 1.0 (every patch)")
     p.add_argument("--max-train", type=int, default=100, help="PatchCore: at most this many training images per category")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -352,10 +433,21 @@ def main() -> None:
     p.add_argument("--onenip-result", default=str(ROOT / "docs" / "results" / "iad-mix-onenip-lite0-224.json"))
     p.add_argument("--onenip-cpu", default="docs/results/ablation-cpu224/cpu224-row5-seed*.json",
                    help="onenip's CPU-trained stand-in runs (a glob under the repository)")
-    p.add_argument("--output", default=str(ROOT / "docs" / "results" / "peers-cpu.json"))
+    p.add_argument("--shots", type=int, nargs="+", default=None,
+                   help="PatchCore from K training images of each type (drawn as benchmarks/add_type.py draws them)")
+    p.add_argument("--shot-seeds", type=int, nargs="+", default=[0, 1, 2], help="with --shots: the draws")
+    p.add_argument("--onenip-added", default=str(ROOT / "docs" / "results" / "add-type-cpu" / "add_type.json"),
+                   help="with --shots: onenip's added types (benchmarks/add_type.py's result)")
+    p.add_argument("--output", default=None, help="default: docs/results/peers-cpu.json, with --shots "
+                                                  "docs/results/peers-shots-cpu.json")
     p.add_argument("--render-only", action="store_true", help="no runs: add onenip's rows to --output and print the tables")
     args = p.parse_args()
-    out = Path(args.output)
+    if args.coreset is None:
+        args.coreset = 1.0 if args.shots else 0.01
+    out = Path(args.output or ROOT / "docs" / "results" / ("peers-shots-cpu.json" if args.shots else "peers-cpu.json"))
+    if args.render_only and args.shots:
+        print(shots_markdown(json.loads(out.read_text()), Path(args.onenip_added)))
+        return
     if args.render_only:
         result = json.loads(out.read_text())
         result["onenip"] = onenip_row(Path(args.onenip_result))
@@ -388,7 +480,7 @@ def main() -> None:
     if tap_diff > 1e-4:
         raise SystemExit("anomalib's feature extractor does not compute onenip's features")
 
-    result = json.loads(out.read_text()) if out.is_file() else {"models": {}}
+    result = json.loads(out.read_text()) if out.is_file() else ({"rows": []} if args.shots else {"models": {}})
     result.update(
         command="python benchmarks/peers.py " + " ".join(sys.argv[1:]), commit=git_commit(),
         device=f"CPU, {args.threads} threads ({cpu_model()}, {os.cpu_count()} cores)",
@@ -397,14 +489,32 @@ def main() -> None:
         normalisation={"mean": onenip_fe.mean.flatten().tolist(), "std": onenip_fe.std.flatten().tolist()},
         image_score="the peer's own (PatchCore: re-weighted max patch distance; PaDiM: max of the map); "
                     "image_from_map: onenip's image score of the same maps")
-    result["onenip"] = onenip_row(Path(args.onenip_result))
-    result["onenip_cpu"] = onenip_cpu_rows(args.onenip_cpu)
     result["load_average"] = {"start": [round(x, 2) for x in os.getloadavg()]}  # other jobs on the machine
+    t_start = time.perf_counter()
 
     def save() -> None:
         result["load_average"]["end"] = [round(x, 2) for x in os.getloadavg()]
+        if args.shots:
+            result["summary"] = shots_summary(result["rows"])
+            result["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+    if args.shots:
+        result.update(
+            model="anomalib PatchCore, per category, from K training images",
+            settings={"layers": args.patchcore_layers, "coreset_sampling_ratio": args.coreset, "num_neighbors": 9,
+                      "shots": args.shots, "seeds": args.shot_seeds,
+                      "draw": "onenip.models.prompts.pool_samples(the type's training samples, K, seed), as "
+                              "benchmarks/add_type.py draws them"},
+            onenip_added=str(Path(args.onenip_added).resolve().relative_to(ROOT))
+            if Path(args.onenip_added).resolve().is_relative_to(ROOT) else args.onenip_added)
+        run_shots(args, sd, norm, by, cfg, result["rows"], save)
+        print(shots_markdown(result, Path(args.onenip_added)))
+        print(f"written {out}")
+        return
+    result["onenip"] = onenip_row(Path(args.onenip_result))
+    result["onenip_cpu"] = onenip_cpu_rows(args.onenip_cpu)
 
     banks: dict[str, torch.Tensor] = {}
     for kind in [k for k in ("patchcore", "padim") if k in args.models]:
