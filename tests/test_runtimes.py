@@ -76,6 +76,21 @@ def test_float32_runtimes_compute_what_pytorch_computes(kind: str, exported: dic
 
 
 @has_openvino
+def test_openvino_streams_split_a_batch_and_give_the_same_outputs(exported: dict[str, Path], gen_batch: np.ndarray,
+                                                                   reference: dict[str, np.ndarray]) -> None:
+    """THROUGHPUT: the batch is split across OpenVINO's streams (two here) and run at once; the parts come back in
+    order, so every output equals PyTorch's as the one-stream runtime's does; a single image runs on one stream.
+    (OpenVINO chooses the number of streams: two with two threads on the 2-core CI machine.)"""
+    runtime = open_runtime(exported["openvino-fp32"], threads=2, hint="THROUGHPUT")
+    assert runtime.streams >= 1 and len(runtime.requests) == runtime.streams
+    assert_same_outputs(runtime.run(gen_batch), reference)
+    one = runtime.run(gen_batch[3:4])
+    assert np.allclose(one["score"], reference["score"][3:4], rtol=1e-4)
+    with pytest.raises(ConfigError, match="unknown OpenVINO performance hint 'throughput'"):
+        open_runtime(exported["openvino-fp32"], hint="throughput")
+
+
+@has_openvino
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_low_precision_openvino_takes_the_same_decisions(precision: str, exported: dict[str, Path],
                                                          gen_batch: np.ndarray, reference: dict[str, np.ndarray]) -> None:
