@@ -42,8 +42,9 @@ def upsample(x: Tensor, size: int) -> Tensor:
     """(B, C, H, W) -> (B, C, size, size), bilinear with align_corners=True, as the reference's UpsamplingBilinear2d.
 
     Bilinear interpolation is separable, so it is written as two matrix products, A_h @ x @ A_w^T
-    (`bilinear_weights`): the same values as F.interpolate up to float rounding, and ~10x faster in the exported
-    CPU runtimes, whose interpolation kernels vectorise over channels and maps have one."""
+    (`bilinear_weights`): the same values as F.interpolate up to float rounding, and much faster in the exported CPU
+    runtimes, whose interpolation kernels vectorise over channels while a map has one (`benchmarks/cpu_speed.py
+    --profile` shows the per-layer times)."""
     rows = bilinear_weights(x.shape[-2], size, x)  # (size, H)
     cols = bilinear_weights(x.shape[-1], size, x)  # (size, W)
     return rows @ x @ cols.transpose(0, 1)
