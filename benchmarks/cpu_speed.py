@@ -5,7 +5,7 @@
 
 Runtimes: PyTorch eager fp32 (`DeployModel`, what predict runs), PyTorch eager under bf16 autocast, ONNX Runtime fp32
 (`onenip export --format onnx`), OpenVINO fp32 / bf16 / int8 (`onenip export --format openvino --precision P`), each
-with --threads intra-op threads (default 2). Measured:
+with --threads intra-op threads (default 2), and the bf16 file once more with OpenVINO's THROUGHPUT hint (streams). Measured:
 
 - latency: one image per call, the median of --repeats calls (after warm-up), the runtimes taking turns call by call so
   that a machine shared with other work slows them alike;
@@ -242,6 +242,9 @@ def main() -> None:
     for precision in ("fp32", "bf16", "int8"):
         if f"openvino-{precision}" in files:
             runs[f"openvino-{precision}"] = OpenVinoRuntime(files[f"openvino-{precision}"], threads=args.threads).run
+    if "openvino-bf16" in files:  # the same file with OpenVINO's streams: a batch split across them, run at once
+        runs["openvino-bf16-streams"] = OpenVinoRuntime(files["openvino-bf16"], threads=args.threads,
+                                                        hint="THROUGHPUT").run
     if args.runtimes is not None:
         runs = {k: v for k, v in runs.items() if k in args.runtimes or k == "pytorch-fp32"}
 
@@ -265,7 +268,10 @@ def main() -> None:
     cpu = cpu_info()
     low = {"pytorch-fp32": "no", "pytorch-bf16-autocast": "bf16 autocast (oneDNN: AMX-BF16 where the CPU has it)",
            "onnxruntime-fp32": "no", "openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
-           "openvino-bf16": "bf16 (AMX-BF16)", "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
+           "openvino-bf16": "bf16 (AMX-BF16)",
+           "openvino-bf16-streams": "bf16 (AMX-BF16); THROUGHPUT hint: the batch split across OpenVINO's streams, "
+                                    "one image on one stream",
+           "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
     rows = [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
              "low_precision": low.get(name, ""), **agree[name],
              **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]

@@ -117,7 +117,7 @@ def test_onnx_graph_and_metadata(onnx_file: Path, reference: DeployModel) -> Non
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props["onenip.categories"]) == reference.categories
     assert int(props["onenip.input_size"]) == 64
-    assert props["onenip.version"] == __import__("onenip").__version__
+    assert json.loads(props["onenip.version"]) == __import__("onenip").__version__  # every value JSON
     assert set(json.loads(props["onenip.thresholds"])) == set(TWO)
     # the prompt pool is inside the file, bit for bit (encoded once: the prompts are fixed)
     pool = reference.pool_encoded.numpy()

@@ -19,7 +19,7 @@ from onenip.cli import main
 from onenip.demo.run import TINY_TYPES
 from onenip.deploy.export import export_model
 from onenip.deploy.predictor import Predictor
-from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, open_runtime
+from onenip.deploy.runtimes import OUTPUT_NAMES, OpenVinoRuntime, decode_meta, encode_meta, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, MissingDependencyError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -234,3 +234,14 @@ def test_unusable_files_are_named(tmp_path: Path, exported: dict[str, Path]) -> 
         shutil.copy(exported["openvino-fp32"], xml)  # without its .bin
         with pytest.raises(CheckpointError, match=r"alone.bin are missing"):
             open_runtime(xml)
+
+
+def test_metadata_round_trips_strings_that_look_like_numbers() -> None:
+    """Every value is stored as JSON, so a string of digits stays a string (it came back as an int before), and
+    metadata without onenip's keys or a valid input size is refused naming the file."""
+    meta = {"categories": ["7", "a"], "input_size": 64, "version": "1", "source": "007", "fusion_scale": None}
+    assert decode_meta(encode_meta(meta), "x.onnx") == meta
+    with pytest.raises(CheckpointError, match="x.onnx is not a model exported by onenip"):
+        decode_meta(encode_meta({"categories": ["a"]}), "x.onnx")
+    with pytest.raises(CheckpointError, match="x.xml: its onenip metadata has no valid input size"):
+        decode_meta(encode_meta({"categories": ["a"], "input_size": "64"}), "x.xml")

@@ -1,4 +1,5 @@
-"""Exporting a trained model as one self-contained file: ONNX (for onnxruntime and other ONNX runtimes) or TorchScript.
+"""Exporting a trained model as one self-contained file: ONNX (for onnxruntime and other ONNX runtimes), TorchScript,
+or OpenVINO IR (fp32, bf16 or int8).
 
 The exported graph is the whole `DeployModel`: uint8 images (N, 3, S, S) in RGB -> backbone features -> retrieval of
 the most similar prompt of the pool -> reconstruction -> fused anomaly map -> score and decision. The prompt pool, the
@@ -9,15 +10,18 @@ Outputs, in this order (ONNX output names; keys of the TorchScript module's dict
 
 - ``score`` (N,) float32: the raw score, maximum of the average-pooled anomaly map;
 - ``normalized`` (N,) float32: 1 - 2^(-score / threshold), 0.5 at the threshold;
-- ``anomalous`` (N,) bool: score > threshold of the retrieved category;
+- ``anomalous`` (N,) bool: score > threshold of the retrieved category, and the image of a known type;
 - ``category`` (N,) int64: index of the retrieved category, into the ``categories`` list of the metadata;
 - ``similarity`` (N,) float32: cosine similarity to the retrieved prompt;
-- ``map`` (N, S, S) float32: the fused anomaly map at the input size.
+- ``map`` (N, S, S) float32: the fused anomaly map at the input size;
+- ``known`` (N,) bool: False for an image of no product type the model knows (it is not judged);
+- ``type_distance`` (N,) float32: how far the image is from its type's prompt images (the type check's measure).
 
-Metadata: ONNX files carry ``metadata_props`` (``onenip.categories`` a JSON list, ``onenip.input_size``,
-``onenip.thresholds`` a JSON object category -> raw-score threshold, ``onenip.version``, ...), TorchScript files an
-extra file ``onenip.json`` with the same keys (without the ``onenip.`` prefix). `OnnxPredictor` shows how little is
-needed to use an ONNX file; `load_torchscript` reads a TorchScript file and its metadata.
+Metadata: ONNX files carry ``metadata_props`` and OpenVINO files ``rt_info`` under ``onenip``, every value JSON
+(``onenip.categories`` a list, ``onenip.input_size``, ``onenip.thresholds`` an object category -> raw-score threshold,
+``onenip.version`` a string, ...: `onenip.deploy.runtimes.encode_meta`), TorchScript files an extra file
+``onenip.json`` with the same keys (without the ``onenip.`` prefix). `OnnxPredictor` shows how little is needed to use
+an ONNX file; `load_torchscript` reads a TorchScript file and its metadata.
 
 ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): in torch 2.14 it is
 deprecated but present, exports this model in about a second and needs no package beyond ``onnx``; the
@@ -54,6 +58,7 @@ from onenip.deploy.runtimes import (
     OUTPUT_NAMES,
     PRECISIONS,
     OnnxRuntime,
+    encode_meta,
     load_torchscript,
     openvino_config,
     require,
@@ -111,8 +116,8 @@ def export_metadata(model: DeployModel, source: str | None = None, precision: st
 
 
 def _onnx_props(meta: Mapping[str, Any]) -> dict[str, str]:
-    """Metadata as ONNX metadata_props: ``onenip.<key>``, strings as they are, everything else as JSON."""
-    return {f"{METADATA_PREFIX}.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    """Metadata as ONNX metadata_props: ``onenip.<key>`` -> `encode_meta`'s JSON."""
+    return {f"{METADATA_PREFIX}.{k}": v for k, v in encode_meta(meta).items()}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -399,8 +404,8 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
             raise ExportError(f"the OpenVINO export at {precision} gives non-finite or misshapen outputs {bad}")
         rel = float(np.abs(got["score"] - want["score"].numpy()).max() / max(float(want["score"].abs().max()), 1e-12))
         log.info(f"OpenVINO {precision}: largest relative score difference from PyTorch on random images {rel:.2g}")
-    for key, value in meta.items():
-        ov_model.set_rt_info(value if isinstance(value, str) else json.dumps(value), [METADATA_PREFIX, key])
+    for key, value in encode_meta(meta).items():
+        ov_model.set_rt_info(value, [METADATA_PREFIX, key])
     # for other OpenVINO tools (benchmark_app, OVMS): the precision the file is meant to run at
     ov_model.set_rt_info(openvino_config(precision)["INFERENCE_PRECISION_HINT"],
                          ["runtime_options", "INFERENCE_PRECISION_HINT"])

@@ -79,16 +79,30 @@ def is_exported(path: str | Path) -> bool:
     return runtime_name(path) is not None
 
 
-def _decode_meta(props: Mapping[str, str], where: str) -> dict[str, Any]:
-    """``{key: value}`` from string metadata (JSON where it parses, else the string)."""
+def encode_meta(meta: Mapping[str, Any]) -> dict[str, str]:
+    """Metadata as strings for a file's key-value store (ONNX metadata_props, OpenVINO rt_info): every value as JSON,
+    strings too, so that `decode_meta` gives back exactly what was written (a version "1" stays a string)."""
+    return {key: json.dumps(value) for key, value in meta.items()}
+
+
+def decode_meta(props: Mapping[str, str], where: str) -> dict[str, Any]:
+    """``{key: value}`` from `encode_meta`'s strings (a value that is not JSON, as files of onenip 0.x before it
+    wrote strings, is kept as the string); CheckpointError when the onenip keys are missing."""
     meta: dict[str, Any] = {}
     for key, text in props.items():
         try:
             meta[key] = json.loads(text)
         except ValueError:
             meta[key] = text
-    if "categories" not in meta or "input_size" not in meta:
-        raise CheckpointError(f"{where} is not a model exported by onenip (no {METADATA_PREFIX}.* metadata)")
+    return check_meta(meta, where)
+
+
+def check_meta(meta: Any, where: str) -> dict[str, Any]:
+    """`meta` if it is onenip's export metadata (categories and an integer input size), else CheckpointError."""
+    if not isinstance(meta, dict) or "categories" not in meta or "input_size" not in meta:
+        raise CheckpointError(f"{where} is not a model exported by onenip (no onenip metadata)")
+    if not isinstance(meta["input_size"], int) or meta["input_size"] < 1:
+        raise CheckpointError(f"{where}: its onenip metadata has no valid input size ({meta['input_size']!r})")
     return meta
 
 
@@ -161,7 +175,7 @@ class OnnxRuntime(Runtime):
             raise CheckpointError(f"onnxruntime cannot load {path}: {exc}") from None
         props = self.session.get_modelmeta().custom_metadata_map
         prefix = METADATA_PREFIX + "."
-        meta = _decode_meta({k[len(prefix):]: v for k, v in props.items() if k.startswith(prefix)}, str(path))
+        meta = decode_meta({k[len(prefix):]: v for k, v in props.items() if k.startswith(prefix)}, str(path))
         super().__init__(path, meta, [o.name for o in self.session.get_outputs()])
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,7 +201,7 @@ def openvino_meta(model: Any, where: str) -> dict[str, Any]:
         raise CheckpointError(f"{where} is not a model exported by onenip (no {METADATA_PREFIX} rt_info)")
     info = model.get_rt_info()[METADATA_PREFIX]
     props = {str(k): info[k].astype(str) for k in info}  # each value an OVAny holding a string
-    return _decode_meta(props, where)
+    return decode_meta(props, where)
 
 
 class OpenVinoRuntime(Runtime):
@@ -253,9 +267,7 @@ def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
         meta = json.loads(extra[METADATA_FILE] or "null")
     except Exception as exc:
         raise CheckpointError(f"cannot read the TorchScript model {path}: {exc}") from None
-    if not isinstance(meta, dict) or "categories" not in meta:
-        raise CheckpointError(f"{path} is not a TorchScript model exported by onenip (no {METADATA_FILE})")
-    return module.eval(), meta
+    return module.eval(), check_meta(meta, f"the TorchScript model {path}")
 
 
 class TorchScriptRuntime(Runtime):
