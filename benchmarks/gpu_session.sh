@@ -48,7 +48,8 @@
 #   bash benchmarks/gpu_session.sh row:3:133 row:4:133
 #
 # It writes $OUT/results.tgz (the result JSONs: ablation-<gpu>/, fast-vs-plain-<gpu>/, speed-<gpu>*.json),
-# $OUT/session.log (GPU, versions, the tail of every job's output) and, for speed, $OUT/profile.txt.
+# $OUT/session.log (GPU, versions, the tail of every job's output), for speed, $OUT/profile.txt, and when full
+# OneNIP's seed 133 trained, its model as $OUT/model-row5-seed133.safetensors (for the CPU runtimes' parity).
 # Here: `tar xzf <files_at>/results.tgz -C docs/results/`, then `python benchmarks/render_results.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -188,3 +189,7 @@ for p in "${pids[@]}"; do wait "$p"; done
 for f in "$res"/*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 20 "$f"; }; done >>"$log"
 (cd "$res" && { ls speed-*.json 2>/dev/null; find . -mindepth 2 -maxdepth 2 -name '*.json' -not -path './speed*'; } | tar czf "$OUT/results.tgz" -T -)
 { nvidia-smi --query-gpu=memory.used --format=csv; tar tzf "$OUT/results.tgz"; } >>"$log" 2>&1
+# The full-OneNIP model of seed 133 (~48 MB; the bundle allows 64 MiB) comes back too: on the CPU,
+# benchmarks/cpu_speed.py --model measures the runtimes' agreement on a properly trained model with it.
+model=$(find "$res" -path '*row5-seed133*' -name model.safetensors -not -path '*256px*' 2>/dev/null | head -n 1)
+[[ -n $model ]] && cp "$model" "$OUT/model-row5-seed133.safetensors" && echo "model: $model" >>"$log"
