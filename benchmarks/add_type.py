@@ -5,9 +5,10 @@ against the same type in a model trained with it.
 
 For each type T: a deployment of the other types (their prompt pool: eval.prompt_pool training images each), then T
 added with `onenip.evaluation.calibration.add_type` from K of its training images (drawn with each of --seeds), then
-`onenip.evaluation.evaluate` on T's test images (clean protocol: T's images must retrieve T among all types) with the
-seven metrics. An added type is scored by the training-free prompt map, which uses the frozen backbone alone, so the
-network is not trained here (a small untrained one stands in; its maps are not what is measured). The reference,
+`onenip.evaluation.evaluate` on T's test images (clean protocol: T's images must retrieve T among all types; with
+--given-type their type is given, as `onenip predict --type` gives it on a line) with the seven metrics. An added
+type is scored by the training-free prompt map, which uses the frozen backbone alone, so the network is not trained
+here (a small untrained one stands in; its maps are not what is measured). The reference,
 --trained (default: the recorded 180-epoch Lite0 224-px run in docs/results), is the trained model's row for T; its
 device and commit are printed with it. Writes add_type.json / .md to --output.
 """
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--trained", default=str(REPO / "docs" / "results" / "iad-mix-onenip-lite0-224.json"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--given-type", action="store_true",
+                    help="each test image's type is given (eval.given_type, as predict --type), not retrieved")
     ap.add_argument("--output", default=str(REPO / "runs" / "add-type"))
     args = ap.parse_args()
     if args.threads:
@@ -58,7 +61,7 @@ def main() -> None:
     cfg = make_config(None, [f"data.roots=[{args.data}]", f"data.input_size={args.input_size}", "data.workers=0",
                              "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
                              "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
-                             "train.device=cpu"])
+                             "train.device=cpu", f"eval.given_type={str(args.given_type).lower()}"])
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train_all = read_sources(cfg.data.roots, "train")
@@ -89,7 +92,7 @@ def main() -> None:
         for t in {r["type"] for r in rows}:
             ref[t] = trained["protocols"]["clean"]["categories"][t]["fused"]
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
-            "device": device_name(torch.device("cpu")), "input_size": args.input_size,
+            "device": device_name(torch.device("cpu")), "input_size": args.input_size, "given_type": args.given_type,
             "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
             "trained": None if trained is None else {"file": str(Path(args.trained).relative_to(REPO)),
                                                      "device": trained["device"], "commit": trained["commit"],

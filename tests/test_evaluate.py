@@ -216,6 +216,10 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, gen_data: Path) -> 
     paper2 = evaluate(det, cfg, progress=False)
     assert paper1.categories == paper2.categories  # seeded test prompts: the evaluation repeats exactly
     assert 0.0 <= clean.retrieval_accuracy <= 1.0
+    cfg.eval.protocol, cfg.eval.given_type = "clean", True  # the line tells each image's type
+    given = evaluate(det, cfg, progress=False)
+    assert given.retrieval_accuracy == 1.0 and all(r["retrieved"] == r["category"] for r in given.scores)
+    cfg.eval.protocol, cfg.eval.given_type = "paper", False
     assert clean.fusion_scale > 0 and paper1.fusion_scale > 0 and clean.fusion_scale != paper1.fusion_scale
     for res in (clean, paper1):
         for entry in res.categories.values():

@@ -64,3 +64,16 @@ def test_k_prompts_per_test_image() -> None:
     j1, s1 = pool.retrieve(feats)
     assert torch.equal(j[:, 0], j1) and torch.equal(sim[:, 0], s1)
     assert pool.retrieve_top(feats, 50)[0].shape == (6, 6)  # capped at the pool's size
+
+
+def test_retrieval_within_a_given_type() -> None:
+    """With each query's type given (eval.given_type, predict --type), the prompt is the most similar entry of that
+    type, even where another type's entry is more similar."""
+    torch.manual_seed(0)
+    feats = torch.rand(3, 8, 4, 4)
+    pool = PromptPool(_samples("train", 1), feats)
+    query = feats[[2, 0]] * 3.0 + 0.01 * torch.rand(2, 8, 4, 4)
+    assert pool.retrieve_top(query, 1)[0][:, 0].tolist() == [2, 0]
+    given = [pool.categories[1], pool.categories[2]]
+    idx, _ = pool.retrieve_top(query, 1, given)
+    assert idx[:, 0].tolist() == [1, 2] and [pool.categories[i] for i in idx[:, 0].tolist()] == given

@@ -383,6 +383,12 @@ class EvalConfig:
         "the K most similar pool images (set eval.prompt_pool >= K); paper protocol, K random training images of the "
         "true category. 1 is the paper's single prompt.",
     )
+    given_type: bool = Field(
+        False,
+        description="clean protocol: each test image's product type is given, as `onenip predict --type` gives it on a "
+        "line that knows what it inspects: its prompt is the most similar of its own type's pool images and its type's "
+        "threshold and map apply (retrieval is right by construction). false: retrieved among all types.",
+    )
     fusion_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the reconstruction map in the fused map (§6).")
     fusion_images: int = Field(8, ge=1, description="clean protocol: training images per category used for the fusion constant.")
     score_kernel: int = Field(

@@ -351,7 +351,8 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
         if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
             prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
         elif pool is not None:
-            j, si = pool.retrieve_top(feats, k_prompts)  # (B, K), best first
+            given = [samples[i].category for i in batch["index"].tolist()] if cfg.eval.given_type else None
+            j, si = pool.retrieve_top(feats, k_prompts, given)  # (B, K), best first
             if detector.uses_prompt:
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()

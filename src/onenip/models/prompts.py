@@ -93,7 +93,11 @@ class PromptPool:
         j, sim = self.retrieve_top(feats, 1)
         return j[:, 0], sim[:, 0]
 
-    def retrieve_top(self, feats: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    def retrieve_top(self, feats: Tensor, k: int, types: list[str] | None = None) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
-        (k is capped at the pool's size)."""
-        return nearest(self.keys, feats, k)
+        (k is capped at the pool's size); `types` (B names) limits each query to the entries of its given type."""
+        allowed = None
+        if types is not None:
+            wanted = torch.tensor([self.kinds.index(t) for t in types], device=self.kind.device)
+            allowed = self.kind[None, :] == wanted[:, None]  # (B, P)
+        return nearest(self.keys, feats, k, allowed)
