@@ -1,0 +1,257 @@
+"""Does fusing the training-free prompt map into the learned map of TRAINED product types help?
+
+A product type added after training (`onenip add-type`) is scored by `onenip.models.scoring.prompt_map`: each query
+patch's cosine distance to the nearest patch of the type's prompt-pool images (frozen backbone features,
+`patch_distances`), upsampled. This benchmark asks whether the same map, fused into the learned map of the types the
+model WAS trained on, raises image AUROC and AUPRO without costing pixel AP:
+
+    map(beta) = (1 - beta) * learned + beta * s_k * prompt
+
+* learned: the model's fused map (alpha * rec + (1 - alpha) * c * ref), exactly as `evaluate` computes it in the clean
+  protocol (prompt retrieved from the pool drawn as the deployment's, c from normal training images);
+* prompt: the prompt map of the retrieved type's bank of prompt-pool patches, computed by `infer_batches` as it is
+  for a type added after training (every type of the model is marked as added for that pass only; the learned maps
+  of the same pass are unaffected);
+* s_k: brings the prompt map to the learned map's scale, per product type k (applied by the RETRIEVED type, as a
+  deployed model would), from normal TRAINING images only: the ratio of the means of the per-image maxima of the two
+  maps over the eval.fusion_images normal training images per category that the clean fusion constant uses (the same
+  draw, outside the prompt pool);
+* image score `scoring.image_scores` and the seven metrics per category through `evaluate.category_metrics`; means
+  over categories as `Results.mean`.
+
+beta = 0 is the model's ordinary evaluation: the script runs `evaluate` too and records the largest difference.
+
+    python benchmarks/prompt_fusion.py --models runs/prompt-fusion-cpu/cpu-row5-seed{1,2,3} \\
+        --output docs/results/prompt-fusion-cpu/prompt-fusion-cpu.json --threads 2
+
+(the models: `python benchmarks/ablation.py --rows 5 --seeds 1 2 3 ...` at the 64 px CPU stand-in settings of
+docs/benchmarks.md, output under runs/prompt-fusion-cpu; each run folder keeps its model.safetensors.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from iad_mix import device_name, git_commit  # noqa: E402
+
+from onenip.api import make_config  # noqa: E402
+from onenip.checkpoint import atomic_write_text, checkpoint_file  # noqa: E402
+from onenip.evaluation.evaluate import (  # noqa: E402
+    METRICS,
+    Results,
+    category_metrics,
+    evaluate,
+    infer_batches,
+    prompt_setup,
+    read_test,
+    train_fusion_scale,
+)
+from onenip.logs import progress_bar  # noqa: E402
+from onenip.models.detector import Detector, set_threads  # noqa: E402
+from onenip.models.prompts import PromptPool, pool_samples  # noqa: E402
+from onenip.models.scoring import fuse  # noqa: E402
+
+BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
+NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
+         "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO"}
+
+
+@contextmanager
+def all_types_added(detector: Detector):
+    """Within the block the detector's deployment lists every type as added, so that `infer_batches` yields each
+    image's prompt map (that of its retrieved type) besides its learned maps; restored after."""
+    dep = detector.deployment
+    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories))
+    try:
+        yield
+    finally:
+        detector.deployment = dep
+
+
+@torch.no_grad()
+def learned_and_prompt(detector: Detector, cfg, samples, pool: PromptPool, scale: float | None) -> dict[str, Any]:
+    """For `samples`: the learned fused map and the prompt map (N, S, S) each, masks, has_mask and the retrieved type."""
+    n, size = len(samples), cfg.data.input_size
+    out = {"learned": np.empty((n, size, size), np.float32), "prompt": np.empty((n, size, size), np.float32),
+           "masks": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool), "retrieved": [None] * n}
+    has_ref = detector.net.refiner is not None
+    bar = progress_bar(total=0, desc="maps", unit="batch", disable=True)
+    with all_types_added(detector):
+        for pos, m, mask, hm, got, _sim, _dist, added in infer_batches(detector, cfg, samples, pool, None, bar):
+            fused = fuse(m.rec, m.ref, cfg.eval.fusion_alpha, scale) if has_ref else m.rec  # as evaluate_category
+            assert added is not None and bool(added[0].all())
+            out["learned"][pos] = fused.cpu().numpy()
+            out["prompt"][pos] = added[1].cpu().numpy()
+            out["masks"][pos], out["has_mask"][pos] = mask.numpy(), hm.numpy()
+            for p, g in zip(pos, got):
+                out["retrieved"][p] = g
+    bar.close()
+    return out
+
+
+def type_scales(detector: Detector, cfg, train, pool: PromptPool, scale: float | None) -> dict[str, Any]:
+    """Per type: s = mean of the per-image maxima of the learned map / that of the prompt map, over the normal training
+    images the clean fusion constant is drawn from (eval.fusion_images per category, outside the prompt pool)."""
+    exclude = {s.image for s in pool.samples}
+    samples = pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude=exclude)  # train_fusion_scale's
+    maps = learned_and_prompt(detector, cfg, samples, pool, scale)
+    out: dict[str, Any] = {}
+    for cat in sorted({s.category for s in samples}):
+        ix = [i for i, s in enumerate(samples) if s.category == cat]
+        lmax = maps["learned"][ix].reshape(len(ix), -1).max(1)
+        pmax = maps["prompt"][ix].reshape(len(ix), -1).max(1)
+        out[cat] = {"scale": float(lmax.mean() / pmax.mean()), "images": len(ix),
+                    "learned_max_mean": float(lmax.mean()), "prompt_max_mean": float(pmax.mean()),
+                    "retrieved_right": int(sum(maps["retrieved"][i] == cat for i in ix))}
+    return out
+
+
+def mean_of(categories: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The unweighted mean over categories where each metric is defined, as `Results.mean`."""
+    res = Results(protocol="clean", categories={c: {"fused": v} for c, v in categories.items()}, fusion_scale=None,
+                  retrieval_accuracy=None)
+    return res.mean("fused")
+
+
+def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ckpt = checkpoint_file(path, with_training_state=False)
+    detector = Detector.load(ckpt).to("cpu").eval()
+    set_threads(threads)
+    cfg = make_config(detector.cfg, ["eval.protocol=clean", "eval.prompts=1", "eval.maps=[fused]"])
+    ordinary = evaluate(detector, cfg, progress=False)  # the model's ordinary evaluation (beta = 0 must equal it)
+    t_eval = time.perf_counter() - t0
+
+    test, _ = read_test(detector, cfg)
+    pool, _, train = prompt_setup(detector, cfg, test)
+    scale = train_fusion_scale(detector, train, pool, cfg) if detector.net.refiner is not None else None
+    scales = type_scales(detector, cfg, train, pool, scale)
+    maps = learned_and_prompt(detector, cfg, test, pool, scale)
+    s_img = np.array([scales[r]["scale"] for r in maps["retrieved"]], np.float32)[:, None, None]
+    labels_all = np.array([s.label for s in test])
+    per_beta: dict[str, Any] = {}
+    for beta in betas:
+        cats: dict[str, dict[str, float]] = {}
+        for cat in sorted({s.category for s in test}):
+            ix = np.array([i for i, s in enumerate(test) if s.category == cat])
+            amap = (1.0 - beta) * maps["learned"][ix] + beta * s_img[ix] * maps["prompt"][ix]
+            labels = labels_all[ix]
+            pixel_ok = bool(np.all(maps["has_mask"][ix][labels == 1]))  # as evaluate_category
+            cats[cat], _ = category_metrics(amap.astype(np.float32), maps["masks"][ix] if pixel_ok else None, labels, cfg)
+        per_beta[str(beta)] = {"categories": cats, "mean": mean_of(cats)}
+    ref = ordinary.categories
+    diff = max(abs(per_beta[str(0.0)]["categories"][c][m] - ref[c]["fused"][m]) for c in ref for m in METRICS
+               if not math.isnan(ref[c]["fused"][m])) if 0.0 in betas else None
+    entry = {"model": str(ckpt), "train_seed": detector.cfg.train.seed, "fusion_scale": scale,
+             "fusion_scale_ordinary": ordinary.fusion_scale, "prompt_scales": scales,
+             "retrieval_accuracy": float(np.mean([r == s.category for r, s in zip(maps["retrieved"], test)])),
+             "ordinary": {"categories": {c: v["fused"] for c, v in ref.items()}, "mean": ordinary.mean("fused")},
+             "beta0_max_abs_difference": diff, "betas": per_beta,
+             "seconds": {"ordinary_evaluation": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)}}
+    # the same model's evaluation written by ablation.py at training time (clean, K = 1), when it is there
+    report = ckpt.parent.parent / f"{ckpt.parent.name}.json"
+    if report.is_file():
+        ev = [e for e in json.loads(report.read_text())["evaluations"] if e["protocol"] == "clean" and e["prompts"] == 1]
+        if ev:
+            entry["ablation_json"] = str(report)
+            entry["beta0_vs_ablation_json_max_abs_difference"] = max(
+                abs(per_beta[str(0.0)]["categories"][c][m] - ev[0]["categories"][c]["fused"][m])
+                for c in ref for m in METRICS if ev[0]["categories"][c]["fused"][m] is not None
+                and not math.isnan(ev[0]["categories"][c]["fused"][m])) if 0.0 in betas else None
+    return entry
+
+
+def summarise(models: list[dict[str, Any]], betas: list[float]) -> dict[str, Any]:
+    """Per beta, mean and sample std over the models (seeds) of each mean metric, and the paired difference to beta 0."""
+    out: dict[str, Any] = {}
+    for beta in betas:
+        row: dict[str, Any] = {}
+        for m in METRICS:
+            vals = [e["betas"][str(beta)]["mean"][m] for e in models]
+            d = [e["betas"][str(beta)]["mean"][m] - e["betas"][str(betas[0])]["mean"][m] for e in models]
+            sd = statistics.stdev if len(vals) > 1 else (lambda v: 0.0)
+            row[m] = {"mean": statistics.fmean(vals), "std": sd(vals), "diff_mean": statistics.fmean(d),
+                      "diff_std": sd(d)}
+        out[str(beta)] = row
+    base = out[str(betas[0])]
+    for beta in betas[1:]:
+        r = out[str(beta)]
+        r["verdict"] = {
+            "raises_image_auroc": r["image_auroc"]["diff_mean"] > 0,
+            "raises_aupro": r["pixel_aupro"]["diff_mean"] > 0,
+            "pixel_ap_drop_within_seed_spread": -r["pixel_ap"]["diff_mean"] <= base["pixel_ap"]["std"],
+        }
+        r["verdict"]["all"] = all(r["verdict"].values())
+    return out
+
+
+def markdown(summary: dict[str, Any], betas: list[float]) -> str:
+    head = "| beta | " + " | ".join(NAMES[m] for m in METRICS) + " |"
+    lines = [head, "|---|" + "---:|" * len(METRICS)]
+    for beta in betas:
+        r = summary[str(beta)]
+        lines.append(f"| {beta:g} | " + " | ".join(f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['std']:.1f}"
+                                                   for m in METRICS) + " |")
+    lines += ["", "Paired difference to beta 0 (mean ± std over seeds, points):", "",
+              "| beta | " + " | ".join(NAMES[m] for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for beta in betas[1:]:
+        r = summary[str(beta)]
+        lines.append(f"| {beta:g} | " + " | ".join(f"{100 * r[m]['diff_mean']:+.2f} ± {100 * r[m]['diff_std']:.2f}"
+                                                   for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", required=True, help="trained models (model.safetensors or run folders)")
+    ap.add_argument("--betas", type=float, nargs="+", default=list(BETAS), help="fusion weights; the first is the base")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--output", default=str(REPO / "runs" / "prompt-fusion.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    models = []
+    for path in args.models:
+        entry = run_model(path, args.betas, args.threads)
+        models.append(entry)
+        print(f"{path}: beta0 vs evaluate max |diff| {entry['beta0_max_abs_difference']}, "
+              f"{entry['seconds']['total']} s; " + "; ".join(
+                  f"beta {b}: I-AUROC {100 * entry['betas'][str(b)]['mean']['image_auroc']:.2f} "
+                  f"P-AP {100 * entry['betas'][str(b)]['mean']['pixel_ap']:.2f} "
+                  f"AUPRO {100 * entry['betas'][str(b)]['mean']['pixel_aupro']:.2f}" for b in args.betas), flush=True)
+    summary = summarise(models, args.betas)
+    table = markdown(summary, args.betas)
+    print(table)
+    report = {"command": command, "commit": git_commit(),
+              "commit_note": "HEAD when the script started; the working tree may hold uncommitted changes by others",
+              "device": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": args.threads,
+              "betas": args.betas,
+              "scale_rule": "per type k: mean over eval.fusion_images normal training images of category k (the clean "
+                            "fusion constant's draw, outside the prompt pool) of max(learned map) / the same of "
+                            "max(prompt map); applied by each test image's retrieved type",
+              "models": models, "summary": summary, "summary_markdown": table}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(report, indent=2, allow_nan=True))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
