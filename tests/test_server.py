@@ -182,6 +182,26 @@ def test_predict_answers_as_the_predictor(server: Server, predictor: Predictor, 
     same_answer(raw, ans)
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed")
+def test_an_exported_openvino_file_is_served(model: Path, server: Server, test_images: list[Path], tmp_path: Path) -> None:
+    """`onenip serve model.xml`: the OpenVINO export (fp32) answers as the PyTorch model's server does, and /model
+    describes it."""
+    from onenip.deploy.export import export_model
+
+    xml = export_model(model, "openvino", tmp_path / "model.xml")
+    exported = Predictor.load(xml, batch_size=4)
+    with Server(create_app(exported, batch_size=4, max_wait_ms=20, model_path=xml)) as srv:
+        for path in test_images[:3] + test_images[-2:]:
+            status, got = post_image(srv.url, path)
+            assert status == 200, got
+            same_answer(got, post_image(server.url, path)[1])
+        status, info = request(srv.url, "GET", "/model")
+        _, want = request(server.url, "GET", "/model")
+        assert status == 200 and info["model"] == str(xml), info
+        assert info["categories"] == want["categories"] and info["input_size"] == want["input_size"]
+        assert info["thresholds"] == pytest.approx(want["thresholds"], rel=1e-6)
+
+
 def test_batch_answers_in_order(server: Server, test_images: list[Path]) -> None:
     chosen = test_images[:3] + test_images[-3:]
     body, headers = form(*[("files", p.name, p.read_bytes(), "image/png") for p in chosen])
