@@ -225,7 +225,7 @@ def main() -> None:
                                  ("openvino", "bf16", "bf16.xml"), ("openvino", "int8", "int8.xml")):
         path = exports / name
         key = "onnxruntime-fp32" if precision is None else f"openvino-{precision}"
-        if args.runtimes is not None and key not in args.runtimes:
+        if args.runtimes is not None and not any(r.startswith(key) for r in args.runtimes):  # -streams: bf16's file
             continue
         if not path.is_file() or path.stat().st_mtime < model_path.stat().st_mtime:
             t = time.perf_counter()

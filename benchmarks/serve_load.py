@@ -255,13 +255,9 @@ def main() -> None:
     res = {"command": " ".join(shown), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                                                                capture_output=True, text=True).stdout.strip(),
            "device": device(), "torch": torch.__version__, "model": str(args.model) if args.model else None,
-           "tiny_model": args.model is None, "input_size": args.size if args.model is None else None,
+           "tiny_model": args.model is None, "input_size": predictor.size,
            "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
            "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "memory": memory}
-    if res["input_size"] is None:
-        from onenip.deploy.predictor import Predictor
-
-        res["input_size"] = Predictor.load(model, device="cpu").size
     out = args.output or REPO / "docs" / "results" / f"serve-load-{res['input_size']}px.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")

@@ -69,6 +69,9 @@ def test_calibrate_refuses_far_and_val_together(capsys: pytest.CaptureFixture[st
     with pytest.raises(ConfigError) as exc:
         recalibrate(None, far=0.1, val_roots=["validation"])
     assert str(exc.value) == ONE_METHOD
+    # a false alarm rate out of range, likewise before the model (here none) is loaded and its images scored
+    assert cli.main(["calibrate", "model.safetensors", "--far", "1.5"]) == 2
+    assert "--far (a false alarm rate) must be in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def _table(out: str) -> dict[str, str]:

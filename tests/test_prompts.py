@@ -68,12 +68,17 @@ def test_k_prompts_per_test_image() -> None:
 
 def test_retrieval_within_a_given_type() -> None:
     """With each query's type given (eval.given_type, predict --type), the prompt is the most similar entry of that
-    type, even where another type's entry is more similar."""
+    type (not merely one of its entries), even where another type's entry is more similar; and asking for more
+    prompts than the type has returns only its own entries."""
     torch.manual_seed(0)
-    feats = torch.rand(3, 8, 4, 4)
-    pool = PromptPool(_samples("train", 1), feats)
-    query = feats[[2, 0]] * 3.0 + 0.01 * torch.rand(2, 8, 4, 4)
-    assert pool.retrieve_top(query, 1)[0][:, 0].tolist() == [2, 0]
-    given = [pool.categories[1], pool.categories[2]]
-    idx, _ = pool.retrieve_top(query, 1, given)
-    assert idx[:, 0].tolist() == [1, 2] and [pool.categories[i] for i in idx[:, 0].tolist()] == given
+    feats = torch.randn(6, 8, 4, 4)  # types a, a, b, b, c, c
+    pool = PromptPool(_samples("train", 2), feats)
+    query = (feats[[4]] + 0.5 * feats[[3]]) * 3.0  # nearest overall: entry 4 (type c); within type b: entry 3
+    cos = (descriptor(query) @ descriptor(feats).T)[0]
+    assert int(cos.argmax()) == 4 and cos[3] > cos[2]  # the construction holds
+    assert pool.retrieve_top(query, 1)[0][0, 0].item() == 4
+    idx, sim = pool.retrieve_top(query, 1, ["b"])
+    assert idx[0, 0].item() == 3
+    assert sim[0, 0].item() == pytest.approx(float(descriptor(query) @ descriptor(feats[[3]]).T), abs=1e-6)
+    idx, _ = pool.retrieve_top(query, 5, ["b"])  # type b has two entries
+    assert sorted(idx[0].tolist()) == [2, 3]

@@ -26,7 +26,7 @@ from onenip.config import Config, load_config, merge_dict, validate
 from onenip.deploy.predictor import expand_inputs
 from onenip.errors import CheckpointError, ConfigError
 from onenip.evaluation.calibration import add_type as _add_type
-from onenip.evaluation.calibration import check_one_method, recalibrate
+from onenip.evaluation.calibration import check_far, check_one_method, recalibrate
 from onenip.evaluation.evaluate import Results, evaluate, write_results
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device, set_threads
@@ -132,6 +132,7 @@ def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], no
     `output` is given. Returns the written path and the new deployment."""
     if not images:
         raise ConfigError("give at least one normal image of the new type")
+    check_far(far)  # before the model is loaded and the images are scored
 
     def change(detector: Detector) -> Deployment:
         files = expand_inputs([str(p) for p in images])

@@ -216,11 +216,12 @@ def load_checkpoint(path: str | Path, with_training_state: bool = True) -> Check
     except CheckpointError:
         raise
     except Exception as exc:  # header too large, truncated data, invalid JSON, not safetensors at all ...
-        if path.suffix == ".onnx" or path.name.endswith(".torchscript.pt"):
+        exported = {".onnx": "ONNX", ".xml": "OpenVINO", ".pt": "TorchScript"}.get(path.suffix)
+        if exported:
             raise CheckpointError(
-                f"{path} is an exported model ({'ONNX' if path.suffix == '.onnx' else 'TorchScript'}), not an onenip "
-                "checkpoint: give the checkpoint it was exported from (model.safetensors), or run the export itself "
-                "(onenip.deploy.export.OnnxPredictor, onenip.deploy.export.load_torchscript)") from None
+                f"{path} is an exported model ({exported}), not an onenip checkpoint: give the checkpoint it was "
+                "exported from (model.safetensors), or run the export itself (onenip predict / onenip serve, "
+                "onenip.Predictor.load, onenip.deploy.runtimes.open_runtime)") from None
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupted, truncated or not a checkpoint ({exc})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {meta.get('format')!r}")

@@ -116,7 +116,7 @@ def _check_header_size(img: Image.Image, label: str) -> None:
 
 
 def _bomb_error(exc: Exception, label: str) -> TooManyPixelsError:
-    """Pillow's DecompressionBombError / DecompressionBombWarning as a TooManyPixelsError naming the file."""
+    """Pillow's DecompressionBombError / DecompressionBombWarning as a TooManyPixelsError naming the source (a file or an upload)."""
     found = _PILLOW_PIXELS.search(str(exc))
     return _too_large(label, f"{int(found.group(1)):,}" if found else "its size in")
 

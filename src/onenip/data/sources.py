@@ -126,7 +126,8 @@ def read_source(
     jsonl, PATH is a folder holding ``<split>.json`` (or ``.jsonl``) whose image paths are relative to it.
     `skip_bad` leaves out the categories without training images of the folder layouts (mvtec, btad), with a
     warning; visa and jsonl list their files explicitly and a listed file that is missing stays an error.
-    `labelled_only`: the test split of a folder layout whose categories need no training images (see `read_mvtec`).
+    `labelled_only`: the test split of a folder layout whose categories need no training images (see `read_mvtec`);
+    for every layout it also skips the check that the chosen categories have training images.
 
     Raises:
         DatasetError: an empty or missing path, or any error of the format's reader.

@@ -20,8 +20,8 @@ Outputs, in this order (ONNX output names; keys of the TorchScript module's dict
 Metadata: ONNX files carry ``metadata_props`` and OpenVINO files ``rt_info`` under ``onenip``, every value JSON
 (``onenip.categories`` a list, ``onenip.input_size``, ``onenip.thresholds`` an object category -> raw-score threshold,
 ``onenip.version`` a string, ...: `onenip.deploy.runtimes.encode_meta`), TorchScript files an extra file
-``onenip.json`` with the same keys (without the ``onenip.`` prefix). `OnnxPredictor` shows how little is needed to use
-an ONNX file; `load_torchscript` reads a TorchScript file and its metadata.
+``onenip.json`` with the same keys (without the ``onenip.`` prefix). `onenip.deploy.runtimes.open_runtime` runs any of
+them; `load_torchscript` reads a TorchScript file and its metadata.
 
 ONNX export uses PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``): in torch 2.14 it is
 deprecated but present, exports this model in about a second and needs no package beyond ``onnx``; the
@@ -35,6 +35,7 @@ other than the one traced, and its maps must match PyTorch's.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ from onenip.deploy.runtimes import (
     INPUT_NAME,
     METADATA_FILE,
     METADATA_PREFIX,
+    OPENVINO_PRECISION_HINT,
     OUTPUT_NAMES,
     PRECISIONS,
     OnnxRuntime,
@@ -170,8 +172,6 @@ def _check_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, Tensor], wh
     allowed = CHECK_ATOL + CHECK_RTOL * float(np.abs(want["map"].numpy()).max())
     diffs = {}
     for name in ("score", "map", "similarity", "type_distance"):
-        if name not in got and name not in want:
-            continue
         a, b = np.asarray(got[name], dtype=np.float64), want[name].numpy().astype(np.float64)
         if a.shape != b.shape:
             raise ExportError(f"{what}: output {name} has shape {a.shape}, PyTorch's {b.shape}")
@@ -277,7 +277,7 @@ def calibration_images(detector: Detector, limit: int = CALIBRATION_IMAGES) -> n
     each category, resized straight to the input size: uint8 (n, 3, S, S).
 
     Raises DatasetError naming what is missing: the roots the model records, or images in them."""
-    from onenip.data import read_sources
+    from onenip.data import group_by_category, read_sources
     from onenip.data.images import load_batch
 
     roots = [str(r) for r in (detector.cfg.data.roots or [])]
@@ -295,14 +295,8 @@ def calibration_images(detector: Detector, limit: int = CALIBRATION_IMAGES) -> n
     if not samples:
         raise DatasetError(f"no normal training images of {', '.join(categories) or 'any category'} in "
                            f"{', '.join(roots)}: {hint}")
-    by_category: dict[str, list] = {}
-    for smp in samples:
-        by_category.setdefault(smp.category, []).append(smp)
-    chosen, queues = [], [list(v) for _, v in sorted(by_category.items())]
-    while len(chosen) < limit and any(queues):  # one of each category in turn: the small ones are all in
-        for q in queues:
-            if q and len(chosen) < limit:
-                chosen.append(q.pop(0))
+    in_turn = itertools.zip_longest(*group_by_category(samples).values())  # one of each category in turn
+    chosen = [s for row in in_turn for s in row if s is not None][:limit]  # the small categories are all in
     size = detector.input_size
     return np.ascontiguousarray(load_batch([s.image for s in chosen], size))
 
@@ -407,7 +401,7 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
     for key, value in encode_meta(meta).items():
         ov_model.set_rt_info(value, [METADATA_PREFIX, key])
     # for other OpenVINO tools (benchmark_app, OVMS): the precision the file is meant to run at
-    ov_model.set_rt_info(openvino_config(precision)["INFERENCE_PRECISION_HINT"],
+    ov_model.set_rt_info(OPENVINO_PRECISION_HINT[precision],
                          ["runtime_options", "INFERENCE_PRECISION_HINT"])
     return ov_model, diff
 

@@ -34,9 +34,9 @@ from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_
 from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing, warn_unsupported
 from onenip.data.images import deep_to_uint8, load_batch, load_image, to_rgb
-from onenip.deploy.runtimes import Runtime, is_exported, open_runtime, runtime_name
+from onenip.deploy.runtimes import Runtime, is_exported, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
-from onenip.evaluation.calibration import far_threshold
+from onenip.evaluation.calibration import check_far, far_threshold
 from onenip.logs import progress_bar
 from onenip.models.detector import Detector, resolve_device
 from onenip.models.inference import DeployModel
@@ -118,13 +118,12 @@ class ExportedModel:
     def __init__(self, runtime: Runtime, level: float | None = None, far: float | None = None) -> None:
         self.runtime = runtime
         self.categories: list[str] = runtime.categories
-        self.size = runtime.size
-        self.file_thresholds = torch.tensor([runtime.thresholds[c] for c in self.categories], dtype=torch.float32)
-        self.thresholds = self.file_thresholds.clone()
-        if level is not None or far is not None:
-            normal_scores = runtime.meta.get("normal_scores") or {}
-            self.thresholds = torch.tensor(thresholds_at(runtime.thresholds, normal_scores, self.categories, level, far),
-                                           dtype=torch.float32)
+        self.redecide = level is not None or far is not None  # another sensitivity than the file's: decide again
+        thresholds = [runtime.thresholds[c] for c in self.categories]
+        if self.redecide:
+            thresholds = thresholds_at(runtime.thresholds, runtime.meta.get("normal_scores") or {}, self.categories,
+                                       level, far)
+        self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
 
     def __call__(self, images: torch.Tensor, category: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if category is not None:
@@ -133,7 +132,7 @@ class ExportedModel:
         n = len(images)
         out.setdefault("known", torch.ones(n, dtype=torch.bool))
         out.setdefault("type_distance", torch.full((n,), float("nan")))
-        if not torch.equal(self.thresholds, self.file_thresholds):  # another sensitivity: decide again
+        if self.redecide:
             out["normalized"], out["anomalous"] = decide(out["score"], self.thresholds[out["category"]], out["known"])
         return out
 
@@ -197,8 +196,7 @@ class Predictor:
         the default: one image as fast as it goes; THROUGHPUT: a batch split across OpenVINO's streams, more images
         per second; other runtimes ignore it). Other `options` go to `Predictor` (product_type, level, far, ...)."""
         if is_exported(checkpoint):
-            extra = {"hint": hint} if hint and runtime_name(checkpoint) == "openvino" else {}
-            return cls(open_runtime(checkpoint, threads=threads, **extra), device=device, batch_size=batch_size,
+            return cls(open_runtime(checkpoint, threads=threads, hint=hint), device=device, batch_size=batch_size,
                        fast=fast, compile_mode=compile_mode, **options)
         if threads:
             raise ConfigError("threads applies to exported files (.onnx, .xml, .torchscript.pt); PyTorch's are set by "
@@ -254,8 +252,7 @@ def thresholds_at(thresholds: Mapping[str, float], normal_scores: Mapping[str, S
     (threshold x -log2(1 - level))."""
     if level is not None and not 0 < level < 1:
         raise ConfigError(f"--threshold must be a normalised score between 0 and 1 (0.5: the calibrated threshold), got {level}")
-    if far is not None and not 0 <= far < 1:
-        raise ConfigError(f"--far must be in [0, 1), got {far}")
+    check_far(far)
     out = []
     for c in categories:
         t = thresholds[c]

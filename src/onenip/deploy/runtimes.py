@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -45,10 +44,10 @@ EXTRAS = {"onnx": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf":
 """The onenip extra that installs each optional package."""
 SUFFIXES: dict[str, str] = {".onnx": "onnxruntime", ".xml": "openvino", ".torchscript.pt": "torchscript", ".pt": "torchscript"}
 """File suffix -> the runtime that runs it (the longest matching suffix wins)."""
-PRECISIONS = ("fp32", "bf16", "int8")
 OPENVINO_PRECISION_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
 """OpenVINO's INFERENCE_PRECISION_HINT per exported precision. int8: the quantized layers run in int8 and the rest in
 bf16 where the CPU has bf16 (AVX-512 BF16 or AMX; OpenVINO falls back to f32 elsewhere)."""
+PRECISIONS = tuple(OPENVINO_PRECISION_HINT)
 
 
 def install_hint(module: str) -> str:
@@ -218,6 +217,8 @@ class OpenVinoRuntime(Runtime):
                  hint: str = "LATENCY") -> None:
         ov = require("openvino", "running an OpenVINO model")
         path = Path(path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: an empty file")
         if not path.with_suffix(".bin").is_file() and path.is_file():
             raise CheckpointError(f"{path}: its weights {path.with_suffix('.bin').name} are missing (an OpenVINO model "
                                   "is the .xml and the .bin beside it)")
@@ -227,29 +228,26 @@ class OpenVinoRuntime(Runtime):
         except Exception as exc:
             raise CheckpointError(f"OpenVINO cannot read {path}: {exc}") from None
         meta = openvino_meta(model, str(path))
-        self.compiled_precision = precision or str(meta.get("precision", "fp32"))
+        precision = precision or str(meta.get("precision", "fp32"))
         try:
-            self.compiled = core.compile_model(model, device, openvino_config(self.compiled_precision, threads, hint))
+            self.compiled = core.compile_model(model, device, openvino_config(precision, threads, hint))
         except ConfigError:
             raise
         except Exception as exc:
             raise CheckpointError(f"OpenVINO cannot compile {path} for {device}: {exc}") from None
-        self.streams = int(self.compiled.get_property("NUM_STREAMS")) if hint == "THROUGHPUT" else 1
-        self.requests = [self.compiled.create_infer_request() for _ in range(max(self.streams, 1))]
+        streams = int(self.compiled.get_property("NUM_STREAMS")) if hint == "THROUGHPUT" else 1
+        self.requests = [self.compiled.create_infer_request() for _ in range(max(streams, 1))]  # one per stream
         super().__init__(path, meta, [o.get_any_name() for o in self.compiled.outputs])
+        self.precision = precision  # the precision compiled (an override included)
 
     def _run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        parts = np.array_split(images, min(len(self.requests), len(images)))  # one part per stream
-        if len(parts) == 1:
-            result = self.requests[0].infer({INPUT_NAME: images})
-            return {name: np.array(result[out]) for name, out in zip(self.outputs, self.compiled.outputs)}
-        for request, part in zip(self.requests, parts):
+        used = self.requests[: min(len(self.requests), len(images))]
+        for request, part in zip(used, np.array_split(images, len(used))):  # one part per stream, run at once
             request.start_async({INPUT_NAME: np.ascontiguousarray(part)})
-        results = []
-        for request in self.requests[: len(parts)]:
+        for request in used:
             request.wait()
-            results.append([np.array(request.get_tensor(out).data) for out in self.compiled.outputs])
-        return {name: np.concatenate([r[i] for r in results]) for i, name in enumerate(self.outputs)}
+        return {name: np.concatenate([request.get_tensor(out).data for request in used])  # one copy of each output
+                for name, out in zip(self.outputs, self.compiled.outputs)}
 
 
 def load_torchscript(path: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -302,10 +300,10 @@ OPENERS: dict[str, Callable[..., Runtime]] = {"onnxruntime": OnnxRuntime, "openv
                                               "torchscript": TorchScriptRuntime}
 
 
-def open_runtime(path: str | Path, threads: int = 0, **options: Any) -> Runtime:
+def open_runtime(path: str | Path, threads: int = 0, hint: str | None = None, **options: Any) -> Runtime:
     """The exported file `path` with the runtime its suffix names (.onnx: ONNX Runtime, .xml: OpenVINO,
-    .torchscript.pt / .pt: TorchScript); `threads` (0: the runtime's default) and, for OpenVINO, `precision`, `device`
-    and `hint` (LATENCY or THROUGHPUT).
+    .torchscript.pt / .pt: TorchScript); `threads` (0: the runtime's default); `hint`, OpenVINO's performance hint
+    (LATENCY or THROUGHPUT; the other runtimes have none and ignore it); and, for OpenVINO, `precision` and `device`.
 
     Raises:
         CheckpointError: no such file, not an exported model, or one the runtime cannot load.
@@ -317,6 +315,6 @@ def open_runtime(path: str | Path, threads: int = 0, **options: Any) -> Runtime:
         raise CheckpointError(f"{path}: not an exported model file (.onnx, .xml, .torchscript.pt)")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if kind == "openvino" and os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: an empty file")
+    if kind == "openvino" and hint is not None:
+        options["hint"] = hint
     return OPENERS[kind](path, threads=threads, **options)

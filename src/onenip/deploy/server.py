@@ -253,14 +253,18 @@ def _png(pic: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _row(pred: Prediction) -> dict[str, Any]:
+    """`Prediction.row()` with JSON-safe values (the answer's and the watched folder's CSV row's fields)."""
+    return {k: _plain(v) for k, v in pred.row().items()}
+
+
 def answer(pred: Prediction, name: str, image: Image.Image | None = None, with_overlay: bool = False,
            with_mask: bool = False) -> dict[str, Any]:
     """The JSON of one judged image: every field of `Prediction.row()` (the decision `anomalous`, `normalized_score`,
     `score`, `threshold`, `category`, `similarity`, `defect_pixels`, and whatever else the predictor reports), the
     image's name, width and height, and on request the overlay and the mask as base64 PNGs."""
-    out = {k: _plain(v) for k, v in pred.row().items()}
+    out = _row(pred)
     out["image"] = name
-    out.setdefault("defect_pixels", int(pred.mask.sum()))
     out["width"], out["height"] = int(pred.anomaly_map.shape[1]), int(pred.anomaly_map.shape[0])
     if with_overlay and image is not None:
         out["overlay"] = _png(overlay(image, pred.anomaly_map, pred.threshold, pred.mask))
@@ -388,7 +392,7 @@ class FolderWatcher:
                     rows += 1
         if images:
             for name, pred in zip(names, self.judge(images)):
-                row = {k: _plain(v) for k, v in pred.row().items()}
+                row = _row(pred)
                 row.update(image=name, error="")
                 self._write(row)
                 rows += 1

@@ -40,8 +40,7 @@ def far_threshold(normal_scores: np.ndarray, far: float) -> float:
     With n scores sorted ascending, k = floor(far * n) false alarms are allowed: the threshold is the (n-k)-th score, so
     the scores strictly above it are at most k. With fewer than 1/far scores k = 0: the threshold is the maximum.
     """
-    if not 0 <= far < 1:  # every way to a threshold (fit, calibrate, add-type, predict --far) comes here
-        raise ConfigError(f"--far (a false alarm rate) must be in [0, 1), got {far}")
+    check_far(far)  # every way to a threshold (fit, calibrate, add-type, predict --far) comes here
     s = np.sort(np.asarray(normal_scores, dtype=np.float64))
     if s.size == 0:
         raise ValueError("no normal scores to set a threshold from")
@@ -177,10 +176,18 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
     return dep
 
 
+def check_far(far: float | None) -> None:
+    """Raise ConfigError unless `far` (a false alarm rate; None: not given) is in [0, 1): what `far_threshold` needs,
+    checked early too, before a model is loaded and images are scored (`check_one_method`, `onenip.api.add_type`)."""
+    if far is not None and not 0 <= far < 1:
+        raise ConfigError(f"--far (a false alarm rate) must be in [0, 1), got {far}")
+
+
 def check_one_method(far: float | None, val_roots: Sequence[str | Path] | None) -> None:
-    """Raise ConfigError when both a false alarm rate and a validation set are given: they set thresholds in two
-    different ways, and neither is silently ignored. `recalibrate` checks it; `onenip.api.calibrate` before it loads
-    the model."""
+    """Raise ConfigError when the false alarm rate is out of range, or when both it and a validation set are given:
+    they set thresholds in two different ways, and neither is silently ignored. `recalibrate` checks it;
+    `onenip.api.calibrate` before it loads the model."""
+    check_far(far)
     if far is not None and val_roots:
         raise ConfigError(
             "--far and --val set thresholds in two different ways; give one of them (given: --far "

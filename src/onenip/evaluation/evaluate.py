@@ -47,12 +47,13 @@ from onenip.logs import progress_bar
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
 from onenip.models.scoring import (
+    MIN_THRESHOLD,
     Maps,
+    decide,
     fuse,
     fusion_scale,
     image_scores,
     mean_maps,
-    normalize_score,
     patch_distances,
     prompt_map,
     type_distance,
@@ -344,6 +345,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
+    added_kinds = torch.tensor([k in added_types for k in pool.kinds], device=dev) if pool is not None else None
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         feats = detector.features(batch["image"].to(dev))
         prompt_feats: list[torch.Tensor | None] = [None]
@@ -359,7 +361,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             kind = pool.kind[j[:, 0]]
             nearest = patch_distances(feats, bank[kind])
             dist = type_distance(nearest).tolist()
-            which = torch.tensor([c in added_types for c in got], device=feats.device)
+            which = added_kinds[kind]
             if bool(which.any()):  # as the deployed model: a type added from its prompts gets the prompt map
                 added = (which, prompt_map(nearest, feats.shape[-1], cfg.data.input_size))
         bar.update(1)
@@ -495,16 +497,18 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], c
     to each row; returns the counts per true category and in all (an image of an unknown type is neither a false
     alarm nor a detection: a defective one counts as missed), and the pooled metrics of score / threshold."""
     counts: dict[str, dict[str, int]] = {}
-    relative = np.empty(len(rows))
+    scores = np.array([r["score_fused"] for r in rows], dtype=np.float64)
+    limits = type_limits or {}
+    t = np.array([thresholds[r["retrieved"]] for r in rows], dtype=np.float64)
+    known = np.array([r.get("type_distance") is None or r["type_distance"] <= limits.get(r["retrieved"], math.inf)
+                      for r in rows], dtype=bool)
+    normalized, anomalous = decide(scores, t, known)  # the deployed model's decision
+    relative = scores / np.maximum(t, MIN_THRESHOLD)
     for i, r in enumerate(rows):
-        t = thresholds[r["retrieved"]]
-        safe = max(t, 1e-12)  # as DeployModel clamps it
-        relative[i] = r["score_fused"] / safe
-        known = r.get("type_distance") is None or r["type_distance"] <= (type_limits or {}).get(r["retrieved"], math.inf)
-        r.update(threshold=t, normalized=float(normalize_score(r["score_fused"], safe)), known=known,
-                 anomalous=bool(r["score_fused"] > t) and known)
+        r.update(threshold=float(t[i]), normalized=float(normalized[i]), known=bool(known[i]),
+                 anomalous=bool(anomalous[i]))
         c = counts.setdefault(r["category"], {"good": 0, "false_alarms": 0, "defective": 0, "missed": 0, "unknown": 0})
-        c["unknown"] += not known
+        c["unknown"] += not r["known"]
         if r["label"]:
             c["defective"] += 1
             c["missed"] += not r["anomalous"]

@@ -46,7 +46,7 @@ def upsample(x: Tensor, size: int) -> Tensor:
     runtimes, whose interpolation kernels vectorise over channels while a map has one (`benchmarks/cpu_speed.py
     --profile` shows the per-layer times)."""
     rows = bilinear_weights(x.shape[-2], size, x)  # (size, H)
-    cols = bilinear_weights(x.shape[-1], size, x)  # (size, W)
+    cols = rows if x.shape[-1] == x.shape[-2] else bilinear_weights(x.shape[-1], size, x)  # (size, W)
     return rows @ x @ cols.transpose(0, 1)
 
 

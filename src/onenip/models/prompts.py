@@ -62,10 +62,12 @@ def descriptor(feats: Tensor) -> Tensor:
 def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Class-agnostic retrieval (§6): pool descriptors `keys` (P, C) and query features (B, C, H, W) -> (indices
     (B, k), cosine similarities (B, k)) of the k most similar pool entries, best first (k capped at P). `allowed`
-    (B, P) bool limits each query to some entries (a product type given by the user)."""
+    (B, P) bool limits each query to some entries (a product type given by the user); k is then also capped at the
+    fewest entries a query may take, so that no entry it may not take is returned."""
     sim = descriptor(feats) @ keys.to(feats.device).T  # (B, P)
     if allowed is not None:
         sim = sim.masked_fill(~allowed, -2.0)  # below any cosine similarity
+        k = min(k, int(allowed.sum(dim=1).min()))
     top = sim.topk(min(k, sim.shape[1]), dim=1)
     return top.indices, top.values
 

@@ -425,7 +425,8 @@ class Trainer:
 
     def _train_epoch(self, bar: Any, clock: dict[str, Any], evaluate_every: int, stop: Callable[[], bool]) -> None:
         """Train the rest of the current epoch (from batch `epoch_step`), log its row, write the checkpoint when due.
-        A stop asked for (Ctrl-C) ends it after the step in progress, without its row: `epoch_step` says where."""
+        A stop asked for (Ctrl-C) before the epoch's last batch ends it after the step in progress, without its row:
+        `epoch_step` says where."""
         cfg, t, main = self.cfg, self.cfg.train, self.dist.is_main
         lr = lr_at(cfg, self.epoch)
         for group in self.optimizer.param_groups:
