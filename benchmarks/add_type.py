@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -30,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import device_name, git_commit, iad_mix_root  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
@@ -45,7 +44,7 @@ SHORT = dict(zip(METRICS, ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("ONENIP_DATA", str(REPO.parent / "shared" / "data")) + "/iad-mix")
+    ap.add_argument("--data", default=str(iad_mix_root()))
     ap.add_argument("--types", nargs="*", default=None, help="types to leave out (default: every one)")
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16], help="K, normal images of the added type")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="which K images (one draw per seed)")

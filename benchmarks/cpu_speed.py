@@ -10,9 +10,10 @@ with --threads intra-op threads (default 2), and the bf16 file once more with Op
 - latency: one image per call, the median of --repeats calls (after warm-up), the runtimes taking turns call by call so
   that a machine shared with other work slows them alike;
 - throughput: batches of --batch images, images / median batch time, taking turns likewise;
-- parity against PyTorch fp32 on the test images of --data (iad-mix when found at ../shared/data/iad-mix or
-  $ONENIP_DATA/iad-mix, else the generated demo data): the mean over categories of the image AUROC, its difference
-  from PyTorch fp32's, the share of identical decisions (good / defective / unknown) and of identical retrieved types.
+- parity against PyTorch fp32 on the test images of --data (iad-mix when found at $ONENIP_DATA/iad-mix, or without
+  ONENIP_DATA at ../shared/data/iad-mix; else the generated demo data): the mean over categories of the image AUROC,
+  its difference from PyTorch fp32's, the share of identical decisions (good / defective / unknown) and of identical
+  retrieved types.
 
 Parity needs a trained model: --model, else one is trained here on the CPU (tf_efficientnet_lite0 at 224 px, the default
 network, --steps steps of batch 8, a tenth of the normal images held out for the thresholds) into --work, and reused
@@ -26,7 +27,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import git_commit  # noqa: E402
+from iad_mix import cpu_name, git_commit, iad_mix_root  # noqa: E402
 
 from onenip.data import read_sources  # noqa: E402
 from onenip.data.images import load_batch  # noqa: E402
@@ -55,28 +55,27 @@ Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 def cpu_info() -> dict[str, object]:
-    """lscpu's model name and the flags that decide the low-precision paths."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """The CPU's model name (`cpu_name`), its cores, and the flags (lscpu's) that decide the low-precision paths."""
+    flags = set()
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                name = value.strip()
-            elif key.strip() == "Flags":
+            if key.strip() == "Flags":
                 flags = set(value.split())
     except (OSError, subprocess.SubprocessError):
         pass
     wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+    return {"model": cpu_name(), "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def data_root(arg: str | None) -> tuple[Path, str]:
+    """The parity data and what it is: `arg` when given, else iad-mix (`iad_mix_root`) when it is there, else the demo's
+    generated data (made on first use)."""
     if arg:
         return Path(arg), "given"
-    for base in (os.environ.get("ONENIP_DATA"), str(REPO.parent / "shared" / "data")):
-        if base and (Path(base) / "iad-mix").is_dir():
-            return Path(base) / "iad-mix", "iad-mix"
+    if iad_mix_root().is_dir():
+        return iad_mix_root(), "iad-mix"
     from onenip.demo.dataset import make_demo_dataset
 
     root = REPO / "runs" / "cpu-speed" / "demo-data"

@@ -12,20 +12,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from onenip.api import make_config  # noqa: E402
-from onenip.evaluation.evaluate import evaluate, write_results  # noqa: E402
+from onenip.evaluation.evaluate import METRICS, evaluate, write_results  # noqa: E402
 from onenip.training.trainer import Trainer  # noqa: E402
 
 
@@ -49,18 +53,49 @@ def git_commit() -> str:
     return _COMMIT_AT_START
 
 
+def cpu_name() -> str:
+    """The CPU's model name: the first 'model name' of /proc/cpuinfo (Linux), else the platform's processor or machine
+    name, else 'unknown CPU'."""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown CPU"
+
+
 def device_name(device: torch.device) -> str:
+    """The device the benchmark ran on, for its report: the GPU's name, or the CPU's core count and `cpu_name`."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"CPU ({os.cpu_count()} cores, {cpu_name()})"
+
+
+def iad_mix_root() -> Path:
+    """The iad-mix dataset (MVTec layout; the texture folder `textures` lies beside it): DATA/iad-mix, DATA being
+    $ONENIP_DATA when set, else shared/data beside the repository (as the test suite looks for the real data). The
+    path is returned whether or not it exists (a --data default; `is_dir()` tells)."""
+    return Path(os.environ.get("ONENIP_DATA") or REPO.parent / "shared" / "data").expanduser() / "iad-mix"
+
+
+def category_mean(categories: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str, float]],
+                  metrics: Iterable[str] = METRICS) -> dict[str, float]:
+    """The unweighted mean over categories of each metric (of `metrics`) of per-category metric dicts ({category:
+    metrics} or the dicts alone), over the categories where it is defined (not nan), as `Results.mean`; nan where
+    none is."""
+    rows = list(categories.values() if isinstance(categories, Mapping) else categories)
+    out = {}
+    for m in metrics:
+        defined = [float(r[m]) for r in rows if not math.isnan(r[m])]
+        out[m] = float(np.mean(defined)) if defined else float("nan")
+    return out
 
 
 def data_options(ap: argparse.ArgumentParser, backbone: str = "tf_efficientnet_lite0",
                  weights: str = "efficientnet-lite") -> None:
     """The options every benchmark shares: data, backbone, input size, batch, workers, free overrides."""
-    shared = REPO.parent / "shared" / "data"
-    ap.add_argument("--data", default=str(shared / "iad-mix"))
-    ap.add_argument("--textures", default=str(shared / "textures"))
+    root = iad_mix_root()
+    ap.add_argument("--data", default=str(root))
+    ap.add_argument("--textures", default=str(root.parent / "textures"))
     ap.add_argument("--backbone", default=backbone)
     ap.add_argument("--weights", default=weights, help="backbone.weights (a file works offline anywhere; random for timing)")
     ap.add_argument("--input-size", type=int, default=224)

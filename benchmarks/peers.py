@@ -60,9 +60,9 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from iad_mix import git_commit  # noqa: E402
+from iad_mix import category_mean, cpu_name, git_commit, iad_mix_root  # noqa: E402
 
 from onenip.config import BackboneConfig, Config  # noqa: E402
 from onenip.data import Sample, load_split  # noqa: E402
@@ -106,16 +106,6 @@ def read_images(samples: list[Sample], size: int) -> tuple[np.ndarray, np.ndarra
     return imgs, (masks if ok else None), np.array([s.label for s in samples])
 
 
-class Normalize:
-    """uint8 images -> floats normalised as onenip's FeatureExtractor normalises them."""
-
-    def __init__(self, onenip_fe: FeatureExtractor) -> None:
-        self.fe = onenip_fe
-
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
-        return self.fe.normalize(torch.from_numpy(images))
-
-
 def timm_state(backbone: str, weights: str) -> tuple[dict[str, torch.Tensor], str]:
     """The full timm-keyed state dict of `backbone` from onenip's offline weights (`weights` as backbone.weights)."""
     import timm
@@ -141,11 +131,12 @@ def load_backbone(extractor: torch.nn.Module, sd: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def check_taps(extractor: torch.nn.Module, layer: str, onenip_fe: FeatureExtractor, x: torch.Tensor, u8: np.ndarray) -> float:
-    """Largest difference between anomalib's `layer` (stride 16) and the same channels of onenip's features."""
-    ours = onenip_fe(torch.from_numpy(u8))
-    theirs = extractor(x)[layer]
-    return float((ours[:, -theirs.shape[1]:] - theirs).abs().max())
+def check_taps(extractor: torch.nn.Module, layer: str, onenip_fe: FeatureExtractor, u8: np.ndarray) -> float:
+    """Largest difference between anomalib's `layer` (stride 16) and the same channels of onenip's features, on the
+    uint8 images `u8` (each side normalising them as onenip does)."""
+    images = torch.from_numpy(u8)
+    theirs = extractor(onenip_fe.normalize(images))[layer]
+    return float((onenip_fe(images)[:, -theirs.shape[1]:] - theirs).abs().max())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,20 +144,27 @@ def check_taps(extractor: torch.nn.Module, layer: str, onenip_fe: FeatureExtract
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def run_batches(model: torch.nn.Module, norm: Normalize, images: np.ndarray, batch: int
-                ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Forward `images` through an anomalib torch model in batches. In training mode: embeddings stored, returns
-    (None, None); in eval mode: (float32 maps (N, S, S), image scores (N,))."""
-    maps, scores = [], []
+def batches(onenip_fe: FeatureExtractor, images: np.ndarray, batch: int) -> Iterator[torch.Tensor]:
+    """uint8 `images` in batches of `batch`, normalised as onenip's FeatureExtractor normalises them."""
     for s in range(0, len(images), batch):
-        out = model(norm(images[s : s + batch]))
-        if not model.training:
-            maps.append(out.anomaly_map.squeeze(1).float().numpy())
-            scores.append(out.pred_score.reshape(-1).float().numpy())
-    if model.training:
-        return None, None
-    return np.concatenate(maps), np.concatenate(scores)
+        yield onenip_fe.normalize(torch.from_numpy(images[s : s + batch]))
+
+
+@torch.no_grad()
+def store_batches(model: torch.nn.Module, onenip_fe: FeatureExtractor, images: np.ndarray, batch: int) -> None:
+    """Forward `images` through an anomalib torch model in training mode, in batches: it stores their embeddings."""
+    for x in batches(onenip_fe, images, batch):
+        model(x)
+
+
+@torch.no_grad()
+def run_batches(model: torch.nn.Module, onenip_fe: FeatureExtractor, images: np.ndarray, batch: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Forward `images` through an anomalib torch model in eval mode, in batches: (float32 maps (N, S, S), image
+    scores (N,))."""
+    outs = [model(x) for x in batches(onenip_fe, images, batch)]
+    return (np.concatenate([o.anomaly_map.squeeze(1).float().numpy() for o in outs]),
+            np.concatenate([o.pred_score.reshape(-1).float().numpy() for o in outs]))
 
 
 def score(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, peer_scores: np.ndarray, cfg: Config) -> dict:
@@ -176,10 +174,6 @@ def score(maps: np.ndarray, masks: np.ndarray | None, labels: np.ndarray, peer_s
     res = {**image_entry(peer_scores, labels), **{k: from_map[k] for k in METRICS[3:]}}
     res["image_from_map"] = {k: from_map[k] for k in METRICS[:3]}
     return res
-
-
-def mean_of(cats: dict[str, dict]) -> dict[str, float]:
-    return {k: float(np.nanmean([c[k] for c in cats.values()])) for k in METRICS}
 
 
 def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -197,7 +191,7 @@ def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> t
     return module
 
 
-def run_category(kind: str, args: argparse.Namespace, sd: dict, norm: Normalize, cat: str, train: list[Sample],
+def run_category(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: FeatureExtractor, cat: str, train: list[Sample],
                  test: list[Sample], cfg: Config, seed: int, chosen: list[Sample] | None = None
                  ) -> tuple[dict, torch.Tensor | None, np.ndarray, np.ndarray]:
     """Fit one peer on one category, test it; (entry, memory bank (PatchCore) or None, test maps, peer scores).
@@ -218,7 +212,7 @@ def run_category(kind: str, args: argparse.Namespace, sd: dict, norm: Normalize,
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     model.feature_extractor.eval()  # the backbone stays in eval mode (BatchNorm statistics), as in anomalib's training
-    run_batches(model, norm, tr_imgs, args.batch_size)
+    store_batches(model, onenip_fe, tr_imgs, args.batch_size)
     if kind == "patchcore" and args.coreset >= 1.0:  # every patch: k-center greedy would only reorder them (n^2)
         model.memory_bank = torch.vstack(model.embedding_store)
         model.embedding_store.clear()
@@ -227,7 +221,7 @@ def run_category(kind: str, args: argparse.Namespace, sd: dict, norm: Normalize,
     fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     t0, c0 = time.perf_counter(), time.process_time()
-    maps, peer_scores = run_batches(model, norm, te_imgs, args.batch_size)
+    maps, peer_scores = run_batches(model, onenip_fe, te_imgs, args.batch_size)
     infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0
     entry = score(maps, te_masks, labels, peer_scores, cfg)
     entry.update(images=len(test), defective=int(labels.sum()), train_images=len(chosen), train_available=len(train),
@@ -249,9 +243,8 @@ def summary(entries: dict[str, dict]) -> dict:
     n = sum(e["images"] for e in entries.values())
     return {"fit_cpu_seconds": round(sum(e["fit_cpu_seconds"] for e in entries.values()), 1),
             "cpu_ms_per_image": round(1000 * sum(e["inference_cpu_seconds"] for e in entries.values()) / n, 2),
-            "mean": mean_of(entries),
-            "mean_image_from_map": {k: float(np.nanmean([e["image_from_map"][k] for e in entries.values()]))
-                                    for k in METRICS[:3]},
+            "mean": category_mean(entries),
+            "mean_image_from_map": category_mean([e["image_from_map"] for e in entries.values()], METRICS[:3]),
             "fit_seconds": round(fit, 1), "inference_seconds": round(infer, 1), "test_images": n,
             "ms_per_image": round(1000 * infer / n, 2)}
 
@@ -289,7 +282,7 @@ def onenip_cpu_rows(pattern: str) -> dict | None:
     return {"name": f"OneNIP CPU stand-in (width 64, 60 epochs, mean of {len(runs)} seeds)",
             "sources": [str(f.relative_to(ROOT)) for f in files], "commits": [r["commit"] for r in runs],
             "device": runs[0]["device"], "command": runs[0]["command"], "categories": per,
-            "summary": {"mean": mean_of(per), "fit_seconds": round(float(np.mean([r["train_seconds"] for r in runs])), 1),
+            "summary": {"mean": category_mean(per), "fit_seconds": round(float(np.mean([r["train_seconds"] for r in runs])), 1),
                         "ms_per_image": round(float(np.mean(ms)), 2)}}
 
 
@@ -307,7 +300,7 @@ def markdown(result: dict, standin: bool = False) -> str:
         cats = [c for c in cats if c in result["onenip_cpu"]["categories"]]
         extra.append(("onenip_cpu", result["onenip_cpu"]))
     rows = [(k, dict(m, categories={c: m["categories"][c] for c in cats},
-                     summary=dict(m["summary"], mean=mean_of({c: m["categories"][c] for c in cats}))))
+                     summary=dict(m["summary"], mean=category_mean({c: m["categories"][c] for c in cats}))))
             for k, m in rows + [(k, m) for k, m in extra if m]]
     head = "| model | category | " + " | ".join(SHORT) + " |\n|---|---|" + "---:|" * len(SHORT) + "\n"
     lines = []
@@ -336,7 +329,7 @@ def markdown(result: dict, standin: bool = False) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_shots(args: argparse.Namespace, sd: dict, norm: Normalize, by: dict[str, tuple[list[Sample], list[Sample]]],
+def run_shots(args: argparse.Namespace, sd: dict, onenip_fe: FeatureExtractor, by: dict[str, tuple[list[Sample], list[Sample]]],
               cfg: Config, rows: list[dict], save) -> None:
     """Per type, K and seed: PatchCore built from the K training images `pool_samples` draws (as add_type.py does),
     tested on the type's whole test split; a row each, appended to `rows` (one of the same type, K and seed replaced)."""
@@ -344,7 +337,7 @@ def run_shots(args: argparse.Namespace, sd: dict, norm: Normalize, by: dict[str,
         for k in args.shots:
             for seed in args.shot_seeds:
                 shots = pool_samples(train, k, seed)  # add_type.py: pool_samples(the type's training samples, k, seed)
-                e, _, _, _ = run_category("patchcore", args, sd, norm, cat, train, test, cfg, seed, chosen=shots)
+                e, _, _, _ = run_category("patchcore", args, sd, onenip_fe, cat, train, test, cfg, seed, chosen=shots)
                 row = {"type": cat, "k": k, "seed": seed, **{m: e[m] for m in METRICS},
                        "image_from_map": e["image_from_map"],
                        **{f: e[f] for f in ("fit_seconds", "fit_cpu_seconds", "inference_seconds",
@@ -370,7 +363,7 @@ def shots_summary(rows: list[dict]) -> dict:
     for k in sorted({r["k"] for r in rows}):
         mine = [r for r in rows if r["k"] == k]
         out[str(k)] = {"types": len({r["type"] for r in mine}), "seeds": sorted({r["seed"] for r in mine}),
-                       "mean": mean_of(per_type(rows, k)),
+                       "mean": category_mean(per_type(rows, k)),
                        "fit_cpu_seconds_per_build": round(float(np.mean([r["fit_cpu_seconds"] for r in mine])), 2),
                        "cpu_ms_per_image": round(1000 * sum(r["inference_cpu_seconds"] for r in mine)
                                                  / sum(r["images"] for r in mine), 2)}
@@ -391,7 +384,7 @@ def shots_markdown(result: dict, added_path: Path) -> str:
         lines = [f"| {t} | {name} | " + " | ".join(pct(v[t][m]) for m in METRICS) + " |"
                  for t in types for name, v in (("onenip, added", ours), ("PatchCore from K", pc))]
         for name, v in (("onenip, added", ours), ("PatchCore from K", pc)):
-            mean = mean_of({t: v[t] for t in types})
+            mean = category_mean({t: v[t] for t in types})
             lines.append(f"| **mean** | **{name}** | " + " | ".join(f"**{pct(mean[m])}**" for m in METRICS) + " |")
         lead = []
         for m, n in zip(METRICS, SHORT):
@@ -402,19 +395,9 @@ def shots_markdown(result: dict, added_path: Path) -> str:
     return "\n".join(parts)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "iad-mix"), help="iad-mix (MVTec layout)")
+    p.add_argument("--data", default=str(iad_mix_root()), help="iad-mix (MVTec layout)")
     p.add_argument("--categories", nargs="*", default=None, help="default: all")
     p.add_argument("--models", nargs="+", default=["patchcore", "padim", "patchcore_unified"], choices=list(NAMES),
                    help="patchcore_unified needs patchcore in the same run (its bank is the union of their coresets)")
@@ -466,7 +449,6 @@ def main() -> None:
     cfg = Config()  # its eval settings: the image score's kernel (16) and AUPRO's FPR limit (0.3)
     sd, source = timm_state(args.backbone, args.weights)
     onenip_fe = FeatureExtractor(BackboneConfig(name=args.backbone, weights=args.weights))
-    norm = Normalize(onenip_fe)
     train_all, _ = load_split([args.data], "train", args.categories, threads=args.threads)
     test_all, _ = load_split([args.data], "test", args.categories, threads=args.threads, labelled_only=True)
     cats = sorted({s.category for s in test_all})
@@ -475,7 +457,7 @@ def main() -> None:
     # the weights anomalib's extractor now holds give onenip's features
     probe = build("patchcore", args, sd).model.feature_extractor
     u8, _, _ = read_images(by[cats[0]][1][:4], args.size)
-    tap_diff = check_taps(probe, args.patchcore_layers[-1], onenip_fe, norm(u8), u8)
+    tap_diff = check_taps(probe, args.patchcore_layers[-1], onenip_fe, u8)
     print(f"backbone check: anomalib's {args.patchcore_layers[-1]} against onenip's stride-16 tap: max |diff| {tap_diff:.2e}")
     if tap_diff > 1e-4:
         raise SystemExit("anomalib's feature extractor does not compute onenip's features")
@@ -483,7 +465,7 @@ def main() -> None:
     result = json.loads(out.read_text()) if out.is_file() else ({"rows": []} if args.shots else {"models": {}})
     result.update(
         command="python benchmarks/peers.py " + " ".join(sys.argv[1:]), commit=git_commit(),
-        device=f"CPU, {args.threads} threads ({cpu_model()}, {os.cpu_count()} cores)",
+        device=f"CPU, {args.threads} threads ({cpu_name()}, {os.cpu_count()} cores)",
         torch=torch.__version__, timm=timm.__version__, anomalib=anomalib.__version__, backbone=args.backbone,
         weights=source, size=args.size, backbone_check_max_abs_diff=tap_diff,
         normalisation={"mean": onenip_fe.mean.flatten().tolist(), "std": onenip_fe.std.flatten().tolist()},
@@ -509,7 +491,7 @@ def main() -> None:
                               "benchmarks/add_type.py draws them"},
             onenip_added=str(Path(args.onenip_added).resolve().relative_to(ROOT))
             if Path(args.onenip_added).resolve().is_relative_to(ROOT) else args.onenip_added)
-        run_shots(args, sd, norm, by, cfg, result["rows"], save)
+        run_shots(args, sd, onenip_fe, by, cfg, result["rows"], save)
         print(shots_markdown(result, Path(args.onenip_added)))
         print(f"written {out}")
         return
@@ -521,7 +503,7 @@ def main() -> None:
         entries = {}
         for cat in cats:
             train, test = by[cat]
-            e, bank, _, _ = run_category(kind, args, sd, norm, cat, train, test, cfg, args.seed)
+            e, bank, _, _ = run_category(kind, args, sd, onenip_fe, cat, train, test, cfg, args.seed)
             entries[cat] = e
             if bank is not None:
                 banks[cat] = bank
@@ -542,7 +524,7 @@ def main() -> None:
         for cat in cats:
             te_imgs, te_masks, labels = read_images(by[cat][1], args.size)
             t0, c0 = time.perf_counter(), time.process_time()
-            maps, peer_scores = run_batches(model, norm, te_imgs, args.batch_size)
+            maps, peer_scores = run_batches(model, onenip_fe, te_imgs, args.batch_size)
             infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0
             e = score(maps, te_masks, labels, peer_scores, cfg)
             pc = result["models"]["patchcore"]["categories"][cat]

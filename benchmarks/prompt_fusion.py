@@ -49,13 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import category_mean, device_name, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.checkpoint import atomic_write_text, checkpoint_file  # noqa: E402
 from onenip.evaluation.evaluate import (  # noqa: E402
     METRICS,
-    Results,
     category_metrics,
     evaluate,
     infer_batches,
@@ -123,13 +122,6 @@ def type_scales(detector: Detector, cfg, train, pool: PromptPool, scale: float |
     return out
 
 
-def mean_of(categories: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The unweighted mean over categories where each metric is defined, as `Results.mean`."""
-    res = Results(protocol="clean", categories={c: {"fused": v} for c, v in categories.items()}, fusion_scale=None,
-                  retrieval_accuracy=None)
-    return res.mean("fused")
-
-
 def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt = checkpoint_file(path, with_training_state=False)
@@ -155,7 +147,7 @@ def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
             labels = labels_all[ix]
             pixel_ok = bool(np.all(maps["has_mask"][ix][labels == 1]))  # as evaluate_category
             cats[cat], _ = category_metrics(amap.astype(np.float32), maps["masks"][ix] if pixel_ok else None, labels, cfg)
-        per_beta[str(beta)] = {"categories": cats, "mean": mean_of(cats)}
+        per_beta[str(beta)] = {"categories": cats, "mean": category_mean(cats)}
     ref = ordinary.categories
     diff = max(abs(per_beta[str(0.0)]["categories"][c][m] - ref[c]["fused"][m]) for c in ref for m in METRICS
                if not math.isnan(ref[c]["fused"][m])) if 0.0 in betas else None

@@ -33,13 +33,13 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from compare_runs import KEYS, NAMES  # noqa: E402
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import category_mean, device_name, git_commit  # noqa: E402
 
 from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.config import Config  # noqa: E402
 from onenip.data import group_by_category, load_split  # noqa: E402
 from onenip.data.images import read_sample  # noqa: E402
-from onenip.evaluation.evaluate import METRICS, category_metrics, features_of, prompt_source  # noqa: E402
+from onenip.evaluation.evaluate import category_metrics, features_of, prompt_source  # noqa: E402
 from onenip.models.detector import Detector, resolve_device  # noqa: E402
 from onenip.models.prompts import paper_prompts  # noqa: E402
 
@@ -116,8 +116,7 @@ def sensitivity_of(det: Detector, cfg: Config, device: torch.device, seed: int) 
         result[mode] = {}
         for n in names:
             cat_metrics = per_mode[mode][n]
-            mean = {k: float(np.nanmean([m[k] for m in cat_metrics.values()])) for k in METRICS}
-            result[mode][n] = {"mean": mean, "categories": cat_metrics,
+            result[mode][n] = {"mean": category_mean(cat_metrics), "categories": cat_metrics,
                                "relative_change": moved[mode][n][0] / max(moved[mode][n][1], 1e-12)}
     return {"arch": cfg.model.arch, "input_size": size, "test_images": len(test), "modes": result}
 

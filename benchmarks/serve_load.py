@@ -27,7 +27,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import queue
 import re
 import statistics
@@ -153,16 +152,6 @@ def offline(predictor: Any, images: list[Path], seconds: float) -> dict:
     return {"images": n, "seconds": round(wall, 2), "images_per_s": round(n / wall, 2)}
 
 
-def device() -> str:
-    name = ""
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        name = found.group(1).strip() if found else ""
-    except OSError:
-        pass
-    return f"CPU, {os.cpu_count()} cores, {platform.machine()}" + (f" ({name})" if name else "")
-
-
 def render(res: dict[str, Any]) -> str:
     """The Markdown section of docs/benchmarks.md for one result file."""
     busy = res.get("load_average")
@@ -209,6 +198,9 @@ def main() -> None:
 
     import torch
 
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from iad_mix import device_name, git_commit  # the commit as this run starts; imports torch and onenip
+
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         if args.model is None:
@@ -252,9 +244,8 @@ def main() -> None:
         finally:
             server.stop()
     shown = ["python", "benchmarks/serve_load.py", *sys.argv[1:]]
-    res = {"command": " ".join(shown), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                                                               capture_output=True, text=True).stdout.strip(),
-           "device": device(), "torch": torch.__version__, "model": str(args.model) if args.model else None,
+    res = {"command": " ".join(shown), "commit": git_commit(), "device": device_name(torch.device("cpu")),
+           "torch": torch.__version__, "model": str(args.model) if args.model else None,
            "tiny_model": args.model is None, "input_size": predictor.size,
            "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
            "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "memory": memory}

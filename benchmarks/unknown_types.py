@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 import time
@@ -28,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import device_name, git_commit, iad_mix_root  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
@@ -39,7 +38,7 @@ from onenip.models.inference import DeployModel  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("ONENIP_DATA", str(REPO.parent / "shared" / "data")) + "/iad-mix")
+    ap.add_argument("--data", default=str(iad_mix_root()))
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
     ap.add_argument("--weights", default="efficientnet-lite")
     ap.add_argument("--input-size", type=int, default=224)

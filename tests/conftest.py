@@ -271,18 +271,22 @@ trainer.run()
 """
 
 
-def training_child(tmp_path: Path, overrides: list[str], until_step: int) -> subprocess.Popen:
-    """`onenip fit`'s Trainer with `overrides` in a child process (stderr piped), returned once it has taken
-    `until_step` optimizer steps, still running (from the second epoch on it sleeps 0.3 s a step)."""
-    script, marker = tmp_path / "child.py", tmp_path / "steps"
+def training_child(tmp_path: Path, overrides: list[str], until_step: int) -> tuple[subprocess.Popen, Path]:
+    """`onenip fit`'s Trainer with `overrides` in a child process, returned once it has taken `until_step` optimizer
+    steps, still running (from the second epoch on it sleeps 0.3 s a step): (the child, the file its stderr (its log)
+    goes to). A file, not a pipe: nobody reads the child's stderr while it trains, and a chatty child would block on a
+    full pipe; the file is read once the child has ended (and shown here if it ends too early)."""
+    script, marker, log = tmp_path / "child.py", tmp_path / "steps", tmp_path / "child-stderr.txt"
     script.write_text(TRAINING_CHILD)
-    child = subprocess.Popen([sys.executable, str(script), str(marker), *overrides],
-                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    with log.open("wb") as stderr:  # the child holds its own handle on the file
+        child = subprocess.Popen([sys.executable, str(script), str(marker), *overrides],
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=stderr)
     deadline = time.time() + 240
     while time.time() < deadline and child.poll() is None:
         text = marker.read_text().strip() if marker.exists() else ""
         if text and int(text) >= until_step:
             break
         time.sleep(0.02)
-    assert child.poll() is None, "the training child ended before it reached step " + str(until_step)
-    return child
+    assert child.poll() is None, (f"the training child ended before it reached step {until_step}; its stderr:\n"
+                                  + log.read_text(errors="replace"))
+    return child, log

@@ -1,8 +1,11 @@
-"""Diagnostic benchmark scripts that are more than printing: benchmarks/prompt_sensitivity.py."""
+"""Diagnostic benchmark scripts that are more than printing: benchmarks/prompt_sensitivity.py; and the helpers every
+benchmark shares (benchmarks/iad_mix.py)."""
 
 from __future__ import annotations
 
 import json
+import math
+import platform
 import sys
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from onenip.models.detector import Detector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 prompt_sensitivity = pytest.importorskip("prompt_sensitivity")
+iad_mix = pytest.importorskip("iad_mix")
 
 TWO = ["bracket", "grain"]  # two generated categories
 
@@ -75,3 +79,42 @@ def test_ablation_sensitivity_flag_writes_the_prompt_sensitivity(tmp_path: Path,
     paper = next(e for e in prompted["evaluations"] if e["protocol"] == "paper" and e["prompts"] == 1)
     assert modes["same"]["rec"]["mean"] == pytest.approx(paper["mean"]["rec"], abs=1e-5)
     assert modes["other"]["rec"]["mean"] != pytest.approx(paper["mean"]["rec"], abs=1e-5)
+
+
+def test_category_mean_is_the_mean_over_the_categories_where_a_metric_is_defined() -> None:
+    """iad_mix.category_mean (the per-category mean of every benchmark) gives `Results.mean`'s numbers, skips nan (a
+    category without masks), is nan where no category has the metric, and takes a subset of the metrics."""
+    from onenip.evaluation.evaluate import METRICS, Results
+
+    cats = {"a": dict(zip(METRICS, [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])),
+            "b": dict(zip(METRICS, [0.5, 0.4, 0.3, math.nan, math.nan, math.nan, math.nan])),
+            "c": {**dict(zip(METRICS, [0.1, 0.2, 0.3, 0.2, 0.1, 0.2, 0.1])), "images": 12}}  # other keys are ignored
+    mean = iad_mix.category_mean(cats)
+    want = Results(protocol="clean", categories={c: {"fused": v} for c, v in cats.items()}, fusion_scale=None,
+                   retrieval_accuracy=None).mean("fused")
+    assert list(mean) == list(METRICS) and mean == want
+    assert mean["image_auroc"] == pytest.approx(0.5) and mean["pixel_auroc"] == pytest.approx(0.4)  # b left out
+    assert iad_mix.category_mean(list(cats.values())) == mean  # the dicts alone
+    assert iad_mix.category_mean([cats["a"]], METRICS[:3]) == {m: cats["a"][m] for m in METRICS[:3]}
+    assert math.isnan(iad_mix.category_mean([cats["b"]])["pixel_ap"])
+
+
+def test_cpu_name_and_iad_mix_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CPU's model name as /proc/cpuinfo has it (else the platform's names); iad-mix under $ONENIP_DATA when set,
+    else under shared/data beside the repository, and the data options' defaults from it."""
+    import argparse
+
+    name = iad_mix.cpu_name()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] if cpuinfo.is_file() else []
+    assert name == (lines[0].split(":", 1)[1].strip() if lines else platform.processor() or platform.machine()
+                    or "unknown CPU")
+    assert name in iad_mix.device_name(torch.device("cpu"))
+    monkeypatch.setenv("ONENIP_DATA", str(tmp_path))
+    assert iad_mix.iad_mix_root() == tmp_path / "iad-mix"
+    ap = argparse.ArgumentParser()
+    iad_mix.data_options(ap)
+    args = ap.parse_args([])
+    assert (args.data, args.textures) == (str(tmp_path / "iad-mix"), str(tmp_path / "textures"))
+    monkeypatch.delenv("ONENIP_DATA")
+    assert iad_mix.iad_mix_root() == Path(iad_mix.REPO).parent / "shared" / "data" / "iad-mix"

@@ -125,6 +125,21 @@ def test_merge_dict_returns_a_new_config_and_changes_neither_argument() -> None:
     assert load_config(overrides=["train.epochs=3"], base=base).train.epochs == 3 and base == Config()
 
 
+def test_loaded_configs_share_no_mutable_state() -> None:
+    """Two loads (from the defaults, or from one base with or without a source merged onto it) give configs that share
+    no list with each other or with the base: changing the first changes neither."""
+    for base in (None, load_config(overrides=["data.roots=[a]"])):
+        for overrides in ([], ["train.epochs=3"]):
+            first, second = load_config(overrides=overrides, base=base), load_config(overrides=overrides, base=base)
+            before = copy.deepcopy(second)
+            assert first is not base
+            first.data.roots.append("b")
+            first.eval.maps.append("rec")
+            first.backbone.strides.append(99)
+            assert second == before
+            assert base is None or (base.data.roots == ["a"] and base.eval.maps == Config().eval.maps)
+
+
 def test_round_trip_through_dict() -> None:
     cfg = load_config(overrides=["train.epochs=7", "data.roots=[a]"])
     again = config_from_dict(cfg.to_dict())

@@ -82,3 +82,20 @@ def test_retrieval_within_a_given_type() -> None:
     assert sim[0, 0].item() == pytest.approx(float(descriptor(query) @ descriptor(feats[[3]]).T), abs=1e-6)
     idx, _ = pool.retrieve_top(query, 5, ["b"])  # type b has two entries
     assert sorted(idx[0].tolist()) == [2, 3]
+
+
+def test_retrieval_takes_type_indices_mapped_once() -> None:
+    """The types of a whole test set can be mapped to indices once (`type_indices`) and passed per batch: the result
+    is the one the names give; an unknown name is refused with the pool's types."""
+    torch.manual_seed(0)
+    feats = torch.randn(6, 8, 4, 4)  # types a, a, b, b, c, c
+    pool = PromptPool(_samples("train", 2), feats)
+    query = torch.randn(3, 8, 4, 4)
+    names = ["c", "a", "b"]
+    index = pool.type_indices(names)
+    assert index.dtype == torch.int64 and index.tolist() == [2, 0, 1]
+    by_name, by_index = pool.retrieve_top(query, 2, names), pool.retrieve_top(query, 2, index)
+    assert torch.equal(by_name[0], by_index[0]) and torch.equal(by_name[1], by_index[1])
+    assert [[pool.categories[j] for j in row] for row in by_index[0].tolist()] == [["c", "c"], ["a", "a"], ["b", "b"]]
+    with pytest.raises(ValueError, match="'z' is not in the prompt pool"):
+        pool.retrieve_top(query, 1, ["a", "z", "b"])

@@ -93,9 +93,10 @@ def test_ctrl_c_mid_epoch_writes_a_checkpoint_that_resumes_exactly(tmp_path: Pat
     assert per_epoch >= 4
 
     run_b = tmp_path / "b"
-    child = training_child(tmp_path, [*args, f"output_dir={run_b}"], until_step=per_epoch + 2)
+    child, log = training_child(tmp_path, [*args, f"output_dir={run_b}"], until_step=per_epoch + 2)
     child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=120)
+    child.wait(timeout=120)
+    err = log.read_text()
     assert child.returncode != 0  # KeyboardInterrupt once the checkpoint is written
     ckpt = run_b / "checkpoints" / "last.safetensors"
     state = load_checkpoint(ckpt)

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +91,37 @@ class Server:
         self.thread.join(30)
         self.sock.close()
         assert not self.thread.is_alive()
+
+
+@contextmanager
+def serve_command(*args: str) -> Iterator[str]:
+    """`onenip serve ARGS --port 0` run as a command in a subprocess (listening on 127.0.0.1, a free port): yields the URL
+    it prints once it listens (its output is read all along, so it never blocks on a full pipe); then Ctrl+C (SIGINT),
+    after which it must have ended cleanly (exit status 0)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from onenip.cli import main; sys.exit(main())", "serve",
+                             *args, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+    try:
+        url, seen, deadline = None, [], time.monotonic() + 120
+        while url is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            seen.append(line)
+            found = re.search(r"onenip serve: (http://127\.0\.0\.1:\d+)/", line)
+            url = found.group(1) if found else None
+        assert url is not None, "".join(seen)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +216,17 @@ def test_predict_answers_as_the_predictor(server: Server, predictor: Predictor, 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("openvino") is None, reason="openvino not installed")
 def test_an_exported_openvino_file_is_served(model: Path, server: Server, test_images: list[Path], tmp_path: Path) -> None:
-    """`onenip serve model.xml`: the OpenVINO export (fp32) answers as the PyTorch model's server does, and /model
-    describes it."""
+    """`onenip serve model.xml` (the command, as the README runs it): the OpenVINO export (fp32) answers as the PyTorch
+    model's server does, and /model describes it."""
     from onenip.deploy.export import export_model
 
     xml = export_model(model, "openvino", tmp_path / "model.xml")
-    exported = Predictor.load(xml, batch_size=4)
-    with Server(create_app(exported, batch_size=4, max_wait_ms=20, model_path=xml)) as srv:
+    with serve_command(str(xml), "--batch-size", "4", "--max-wait-ms", "20") as url:
         for path in test_images[:3] + test_images[-2:]:
-            status, got = post_image(srv.url, path)
+            status, got = post_image(url, path)
             assert status == 200, got
             same_answer(got, post_image(server.url, path)[1])
-        status, info = request(srv.url, "GET", "/model")
+        status, info = request(url, "GET", "/model")
         _, want = request(server.url, "GET", "/model")
         assert status == 200 and info["model"] == str(xml), info
         assert info["categories"] == want["categories"] and info["input_size"] == want["input_size"]
@@ -445,22 +476,7 @@ def test_serve_command_with_a_watched_folder(model: Path, test_images: list[Path
     folder = tmp_path / "line"
     folder.mkdir()
     shutil.copy(test_images[0], folder / "before.png")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from onenip.cli import main; sys.exit(main())", "serve",
-                             str(model), "--port", "0", "--device", "cpu", "--batch-size", "2", "--watch", str(folder)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
-    try:
-        url, seen, deadline = None, [], time.monotonic() + 120
-        while url is None and time.monotonic() < deadline and proc.poll() is None:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            found = re.search(r"onenip serve: (http://127\.0\.0\.1:\d+)/", line)
-            url = found.group(1) if found else None
-        assert url is not None, "".join(seen)
+    with serve_command(str(model), "--device", "cpu", "--batch-size", "2", "--watch", str(folder)) as url:
         with open(folder / "after.png", "wb") as f:  # written in two steps, a moment apart
             data = test_images[1].read_bytes()
             f.write(data[:200])
@@ -479,15 +495,7 @@ def test_serve_command_with_a_watched_folder(model: Path, test_images: list[Path
         assert status == 200 and health["watch"]["listed"] == 2
         status, ans = post_image(url, test_images[2])
         assert status == 200 and "anomalous" in ans
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0
-    assert len(read_csv(folder / RESULTS_CSV)) == 2
+    assert len(read_csv(folder / RESULTS_CSV)) == 2  # once stopped (cleanly, `serve_command` checks)
 
 
 def test_serve_command_errors(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -306,7 +306,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, gen_
     per_epoch = len(straight.loader)
 
     run_b = tmp_path / "b"
-    child = training_child(tmp_path, [*overrides, f"output_dir={run_b}"], until_step=per_epoch + 2)
+    child, _ = training_child(tmp_path, [*overrides, f"output_dir={run_b}"], until_step=per_epoch + 2)
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL

@@ -650,7 +650,7 @@ def load_config(
 ) -> Config:
     """A new Config: defaults (or `base`, which is not changed) <- YAML files in order <- KEY=VALUE overrides; then
     `validate`. Each source is checked as it is merged, and an error names it (an `Override` says where it was given)."""
-    cfg = copy.deepcopy(base) if base is not None else Config()
+    cfg = base if base is not None else Config()  # each merge below builds a new Config, sharing nothing with cfg
     for f in files or []:
         path = Path(f)
         if not path.is_file():
@@ -665,6 +665,8 @@ def load_config(
     for item in overrides or []:
         source = item.source if isinstance(item, Override) else f"override {item!r}"
         cfg = merge_dict(cfg, parse_override(item), source=source)
+    if cfg is base:  # no source merged: a copy, so that the result shares no list with `base`
+        cfg = copy.deepcopy(base)
     validate(cfg)
     return cfg
 

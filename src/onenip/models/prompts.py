@@ -83,7 +83,8 @@ class PromptPool:
         self.feats = feats  # (P, C, H, W)
         self.keys = descriptor(feats)  # (P, C)
         self.kinds = sorted(set(self.categories))  # the product types, as the deployed model indexes them
-        self.kind = torch.tensor([self.kinds.index(c) for c in self.categories], device=feats.device)  # (P,)
+        self.kind_index = {k: i for i, k in enumerate(self.kinds)}  # type name -> its index in `kinds`
+        self.kind = self.type_indices(self.categories)  # (P,)
 
     @functools.cached_property
     def type_banks(self) -> Tensor:
@@ -95,11 +96,20 @@ class PromptPool:
         j, sim = self.retrieve_top(feats, 1)
         return j[:, 0], sim[:, 0]
 
-    def retrieve_top(self, feats: Tensor, k: int, types: list[str] | None = None) -> tuple[Tensor, Tensor]:
+    def type_indices(self, types: list[str]) -> Tensor:
+        """Type names -> their indices in `kinds` (int64, on the pool's device): `retrieve_top` takes them, so a
+        caller that retrieves batch by batch can map its images' types once and index the result per batch."""
+        try:
+            return torch.tensor([self.kind_index[t] for t in types], dtype=torch.int64, device=self.feats.device)
+        except KeyError as exc:
+            raise ValueError(f"type {exc.args[0]!r} is not in the prompt pool (its types: {self.kinds})") from None
+
+    def retrieve_top(self, feats: Tensor, k: int, types: list[str] | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
-        (k is capped at the pool's size); `types` (B names) limits each query to the entries of its given type."""
+        (k is capped at the pool's size); `types` limits each query to the entries of its given type: B type names,
+        or their indices in `kinds` (a (B,) int64 tensor, e.g. from `type_indices`)."""
         allowed = None
         if types is not None:
-            wanted = torch.tensor([self.kinds.index(t) for t in types], device=self.kind.device)
-            allowed = self.kind[None, :] == wanted[:, None]  # (B, P)
+            wanted = types if isinstance(types, Tensor) else self.type_indices(types)
+            allowed = self.kind[None, :] == wanted.to(self.kind.device)[:, None]  # (B, P)
         return nearest(self.keys, feats, k, allowed)
