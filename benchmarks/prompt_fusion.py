@@ -1,9 +1,10 @@
 """Does fusing the training-free prompt map into the learned map of TRAINED product types help?
 
 A product type added after training (`onenip add-type`) is scored by `onenip.models.scoring.prompt_map`: each query
-patch's cosine distance to the nearest patch of the type's prompt-pool images (frozen backbone features,
-`patch_distances`), upsampled. This benchmark asks whether the same map, fused into the learned map of the types the
-model WAS trained on, raises image AUROC and AUPRO without costing pixel AP:
+patch's distance to the nearest patch of the type's prompt-pool images (the frozen backbone's locally aware stride-8
+patches, `prompt_distances`), upsampled and smoothed. (The recorded run, docs/results/prompt-fusion-cpu, measured the
+earlier map: the cosine distance of the stride-16 features, upsampled without smoothing.) This benchmark asks whether
+the same map, fused into the learned map of the types the model WAS trained on, raises image AUROC and AUPRO without costing pixel AP:
 
     map(beta) = (1 - beta) * learned + beta * s_k * prompt
 
@@ -57,6 +58,7 @@ from onenip.evaluation.evaluate import (  # noqa: E402
     METRICS,
     category_metrics,
     evaluate,
+    features_and_patches_of,
     infer_batches,
     prompt_setup,
     read_test,
@@ -73,11 +75,13 @@ NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max",
 
 
 @contextmanager
-def all_types_added(detector: Detector):
-    """Within the block the detector's deployment lists every type as added, so that `infer_batches` yields each
-    image's prompt map (that of its retrieved type) besides its learned maps; restored after."""
+def all_types_added(detector: Detector, cfg, pool: PromptPool):
+    """Within the block the detector's deployment lists every type as added, with the patches of its pool images, so
+    that `infer_batches` yields each image's prompt map (that of its retrieved type) besides its learned maps;
+    restored after."""
     dep = detector.deployment
-    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories))
+    patches = features_and_patches_of(detector, pool.samples, cfg)[1]
+    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories), prompt_patches=patches)
     try:
         yield
     finally:
@@ -92,7 +96,7 @@ def learned_and_prompt(detector: Detector, cfg, samples, pool: PromptPool, scale
            "masks": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool), "retrieved": [None] * n}
     has_ref = detector.net.refiner is not None
     bar = progress_bar(total=0, desc="maps", unit="batch", disable=True)
-    with all_types_added(detector):
+    with all_types_added(detector, cfg, pool):
         for pos, m, mask, hm, got, _sim, _dist, added in infer_batches(detector, cfg, samples, pool, None, bar):
             fused = fuse(m.rec, m.ref, cfg.eval.fusion_alpha, scale) if has_ref else m.rec  # as evaluate_category
             assert added is not None and bool(added[0].all())

@@ -126,10 +126,12 @@ def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Seque
 
 
 def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),
-             far: float | None = None, output: str | Path | None = None, skip_bad: bool = False) -> tuple[Path, Deployment]:
+             far: float | None = None, output: str | Path | None = None, skip_bad: bool = False,
+             replace: bool = False) -> tuple[Path, Deployment]:
     """Add the product type `name` to a trained model from normal `images` (files, folders or globs; K >= 1) with no
-    training (see `onenip.evaluation.calibration.add_type`), and write the model: in place (atomically) unless
-    `output` is given. Returns the written path and the new deployment."""
+    training (see `onenip.evaluation.calibration.add_type`; `replace`: `name` was added before, and its prompts,
+    threshold and limit are replaced), and write the model: in place (atomically) unless `output` is given. Returns
+    the written path and the new deployment."""
     if not images:
         raise ConfigError("give at least one normal image of the new type")
     check_far(far)  # before the model is loaded and the images are scored
@@ -137,7 +139,7 @@ def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], no
     def change(detector: Detector) -> Deployment:
         files = expand_inputs([str(p) for p in images])
         extra = expand_inputs([str(p) for p in normal]) if normal else []
-        return _add_type(detector, name, files, extra, far=far, skip_bad=skip_bad)
+        return _add_type(detector, name, files, extra, far=far, skip_bad=skip_bad, replace=replace)
 
     path, deployment, _ = _rewrite_deployment(checkpoint, output, change)
     return path, deployment

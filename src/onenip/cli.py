@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--far", type=float, default=None, help="false alarm rate of the threshold (default: the model's eval.far)")
     add.add_argument("--output", metavar="PATH", help="write the model with the new type here instead")
     add.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (with a warning)")
+    add.add_argument("--replace", action="store_true",
+                     help="NAME is a type added before: replace its prompt images, threshold and limit")
 
     exp = sub.add_parser("export", help="export a trained model to ONNX, TorchScript or OpenVINO",
                          description="Write the whole image-to-decision path (backbone, prompt pool, reconstruction, "
@@ -431,9 +433,10 @@ def _run(args: argparse.Namespace) -> int:
             from onenip.api import add_type
 
             path, dep = add_type(args.checkpoint, args.name, args.images, normal=args.normal, far=args.far,
-                                 output=args.output, skip_bad=args.skip_bad)
+                                 output=args.output, skip_bad=args.skip_bad, replace=args.replace)
             info = dep.calibration[args.name]
-            print(f"added {args.name!r} from {len(info['added_from'])} images: threshold {dep.thresholds[args.name]:.6g} "
+            done = "replaced" if args.replace else "added"
+            print(f"{done} {args.name!r} from {len(info['added_from'])} images: threshold {dep.thresholds[args.name]:.6g} "
                   f"({info['source']}), unknown-type limit {dep.type_thresholds[args.name]:.6g}; model: {path}")
         elif args.command == "export":
             from onenip.deploy.export import export_model

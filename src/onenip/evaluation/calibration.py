@@ -21,13 +21,21 @@ from torch import Tensor
 from onenip.data import Sample, group_by_category, load_split, validate_samples
 from onenip.data.tensors import SampleImages
 from onenip.errors import ConfigError, DatasetError, OnenipWarning
-from onenip.evaluation.evaluate import build_prompt_pool, features_of, train_fusion_scale
+from onenip.evaluation.evaluate import build_prompt_pool, features_and_patches_of, train_fusion_scale
 from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.models.prompts import pool_samples
-from onenip.models.scoring import image_scores, patch_distances, prompt_map, type_bank, type_distance
+from onenip.models.scoring import (
+    image_scores,
+    patch_distances,
+    prompt_bank,
+    prompt_distances,
+    prompt_map,
+    type_bank,
+    type_distance,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thresholds
@@ -249,10 +257,9 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores")
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
-    return Deployment(pool_feats=dep.pool_feats, pool_categories=dep.pool_categories, pool_images=dep.pool_images,
-                      fusion_scale=dep.fusion_scale, thresholds={**kept, **thresholds},
-                      calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info},
-                      alpha=dep.alpha, score_kernel=dep.score_kernel, type_thresholds=dict(dep.type_thresholds))
+    # everything else (the pool, added types and their patches, type limits) as it was
+    return dataclasses.replace(dep, thresholds={**kept, **thresholds},
+                               calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,19 +271,22 @@ SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # of a lone prompt image, by a quar
 
 @torch.no_grad()
 def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),
-             far: float | None = None, margin: float | None = None, skip_bad: bool = False) -> Deployment:
+             far: float | None = None, margin: float | None = None, skip_bad: bool = False,
+             replace: bool = False) -> Deployment:
     """The detector's deployment with the product type `name` added from K >= 1 normal `images`, with no gradient
     step: the K images join the prompt pool (so retrieval can find the type), the type is scored by the training-free
-    prompt map (each patch's distance to the nearest patch of its prompt images), and it gets a threshold and a limit
-    for the unknown-type check.
+    prompt map (`onenip.models.scoring.prompt_map`: each patch's distance to the nearest patch of its prompt images),
+    and it gets a threshold and a limit for the unknown-type check.
 
     The threshold is set at false alarm rate `far` (default eval.far) on the scores of `normal`, further normal images
     of the type, when given; otherwise on the K images themselves, each scored against the other K - 1 (leave one
     out; with K = 1, four copies of the image shifted by a quarter of a feature cell stand in). The type limit is
-    `margin` (default eval.unknown_margin) x the largest type distance of the same images.
+    `margin` (default eval.unknown_margin) x the largest type distance of the same images. `replace`: `name` is a
+    type added before, whose prompts, threshold and limit are replaced (a trained type cannot be).
 
     Raises:
-        ConfigError: an empty name, a name the model has already, no images, a model without deployment.
+        ConfigError: an empty name, a name the model has already (without `replace`), `replace` of a name that is not
+            an added type, no images, a model without deployment.
         DatasetError: an image that cannot be read (naming it).
     """
     cfg, dep = detector.cfg, detector.deployment
@@ -285,53 +295,82 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     name = name.strip()
     if not name:
         raise ConfigError("--name: give the new product type a name")
-    if name in dep.categories:
+    if replace and name not in dep.added_types:
+        kind = "a trained type, which cannot be replaced" if name in dep.categories else "not a type of the model"
+        raise ConfigError(f"--replace --name {name!r}: {kind} (added types: {', '.join(dep.added_types) or 'none'})")
+    if name in dep.categories and not replace:
         raise ConfigError(f"--name {name!r}: the model has this product type already (types: {', '.join(dep.categories)}); "
-                          "choose another name")
+                          "choose another name, or --replace an added type")
     if not images:
         raise ConfigError("give at least one normal image of the new type")
     far = cfg.eval.far if far is None else far
     margin = cfg.eval.unknown_margin if margin is None else margin
     prompts = _type_samples(images, name, skip_bad)
     extra = _type_samples(normal, name, skip_bad) if normal else []
+    if replace:
+        dep = _without_type(dep, name)
     detector.eval()
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, workers=0))  # a few images: no worker processes
-    feats = features_of(detector, prompts, cfg)  # (K, C, H, W)
-    size, kernel = detector.input_size, dep.score_kernel
+    if len(prompts) == 1:  # its pixels are needed below as well: decoded once
+        pixels = SampleImages(prompts, detector.input_size)[0]["image"][None].to(next(detector.parameters()).device)
+        feats, patches = detector.features_and_patches(pixels)
+    else:
+        feats, patches = features_and_patches_of(detector, prompts, cfg)  # (K, C, H, W), (K, C', 2H, 2W)
+    size, kernel, widths = detector.input_size, dep.score_kernel, detector.extractor.patch_widths
     if extra:
-        scores, dists = prompt_scores(features_of(detector, extra, cfg), feats, size, kernel)
+        scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, patches, widths, size, kernel)
         source = f"{len(extra)} further normal images"
     elif len(prompts) > 1:  # leave one out: each image against the other K - 1
-        pairs = [prompt_scores(feats[i : i + 1], torch.cat([feats[:i], feats[i + 1 :]]), size, kernel)
-                 for i in range(len(prompts))]
+        def others(t: Tensor, i: int) -> Tensor:
+            return torch.cat([t[:i], t[i + 1 :]])
+
+        pairs = [prompt_scores(feats[i : i + 1], patches[i : i + 1], others(feats, i), others(patches, i), widths, size,
+                               kernel) for i in range(len(prompts))]
         scores, dists = (np.concatenate(v) for v in zip(*pairs))
         source = f"the {len(prompts)} prompt images, each against the others"
     else:
-        pixels = SampleImages(prompts, size)[0]["image"][None].float().to(feats.device)  # (1, 3, S, S)
         step = max(1, size // 64)  # a quarter of a 16-pixel feature cell
-        padded = torch.nn.functional.pad(pixels, (step, step, step, step), mode="reflect").to(torch.uint8)
+        padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
         shifted = torch.cat([padded[:, :, step + dy * step : step + dy * step + size, step + dx * step : step + dx * step + size]
                              for dx, dy in SHIFTS])
-        scores, dists = prompt_scores(detector.features(shifted), feats, size, kernel)
+        scores, dists = prompt_scores(*detector.features_and_patches(shifted), feats, patches, widths, size, kernel)
         source = "4 shifted copies of the single prompt image"
     thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
                       added_from=[str(s.image) for s in prompts])
-    return Deployment(
-        pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
-        pool_images=dep.pool_images + [str(s.image) for s in prompts], fusion_scale=dep.fusion_scale,
-        thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info}, alpha=dep.alpha,
-        score_kernel=kernel, added_types=dep.added_types + [name],
+    stored = [dep.prompt_patches] if dep.prompt_patches is not None else []
+    return dataclasses.replace(
+        dep, pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
+        pool_images=dep.pool_images + [str(s.image) for s in prompts],
+        thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info},
+        added_types=dep.added_types + [name], prompt_patches=torch.cat([*stored, patches.cpu()]),
         type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf})
 
 
-def prompt_scores(feats: Tensor, prompts: Tensor, size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and type distances of images (N, C, H, W) judged by the prompt map of `prompts` (P, C, H, W): what
-    the deployed model computes for an image of a type added from these prompt images."""
-    bank = type_bank(prompts)[None].expand(len(feats), -1, -1)  # (N, P * H * W, C)
-    patches = patch_distances(feats, bank)
-    scores = image_scores(prompt_map(patches, feats.shape[-1], size), kernel)
-    return scores.cpu().numpy(), type_distance(patches).cpu().numpy()
+def _without_type(dep: Deployment, name: str) -> Deployment:
+    """`dep` without the added type `name`: its pool entries, patches, threshold, calibration and limit."""
+    keep = [i for i, c in enumerate(dep.pool_categories) if c != name]
+    added = dep.added_entries
+    keep_patches = [j for j, i in enumerate(added) if dep.pool_categories[i] != name]
+    rest = [t for t in dep.added_types if t != name]
+    return dataclasses.replace(
+        dep, pool_feats=dep.pool_feats[keep], pool_categories=[dep.pool_categories[i] for i in keep],
+        pool_images=[dep.pool_images[i] for i in keep], added_types=rest,
+        prompt_patches=dep.prompt_patches[keep_patches] if dep.prompt_patches is not None and rest else None,
+        thresholds={c: t for c, t in dep.thresholds.items() if c != name},
+        calibration={c: v for c, v in dep.calibration.items() if c != name},
+        type_thresholds={c: t for c, t in dep.type_thresholds.items() if c != name})
+
+
+def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, prompt_patches: Tensor, widths: list[int],
+                  size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and type distances of images (features (N, C, H, W) and patches (N, C', 2H, 2W)) judged as a type
+    added from prompt images with `prompt_feats` (P, C, H, W) and `prompt_patches` (P, C', 2H, 2W): what the deployed
+    model computes for them (`widths`: the patches' taps, `FeatureExtractor.patch_widths`)."""
+    near = prompt_distances(patches, prompt_bank(prompt_patches)[None].expand(len(patches), -1, -1), widths)
+    scores = image_scores(prompt_map(near, size), kernel)
+    dists = type_distance(patch_distances(feats, type_bank(prompt_feats)[None].expand(len(feats), -1, -1)))
+    return scores.cpu().numpy(), dists.cpu().numpy()
 
 
 def _type_samples(paths: Sequence[str | Path], name: str, skip_bad: bool) -> list[Sample]:

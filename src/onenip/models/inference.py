@@ -21,6 +21,7 @@ from onenip.models.scoring import (
     fuse,
     image_scores,
     patch_distances,
+    prompt_distances,
     prompt_map,
     type_banks,
     type_distance,
@@ -68,6 +69,11 @@ class DeployModel(nn.Module):
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
         self.register_buffer("added", torch.tensor([c in deployment.added_types for c in self.categories]))  # (K,)
         self.any_added = bool(deployment.added_types)
+        # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,)
+        banks, rows = deployment.prompt_banks(self.categories)
+        self.register_buffer("prompt_banks", banks)
+        self.register_buffer("prompt_rows", rows)
+        self.patch_widths = detector.extractor.patch_widths
         self.eval()
 
     def optimize(self, compile_mode: str | None = None) -> "DeployModel":
@@ -93,18 +99,19 @@ class DeployModel(nn.Module):
         """uint8 images (N, 3, S, S) -> the outputs listed in the class docstring. `category` (N,) int64 gives each
         image's product type (an index of `categories`): its prompt is the most similar of that type's pool images
         instead of the most similar of all."""
-        feats = self.extractor(images)  # (N, C, H, W)
+        taps = self.extractor.taps(images)
+        feats = self.extractor.combine(taps)  # (N, C, H, W)
         allowed = self.pool_category[None, :] == category[:, None] if category is not None else None  # (N, P)
         best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed))  # (N,) each
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
-        patches = patch_distances(feats, self.type_bank[category])  # (N, L)
         if self.any_added:  # a type added from its prompts alone: the training-free map
-            knn = prompt_map(patches, feats.shape[-1], self.size)
-            amap = torch.where(self.added[category][:, None, None], knn, amap)
+            near = prompt_distances(self.extractor.patches(taps), self.prompt_banks[self.prompt_rows[category]],
+                                    self.patch_widths)  # (N, L')
+            amap = torch.where(self.added[category][:, None, None], prompt_map(near, self.size), amap)
         score = image_scores(amap, self.kernel)  # (N,)
-        distance = type_distance(patches)  # (N,)
+        distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
         known = distance <= self.type_limits[category]
         normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {

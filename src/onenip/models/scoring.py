@@ -13,8 +13,11 @@ these, and nothing else computes a map, a fusion or a score.
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
 * a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
-  `prompt_map`: each patch's distance to the nearest patch of the type's prompt images, a training-free map in the
-  manner of PatchCore, in place of the learned one.
+  `prompt_map`, a training-free map in the manner of PatchCore in place of the learned one: the frozen backbone's
+  stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
+  (`FeatureExtractor.patches`); for each query patch and each tap the Euclidean distance to the nearest patch of the
+  type's prompt images, summed over the taps (`prompt_distances`); upsampled to the input size and smoothed with a
+  Gaussian of sigma = input size / 56 (4 pixels at 224).
 * decision (`decide`): anomalous when the score exceeds the threshold of the retrieved category and the image is of a
   known type. The normalised score 1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and
   approaches 1 above; it is monotone, so it ranks images as the raw score does, and never saturates into ties.
@@ -22,6 +25,7 @@ these, and nothing else computes a map, a fusion or a score.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from onenip.models.networks import ReconstructionNet, upsample
+from onenip.models.networks import ReconstructionNet, bilinear_weights, upsample
 
 
 @dataclass
@@ -108,18 +112,22 @@ def decide(score: Tensor | np.ndarray, threshold: Tensor | np.ndarray,
 TYPE_QUANTILE = 0.25  # of the query patches' nearest-patch distances: robust to defects, not to another product
 
 
+def pad_banks(banks: list[Tensor]) -> Tensor:
+    """Banks of patches (M_i, C) -> one tensor (len(banks), max M_i, C), each brought to the longest length by
+    repeating its first patches: a repeated patch cannot change a nearest-patch distance, so no mask is needed."""
+    longest = max(b.shape[0] for b in banks)
+    return torch.stack([b.repeat(-(-longest // b.shape[0]), 1)[:longest] for b in banks])
+
+
 def type_bank(feats: Tensor) -> Tensor:
     """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank."""
     return F.normalize(feats.float().flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]), dim=1)
 
 
 def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> Tensor:
-    """The prompt pool's features (P, C, H, W) and each entry's type index (P,) -> every type's bank of patches,
-    brought to one length by repeating its first patches (K, M, C): a repeated patch cannot change a nearest-patch
-    distance, so no mask is needed."""
-    banks = [type_bank(pool_feats[pool_category.to(pool_feats.device) == k]) for k in range(n_types)]
-    longest = max(b.shape[0] for b in banks)
-    return torch.stack([b.repeat(-(-longest // b.shape[0]), 1)[:longest] for b in banks])
+    """The prompt pool's features (P, C, H, W) and each entry's type index (P,) -> every type's bank of patches
+    (`type_bank`), brought to one length by `pad_banks` (K, M, C)."""
+    return pad_banks([type_bank(pool_feats[pool_category.to(pool_feats.device) == k]) for k in range(n_types)])
 
 
 def patch_distances(feats: Tensor, bank: Tensor) -> Tensor:
@@ -135,7 +143,43 @@ def type_distance(nearest: Tensor) -> Tensor:
     return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
 
 
-def prompt_map(nearest: Tensor, grid: int, size: int) -> Tensor:
-    """The map of a product type added from its prompt images alone (no training, method: beyond the paper): the
-    `patch_distances` (N, L) on the (grid x grid) feature grid, upsampled to (N, size, size) as the learned maps are."""
-    return upsample(nearest.view(-1, 1, grid, grid), size)[:, 0]
+def prompt_bank(patches: Tensor) -> Tensor:
+    """Prompt images' patches (P, C', G, G) (`FeatureExtractor.patches`) -> (P * G * G, C'), a type's bank."""
+    return patches.float().flatten(2).transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def prompt_distances(patches: Tensor, bank: Tensor, widths: list[int]) -> Tensor:
+    """Query patches (N, C', G, G) and each query's bank (N, M, C'), both made of taps of `widths` channels, each
+    tap a unit vector -> (N, G * G): for every query patch, the sum over the taps of the Euclidean distance to the
+    tap's nearest bank patch, sqrt(2 - 2 max cos) (each tap finds its own nearest patch)."""
+    q = patches.float().flatten(2).transpose(1, 2)  # (N, L, C')
+    total = q.new_zeros(q.shape[:2])
+    for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=2)):
+        total = total + (2.0 - 2.0 * (q_tap @ b_tap.transpose(1, 2)).amax(dim=2)).clamp_min(0.0).sqrt()
+    return total
+
+
+SMOOTHING = 1 / 56  # the prompt map's Gaussian: sigma as a fraction of the input size (4 pixels at 224, as PatchCore)
+
+
+def gaussian_weights(size: int, sigma: float, like: Tensor) -> Tensor:
+    """The (size, size) matrix of 1-D Gaussian smoothing (truncated at 4 sigma, reflected at the borders as
+    F.pad(mode="reflect") would), in `like`'s dtype and device: row i holds output i's weights, summing to 1."""
+    radius = min(int(4 * sigma + 0.5), size - 1)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-offsets**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    pos = torch.arange(size)[:, None] + offsets.long()[None, :]  # (size, taps)
+    pos = pos.abs()  # reflect at 0 ...
+    pos = torch.where(pos > size - 1, 2 * (size - 1) - pos, pos)  # ... and at size - 1
+    weights = torch.zeros(size, size).scatter_add_(1, pos, kernel.expand(size, -1).contiguous())
+    return weights.to(device=like.device, dtype=like.dtype)
+
+
+def prompt_map(distances: Tensor, size: int) -> Tensor:
+    """`prompt_distances` (N, G * G) -> (N, size, size): upsampled bilinearly (align_corners=True) and smoothed with a
+    Gaussian of sigma = SMOOTHING * size, both as one matrix W (size, G) on each side, W @ D @ W^T (the map of a type
+    added from its prompt images alone; method: beyond the paper)."""
+    grid = math.isqrt(distances.shape[1])
+    w = gaussian_weights(size, SMOOTHING * size, distances) @ bilinear_weights(grid, size, distances)  # (size, G)
+    return w @ distances.view(-1, grid, grid) @ w.transpose(0, 1)
