@@ -116,3 +116,53 @@ def test_export_carries_an_added_type(model: Path, gen_data: Path, tmp_path: Pat
     with torch.no_grad():
         want, got = DeployModel(det, det.deployment)(images), module(images)
     torch.testing.assert_close(got["map"], want["map"], rtol=1e-4, atol=1e-4)
+
+
+def test_replace_swaps_an_added_types_prompts_and_refuses_trained_or_unknown_names(model: Path, gen_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    _, first = add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    _, second = add_type(out, "grain", grain(gen_data, "train")[2:5], replace=True)  # in place
+    assert second.added_types == ["grain"] and second.pool_categories.count("grain") == 3
+    assert [p for p, c in zip(second.pool_images, second.pool_categories) if c == "grain"] == \
+        [str(p) for p in grain(gen_data, "train")[2:5]]
+    assert second.prompt_patches is not None and len(second.prompt_patches) == 3
+    assert second.calibration["grain"]["added_from"] == [str(p) for p in grain(gen_data, "train")[2:5]]
+    assert second.thresholds["disc"] == first.thresholds["disc"]  # the rest untouched
+    assert len(second.pool_feats) == len(first.pool_feats) + 1
+    with pytest.raises(ConfigError, match="'disc': a trained type, which cannot be replaced"):
+        add_type(out, "disc", grain(gen_data, "train")[:2], replace=True)
+    with pytest.raises(ConfigError, match="'gravel': not a type of the model"):
+        add_type(out, "gravel", grain(gen_data, "train")[:2], replace=True)
+
+
+def test_a_type_added_without_its_patches_is_refused_with_the_fix(model: Path, gen_data: Path, tmp_path: Path) -> None:
+    """A model whose added type has no stored prompt patches (as an earlier version wrote it) is not scored by some
+    other map: building the deployed model names the type and the command that re-adds it, and that command works."""
+    import dataclasses
+
+    from onenip.models.inference import DeployModel
+
+    out = tmp_path / "m.safetensors"
+    add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    det = Detector.load(out)
+    det.deployment = dataclasses.replace(det.deployment, prompt_patches=None)
+    det.save(out)
+    with pytest.raises(ConfigError, match=r"\['grain'\] were added by an earlier version.*add-type MODEL --replace"):
+        DeployModel(Detector.load(out), Detector.load(out).deployment)
+    _, dep = add_type(out, "grain", grain(gen_data, "train")[:2], replace=True)
+    assert len(dep.prompt_patches) == 2
+    Predictor.load(out, device="cpu").predict(grain(gen_data, "test")[:2])  # scores again
+
+
+def test_calibrate_keeps_an_added_type(model: Path, gen_data: Path, tmp_path: Path) -> None:
+    """Recalibrating a model with an added type keeps it added, with its patches (it used to drop both, so the type
+    was then scored by the learned map it was never trained for)."""
+    from onenip.api import calibrate
+
+    out = tmp_path / "m.safetensors"
+    add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    _, after, before = calibrate(out, far=0.3, output=tmp_path / "c.safetensors")
+    assert after.added_types == before.added_types == ["grain"]
+    assert torch.equal(after.prompt_patches, before.prompt_patches)
+    assert after.thresholds["grain"] == before.thresholds["grain"]  # no held-out images of it: kept

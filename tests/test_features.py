@@ -621,3 +621,20 @@ def test_resolved_padding_survives_a_checkpoint(tmp_path: Path) -> None:
     again = Detector.from_state(det.checkpoint_state())
     assert again.extractor.padding == "static"
     assert sum(isinstance(m, features.StaticSameConv2d) for m in again.extractor.body.modules()) == 4
+
+
+def test_features_and_patches_come_from_one_set_of_taps(lite0: FeatureExtractor, images: torch.Tensor) -> None:
+    """forward is `combine` of `taps`; `patches` keeps the stride-8 and stride-16 taps, each 3 x 3-averaged on the
+    stride-8 grid and of unit length per tap; on a non-square image the grid follows both sides."""
+    taps = lite0.taps(images)
+    assert [t.shape[-1] for t in taps] == [32, 16, 8, 4]
+    assert torch.equal(lite0(images), lite0.combine(taps))
+    patches = lite0.patches(taps)
+    assert lite0.patch_widths == [40, 112] and patches.shape == (3, 152, 8, 8)
+    stride8, stride16 = patches.split(lite0.patch_widths, dim=1)
+    assert torch.allclose(stride8.norm(dim=1), torch.ones(3, 8, 8), atol=1e-5)
+    assert torch.allclose(stride16.norm(dim=1), torch.ones(3, 8, 8), atol=1e-5)
+    want = F.normalize(F.avg_pool2d(taps[2], 3, stride=1, padding=1, count_include_pad=False), dim=1)
+    assert torch.allclose(stride8, want, atol=1e-6)
+    wide = lite0.taps(F.interpolate(images.float(), size=(64, 96)).to(torch.uint8))
+    assert lite0.patches(wide).shape == (3, 152, 8, 12)

@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from onenip.models.networks import upsample
-from onenip.models.scoring import fuse, fusion_scale, image_scores, patch_distances, type_bank, type_banks
+from onenip.models.scoring import (
+    fuse,
+    fusion_scale,
+    image_scores,
+    pad_banks,
+    patch_distances,
+    prompt_distances,
+    prompt_map,
+    type_bank,
+    type_banks,
+)
 from onenip.training.losses import dice_loss, feature_mse
 
 
@@ -83,3 +93,41 @@ def test_type_banks_pad_without_changing_distances() -> None:
     for k in range(3):
         alone = type_bank(pool[kind == k])[None]
         assert torch.allclose(got[k], patch_distances(query[k : k + 1], alone)[0], atol=1e-6)
+
+
+def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
+    """Each tap (unit vectors of its own width) finds its own nearest bank patch; the distances add over the taps. A
+    padded bank (a shorter type's patches repeated) gives the same distances."""
+    gen = torch.Generator().manual_seed(2)
+    widths = [3, 5]
+
+    def unit_taps(*shape: int) -> torch.Tensor:
+        x = torch.randn(*shape[:-1], sum(widths), generator=gen)
+        return torch.cat([F.normalize(t, dim=-1) for t in x.split(widths, dim=-1)], dim=-1)
+
+    query = unit_taps(2, 4, 4, 8).permute(0, 3, 1, 2)  # (N, C', G, G)
+    bank = unit_taps(7, 8)  # (M, C')
+    q = query.flatten(2).transpose(1, 2)  # (N, L, C')
+    want = sum(torch.cdist(q_tap, b_tap[None].expand(2, -1, -1)).amin(dim=2)
+               for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=1)))
+    got = prompt_distances(query, bank[None].expand(2, -1, -1), widths)
+    assert got.shape == (2, 16) and torch.allclose(got, want, atol=1e-4)
+    padded = pad_banks([bank, bank[:3]])  # (2, 7, C'): the second type's 3 patches repeated
+    assert torch.allclose(prompt_distances(query, padded[1:].expand(2, -1, -1), widths),
+                          prompt_distances(query, bank[:3][None].expand(2, -1, -1), widths), atol=1e-6)
+
+
+@pytest.mark.parametrize("grid,size", [(28, 224), (8, 64), (4, 9)])
+def test_prompt_map_is_upsampled_then_gaussian_smoothed(grid: int, size: int) -> None:
+    """One matrix per side gives bilinear upsampling (align_corners=True) followed by a Gaussian of sigma = size / 56,
+    truncated at 4 sigma and reflected at the borders."""
+    d = torch.rand(3, grid * grid, generator=torch.Generator().manual_seed(3))
+    up = F.interpolate(d.view(3, 1, grid, grid), size=(size, size), mode="bilinear", align_corners=True)
+    sigma = size / 56
+    radius = min(int(4 * sigma + 0.5), size - 1)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    g = g / g.sum()
+    want = F.conv2d(F.pad(up, (radius, radius, 0, 0), mode="reflect"), g.view(1, 1, 1, -1))
+    want = F.conv2d(F.pad(want, (0, 0, radius, radius), mode="reflect"), g.view(1, 1, -1, 1))[:, 0]
+    assert torch.allclose(prompt_map(d, size), want, atol=1e-5)

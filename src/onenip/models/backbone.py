@@ -424,18 +424,16 @@ class FeatureExtractor(nn.Module):
     def patches(self, taps: list[Tensor]) -> Tensor:
         """`taps` -> (N, sum(patch_widths), S/8, S/8): the locally aware patches the prompt map compares (in the
         manner of PatchCore). Each tap at stride >= PATCH_STRIDE is averaged over its 3 x 3 neighbourhood, brought to
-        the stride-8 grid (average-pooled when finer, bilinearly upsampled when coarser), and scaled to unit length
-        over its channels, so that every tap weighs the same in `onenip.models.scoring.prompt_distances`."""
-        size = taps[-1].shape[-1] * (OUTPUT_STRIDE // PATCH_STRIDE)
+        the stride-8 grid (bilinearly, align_corners=False, when coarser) and scaled to unit length over its channels,
+        so that every tap weighs the same in `onenip.models.scoring.prompt_distances`."""
+        size = tuple(n * (OUTPUT_STRIDE // PATCH_STRIDE) for n in taps[-1].shape[-2:])
         out = []
         for t, stride in zip(taps, self.strides):
             if stride < PATCH_STRIDE:
                 continue
             t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
-            if t.shape[-1] > size:
-                t = F.adaptive_avg_pool2d(t, size)
-            elif t.shape[-1] < size:
-                t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+            if tuple(t.shape[-2:]) != size:  # a coarser tap
+                t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
             out.append(F.normalize(t, dim=1))
         return torch.cat(out, dim=1)
 
