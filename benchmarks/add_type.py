@@ -78,14 +78,17 @@ def main() -> None:
             for seed in args.seeds:
                 shots = pool_samples(mine, k, seed)
                 det.deployment = base
+                t_add = time.perf_counter()
                 det.deployment = add_type(det, left_out, [s.image for s in shots], margin=0.0)  # no unknown check
+                t_add = time.perf_counter() - t_add
                 run_cfg = make_config(cfg, [f"data.categories=[{left_out}]"])
                 res = evaluate(det, run_cfg, progress=False)
                 entry = res.categories[left_out]["fused"]
                 rows.append({"type": left_out, "k": k, "seed": seed, **{m: entry[m] for m in METRICS},
-                             "retrieval_accuracy": res.categories[left_out].get("retrieval_accuracy")})
+                             "retrieval_accuracy": res.categories[left_out].get("retrieval_accuracy"),
+                             "add_seconds": round(t_add, 3)})
                 print(f"{left_out} K={k} seed {seed}: " + ", ".join(f"{SHORT[m]} {100 * entry[m]:.1f}" for m in METRICS)
-                      + f"; retrieved as itself {100 * rows[-1]['retrieval_accuracy']:.0f} %", flush=True)
+                      + f"; retrieved as itself {100 * rows[-1]['retrieval_accuracy']:.0f} %; added in {t_add:.2f} s", flush=True)
     ref = {}
     if trained is not None:
         for t in {r["type"] for r in rows}:
