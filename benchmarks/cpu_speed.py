@@ -27,6 +27,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -160,8 +161,26 @@ def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: l
     return result
 
 
+def profile_part(node_name: str, node_type: str, after_net: bool) -> str:
+    """Which part of the deployed model an OpenVINO node (of the profile, in execution order) belongs to, from the
+    module path the converter keeps in most node names (``__module.model.net.decoder.layers.0...``): the network's
+    encoder, decoder, refiner or projections; before the first network node, the backbone (with the input's
+    normalization and the prompt retrieval); after it, the maps, score and type check. Convolutions whose BatchNorm was
+    folded lose their names: after the first network node they are the refiner's. Approximate."""
+    found = re.search(r"\.net\.(encoder|decoder|refiner|input_proj|output_proj)\b", node_name)
+    if found:
+        part = found.group(1)
+        return "network: projections" if part.endswith("_proj") else f"network: {part}"
+    if not after_net:
+        return "backbone and retrieval"
+    if node_type in ("Convolution", "ConvolutionBackpropData") and "__module" not in node_name:
+        return "network: refiner"
+    return "maps, score and type check"
+
+
 def openvino_profile(runtime_path: Path, precision: str, threads: int, size: int) -> dict[str, object]:
-    """Per layer type (and kernel), milliseconds per image at batch 1, from OpenVINO's PERF_COUNT."""
+    """Per layer type (and kernel), milliseconds per image at batch 1, from OpenVINO's PERF_COUNT; and per part of the
+    model (`profile_part`)."""
     import openvino as ov
 
     core = ov.Core()
@@ -173,15 +192,22 @@ def openvino_profile(runtime_path: Path, precision: str, threads: int, size: int
     for _ in range(3):
         request.infer({"images": x})
     by_type: collections.Counter = collections.Counter()
+    by_part: collections.Counter = collections.Counter()
     n = 20
     for _ in range(n):
         request.infer({"images": x})
+        after_net = False
         for p in request.profiling_info:
-            by_type[f"{p.node_type} ({p.exec_type})"] += p.real_time.total_seconds() * 1000 / n
+            ms = p.real_time.total_seconds() * 1000 / n
+            by_type[f"{p.node_type} ({p.exec_type})"] += ms
+            part = profile_part(p.node_name, p.node_type, after_net)
+            after_net = after_net or part.startswith("network")
+            by_part[part] += ms
     total = sum(by_type.values())
     amx = sum(v for k, v in by_type.items() if "amx" in k.lower())
     return {"total_ms": total, "amx_share": amx / max(total, 1e-9),
-            "top": [[k, round(v, 3)] for k, v in by_type.most_common(14)]}
+            "top": [[k, round(v, 3)] for k, v in by_type.most_common(14)],
+            "parts": {k: round(v, 3) for k, v in by_part.most_common()}}
 
 
 def main() -> None:
@@ -305,7 +331,8 @@ def main() -> None:
     for name, prof in profiles.items():
         md += ["", f"{name}, batch 1, OpenVINO per-layer-type time (PERF_COUNT, {prof['total_ms']:.1f} ms in all, "
                    f"{100 * prof['amx_share']:.0f} % in AMX kernels): "
-               + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:10])]
+               + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:10])
+               + ". By part (approximate): " + "; ".join(f"{k} {v:.2f}" for k, v in prof["parts"].items())]
     (out / "cpu_speed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -1,0 +1,332 @@
+"""Which network would meet the line's CPU goal? Smaller network configurations, exported to OpenVINO bf16 and timed
+side by side in one run (issue 27: at most 8 ms per image at batch 1 and at least 200 images/s batched, 2 cores).
+
+    python benchmarks/line_network.py                                   # every preset below, 2 threads
+    python benchmarks/line_network.py --configs default enc2-dec2 --repeats 5 --batch-repeats 2 --batches 8
+    python benchmarks/line_network.py --add mine model.hidden_dim=192 model.heads=6 model.ffn_dim=768
+
+Each configuration (`PRESETS`, config overrides on top of tf_efficientnet_lite0 with its real offline weights
+(backbone.weights=efficientnet-lite) at 224 px; `--add NAME OVERRIDE...` adds one) is built with an UNTRAINED
+network: the time of a network does not depend on its weights, only on its shapes, so no training is needed to know
+which one is fast enough (and none of these figures says anything about accuracy). Its deployment: a prompt pool of
+--types types x --pool random uint8 images (default 10 x 8: iad-mix's types and eval.prompt_pool), fusion constant 1,
+thresholds inf. It is saved as a checkpoint and exported with the project's own `onenip.deploy.export.export_model`
+(OpenVINO, bf16: the file `onenip export --format openvino --precision bf16` writes), then run with
+`onenip.deploy.runtimes.OpenVinoRuntime` and --threads threads, as benchmarks/cpu_speed.py runs it. Measured, all
+configurations in one process, taking turns call by call (cpu_speed's `timed_turns`) so that a machine shared with
+other work slows them alike:
+
+- latency: one image per call, the median of --repeats calls after warm-up;
+- throughput: each of --batches (default 8 and 16): images / median time of --batch-repeats batches;
+- the network's parameters, and GFLOP per image (2 per multiply-add; convolutions, matrix products and attention
+  counted by torch.utils.flop_counter on the PyTorch `DeployModel` at batch 1, elementwise work not), in all and of
+  the network (the rest: backbone, retrieval, type check);
+- with --profile, OpenVINO's per-layer-type and per-part times at batch 1 (cpu_speed's `openvino_profile`).
+
+Prints a Markdown table and writes line_network.json and line_network.md to --output (with the command, commit, CPU,
+threads, the load average at the start and the end, and how many cores other processes kept busy during each
+measurement: the figures hold for a quiet machine only where that is near 0). The checkpoints and exports go to a
+temporary folder, or to --work (kept, and reused by a later run with the same configuration, options and commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from cpu_speed import cpu_info, openvino_profile, timed_turns  # noqa: E402
+from iad_mix import git_commit  # noqa: E402
+
+from onenip.api import make_config  # noqa: E402
+from onenip.deploy.export import export_model  # noqa: E402
+from onenip.deploy.runtimes import OpenVinoRuntime  # noqa: E402
+from onenip.models.deployment import Deployment  # noqa: E402
+from onenip.models.detector import Detector  # noqa: E402
+from onenip.models.inference import DeployModel  # noqa: E402
+
+BASE = ["backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", "data.input_size=224",
+        "train.device=cpu", "data.workers=0"]
+"""Every configuration's base: the deployed backbone and input size."""
+
+D128 = ["model.hidden_dim=128", "model.ffn_dim=512", "model.heads=4"]
+PRESETS: dict[str, list[str]] = {
+    "default": [],  # hidden 256, 8 heads, 4 + 4 layers, ffn 1024, refiner 128
+    "enc2-dec2": ["model.encoder_layers=2", "model.decoder_layers=2"],
+    "ref64": ["model.refiner_channels=64"],
+    "d128": D128,
+    "enc2-dec2-ref64": ["model.encoder_layers=2", "model.decoder_layers=2", "model.refiner_channels=64"],
+    "d128-ref64": [*D128, "model.refiner_channels=64"],
+    "enc2-dec2-d128": ["model.encoder_layers=2", "model.decoder_layers=2", *D128],
+    "enc2-dec2-d128-ref64": ["model.encoder_layers=2", "model.decoder_layers=2", *D128, "model.refiner_channels=64"],
+    "enc1-dec1-d128-ref64": ["model.encoder_layers=1", "model.decoder_layers=1", *D128, "model.refiner_channels=64"],
+    "enc1-dec1-d64-ref32": ["model.encoder_layers=1", "model.decoder_layers=1", "model.hidden_dim=64",
+                            "model.ffn_dim=256", "model.heads=4", "model.refiner_channels=32"],
+    # the floor: hardly any network; what the backbone, retrieval, maps and type check cost on their own
+    "floor": ["model.encoder_layers=0", "model.decoder_layers=1", "model.hidden_dim=64", "model.ffn_dim=128",
+              "model.heads=4", "model.refiner_channels=32"],
+}
+GOAL_MS, GOAL_IMAGES_S = 8.0, 200.0
+"""Issue 27: at most this many ms per image at batch 1, at least this many images/s batched."""
+
+
+def sdpa_flops(query: torch.Size, key: torch.Size, value: torch.Size, *args: object, **kwargs: object) -> int:
+    """FLOPs of the CPU's fused attention (aten._scaled_dot_product_flash_attention_for_cpu), which
+    torch.utils.flop_counter does not count by itself: as its other attention kernels are counted."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def gflops(model: DeployModel, size: int) -> dict[str, float]:
+    """GFLOP of one image through `model`: in all, of the network (`model.net`) and of the backbone."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops}
+    with torch.no_grad(), FlopCounterMode(display=False, depth=2, custom_mapping=mapping) as counter:
+        model(image)
+    parts = {"network": 0.0, "backbone": 0.0}
+    for name, ops in counter.get_flop_counts().items():  # the deployed model calls its parts' methods, not their
+        path = name.split(".")  # forward: the modules counted are their children (net.encoder, extractor.body)
+        if len(path) == 3 and path[0] == "DeployModel" and path[1] in ("net", "extractor"):
+            parts["network" if path[1] == "net" else "backbone"] += sum(ops.values()) / 1e9
+    return {"total": counter.get_total_flops() / 1e9, **parts}
+
+
+def pool_images(types: int, per_type: int, size: int) -> np.ndarray:
+    """The prompt pool's images: random uint8 (types * per_type, 3, size, size) (the time does not depend on them)."""
+    return np.random.default_rng(0).integers(0, 256, (types * per_type, 3, size, size), dtype=np.uint8)
+
+
+def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, types: int,
+          feats: torch.Tensor | None) -> tuple[Path, dict[str, object], torch.Tensor]:
+    """An untrained detector of the configuration with a deployment, saved to folder/model.safetensors; its facts
+    (parameters, GFLOP) and the pool's features (the backbone is the same for every configuration: computed once)."""
+    cfg = make_config(None, [*BASE, *overrides])
+    torch.manual_seed(0)
+    det = Detector.build(cfg).eval()
+    if feats is None:
+        with torch.no_grad():
+            feats = torch.cat([det.features(torch.from_numpy(images[i : i + 16])) for i in range(0, len(images), 16)])
+    per_type = len(images) // types
+    cats = [f"type{i:02d}" for i in range(types) for _ in range(per_type)]
+    det.deployment = Deployment(pool_feats=feats, pool_categories=cats,
+                                pool_images=[f"random-{i}" for i in range(len(cats))], fusion_scale=1.0,
+                                thresholds=dict.fromkeys(cats, math.inf))
+    model = DeployModel(det, det.deployment)
+    m = cfg.model
+    facts = {"overrides": overrides, "hidden_dim": m.hidden_dim, "heads": m.heads, "encoder_layers": m.encoder_layers,
+             "decoder_layers": m.decoder_layers, "ffn_dim": m.ffn_dim, "refiner_channels": m.refiner_channels,
+             "network_params": sum(p.numel() for p in det.net.parameters()),
+             "backbone_params": sum(p.numel() for p in det.extractor.parameters()),
+             "gflop_per_image": gflops(model, cfg.data.input_size)}
+    folder.mkdir(parents=True, exist_ok=True)
+    return det.save(folder / "model.safetensors"), facts, feats
+
+
+def exported(name: str, overrides: list[str], folder: Path, key: dict[str, object], images: np.ndarray, types: int,
+             feats: torch.Tensor | None) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
+    """folder/bf16.xml of the configuration (exported now, or reused when folder/key.json records the same `key`),
+    its facts, the pool's features, and whether it was reused."""
+    xml, key_file, facts_file = folder / "bf16.xml", folder / "key.json", folder / "facts.json"
+    if xml.is_file() and key_file.is_file() and facts_file.is_file() and json.loads(key_file.read_text()) == key:
+        return xml, json.loads(facts_file.read_text()), feats, True
+    t = time.perf_counter()
+    checkpoint, facts, feats = build(name, overrides, folder, images, types, feats)
+    export_model(checkpoint, "openvino", xml, precision="bf16")
+    facts["export_seconds"] = round(time.perf_counter() - t, 1)
+    facts_file.write_text(json.dumps(facts, indent=2))
+    key_file.write_text(json.dumps(key))
+    return xml, facts, feats, False
+
+
+def source_changes() -> list[str]:
+    """Files of src/ that differ from the commit (git status; the figures are of the working tree's code)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+class OtherWork:
+    """How many cores other processes kept busy, on average, while a phase ran: the machine's busy time (/proc/stat)
+    less this process's own CPU time, over the phase's wall time. More than a few tenths: the phase's times are slowed
+    by other work (on 2 cores, 1.0 takes half the machine). None where /proc/stat cannot be read."""
+
+    def __enter__(self) -> OtherWork:
+        self.start = (self.busy(), os.times(), time.perf_counter())
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self.busy(), os.times(), time.perf_counter()
+        if busy is not None and self.start[0] is not None:
+            mine = own.user + own.system - self.start[1].user - self.start[1].system
+            self.cores = max(0.0, (busy - self.start[0] - mine) / (wall - self.start[2]))
+
+    @staticmethod
+    def busy() -> float | None:
+        """Seconds the machine's CPUs have been busy since boot (user, nice, system, irq, softirq, steal)."""
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=list(PRESETS), choices=list(PRESETS), metavar="NAME",
+                    help=f"presets to measure (default: all): {', '.join(PRESETS)}; default is always measured first")
+    ap.add_argument("--add", nargs="+", action="append", default=[], metavar=("NAME", "OVERRIDE"),
+                    help="one more configuration: a name and its config overrides (repeatable)")
+    ap.add_argument("--threads", type=int, default=2, help="OpenVINO inference threads (and PyTorch's while building)")
+    ap.add_argument("--repeats", type=int, default=30, help="calls per configuration for the batch-1 median")
+    ap.add_argument("--batch-repeats", type=int, default=8, help="batches per configuration for each throughput")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 16], help="batch sizes of the throughputs")
+    ap.add_argument("--types", type=int, default=10, help="product types in the prompt pool")
+    ap.add_argument("--pool", type=int, default=8, help="prompt images per type (eval.prompt_pool)")
+    ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type and per-part times at batch 1")
+    ap.add_argument("--work", help="keep the checkpoints and exports here, and reuse them (default: a temporary folder)")
+    ap.add_argument("--output", default=str(REPO / "runs" / "line-network"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    configs = {name: PRESETS[name] for name in ["default", *[c for c in args.configs if c != "default"]]}
+    for name, *overrides in args.add:
+        if name in configs:
+            ap.error(f"--add {name}: a configuration of that name is already measured")
+        make_config(None, [*BASE, *overrides])  # an error now, not after the other exports
+        configs[name] = overrides
+    commit, changes = git_commit(), source_changes()
+    load_start = os.getloadavg()
+    print(f"load average at the start: {' '.join(f'{v:.2f}' for v in load_start)}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="line-network-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        images = pool_images(args.types, args.pool, 224)
+        feats = None
+        files: dict[str, Path] = {}
+        facts: dict[str, dict] = {}
+        for name, overrides in configs.items():
+            key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "commit": commit,
+                   "source_changes": changes}
+            files[name], facts[name], feats, reused = exported(name, overrides, work / name, key, images, args.types,
+                                                               feats)
+            f = facts[name]
+            done = "export reused" if reused else f"built and exported in {f['export_seconds']} s"
+            print(f"{name}: {done}, network "
+                  f"{f['network_params'] / 1e6:.2f} M parameters, {f['gflop_per_image']['total']:.2f} GFLOP/image "
+                  f"({f['gflop_per_image']['network']:.2f} in the network)", flush=True)
+            facts[name]["reused_export"] = reused
+
+        runs = {name: OpenVinoRuntime(path, threads=args.threads).run for name, path in files.items()}
+        rng = np.random.default_rng(1)
+        one = rng.integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+        other: dict[str, float | None] = {}  # per phase, the cores other processes kept busy (`OtherWork`)
+        with OtherWork() as phase:
+            latency = timed_turns(runs, one, args.repeats)
+        other["batch 1"] = phase.cores
+        print("batch 1 (ms): " + ", ".join(f"{k} {v * 1000:.2f}" for k, v in latency.items())
+              + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+        throughput: dict[int, dict[str, float]] = {}
+        for batch in args.batches:
+            many = rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
+            with OtherWork() as phase:  # 3 calls of warm-up: OpenVINO's first calls at a new batch size are slower
+                seconds = timed_turns(runs, many, args.batch_repeats, warmup=3)
+            other[f"batch {batch}"] = phase.cores
+            throughput[batch] = {k: batch / v for k, v in seconds.items()}
+            print(f"batch {batch} (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput[batch].items())
+                  + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+        load_after_speed = os.getloadavg()
+        profiles = {name: openvino_profile(path, "bf16", args.threads, 224) for name, path in files.items()} \
+            if args.profile else {}
+    load_end = os.getloadavg()
+
+    rows = []
+    for name in configs:
+        best = max(throughput[b][name] for b in args.batches)
+        rows.append({"config": name, **facts[name], "latency_ms": latency[name] * 1000,
+                     "images_per_s": {str(b): throughput[b][name] for b in args.batches},
+                     "latency_vs_default": latency[name] / latency["default"],
+                     "throughput_vs_default": {str(b): throughput[b][name] / throughput[b]["default"]
+                                               for b in args.batches},
+                     "meets_goal": latency[name] * 1000 <= GOAL_MS and best >= GOAL_IMAGES_S,
+                     **({"openvino_profile": profiles[name]} if name in profiles else {})})
+    cpu = cpu_info()
+    versions = {"torch": torch.__version__}
+    try:
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    except Exception:
+        pass
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": commit,
+            "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads,
+            "runtime": "OpenVINO bf16 (onenip export --format openvino --precision bf16), LATENCY hint",
+            "weights": "backbone tf_efficientnet_lite0 with its real offline weights (efficientnet-lite); network "
+                       "UNTRAINED (random initialization): the times depend on the shapes only, not on the weights",
+            "input_size": 224, "prompt_pool": f"{args.types} types x {args.pool} random uint8 images",
+            "repeats": args.repeats, "batch_repeats": args.batch_repeats, "batches": args.batches,
+            "goal": {"latency_ms_at_most": GOAL_MS, "images_per_s_at_least": GOAL_IMAGES_S},
+            "load_average": {"start": load_start, "after_speed": load_after_speed, "end": load_end},
+            "other_processes_cores": other,
+            "versions": versions, "rows": rows}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "line_network.json").write_text(json.dumps(meta, indent=2))
+
+    cols = " | ".join(f"batch {b} (img/s)" for b in args.batches)
+    md = [f"- command: `{meta['command']}`",
+          f"- commit {commit}" + (f" (with uncommitted changes in {', '.join(changes)})" if changes else "")
+          + f"; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); {args.threads} threads; "
+          + ", ".join(f"{k} {v}" for k, v in versions.items()),
+          f"- {meta['weights']}; 224 px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
+          f"- batch 1: median of {args.repeats} calls; batches: median of {args.batch_repeats}; the configurations "
+          "taking turns call by call",
+          "- load average (1, 5, 15 min): start " + " ".join(f"{v:.2f}" for v in load_start) + ", after the speed "
+          "runs " + " ".join(f"{v:.2f}" for v in load_after_speed) + ", end " + " ".join(f"{v:.2f}" for v in load_end)
+          + "; cores kept busy by other processes while measuring: "
+          + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()),
+          f"- goal (issue 27): at most {GOAL_MS:g} ms at batch 1 and at least {GOAL_IMAGES_S:g} images/s batched", "",
+          f"| config | network params (M) | GFLOP/image (network) | batch 1 (ms) | time / default | {cols} | "
+          f"img/s / default (batch {args.batches[0]}) | goal |",
+          "|---|---:|---:|---:|---:|" + "---:|" * len(args.batches) + "---:|:---:|"]
+    for r in rows:
+        md.append(f"| {r['config']} | {r['network_params'] / 1e6:.2f} | {r['gflop_per_image']['total']:.2f} "
+                  f"({r['gflop_per_image']['network']:.2f}) | {r['latency_ms']:.2f} | {r['latency_vs_default']:.2f}x | "
+                  + " | ".join(f"{r['images_per_s'][str(b)]:.0f}" for b in args.batches)
+                  + f" | {r['throughput_vs_default'][str(args.batches[0])]:.2f}x | "
+                  f"{'yes' if r['meets_goal'] else 'no'} |")
+    md += ["", "Configurations: " + "; ".join(f"{name}: {' '.join(o) or '(the default network)'}"
+                                              for name, o in configs.items())]
+    md += [f"Backbone: {rows[0]['backbone_params'] / 1e6:.2f} M parameters, "
+           f"{rows[0]['gflop_per_image']['backbone']:.2f} GFLOP/image, the same in every configuration."]
+    for name, prof in profiles.items():
+        md += ["", f"{name}, batch 1, OpenVINO PERF_COUNT ({prof['total_ms']:.1f} ms in all, "
+                   f"{100 * prof['amx_share']:.0f} % in AMX kernels); by part (approximate): "
+               + "; ".join(f"{k} {v:.2f}" for k, v in prof["parts"].items())
+               + "; by layer type: " + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:8])]
+    (out / "line_network.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
