@@ -81,9 +81,12 @@ def fuse(rec: Tensor, ref: Tensor | None, alpha: float, scale: float | None) -> 
 
 
 def image_scores(maps: Tensor, kernel: int = 16) -> Tensor:
-    """(N, S, S) maps -> (N,) the maximum of the kernel x kernel mean filter over the valid positions."""
+    """(N, S, S) maps -> (N,) the maximum of the kernel x kernel mean filter over the valid positions. The mean
+    filter is separable, so it runs as a column filter then a row filter: the same means up to float rounding, with
+    2k additions per position instead of k^2 (OpenVINO spent 0.5 ms per 224 px map on the square one)."""
     k = min(kernel, maps.shape[-2], maps.shape[-1])
-    return F.avg_pool2d(maps.float().unsqueeze(1), k, stride=1).flatten(1).amax(dim=1)
+    columns = F.avg_pool2d(maps.float().unsqueeze(1), (k, 1), stride=1)
+    return F.avg_pool2d(columns, (1, k), stride=1).flatten(1).amax(dim=1)
 
 
 def normalize_score(score: Tensor | np.ndarray | float, threshold: Tensor | np.ndarray | float):
