@@ -36,6 +36,9 @@
 #                   its curve (test metrics every 20 epochs); row 2 also scored with other prompts (--sensitivity)
 #   table4a-heavy   rows 3, 4, 5, seed 133 (synthesis, backbone on every synthetic image); row 5 with its curve and
 #                   K = 1, 3, 5 and --sensitivity
+#   line            row 5, seed 133, with the line network (2 + 2 layers, width 128, ffn 512, 4 heads, refiner 64:
+#                   the smallest change that meets the CPU goal of 8 ms / 200 images/s in benchmarks/line_network.py,
+#                   untrained); its accuracy against row 5's, and its model back for cpu_speed.py's parity
 #   seeds5, seeds0  rows 5 / 0 with seeds 134 and 135 (and curves): mean +- std over three seeds
 #   px256           row 5 at 256 px
 #   fastvsplain     row 5, 60 epochs, seeds 1-3, on the plain and on the fast engine (the plain path's data loading
@@ -49,11 +52,14 @@
 #
 # It writes $OUT/results.tgz (the result JSONs: ablation-<gpu>/, fast-vs-plain-<gpu>/, speed-<gpu>*.json),
 # $OUT/session.log (GPU, versions, the tail of every job's output), for speed, $OUT/profile.txt, and when full
-# OneNIP's seed 133 trained, its model as $OUT/model-row5-seed133.safetensors (for the CPU runtimes' parity).
+# OneNIP's seed 133 trained, its model as $OUT/model-row5-seed133.safetensors (for the CPU runtimes' parity), and the
+# line network's as $OUT/model-line-row5-seed133.safetensors.
 # Here: `tar xzf <files_at>/results.tgz -C docs/results/`, then `python benchmarks/render_results.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ORDER=(speed table4a-light table4a-heavy seeds5 seeds0 px256 fastvsplain)
+ORDER=(speed table4a-light table4a-heavy line seeds5 seeds0 px256 fastvsplain)
+# the line network (benchmarks/line_network.py)
+LINE="--set model.encoder_layers=2 --set model.decoder_layers=2 --set model.hidden_dim=128 --set model.ffn_dim=512 --set model.heads=4 --set model.refiner_channels=64"
 (($#)) || { echo "name one or more groups: next ${ORDER[*]} row:R:S" >&2; exit 2; }
 DRY_RUN=${DRY_RUN:-0}
 if ((DRY_RUN)); then OUT=${OUT:-/tmp}; fi
@@ -95,6 +101,8 @@ add() {
   table4a-light) job 0 133; job 1 133; job 2 133 ;;
   table4a-heavy) job 3 133; job 4 133; job 5 133 ;;
   seeds0 | seeds5) job "${1#seeds}" 134; job "${1#seeds}" 135 ;;
+  line) ! wanted "ablation-$GPU/line-row5-seed133.json" ||
+    jobs+=(line "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --tag line $LINE") ;;
   px256) ! wanted "ablation-$GPU/256px-row5-seed133.json" ||
     jobs+=(p256 "$A --output $res/ablation-$GPU --rows 5 --seeds 133 --input-size 256 --tag 256px") ;;
   fastvsplain)
@@ -193,3 +201,5 @@ for f in "$res"/*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 2
 # benchmarks/cpu_speed.py --model measures the runtimes' agreement on a properly trained model with it.
 model=$(find "$res" -path '*row5-seed133*' -name model.safetensors -not -path '*256px*' 2>/dev/null | head -n 1)
 [[ -n $model ]] && cp "$model" "$OUT/model-row5-seed133.safetensors" && echo "model: $model" >>"$log"
+model=$(find "$res" -path '*line-row5-seed133*' -name model.safetensors 2>/dev/null | head -n 1)
+[[ -n $model ]] && cp "$model" "$OUT/model-line-row5-seed133.safetensors" && echo "model: $model" >>"$log"
