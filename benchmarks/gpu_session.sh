@@ -199,7 +199,7 @@ for f in "$res"/*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 2
 { nvidia-smi --query-gpu=memory.used --format=csv; tar tzf "$OUT/results.tgz"; } >>"$log" 2>&1
 # The full-OneNIP model of seed 133 (~48 MB; the bundle allows 64 MiB) comes back too: on the CPU,
 # benchmarks/cpu_speed.py --model measures the runtimes' agreement on a properly trained model with it.
-model=$(find "$res" -path '*row5-seed133*' -name model.safetensors -not -path '*256px*' 2>/dev/null | head -n 1)
+model=$(find "$res" -path '*/row5-seed133/*' -name model.safetensors 2>/dev/null | head -n 1)
 [[ -n $model ]] && cp "$model" "$OUT/model-row5-seed133.safetensors" && echo "model: $model" >>"$log"
-model=$(find "$res" -path '*line-row5-seed133*' -name model.safetensors 2>/dev/null | head -n 1)
+model=$(find "$res" -path '*/line-row5-seed133/*' -name model.safetensors 2>/dev/null | head -n 1)
 [[ -n $model ]] && cp "$model" "$OUT/model-line-row5-seed133.safetensors" && echo "model: $model" >>"$log"

@@ -23,7 +23,7 @@ the same map, fused into the learned map of the types the model WAS trained on, 
 beta = 0 is the model's ordinary evaluation: the script runs `evaluate` too and records the largest difference.
 
     python benchmarks/prompt_fusion.py --models runs/prompt-fusion-cpu/cpu-row5-seed{1,2,3} \\
-        --output docs/results/prompt-fusion-cpu/prompt-fusion-cpu.json --threads 2
+        --output docs/results/prompt-fusion-cpu/prompt-fusion-stride8-cpu.json --threads 2
 
 (the models: `python benchmarks/ablation.py --rows 5 --seeds 1 2 3 ...` at the 64 px CPU stand-in settings of
 docs/benchmarks.md, output under runs/prompt-fusion-cpu; each run folder keeps its model.safetensors.)
@@ -81,7 +81,8 @@ def all_types_added(detector: Detector, cfg, pool: PromptPool):
     restored after."""
     dep = detector.deployment
     patches = features_and_patches_of(detector, pool.samples, cfg)[1]
-    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories), prompt_patches=patches)
+    per_type = {t: patches[[i for i, s in enumerate(pool.samples) if s.category == t]] for t in dep.categories}
+    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories), prompt_patches=per_type)
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ import onenip
 from onenip import cli
 from onenip.api import add_type
 from onenip.data import read_sources
+from onenip.data.images import load_batch
 from onenip.deploy.predictor import Predictor
 from onenip.errors import ConfigError, DatasetError
 from onenip.models.detector import Detector
@@ -137,7 +138,7 @@ def test_replace_swaps_an_added_types_prompts_and_refuses_trained_or_unknown_nam
     assert second.added_types == ["grain"] and second.pool_categories.count("grain") == 3
     assert [p for p, c in zip(second.pool_images, second.pool_categories) if c == "grain"] == \
         [str(p) for p in grain(gen_data, "train")[2:5]]
-    assert second.prompt_patches is not None and len(second.prompt_patches) == 3
+    assert list(second.prompt_patches) == ["grain"] and len(second.prompt_patches["grain"]) == 3
     assert second.calibration["grain"]["added_from"] == [str(p) for p in grain(gen_data, "train")[2:5]]
     assert second.thresholds["disc"] == first.thresholds["disc"]  # the rest untouched
     assert len(second.pool_feats) == len(first.pool_feats) + 1
@@ -149,20 +150,30 @@ def test_replace_swaps_an_added_types_prompts_and_refuses_trained_or_unknown_nam
 
 def test_a_type_added_without_its_patches_is_refused_with_the_fix(model: Path, gen_data: Path, tmp_path: Path) -> None:
     """A model whose added type has no stored prompt patches (as an earlier version wrote it) is not scored by some
-    other map: building the deployed model names the type and the command that re-adds it, and that command works."""
+    other map: building the deployed model names that type (not the others) and the command that re-adds it, with its
+    images, and that command works; a type added later and a replaced one each keep their own patches."""
     import dataclasses
 
     from onenip.models.inference import DeployModel
 
     out = tmp_path / "m.safetensors"
-    add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    train = grain(gen_data, "train")
+    add_type(model, "grain", train[:2], output=out)
     det = Detector.load(out)
-    det.deployment = dataclasses.replace(det.deployment, prompt_patches=None)
+    det.deployment = dataclasses.replace(det.deployment, prompt_patches={})  # as an earlier version wrote it
     det.save(out)
-    with pytest.raises(ConfigError, match=r"\['grain'\] were added by an earlier version.*add-type MODEL --replace"):
+    _, dep = add_type(out, "gravel", train[2:5])  # a second type, added by this version
+    assert list(dep.prompt_patches) == ["gravel"]
+    fix = "onenip add-type MODEL --replace --name grain " + " ".join(str(p) for p in train[:2])
+    with pytest.raises(ConfigError, match=r"product types \['grain'\] were added by an earlier version") as err:
         DeployModel(Detector.load(out), Detector.load(out).deployment)
-    _, dep = add_type(out, "grain", grain(gen_data, "train")[:2], replace=True)
-    assert len(dep.prompt_patches) == 2
+    assert fix in str(err.value)
+    _, dep = add_type(out, "grain", train[5:9], replace=True)
+    assert dep.added_types == ["gravel", "grain"] and sorted(dep.prompt_patches) == ["grain", "gravel"]
+    det = Detector.load(out)
+    fresh = det.features_and_patches(torch.from_numpy(load_batch(train[2:5] + train[5:9], 64)))[1]
+    assert torch.allclose(det.deployment.prompt_patches["gravel"], fresh[:3], atol=1e-5)  # each type its own images
+    assert torch.allclose(det.deployment.prompt_patches["grain"], fresh[3:], atol=1e-5)
     Predictor.load(out, device="cpu").predict(grain(gen_data, "test")[:2])  # scores again
 
 
@@ -175,5 +186,6 @@ def test_calibrate_keeps_an_added_type(model: Path, gen_data: Path, tmp_path: Pa
     add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
     _, after, before = calibrate(out, far=0.3, output=tmp_path / "c.safetensors")
     assert after.added_types == before.added_types == ["grain"]
-    assert torch.equal(after.prompt_patches, before.prompt_patches)
+    assert list(after.prompt_patches) == ["grain"]
+    assert torch.equal(after.prompt_patches["grain"], before.prompt_patches["grain"])
     assert after.thresholds["grain"] == before.thresholds["grain"]  # no held-out images of it: kept

@@ -628,7 +628,8 @@ def test_features_and_patches_come_from_one_set_of_taps(lite0: FeatureExtractor,
     stride-8 grid and of unit length per tap; on a non-square image the grid follows both sides."""
     taps = lite0.taps(images)
     assert [t.shape[-1] for t in taps] == [32, 16, 8, 4]
-    assert torch.equal(lite0(images), lite0.combine(taps))
+    resized = [F.interpolate(t, size=(4, 4), mode="bilinear", align_corners=True) for t in taps[:3]] + [taps[3]]
+    assert torch.allclose(lite0(images), torch.cat(resized, dim=1), atol=1e-6)  # every tap at S/16, concatenated
     patches = lite0.patches(taps)
     assert lite0.patch_widths == [40, 112] and patches.shape == (3, 152, 8, 8)
     stride8, stride16 = patches.split(lite0.patch_widths, dim=1)
@@ -638,3 +639,12 @@ def test_features_and_patches_come_from_one_set_of_taps(lite0: FeatureExtractor,
     assert torch.allclose(stride8, want, atol=1e-6)
     wide = lite0.taps(F.interpolate(images.float(), size=(64, 96)).to(torch.uint8))
     assert lite0.patches(wide).shape == (3, 152, 8, 12)
+
+
+def test_strides_in_any_order_give_the_same_taps(images: torch.Tensor) -> None:
+    """backbone.strides written out of order: the taps, features and patch widths are those of the sorted strides."""
+    fe = extractor(strides=[16, 8])
+    assert fe.strides == [8, 16] and fe.patch_widths == [40, 112]
+    sorted_fe = extractor(strides=[8, 16])
+    assert torch.equal(fe(images), sorted_fe(images))
+    assert fe.patches(fe.taps(images)).shape == (3, 152, 8, 8)

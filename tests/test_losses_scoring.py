@@ -112,6 +112,13 @@ def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
                for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=1)))
     got = prompt_distances(query, bank[None].expand(2, -1, -1), widths)
     assert got.shape == (2, 16) and torch.allclose(got, want, atol=1e-4)
+    import onenip.models.scoring as scoring
+
+    chunk, scoring.BANK_CHUNK = scoring.BANK_CHUNK, 3  # the bank compared in chunks of 3, 3 and 1 patches
+    try:
+        assert torch.allclose(prompt_distances(query, bank[None].expand(2, -1, -1), widths), want, atol=1e-4)
+    finally:
+        scoring.BANK_CHUNK = chunk
     padded = pad_banks([bank, bank[:3]])  # (2, 7, C'): the second type's 3 patches repeated
     assert torch.allclose(prompt_distances(query, padded[1:].expand(2, -1, -1), widths),
                           prompt_distances(query, bank[:3][None].expand(2, -1, -1), widths), atol=1e-6)

@@ -2,11 +2,11 @@
 
 Layout of the tensors: ``net.*`` the reconstruction network (with the refiner), ``backbone.*`` the frozen backbone's
 tapped layers (so a checkpoint is self-contained and loads offline), ``deploy.*`` the prompt pool of a finished model
-(its thresholds and fusion constant are in the metadata), and for resuming ``optim.<i>.<name>`` (AdamW moments) and
-``rng.*`` (random-generator states). The metadata key ``onenip`` holds JSON: format, version, the
-configuration, epoch, step, optimizer hyper-parameters and the training history. Nothing is pickled, so loading a
-checkpoint cannot execute code. Files are written to a temporary name, flushed and renamed: a checkpoint on disk is
-always complete.
+and the patches of the types added to it (its thresholds and fusion constant are in the metadata), and for resuming
+``optim.<i>.<name>`` (AdamW moments) and ``rng.*`` (random-generator states). The metadata key ``onenip`` holds JSON:
+format, version, the configuration, epoch, step, optimizer hyper-parameters and the training history. Nothing is
+pickled, so loading a checkpoint cannot execute code. Files are written to a temporary name, flushed and renamed: a
+checkpoint on disk is always complete.
 """
 
 from __future__ import annotations

@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "unless --output is given.")
     add.add_argument("checkpoint", help="model.safetensors of a training run")
     add.add_argument("images", nargs="+", metavar="PATH", help="normal images of the new type: files, folders or globs")
-    add.add_argument("--name", required=True, help="the new product type's name")
+    add.add_argument("--name", required=True, help="the new product type's name (with --replace: the added type's)")
     add.add_argument("--normal", nargs="+", metavar="PATH", default=[],
                      help="further normal images of the type, for its threshold (not added to the prompts)")
     add.add_argument("--far", type=float, default=None, help="false alarm rate of the threshold (default: the model's eval.far)")

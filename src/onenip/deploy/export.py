@@ -305,7 +305,7 @@ def _openvino_model(model: DeployModel) -> Any:
     """The DeployModel as an OpenVINO model, converted from PyTorch by OpenVINO's PyTorch frontend (which traces it as
     the TorchScript export does, and keeps scaled_dot_product_attention as one fused ScaledDotProductAttention op; the
     ONNX graph spells attention out as MatMul, Where, Softmax and IsNaN nodes, ~20 % slower here): input ``images`` u8
-    (N, 3, S, S) with N dynamic, outputs named as the ONNX file's; then `_separable_pooling`."""
+    (N, 3, S, S) with N dynamic, outputs named as the ONNX file's."""
     ov = require("openvino", "exporting to OpenVINO")
     size = model.size
     try:
@@ -319,35 +319,7 @@ def _openvino_model(model: DeployModel) -> Any:
     ov_model.inputs[0].get_tensor().set_names({INPUT_NAME})
     for out, name in zip(ov_model.outputs, OUTPUT_NAMES):
         out.get_tensor().set_names({name})
-    _separable_pooling(ov_model)
     return ov_model
-
-
-def _separable_pooling(ov_model: Any) -> int:
-    """Replace each k x k average pooling of stride 1 without padding (the image score's mean filter over the S x S
-    map: k^2 additions per position, ~15 % of the whole model's time on 2 cores) by a 1 x k pooling and a k x 1 one
-    (2k additions; the same mean up to float rounding). Returns how many were replaced."""
-    import openvino.opset14 as ops
-
-    replaced = 0
-    for node in ov_model.get_ordered_ops():
-        if node.get_type_name() != "AvgPool":
-            continue
-        attrs = node.get_attributes()
-        kernel, strides = list(attrs["kernel"]), list(attrs["strides"])
-        pads = list(attrs["pads_begin"]) + list(attrs["pads_end"])
-        if len(kernel) != 2 or kernel[0] != kernel[1] or kernel[0] < 4 or strides != [1, 1] or any(pads) \
-                or attrs.get("auto_pad", "explicit") not in ("explicit", "notset", "valid"):
-            continue
-        k = int(kernel[0])
-        rows = ops.avg_pool(node.input_value(0), [1, 1], [0, 0], [0, 0], [1, k], exclude_pad=True, rounding_type="floor")
-        both = ops.avg_pool(rows.output(0), [1, 1], [0, 0], [0, 0], [k, 1], exclude_pad=True, rounding_type="floor")
-        both.set_friendly_name(node.get_friendly_name())
-        node.output(0).replace(both.output(0))
-        replaced += 1
-    if replaced:
-        ov_model.validate_nodes_and_infer_types()
-    return replaced
 
 
 def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np.ndarray]:

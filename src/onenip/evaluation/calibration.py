@@ -28,11 +28,10 @@ from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.models.prompts import pool_samples
 from onenip.models.scoring import (
+    added_type_map,
     image_scores,
     patch_distances,
     prompt_bank,
-    prompt_distances,
-    prompt_map,
     type_bank,
     type_distance,
 )
@@ -253,8 +252,9 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     if kept:
         warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
                       OnenipWarning, stacklevel=2)
-    # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later
-    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores")
+    # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later, and an
+    # added type keeps the list of its images
+    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from")
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
     # everything else (the pool, added types and their patches, type limits) as it was
@@ -338,39 +338,40 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
                       added_from=[str(s.image) for s in prompts])
-    stored = [dep.prompt_patches] if dep.prompt_patches is not None else []
     return dataclasses.replace(
         dep, pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
         pool_images=dep.pool_images + [str(s.image) for s in prompts],
         thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info},
-        added_types=dep.added_types + [name], prompt_patches=torch.cat([*stored, patches.cpu()]),
+        added_types=dep.added_types + [name], prompt_patches={**dep.prompt_patches, name: patches.cpu()},
         type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf})
 
 
 def _without_type(dep: Deployment, name: str) -> Deployment:
     """`dep` without the added type `name`: its pool entries, patches, threshold, calibration and limit."""
     keep = [i for i, c in enumerate(dep.pool_categories) if c != name]
-    added = dep.added_entries
-    keep_patches = [j for j, i in enumerate(added) if dep.pool_categories[i] != name]
-    rest = [t for t in dep.added_types if t != name]
     return dataclasses.replace(
         dep, pool_feats=dep.pool_feats[keep], pool_categories=[dep.pool_categories[i] for i in keep],
-        pool_images=[dep.pool_images[i] for i in keep], added_types=rest,
-        prompt_patches=dep.prompt_patches[keep_patches] if dep.prompt_patches is not None and rest else None,
+        pool_images=[dep.pool_images[i] for i in keep], added_types=[t for t in dep.added_types if t != name],
+        prompt_patches={t: p for t, p in dep.prompt_patches.items() if t != name},
         thresholds={c: t for c, t in dep.thresholds.items() if c != name},
         calibration={c: v for c, v in dep.calibration.items() if c != name},
         type_thresholds={c: t for c, t in dep.type_thresholds.items() if c != name})
+
+
+SCORE_CHUNK = 8  # images scored at once by `prompt_scores`: bounds its memory whatever the number of images
 
 
 def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, prompt_patches: Tensor, widths: list[int],
                   size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and type distances of images (features (N, C, H, W) and patches (N, C', 2H, 2W)) judged as a type
     added from prompt images with `prompt_feats` (P, C, H, W) and `prompt_patches` (P, C', 2H, 2W): what the deployed
-    model computes for them (`widths`: the patches' taps, `FeatureExtractor.patch_widths`)."""
-    near = prompt_distances(patches, prompt_bank(prompt_patches)[None].expand(len(patches), -1, -1), widths)
-    scores = image_scores(prompt_map(near, size), kernel)
-    dists = type_distance(patch_distances(feats, type_bank(prompt_feats)[None].expand(len(feats), -1, -1)))
-    return scores.cpu().numpy(), dists.cpu().numpy()
+    model computes for them (`widths`: the patches' taps, `FeatureExtractor.patch_widths`), SCORE_CHUNK at a time."""
+    bank, types = prompt_bank(prompt_patches), type_bank(prompt_feats)
+    scores, dists = [], []
+    for f, p in zip(feats.split(SCORE_CHUNK), patches.split(SCORE_CHUNK)):
+        scores.append(image_scores(added_type_map(p, bank[None].expand(len(p), -1, -1), widths, size), kernel))
+        dists.append(type_distance(patch_distances(f, types[None].expand(len(f), -1, -1))))
+    return torch.cat(scores).cpu().numpy(), torch.cat(dists).cpu().numpy()
 
 
 def _type_samples(paths: Sequence[str | Path], name: str, skip_bad: bool) -> list[Sample]:

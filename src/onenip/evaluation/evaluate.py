@@ -49,14 +49,13 @@ from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
 from onenip.models.scoring import (
     MIN_THRESHOLD,
     Maps,
+    added_type_map,
     decide,
     fuse,
     fusion_scale,
     image_scores,
     mean_maps,
     patch_distances,
-    prompt_distances,
-    prompt_map,
     type_distance,
 )
 
@@ -379,8 +378,8 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
             which = added_kinds[kind] if any_added else None
             if which is not None and bool(which.any()):  # as the deployed model: an added type gets the prompt map
-                near = prompt_distances(patches, banks[rows[kind]], detector.extractor.patch_widths)
-                added = (which, prompt_map(near, cfg.data.input_size))
+                added = (which, added_type_map(patches, banks[rows[kind]], detector.extractor.patch_widths,
+                                               cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
             batch["has_mask"], got, sim, dist, added

@@ -294,10 +294,10 @@ class FeatureExtractor(nn.Module):
     def __init__(self, cfg: BackboneConfig, pretrained_model: nn.Module | None = None) -> None:
         super().__init__()
         self.name = cfg.name
-        indices = tap_indices(cfg.name, cfg.strides)
+        self.strides = sorted(set(cfg.strides))  # the body gives its taps finest first, whatever order was written
+        indices = tap_indices(cfg.name, self.strides)
         self.body = timm.create_model(cfg.name, pretrained=False, features_only=True, out_indices=indices)
         _drop_unused_stages(self.body)
-        self.strides = list(cfg.strides)
         self.out_channels = int(sum(self.body.feature_info.channels()))
         pcfg = getattr(self.body, "pretrained_cfg", None) or {}
         mean = pcfg.get("mean", (0.485, 0.456, 0.406))

@@ -1,8 +1,10 @@
 """What a trained detector needs to judge new images on its own: its prompt pool, fusion constant and thresholds.
 
 A `Deployment` holds a prompt pool (backbone features of a few normal training images of every category; a new image
-takes the most similar one, so no category has to be given), the fusion constant c (from training images) and one
-decision threshold per category. `onenip.evaluation.calibration` builds one after training and sets its thresholds.
+takes the most similar one, so no category has to be given), the fusion constant c (from training images), one
+decision threshold and one unknown-type limit per category, and for each type added after training (`onenip
+add-type`) the stride-8 patches of its prompt images, which its training-free map compares. `onenip.evaluation.
+calibration` builds one after training, sets its thresholds and adds types.
 """
 
 from __future__ import annotations
@@ -31,37 +33,30 @@ class Deployment:
     # known image (empty: no check, as in models built before it)
     added_types: list[str] = field(default_factory=list)  # types added after training from their prompt images alone
     # (`onenip add-type`): scored by the training-free prompt map, not the learned one
-    prompt_patches: Tensor | None = None  # (A, C', G, G) the stride-8 patches (`FeatureExtractor.patches`) of the pool
-    # entries of the added types, in pool order: what their prompt map compares a query with
-
-    @property
-    def added_entries(self) -> list[int]:
-        """The pool indices of the added types' prompt images, in pool order (`prompt_patches` holds theirs)."""
-        added = set(self.added_types)
-        return [i for i, c in enumerate(self.pool_categories) if c in added]
+    prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type, the stride-8 patches
+    # (`FeatureExtractor.patches`) of its prompt images (K, C', G, G): what its prompt map compares a query with
 
     def check_prompt_patches(self) -> None:
-        """Raise ConfigError unless every added type's prompt images have their patches (a type added by an earlier
-        version has none: its prompt map compared other features, and its threshold was set on that map)."""
-        have = 0 if self.prompt_patches is None else len(self.prompt_patches)
-        if self.added_types and have != len(self.added_entries):
-            raise ConfigError(
-                f"product types {self.added_types} were added by an earlier version of onenip, whose prompt map this "
-                f"version does not compute ({have} stored patch sets for {len(self.added_entries)} prompt images); "
-                "add them again: onenip add-type MODEL --replace --name NAME IMAGES... (their images are listed in "
-                "onenip's 'calibration' of the model, key 'added_from')")
+        """Raise ConfigError naming every added type without stored patches (a type added by an earlier version of
+        onenip, whose prompt map compared other features and whose threshold was set on that map)."""
+        missing = [t for t in self.added_types if t not in self.prompt_patches]
+        if missing:
+            how = "; ".join(f"onenip add-type MODEL --replace --name {t} "
+                            + " ".join(self.calibration.get(t, {}).get("added_from", ["IMAGES..."])) for t in missing)
+            raise ConfigError(f"product types {missing} were added by an earlier version of onenip, whose prompt map "
+                              f"this version does not compute: add them again ({how})")
 
     def prompt_banks(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
-        """Each added type's bank of prompt patches, padded to one length (`scoring.pad_banks`) -> (A_types, M, C'),
-        and for each of `kinds` (type names, as a model indexes them) the row of its bank (K,) int64 (0 for a trained
-        type: its row is never used). Without added types, a (1, 1, 1) placeholder of zeros."""
+        """Each added type's bank of prompt patches (`scoring.prompt_bank`), padded to one length
+        (`scoring.pad_banks`) -> (A, M, C'), and for each of `kinds` (type names, as a model indexes them) the row of
+        its bank (K,) int64 (0 for a trained type: its row is never used). Without added types, a (1, 1, 1)
+        placeholder of zeros."""
         self.check_prompt_patches()
         if not self.added_types:
             return torch.zeros(1, 1, 1), torch.zeros(len(kinds), dtype=torch.int64)
-        entries = [self.pool_categories[i] for i in self.added_entries]
-        banks = [prompt_bank(self.prompt_patches[[j for j, c in enumerate(entries) if c == t]]) for t in self.added_types]
         rows = {t: i for i, t in enumerate(self.added_types)}
-        return pad_banks(banks), torch.tensor([rows.get(k, 0) for k in kinds], dtype=torch.int64)
+        banks = pad_banks([prompt_bank(self.prompt_patches[t]) for t in self.added_types])
+        return banks, torch.tensor([rows.get(k, 0) for k in kinds], dtype=torch.int64)
 
     @property
     def categories(self) -> list[str]:
@@ -83,9 +78,9 @@ class Deployment:
             "added_types": self.added_types,
         }
         tensors = {"pool_feats": self.pool_feats.detach().cpu().contiguous()}
-        if self.prompt_patches is not None:
-            tensors["prompt_patches"] = self.prompt_patches.detach().cpu().contiguous()
-        return tensors, meta
+        for i, t in enumerate(self.prompt_patches):  # names may hold any character: the keys are indices
+            tensors[f"prompt_patches.{i}"] = self.prompt_patches[t].detach().cpu().contiguous()
+        return tensors, {**meta, "prompt_patch_types": list(self.prompt_patches)}
 
     @classmethod
     def from_state(cls, tensors: dict[str, Tensor], meta: dict[str, Any]) -> "Deployment":
@@ -95,5 +90,6 @@ class Deployment:
             thresholds={k: float(v) for k, v in meta["thresholds"].items()}, calibration=dict(meta["calibration"]),
             alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
             type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
-            added_types=list(meta.get("added_types", [])), prompt_patches=tensors.get("prompt_patches"),
+            added_types=list(meta.get("added_types", [])),
+            prompt_patches={t: tensors[f"prompt_patches.{i}"] for i, t in enumerate(meta.get("prompt_patch_types", []))},
         )

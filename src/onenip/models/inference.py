@@ -16,13 +16,12 @@ from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.prompts import descriptor, nearest
 from onenip.models.scoring import (
+    added_type_map,
     anomaly_maps,
     decide,
     fuse,
     image_scores,
     patch_distances,
-    prompt_distances,
-    prompt_map,
     type_banks,
     type_distance,
 )
@@ -107,9 +106,9 @@ class DeployModel(nn.Module):
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
         if self.any_added:  # a type added from its prompts alone: the training-free map
-            near = prompt_distances(self.extractor.patches(taps), self.prompt_banks[self.prompt_rows[category]],
-                                    self.patch_widths)  # (N, L')
-            amap = torch.where(self.added[category][:, None, None], prompt_map(near, self.size), amap)
+            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks[self.prompt_rows[category]],
+                                 self.patch_widths, self.size)
+            amap = torch.where(self.added[category][:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
         known = distance <= self.type_limits[category]

@@ -17,7 +17,7 @@ these, and nothing else computes a map, a fusion or a score.
   stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
   (`FeatureExtractor.patches`); for each query patch and each tap the Euclidean distance to the nearest patch of the
   type's prompt images, summed over the taps (`prompt_distances`); upsampled to the input size and smoothed with a
-  Gaussian of sigma = input size / 56 (4 pixels at 224).
+  Gaussian of sigma = input size / 56 (4 pixels at 224) (`prompt_map`; both steps: `added_type_map`).
 * decision (`decide`): anomalous when the score exceeds the threshold of the retrieved category and the image is of a
   known type. The normalised score 1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and
   approaches 1 above; it is monotone, so it ranks images as the raw score does, and never saturates into ties.
@@ -83,8 +83,9 @@ def fuse(rec: Tensor, ref: Tensor | None, alpha: float, scale: float | None) -> 
 def image_scores(maps: Tensor, kernel: int = 16) -> Tensor:
     """(N, H, W) maps -> (N,) the maximum of the kernel x kernel mean filter over the valid positions. The mean
     filter is separable: a running mean along each row, then along each column, each pass with the lines as channels
-    (the same means up to float rounding; OpenVINO's pooling vectorises over channels, and a map has one: the square
-    16 x 16 pool cost 0.5 ms per 224 px map, the two passes a fraction of it)."""
+    (the same means up to float rounding; OpenVINO's pooling vectorises over channels, and a map has one: two
+    single-channel passes took 0.45 ms of the default model's 12 ms at batch 1 in bf16, these drop out of its
+    profile, `benchmarks/line_network.py --profile`)."""
     k = min(kernel, maps.shape[-2], maps.shape[-1])
     rows = F.avg_pool2d(maps.float().unsqueeze(2), (1, k), stride=1)  # (N, H, 1, W - k + 1): rows as channels
     columns = rows.squeeze(2).transpose(1, 2).unsqueeze(2)  # (N, W - k + 1, 1, H): columns as channels
@@ -153,14 +154,20 @@ def prompt_bank(patches: Tensor) -> Tensor:
     return patches.float().flatten(2).transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
+
+
 def prompt_distances(patches: Tensor, bank: Tensor, widths: list[int]) -> Tensor:
     """Query patches (N, C', G, G) and each query's bank (N, M, C'), both made of taps of `widths` channels, each
     tap a unit vector -> (N, G * G): for every query patch, the sum over the taps of the Euclidean distance to the
-    tap's nearest bank patch, sqrt(2 - 2 max cos) (each tap finds its own nearest patch)."""
+    tap's nearest bank patch, sqrt(2 - 2 max cos) (each tap finds its own nearest patch). The bank is compared
+    BANK_CHUNK patches at a time."""
     q = patches.float().flatten(2).transpose(1, 2)  # (N, L, C')
     total = q.new_zeros(q.shape[:2])
     for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=2)):
-        total = total + (2.0 - 2.0 * (q_tap @ b_tap.transpose(1, 2)).amax(dim=2)).clamp_min(0.0).sqrt()
+        best = torch.cat([(q_tap @ b.transpose(1, 2)).amax(dim=2, keepdim=True)
+                          for b in b_tap.split(BANK_CHUNK, dim=1)], dim=2).amax(dim=2)  # (N, L)
+        total = total + (2.0 - 2.0 * best).clamp_min(0.0).sqrt()
     return total
 
 
@@ -188,3 +195,10 @@ def prompt_map(distances: Tensor, size: int) -> Tensor:
     grid = math.isqrt(distances.shape[1])
     w = gaussian_weights(size, SMOOTHING * size, distances) @ bilinear_weights(grid, size, distances)  # (size, G)
     return w @ distances.view(-1, grid, grid) @ w.transpose(0, 1)
+
+
+def added_type_map(patches: Tensor, bank: Tensor, widths: list[int], size: int) -> Tensor:
+    """The map of a type added from its prompt images: query patches (N, C', G, G) against each query's bank
+    (N, M, C') -> (N, size, size), `prompt_map` of `prompt_distances`. Evaluation, calibration and the deployed
+    model all call this."""
+    return prompt_map(prompt_distances(patches, bank, widths), size)
