@@ -32,6 +32,7 @@ temporary folder, or to --work (kept, and reused by a later run with the same co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -114,9 +115,11 @@ def pool_images(types: int, per_type: int, size: int) -> np.ndarray:
 
 
 def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, types: int,
-          feats: torch.Tensor | None) -> tuple[Path, dict[str, object], torch.Tensor]:
+          feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor]:
     """An untrained detector of the configuration with a deployment, saved to folder/model.safetensors; its facts
-    (parameters, GFLOP) and the pool's features (the backbone is the same for every configuration: computed once)."""
+    (parameters, GFLOP) and the pool's features (the backbone is the same for every configuration: computed once).
+    `added` > 0: one more type, added from that many random images as `onenip add-type` adds one (its pool entries
+    and stride-8 patches): the deployed model then computes the added type's map for every image."""
     cfg = make_config(None, [*BASE, *overrides])
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
@@ -128,6 +131,16 @@ def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, typ
     det.deployment = Deployment(pool_feats=feats, pool_categories=cats,
                                 pool_images=[f"random-{i}" for i in range(len(cats))], fusion_scale=1.0,
                                 thresholds=dict.fromkeys(cats, math.inf))
+    if added:
+        extra = np.random.default_rng(2).integers(0, 256, (added, 3, 224, 224), dtype=np.uint8)
+        with torch.no_grad():
+            extra_feats, extra_patches = det.features_and_patches(torch.from_numpy(extra))
+        dep = det.deployment
+        det.deployment = dataclasses.replace(
+            dep, pool_feats=torch.cat([dep.pool_feats, extra_feats]), pool_categories=cats + ["added"] * added,
+            pool_images=dep.pool_images + [f"random-added-{i}" for i in range(added)],
+            thresholds={**dep.thresholds, "added": math.inf}, added_types=["added"],
+            prompt_patches={"added": extra_patches})
     model = DeployModel(det, det.deployment)
     m = cfg.model
     facts = {"overrides": overrides, "hidden_dim": m.hidden_dim, "heads": m.heads, "encoder_layers": m.encoder_layers,
@@ -140,14 +153,14 @@ def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, typ
 
 
 def exported(name: str, overrides: list[str], folder: Path, key: dict[str, object], images: np.ndarray, types: int,
-             feats: torch.Tensor | None) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
+             feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
     """folder/bf16.xml of the configuration (exported now, or reused when folder/key.json records the same `key`),
     its facts, the pool's features, and whether it was reused."""
     xml, key_file, facts_file = folder / "bf16.xml", folder / "key.json", folder / "facts.json"
     if xml.is_file() and key_file.is_file() and facts_file.is_file() and json.loads(key_file.read_text()) == key:
         return xml, json.loads(facts_file.read_text()), feats, True
     t = time.perf_counter()
-    checkpoint, facts, feats = build(name, overrides, folder, images, types, feats)
+    checkpoint, facts, feats = build(name, overrides, folder, images, types, feats, added)
     export_model(checkpoint, "openvino", xml, precision="bf16")
     facts["export_seconds"] = round(time.perf_counter() - t, 1)
     facts_file.write_text(json.dumps(facts, indent=2))
@@ -204,6 +217,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16], help="batch sizes of the throughputs")
     ap.add_argument("--types", type=int, default=10, help="product types in the prompt pool")
     ap.add_argument("--pool", type=int, default=8, help="prompt images per type (eval.prompt_pool)")
+    ap.add_argument("--added", type=int, nargs="+", default=[0], metavar="K",
+                    help="measure each configuration with a type added from K images as well (0: none; e.g. 0 4 16)")
     ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type and per-part times at batch 1")
     ap.add_argument("--work", help="keep the checkpoints and exports here, and reuse them (default: a temporary folder)")
     ap.add_argument("--output", default=str(REPO / "runs" / "line-network"))
@@ -225,11 +240,14 @@ def main() -> None:
         feats = None
         files: dict[str, Path] = {}
         facts: dict[str, dict] = {}
-        for name, overrides in configs.items():
+        measured = [(f"{name}+added{k}" if k else name, name, overrides, k)
+                    for name, overrides in configs.items() for k in args.added]
+        for name, preset, overrides, k in measured:
             key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "commit": commit,
-                   "source_changes": changes}
+                   "source_changes": changes, "added": k}
             files[name], facts[name], feats, reused = exported(name, overrides, work / name, key, images, args.types,
-                                                               feats)
+                                                               feats, k)
+            facts[name].update(preset=preset, added_images=k)
             f = facts[name]
             done = "export reused" if reused else f"built and exported in {f['export_seconds']} s"
             print(f"{name}: {done}, network "
@@ -261,12 +279,13 @@ def main() -> None:
     load_end = os.getloadavg()
 
     rows = []
-    for name in configs:
+    ref = measured[0][0]  # the default network (with the first --added)
+    for name in files:
         best = max(throughput[b][name] for b in args.batches)
         rows.append({"config": name, **facts[name], "latency_ms": latency[name] * 1000,
                      "images_per_s": {str(b): throughput[b][name] for b in args.batches},
-                     "latency_vs_default": latency[name] / latency["default"],
-                     "throughput_vs_default": {str(b): throughput[b][name] / throughput[b]["default"]
+                     "latency_vs_default": latency[name] / latency[ref],
+                     "throughput_vs_default": {str(b): throughput[b][name] / throughput[b][ref]
                                                for b in args.batches},
                      "meets_goal": latency[name] * 1000 <= GOAL_MS and best >= GOAL_IMAGES_S,
                      **({"openvino_profile": profiles[name]} if name in profiles else {})})

@@ -110,18 +110,20 @@ def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
     q = query.flatten(2).transpose(1, 2)  # (N, L, C')
     want = sum(torch.cdist(q_tap, b_tap[None].expand(2, -1, -1)).amin(dim=2)
                for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=1)))
-    got = prompt_distances(query, bank[None].expand(2, -1, -1), widths)
+    zero = torch.zeros(2, dtype=torch.int64)
+    got = prompt_distances(query, bank[None], zero, widths)
     assert got.shape == (2, 16) and torch.allclose(got, want, atol=1e-4)
     import onenip.models.scoring as scoring
 
     chunk, scoring.BANK_CHUNK = scoring.BANK_CHUNK, 3  # the bank compared in chunks of 3, 3 and 1 patches
     try:
-        assert torch.allclose(prompt_distances(query, bank[None].expand(2, -1, -1), widths), want, atol=1e-4)
+        assert torch.allclose(prompt_distances(query, bank[None], zero, widths), want, atol=1e-4)
     finally:
         scoring.BANK_CHUNK = chunk
     padded = pad_banks([bank, bank[:3]])  # (2, 7, C'): the second type's 3 patches repeated
-    assert torch.allclose(prompt_distances(query, padded[1:].expand(2, -1, -1), widths),
-                          prompt_distances(query, bank[:3][None].expand(2, -1, -1), widths), atol=1e-6)
+    mixed = prompt_distances(query, padded, torch.tensor([1, 0]), widths)  # query 0 against bank 1, query 1 bank 0
+    assert torch.allclose(mixed[0], prompt_distances(query[:1], bank[:3][None], zero[:1], widths)[0], atol=1e-6)
+    assert torch.allclose(mixed[1], want[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("grid,size", [(28, 224), (8, 64), (4, 9)])

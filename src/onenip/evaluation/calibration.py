@@ -369,7 +369,8 @@ def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, prompt_p
     bank, types = prompt_bank(prompt_patches), type_bank(prompt_feats)
     scores, dists = [], []
     for f, p in zip(feats.split(SCORE_CHUNK), patches.split(SCORE_CHUNK)):
-        scores.append(image_scores(added_type_map(p, bank[None].expand(len(p), -1, -1), widths, size), kernel))
+        own = torch.zeros(len(p), dtype=torch.int64, device=p.device)  # every image against the one bank
+        scores.append(image_scores(added_type_map(p, bank[None], own, widths, size), kernel))
         dists.append(type_distance(patch_distances(f, types[None].expand(len(f), -1, -1))))
     return torch.cat(scores).cpu().numpy(), torch.cat(dists).cpu().numpy()
 

@@ -378,7 +378,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
             which = added_kinds[kind] if any_added else None
             if which is not None and bool(which.any()):  # as the deployed model: an added type gets the prompt map
-                added = (which, added_type_map(patches, banks[rows[kind]], detector.extractor.patch_widths,
+                added = (which, added_type_map(patches, banks, rows[kind], detector.extractor.patch_widths,
                                                cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \

@@ -106,7 +106,7 @@ class DeployModel(nn.Module):
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
         if self.any_added:  # a type added from its prompts alone: the training-free map
-            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks[self.prompt_rows[category]],
+            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
                                  self.patch_widths, self.size)
             amap = torch.where(self.added[category][:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)

@@ -157,17 +157,19 @@ def prompt_bank(patches: Tensor) -> Tensor:
 BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
 
 
-def prompt_distances(patches: Tensor, bank: Tensor, widths: list[int]) -> Tensor:
-    """Query patches (N, C', G, G) and each query's bank (N, M, C'), both made of taps of `widths` channels, each
-    tap a unit vector -> (N, G * G): for every query patch, the sum over the taps of the Euclidean distance to the
-    tap's nearest bank patch, sqrt(2 - 2 max cos) (each tap finds its own nearest patch). The bank is compared
-    BANK_CHUNK patches at a time."""
+def prompt_distances(patches: Tensor, banks: Tensor, rows: Tensor, widths: list[int]) -> Tensor:
+    """Query patches (N, C', G, G), the added types' banks (A, M, C') and each query's bank (N,) int64, the patches
+    made of taps of `widths` channels, each tap a unit vector -> (N, G * G): for every query patch, the sum over the
+    taps of the Euclidean distance to the tap's nearest patch of its bank, sqrt(2 - 2 max cos) (each tap finds its
+    own nearest patch). Every query is compared with every bank, BANK_CHUNK patches at a time, each a matrix product
+    with a fixed matrix (what CPU runtimes run fastest), and then keeps its own bank's distances."""
     q = patches.float().flatten(2).transpose(1, 2)  # (N, L, C')
     total = q.new_zeros(q.shape[:2])
-    for q_tap, b_tap in zip(q.split(widths, dim=2), bank.split(widths, dim=2)):
-        best = torch.cat([(q_tap @ b.transpose(1, 2)).amax(dim=2, keepdim=True)
-                          for b in b_tap.split(BANK_CHUNK, dim=1)], dim=2).amax(dim=2)  # (N, L)
-        total = total + (2.0 - 2.0 * best).clamp_min(0.0).sqrt()
+    for q_tap, b_tap in zip(q.split(widths, dim=2), banks.float().split(widths, dim=2)):
+        best = torch.stack([torch.stack([(q_tap @ chunk.transpose(0, 1)).amax(dim=2) for chunk in bank.split(BANK_CHUNK)])
+                            .amax(dim=0) for bank in b_tap], dim=1)  # (N, A, L)
+        mine = best.gather(1, rows.view(-1, 1, 1).expand(-1, 1, best.shape[2]))[:, 0]  # (N, L)
+        total = total + (2.0 - 2.0 * mine).clamp_min(0.0).sqrt()
     return total
 
 
@@ -197,8 +199,8 @@ def prompt_map(distances: Tensor, size: int) -> Tensor:
     return w @ distances.view(-1, grid, grid) @ w.transpose(0, 1)
 
 
-def added_type_map(patches: Tensor, bank: Tensor, widths: list[int], size: int) -> Tensor:
-    """The map of a type added from its prompt images: query patches (N, C', G, G) against each query's bank
-    (N, M, C') -> (N, size, size), `prompt_map` of `prompt_distances`. Evaluation, calibration and the deployed
-    model all call this."""
-    return prompt_map(prompt_distances(patches, bank, widths), size)
+def added_type_map(patches: Tensor, banks: Tensor, rows: Tensor, widths: list[int], size: int) -> Tensor:
+    """The map of a type added from its prompt images: query patches (N, C', G, G) against the banks (A, M, C'), each
+    query its own (`rows`, (N,)) -> (N, size, size), `prompt_map` of `prompt_distances`. Evaluation, calibration
+    and the deployed model all call this."""
+    return prompt_map(prompt_distances(patches, banks, rows, widths), size)
