@@ -75,8 +75,8 @@ def data_root(arg: str | None) -> tuple[Path, str]:
     generated data (made on first use)."""
     if arg:
         return Path(arg), "given"
-    if iad_mix_root().is_dir():
-        return iad_mix_root(), "iad-mix"
+    if (root := iad_mix_root()).is_dir():
+        return root, "iad-mix"
     from onenip.demo.dataset import make_demo_dataset
 
     root = REPO / "runs" / "cpu-speed" / "demo-data"

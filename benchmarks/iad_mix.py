@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -22,14 +21,13 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from onenip.api import make_config  # noqa: E402
-from onenip.evaluation.evaluate import METRICS, evaluate, write_results  # noqa: E402
+from onenip.evaluation.evaluate import METRICS, defined_means, evaluate, write_results  # noqa: E402
 from onenip.training.trainer import Trainer  # noqa: E402
 
 
@@ -53,11 +51,11 @@ def git_commit() -> str:
     return _COMMIT_AT_START
 
 
-def cpu_name() -> str:
-    """The CPU's model name: the first 'model name' of /proc/cpuinfo (Linux), else the platform's processor or machine
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name: the first 'model name' of `cpuinfo` (Linux), else the platform's processor or machine
     name, else 'unknown CPU'."""
     try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
     except OSError:
         found = None
     return found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown CPU"
@@ -80,14 +78,9 @@ def iad_mix_root() -> Path:
 def category_mean(categories: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str, float]],
                   metrics: Iterable[str] = METRICS) -> dict[str, float]:
     """The unweighted mean over categories of each metric (of `metrics`) of per-category metric dicts ({category:
-    metrics} or the dicts alone), over the categories where it is defined (not nan), as `Results.mean`; nan where
-    none is."""
-    rows = list(categories.values() if isinstance(categories, Mapping) else categories)
-    out = {}
-    for m in metrics:
-        defined = [float(r[m]) for r in rows if not math.isnan(r[m])]
-        out[m] = float(np.mean(defined)) if defined else float("nan")
-    return out
+    metrics} or the dicts alone), over the categories where it is defined: `onenip.evaluation.evaluate.defined_means`,
+    `Results.mean`'s rule."""
+    return defined_means(categories.values() if isinstance(categories, Mapping) else categories, tuple(metrics))
 
 
 def data_options(ap: argparse.ArgumentParser, backbone: str = "tf_efficientnet_lite0",

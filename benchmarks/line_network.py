@@ -60,7 +60,9 @@ from onenip.models.deployment import Deployment  # noqa: E402
 from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.inference import DeployModel  # noqa: E402
 
-BASE = ["backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", "data.input_size=224",
+SIZE = 224
+"""The input size of every configuration (and of the images timed)."""
+BASE = ["backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite", f"data.input_size={SIZE}",
         "train.device=cpu", "data.workers=0"]
 """Every configuration's base: the deployed backbone and input size."""
 
@@ -109,12 +111,12 @@ def gflops(model: DeployModel, size: int) -> dict[str, float]:
     return {"total": counter.get_total_flops() / 1e9, **parts}
 
 
-def pool_images(types: int, per_type: int, size: int) -> np.ndarray:
+def pool_images(types: int, per_type: int, size: int, seed: int = 0) -> np.ndarray:
     """The prompt pool's images: random uint8 (types * per_type, 3, size, size) (the time does not depend on them)."""
-    return np.random.default_rng(0).integers(0, 256, (types * per_type, 3, size, size), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (types * per_type, 3, size, size), dtype=np.uint8)
 
 
-def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, types: int,
+def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
           feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor]:
     """An untrained detector of the configuration with a deployment, saved to folder/model.safetensors; its facts
     (parameters, GFLOP) and the pool's features (the backbone is the same for every configuration: computed once).
@@ -132,7 +134,7 @@ def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, typ
                                 pool_images=[f"random-{i}" for i in range(len(cats))], fusion_scale=1.0,
                                 thresholds=dict.fromkeys(cats, math.inf))
     if added:
-        extra = np.random.default_rng(2).integers(0, 256, (added, 3, 224, 224), dtype=np.uint8)
+        extra = pool_images(1, added, cfg.data.input_size, seed=2)
         with torch.no_grad():
             extra_feats, extra_patches = det.features_and_patches(torch.from_numpy(extra))
         dep = det.deployment
@@ -152,7 +154,7 @@ def build(name: str, overrides: list[str], folder: Path, images: np.ndarray, typ
     return det.save(folder / "model.safetensors"), facts, feats
 
 
-def exported(name: str, overrides: list[str], folder: Path, key: dict[str, object], images: np.ndarray, types: int,
+def exported(overrides: list[str], folder: Path, key: dict[str, object], images: np.ndarray, types: int,
              feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
     """folder/bf16.xml of the configuration (exported now, or reused when folder/key.json records the same `key`),
     its facts, the pool's features, and whether it was reused."""
@@ -160,7 +162,7 @@ def exported(name: str, overrides: list[str], folder: Path, key: dict[str, objec
     if xml.is_file() and key_file.is_file() and facts_file.is_file() and json.loads(key_file.read_text()) == key:
         return xml, json.loads(facts_file.read_text()), feats, True
     t = time.perf_counter()
-    checkpoint, facts, feats = build(name, overrides, folder, images, types, feats, added)
+    checkpoint, facts, feats = build(overrides, folder, images, types, feats, added)
     export_model(checkpoint, "openvino", xml, precision="bf16")
     facts["export_seconds"] = round(time.perf_counter() - t, 1)
     facts_file.write_text(json.dumps(facts, indent=2))
@@ -236,7 +238,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="line-network-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        images = pool_images(args.types, args.pool, 224)
+        images = pool_images(args.types, args.pool, SIZE)
         feats = None
         files: dict[str, Path] = {}
         facts: dict[str, dict] = {}
@@ -245,19 +247,16 @@ def main() -> None:
         for name, preset, overrides, k in measured:
             key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "commit": commit,
                    "source_changes": changes, "added": k}
-            files[name], facts[name], feats, reused = exported(name, overrides, work / name, key, images, args.types,
-                                                               feats, k)
-            facts[name].update(preset=preset, added_images=k)
-            f = facts[name]
+            files[name], f, feats, reused = exported(overrides, work / name, key, images, args.types, feats, k)
+            facts[name] = {**f, "preset": preset, "added_images": k, "reused_export": reused}
             done = "export reused" if reused else f"built and exported in {f['export_seconds']} s"
             print(f"{name}: {done}, network "
                   f"{f['network_params'] / 1e6:.2f} M parameters, {f['gflop_per_image']['total']:.2f} GFLOP/image "
                   f"({f['gflop_per_image']['network']:.2f} in the network)", flush=True)
-            facts[name]["reused_export"] = reused
 
         runs = {name: OpenVinoRuntime(path, threads=args.threads).run for name, path in files.items()}
         rng = np.random.default_rng(1)
-        one = rng.integers(0, 256, (1, 3, 224, 224), dtype=np.uint8)
+        one = rng.integers(0, 256, (1, 3, SIZE, SIZE), dtype=np.uint8)
         other: dict[str, float | None] = {}  # per phase, the cores other processes kept busy (`OtherWork`)
         with OtherWork() as phase:
             latency = timed_turns(runs, one, args.repeats)
@@ -266,7 +265,7 @@ def main() -> None:
               + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
         throughput: dict[int, dict[str, float]] = {}
         for batch in args.batches:
-            many = rng.integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
+            many = rng.integers(0, 256, (batch, 3, SIZE, SIZE), dtype=np.uint8)
             with OtherWork() as phase:  # 3 calls of warm-up: OpenVINO's first calls at a new batch size are slower
                 seconds = timed_turns(runs, many, args.batch_repeats, warmup=3)
             other[f"batch {batch}"] = phase.cores
@@ -274,7 +273,7 @@ def main() -> None:
             print(f"batch {batch} (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput[batch].items())
                   + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
         load_after_speed = os.getloadavg()
-        profiles = {name: openvino_profile(path, "bf16", args.threads, 224) for name, path in files.items()} \
+        profiles = {name: openvino_profile(path, "bf16", args.threads, SIZE) for name, path in files.items()} \
             if args.profile else {}
     load_end = os.getloadavg()
 
@@ -302,7 +301,7 @@ def main() -> None:
             "runtime": "OpenVINO bf16 (onenip export --format openvino --precision bf16), LATENCY hint",
             "weights": "backbone tf_efficientnet_lite0 with its real offline weights (efficientnet-lite); network "
                        "UNTRAINED (random initialization): the times depend on the shapes only, not on the weights",
-            "input_size": 224, "prompt_pool": f"{args.types} types x {args.pool} random uint8 images",
+            "input_size": SIZE, "prompt_pool": f"{args.types} types x {args.pool} random uint8 images",
             "repeats": args.repeats, "batch_repeats": args.batch_repeats, "batches": args.batches,
             "goal": {"latency_ms_at_most": GOAL_MS, "images_per_s_at_least": GOAL_IMAGES_S},
             "load_average": {"start": load_start, "after_speed": load_after_speed, "end": load_end},
@@ -317,7 +316,7 @@ def main() -> None:
           f"- commit {commit}" + (f" (with uncommitted changes in {', '.join(changes)})" if changes else "")
           + f"; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); {args.threads} threads; "
           + ", ".join(f"{k} {v}" for k, v in versions.items()),
-          f"- {meta['weights']}; 224 px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
+          f"- {meta['weights']}; {SIZE} px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
           f"- batch 1: median of {args.repeats} calls; batches: median of {args.batch_repeats}; the configurations "
           "taking turns call by call",
           "- load average (1, 5, 15 min): start " + " ".join(f"{v:.2f}" for v in load_start) + ", after the speed "

@@ -68,10 +68,10 @@ from onenip.logs import progress_bar  # noqa: E402
 from onenip.models.detector import Detector, set_threads  # noqa: E402
 from onenip.models.prompts import PromptPool, pool_samples  # noqa: E402
 from onenip.models.scoring import fuse  # noqa: E402
+from onenip.report.page import METRIC_NAMES  # noqa: E402
 
 BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
-NAMES = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1max": "I-F1max", "pixel_auroc": "P-AUROC",
-         "pixel_ap": "P-AP", "pixel_f1max": "P-F1max", "pixel_aupro": "AUPRO"}
+NAMES = dict(zip(METRICS, METRIC_NAMES))
 
 
 @contextmanager
@@ -127,6 +127,13 @@ def type_scales(detector: Detector, cfg, train, pool: PromptPool, scale: float |
     return out
 
 
+def max_abs_difference(cats: dict[str, dict[str, float]], ref: dict[str, dict[str, Any]]) -> float:
+    """Largest |difference| between the metrics of `cats` and the 'fused' ones of `ref` ({category: {map: metrics}}),
+    over the categories of `ref` and the metrics defined there (not None, not nan)."""
+    return max(abs(cats[c][m] - r["fused"][m]) for c, r in ref.items() for m in METRICS
+               if r["fused"][m] is not None and not math.isnan(r["fused"][m]))
+
+
 def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt = checkpoint_file(path, with_training_state=False)
@@ -143,19 +150,21 @@ def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
     maps = learned_and_prompt(detector, cfg, test, pool, scale)
     s_img = np.array([scales[r]["scale"] for r in maps["retrieved"]], np.float32)[:, None, None]
     labels_all = np.array([s.label for s in test])
+    groups = {}  # per category: its test images' indices, labels and masks (None: not every defective one has one)
+    for cat in sorted({s.category for s in test}):
+        ix = np.array([i for i, s in enumerate(test) if s.category == cat])
+        labels = labels_all[ix]
+        pixel_ok = bool(np.all(maps["has_mask"][ix][labels == 1]))  # as evaluate_category
+        groups[cat] = (ix, labels, maps["masks"][ix] if pixel_ok else None)
     per_beta: dict[str, Any] = {}
     for beta in betas:
         cats: dict[str, dict[str, float]] = {}
-        for cat in sorted({s.category for s in test}):
-            ix = np.array([i for i, s in enumerate(test) if s.category == cat])
+        for cat, (ix, labels, masks) in groups.items():
             amap = (1.0 - beta) * maps["learned"][ix] + beta * s_img[ix] * maps["prompt"][ix]
-            labels = labels_all[ix]
-            pixel_ok = bool(np.all(maps["has_mask"][ix][labels == 1]))  # as evaluate_category
-            cats[cat], _ = category_metrics(amap.astype(np.float32), maps["masks"][ix] if pixel_ok else None, labels, cfg)
+            cats[cat], _ = category_metrics(amap.astype(np.float32), masks, labels, cfg)
         per_beta[str(beta)] = {"categories": cats, "mean": category_mean(cats)}
     ref = ordinary.categories
-    diff = max(abs(per_beta[str(0.0)]["categories"][c][m] - ref[c]["fused"][m]) for c in ref for m in METRICS
-               if not math.isnan(ref[c]["fused"][m])) if 0.0 in betas else None
+    diff = max_abs_difference(per_beta["0.0"]["categories"], ref) if 0.0 in betas else None
     entry = {"model": str(ckpt), "train_seed": detector.cfg.train.seed, "fusion_scale": scale,
              "fusion_scale_ordinary": ordinary.fusion_scale, "prompt_scales": scales,
              "retrieval_accuracy": float(np.mean([r == s.category for r, s in zip(maps["retrieved"], test)])),
@@ -168,10 +177,8 @@ def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
         ev = [e for e in json.loads(report.read_text())["evaluations"] if e["protocol"] == "clean" and e["prompts"] == 1]
         if ev:
             entry["ablation_json"] = str(report)
-            entry["beta0_vs_ablation_json_max_abs_difference"] = max(
-                abs(per_beta[str(0.0)]["categories"][c][m] - ev[0]["categories"][c]["fused"][m])
-                for c in ref for m in METRICS if ev[0]["categories"][c]["fused"][m] is not None
-                and not math.isnan(ev[0]["categories"][c]["fused"][m])) if 0.0 in betas else None
+            entry["beta0_vs_ablation_json_max_abs_difference"] = max_abs_difference(
+                per_beta["0.0"]["categories"], {c: ev[0]["categories"][c] for c in ref}) if 0.0 in betas else None
     return entry
 
 

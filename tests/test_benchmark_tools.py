@@ -104,12 +104,17 @@ def test_cpu_name_and_iad_mix_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     else under shared/data beside the repository, and the data options' defaults from it."""
     import argparse
 
-    name = iad_mix.cpu_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")] if cpuinfo.is_file() else []
-    assert name == (lines[0].split(":", 1)[1].strip() if lines else platform.processor() or platform.machine()
-                    or "unknown CPU")
-    assert name in iad_mix.device_name(torch.device("cpu"))
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Foo CPU @ 2.0GHz\nmodel name\t: Bar\n")
+    assert iad_mix.cpu_name(info) == "Foo CPU @ 2.0GHz"  # the first model name
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    monkeypatch.setattr(platform, "machine", lambda: "weird64")
+    info.write_text("processor\t: 0\n")
+    assert iad_mix.cpu_name(info) == "weird64"  # no model name: the platform's
+    monkeypatch.setattr(platform, "machine", lambda: "")
+    assert iad_mix.cpu_name(tmp_path / "missing") == "unknown CPU"
+    monkeypatch.undo()
+    assert iad_mix.cpu_name() in iad_mix.device_name(torch.device("cpu"))
     monkeypatch.setenv("ONENIP_DATA", str(tmp_path))
     assert iad_mix.iad_mix_root() == tmp_path / "iad-mix"
     ap = argparse.ArgumentParser()

@@ -202,7 +202,7 @@ def test_missing_mask_leaves_the_category_out_of_pixel_metrics(tmp_path: Path) -
         in res.to_markdown("fused")
 
 
-def test_real_model_both_protocols_and_files(tmp_path: Path, gen_data: Path) -> None:
+def test_real_model_both_protocols_and_files(tmp_path: Path, gen_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_config(None, [
         f"data.roots=[{gen_data}]", "data.categories=[bracket, grain]", "data.input_size=64",
         "data.workers=0", "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
@@ -219,6 +219,15 @@ def test_real_model_both_protocols_and_files(tmp_path: Path, gen_data: Path) -> 
     cfg.eval.protocol, cfg.eval.given_type = "clean", True  # the line tells each image's type
     given = evaluate(det, cfg, progress=False)
     assert given.retrieval_accuracy == 1.0 and all(r["retrieved"] == r["category"] for r in given.scores)
+    # every image equally similar to every pool entry: retrieval alone picks one type for all, the given type wins
+    import onenip.models.prompts as prompts
+
+    monkeypatch.setattr(prompts, "descriptor", lambda f: torch.nn.functional.normalize(torch.ones(len(f), f.shape[1]), dim=1))
+    cfg.eval.given_type = False
+    assert evaluate(det, cfg, progress=False).retrieval_accuracy < 1.0
+    cfg.eval.given_type = True
+    assert evaluate(det, cfg, progress=False).retrieval_accuracy == 1.0
+    monkeypatch.undo()
     cfg.eval.protocol, cfg.eval.given_type = "paper", False
     assert clean.fusion_scale > 0 and paper1.fusion_scale > 0 and clean.fusion_scale != paper1.fusion_scale
     for res in (clean, paper1):

@@ -637,6 +637,9 @@ def test_features_and_patches_come_from_one_set_of_taps(lite0: FeatureExtractor,
     assert torch.allclose(stride16.norm(dim=1), torch.ones(3, 8, 8), atol=1e-5)
     want = F.normalize(F.avg_pool2d(taps[2], 3, stride=1, padding=1, count_include_pad=False), dim=1)
     assert torch.allclose(stride8, want, atol=1e-6)
+    coarse = F.interpolate(F.avg_pool2d(taps[3], 3, stride=1, padding=1, count_include_pad=False), size=(8, 8),
+                           mode="bilinear", align_corners=False)  # averaged on its own grid, then brought to stride 8
+    assert torch.allclose(stride16, F.normalize(coarse, dim=1), atol=1e-6)
     wide = lite0.taps(F.interpolate(images.float(), size=(64, 96)).to(torch.uint8))
     assert lite0.patches(wide).shape == (3, 152, 8, 12)
 

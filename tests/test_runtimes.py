@@ -84,6 +84,7 @@ def test_openvino_streams_split_a_batch_and_give_the_same_outputs(exported: dict
     runtime = open_runtime(exported["openvino-fp32"], threads=2, hint="THROUGHPUT")
     assert len(runtime.requests) == 2  # two streams, so the batch of 16 below runs as two parts
     assert_same_outputs(runtime.run(gen_batch), reference)
+    assert [r.get_input_tensor().shape[0] for r in runtime.requests] == [8, 8]  # both streams ran a half
     one = runtime.run(gen_batch[3:4])
     assert np.allclose(one["score"], reference["score"][3:4], rtol=1e-4)
     with pytest.raises(ConfigError, match="unknown OpenVINO performance hint 'throughput'"):

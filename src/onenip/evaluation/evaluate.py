@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,19 @@ log = logging.getLogger(__name__)
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRICS = IMAGE_METRICS + PIXEL_METRICS
+
+
+def defined_values(rows: Iterable[Mapping[str, float]], metrics: Sequence[str] = METRICS) -> dict[str, list[float]]:
+    """Per metric of `metrics`, its values in the rows (one per category) where it is defined (not nan: no masks, or
+    one class only)."""
+    rows = list(rows)
+    return {m: [float(r[m]) for r in rows if not math.isnan(r[m])] for m in metrics}
+
+
+def defined_means(rows: Iterable[Mapping[str, float]], metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """Per metric, the unweighted mean of `defined_values` (nan where no row defines it): `Results.mean`'s rule for
+    any per-category metric dicts (benchmarks use it)."""
+    return {m: float(np.mean(v)) if v else float("nan") for m, v in defined_values(rows, metrics).items()}
 
 
 @dataclass
@@ -109,13 +122,12 @@ class Results:
 
     def _defined(self, map_name: str) -> dict[str, list[float]]:
         """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
-        return {m: [c[map_name][m] for c in self.categories.values() if map_name in c and not math.isnan(c[map_name][m])]
-                for m in METRICS}
+        return defined_values([c[map_name] for c in self.categories.values() if map_name in c])
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         """Unweighted mean over the categories where each metric is defined (see `counts`)."""
         self._check_map(map_name)
-        return {m: float(np.mean(v)) if v else float("nan") for m, v in self._defined(map_name).items()}
+        return defined_means([c[map_name] for c in self.categories.values() if map_name in c])
 
     def counts(self, map_name: str = "fused") -> dict[str, int]:
         """How many categories each mean covers."""
@@ -358,8 +370,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
     any_added = pool is not None and dep is not None and bool(dep.added_types)
-    if any_added:  # the added types' prompt patches, as the deployed model holds them
-        added_kinds = torch.tensor([k in dep.added_types for k in pool.kinds], device=dev)
+    if any_added:  # the added types' prompt patches, as the deployed model holds them (row -1: a trained type)
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
     given = pool.type_indices([s.category for s in samples]) if pool is not None and cfg.eval.given_type else None
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
@@ -376,10 +387,9 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
-            which = added_kinds[kind] if any_added else None
-            if which is not None and bool(which.any()):  # as the deployed model: an added type gets the prompt map
-                added = (which, added_type_map(patches, banks, rows[kind], detector.extractor.patch_widths,
-                                               cfg.data.input_size))
+            if any_added and bool((rows[kind] >= 0).any()):  # as the deployed model: an added type gets the prompt map
+                added = (rows[kind] >= 0, added_type_map(patches, banks, rows[kind], detector.extractor.patch_widths,
+                                                         cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
             batch["has_mask"], got, sim, dist, added

@@ -49,14 +49,13 @@ class Deployment:
     def prompt_banks(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
         """Each added type's bank of prompt patches (`scoring.prompt_bank`), padded to one length
         (`scoring.pad_banks`) -> (A, M, C'), and for each of `kinds` (type names, as a model indexes them) the row of
-        its bank (K,) int64 (0 for a trained type: its row is never used). Without added types, a (1, 1, 1)
-        placeholder of zeros."""
+        its bank (K,) int64, -1 for a trained type (so `rows >= 0` says which types are added). Without added types,
+        a (1, 1, 1) placeholder of zeros."""
         self.check_prompt_patches()
-        if not self.added_types:
-            return torch.zeros(1, 1, 1), torch.zeros(len(kinds), dtype=torch.int64)
         rows = {t: i for i, t in enumerate(self.added_types)}
-        banks = pad_banks([prompt_bank(self.prompt_patches[t]) for t in self.added_types])
-        return banks, torch.tensor([rows.get(k, 0) for k in kinds], dtype=torch.int64)
+        banks = pad_banks([prompt_bank(self.prompt_patches[t]) for t in self.added_types]) if rows \
+            else torch.zeros(1, 1, 1)
+        return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
     @property
     def categories(self) -> list[str]:

@@ -66,9 +66,8 @@ class DeployModel(nn.Module):
                                                      len(self.categories)))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
-        self.register_buffer("added", torch.tensor([c in deployment.added_types for c in self.categories]))  # (K,)
         self.any_added = bool(deployment.added_types)
-        # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,)
+        # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,), -1: a trained type
         banks, rows = deployment.prompt_banks(self.categories)
         self.register_buffer("prompt_banks", banks)
         self.register_buffer("prompt_rows", rows)
@@ -106,9 +105,9 @@ class DeployModel(nn.Module):
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
         if self.any_added:  # a type added from its prompts alone: the training-free map
-            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
-                                 self.patch_widths, self.size)
-            amap = torch.where(self.added[category][:, None, None], knn, amap)
+            rows = self.prompt_rows[category]  # (N,)
+            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, rows, self.patch_widths, self.size)
+            amap = torch.where((rows >= 0)[:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
         known = distance <= self.type_limits[category]

@@ -125,9 +125,15 @@ def pad_banks(banks: list[Tensor]) -> Tensor:
     return torch.stack([b.repeat(-(-longest // b.shape[0]), 1)[:longest] for b in banks])
 
 
+def prompt_bank(patches: Tensor) -> Tensor:
+    """Prompt images' features or patches (P, C, H, W) -> one row per position (P * H * W, C), a type's bank."""
+    return patches.float().flatten(2).transpose(1, 2).reshape(-1, patches.shape[1])
+
+
 def type_bank(feats: Tensor) -> Tensor:
-    """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank."""
-    return F.normalize(feats.float().flatten(2).transpose(1, 2).reshape(-1, feats.shape[1]), dim=1)
+    """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank for the
+    product-type check."""
+    return F.normalize(prompt_bank(feats), dim=1)
 
 
 def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> Tensor:
@@ -149,27 +155,27 @@ def type_distance(nearest: Tensor) -> Tensor:
     return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
 
 
-def prompt_bank(patches: Tensor) -> Tensor:
-    """Prompt images' patches (P, C', G, G) (`FeatureExtractor.patches`) -> (P * G * G, C'), a type's bank."""
-    return patches.float().flatten(2).transpose(1, 2).reshape(-1, patches.shape[1])
-
-
 BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
 
 
+def _best_cosine(queries: Tensor, bank: Tensor) -> Tensor:
+    """(N, L, c) and one bank (M, c) -> (N, L): each query's largest dot product with the bank, BANK_CHUNK bank
+    patches at a time (each a matrix product with a fixed matrix, what CPU runtimes run fastest)."""
+    return torch.stack([(queries @ chunk.transpose(0, 1)).amax(dim=2) for chunk in bank.split(BANK_CHUNK)]).amax(dim=0)
+
+
 def prompt_distances(patches: Tensor, banks: Tensor, rows: Tensor, widths: list[int]) -> Tensor:
-    """Query patches (N, C', G, G), the added types' banks (A, M, C') and each query's bank (N,) int64, the patches
-    made of taps of `widths` channels, each tap a unit vector -> (N, G * G): for every query patch, the sum over the
-    taps of the Euclidean distance to the tap's nearest patch of its bank, sqrt(2 - 2 max cos) (each tap finds its
-    own nearest patch). Every query is compared with every bank, BANK_CHUNK patches at a time, each a matrix product
-    with a fixed matrix (what CPU runtimes run fastest), and then keeps its own bank's distances."""
+    """Query patches (N, C', G, G), the added types' banks (A, M, C') and each query's bank (N,) int64 (a negative
+    row: none, the distances of bank 0 are returned and not used), the patches made of taps of `widths` channels,
+    each tap a unit vector -> (N, G * G): for every query patch, the sum over the taps of the Euclidean distance to
+    the tap's nearest patch of its bank, sqrt(2 - 2 max cos) (each tap finds its own nearest patch). Every query is
+    compared with every bank (`_best_cosine`) and then keeps its own bank's distances."""
     q = patches.float().flatten(2).transpose(1, 2)  # (N, L, C')
+    own = rows.clamp_min(0).view(-1, 1, 1).expand(-1, 1, q.shape[1])  # (N, 1, L)
     total = q.new_zeros(q.shape[:2])
     for q_tap, b_tap in zip(q.split(widths, dim=2), banks.float().split(widths, dim=2)):
-        best = torch.stack([torch.stack([(q_tap @ chunk.transpose(0, 1)).amax(dim=2) for chunk in bank.split(BANK_CHUNK)])
-                            .amax(dim=0) for bank in b_tap], dim=1)  # (N, A, L)
-        mine = best.gather(1, rows.view(-1, 1, 1).expand(-1, 1, best.shape[2]))[:, 0]  # (N, L)
-        total = total + (2.0 - 2.0 * mine).clamp_min(0.0).sqrt()
+        best = torch.stack([_best_cosine(q_tap, bank) for bank in b_tap], dim=1).gather(1, own)[:, 0]  # (N, L)
+        total = total + (2.0 - 2.0 * best).clamp_min(0.0).sqrt()
     return total
 
 
