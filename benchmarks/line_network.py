@@ -59,6 +59,7 @@ from onenip.deploy.runtimes import OpenVinoRuntime  # noqa: E402
 from onenip.models.deployment import Deployment  # noqa: E402
 from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.inference import DeployModel  # noqa: E402
+from onenip.models.scoring import added_type_bank  # noqa: E402
 
 SIZE = 224
 """The input size of every configuration (and of the images timed)."""
@@ -142,7 +143,7 @@ def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
             dep, pool_feats=torch.cat([dep.pool_feats, extra_feats]), pool_categories=cats + ["added"] * added,
             pool_images=dep.pool_images + [f"random-added-{i}" for i in range(added)],
             thresholds={**dep.thresholds, "added": math.inf}, added_types=["added"],
-            prompt_patches={"added": extra_patches})
+            prompt_patches={"added": added_type_bank(extra_patches)})
     model = DeployModel(det, det.deployment)
     m = cfg.model
     facts = {"overrides": overrides, "hidden_dim": m.hidden_dim, "heads": m.heads, "encoder_layers": m.encoder_layers,

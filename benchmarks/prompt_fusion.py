@@ -67,7 +67,7 @@ from onenip.evaluation.evaluate import (  # noqa: E402
 from onenip.logs import progress_bar  # noqa: E402
 from onenip.models.detector import Detector, set_threads  # noqa: E402
 from onenip.models.prompts import PromptPool, pool_samples  # noqa: E402
-from onenip.models.scoring import fuse  # noqa: E402
+from onenip.models.scoring import added_type_bank, fuse  # noqa: E402
 from onenip.report.page import METRIC_NAMES  # noqa: E402
 
 BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
@@ -81,7 +81,8 @@ def all_types_added(detector: Detector, cfg, pool: PromptPool):
     restored after."""
     dep = detector.deployment
     patches = features_and_patches_of(detector, pool.samples, cfg)[1]
-    per_type = {t: patches[[i for i, s in enumerate(pool.samples) if s.category == t]] for t in dep.categories}
+    per_type = {t: added_type_bank(patches[[i for i, s in enumerate(pool.samples) if s.category == t]])
+                for t in dep.categories}
     detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories), prompt_patches=per_type)
     try:
         yield

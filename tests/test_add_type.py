@@ -20,6 +20,7 @@ from onenip.data.images import load_batch
 from onenip.deploy.predictor import Predictor
 from onenip.errors import ConfigError, DatasetError
 from onenip.models.detector import Detector
+from onenip.models.scoring import added_type_bank
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_replace_swaps_an_added_types_prompts_and_refuses_trained_or_unknown_nam
     assert second.added_types == ["grain"] and second.pool_categories.count("grain") == 3
     assert [p for p, c in zip(second.pool_images, second.pool_categories) if c == "grain"] == \
         [str(p) for p in grain(gen_data, "train")[2:5]]
-    assert list(second.prompt_patches) == ["grain"] and len(second.prompt_patches["grain"]) == 3
+    assert list(second.prompt_patches) == ["grain"] and len(second.prompt_patches["grain"]) == 64  # of 3 x 8 x 8
     assert second.calibration["grain"]["added_from"] == [str(p) for p in grain(gen_data, "train")[2:5]]
     assert second.thresholds["disc"] == first.thresholds["disc"]  # the rest untouched
     assert len(second.pool_feats) == len(first.pool_feats) + 1
@@ -172,9 +173,29 @@ def test_a_type_added_without_its_patches_is_refused_with_the_fix(model: Path, g
     assert dep.added_types == ["gravel", "grain"] and sorted(dep.prompt_patches) == ["grain", "gravel"]
     det = Detector.load(out)
     fresh = det.features_and_patches(torch.from_numpy(load_batch(train[2:5] + train[5:9], 64)))[1]
-    assert torch.allclose(det.deployment.prompt_patches["gravel"], fresh[:3], atol=1e-5)  # each type its own images
-    assert torch.allclose(det.deployment.prompt_patches["grain"], fresh[3:], atol=1e-5)
+    banks = det.deployment.prompt_patches  # each type the bank of its own images
+    assert torch.allclose(banks["gravel"], added_type_bank(fresh[:3]), atol=1e-5)
+    assert torch.allclose(banks["grain"], added_type_bank(fresh[3:]), atol=1e-5)
     Predictor.load(out, device="cpu").predict(grain(gen_data, "test")[:2])  # scores again
+
+
+def test_patches_stored_before_banks_were_coresets_load_as_a_full_bank(model: Path, gen_data: Path,
+                                                                       tmp_path: Path) -> None:
+    """A model written when an added type's patches were stored whole, (K, C', G, G), loads with every one of them in
+    its bank (the bank its threshold was set on), and predicts with it."""
+    import dataclasses
+
+    out = tmp_path / "m.safetensors"
+    train = grain(gen_data, "train")
+    add_type(model, "grain", train[:4], output=out)
+    det = Detector.load(out)
+    whole = det.features_and_patches(torch.from_numpy(load_batch(train[:4], 64)))[1]  # (4, C', 8, 8)
+    det.deployment = dataclasses.replace(det.deployment, prompt_patches={"grain": whole})
+    det.save(out)
+    loaded = Detector.load(out).deployment.prompt_patches["grain"]
+    assert loaded.shape == (4 * 8 * 8, whole.shape[1])
+    assert torch.equal(loaded, whole.flatten(2).transpose(1, 2).reshape(-1, whole.shape[1]))
+    assert len(Predictor.load(out, device="cpu").predict(grain(gen_data, "test")[:2])) == 2
 
 
 def test_calibrate_keeps_an_added_type(model: Path, gen_data: Path, tmp_path: Path) -> None:

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from onenip.models.networks import upsample
 from onenip.models.scoring import (
+    added_type_bank,
+    bank_size,
+    coreset,
     fuse,
     fusion_scale,
     image_scores,
@@ -124,6 +127,40 @@ def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
     mixed = prompt_distances(query, padded, torch.tensor([1, 0]), widths)  # query 0 against bank 1, query 1 bank 0
     assert torch.allclose(mixed[0], prompt_distances(query[:1], bank[:3][None], zero[:1], widths)[0], atol=1e-6)
     assert torch.allclose(mixed[1], want[1], atol=1e-4)
+
+
+def test_bank_size_keeps_a_quarter_but_one_image_at_least() -> None:
+    assert [bank_size(k, 28) for k in (1, 2, 4, 5, 16)] == [784, 784, 784, 980, 3136]
+    assert bank_size(3, 8) == 64 and bank_size(1, 1) == 1
+
+
+def test_coreset_is_k_center_greedy() -> None:
+    """Against the greedy written out plainly: from row 0, each next row the farthest from those chosen; on five tight,
+    far-apart clusters five rows are one per cluster; every row ends up no farther from a kept row than any two kept
+    rows are from each other (the greedy's covering property); all rows when asked for as many."""
+    gen = torch.Generator().manual_seed(4)
+    bank = torch.randn(60, 6, generator=gen)
+    chosen = [0]
+    for _ in range(9):
+        d = torch.cdist(bank, bank[chosen]).amin(dim=1)
+        chosen.append(int(d.argmax()))
+    got = coreset(bank, 10)
+    assert torch.equal(got, bank[chosen])
+    kept = torch.cdist(got, got) + torch.eye(10) * 1e9
+    assert torch.cdist(bank, got).amin(dim=1).max() <= kept.min() + 1e-6
+    centres = torch.eye(6)[:5] * 100
+    clusters = (centres[:, None] + 0.01 * torch.randn(5, 8, 6, generator=gen)).reshape(40, 6)
+    picked = coreset(clusters[torch.randperm(40, generator=gen)], 5)
+    assert sorted(int(v) for v in (picked @ centres.T).argmax(dim=1)) == [0, 1, 2, 3, 4]
+    assert torch.equal(coreset(bank, 60), bank) and torch.equal(coreset(bank, 99), bank)
+
+
+def test_added_type_bank_is_the_coreset_of_the_prompt_patches() -> None:
+    patches = torch.randn(8, 5, 4, 4, generator=torch.Generator().manual_seed(5))  # K = 8 images of 4 x 4 patches
+    bank = added_type_bank(patches)
+    rows = patches.flatten(2).transpose(1, 2).reshape(-1, 5)
+    assert bank.shape == (32, 5) and torch.equal(bank, coreset(rows, 32))
+    assert torch.equal(added_type_bank(patches[:1]), rows[:16])  # one image: every patch, in order
 
 
 @pytest.mark.parametrize("grid,size", [(28, 224), (8, 64), (4, 9)])

@@ -28,10 +28,10 @@ from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
 from onenip.models.prompts import pool_samples
 from onenip.models.scoring import (
+    added_type_bank,
     added_type_map,
     image_scores,
     patch_distances,
-    prompt_bank,
     type_bank,
     type_distance,
 )
@@ -275,14 +275,15 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
              replace: bool = False) -> Deployment:
     """The detector's deployment with the product type `name` added from K >= 1 normal `images`, with no gradient
     step: the K images join the prompt pool (so retrieval can find the type), the type is scored by the training-free
-    prompt map (`onenip.models.scoring.prompt_map`: each patch's distance to the nearest patch of its prompt images),
-    and it gets a threshold and a limit for the unknown-type check.
+    prompt map (`onenip.models.scoring.prompt_map`: each patch's distance to the nearest patch of its prompt images,
+    kept as a bank of at most max(one image's, a quarter of all) patches, `scoring.added_type_bank`), and it gets a
+    threshold and a limit for the unknown-type check.
 
     The threshold is set at false alarm rate `far` (default eval.far) on the scores of `normal`, further normal images
-    of the type, when given; otherwise on the K images themselves, each scored against the other K - 1 (leave one
-    out; with K = 1, four copies of the image shifted by a quarter of a feature cell stand in). The type limit is
-    `margin` (default eval.unknown_margin) x the largest type distance of the same images. `replace`: `name` is a
-    type added before, whose prompts, threshold and limit are replaced (a trained type cannot be).
+    of the type, when given; otherwise on the K images themselves, each scored against the bank of the other K - 1
+    (leave one out; with K = 1, four copies of the image shifted by a quarter of a feature cell stand in). The type
+    limit is `margin` (default eval.unknown_margin) x the largest type distance of the same images. `replace`: `name`
+    is a type added before, whose prompts, threshold and limit are replaced (a trained type cannot be).
 
     Raises:
         ConfigError: an empty name, a name the model has already (without `replace`), `replace` of a name that is not
@@ -317,15 +318,16 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     else:
         feats, patches = features_and_patches_of(detector, prompts, cfg)  # (K, C, H, W), (K, C', 2H, 2W)
     size, kernel, widths = detector.input_size, dep.score_kernel, detector.extractor.patch_widths
+    bank = added_type_bank(patches)  # what the deployed model compares with
     if extra:
-        scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, patches, widths, size, kernel)
+        scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, bank, widths, size, kernel)
         source = f"{len(extra)} further normal images"
     elif len(prompts) > 1:  # leave one out: each image against the other K - 1
         def others(t: Tensor, i: int) -> Tensor:
             return torch.cat([t[:i], t[i + 1 :]])
 
-        pairs = [prompt_scores(feats[i : i + 1], patches[i : i + 1], others(feats, i), others(patches, i), widths, size,
-                               kernel) for i in range(len(prompts))]
+        pairs = [prompt_scores(feats[i : i + 1], patches[i : i + 1], others(feats, i), added_type_bank(others(patches, i)),
+                               widths, size, kernel) for i in range(len(prompts))]
         scores, dists = (np.concatenate(v) for v in zip(*pairs))
         source = f"the {len(prompts)} prompt images, each against the others"
     else:
@@ -333,7 +335,7 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
         padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
         shifted = torch.cat([padded[:, :, step + dy * step : step + dy * step + size, step + dx * step : step + dx * step + size]
                              for dx, dy in SHIFTS])
-        scores, dists = prompt_scores(*detector.features_and_patches(shifted), feats, patches, widths, size, kernel)
+        scores, dists = prompt_scores(*detector.features_and_patches(shifted), feats, bank, widths, size, kernel)
         source = "4 shifted copies of the single prompt image"
     thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
@@ -342,7 +344,7 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
         dep, pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
         pool_images=dep.pool_images + [str(s.image) for s in prompts],
         thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info},
-        added_types=dep.added_types + [name], prompt_patches={**dep.prompt_patches, name: patches.cpu()},
+        added_types=dep.added_types + [name], prompt_patches={**dep.prompt_patches, name: bank.cpu()},
         type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf})
 
 
@@ -361,12 +363,13 @@ def _without_type(dep: Deployment, name: str) -> Deployment:
 SCORE_CHUNK = 8  # images scored at once by `prompt_scores`: bounds its memory whatever the number of images
 
 
-def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, prompt_patches: Tensor, widths: list[int],
+def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, bank: Tensor, widths: list[int],
                   size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and type distances of images (features (N, C, H, W) and patches (N, C', 2H, 2W)) judged as a type
-    added from prompt images with `prompt_feats` (P, C, H, W) and `prompt_patches` (P, C', 2H, 2W): what the deployed
-    model computes for them (`widths`: the patches' taps, `FeatureExtractor.patch_widths`), SCORE_CHUNK at a time."""
-    bank, types = prompt_bank(prompt_patches), type_bank(prompt_feats)
+    added from prompt images with `prompt_feats` (P, C, H, W) and the bank of their patches (M, C',
+    `scoring.added_type_bank`): what the deployed model computes for them (`widths`: the patches' taps,
+    `FeatureExtractor.patch_widths`), SCORE_CHUNK at a time."""
+    types = type_bank(prompt_feats)
     scores, dists = [], []
     for f, p in zip(feats.split(SCORE_CHUNK), patches.split(SCORE_CHUNK)):
         own = torch.zeros(len(p), dtype=torch.int64, device=p.device)  # every image against the one bank

@@ -3,7 +3,7 @@
 A `Deployment` holds a prompt pool (backbone features of a few normal training images of every category; a new image
 takes the most similar one, so no category has to be given), the fusion constant c (from training images), one
 decision threshold and one unknown-type limit per category, and for each type added after training (`onenip
-add-type`) the stride-8 patches of its prompt images, which its training-free map compares. `onenip.evaluation.
+add-type`) a bank of the stride-8 patches of its prompt images, which its training-free map compares. `onenip.evaluation.
 calibration` builds one after training, sets its thresholds and adds types.
 """
 
@@ -33,8 +33,9 @@ class Deployment:
     # known image (empty: no check, as in models built before it)
     added_types: list[str] = field(default_factory=list)  # types added after training from their prompt images alone
     # (`onenip add-type`): scored by the training-free prompt map, not the learned one
-    prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type, the stride-8 patches
-    # (`FeatureExtractor.patches`) of its prompt images (K, C', G, G): what its prompt map compares a query with
+    prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type, its bank (M, C') of the
+    # stride-8 patches (`FeatureExtractor.patches`) of its prompt images (`scoring.added_type_bank`): what its prompt
+    # map compares a query with
 
     def check_prompt_patches(self) -> None:
         """Raise ConfigError naming every added type without stored patches (a type added by an earlier version of
@@ -47,13 +48,13 @@ class Deployment:
                               f"this version does not compute: add them again ({how})")
 
     def prompt_banks(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
-        """Each added type's bank of prompt patches (`scoring.prompt_bank`), padded to one length
+        """Each added type's bank of prompt patches, padded to one length
         (`scoring.pad_banks`) -> (A, M, C'), and for each of `kinds` (type names, as a model indexes them) the row of
         its bank (K,) int64, -1 for a trained type (so `rows >= 0` says which types are added). Without added types,
         a (1, 1, 1) placeholder of zeros."""
         self.check_prompt_patches()
         rows = {t: i for i, t in enumerate(self.added_types)}
-        banks = pad_banks([prompt_bank(self.prompt_patches[t]) for t in self.added_types]) if rows \
+        banks = pad_banks([self.prompt_patches[t] for t in self.added_types]) if rows \
             else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
@@ -90,5 +91,12 @@ class Deployment:
             alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
             type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
             added_types=list(meta.get("added_types", [])),
-            prompt_patches={t: tensors[f"prompt_patches.{i}"] for i, t in enumerate(meta.get("prompt_patch_types", []))},
+            prompt_patches={t: _bank(tensors[f"prompt_patches.{i}"])
+                            for i, t in enumerate(meta.get("prompt_patch_types", []))},
         )
+
+
+def _bank(stored: Tensor) -> Tensor:
+    """A stored bank (M, C'), or the patches (K, C', G, G) that models written before banks were coresets stored:
+    all of them, one row each (their thresholds were set on that full bank)."""
+    return stored if stored.ndim == 2 else prompt_bank(stored)

@@ -130,6 +130,38 @@ def prompt_bank(patches: Tensor) -> Tensor:
     return patches.float().flatten(2).transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+BANK_SHARE = 0.25  # of an added type's prompt patches kept in its bank (k-center greedy), but one image's worth at least
+
+
+def bank_size(images: int, grid: int) -> int:
+    """How many patches the bank of a type added from `images` prompt images of `grid` x `grid` patches keeps:
+    BANK_SHARE of them, at least one image's worth (so every patch of 1 image, 784 of 4 x 784, 3,136 of 16 x 784)."""
+    return min(images * grid * grid, max(grid * grid, math.ceil(BANK_SHARE * images * grid * grid)))
+
+
+def coreset(bank: Tensor, size: int) -> Tensor:
+    """Rows of `bank` (M, C) -> `size` of them (size, C) chosen by k-center greedy (Euclidean): from row 0, each next
+    row is the one farthest from those chosen, so every row lies close to a kept one (PatchCore's coreset, without
+    its random projection: deterministic). All rows when size >= M."""
+    if size >= bank.shape[0]:
+        return bank
+    x = bank.float()
+    norms = (x * x).sum(dim=1)
+    chosen = torch.zeros(size, dtype=torch.int64)
+    nearest = (norms - 2 * x @ x[0] + norms[0]).clamp_min(0.0)  # squared distance to the nearest chosen row
+    for i in range(1, size):
+        chosen[i] = nearest.argmax()
+        nearest = torch.minimum(nearest, (norms - 2 * x @ x[chosen[i]] + norms[chosen[i]]).clamp_min(0.0))
+    return bank[chosen.to(bank.device)]
+
+
+def added_type_bank(patches: Tensor) -> Tensor:
+    """An added type's prompt images' patches (K, C', G, G) -> its bank (M, C'), M = `bank_size` (K, G): the
+    `coreset` of all K * G * G, which bounds the per-image cost of its map at large K. What `onenip add-type` stores
+    and what its threshold is set on."""
+    return coreset(prompt_bank(patches), bank_size(patches.shape[0], patches.shape[-1]))
+
+
 def type_bank(feats: Tensor) -> Tensor:
     """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank for the
     product-type check."""
