@@ -66,6 +66,20 @@ def test_further_normal_images_set_the_threshold(model: Path, gen_data: Path, tm
     assert dep.type_thresholds["grain"] == pytest.approx(1.2 * max(p.type_distance for p in preds), rel=1e-4)
 
 
+def test_without_further_images_each_fold_is_scored_against_the_others(model: Path, gen_data: Path,
+                                                                       tmp_path: Path) -> None:
+    """K = 5 prompt images: four folds ({0, 4}, {1}, {2}, {3}), each scored against the bank of the other images, so
+    image 0's threshold score is what a type added from images 1-3 alone gives it (and image 3's, from 0, 1, 2, 4)."""
+    train = grain(gen_data, "train")
+    _, dep = add_type(model, "grain", train[:5], output=tmp_path / "m.safetensors")
+    assert dep.calibration["grain"]["source"] == "the 5 prompt images in 4 folds, each against the other folds"
+    for image, rest in ((0, train[1:4]), (3, [train[i] for i in (0, 1, 2, 4)])):
+        _, alone = add_type(model, "g", rest, output=tmp_path / f"alone{image}.safetensors")
+        pred = Predictor(Detector.load(tmp_path / f"alone{image}.safetensors"), device="cpu",
+                         product_type="g").predict([train[image]])[0]
+        assert min(abs(s - pred.score) for s in dep.calibration["grain"]["normal_scores"]) <= 1e-4 * abs(pred.score)
+
+
 def test_bad_input_is_named(model: Path, gen_data: Path, tmp_path: Path) -> None:
     images = grain(gen_data, "train")[:2]
     with pytest.raises(ConfigError, match="at least one normal image"):

@@ -266,6 +266,8 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
 # A product type added after training
 # --------------------------------------------------------------------------------------------------------------------
 
+THRESHOLD_FOLDS = 4  # without further normal images, the K prompt images are scored in this many folds (K <= 4:
+# each against the other K - 1), each fold against the bank of the others: a coreset per fold, a few at any K
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # of a lone prompt image, by a quarter of a feature cell, for its threshold
 
 
@@ -280,8 +282,9 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     threshold and a limit for the unknown-type check.
 
     The threshold is set at false alarm rate `far` (default eval.far) on the scores of `normal`, further normal images
-    of the type, when given; otherwise on the K images themselves, each scored against the bank of the other K - 1
-    (leave one out; with K = 1, four copies of the image shifted by a quarter of a feature cell stand in). The type
+    of the type, when given; otherwise on the K images themselves, each scored against the bank of the others
+    (leave one out up to K = 4; beyond, THRESHOLD_FOLDS folds, each fold against the bank of the rest; with K = 1,
+    four copies of the image shifted by a quarter of a feature cell stand in). The type
     limit is `margin` (default eval.unknown_margin) x the largest type distance of the same images. `replace`: `name`
     is a type added before, whose prompts, threshold and limit are replaced (a trained type cannot be).
 
@@ -322,14 +325,16 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     if extra:
         scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, bank, widths, size, kernel)
         source = f"{len(extra)} further normal images"
-    elif len(prompts) > 1:  # leave one out: each image against the other K - 1
-        def others(t: Tensor, i: int) -> Tensor:
-            return torch.cat([t[:i], t[i + 1 :]])
-
-        pairs = [prompt_scores(feats[i : i + 1], patches[i : i + 1], others(feats, i), added_type_bank(others(patches, i)),
-                               widths, size, kernel) for i in range(len(prompts))]
+    elif len(prompts) > 1:  # each fold of images against the bank of the others: one coreset per fold
+        folds = [list(range(f, len(prompts), THRESHOLD_FOLDS)) for f in range(min(THRESHOLD_FOLDS, len(prompts)))]
+        pairs = []
+        for held in folds:
+            rest = [i for i in range(len(prompts)) if i not in held]
+            pairs.append(prompt_scores(feats[held], patches[held], feats[rest], added_type_bank(patches[rest]), widths,
+                                       size, kernel))
         scores, dists = (np.concatenate(v) for v in zip(*pairs))
-        source = f"the {len(prompts)} prompt images, each against the others"
+        source = f"the {len(prompts)} prompt images, each against the others" if len(folds) == len(prompts) else \
+            f"the {len(prompts)} prompt images in {len(folds)} folds, each against the other folds"
     else:
         step = max(1, size // 64)  # a quarter of a 16-pixel feature cell
         padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
