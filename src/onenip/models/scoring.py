@@ -16,7 +16,8 @@ these, and nothing else computes a map, a fusion or a score.
   `prompt_map`, a training-free map in the manner of PatchCore in place of the learned one: the frozen backbone's
   stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
   (`FeatureExtractor.patches`); for each query patch and each tap the Euclidean distance to the nearest patch of the
-  type's prompt images, summed over the taps (`prompt_distances`); upsampled to the input size and smoothed with a
+  type's bank (a k-center coreset of its prompt images' patches, `added_type_bank`), summed over the taps
+  (`prompt_distances`); upsampled to the input size and smoothed with a
   Gaussian of sigma = input size / 56 (4 pixels at 224) (`prompt_map`; both steps: `added_type_map`).
 * decision (`decide`): anomalous when the score exceeds the threshold of the retrieved category and the image is of a
   known type. The normalised score 1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and
