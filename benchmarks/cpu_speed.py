@@ -19,6 +19,15 @@ Parity needs a trained model: --model, else one is trained here on the CPU (tf_e
 network, --steps steps of batch 8, a tenth of the normal images held out for the thresholds) into --work, and reused
 from there by later runs; the output says which. With --profile, OpenVINO's per-layer-type times of each OpenVINO
 runtime at batch 1 (what holds the latency). Writes cpu_speed.json and cpu_speed.md to --output.
+
+The peer (--peer patchcore): anomalib's PatchCore, timed in the same turns on the same images and threads, so that the
+ratio is measured rather than quoted. As benchmarks/peers.py builds it (the same backbone and offline weights, layers
+blocks.2 and blocks.4, 9 neighbours, onenip's normalisation), one model for --peer-category fit on at most
+--peer-train of its training images with anomalib's default coreset ratio 0.1 (--peer-coreset), the bank kept in
+--work for later runs; run in PyTorch eager (anomalib's own path) and converted to OpenVINO (`openvino.convert_model`
+of the same torch model, image to score and map) at fp32 and bf16. A PatchCore's time per image depends on its bank,
+not its category. Its parity: its image AUROC on that category's test images, in each runtime. Needs the `peers`
+extra (anomalib) beside the OpenVINO and ONNX Runtime ones: run it in the peers venv (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -117,6 +126,79 @@ def torch_runner(model: DeployModel, bf16: bool) -> Run:
             out = model(torch.from_numpy(images))
         return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in out.items()}
     return run
+
+
+PEER_LAYERS = ["blocks.2", "blocks.4"]  # as benchmarks/peers.py: the backbone's stride-8 and stride-16 stages
+
+
+class ImagesToPeer(torch.nn.Module):
+    """An anomalib torch model (eval mode) on uint8 images (N, 3, S, S), normalised as onenip normalises them (as
+    benchmarks/peers.py feeds it) -> (image scores (N,), maps (N, S, S))."""
+
+    def __init__(self, model: torch.nn.Module, extractor: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.extractor = model, extractor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(self.extractor.normalize(images))
+        return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
+
+
+def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -> tuple[dict[str, Run], dict]:
+    """anomalib's PatchCore for --peer-category (fit, or its bank read back from --work) in PyTorch eager and OpenVINO
+    fp32 / bf16 -> (runners: images -> {"score", "map"}, facts for the result file)."""
+    try:
+        import openvino as ov
+        import peers  # benchmarks/peers.py (anomalib is imported there)
+        from anomalib.models import Patchcore  # noqa: F401  (present: the peers extra)
+    except ImportError as e:
+        raise SystemExit(f"--peer patchcore needs the peers extra (anomalib) and the openvino one in one venv ({e}); "
+                         "see docs/benchmarks.md, 'CPU runtimes'") from None
+    from onenip.deploy.runtimes import openvino_config
+
+    pargs = argparse.Namespace(size=det.input_size, max_train=args.peer_train, coreset=args.peer_coreset, batch_size=16,
+                               backbone=det.cfg.backbone.name, patchcore_layers=PEER_LAYERS)
+    sd, _ = peers.timm_state(det.cfg.backbone.name, det.cfg.backbone.weights)
+    train = read_sources([str(root)], "train", [args.peer_category])
+    if not train:
+        raise SystemExit(f"--peer-category {args.peer_category}: no training images under {root}")
+    bank_file = work / "peer" / f"patchcore-{args.peer_category}-{args.peer_train}-{args.peer_coreset}.pt"
+    if bank_file.is_file():
+        model = peers.build("patchcore", pargs, sd).model.eval()
+        saved = torch.load(bank_file)
+        model.memory_bank = saved["bank"]
+        facts = {"fit": f"bank read from {bank_file}", **saved["facts"]}
+    else:
+        model, chosen, times = peers.fit_peer("patchcore", pargs, sd, det.extractor, train, seed=0)
+        facts = {"fit": "fitted by this run", "train_images": len(chosen), "fit_seconds": round(times["fit"], 1)}
+        bank_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"bank": model.memory_bank, "facts": facts}, bank_file)
+    facts.update(category=args.peer_category, coreset=args.peer_coreset, bank=int(model.memory_bank.shape[0]),
+                 layers=PEER_LAYERS, neighbours=9, anomalib=__import__("anomalib").__version__)
+    peer = ImagesToPeer(model, det.extractor).eval().requires_grad_(False)
+
+    def torch_run(images: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            score, amap = peer(torch.from_numpy(images))
+        return {"score": score.numpy(), "map": amap.numpy()}
+
+    example = torch.zeros(2, 3, det.input_size, det.input_size, dtype=torch.uint8)
+    converted = ov.convert_model(peer, example_input=example)  # dynamic shapes: any batch
+    runs: dict[str, Run] = {"peer-patchcore-pytorch-fp32": torch_run}
+    for precision in ("fp32", "bf16"):
+        compiled = ov.Core().compile_model(converted, "CPU", openvino_config(precision, args.threads))
+
+        def ov_run(images: np.ndarray, compiled=compiled) -> dict[str, np.ndarray]:
+            out = compiled(images)
+            return {"score": out[compiled.outputs[0]], "map": out[compiled.outputs[1]]}
+        runs[f"peer-patchcore-openvino-{precision}"] = ov_run
+    return runs, facts
+
+
+def peer_parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, batch: int) -> dict[str, float]:
+    """Each peer runtime's image AUROC (percent) on `images` (its category's test images)."""
+    return {name: 100 * auroc(np.concatenate([run(images[i : i + batch])["score"] for i in range(0, len(images), batch)]),
+                              labels) for name, run in runs.items()}
 
 
 def timed_turns(runs: dict[str, Run], batch: np.ndarray, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -223,6 +305,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="at most this many test images for parity (0: all)")
     ap.add_argument("--runtimes", nargs="*", default=None, help="a subset (names as in the table)")
     ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type times at batch 1")
+    ap.add_argument("--peer", choices=["none", "patchcore"], default="none",
+                    help="time anomalib's PatchCore in the same turns (needs the peers extra)")
+    ap.add_argument("--peer-category", default="bottle", help="the peer's category (its bank's images)")
+    ap.add_argument("--peer-train", type=int, default=100, help="the peer's training images (at most)")
+    ap.add_argument("--peer-coreset", type=float, default=0.1, help="the peer's coreset ratio (anomalib's default)")
     ap.add_argument("--output", default=str(REPO / "docs" / "results" / "cpu-speed"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -272,18 +359,29 @@ def main() -> None:
                                                         hint="THROUGHPUT").run
     if args.runtimes is not None:
         runs = {k: v for k, v in runs.items() if k in args.runtimes or k == "pytorch-fp32"}
+    peer: dict[str, Run] = {}
+    peer_facts: dict = {}
+    if args.peer == "patchcore":
+        peer, peer_facts = peer_runs(det, root, work, args)
+        print(f"peer: anomalib PatchCore on {peer_facts['category']}, bank {peer_facts['bank']} patches "
+              f"({peer_facts['fit']})", flush=True)
 
     load_before = os.getloadavg()
     rng = np.random.default_rng(0)
     images, labels, cats = test_images(root, det.deployment.categories, size, args.limit)
     one = images[rng.integers(len(images))][None].copy()
     many = images[rng.choice(len(images), args.batch, replace=False)].copy()
-    latency = timed_turns(runs, one, args.repeats)
+    latency = timed_turns({**runs, **peer}, one, args.repeats)
     print("latency (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in latency.items()), flush=True)
-    batched = timed_turns(runs, many, args.batch_repeats, warmup=1)
+    batched = timed_turns({**runs, **peer}, many, args.batch_repeats, warmup=1)
     print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items()), flush=True)
     load_mid = os.getloadavg()
     agree = parity(runs, images, labels, cats, args.batch)
+    if peer:
+        mine = np.array(cats) == args.peer_category
+        peer_facts["image_auroc"] = peer_parity(peer, images[mine], labels[mine], args.batch)
+        peer_facts["onenip_pytorch_fp32_image_auroc"] = peer_parity(
+            {"onenip": runs["pytorch-fp32"]}, images[mine], labels[mine], args.batch)["onenip"]
     profiles = {}
     if args.profile:
         for precision in ("fp32", "bf16", "int8"):
@@ -300,11 +398,15 @@ def main() -> None:
     rows = [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
              "low_precision": low.get(name, ""), **agree[name],
              **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]
+    peer_low = {"peer-patchcore-pytorch-fp32": "no", "peer-patchcore-openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
+                "peer-patchcore-openvino-bf16": "bf16 (AMX-BF16)"}
+    rows += [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
+              "low_precision": peer_low[name], "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(), "cpu": cpu,
             "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
             "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
             "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
-            "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles}
+            "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles, "peer": peer_facts}
     versions = {}
     for pkg in ("onnxruntime", "openvino", "nncf"):
         try:
@@ -325,9 +427,22 @@ def main() -> None:
           "mean image AUROC | Δ AUROC (points) | identical decisions | identical types |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        if "peer_image_auroc" in r:  # the peer: not the same model, so no parity with onenip's fp32
+            md.append(f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | {r['throughput_img_s']:.0f} | "
+                      "— | — | — | — |")
+            continue
         md.append(f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | {r['throughput_img_s']:.0f} | "
                   f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | {r['identical_decisions']:.1f} % | "
                   f"{r['identical_types']:.1f} % |")
+    if peer:
+        f = peer_facts
+        md += ["", f"The peer: anomalib {f['anomalib']} PatchCore, one model for {f['category']} ({f['fit']}; "
+                   f"{f.get('train_images', '?')} training images, coreset ratio {f['coreset']}: a bank of {f['bank']} "
+                   f"patches; layers {', '.join(f['layers'])}, {f['neighbours']} neighbours), the same backbone weights, "
+                   f"images and threads. Its image AUROC on the {int(np.sum(np.array(cats) == f['category']))} test "
+                   f"images of {f['category']}: "
+               + ", ".join(f"{k.removeprefix('peer-patchcore-')} {v:.2f}" for k, v in f["image_auroc"].items())
+               + f" (onenip, PyTorch fp32, on the same images: {f['onenip_pytorch_fp32_image_auroc']:.2f})."]
     for name, prof in profiles.items():
         md += ["", f"{name}, batch 1, OpenVINO per-layer-type time (PERF_COUNT, {prof['total_ms']:.1f} ms in all, "
                    f"{100 * prof['amx_share']:.0f} % in AMX kernels): "

@@ -191,11 +191,11 @@ def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> t
     return module
 
 
-def run_category(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: FeatureExtractor, cat: str, train: list[Sample],
-                 test: list[Sample], cfg: Config, seed: int, chosen: list[Sample] | None = None
-                 ) -> tuple[dict, torch.Tensor | None, np.ndarray, np.ndarray]:
-    """Fit one peer on one category, test it; (entry, memory bank (PatchCore) or None, test maps, peer scores).
-    `chosen`: the training images to fit on (default: `train`, for PatchCore at most --max-train of them)."""
+def fit_peer(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: FeatureExtractor, train: list[Sample], seed: int,
+             chosen: list[Sample] | None = None) -> tuple[torch.nn.Module, list[Sample], dict[str, float]]:
+    """Fit one peer on one category's training images: (anomalib's torch model, in eval mode; the images it was fit on;
+    read, fit and fit-CPU seconds). `chosen`: the training images to fit on (default: `train`, for PatchCore at most
+    --max-train of them, a seeded random choice)."""
     torch.manual_seed(seed)
     np.random.seed(seed)  # anomalib's sparse random projection (coreset) draws from numpy's global generator
     rng = np.random.default_rng(seed)
@@ -205,7 +205,6 @@ def run_category(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: Featu
             chosen = [train[i] for i in sorted(rng.choice(len(train), args.max_train, replace=False))]
     t0 = time.perf_counter()
     tr_imgs, _, _ = read_images(chosen, args.size)
-    te_imgs, te_masks, labels = read_images(test, args.size)
     read_s = time.perf_counter() - t0
     module = build(kind, args, sd)
     model = module.model
@@ -218,8 +217,20 @@ def run_category(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: Featu
         model.embedding_store.clear()
     else:
         module.fit()  # PatchCore: k-center greedy coreset; PaDiM: per-position Gaussians
-    fit_s, fit_cpu = time.perf_counter() - t0, time.process_time() - c0
-    model.eval()
+    times = {"read": read_s, "fit": time.perf_counter() - t0, "fit_cpu": time.process_time() - c0}
+    return model.eval(), chosen, times
+
+
+def run_category(kind: str, args: argparse.Namespace, sd: dict, onenip_fe: FeatureExtractor, cat: str, train: list[Sample],
+                 test: list[Sample], cfg: Config, seed: int, chosen: list[Sample] | None = None
+                 ) -> tuple[dict, torch.Tensor | None, np.ndarray, np.ndarray]:
+    """Fit one peer on one category (`fit_peer`), test it; (entry, memory bank (PatchCore) or None, test maps, peer
+    scores)."""
+    model, chosen, times = fit_peer(kind, args, sd, onenip_fe, train, seed, chosen)
+    t0 = time.perf_counter()
+    te_imgs, te_masks, labels = read_images(test, args.size)
+    read_s = times["read"] + time.perf_counter() - t0
+    fit_s, fit_cpu = times["fit"], times["fit_cpu"]
     t0, c0 = time.perf_counter(), time.process_time()
     maps, peer_scores = run_batches(model, onenip_fe, te_imgs, args.batch_size)
     infer_s, infer_cpu = time.perf_counter() - t0, time.process_time() - c0
