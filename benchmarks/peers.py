@@ -4,7 +4,7 @@ for all categories), scored with onenip's own metric code, beside onenip's recor
 Runs in a venv of its own with the `peers` extra (anomalib, pinned), not in the project's test venv:
 
     python3 -m venv /work/peers-venv
-    /work/peers-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[peers]'
+    /work/peers-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 -e '.[peers,openvino,onnx]'  # the last two: cpu_speed.py --peer
     /work/peers-venv/bin/python benchmarks/peers.py --data DATA/iad-mix --max-train 100 --threads 2
     /work/peers-venv/bin/python benchmarks/peers.py --render-only     # the tables again, onenip's rows refreshed
     /work/peers-venv/bin/python benchmarks/peers.py --shots 1 4 16 --shot-seeds 0 1 2 --threads 1
