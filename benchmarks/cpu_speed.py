@@ -132,15 +132,17 @@ PEER_LAYERS = ["blocks.2", "blocks.4"]  # as benchmarks/peers.py: the backbone's
 
 
 class ImagesToPeer(torch.nn.Module):
-    """An anomalib torch model (eval mode) on uint8 images (N, 3, S, S), normalised as onenip normalises them (as
-    benchmarks/peers.py feeds it) -> (image scores (N,), maps (N, S, S))."""
+    """An anomalib torch model (eval mode) on uint8 images (N, 3, S, S), normalised with onenip's backbone mean and std
+    (as benchmarks/peers.py feeds it) -> (image scores (N,), maps (N, S, S))."""
 
-    def __init__(self, model: torch.nn.Module, extractor: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
-        self.model, self.extractor = model, extractor
+        self.model = model
+        self.register_buffer("mean", mean.detach().clone())
+        self.register_buffer("std", std.detach().clone())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(self.extractor.normalize(images))
+        out = self.model((images.float() / 255.0 - self.mean) / self.std)
         return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
 
 
@@ -162,20 +164,24 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
     train = read_sources([str(root)], "train", [args.peer_category])
     if not train:
         raise SystemExit(f"--peer-category {args.peer_category}: no training images under {root}")
+    # everything the bank depends on: a bank kept in --work is used again only when all of it is the same
+    key = {"category": args.peer_category, "train": args.peer_train, "coreset": args.peer_coreset, "root": str(root),
+           "backbone": det.cfg.backbone.name, "weights": str(det.cfg.backbone.weights), "size": det.input_size,
+           "layers": PEER_LAYERS}
     bank_file = work / "peer" / f"patchcore-{args.peer_category}-{args.peer_train}-{args.peer_coreset}.pt"
-    if bank_file.is_file():
+    saved = torch.load(bank_file) if bank_file.is_file() else None
+    if saved is not None and saved.get("key") == key:
         model = peers.build("patchcore", pargs, sd).model.eval()
-        saved = torch.load(bank_file)
         model.memory_bank = saved["bank"]
         facts = {"fit": f"bank read from {bank_file}", **saved["facts"]}
     else:
         model, chosen, times = peers.fit_peer("patchcore", pargs, sd, det.extractor, train, seed=0)
         facts = {"fit": "fitted by this run", "train_images": len(chosen), "fit_seconds": round(times["fit"], 1)}
         bank_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"bank": model.memory_bank, "facts": facts}, bank_file)
+        torch.save({"bank": model.memory_bank, "facts": facts, "key": key}, bank_file)  # replaces a stale one
     facts.update(category=args.peer_category, coreset=args.peer_coreset, bank=int(model.memory_bank.shape[0]),
                  layers=PEER_LAYERS, neighbours=9, anomalib=__import__("anomalib").__version__)
-    peer = ImagesToPeer(model, det.extractor).eval().requires_grad_(False)
+    peer = ImagesToPeer(model, det.extractor.mean, det.extractor.std).eval().requires_grad_(False)
 
     def torch_run(images: np.ndarray) -> dict[str, np.ndarray]:
         with torch.no_grad():

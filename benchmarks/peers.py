@@ -430,7 +430,7 @@ def main() -> None:
     p.add_argument("--shots", type=int, nargs="+", default=None,
                    help="PatchCore from K training images of each type (drawn as benchmarks/add_type.py draws them)")
     p.add_argument("--shot-seeds", type=int, nargs="+", default=[0, 1, 2], help="with --shots: the draws")
-    p.add_argument("--onenip-added", default=str(ROOT / "docs" / "results" / "add-type-cpu" / "add_type.json"),
+    p.add_argument("--onenip-added", default=str(ROOT / "docs" / "results" / "add-type-coreset-given-cpu" / "add_type.json"),
                    help="with --shots: onenip's added types (benchmarks/add_type.py's result)")
     p.add_argument("--output", default=None, help="default: docs/results/peers-cpu.json, with --shots "
                                                   "docs/results/peers-shots-cpu.json")

@@ -67,9 +67,14 @@ def test_further_normal_images_set_the_threshold(model: Path, gen_data: Path, tm
 
 
 def test_without_further_images_each_fold_is_scored_against_the_others(model: Path, gen_data: Path,
-                                                                       tmp_path: Path) -> None:
+                                                                       tmp_path: Path, monkeypatch) -> None:
     """K = 5 prompt images: four folds ({0, 4}, {1}, {2}, {3}), each scored against the bank of the other images, so
-    image 0's threshold score is what a type added from images 1-3 alone gives it (and image 3's, from 0, 1, 2, 4)."""
+    image 0's threshold score is what a type added from images 1-3 alone gives it (and image 3's, from 0, 1, 2, 4).
+    Banks of every patch here: a coreset could pick other patches after a last-digit difference between two batches."""
+    import onenip.models.scoring as scoring
+
+    monkeypatch.setattr(scoring, "BANK_SHARE", 1.0)
+    monkeypatch.setattr(scoring, "BANK_MAX_IMAGES", 64)
     train = grain(gen_data, "train")
     _, dep = add_type(model, "grain", train[:5], output=tmp_path / "m.safetensors")
     assert dep.calibration["grain"]["source"] == "the 5 prompt images in 4 folds, each against the other folds"
@@ -163,13 +168,18 @@ def test_replace_swaps_an_added_types_prompts_and_refuses_trained_or_unknown_nam
         add_type(out, "gravel", grain(gen_data, "train")[:2], replace=True)
 
 
-def test_a_type_added_without_its_patches_is_refused_with_the_fix(model: Path, gen_data: Path, tmp_path: Path) -> None:
+def test_a_type_added_without_its_patches_is_refused_with_the_fix(model: Path, gen_data: Path, tmp_path: Path,
+                                                                  monkeypatch) -> None:
     """A model whose added type has no stored prompt patches (as an earlier version wrote it) is not scored by some
     other map: building the deployed model names that type (not the others) and the command that re-adds it, with its
-    images, and that command works; a type added later and a replaced one each keep their own patches."""
+    images, and that command works; a type added later and a replaced one each keep their own patches (banks of
+    every patch here, comparable across batches)."""
     import dataclasses
 
+    import onenip.models.scoring as scoring
     from onenip.models.inference import DeployModel
+
+    monkeypatch.setattr(scoring, "BANK_SHARE", 1.0)
 
     out = tmp_path / "m.safetensors"
     train = grain(gen_data, "train")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,25 @@ def test_type_banks_pad_without_changing_distances() -> None:
         assert torch.allclose(got[k], patch_distances(query[k : k + 1], alone)[0], atol=1e-6)
 
 
+def test_patch_distances_keep_a_close_patchs_distance_when_the_product_runs_in_bf16() -> None:
+    """A query patch 1e-3 (in cosine distance) from its nearest bank patch: the distance comes out right with the
+    matrix product in bf16, where 1 - max(q . b) rounds it to 0 or 2^-8 (how the unknown-type check lost its
+    distances in OpenVINO bf16)."""
+    gen = torch.Generator().manual_seed(6)
+    bank = F.normalize(torch.randn(1, 5, 64, generator=gen), dim=2)  # (N, M, C)
+    near = F.normalize(bank[0, 2] + 0.045 * F.normalize(torch.randn(64, generator=gen), dim=0), dim=0)
+    want = float(1 - near @ bank[0, 2])
+    assert 5e-4 < want < 2e-3
+    query = near.view(1, 64, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = float(patch_distances(query, bank)[0, 0])
+        rounded = float(1 - (F.normalize(query.flatten(1), dim=1) @ bank[0].T).amax())
+    assert got == pytest.approx(want, rel=0.02)
+    assert rounded != pytest.approx(want, rel=0.2)  # what the plain form gives here
+    assert torch.allclose(patch_distances(query, bank), 1 - (F.normalize(query.flatten(1), dim=1) @ bank[0].T).amax(),
+                          atol=1e-6)
+
+
 def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
     """Each tap (unit vectors of its own width) finds its own nearest bank patch; the distances add over the taps. A
     padded bank (a shorter type's patches repeated) gives the same distances."""
@@ -129,9 +150,9 @@ def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
     assert torch.allclose(mixed[1], want[1], atol=1e-4)
 
 
-def test_bank_size_keeps_a_quarter_but_one_image_at_least() -> None:
-    assert [bank_size(k, 28) for k in (1, 2, 4, 5, 16)] == [784, 784, 784, 980, 3136]
-    assert bank_size(3, 8) == 64 and bank_size(1, 1) == 1
+def test_bank_size_keeps_a_quarter_but_one_image_at_least_and_four_at_most() -> None:
+    assert [bank_size(k, 784) for k in (1, 2, 4, 5, 16, 17, 64)] == [784, 784, 784, 980, 3136, 3136, 3136]
+    assert bank_size(3, 64) == 64 and bank_size(1, 1) == 1
 
 
 def test_coreset_is_k_center_greedy() -> None:
@@ -153,6 +174,10 @@ def test_coreset_is_k_center_greedy() -> None:
     picked = coreset(clusters[torch.randperm(40, generator=gen)], 5)
     assert sorted(int(v) for v in (picked @ centres.T).argmax(dim=1)) == [0, 1, 2, 3, 4]
     assert torch.equal(coreset(bank, 60), bank) and torch.equal(coreset(bank, 99), bank)
+    twice = torch.cat([bank[:3], bank[:3], bank[:3]])  # 3 distinct rows, each three times
+    picked = coreset(twice, 7)
+    counts = collections.Counter(tuple(r.tolist()) for r in picked)
+    assert len(picked) == 7 and len(counts) == 3 and min(counts.values()) >= 2  # distinct rows, not row 0 again
 
 
 def test_added_type_bank_is_the_coreset_of_the_prompt_patches() -> None:
@@ -161,6 +186,7 @@ def test_added_type_bank_is_the_coreset_of_the_prompt_patches() -> None:
     rows = patches.flatten(2).transpose(1, 2).reshape(-1, 5)
     assert bank.shape == (32, 5) and torch.equal(bank, coreset(rows, 32))
     assert torch.equal(added_type_bank(patches[:1]), rows[:16])  # one image: every patch, in order
+    assert added_type_bank(torch.randn(3, 5, 4, 6)).shape == (24, 5)  # 4 x 6 patches an image: 24 of 72
 
 
 @pytest.mark.parametrize("grid,size", [(28, 224), (8, 64), (4, 9)])

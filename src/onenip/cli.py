@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "gradient step: they join the prompt pool, the type is scored by the training-free "
                                      "prompt map (each patch's distance to the nearest patch of its prompt images), and "
                                      "it gets a threshold (from --normal images when given, else from the K images, "
-                                     "each against the others' patches) and an unknown-type limit. predict, test, serve and "
+                                     "each against a coreset of the others' patches, in at most 4 folds) and an unknown-type "
+                                     "limit. predict, test, serve and "
                                      "export then treat it as a trained type. The model file is rewritten (atomically) "
                                      "unless --output is given.")
     add.add_argument("checkpoint", help="model.safetensors of a training run")

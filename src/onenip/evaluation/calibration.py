@@ -267,7 +267,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
 # --------------------------------------------------------------------------------------------------------------------
 
 THRESHOLD_FOLDS = 4  # without further normal images, the K prompt images are scored in this many folds (K <= 4:
-# each against the other K - 1), each fold against the bank of the others: a coreset per fold, a few at any K
+# each against the other K - 1), each fold against the bank of the others: one coreset per fold, whatever K
 SHIFTS = ((1, 0), (-1, 0), (0, 1), (0, -1))  # of a lone prompt image, by a quarter of a feature cell, for its threshold
 
 

@@ -54,7 +54,7 @@ class Deployment:
         a (1, 1, 1) placeholder of zeros."""
         self.check_prompt_patches()
         rows = {t: i for i, t in enumerate(self.added_types)}
-        banks = pad_banks([self.prompt_patches[t] for t in self.added_types]) if rows \
+        banks = pad_banks([_bank(self.prompt_patches[t]) for t in self.added_types]) if rows \
             else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
@@ -97,6 +97,6 @@ class Deployment:
 
 
 def _bank(stored: Tensor) -> Tensor:
-    """A stored bank (M, C'), or the patches (K, C', G, G) that models written before banks were coresets stored:
-    all of them, one row each (their thresholds were set on that full bank)."""
+    """A bank (M, C'), or the patches (K, C', G, G) that models written before banks were coresets stored (and
+    deployments built in memory by older code): all of them, one row each (their thresholds were set on that bank)."""
     return stored if stored.ndim == 2 else prompt_bank(stored)

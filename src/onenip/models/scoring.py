@@ -132,36 +132,42 @@ def prompt_bank(patches: Tensor) -> Tensor:
 
 
 BANK_SHARE = 0.25  # of an added type's prompt patches kept in its bank (k-center greedy), but one image's worth at least
+BANK_MAX_IMAGES = 4  # and at most this many images' worth: the per-image search stops growing beyond K = 16
 
 
-def bank_size(images: int, grid: int) -> int:
-    """How many patches the bank of a type added from `images` prompt images of `grid` x `grid` patches keeps:
-    BANK_SHARE of them, at least one image's worth (so every patch of 1 image, 784 of 4 x 784, 3,136 of 16 x 784)."""
-    return min(images * grid * grid, max(grid * grid, math.ceil(BANK_SHARE * images * grid * grid)))
+def bank_size(images: int, per_image: int) -> int:
+    """How many patches the bank of a type added from `images` prompt images of `per_image` patches each keeps:
+    BANK_SHARE of them, at least one image's worth and at most BANK_MAX_IMAGES' (so at 784 patches an image: every
+    patch of 1 image, 784 of 4 x 784, 3,136 of 16 x 784 and of 64 x 784)."""
+    share = min(math.ceil(BANK_SHARE * images * per_image), BANK_MAX_IMAGES * per_image)
+    return min(images * per_image, max(per_image, share))
 
 
 def coreset(bank: Tensor, size: int) -> Tensor:
     """Rows of `bank` (M, C) -> `size` of them (size, C) chosen by k-center greedy (Euclidean): from row 0, each next
     row is the one farthest from those chosen, so every row lies close to a kept one (PatchCore's coreset, without
-    its random projection: deterministic). All rows when size >= M."""
+    its random projection: deterministic). All rows when size >= M; `size` distinct rows (by index) otherwise, even
+    where rows repeat."""
     if size >= bank.shape[0]:
         return bank
     x = bank.float()
     norms = (x * x).sum(dim=1)
     chosen = torch.zeros(size, dtype=torch.int64)
     nearest = torch.addmv(norms, x, x[0], alpha=-2.0).add_(norms[0])  # squared distance to the nearest chosen row
+    nearest[0] = -1.0  # a chosen row stays below every distance, so it is never chosen again (a row equal to it may be)
     for i in range(1, size):  # one matrix-vector product a step: ~0.5 ms for 12,000 rows of 152 on one core
         c = int(nearest.argmax())
         chosen[i] = c
         torch.minimum(nearest, torch.addmv(norms, x, x[c], alpha=-2.0).add_(norms[c]), out=nearest)
+        nearest[c] = -1.0
     return bank[chosen.to(bank.device)]
 
 
 def added_type_bank(patches: Tensor) -> Tensor:
-    """An added type's prompt images' patches (K, C', G, G) -> its bank (M, C'), M = `bank_size` (K, G): the
-    `coreset` of all K * G * G, which bounds the per-image cost of its map at large K. What `onenip add-type` stores
-    and what its threshold is set on."""
-    return coreset(prompt_bank(patches), bank_size(patches.shape[0], patches.shape[-1]))
+    """An added type's prompt images' patches (K, C', H, W) -> its bank (M, C'), M = `bank_size` (K, H * W): the
+    `coreset` of all K * H * W, a quarter of the search of every patch at K >= 4 and none larger beyond K = 16. What
+    `onenip add-type` stores and what its threshold is set on."""
+    return coreset(prompt_bank(patches), bank_size(patches.shape[0], patches.shape[-2] * patches.shape[-1]))
 
 
 def type_bank(feats: Tensor) -> Tensor:
@@ -178,9 +184,14 @@ def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int) -> Tenso
 
 def patch_distances(feats: Tensor, bank: Tensor) -> Tensor:
     """Query features (N, C, H, W) and each query's bank of patches (N, M, C, unit vectors) -> (N, H * W): every
-    query patch's cosine distance to its nearest bank patch."""
+    query patch's cosine distance to its nearest bank patch, 1 - cos = |q - b|^2 / 2 for unit vectors. The nearest
+    patch is found by the largest dot product, the distance is taken from the difference: 1 - max(q . b) would lose
+    it to rounding wherever the product runs in bf16 (OpenVINO's bf16 on AMX CPUs keeps cos to 2^-8, as large as
+    the distance of a close patch), the difference keeps it."""
     q = F.normalize(feats.float().flatten(2).transpose(1, 2), dim=2)  # (N, L, C)
-    return 1.0 - (q @ bank.transpose(1, 2)).amax(dim=2)  # (N, L, M) -> (N, L)
+    nearest = (q @ bank.transpose(1, 2)).argmax(dim=2)  # (N, L, M) -> (N, L)
+    b = bank.gather(1, nearest[:, :, None].expand(-1, -1, bank.shape[2]))  # (N, L, C)
+    return 0.5 * (q - b.float()).pow(2).sum(dim=2)
 
 
 def type_distance(nearest: Tensor) -> Tensor:
