@@ -222,6 +222,31 @@ def test_patches_stored_before_banks_were_coresets_load_as_a_full_bank(model: Pa
     assert len(Predictor.load(out, device="cpu").predict(grain(gen_data, "test")[:2])) == 2
 
 
+def test_a_model_with_a_bank_says_so_in_its_layout_version(model: Path, gen_data: Path, tmp_path: Path) -> None:
+    """Layout 2 (a bank of rows) only where an added type has one, so that an older onenip refuses such a file by its
+    version instead of failing inside; a version newer than this onenip's is refused by name."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from onenip.errors import CheckpointError
+
+    def meta(path: Path) -> dict:
+        with safe_open(str(path), "pt") as f:
+            return json.loads(f.metadata()["onenip"])
+
+    out = tmp_path / "m.safetensors"
+    add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    assert meta(model)["version"] == 1 and meta(out)["version"] == 2
+    with safe_open(str(out), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    newer = tmp_path / "newer.safetensors"
+    save_file(tensors, str(newer), metadata={"onenip": json.dumps({**meta(out), "version": 3})})
+    with pytest.raises(CheckpointError, match="checkpoint version 3 is newer than this onenip"):
+        Detector.load(newer)
+
+
 def test_calibrate_keeps_an_added_type(model: Path, gen_data: Path, tmp_path: Path) -> None:
     """Recalibrating a model with an added type keeps it added, with its patches (it used to drop both, so the type
     was then scored by the learned map it was never trained for)."""

@@ -30,7 +30,9 @@ from onenip.config import Config, config_from_dict
 from onenip.errors import CheckpointError, ConfigError
 
 FORMAT = "onenip-checkpoint"
-VERSION = 1
+VERSION = 2  # the newest layout this onenip reads and writes; a file is written with the oldest that holds it
+# 1: everything but what 2 adds; 2: an added type's prompt patches stored as a bank of rows (M, C') (earlier onenip
+# stored them as (K, C', G, G) and cannot read the bank: such a file says 2, so that it refuses it by name)
 
 
 def _umask() -> int:
@@ -109,6 +111,13 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _layout_version(deploy: dict[str, Tensor]) -> int:
+    """The oldest layout version that holds `deploy`: 2 with an added type's bank of rows, else 1 (what every
+    earlier onenip reads)."""
+    banks = [v for k, v in deploy.items() if k.startswith("prompt_patches.") and v.ndim == 2]
+    return 2 if banks else 1
+
+
 def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
     """Write `ckpt` atomically to `path` (a .safetensors file); also returns the path."""
     path = Path(path)
@@ -117,7 +126,7 @@ def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
     tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in ckpt.backbone.items()})
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": _layout_version(ckpt.deploy),
         "config": ckpt.config.to_dict(),
         "epoch": ckpt.epoch,
         "step": ckpt.step,
