@@ -115,7 +115,7 @@ def test_add_type_command_writes_the_model_in_place(model: Path, gen_data: Path,
     for p in grain(gen_data, "train")[:3]:
         shutil.copy(p, folder / p.name)
     assert cli.main(["add-type", str(copy), str(folder), "--name", "grain"]) == 0
-    assert "added 'grain' from 3 images" in capsys.readouterr().out
+    assert "added 'grain' from 3 images (a bank of 64 of their patches)" in capsys.readouterr().out  # of 3 x 8 x 8
     assert Detector.load(copy).deployment.added_types == ["grain"]
     assert cli.main(["add-type", str(copy), str(folder), "--name", "grain"]) == 2  # now a known name: a clear error
     assert "the model has this product type already" in capsys.readouterr().err

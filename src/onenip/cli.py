@@ -437,7 +437,8 @@ def _run(args: argparse.Namespace) -> int:
                                  output=args.output, skip_bad=args.skip_bad, replace=args.replace)
             info = dep.calibration[args.name]
             done = "replaced" if args.replace else "added"
-            print(f"{done} {args.name!r} from {len(info['added_from'])} images: threshold {dep.thresholds[args.name]:.6g} "
+            print(f"{done} {args.name!r} from {len(info['added_from'])} images (a bank of "
+                  f"{len(dep.prompt_patches[args.name])} of their patches): threshold {dep.thresholds[args.name]:.6g} "
                   f"({info['source']}), unknown-type limit {dep.type_thresholds[args.name]:.6g}; model: {path}")
         elif args.command == "export":
             from onenip.deploy.export import export_model
