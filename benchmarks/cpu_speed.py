@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import cpu_name, git_commit, iad_mix_root  # noqa: E402
+from iad_mix import code_stamp, cpu_name, git_commit, iad_mix_root  # noqa: E402
 
 from onenip.data import read_sources  # noqa: E402
 from onenip.data.images import load_batch  # noqa: E402
@@ -150,9 +150,9 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
     """anomalib's PatchCore for --peer-category (fit, or its bank read back from --work) in PyTorch eager and OpenVINO
     fp32 / bf16 -> (runners: images -> {"score", "map"}, facts for the result file)."""
     try:
+        import anomalib  # the peers extra
         import openvino as ov
-        import peers  # benchmarks/peers.py (anomalib is imported there)
-        from anomalib.models import Patchcore  # noqa: F401  (present: the peers extra)
+        import peers  # benchmarks/peers.py
     except ImportError as e:
         raise SystemExit(f"--peer patchcore needs the peers extra (anomalib) and the openvino one in one venv ({e}); "
                          "see docs/benchmarks.md, 'CPU runtimes'") from None
@@ -173,14 +173,14 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
     if saved is not None and saved.get("key") == key:
         model = peers.build("patchcore", pargs, sd).model.eval()
         model.memory_bank = saved["bank"]
-        facts = {"fit": f"bank read from {bank_file}", **saved["facts"]}
+        facts = {**saved["facts"], "fit": f"bank read from {bank_file} (fitted by an earlier run)"}
     else:
         model, chosen, times = peers.fit_peer("patchcore", pargs, sd, det.extractor, train, seed=0)
         facts = {"fit": "fitted by this run", "train_images": len(chosen), "fit_seconds": round(times["fit"], 1)}
         bank_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"bank": model.memory_bank, "facts": facts, "key": key}, bank_file)  # replaces a stale one
     facts.update(category=args.peer_category, coreset=args.peer_coreset, bank=int(model.memory_bank.shape[0]),
-                 layers=PEER_LAYERS, neighbours=9, anomalib=__import__("anomalib").__version__)
+                 layers=PEER_LAYERS, neighbours=9, anomalib=anomalib.__version__)
     peer = ImagesToPeer(model, det.extractor.mean, det.extractor.std).eval().requires_grad_(False)
 
     def torch_run(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -189,14 +189,15 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
         return {"score": score.numpy(), "map": amap.numpy()}
 
     example = torch.zeros(2, 3, det.input_size, det.input_size, dtype=torch.uint8)
-    converted = ov.convert_model(peer, example_input=example)  # dynamic shapes: any batch
+    converted = ov.convert_model(peer, example_input=example,  # as onenip's export: any batch, fixed size, uint8
+                                 input=[(ov.PartialShape([-1, 3, det.input_size, det.input_size]), ov.Type.u8)])
     runs: dict[str, Run] = {"peer-patchcore-pytorch-fp32": torch_run}
     for precision in ("fp32", "bf16"):
         compiled = ov.Core().compile_model(converted, "CPU", openvino_config(precision, args.threads))
 
-        def ov_run(images: np.ndarray, compiled=compiled) -> dict[str, np.ndarray]:
+        def ov_run(images: np.ndarray, compiled=compiled, outputs=tuple(compiled.outputs)) -> dict[str, np.ndarray]:
             out = compiled(images)
-            return {"score": out[compiled.outputs[0]], "map": out[compiled.outputs[1]]}
+            return {"score": out[outputs[0]], "map": out[outputs[1]]}
         runs[f"peer-patchcore-openvino-{precision}"] = ov_run
     return runs, facts
 
@@ -236,10 +237,10 @@ def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: l
     cat_arr = np.array(cats)
     result = {}
     for name, out in outs.items():
-        per_cat = [auroc(out["score"][cat_arr == c], labels[cat_arr == c]) for c in sorted(set(cats))
-                   if len(set(labels[cat_arr == c].tolist())) == 2]
+        per_cat = {c: 100 * auroc(out["score"][cat_arr == c], labels[cat_arr == c]) for c in sorted(set(cats))
+                   if len(set(labels[cat_arr == c].tolist())) == 2}
         result[name] = {
-            "mean_image_auroc": 100 * float(np.mean(per_cat)),
+            "mean_image_auroc": float(np.mean(list(per_cat.values()))), "image_auroc_per_type": per_cat,
             "identical_decisions": 100 * float(np.mean(decisions(out) == decisions(ref))),
             "identical_types": 100 * float(np.mean(out["category"] == ref["category"])),
             "largest_relative_score_difference": float(np.max(np.abs(out["score"] - ref["score"]) / np.abs(ref["score"]))),
@@ -337,6 +338,9 @@ def main() -> None:
     size = det.input_size
     exports = work / "exports" / model_path.stem
     exports.mkdir(parents=True, exist_ok=True)
+    stamp_file, stamp = exports / "code.txt", f"{code_stamp()} {model_path.stat().st_mtime}"
+    fresh = stamp_file.is_file() and stamp_file.read_text() == stamp  # the exports there are of this code and model
+    stamp_file.unlink(missing_ok=True)  # rewritten once every export below is of this code
     files: dict[str, Path] = {}
     export_seconds: dict[str, float] = {}
     for fmt, precision, name in (("onnx", None, "model.onnx"), ("openvino", "fp32", "fp32.xml"),
@@ -345,12 +349,13 @@ def main() -> None:
         key = "onnxruntime-fp32" if precision is None else f"openvino-{precision}"
         if args.runtimes is not None and not any(r.startswith(key) for r in args.runtimes):  # -streams: bf16's file
             continue
-        if not path.is_file() or path.stat().st_mtime < model_path.stat().st_mtime:
+        if not (fresh and path.is_file()):
             t = time.perf_counter()
             export_model(model_path, fmt, path, precision=precision)
             export_seconds[key] = round(time.perf_counter() - t, 1)
             print(f"exported {key} in {export_seconds[key]} s", flush=True)
         files[key] = path
+    stamp_file.write_text(stamp)
 
     model = DeployModel(det, det.deployment).eval().requires_grad_(False)
     runs: dict[str, Run] = {"pytorch-fp32": torch_runner(model, False),
@@ -386,8 +391,7 @@ def main() -> None:
     if peer:
         mine = np.array(cats) == args.peer_category
         peer_facts["image_auroc"] = peer_parity(peer, images[mine], labels[mine], args.batch)
-        peer_facts["onenip_pytorch_fp32_image_auroc"] = peer_parity(
-            {"onenip": runs["pytorch-fp32"]}, images[mine], labels[mine], args.batch)["onenip"]
+        peer_facts["onenip_pytorch_fp32_image_auroc"] = agree["pytorch-fp32"]["image_auroc_per_type"][args.peer_category]
     profiles = {}
     if args.profile:
         for precision in ("fp32", "bf16", "int8"):
@@ -404,10 +408,9 @@ def main() -> None:
     rows = [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
              "low_precision": low.get(name, ""), **agree[name],
              **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]
-    peer_low = {"peer-patchcore-pytorch-fp32": "no", "peer-patchcore-openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
-                "peer-patchcore-openvino-bf16": "bf16 (AMX-BF16)"}
     rows += [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
-              "low_precision": peer_low[name], "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
+              "low_precision": low[name.removeprefix("peer-patchcore-")],
+              "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(), "cpu": cpu,
             "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
             "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),

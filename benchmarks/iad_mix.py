@@ -11,6 +11,7 @@ clean protocol (category not given: prompt retrieval; fusion constant from train
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -49,6 +50,22 @@ _COMMIT_AT_START = _read_commit()  # read when the code is imported: a commit ma
 def git_commit() -> str:
     """The commit whose code this process runs (HEAD when the benchmark started)."""
     return _COMMIT_AT_START
+
+
+def code_stamp() -> str:
+    """The commit and a hash of how src/ differs from it (tracked changes and untracked files): equal stamps, the
+    same library code. A file exported by an earlier run is reused only under the same stamp."""
+    digest = hashlib.sha256(git_commit().encode())
+    try:
+        diff = subprocess.run(["git", "diff", "HEAD", "--", "src"], cwd=REPO, capture_output=True, check=True).stdout
+        new = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "--", "src"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return f"unknown {os.urandom(8).hex()}"  # equal to no stamp read back: nothing is reused
+    digest.update(diff)
+    for name in sorted(new):
+        digest.update(name.encode() + (REPO / name).read_bytes())
+    return f"{git_commit()}+{digest.hexdigest()[:16]}"
 
 
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:

@@ -26,7 +26,7 @@ other work slows them alike:
 Prints a Markdown table and writes line_network.json and line_network.md to --output (with the command, commit, CPU,
 threads, the load average at the start and the end, and how many cores other processes kept busy during each
 measurement: the figures hold for a quiet machine only where that is near 0). The checkpoints and exports go to a
-temporary folder, or to --work (kept, and reused by a later run with the same configuration, options and commit).
+temporary folder, or to --work (kept, and reused by a later run with the same configuration, options and library code).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cpu_speed import cpu_info, openvino_profile, timed_turns  # noqa: E402
-from iad_mix import git_commit  # noqa: E402
+from iad_mix import code_stamp, git_commit  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.deploy.export import export_model  # noqa: E402
@@ -233,7 +233,7 @@ def main() -> None:
             ap.error(f"--add {name}: a configuration of that name is already measured")
         make_config(None, [*BASE, *overrides])  # an error now, not after the other exports
         configs[name] = overrides
-    commit, changes = git_commit(), source_changes()
+    commit, changes, code = git_commit(), source_changes(), code_stamp()
     load_start = os.getloadavg()
     print(f"load average at the start: {' '.join(f'{v:.2f}' for v in load_start)}", flush=True)
 
@@ -246,8 +246,8 @@ def main() -> None:
         measured = [(f"{name}+added{k}" if k else name, name, overrides, k)
                     for name, overrides in configs.items() for k in args.added]
         for name, preset, overrides, k in measured:
-            key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "commit": commit,
-                   "source_changes": changes, "added": k}
+            key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "code": code,
+                   "added": k}
             files[name], f, feats, reused = exported(overrides, work / name, key, images, args.types, feats, k)
             facts[name] = {**f, "preset": preset, "added_images": k, "reused_export": reused}
             done = "export reused" if reused else f"built and exported in {f['export_seconds']} s"

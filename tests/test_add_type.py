@@ -207,15 +207,20 @@ def test_patches_stored_before_banks_were_coresets_load_as_a_full_bank(model: Pa
                                                                        tmp_path: Path) -> None:
     """A model written when an added type's patches were stored whole, (K, C', G, G), loads with every one of them in
     its bank (the bank its threshold was set on), and predicts with it."""
-    import dataclasses
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     out = tmp_path / "m.safetensors"
     train = grain(gen_data, "train")
     add_type(model, "grain", train[:4], output=out)
-    det = Detector.load(out)
-    whole = det.features_and_patches(torch.from_numpy(load_batch(train[:4], 64)))[1]  # (4, C', 8, 8)
-    det.deployment = dataclasses.replace(det.deployment, prompt_patches={"grain": whole})
-    det.save(out)
+    whole = Detector.load(out).features_and_patches(torch.from_numpy(load_batch(train[:4], 64)))[1]  # (4, C', 8, 8)
+    with safe_open(str(out), "pt") as f:  # the file as the earlier onenip wrote it: whole patches, layout 1
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["onenip"])
+    save_file({**tensors, "deploy.prompt_patches.0": whole.contiguous()}, str(out),
+              metadata={"onenip": json.dumps({**meta, "version": 1})})
     loaded = Detector.load(out).deployment.prompt_patches["grain"]
     assert loaded.shape == (4 * 8 * 8, whole.shape[1])
     assert torch.equal(loaded, whole.flatten(2).transpose(1, 2).reshape(-1, whole.shape[1]))

@@ -120,19 +120,18 @@ class Results:
         rows = [r for r in self.scores if f"score_{map_name}" in r]
         return image_entry([r[f"score_{map_name}"] for r in rows], [r["label"] for r in rows])
 
-    def _defined(self, map_name: str) -> dict[str, list[float]]:
-        """Per metric, its values in the categories where it is defined (not without masks, or with one class)."""
-        return defined_values([c[map_name] for c in self.categories.values() if map_name in c])
+    def _rows(self, map_name: str) -> list[dict[str, float]]:
+        """The metrics of `map_name` in each category that scored it."""
+        self._check_map(map_name)
+        return [c[map_name] for c in self.categories.values() if map_name in c]
 
     def mean(self, map_name: str = "fused") -> dict[str, float]:
         """Unweighted mean over the categories where each metric is defined (see `counts`)."""
-        self._check_map(map_name)
-        return defined_means([c[map_name] for c in self.categories.values() if map_name in c])
+        return defined_means(self._rows(map_name))
 
     def counts(self, map_name: str = "fused") -> dict[str, int]:
         """How many categories each mean covers."""
-        self._check_map(map_name)
-        return {m: len(v) for m, v in self._defined(map_name).items()}
+        return {m: len(v) for m, v in defined_values(self._rows(map_name)).items()}
 
     def to_dict(self) -> dict[str, Any]:
         maps = sorted(self.maps)
@@ -387,9 +386,10 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
-            if any_added and bool((rows[kind] >= 0).any()):  # as the deployed model: an added type gets the prompt map
-                added = (rows[kind] >= 0, added_type_map(patches, banks, rows[kind], detector.extractor.patch_widths,
-                                                         cfg.data.input_size))
+            own = rows[kind] if any_added else None  # each image's added-type bank, -1: a trained type
+            if own is not None and bool((own >= 0).any()):  # as the deployed model: an added type gets the prompt map
+                added = (own >= 0, added_type_map(patches, banks, own, detector.extractor.patch_widths,
+                                                  cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
             batch["has_mask"], got, sim, dist, added

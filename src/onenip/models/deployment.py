@@ -37,6 +37,9 @@ class Deployment:
     # stride-8 patches (`FeatureExtractor.patches`) of its prompt images (`scoring.added_type_bank`): what its prompt
     # map compares a query with
 
+    def __post_init__(self) -> None:
+        self.prompt_patches = {t: _bank(p) for t, p in self.prompt_patches.items()}
+
     def check_prompt_patches(self) -> None:
         """Raise ConfigError naming every added type without stored patches (a type added by an earlier version of
         onenip, whose prompt map compared other features and whose threshold was set on that map)."""
@@ -54,7 +57,7 @@ class Deployment:
         a (1, 1, 1) placeholder of zeros."""
         self.check_prompt_patches()
         rows = {t: i for i, t in enumerate(self.added_types)}
-        banks = pad_banks([_bank(self.prompt_patches[t]) for t in self.added_types]) if rows \
+        banks = pad_banks([self.prompt_patches[t] for t in self.added_types]) if rows \
             else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
@@ -91,12 +94,12 @@ class Deployment:
             alpha=float(meta["alpha"]), score_kernel=int(meta["score_kernel"]),
             type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
             added_types=list(meta.get("added_types", [])),
-            prompt_patches={t: _bank(tensors[f"prompt_patches.{i}"])
-                            for i, t in enumerate(meta.get("prompt_patch_types", []))},
+            prompt_patches={t: tensors[f"prompt_patches.{i}"] for i, t in enumerate(meta.get("prompt_patch_types", []))},
         )
 
 
 def _bank(stored: Tensor) -> Tensor:
     """A bank (M, C'), or the patches (K, C', G, G) that models written before banks were coresets stored (and
-    deployments built in memory by older code): all of them, one row each (their thresholds were set on that bank)."""
+    deployments built by older code): all of them, one row each (their thresholds were set on that bank). Every
+    Deployment holds banks (`__post_init__`)."""
     return stored if stored.ndim == 2 else prompt_bank(stored)

@@ -191,7 +191,7 @@ def patch_distances(feats: Tensor, bank: Tensor) -> Tensor:
     q = F.normalize(feats.float().flatten(2).transpose(1, 2), dim=2)  # (N, L, C)
     nearest = (q @ bank.transpose(1, 2)).argmax(dim=2)  # (N, L, M) -> (N, L)
     b = bank.gather(1, nearest[:, :, None].expand(-1, -1, bank.shape[2]))  # (N, L, C)
-    return 0.5 * (q - b.float()).pow(2).sum(dim=2)
+    return 0.5 * (q - b).pow(2).sum(dim=2)
 
 
 def type_distance(nearest: Tensor) -> Tensor:
