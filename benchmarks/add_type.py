@@ -34,12 +34,12 @@ from iad_mix import device_name, git_commit, iad_mix_root  # noqa: E402
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
 from onenip.evaluation.calibration import add_type  # noqa: E402
-from onenip.evaluation.evaluate import METRICS, build_prompt_pool, evaluate  # noqa: E402
+from onenip.evaluation.evaluate import METRIC_NAMES, METRICS, build_prompt_pool, evaluate  # noqa: E402
 from onenip.models.deployment import Deployment  # noqa: E402
 from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.prompts import pool_samples  # noqa: E402
 
-SHORT = dict(zip(METRICS, ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")))
+SHORT = dict(zip(METRICS, METRIC_NAMES))
 
 
 def main() -> None:

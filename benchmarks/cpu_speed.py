@@ -38,7 +38,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -51,7 +50,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import code_stamp, cpu_name, git_commit, iad_mix_root  # noqa: E402
+from iad_mix import (  # noqa: E402
+    OtherWork,
+    code_stamp,
+    cpu_info,
+    git_commit,
+    iad_mix_root,
+    package_versions,
+    profile_line,
+    run_lines,
+    source_changes,
+)
 
 from onenip.data import read_sources  # noqa: E402
 from onenip.data.images import load_batch  # noqa: E402
@@ -62,21 +71,6 @@ from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.inference import DeployModel  # noqa: E402
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
-def cpu_info() -> dict[str, object]:
-    """The CPU's model name (`cpu_name`), its cores, and the flags (lscpu's) that decide the low-precision paths."""
-    flags = set()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Flags":
-                flags = set(value.split())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": cpu_name(), "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def data_root(arg: str | None) -> tuple[Path, str]:
@@ -128,9 +122,6 @@ def torch_runner(model: DeployModel, bf16: bool) -> Run:
     return run
 
 
-PEER_LAYERS = ["blocks.2", "blocks.4"]  # as benchmarks/peers.py: the backbone's stride-8 and stride-16 stages
-
-
 class ImagesToPeer(torch.nn.Module):
     """An anomalib torch model (eval mode) on uint8 images (N, 3, S, S), normalised with onenip's backbone mean and std
     (as benchmarks/peers.py feeds it) -> (image scores (N,), maps (N, S, S))."""
@@ -158,8 +149,7 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
                          "see docs/benchmarks.md, 'CPU runtimes'") from None
     from onenip.deploy.runtimes import openvino_config
 
-    pargs = argparse.Namespace(size=det.input_size, max_train=args.peer_train, coreset=args.peer_coreset, batch_size=16,
-                               backbone=det.cfg.backbone.name, patchcore_layers=PEER_LAYERS)
+    pargs = peers.patchcore_settings(det.cfg.backbone.name, det.input_size, args.peer_train, args.peer_coreset)
     sd, _ = peers.timm_state(det.cfg.backbone.name, det.cfg.backbone.weights)
     train = read_sources([str(root)], "train", [args.peer_category])
     if not train:
@@ -167,7 +157,7 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
     # everything the bank depends on: a bank kept in --work is used again only when all of it is the same
     key = {"category": args.peer_category, "train": args.peer_train, "coreset": args.peer_coreset, "root": str(root),
            "backbone": det.cfg.backbone.name, "weights": str(det.cfg.backbone.weights), "size": det.input_size,
-           "layers": PEER_LAYERS}
+           "layers": pargs.patchcore_layers}
     bank_file = work / "peer" / f"patchcore-{args.peer_category}-{args.peer_train}-{args.peer_coreset}.pt"
     saved = torch.load(bank_file) if bank_file.is_file() else None
     if saved is not None and saved.get("key") == key:
@@ -180,7 +170,7 @@ def peer_runs(det: Detector, root: Path, work: Path, args: argparse.Namespace) -
         bank_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"bank": model.memory_bank, "facts": facts, "key": key}, bank_file)  # replaces a stale one
     facts.update(category=args.peer_category, coreset=args.peer_coreset, bank=int(model.memory_bank.shape[0]),
-                 layers=PEER_LAYERS, neighbours=9, anomalib=anomalib.__version__)
+                 layers=pargs.patchcore_layers, neighbours=peers.NEIGHBOURS, anomalib=anomalib.__version__)
     peer = ImagesToPeer(model, det.extractor.mean, det.extractor.std).eval().requires_grad_(False)
 
     def torch_run(images: np.ndarray) -> dict[str, np.ndarray]:
@@ -377,15 +367,22 @@ def main() -> None:
         print(f"peer: anomalib PatchCore on {peer_facts['category']}, bank {peer_facts['bank']} patches "
               f"({peer_facts['fit']})", flush=True)
 
-    load_before = os.getloadavg()
+    load_before, changes = os.getloadavg(), source_changes()
     rng = np.random.default_rng(0)
     images, labels, cats = test_images(root, det.deployment.categories, size, args.limit)
     one = images[rng.integers(len(images))][None].copy()
     many = images[rng.choice(len(images), args.batch, replace=False)].copy()
-    latency = timed_turns({**runs, **peer}, one, args.repeats)
-    print("latency (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in latency.items()), flush=True)
-    batched = timed_turns({**runs, **peer}, many, args.batch_repeats, warmup=1)
-    print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items()), flush=True)
+    other: dict[str, float | None] = {}  # per phase, the cores other processes kept busy (`OtherWork`)
+    with OtherWork() as phase:
+        latency = timed_turns({**runs, **peer}, one, args.repeats)
+    other["batch 1"] = phase.cores
+    print("latency (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in latency.items())
+          + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+    with OtherWork() as phase:
+        batched = timed_turns({**runs, **peer}, many, args.batch_repeats, warmup=1)
+    other[f"batch {args.batch}"] = phase.cores
+    print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items())
+          + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
     load_mid = os.getloadavg()
     agree = parity(runs, images, labels, cats, args.batch)
     if peer:
@@ -411,27 +408,22 @@ def main() -> None:
     rows += [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
               "low_precision": low[name.removeprefix("peer-patchcore-")],
               "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
-    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(), "cpu": cpu,
-            "threads": args.threads, "batch": args.batch, "repeats": args.repeats, "torch": torch.__version__,
+    versions = package_versions("onnxruntime", "openvino", "nncf", *(["anomalib"] if peer else []))
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
+            "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads, "batch": args.batch,
+            "repeats": args.repeats, "torch": torch.__version__, "versions": versions,
             "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
             "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
+            "other_processes_cores": other,
             "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles, "peer": peer_facts}
-    versions = {}
-    for pkg in ("onnxruntime", "openvino", "nncf"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except Exception:
-            pass
-    meta["versions"] = versions
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_speed.json").write_text(json.dumps(meta, indent=2))
-    md = [f"- command: `{meta['command']}`",
-          f"- commit {meta['commit']}; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); "
-          f"{args.threads} threads per runtime; torch {torch.__version__}, "
-          + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    md = [*run_lines(meta["command"], meta["commit"], changes, cpu, args.threads, versions, "per runtime"),
           f"- model: {model_note}", f"- parity: {len(images)} test images of {data_kind}, against PyTorch fp32",
-          f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs", "",
+          f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs; cores "
+          "kept busy by other processes while timing: "
+          + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()), "",
           "| runtime | low precision | batch 1 latency (ms) | batch " + str(args.batch) + " throughput (img/s) | "
           "mean image AUROC | Δ AUROC (points) | identical decisions | identical types |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -453,10 +445,7 @@ def main() -> None:
                + ", ".join(f"{k.removeprefix('peer-patchcore-')} {v:.2f}" for k, v in f["image_auroc"].items())
                + f" (onenip, PyTorch fp32, on the same images: {f['onenip_pytorch_fp32_image_auroc']:.2f})."]
     for name, prof in profiles.items():
-        md += ["", f"{name}, batch 1, OpenVINO per-layer-type time (PERF_COUNT, {prof['total_ms']:.1f} ms in all, "
-                   f"{100 * prof['amx_share']:.0f} % in AMX kernels): "
-               + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:10])
-               + ". By part (approximate): " + "; ".join(f"{k} {v:.2f}" for k, v in prof["parts"].items())]
+        md += ["", profile_line(name, prof, 10)]
     (out / "cpu_speed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

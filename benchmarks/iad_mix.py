@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -76,6 +77,88 @@ def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     except OSError:
         found = None
     return found.group(1).strip() if found else platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_info() -> dict[str, object]:
+    """The CPU's model name (`cpu_name`), its cores, and the flags (lscpu's) that decide the low-precision paths."""
+    flags = set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"model": cpu_name(), "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """torch's version and each named package's that imports (those that do not are left out)."""
+    versions = {"torch": torch.__version__}
+    for name in names:
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:
+            pass
+    return versions
+
+
+def source_changes() -> list[str]:
+    """Files of src/ that differ from the commit (git status): the figures are of the working tree's code."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def run_lines(command: str, commit: str, changes: list[str], cpu: Mapping[str, object], threads: int,
+              versions: Mapping[str, str], per: str = "") -> list[str]:
+    """The first lines of a CPU benchmark's Markdown: its command, and its commit (with src's uncommitted changes),
+    CPU, threads (`per`: "per runtime", ...) and package versions."""
+    return [f"- command: `{command}`",
+            f"- commit {commit}" + (f" (with uncommitted changes in {', '.join(changes)})" if changes else "")
+            + f"; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); {threads} threads"
+            + (f" {per}" if per else "") + "; " + ", ".join(f"{k} {v}" for k, v in versions.items())]
+
+
+def profile_line(name: str, prof: Mapping, layer_types: int) -> str:
+    """One Markdown paragraph of an OpenVINO profile (`cpu_speed.openvino_profile`): its total, AMX share, the time
+    by part of the model and of the `layer_types` slowest layer types."""
+    return (f"{name}, batch 1, OpenVINO PERF_COUNT ({prof['total_ms']:.1f} ms in all, "
+            f"{100 * prof['amx_share']:.0f} % in AMX kernels); by part (approximate): "
+            + "; ".join(f"{k} {v:.2f}" for k, v in prof["parts"].items())
+            + "; by layer type: " + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:layer_types]))
+
+
+class OtherWork:
+    """How many cores other processes kept busy, on average, while a phase ran: the machine's busy time (/proc/stat)
+    less this process's own CPU time, over the phase's wall time. More than a few tenths: the phase's times are slowed
+    by other work (on 2 cores, 1.0 takes half the machine). None where /proc/stat cannot be read."""
+
+    def __enter__(self) -> OtherWork:
+        self.start = (self.busy(), os.times(), time.perf_counter())
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy, own, wall = self.busy(), os.times(), time.perf_counter()
+        if busy is not None and self.start[0] is not None:
+            mine = own.user + own.system - self.start[1].user - self.start[1].system
+            self.cores = max(0.0, (busy - self.start[0] - mine) / (wall - self.start[2]))
+
+    @staticmethod
+    def busy() -> float | None:
+        """Seconds the machine's CPUs have been busy since boot (user, nice, system, irq, softirq, steal)."""
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def device_name(device: torch.device) -> str:

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +49,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cpu_speed import cpu_info, openvino_profile, timed_turns  # noqa: E402
-from iad_mix import code_stamp, git_commit  # noqa: E402
+from cpu_speed import openvino_profile, timed_turns  # noqa: E402
+from iad_mix import (  # noqa: E402
+    OtherWork,
+    code_stamp,
+    cpu_info,
+    git_commit,
+    package_versions,
+    profile_line,
+    run_lines,
+    source_changes,
+)
 
 from onenip.api import make_config  # noqa: E402
 from onenip.deploy.export import export_model  # noqa: E402
@@ -171,43 +179,6 @@ def exported(overrides: list[str], folder: Path, key: dict[str, object], images:
     return xml, facts, feats, False
 
 
-def source_changes() -> list[str]:
-    """Files of src/ that differ from the commit (git status; the figures are of the working tree's code)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO, capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line[3:] for line in out.splitlines() if line.strip()]
-
-
-class OtherWork:
-    """How many cores other processes kept busy, on average, while a phase ran: the machine's busy time (/proc/stat)
-    less this process's own CPU time, over the phase's wall time. More than a few tenths: the phase's times are slowed
-    by other work (on 2 cores, 1.0 takes half the machine). None where /proc/stat cannot be read."""
-
-    def __enter__(self) -> OtherWork:
-        self.start = (self.busy(), os.times(), time.perf_counter())
-        self.cores: float | None = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        busy, own, wall = self.busy(), os.times(), time.perf_counter()
-        if busy is not None and self.start[0] is not None:
-            mine = own.user + own.system - self.start[1].user - self.start[1].system
-            self.cores = max(0.0, (busy - self.start[0] - mine) / (wall - self.start[2]))
-
-    @staticmethod
-    def busy() -> float | None:
-        """Seconds the machine's CPUs have been busy since boot (user, nice, system, irq, softirq, steal)."""
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(PRESETS), choices=list(PRESETS), metavar="NAME",
@@ -290,13 +261,7 @@ def main() -> None:
                      "meets_goal": latency[name] * 1000 <= GOAL_MS and best >= GOAL_IMAGES_S,
                      **({"openvino_profile": profiles[name]} if name in profiles else {})})
     cpu = cpu_info()
-    versions = {"torch": torch.__version__}
-    try:
-        import openvino
-
-        versions["openvino"] = openvino.__version__
-    except Exception:
-        pass
+    versions = package_versions("openvino")
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": commit,
             "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads,
             "runtime": "OpenVINO bf16 (onenip export --format openvino --precision bf16), LATENCY hint",
@@ -313,10 +278,7 @@ def main() -> None:
     (out / "line_network.json").write_text(json.dumps(meta, indent=2))
 
     cols = " | ".join(f"batch {b} (img/s)" for b in args.batches)
-    md = [f"- command: `{meta['command']}`",
-          f"- commit {commit}" + (f" (with uncommitted changes in {', '.join(changes)})" if changes else "")
-          + f"; CPU: {cpu['model']}, {cpu['cores']} cores ({', '.join(cpu['flags'])}); {args.threads} threads; "
-          + ", ".join(f"{k} {v}" for k, v in versions.items()),
+    md = [*run_lines(meta["command"], commit, changes, cpu, args.threads, versions),
           f"- {meta['weights']}; {SIZE} px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
           f"- batch 1: median of {args.repeats} calls; batches: median of {args.batch_repeats}; the configurations "
           "taking turns call by call",
@@ -339,10 +301,7 @@ def main() -> None:
     md += [f"Backbone: {rows[0]['backbone_params'] / 1e6:.2f} M parameters, "
            f"{rows[0]['gflop_per_image']['backbone']:.2f} GFLOP/image, the same in every configuration."]
     for name, prof in profiles.items():
-        md += ["", f"{name}, batch 1, OpenVINO PERF_COUNT ({prof['total_ms']:.1f} ms in all, "
-                   f"{100 * prof['amx_share']:.0f} % in AMX kernels); by part (approximate): "
-               + "; ".join(f"{k} {v:.2f}" for k, v in prof["parts"].items())
-               + "; by layer type: " + "; ".join(f"{k} {v:.2f}" for k, v in prof["top"][:8])]
+        md += ["", profile_line(name, prof, 8)]
     (out / "line_network.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

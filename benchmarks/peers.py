@@ -76,14 +76,24 @@ from iad_mix import category_mean, cpu_name, git_commit, iad_mix_root  # noqa: E
 from onenip.config import BackboneConfig, Config  # noqa: E402
 from onenip.data import Sample, load_split  # noqa: E402
 from onenip.data.images import read_sample  # noqa: E402
-from onenip.evaluation.evaluate import METRICS, category_metrics, image_entry  # noqa: E402
+from onenip.evaluation.evaluate import METRIC_NAMES, METRICS, category_metrics, image_entry  # noqa: E402
 from onenip.evaluation.metrics import image_metrics  # noqa: E402
 from onenip.models.backbone import FeatureExtractor, is_lukemelas, map_lukemelas_to_timm, read_state_dict, weights_file  # noqa: E402
 from onenip.models.prompts import pool_samples  # noqa: E402
 
 NAMES = {"patchcore": "anomalib PatchCore, per category", "padim": "anomalib PaDiM, per category",
          "patchcore_unified": "PatchCore, unified (one memory bank)"}
-SHORT = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")
+SHORT = METRIC_NAMES
+PATCHCORE_LAYERS = ["blocks.2", "blocks.4"]  # the backbone's stride-8 and stride-16 stages
+NEIGHBOURS = 9  # anomalib PatchCore's num_neighbors (its default): the image score's re-weighting
+
+
+def patchcore_settings(backbone: str, size: int, max_train: int, coreset: float,
+                       batch_size: int = 16) -> argparse.Namespace:
+    """What `build` and `fit_peer` read for a PatchCore, as this script's command line gives it (for other scripts:
+    benchmarks/cpu_speed.py)."""
+    return argparse.Namespace(backbone=backbone, size=size, max_train=max_train, coreset=coreset,
+                              batch_size=batch_size, patchcore_layers=list(PATCHCORE_LAYERS))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,7 +193,7 @@ def build(kind: str, args: argparse.Namespace, sd: dict[str, torch.Tensor]) -> t
     off = dict(pre_processor=False, post_processor=False, evaluator=False, visualizer=False)
     if kind == "patchcore":  # the coreset ratio: args.coreset, set in main
         module = Patchcore(backbone=args.backbone, layers=args.patchcore_layers, pre_trained=False,
-                           coreset_sampling_ratio=args.coreset, num_neighbors=9, **off)
+                           coreset_sampling_ratio=args.coreset, num_neighbors=NEIGHBOURS, **off)
     else:
         module = Padim(backbone=args.backbone, layers=args.padim_layers, pre_trained=False,
                        n_features=args.padim_features, **off)
@@ -415,7 +425,7 @@ def main() -> None:
     p.add_argument("--backbone", default="tf_efficientnet_lite0")
     p.add_argument("--weights", default="efficientnet-lite", help="as onenip's backbone.weights: efficientnet-lite or a file")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--patchcore-layers", nargs="+", default=["blocks.2", "blocks.4"])
+    p.add_argument("--patchcore-layers", nargs="+", default=PATCHCORE_LAYERS)
     p.add_argument("--padim-layers", nargs="+", default=["blocks.1", "blocks.2", "blocks.4"])
     p.add_argument("--padim-features", type=int, default=100)
     p.add_argument("--coreset", type=float, default=None,
@@ -496,7 +506,7 @@ def main() -> None:
     if args.shots:
         result.update(
             model="anomalib PatchCore, per category, from K training images",
-            settings={"layers": args.patchcore_layers, "coreset_sampling_ratio": args.coreset, "num_neighbors": 9,
+            settings={"layers": args.patchcore_layers, "coreset_sampling_ratio": args.coreset, "num_neighbors": NEIGHBOURS,
                       "shots": args.shots, "seeds": args.shot_seeds,
                       "draw": "onenip.models.prompts.pool_samples(the type's training samples, K, seed), as "
                               "benchmarks/add_type.py draws them"},
@@ -520,7 +530,7 @@ def main() -> None:
                 banks[cat] = bank
             print(f"{kind} {cat}: " + " ".join(f"{s} {pct(e[k])}" for s, k in zip(SHORT, METRICS))
                   + f"; fit {e['fit_seconds']} s, {e['ms_per_image']} ms/image", flush=True)
-        settings = ({"layers": args.patchcore_layers, "coreset_sampling_ratio": args.coreset, "num_neighbors": 9,
+        settings = ({"layers": args.patchcore_layers, "coreset_sampling_ratio": args.coreset, "num_neighbors": NEIGHBOURS,
                      "max_train": args.max_train} if kind == "patchcore"
                     else {"layers": args.padim_layers, "n_features": args.padim_features})
         result["models"][kind] = {"name": NAMES[kind], "settings": settings, "categories": entries,

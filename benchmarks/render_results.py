@@ -26,9 +26,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from onenip.evaluation.evaluate import METRIC_NAMES as NAMES  # noqa: E402
+from onenip.evaluation.evaluate import METRICS as KEYS  # noqa: E402
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-NAMES = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
-KEYS = ["image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro"]
 
 
 def pct(v: float) -> str:

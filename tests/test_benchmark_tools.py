@@ -123,3 +123,25 @@ def test_cpu_name_and_iad_mix_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert (args.data, args.textures) == (str(tmp_path / "iad-mix"), str(tmp_path / "textures"))
     monkeypatch.delenv("ONENIP_DATA")
     assert iad_mix.iad_mix_root() == Path(iad_mix.REPO).parent / "shared" / "data" / "iad-mix"
+
+
+def test_cpu_benchmark_header_versions_and_other_work() -> None:
+    """The first lines every CPU benchmark writes (command; commit with src's uncommitted files, CPU, threads,
+    versions), the package versions (torch first; a package that does not import is left out), a profile's paragraph,
+    and `OtherWork`'s reading where /proc/stat is there (a share of cores, never negative)."""
+    cpu = {"model": "Foo CPU", "cores": 2, "flags": ["avx512f", "amx_bf16"]}
+    lines = iad_mix.run_lines("python x.py --a", "abc1234", ["src/onenip/m.py"], cpu, 2, {"torch": "2.0", "openvino": "1"},
+                              "per runtime")
+    assert lines == ["- command: `python x.py --a`",
+                     "- commit abc1234 (with uncommitted changes in src/onenip/m.py); CPU: Foo CPU, 2 cores "
+                     "(avx512f, amx_bf16); 2 threads per runtime; torch 2.0, openvino 1"]
+    assert "uncommitted" not in iad_mix.run_lines("c", "abc1234", [], cpu, 1, {}, "")[1]
+    versions = iad_mix.package_versions("numpy", "no_such_package_here")
+    assert list(versions) == ["torch", "numpy"] and versions["torch"] == torch.__version__
+    prof = {"total_ms": 12.34, "amx_share": 0.5, "parts": {"decoder": 5.0}, "top": [["A (x)", 3.0], ["B (y)", 2.0]]}
+    assert iad_mix.profile_line("ov", prof, 1) == ("ov, batch 1, OpenVINO PERF_COUNT (12.3 ms in all, 50 % in AMX "
+                                                   "kernels); by part (approximate): decoder 5.00; by layer type: A (x) 3.00")
+    with iad_mix.OtherWork() as phase:
+        sum(i * i for i in range(200_000))  # this process's own work is not counted
+    if iad_mix.OtherWork.busy() is not None:
+        assert phase.cores is not None and 0.0 <= phase.cores

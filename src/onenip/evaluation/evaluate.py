@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 METRICS = IMAGE_METRICS + PIXEL_METRICS
+METRIC_NAMES = ("I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO")  # of METRICS, in tables
 
 
 def defined_values(rows: Iterable[Mapping[str, float]], metrics: Sequence[str] = METRICS) -> dict[str, list[float]]:
@@ -151,8 +152,7 @@ class Results:
 
     def to_markdown(self, map_name: str = "fused") -> str:
         self._check_map(map_name)
-        names = ["I-AUROC", "I-AP", "I-F1max", "P-AUROC", "P-AP", "P-F1max", "AUPRO"]
-        lines = ["| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines = ["| category | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---:|" * len(METRIC_NAMES)]
 
         def fmt(v: float) -> str:
             return "—" if math.isnan(v) else f"{100 * v:.1f}"
@@ -162,7 +162,7 @@ class Results:
         lines.append("| **mean** | " + " | ".join(f"**{fmt(v)}**" for v in self.mean(map_name).values()) + " |")
         pooled = self.pooled(map_name)
         lines.append("| pooled | " + " | ".join(fmt(pooled.get(m, float("nan"))) for m in METRICS) + " |")
-        counts = dict(zip(names, self.counts(map_name).values()))
+        counts = dict(zip(METRIC_NAMES, self.counts(map_name).values()))
         none = [name for name, n in counts.items() if n == 0]
         short = [f"{name} {n}" for name, n in counts.items() if 0 < n < len(self.categories)]
         if none:
@@ -193,7 +193,7 @@ class Results:
         lines += ["", "Thresholds" + (f" (from {', '.join(sources)})" if sources else "") + ": "
                   + "; ".join(f"{cat} {t:.6g}" for cat, t in d["thresholds"].items()) + ".",
                   "Pooled metrics of score / threshold (the ranking of predict's normalised score): "
-                  + ", ".join(f"{n} {100 * p[k]:.1f}" for n, k in zip(("I-AUROC", "I-AP", "I-F1max"), IMAGE_METRICS))
+                  + ", ".join(f"{n} {100 * p[k]:.1f}" for n, k in zip(METRIC_NAMES, IMAGE_METRICS))
                   + "."]
         return "\n".join(lines)
 
