@@ -7,11 +7,14 @@ Runtimes: PyTorch eager fp32 (`DeployModel`, what predict runs), PyTorch eager u
 (`onenip export --format onnx`), OpenVINO fp32 / bf16 / int8 (`onenip export --format openvino --precision P`), each
 with --threads intra-op threads (default 2), and the bf16 file once more with OpenVINO's THROUGHPUT hint (streams). Measured:
 
-- latency: one image per call, the median of --repeats calls (after warm-up), the runtimes taking turns call by call so
-  that a machine shared with other work slows them alike;
+- latency: one image per call, the median of --repeats calls of a runtime kept busy (after warm-up), the runtimes
+  taking turns in blocks of calls so that a machine shared with other work slows them alike (`timed_turns`: the first
+  call of each block, slowed by the switch from the other runtime, is not counted);
+- latency after idleness: one image per call after 0.1 s of rest, the median of --idle-calls calls (`idle_latency`):
+  an isolated request, as on a line that sends one image per part;
 - throughput: batches of --batch images, images / median batch time, taking turns likewise;
-- parity against PyTorch fp32 on the test images of --data (iad-mix when found at $ONENIP_DATA/iad-mix, or without
-  ONENIP_DATA at ../shared/data/iad-mix; else the generated demo data): the mean over categories of the image AUROC,
+- parity against PyTorch fp32 on the test images of --data (iad-mix when found: `iad_mix.iad_mix_root`; else the
+  generated demo data): the mean over categories of the image AUROC,
   its difference from PyTorch fp32's, the share of identical decisions (good / defective / unknown) and of identical
   retrieved types.
 
@@ -198,14 +201,42 @@ def peer_parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, ba
                               labels) for name, run in runs.items()}
 
 
+BLOCK = 3
+"""Calls a runtime makes in a row in `timed_turns`; the first of them is not counted."""
+
+
 def timed_turns(runs: dict[str, Run], batch: np.ndarray, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each runtime on `batch`, the runtimes taking turns call by call."""
+    """Median seconds per call of each runtime on `batch`, over `repeats` counted calls: what a runtime kept busy takes.
+    The runtimes take turns block by block (BLOCK calls in a row each), so that a machine shared with other work slows
+    them alike; the first call of each block is not counted: it pays for the switch from the runtime before (whose
+    threads may still spin, PyTorch's and ONNX Runtime's do, and which took the caches): on the 2-core Xeon about 3 ms
+    of an OpenVINO bf16 call of 5.5 ms right after a PyTorch call, and nothing from the second call on."""
     for run in runs.values():
         for _ in range(warmup):
             run(batch)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
+    for _ in range(-(-repeats // (BLOCK - 1))):
         for name, run in runs.items():
+            run(batch)  # the switch
+            for _ in range(BLOCK - 1):
+                t = time.perf_counter()
+                run(batch)
+                times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(t[:repeats])) for name, t in times.items()}
+
+
+IDLE_GAP = 0.1
+"""Seconds a runtime waits before each call that `idle_latency` times."""
+
+
+def idle_latency(runs: dict[str, Run], batch: np.ndarray, calls: int) -> dict[str, float]:
+    """Median seconds of a call after IDLE_GAP seconds of idleness, for each runtime (taking turns): what an isolated
+    request takes, as on a line that sends one image per part. Idle, the threads sleep and the caches go cold: on the
+    2-core Xeon a call of OpenVINO bf16 that takes 5.5 ms back to back takes about 9 ms after 50 ms or more of rest."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(calls):
+        for name, run in runs.items():
+            time.sleep(IDLE_GAP)
             t = time.perf_counter()
             run(batch)
             times[name].append(time.perf_counter() - t)
@@ -299,6 +330,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="batch of the throughput measurement and of parity")
     ap.add_argument("--repeats", type=int, default=40, help="calls per runtime for the latency median")
     ap.add_argument("--batch-repeats", type=int, default=8, help="batches per runtime for the throughput median")
+    ap.add_argument("--idle-calls", type=int, default=20, help="calls after rest per runtime for the idle latency (0: none)")
     ap.add_argument("--limit", type=int, default=0, help="at most this many test images for parity (0: all)")
     ap.add_argument("--runtimes", nargs="*", default=None, help="a subset (names as in the table)")
     ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type times at batch 1")
@@ -383,6 +415,13 @@ def main() -> None:
     other[f"batch {args.batch}"] = phase.cores
     print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items())
           + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+    idle: dict[str, float] = {}
+    if args.idle_calls:
+        with OtherWork() as phase:
+            idle = idle_latency({**runs, **peer}, one, args.idle_calls)
+        other["batch 1 after idleness"] = phase.cores
+        print("latency after idleness (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in idle.items())
+              + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
     load_mid = os.getloadavg()
     agree = parity(runs, images, labels, cats, args.batch)
     if peer:
@@ -402,16 +441,19 @@ def main() -> None:
            "openvino-bf16-streams": "bf16 (AMX-BF16); THROUGHPUT hint: the batch split across OpenVINO's streams, "
                                     "one image on one stream",
            "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
-    rows = [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
-             "low_precision": low.get(name, ""), **agree[name],
+    def speed(name: str) -> dict[str, float]:
+        return {"latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
+                **({"idle_latency_ms": idle[name] * 1000} if idle else {})}
+
+    rows = [{"runtime": name, **speed(name), "low_precision": low.get(name, ""), **agree[name],
              **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]
-    rows += [{"runtime": name, "latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
-              "low_precision": low[name.removeprefix("peer-patchcore-")],
+    rows += [{"runtime": name, **speed(name), "low_precision": low[name.removeprefix("peer-patchcore-")],
               "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
     versions = package_versions("onnxruntime", "openvino", "nncf", *(["anomalib"] if peer else []))
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
             "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads, "batch": args.batch,
-            "repeats": args.repeats, "torch": torch.__version__, "versions": versions,
+            "repeats": args.repeats, "batch_repeats": args.batch_repeats, "block": BLOCK,
+            "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP, "torch": torch.__version__, "versions": versions,
             "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
             "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
             "other_processes_cores": other,
@@ -424,17 +466,18 @@ def main() -> None:
           f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs; cores "
           "kept busy by other processes while timing: "
           + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()), "",
-          "| runtime | low precision | batch 1 latency (ms) | batch " + str(args.batch) + " throughput (img/s) | "
-          "mean image AUROC | Δ AUROC (points) | identical decisions | identical types |",
-          "|---|---|---:|---:|---:|---:|---:|---:|"]
+          "| runtime | low precision | batch 1 latency (ms) |" + (" after idleness (ms) |" if idle else "")
+          + f" batch {args.batch} throughput (img/s) | mean image AUROC | Δ AUROC (points) | identical decisions | "
+          "identical types |",
+          "|---|---|---:|" + ("---:|" if idle else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
+        speeds = (f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | "
+                  + (f"{r['idle_latency_ms']:.1f} | " if idle else "") + f"{r['throughput_img_s']:.0f} | ")
         if "peer_image_auroc" in r:  # the peer: not the same model, so no parity with onenip's fp32
-            md.append(f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | {r['throughput_img_s']:.0f} | "
-                      "— | — | — | — |")
+            md.append(speeds + "— | — | — | — |")
             continue
-        md.append(f"| {r['runtime']} | {r['low_precision']} | {r['latency_ms']:.1f} | {r['throughput_img_s']:.0f} | "
-                  f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | {r['identical_decisions']:.1f} % | "
-                  f"{r['identical_types']:.1f} % |")
+        md.append(speeds + f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | "
+                  f"{r['identical_decisions']:.1f} % | {r['identical_types']:.1f} % |")
     if peer:
         f = peer_facts
         md += ["", f"The peer: anomalib {f['anomalib']} PatchCore, one model for {f['category']} ({f['fit']}; "

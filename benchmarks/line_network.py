@@ -13,10 +13,12 @@ which one is fast enough (and none of these figures says anything about accuracy
 thresholds inf. It is saved as a checkpoint and exported with the project's own `onenip.deploy.export.export_model`
 (OpenVINO, bf16: the file `onenip export --format openvino --precision bf16` writes), then run with
 `onenip.deploy.runtimes.OpenVinoRuntime` and --threads threads, as benchmarks/cpu_speed.py runs it. Measured, all
-configurations in one process, taking turns call by call (cpu_speed's `timed_turns`) so that a machine shared with
-other work slows them alike:
+configurations in one process, taking turns in blocks of calls (cpu_speed's `timed_turns`: the first call of each
+block, slowed by the switch, is not counted) so that a machine shared with other work slows them alike:
 
-- latency: one image per call, the median of --repeats calls after warm-up;
+- latency: one image per call, the median of --repeats calls after warm-up (a runtime kept busy);
+- latency after idleness: one image per call after 0.1 s of rest, the median of --idle-calls calls (cpu_speed's
+  `idle_latency`: an isolated request);
 - throughput: each of --batches (default 8 and 16): images / median time of --batch-repeats batches;
 - the network's parameters, and GFLOP per image (2 per multiply-add; convolutions, matrix products and attention
   counted by torch.utils.flop_counter on the PyTorch `DeployModel` at batch 1, elementwise work not), in all and of
@@ -49,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cpu_speed import openvino_profile, timed_turns  # noqa: E402
+from cpu_speed import idle_latency, openvino_profile, timed_turns  # noqa: E402
 from iad_mix import (  # noqa: E402
     OtherWork,
     code_stamp,
@@ -188,6 +190,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="OpenVINO inference threads (and PyTorch's while building)")
     ap.add_argument("--repeats", type=int, default=30, help="calls per configuration for the batch-1 median")
     ap.add_argument("--batch-repeats", type=int, default=8, help="batches per configuration for each throughput")
+    ap.add_argument("--idle-calls", type=int, default=20, help="calls after rest per configuration (0: none)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16], help="batch sizes of the throughputs")
     ap.add_argument("--types", type=int, default=10, help="product types in the prompt pool")
     ap.add_argument("--pool", type=int, default=8, help="prompt images per type (eval.prompt_pool)")
@@ -244,6 +247,13 @@ def main() -> None:
             throughput[batch] = {k: batch / v for k, v in seconds.items()}
             print(f"batch {batch} (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput[batch].items())
                   + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+        idle: dict[str, float] = {}
+        if args.idle_calls:
+            with OtherWork() as phase:
+                idle = idle_latency(runs, one, args.idle_calls)
+            other["batch 1 after idleness"] = phase.cores
+            print("batch 1 after idleness (ms): " + ", ".join(f"{k} {v * 1000:.2f}" for k, v in idle.items())
+                  + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
         load_after_speed = os.getloadavg()
         profiles = {name: openvino_profile(path, "bf16", args.threads, SIZE) for name, path in files.items()} \
             if args.profile else {}
@@ -259,6 +269,9 @@ def main() -> None:
                      "throughput_vs_default": {str(b): throughput[b][name] / throughput[b][ref]
                                                for b in args.batches},
                      "meets_goal": latency[name] * 1000 <= GOAL_MS and best >= GOAL_IMAGES_S,
+                     **({"idle_latency_ms": idle[name] * 1000,
+                         "meets_goal_after_idleness": idle[name] * 1000 <= GOAL_MS and best >= GOAL_IMAGES_S}
+                        if idle else {}),
                      **({"openvino_profile": profiles[name]} if name in profiles else {})})
     cpu = cpu_info()
     versions = package_versions("openvino")
@@ -269,6 +282,7 @@ def main() -> None:
                        "UNTRAINED (random initialization): the times depend on the shapes only, not on the weights",
             "input_size": SIZE, "prompt_pool": f"{args.types} types x {args.pool} random uint8 images",
             "repeats": args.repeats, "batch_repeats": args.batch_repeats, "batches": args.batches,
+            "idle_calls": args.idle_calls,
             "goal": {"latency_ms_at_most": GOAL_MS, "images_per_s_at_least": GOAL_IMAGES_S},
             "load_average": {"start": load_start, "after_speed": load_after_speed, "end": load_end},
             "other_processes_cores": other,
@@ -280,22 +294,27 @@ def main() -> None:
     cols = " | ".join(f"batch {b} (img/s)" for b in args.batches)
     md = [*run_lines(meta["command"], commit, changes, cpu, args.threads, versions),
           f"- {meta['weights']}; {SIZE} px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
-          f"- batch 1: median of {args.repeats} calls; batches: median of {args.batch_repeats}; the configurations "
-          "taking turns call by call",
+          f"- batch 1: median of {args.repeats} calls (kept busy); batches: median of {args.batch_repeats}; the "
+          "configurations taking turns in blocks of calls, the first call of each block not counted"
+          + (f"; after idleness: median of {args.idle_calls} calls, each after 0.1 s of rest" if idle else ""),
           "- load average (1, 5, 15 min): start " + " ".join(f"{v:.2f}" for v in load_start) + ", after the speed "
           "runs " + " ".join(f"{v:.2f}" for v in load_after_speed) + ", end " + " ".join(f"{v:.2f}" for v in load_end)
           + "; cores kept busy by other processes while measuring: "
           + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()),
           f"- goal (issue 27): at most {GOAL_MS:g} ms at batch 1 and at least {GOAL_IMAGES_S:g} images/s batched", "",
-          f"| config | network params (M) | GFLOP/image (network) | batch 1 (ms) | time / default | {cols} | "
-          f"img/s / default (batch {args.batches[0]}) | goal |",
-          "|---|---:|---:|---:|---:|" + "---:|" * len(args.batches) + "---:|:---:|"]
+          "| config | network params (M) | GFLOP/image (network) | batch 1 (ms) | time / default | "
+          + ("batch 1 after idleness (ms) | " if idle else "") + f"{cols} | "
+          f"img/s / default (batch {args.batches[0]}) | goal |" + (" goal after idleness |" if idle else ""),
+          "|---|---:|---:|---:|---:|" + ("---:|" if idle else "") + "---:|" * len(args.batches) + "---:|:---:|"
+          + (":---:|" if idle else "")]
     for r in rows:
         md.append(f"| {r['config']} | {r['network_params'] / 1e6:.2f} | {r['gflop_per_image']['total']:.2f} "
                   f"({r['gflop_per_image']['network']:.2f}) | {r['latency_ms']:.2f} | {r['latency_vs_default']:.2f}x | "
+                  + (f"{r['idle_latency_ms']:.2f} | " if idle else "")
                   + " | ".join(f"{r['images_per_s'][str(b)]:.0f}" for b in args.batches)
                   + f" | {r['throughput_vs_default'][str(args.batches[0])]:.2f}x | "
-                  f"{'yes' if r['meets_goal'] else 'no'} |")
+                  f"{'yes' if r['meets_goal'] else 'no'} |"
+                  + (f" {'yes' if r['meets_goal_after_idleness'] else 'no'} |" if idle else ""))
     md += ["", "Configurations: " + "; ".join(f"{name}: {' '.join(o) or '(the default network)'}"
                                               for name, o in configs.items())]
     md += [f"Backbone: {rows[0]['backbone_params'] / 1e6:.2f} M parameters, "
