@@ -248,12 +248,31 @@ def decisions(out: dict[str, np.ndarray]) -> np.ndarray:
     return np.where(~known, "unknown", np.where(out["anomalous"], "defective", "good"))
 
 
+NEAR = 0.05
+"""A turned decision whose reference score lies within this share of its threshold counts as near it."""
+
+
+def turned(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, int]:
+    """The images whose decision differs from the reference's, by why: made `unknown` or known by the type check
+    (`to_unknown`, `to_known`), else good <-> defective with the reference's score within NEAR of its threshold
+    (`near_threshold`; score / threshold read back from the normalised score 1 - 2^(-score / threshold)), else
+    `other`."""
+    mine, theirs = decisions(out), decisions(ref)
+    differ = mine != theirs
+    near = np.abs(-np.log2(1.0 - ref["normalized"].astype(np.float64)) - 1.0) <= NEAR
+    to_unknown = differ & (mine == "unknown")
+    to_known = differ & (theirs == "unknown")
+    rest = differ & ~to_unknown & ~to_known
+    return {"to_unknown": int(to_unknown.sum()), "to_known": int(to_known.sum()),
+            "near_threshold": int((rest & near).sum()), "other": int((rest & ~near).sum())}
+
+
 def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: list[str], batch: int) -> dict[str, dict]:
     outs: dict[str, dict[str, np.ndarray]] = {}
     for name, run in runs.items():
         parts = [run(images[i : i + batch]) for i in range(0, len(images), batch)]
-        outs[name] = {k: np.concatenate([p[k] for p in parts]) for k in ("score", "anomalous", "category", "known")
-                      if k in parts[0]}
+        outs[name] = {k: np.concatenate([p[k] for p in parts])
+                      for k in ("score", "normalized", "anomalous", "category", "known") if k in parts[0]}
     ref = outs["pytorch-fp32"]
     cat_arr = np.array(cats)
     result = {}
@@ -263,6 +282,7 @@ def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: l
         result[name] = {
             "mean_image_auroc": float(np.mean(list(per_cat.values()))), "image_auroc_per_type": per_cat,
             "identical_decisions": 100 * float(np.mean(decisions(out) == decisions(ref))),
+            "turned_decisions": turned(out, ref),
             "identical_types": 100 * float(np.mean(out["category"] == ref["category"])),
             "largest_relative_score_difference": float(np.max(np.abs(out["score"] - ref["score"]) / np.abs(ref["score"]))),
         }
@@ -478,6 +498,12 @@ def main() -> None:
             continue
         md.append(speeds + f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | "
                   f"{r['identical_decisions']:.1f} % | {r['identical_types']:.1f} % |")
+    md += ["", f"Decisions turned against PyTorch fp32, by why (`turned`: made unknown / made known by the type check, "
+               f"good <-> defective with the fp32 score within {100 * NEAR:g} % of its threshold / further): "
+           + "; ".join(f"{r['runtime']} {sum(t.values())} ({t['to_unknown']} / {t['to_known']} / "
+                       f"{t['near_threshold']} / {t['other']})"
+                       for r in rows if (t := r.get("turned_decisions")) and sum(t.values()))
+           + "."]
     if peer:
         f = peer_facts
         md += ["", f"The peer: anomalib {f['anomalib']} PatchCore, one model for {f['category']} ({f['fit']}; "

@@ -145,3 +145,23 @@ def test_cpu_benchmark_header_versions_and_other_work() -> None:
         sum(i * i for i in range(200_000))  # this process's own work is not counted
     if iad_mix.OtherWork.busy() is not None:
         assert phase.cores is not None and 0.0 <= phase.cores
+
+
+def test_cpu_speed_sorts_turned_decisions_by_why() -> None:
+    """benchmarks/cpu_speed.py's parity: a decision that differs from the reference's is counted as made unknown,
+    made known, near the threshold (the reference's score within 5 % of it, read back from the normalised score) or
+    other; identical decisions are not counted."""
+    import numpy as np
+
+    cpu_speed = pytest.importorskip("cpu_speed")
+    from onenip.models.scoring import normalize_score
+
+    score = np.array([1.0, 1.04, 2.0, 0.5, 1.0, 0.97])
+    ref = {"score": score, "normalized": normalize_score(score, 1.0), "anomalous": score > 1.0,
+           "known": np.array([1, 1, 1, 1, 0, 1], bool)}
+    out = {"score": score, "anomalous": np.array([0, 0, 0, 0, 1, 1], bool),
+           "known": np.array([1, 1, 1, 0, 1, 1], bool)}
+    # image 0: same; 1: defective -> good at 1.04 x the threshold; 2: defective -> good at 2 x; 3: made unknown;
+    # 4: made known; 5: good -> defective at 0.97 x
+    assert cpu_speed.turned(out, ref) == {"to_unknown": 1, "to_known": 1, "near_threshold": 2, "other": 1}
+    assert cpu_speed.turned(ref, ref) == {"to_unknown": 0, "to_known": 0, "near_threshold": 0, "other": 0}

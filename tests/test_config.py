@@ -165,6 +165,10 @@ def test_shipped_config_files_load() -> None:
         load_config([f])
     both = load_config([folder / "iad-mix-offline.yaml", folder / "uniad-baseline.yaml"])
     assert both.model.arch == "uniad" and both.backbone.name == "tf_efficientnet_lite0" and both.train.epochs == 180
+    line = load_config([folder / "iad-mix-offline.yaml", folder / "line-network.yaml"])  # the line network's preset
+    m = line.model
+    assert (m.encoder_layers, m.decoder_layers, m.hidden_dim, m.ffn_dim, m.heads, m.refiner_channels) == (2, 2, 128, 512, 4, 64)
+    assert m.arch == "onenip" and line.backbone.name == "tf_efficientnet_lite0"
 
 
 def test_resolved_padding_is_kept_through_resume_and_test() -> None:
