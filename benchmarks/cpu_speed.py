@@ -9,14 +9,14 @@ with --threads intra-op threads (default 2), and the bf16 file once more with Op
 
 - latency: one image per call, the median of --repeats calls of a runtime kept busy (after warm-up), the runtimes
   taking turns in blocks of calls so that a machine shared with other work slows them alike (`timed_turns`: the first
-  call of each block, slowed by the switch from the other runtime, is not counted);
+  calls of each block, slowed by the switch from the other runtime, are not counted);
 - latency after idleness: one image per call after 0.1 s of rest, the median of --idle-calls calls (`idle_latency`):
   an isolated request, as on a line that sends one image per part;
 - throughput: batches of --batch images, images / median batch time, taking turns likewise;
 - parity against PyTorch fp32 on the test images of --data (iad-mix when found: `iad_mix.iad_mix_root`; else the
   generated demo data): the mean over categories of the image AUROC,
   its difference from PyTorch fp32's, the share of identical decisions (good / defective / unknown) and of identical
-  retrieved types.
+  retrieved types, and the turned decisions by why (`turned`).
 
 Parity needs a trained model: --model, else one is trained here on the CPU (tf_efficientnet_lite0 at 224 px, the default
 network, --steps steps of batch 8, a tenth of the normal images held out for the thresholds) into --work, and reused
@@ -201,24 +201,26 @@ def peer_parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, ba
                               labels) for name, run in runs.items()}
 
 
-BLOCK = 3
-"""Calls a runtime makes in a row in `timed_turns`; the first of them is not counted."""
+BLOCK, SKIP = 4, 2
+"""Calls a runtime makes in a row in `timed_turns`, and how many of them, the first, are not counted."""
 
 
 def timed_turns(runs: dict[str, Run], batch: np.ndarray, repeats: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds per call of each runtime on `batch`, over `repeats` counted calls: what a runtime kept busy takes.
     The runtimes take turns block by block (BLOCK calls in a row each), so that a machine shared with other work slows
-    them alike; the first call of each block is not counted: it pays for the switch from the runtime before (whose
-    threads may still spin, PyTorch's and ONNX Runtime's do, and which took the caches): on the 2-core Xeon about 3 ms
-    of an OpenVINO bf16 call of 5.5 ms right after a PyTorch call, and nothing from the second call on."""
+    them alike; the first SKIP calls of each block are not counted: they pay for the switch from the runtime before
+    (whose threads may still spin, PyTorch's and ONNX Runtime's do, and which took the caches). On the 2-core Xeon an
+    OpenVINO bf16 call of 5.5 ms took 8-11 ms right after a PyTorch call, 6.1 ms as the second call and 5.4-5.7 ms
+    from the third on."""
     for run in runs.values():
         for _ in range(warmup):
             run(batch)
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(-(-repeats // (BLOCK - 1))):
+    for _ in range(-(-repeats // (BLOCK - SKIP))):
         for name, run in runs.items():
-            run(batch)  # the switch
-            for _ in range(BLOCK - 1):
+            for _ in range(SKIP):  # the switch
+                run(batch)
+            for _ in range(BLOCK - SKIP):
                 t = time.perf_counter()
                 run(batch)
                 times[name].append(time.perf_counter() - t)
@@ -259,7 +261,8 @@ def turned(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, 
     `other`."""
     mine, theirs = decisions(out), decisions(ref)
     differ = mine != theirs
-    near = np.abs(-np.log2(1.0 - ref["normalized"].astype(np.float64)) - 1.0) <= NEAR
+    with np.errstate(divide="ignore"):  # a normalised score rounded to 1: far above its threshold, not near it
+        near = np.abs(-np.log2(1.0 - ref["normalized"].astype(np.float64)) - 1.0) <= NEAR
     to_unknown = differ & (mine == "unknown")
     to_known = differ & (theirs == "unknown")
     rest = differ & ~to_unknown & ~to_known
@@ -472,7 +475,7 @@ def main() -> None:
     versions = package_versions("onnxruntime", "openvino", "nncf", *(["anomalib"] if peer else []))
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
             "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads, "batch": args.batch,
-            "repeats": args.repeats, "batch_repeats": args.batch_repeats, "block": BLOCK,
+            "repeats": args.repeats, "batch_repeats": args.batch_repeats, "block": BLOCK, "block_calls_not_counted": SKIP,
             "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP, "torch": torch.__version__, "versions": versions,
             "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
             "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
@@ -498,12 +501,11 @@ def main() -> None:
             continue
         md.append(speeds + f"{r['mean_image_auroc']:.2f} | {r['auroc_difference']:+.2f} | "
                   f"{r['identical_decisions']:.1f} % | {r['identical_types']:.1f} % |")
+    turns = [f"{r['runtime']} {sum(t.values())} ({t['to_unknown']} / {t['to_known']} / {t['near_threshold']} / "
+             f"{t['other']})" for r in rows if (t := r.get("turned_decisions")) and sum(t.values())]
     md += ["", f"Decisions turned against PyTorch fp32, by why (`turned`: made unknown / made known by the type check, "
                f"good <-> defective with the fp32 score within {100 * NEAR:g} % of its threshold / further): "
-           + "; ".join(f"{r['runtime']} {sum(t.values())} ({t['to_unknown']} / {t['to_known']} / "
-                       f"{t['near_threshold']} / {t['other']})"
-                       for r in rows if (t := r.get("turned_decisions")) and sum(t.values()))
-           + "."]
+           + ("; ".join(turns) if turns else "none") + "."]
     if peer:
         f = peer_facts
         md += ["", f"The peer: anomalib {f['anomalib']} PatchCore, one model for {f['category']} ({f['fit']}; "

@@ -13,8 +13,8 @@ which one is fast enough (and none of these figures says anything about accuracy
 thresholds inf. It is saved as a checkpoint and exported with the project's own `onenip.deploy.export.export_model`
 (OpenVINO, bf16: the file `onenip export --format openvino --precision bf16` writes), then run with
 `onenip.deploy.runtimes.OpenVinoRuntime` and --threads threads, as benchmarks/cpu_speed.py runs it. Measured, all
-configurations in one process, taking turns in blocks of calls (cpu_speed's `timed_turns`: the first call of each
-block, slowed by the switch, is not counted) so that a machine shared with other work slows them alike:
+configurations in one process, taking turns in blocks of calls (cpu_speed's `timed_turns`: the first calls of each
+block, slowed by the switch, are not counted) so that a machine shared with other work slows them alike:
 
 - latency: one image per call, the median of --repeats calls after warm-up (a runtime kept busy);
 - latency after idleness: one image per call after 0.1 s of rest, the median of --idle-calls calls (cpu_speed's
@@ -51,7 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from cpu_speed import idle_latency, openvino_profile, timed_turns  # noqa: E402
+from cpu_speed import BLOCK, IDLE_GAP, SKIP, idle_latency, openvino_profile, timed_turns  # noqa: E402
 from iad_mix import (  # noqa: E402
     OtherWork,
     code_stamp,
@@ -282,7 +282,7 @@ def main() -> None:
                        "UNTRAINED (random initialization): the times depend on the shapes only, not on the weights",
             "input_size": SIZE, "prompt_pool": f"{args.types} types x {args.pool} random uint8 images",
             "repeats": args.repeats, "batch_repeats": args.batch_repeats, "batches": args.batches,
-            "idle_calls": args.idle_calls,
+            "block": BLOCK, "block_calls_not_counted": SKIP, "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP,
             "goal": {"latency_ms_at_most": GOAL_MS, "images_per_s_at_least": GOAL_IMAGES_S},
             "load_average": {"start": load_start, "after_speed": load_after_speed, "end": load_end},
             "other_processes_cores": other,
@@ -295,8 +295,8 @@ def main() -> None:
     md = [*run_lines(meta["command"], commit, changes, cpu, args.threads, versions),
           f"- {meta['weights']}; {SIZE} px; prompt pool {meta['prompt_pool']}; OpenVINO bf16 export, one stream",
           f"- batch 1: median of {args.repeats} calls (kept busy); batches: median of {args.batch_repeats}; the "
-          "configurations taking turns in blocks of calls, the first call of each block not counted"
-          + (f"; after idleness: median of {args.idle_calls} calls, each after 0.1 s of rest" if idle else ""),
+          f"configurations taking turns in blocks of {BLOCK} calls, the first {SKIP} of each not counted"
+          + (f"; after idleness: median of {args.idle_calls} calls, each after {IDLE_GAP:g} s of rest" if idle else ""),
           "- load average (1, 5, 15 min): start " + " ".join(f"{v:.2f}" for v in load_start) + ", after the speed "
           "runs " + " ".join(f"{v:.2f}" for v in load_after_speed) + ", end " + " ".join(f"{v:.2f}" for v in load_end)
           + "; cores kept busy by other processes while measuring: "

@@ -193,3 +193,13 @@ def test_the_page_can_be_rendered_again_without_losing_a_line() -> None:
     for title in ("## Summaries and measurements quoted in the other pages", "## Serving: `onenip serve` under load",
                   "## Known and unknown products", "## New product types without retraining"):
         assert title in outside_markers(text)
+
+
+def test_renderers_spell_the_metrics_as_evaluation_does() -> None:
+    """render_results.py and compare_runs.py keep their own spelling of the metric keys and names (they need no
+    torch); it is onenip.evaluation.evaluate's."""
+    from onenip.evaluation.evaluate import METRIC_NAMES, METRICS
+
+    compare_runs = pytest.importorskip("compare_runs")
+    for module in (render_results, compare_runs):
+        assert tuple(module.KEYS) == METRICS and tuple(module.NAMES) == METRIC_NAMES
