@@ -165,3 +165,38 @@ def test_cpu_speed_sorts_turned_decisions_by_why() -> None:
     # 4: made known; 5: good -> defective at 0.97 x
     assert cpu_speed.turned(out, ref) == {"to_unknown": 1, "to_known": 1, "near_threshold": 2, "other": 1}
     assert cpu_speed.turned(ref, ref) == {"to_unknown": 0, "to_known": 0, "near_threshold": 0, "other": 0}
+
+
+def test_cpu_speed_times_runtimes_kept_busy_in_blocks_and_after_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/cpu_speed.py's timing on a fake clock: the runtimes take turns in blocks of BLOCK calls, the first
+    SKIP of each block (slowed by the switch) are not counted, exactly `repeats` calls are; `idle_latency` rests
+    IDLE_GAP before each call it times."""
+    import numpy as np
+
+    cpu_speed = pytest.importorskip("cpu_speed")
+    clock = [0.0]
+    calls: list[str] = []
+    sleeps: list[float] = []
+
+    streak = {"last": None, "calls": 0}  # calls in a row of the same runtime
+
+    def runtime(name: str, busy: float):
+        def run(batch: np.ndarray) -> dict:
+            streak["calls"] = streak["calls"] + 1 if streak["last"] == name else 1
+            streak["last"] = name
+            calls.append(name)
+            clock[0] += busy * (10 if streak["calls"] <= cpu_speed.SKIP else 1)  # slow after a switch
+            return {}
+        return run
+
+    monkeypatch.setattr(cpu_speed.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(cpu_speed.time, "sleep", lambda s: sleeps.append(s))
+    runs = {"a": runtime("a", 1.0), "b": runtime("b", 2.0)}
+    medians = cpu_speed.timed_turns(runs, np.zeros(1), repeats=5, warmup=0)
+    assert medians == {"a": 1.0, "b": 2.0}  # no slow (switch) call counted
+    blocks = -(-5 // (cpu_speed.BLOCK - cpu_speed.SKIP))
+    assert calls == (["a"] * cpu_speed.BLOCK + ["b"] * cpu_speed.BLOCK) * blocks
+    calls.clear()
+    idle = cpu_speed.idle_latency(runs, np.zeros(1), calls=3)
+    assert calls == ["a", "b"] * 3 and sleeps == [cpu_speed.IDLE_GAP] * 6
+    assert idle == {"a": 10.0, "b": 20.0}  # every timed call follows a switch here: the fake clock's slow calls
