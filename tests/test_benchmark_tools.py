@@ -200,3 +200,20 @@ def test_cpu_speed_times_runtimes_kept_busy_in_blocks_and_after_rest(monkeypatch
     idle = cpu_speed.idle_latency(runs, np.zeros(1), calls=3)
     assert calls == ["a", "b"] * 3 and sleeps == [cpu_speed.IDLE_GAP] * 6
     assert idle == {"a": 10.0, "b": 20.0}  # every timed call follows a switch here: the fake clock's slow calls
+
+
+def test_the_line_network_is_spelled_alike_everywhere() -> None:
+    """configs/line-network.yaml, benchmarks/line_network.py's enc2-dec2-d128-ref64 preset and the GPU plan's `line`
+    group (benchmarks/gpu_session.sh) name the same network."""
+    import re
+
+    from onenip.config import load_config
+
+    line_network = pytest.importorskip("line_network")
+    repo = Path(iad_mix.REPO)
+    preset = dict(o.split("=", 1) for o in line_network.PRESETS["enc2-dec2-d128-ref64"])
+    plan = re.search(r'^LINE="([^"]*)"', (repo / "benchmarks" / "gpu_session.sh").read_text(), re.M)
+    assert plan is not None
+    assert dict(o.split("=", 1) for o in plan.group(1).replace("--set ", "").split()) == preset
+    model = load_config([repo / "configs" / "line-network.yaml"]).model
+    assert {k: str(getattr(model, k.removeprefix("model."))) for k in preset} == preset
