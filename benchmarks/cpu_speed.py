@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from iad_mix import (  # noqa: E402
-    OtherWork,
+    Phases,
     code_stamp,
     cpu_info,
     git_commit,
@@ -77,10 +77,11 @@ Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
 def data_root(arg: str | None) -> tuple[Path, str]:
-    """The parity data and what it is: `arg` when given, else iad-mix (`iad_mix_root`) when it is there, else the demo's
-    generated data (made on first use)."""
+    """The parity data and what to call it in the results (no machine's path: iad-mix is named, a given root is written
+    as given): `arg` when given, else iad-mix (`iad_mix_root`) when it is there, else the demo's generated data (made on
+    first use)."""
     if arg:
-        return Path(arg), "given"
+        return Path(arg), f"given: {arg}"
     if (root := iad_mix_root()).is_dir():
         return root, "iad-mix"
     from onenip.demo.dataset import make_demo_dataset
@@ -88,7 +89,7 @@ def data_root(arg: str | None) -> tuple[Path, str]:
     root = REPO / "runs" / "cpu-speed" / "demo-data"
     if not root.is_dir():
         make_demo_dataset(root, seed=0, image_size=256, n_train=60, n_test_good=20, n_test_defect=20)
-    return root, "generated demo data (iad-mix not found)"
+    return root, "generated demo data (iad-mix not found), runs/cpu-speed/demo-data"
 
 
 def train_model(root: Path, work: Path, steps: int, threads: int) -> Path:
@@ -254,15 +255,14 @@ NEAR = 0.05
 """A turned decision whose reference score lies within this share of its threshold counts as near it."""
 
 
-def turned(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, int]:
-    """The images whose decision differs from the reference's, by why: made `unknown` or known by the type check
-    (`to_unknown`, `to_known`), else good <-> defective with the reference's score within NEAR of its threshold
-    (`near_threshold`; score / threshold read back from the normalised score 1 - 2^(-score / threshold)), else
-    `other`."""
-    mine, theirs = decisions(out), decisions(ref)
+def turned(mine: np.ndarray, theirs: np.ndarray, normalized: np.ndarray) -> dict[str, int]:
+    """The images whose decision (`decisions`) differs from the reference's, by why: made `unknown` or known by the
+    type check (`to_unknown`, `to_known`), else good <-> defective with the reference's score within NEAR of its
+    threshold (`near_threshold`; score / threshold read back from the reference's normalised score
+    1 - 2^(-score / threshold)), else `other`."""
     differ = mine != theirs
     with np.errstate(divide="ignore"):  # a normalised score rounded to 1: far above its threshold, not near it
-        near = np.abs(-np.log2(1.0 - ref["normalized"].astype(np.float64)) - 1.0) <= NEAR
+        near = np.abs(-np.log2(1.0 - normalized.astype(np.float64)) - 1.0) <= NEAR
     to_unknown = differ & (mine == "unknown")
     to_known = differ & (theirs == "unknown")
     rest = differ & ~to_unknown & ~to_known
@@ -277,15 +277,17 @@ def parity(runs: dict[str, Run], images: np.ndarray, labels: np.ndarray, cats: l
         outs[name] = {k: np.concatenate([p[k] for p in parts])
                       for k in ("score", "normalized", "anomalous", "category", "known") if k in parts[0]}
     ref = outs["pytorch-fp32"]
+    theirs = decisions(ref)
     cat_arr = np.array(cats)
     result = {}
     for name, out in outs.items():
+        mine = decisions(out)
         per_cat = {c: 100 * auroc(out["score"][cat_arr == c], labels[cat_arr == c]) for c in sorted(set(cats))
                    if len(set(labels[cat_arr == c].tolist())) == 2}
         result[name] = {
             "mean_image_auroc": float(np.mean(list(per_cat.values()))), "image_auroc_per_type": per_cat,
-            "identical_decisions": 100 * float(np.mean(decisions(out) == decisions(ref))),
-            "turned_decisions": turned(out, ref),
+            "identical_decisions": 100 * float(np.mean(mine == theirs)),
+            "turned_decisions": turned(mine, theirs, ref["normalized"]),
             "identical_types": 100 * float(np.mean(out["category"] == ref["category"])),
             "largest_relative_score_difference": float(np.max(np.abs(out["score"] - ref["score"]) / np.abs(ref["score"]))),
         }
@@ -427,24 +429,13 @@ def main() -> None:
     images, labels, cats = test_images(root, det.deployment.categories, size, args.limit)
     one = images[rng.integers(len(images))][None].copy()
     many = images[rng.choice(len(images), args.batch, replace=False)].copy()
-    other: dict[str, float | None] = {}  # per phase, the cores other processes kept busy (`OtherWork`)
-    with OtherWork() as phase:
-        latency = timed_turns({**runs, **peer}, one, args.repeats)
-    other["batch 1"] = phase.cores
-    print("latency (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in latency.items())
-          + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
-    with OtherWork() as phase:
-        batched = timed_turns({**runs, **peer}, many, args.batch_repeats, warmup=1)
-    other[f"batch {args.batch}"] = phase.cores
-    print("throughput (img/s): " + ", ".join(f"{k} {args.batch / v:.0f}" for k, v in batched.items())
-          + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
-    idle: dict[str, float] = {}
-    if args.idle_calls:
-        with OtherWork() as phase:
-            idle = idle_latency({**runs, **peer}, one, args.idle_calls)
-        other["batch 1 after idleness"] = phase.cores
-        print("latency after idleness (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in idle.items())
-              + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+    timed, phases = {**runs, **peer}, Phases()
+    ms = lambda v: f"{v * 1000:.1f} ms"  # noqa: E731
+    latency = phases.run("batch 1", lambda: timed_turns(timed, one, args.repeats), ms)
+    batched = phases.run(f"batch {args.batch}", lambda: timed_turns(timed, many, args.batch_repeats, warmup=1),
+                         lambda v: f"{args.batch / v:.0f} img/s")
+    idle = phases.run("batch 1 after idleness", lambda: idle_latency(timed, one, args.idle_calls), ms) \
+        if args.idle_calls else {}
     load_mid = os.getloadavg()
     agree = parity(runs, images, labels, cats, args.batch)
     if peer:
@@ -476,10 +467,10 @@ def main() -> None:
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
             "source_changes_not_committed": changes, "cpu": cpu, "threads": args.threads, "batch": args.batch,
             "repeats": args.repeats, "batch_repeats": args.batch_repeats, "block": BLOCK, "block_calls_not_counted": SKIP,
-            "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP, "torch": torch.__version__, "versions": versions,
-            "model": model_note, "data": f"{data_kind}: {root}", "test_images": len(images),
+            "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP, "versions": versions,
+            "model": model_note, "data": data_kind, "test_images": len(images),
             "load_average": {"start": load_before, "after_speed": load_mid, "end": os.getloadavg()},
-            "other_processes_cores": other,
+            "other_processes_cores": phases.cores,
             "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles, "peer": peer_facts}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -487,8 +478,7 @@ def main() -> None:
     md = [*run_lines(meta["command"], meta["commit"], changes, cpu, args.threads, versions, "per runtime"),
           f"- model: {model_note}", f"- parity: {len(images)} test images of {data_kind}, against PyTorch fp32",
           f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs; cores "
-          "kept busy by other processes while timing: "
-          + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()), "",
+          "kept busy by other processes while timing: " + phases.text(), "",
           "| runtime | low precision | batch 1 latency (ms) |" + (" after idleness (ms) |" if idle else "")
           + f" batch {args.batch} throughput (img/s) | mean image AUROC | Δ AUROC (points) | identical decisions | "
           "identical types |",

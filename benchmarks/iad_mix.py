@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -159,6 +159,28 @@ class OtherWork:
             return None
         user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class Phases:
+    """The phases of a timing run, each measured under `OtherWork`: `cores[name]`, the cores other processes kept busy
+    while it ran (None where /proc/stat cannot be read), and a printed line of its results."""
+
+    def __init__(self) -> None:
+        self.cores: dict[str, float | None] = {}
+
+    def run(self, name: str, measure: Callable[[], dict[str, float]], show: Callable[[float], str]) -> dict[str, float]:
+        """`measure()` (per runtime, its seconds) under `OtherWork`, recorded as `name`; prints each value as `show`
+        writes it."""
+        with OtherWork() as work:
+            result = measure()
+        self.cores[name] = work.cores
+        print(f"{name}: " + ", ".join(f"{k} {show(v)}" for k, v in result.items())
+              + f" [other processes: {work.cores or 0:.2f} cores]", flush=True)
+        return result
+
+    def text(self) -> str:
+        """The cores of every phase, for a report: 'batch 1 0.01, batch 8 0.02'."""
+        return ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in self.cores.items())
 
 
 def device_name(device: torch.device) -> str:

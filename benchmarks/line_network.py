@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from cpu_speed import BLOCK, IDLE_GAP, SKIP, idle_latency, openvino_profile, timed_turns  # noqa: E402
 from iad_mix import (  # noqa: E402
-    OtherWork,
+    Phases,
     code_stamp,
     cpu_info,
     git_commit,
@@ -232,28 +232,18 @@ def main() -> None:
         runs = {name: OpenVinoRuntime(path, threads=args.threads).run for name, path in files.items()}
         rng = np.random.default_rng(1)
         one = rng.integers(0, 256, (1, 3, SIZE, SIZE), dtype=np.uint8)
-        other: dict[str, float | None] = {}  # per phase, the cores other processes kept busy (`OtherWork`)
-        with OtherWork() as phase:
-            latency = timed_turns(runs, one, args.repeats)
-        other["batch 1"] = phase.cores
-        print("batch 1 (ms): " + ", ".join(f"{k} {v * 1000:.2f}" for k, v in latency.items())
-              + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+        phases = Phases()
+        ms = lambda v: f"{v * 1000:.2f} ms"  # noqa: E731
+        latency = phases.run("batch 1", lambda: timed_turns(runs, one, args.repeats), ms)
         throughput: dict[int, dict[str, float]] = {}
         for batch in args.batches:
             many = rng.integers(0, 256, (batch, 3, SIZE, SIZE), dtype=np.uint8)
-            with OtherWork() as phase:  # 3 calls of warm-up: OpenVINO's first calls at a new batch size are slower
-                seconds = timed_turns(runs, many, args.batch_repeats, warmup=3)
-            other[f"batch {batch}"] = phase.cores
+            # 3 calls of warm-up: OpenVINO's first calls at a new batch size are slower
+            seconds = phases.run(f"batch {batch}", lambda: timed_turns(runs, many, args.batch_repeats, warmup=3),
+                                 lambda v, b=batch: f"{b / v:.0f} img/s")
             throughput[batch] = {k: batch / v for k, v in seconds.items()}
-            print(f"batch {batch} (images/s): " + ", ".join(f"{k} {v:.0f}" for k, v in throughput[batch].items())
-                  + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
-        idle: dict[str, float] = {}
-        if args.idle_calls:
-            with OtherWork() as phase:
-                idle = idle_latency(runs, one, args.idle_calls)
-            other["batch 1 after idleness"] = phase.cores
-            print("batch 1 after idleness (ms): " + ", ".join(f"{k} {v * 1000:.2f}" for k, v in idle.items())
-                  + f" [other processes: {phase.cores or 0:.2f} cores]", flush=True)
+        idle = phases.run("batch 1 after idleness", lambda: idle_latency(runs, one, args.idle_calls), ms) \
+            if args.idle_calls else {}
         load_after_speed = os.getloadavg()
         profiles = {name: openvino_profile(path, "bf16", args.threads, SIZE) for name, path in files.items()} \
             if args.profile else {}
@@ -285,7 +275,7 @@ def main() -> None:
             "block": BLOCK, "block_calls_not_counted": SKIP, "idle_calls": args.idle_calls, "idle_gap_s": IDLE_GAP,
             "goal": {"latency_ms_at_most": GOAL_MS, "images_per_s_at_least": GOAL_IMAGES_S},
             "load_average": {"start": load_start, "after_speed": load_after_speed, "end": load_end},
-            "other_processes_cores": other,
+            "other_processes_cores": phases.cores,
             "versions": versions, "rows": rows}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -299,8 +289,7 @@ def main() -> None:
           + (f"; after idleness: median of {args.idle_calls} calls, each after {IDLE_GAP:g} s of rest" if idle else ""),
           "- load average (1, 5, 15 min): start " + " ".join(f"{v:.2f}" for v in load_start) + ", after the speed "
           "runs " + " ".join(f"{v:.2f}" for v in load_after_speed) + ", end " + " ".join(f"{v:.2f}" for v in load_end)
-          + "; cores kept busy by other processes while measuring: "
-          + ", ".join(f"{k} {'?' if v is None else f'{v:.2f}'}" for k, v in other.items()),
+          + "; cores kept busy by other processes while measuring: " + phases.text(),
           f"- goal (issue 27): at most {GOAL_MS:g} ms at batch 1 and at least {GOAL_IMAGES_S:g} images/s batched", "",
           "| config | network params (M) | GFLOP/image (network) | batch 1 (ms) | time / default | "
           + ("batch 1 after idleness (ms) | " if idle else "") + f"{cols} | "

@@ -145,6 +145,11 @@ def test_cpu_benchmark_header_versions_and_other_work() -> None:
         sum(i * i for i in range(200_000))  # this process's own work is not counted
     if iad_mix.OtherWork.busy() is not None:
         assert phase.cores is not None and 0.0 <= phase.cores
+    phases = iad_mix.Phases()
+    assert phases.run("batch 1", lambda: {"a": 0.002}, lambda v: f"{v * 1000:.1f} ms") == {"a": 0.002}
+    assert list(phases.cores) == ["batch 1"]
+    phases.cores = {"batch 1": 0.014, "batch 8": None}
+    assert phases.text() == "batch 1 0.01, batch 8 ?"
 
 
 def test_cpu_speed_sorts_turned_decisions_by_why() -> None:
@@ -163,8 +168,11 @@ def test_cpu_speed_sorts_turned_decisions_by_why() -> None:
            "known": np.array([1, 1, 1, 0, 1, 1], bool)}
     # image 0: same; 1: defective -> good at 1.04 x the threshold; 2: defective -> good at 2 x; 3: made unknown;
     # 4: made known; 5: good -> defective at 0.97 x
-    assert cpu_speed.turned(out, ref) == {"to_unknown": 1, "to_known": 1, "near_threshold": 2, "other": 1}
-    assert cpu_speed.turned(ref, ref) == {"to_unknown": 0, "to_known": 0, "near_threshold": 0, "other": 0}
+    mine, theirs = cpu_speed.decisions(out), cpu_speed.decisions(ref)
+    assert cpu_speed.turned(mine, theirs, ref["normalized"]) == {"to_unknown": 1, "to_known": 1, "near_threshold": 2,
+                                                                 "other": 1}
+    assert cpu_speed.turned(theirs, theirs, ref["normalized"]) == {"to_unknown": 0, "to_known": 0,
+                                                                   "near_threshold": 0, "other": 0}
 
 
 def test_cpu_speed_times_runtimes_kept_busy_in_blocks_and_after_rest(monkeypatch: pytest.MonkeyPatch) -> None:
