@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, device_name, git_commit, portable  # noqa: E402
 from prompt_sensitivity import sensitivity_of  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
                     f"{mode} {100 * v['rec']['mean']['pixel_ap']:.1f} / {100 * v['rec']['relative_change']:.1f} %"
                     for mode, v in sens["modes"].items()), flush=True)
             report["total_seconds"] = round(time.perf_counter() - t0, 1)
-            atomic_write_text(out / f"{tag}.json", json.dumps(report, indent=2, allow_nan=True))  # whole or absent
+            atomic_write_text(out / f"{tag}.json", portable(json.dumps(report, indent=2, allow_nan=True)))  # whole or absent
 
 
 if __name__ == "__main__":

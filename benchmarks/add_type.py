@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit, iad_mix_root  # noqa: E402
+from iad_mix import device_name, git_commit, iad_mix_root, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
@@ -117,7 +117,7 @@ def main() -> None:
     print(table)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "add_type.json").write_text(json.dumps(meta, indent=2))
+    (out / "add_type.json").write_text(portable(json.dumps(meta, indent=2)))
     (out / "add_type.md").write_text(table + "\n")
 
 

@@ -60,6 +60,7 @@ from iad_mix import (  # noqa: E402
     git_commit,
     iad_mix_root,
     package_versions,
+    portable,
     profile_line,
     run_lines,
     source_changes,
@@ -474,7 +475,7 @@ def main() -> None:
             "export_seconds": export_seconds, "rows": rows, "openvino_profiles": profiles, "peer": peer_facts}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_speed.json").write_text(json.dumps(meta, indent=2))
+    (out / "cpu_speed.json").write_text(portable(json.dumps(meta, indent=2)))
     md = [*run_lines(meta["command"], meta["commit"], changes, cpu, args.threads, versions, "per runtime"),
           f"- model: {model_note}", f"- parity: {len(images)} test images of {data_kind}, against PyTorch fp32",
           f"- load average (1 min) {load_before[0]:.1f} at the start, {load_mid[0]:.1f} after the speed runs; cores "

@@ -197,6 +197,15 @@ def iad_mix_root() -> Path:
     return Path(os.environ.get("ONENIP_DATA") or REPO.parent / "shared" / "data").expanduser() / "iad-mix"
 
 
+def portable(text: str) -> str:
+    """A result's text with the data folder's path (`iad_mix_root`'s parent, as given and resolved) written as
+    `$ONENIP_DATA`: result files name the dataset, not the machine's folders."""
+    data = iad_mix_root().parent
+    for path in sorted({str(data), str(data.resolve())}, key=len, reverse=True):
+        text = text.replace(path, "$ONENIP_DATA")
+    return text
+
+
 def category_mean(categories: Mapping[str, Mapping[str, float]] | Iterable[Mapping[str, float]],
                   metrics: Iterable[str] = METRICS) -> dict[str, float]:
     """The unweighted mean over categories of each metric (of `metrics`) of per-category metric dicts ({category:
@@ -285,7 +294,7 @@ def main() -> None:
             if res.get("retrieval_accuracy") is not None else ""
         md += [f"## {protocol} protocol (fused map{extra})", "", res["markdown"], ""]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (out / "benchmark.json").write_text(portable(json.dumps(report, indent=2)))
     (out / "benchmark.md").write_text("\n".join(md))
     print(f"\ntraining: {fit.epochs} epochs in {fit.seconds:.0f} s, {fit.images_per_second:.0f} query images/s "
           f"on {report['device']}")

@@ -58,6 +58,7 @@ from iad_mix import (  # noqa: E402
     cpu_info,
     git_commit,
     package_versions,
+    portable,
     profile_line,
     run_lines,
     source_changes,
@@ -279,7 +280,7 @@ def main() -> None:
             "versions": versions, "rows": rows}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "line_network.json").write_text(json.dumps(meta, indent=2))
+    (out / "line_network.json").write_text(portable(json.dumps(meta, indent=2)))
 
     cols = " | ".join(f"batch {b} (img/s)" for b in args.batches)
     md = [*run_lines(meta["command"], commit, changes, cpu, args.threads, versions),

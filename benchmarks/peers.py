@@ -71,7 +71,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from iad_mix import category_mean, cpu_name, git_commit, iad_mix_root  # noqa: E402
+from iad_mix import category_mean, cpu_name, git_commit, iad_mix_root, portable  # noqa: E402
 
 from onenip.config import BackboneConfig, Config  # noqa: E402
 from onenip.data import Sample, load_split  # noqa: E402
@@ -456,7 +456,7 @@ def main() -> None:
         result = json.loads(out.read_text())
         result["onenip"] = onenip_row(Path(args.onenip_result))
         result["onenip_cpu"] = onenip_cpu_rows(args.onenip_cpu)
-        out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        out.write_text(portable(json.dumps(result, indent=1, default=float)) + "\n")
         print(markdown(result) + "\n" + markdown(result, standin=True))
         return
     if "patchcore_unified" in args.models and "patchcore" not in args.models:
@@ -501,7 +501,7 @@ def main() -> None:
             result["summary"] = shots_summary(result["rows"])
             result["seconds_this_run"] = round(time.perf_counter() - t_start, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+        out.write_text(portable(json.dumps(result, indent=1, default=float)) + "\n")
 
     if args.shots:
         result.update(

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import device_name, git_commit  # noqa: E402
+from iad_mix import device_name, git_commit, portable  # noqa: E402
 
 from onenip.api import test  # noqa: E402
 from onenip.checkpoint import atomic_write_text  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> None:
             line += f"; no decisions: {s['decisions_note']}"
         print(line, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "pooled.json", json.dumps(report, indent=2, allow_nan=True))
+    atomic_write_text(out / "pooled.json", portable(json.dumps(report, indent=2, allow_nan=True)))
     print(f"wrote {out / 'pooled.json'}")
 
 

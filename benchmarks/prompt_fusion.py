@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import category_mean, device_name, git_commit  # noqa: E402
+from iad_mix import category_mean, device_name, git_commit, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.checkpoint import atomic_write_text, checkpoint_file  # noqa: E402
@@ -254,7 +254,7 @@ def main() -> None:
               "models": models, "summary": summary, "summary_markdown": table}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(report, indent=2, allow_nan=True))
+    atomic_write_text(out, portable(json.dumps(report, indent=2, allow_nan=True)))
     print(f"written {out}")
 
 

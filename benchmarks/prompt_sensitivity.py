@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from compare_runs import KEYS, NAMES  # noqa: E402
-from iad_mix import category_mean, device_name, git_commit  # noqa: E402
+from iad_mix import category_mean, device_name, git_commit, portable  # noqa: E402
 
 from onenip.checkpoint import atomic_write_text  # noqa: E402
 from onenip.config import Config  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> None:
                 print(f"  {mode:6s} {n:4s} " + " ".join(f"{100 * r['mean'][k]:7.1f}" for k in KEYS)
                       + f"  {100 * r['relative_change']:5.1f} %")
     args.output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.output / "prompt-sensitivity.json", json.dumps(report, indent=2))
+    atomic_write_text(args.output / "prompt-sensitivity.json", portable(json.dumps(report, indent=2)))
 
 
 if __name__ == "__main__":

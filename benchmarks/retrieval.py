@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, device_name, git_commit, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
               "test_images": len(test), "feature_seconds": round(seconds, 1), "seeds": args.seeds, "rows": rows}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "retrieval.json").write_text(json.dumps(report, indent=2))
+    (out / "retrieval.json").write_text(portable(json.dumps(report, indent=2)))
 
 
 if __name__ == "__main__":

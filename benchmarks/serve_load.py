@@ -199,7 +199,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from iad_mix import device_name, git_commit  # the commit as this run starts; imports torch and onenip
+    from iad_mix import device_name, git_commit, portable  # the commit as this run starts; imports torch and onenip
 
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
@@ -251,7 +251,7 @@ def main() -> None:
            "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "memory": memory}
     out = args.output or REPO / "docs" / "results" / f"serve-load-{res['input_size']}px.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.write_text(portable(json.dumps(res, indent=2)) + "\n")
     print(f"\n{render(res)}\nresult: {out}")
 
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import data_options, data_overrides, device_name, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, device_name, git_commit, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.evaluation.evaluate import build_prompt_pool  # noqa: E402
@@ -167,7 +167,7 @@ def main() -> None:
         meta["done"] = phase
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / "speed.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(portable(json.dumps(meta, indent=2)))
         tmp.replace(out_dir / "speed.json")
     for engine in args.engines:
         mode = args.compile or ("default" if engine == "fast" and cuda else "none")

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from iad_mix import data_options, data_overrides, git_commit  # noqa: E402
+from iad_mix import data_options, data_overrides, git_commit, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "synthesis-stats.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
+    tmp.write_text(portable(json.dumps(report, indent=2)))
     tmp.replace(out_dir / "synthesis-stats.json")
 
 

@@ -225,3 +225,16 @@ def test_the_line_network_is_spelled_alike_everywhere() -> None:
     assert dict(o.split("=", 1) for o in plan.group(1).replace("--set ", "").split()) == preset
     model = load_config([repo / "configs" / "line-network.yaml"]).model
     assert {k: str(getattr(model, k.removeprefix("model."))) for k in preset} == preset
+
+
+def test_result_files_name_the_data_folder_not_the_machines_path(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """`iad_mix.portable`: the data folder (ONENIP_DATA, as given or resolved) is written `$ONENIP_DATA` in a result's
+    text; other paths stay."""
+    import json
+
+    monkeypatch.setenv("ONENIP_DATA", str(tmp_path / "x" / ".." / "data"))
+    text = json.dumps({"roots": [str(tmp_path / "x" / ".." / "data" / "iad-mix")],
+                       "textures": str((tmp_path / "data").resolve() / "textures"), "model": "/tmp/m.safetensors"})
+    assert json.loads(iad_mix.portable(text)) == {"roots": ["$ONENIP_DATA/iad-mix"], "textures": "$ONENIP_DATA/textures",
+                                                   "model": "/tmp/m.safetensors"}
