@@ -65,6 +65,7 @@ from onenip.deploy.runtimes import (
     openvino_config,
     require,
 )
+from onenip.deploy.stem_precision import mark_stem
 from onenip.errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -344,9 +345,8 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
                      calibration: np.ndarray | None = None) -> tuple[Any, float]:
     """The model as an OpenVINO model with the metadata in its rt_info (``onenip`` -> key -> string; precision too:
     `OpenVinoRuntime` compiles it at that precision), checked in float32 against PyTorch on a fresh batch before
-    int8 quantization; and the largest map difference of that check. The bf16 and int8 runs are checked to give
-    finite outputs of the right shapes (their agreement with PyTorch is measured by tests and benchmarks/cpu_speed.py
-    on real images: on random ones, bf16 noise decides nothing)."""
+    int8 quantization; and the largest map difference of that check. (The bf16 and int8 files are checked by
+    `_save_openvino`, as written.)"""
     if precision == "int8" and calibration is None:
         raise ExportError("int8 quantization needs calibration images")
     ov_model = _openvino_model(model)
@@ -362,14 +362,6 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
         assert calibration is not None
         log.info(f"int8: calibrating on {len(calibration)} normal training images")
         ov_model = _quantize(ov_model, calibration)
-    if precision != "fp32":
-        got = _run_openvino(ov_model, precision, check)
-        bad = [k for k in ("score", "map", "similarity") if got[k].shape != tuple(want[k].shape)
-               or not np.isfinite(got[k]).all()]
-        if bad:
-            raise ExportError(f"the OpenVINO export at {precision} gives non-finite or misshapen outputs {bad}")
-        rel = float(np.abs(got["score"] - want["score"].numpy()).max() / max(float(want["score"].abs().max()), 1e-12))
-        log.info(f"OpenVINO {precision}: largest relative score difference from PyTorch on random images {rel:.2g}")
     for key, value in encode_meta(meta).items():
         ov_model.set_rt_info(value, [METADATA_PREFIX, key])
     # for other OpenVINO tools (benchmark_app, OVMS): the precision the file is meant to run at
@@ -378,9 +370,29 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
     return ov_model, diff
 
 
-def _save_openvino(ov_model: Any, out: Path) -> None:
+def _check_low_precision(ov_model: Any, precision: str, model: DeployModel) -> None:
+    """A bf16 or int8 model must give finite outputs of the right shapes on a fresh batch (its agreement with PyTorch
+    is measured by tests and benchmarks/cpu_speed.py on real images: on random ones, bf16 noise decides nothing)."""
+    check = _example_images(CHECK_BATCH, model.size, seed=1)
+    with torch.no_grad():
+        want = model(check)
+    try:
+        got = _run_openvino(ov_model, precision, check)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO cannot run the model at {precision} on {CHECK_BATCH} images ({exc})") from exc
+    bad = [k for k in ("score", "map", "similarity") if got[k].shape != tuple(want[k].shape)
+           or not np.isfinite(got[k]).all()]
+    if bad:
+        raise ExportError(f"the OpenVINO export at {precision} gives non-finite or misshapen outputs {bad}")
+    rel = float(np.abs(got["score"] - want["score"].numpy()).max() / max(float(want["score"].abs().max()), 1e-12))
+    log.info(f"OpenVINO {precision}: largest relative score difference from PyTorch on random images {rel:.2g}")
+
+
+def _save_openvino(ov_model: Any, out: Path, precision: str, model: DeployModel) -> None:
     """Write the .xml and its .bin atomically: both into a temporary folder beside `out`, then renamed, the .bin
-    first (an .xml is never there without its weights)."""
+    first (an .xml is never there without its weights). A bf16 file gets its stem kept in float32
+    (`onenip.deploy.stem_precision`); a bf16 or int8 file is read back from the temporary folder and checked at its
+    precision (`_check_low_precision`) before it is moved into place."""
     ov = require("openvino", "exporting to OpenVINO")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
@@ -389,6 +401,14 @@ def _save_openvino(ov_model: Any, out: Path) -> None:
             ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot save the model ({type(exc).__name__}: {exc})") from exc
+        if precision == "bf16":
+            marked = mark_stem(xml)
+            if marked:
+                log.info(f"bf16: {marked} layers of the stem kept in float32")
+            else:
+                log.warning("bf16: no convolution stem found to keep in float32; the whole model runs in bf16")
+        if precision != "fp32":
+            _check_low_precision(ov.Core().read_model(str(xml)), precision, model)
         os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
         os.replace(xml, out)
 
@@ -481,7 +501,7 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         ov_model, diff = _export_openvino(model, meta, level, calibration)
         log.info(f"OpenVINO outputs (float32) match PyTorch's on {CHECK_BATCH} random images: largest map difference "
                  f"{diff:.2g}")
-        _save_openvino(ov_model, out)
+        _save_openvino(ov_model, out, level, model)
         return out
     data, diff = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
     name = "ONNX" if kind == "onnx" else "TorchScript"

@@ -1,0 +1,109 @@
+"""Keeping an OpenVINO model's stem in float32 when it runs at bf16.
+
+Run wholly in bf16, a trained model takes another decision than float32 PyTorch on about 1.2-1.5 % of iad-mix's test
+images (good <-> defective for images scored near their threshold, and known images judged `unknown`). Most of that
+comes from the first layers, which work on the image itself at the highest resolution: bf16 keeps 8 significant bits,
+about as many as the pixels carry. Keeping the *stem stage* in float32 (the convolutions at the resolution of the first
+one, and everything that feeds them: the image's conversion and normalisation) brought the turned decisions of the
+line network from 15 to 6-8 of 1,227 for a few per cent of the throughput (docs/benchmarks.md, "Where bf16 turns
+decisions").
+
+What OpenVINO 2026.4 makes of it on a CPU with AMX, for tf_efficientnet_lite0: the stem stage's depthwise and
+pointwise convolutions run in float32; the very first convolution and the normalisation before it still run in bf16,
+because OpenVINO rewrites both into new nodes (the division by the std into a multiplication; the explicit padding in
+front of the convolution, TensorFlow's "same" padding, fused into it), and a new node does not inherit the mark (the
+attribute is not copied). A test checks that marked convolutions run in float32 and the network's in bf16.
+
+How: OpenVINO's CPU plugin leaves a node at its original precision when the node's runtime info holds the
+``DisablePrecisionConversion`` attribute with conversion to f16 disabled, under a bf16 inference precision as well
+(OpenVINO 2026.4). OpenVINO's Python API cannot create that attribute, but its IR reader does, from the attribute
+written in the ``.xml``: ``mark_stem`` adds it to the stem's layers of a saved model (`onenip.deploy.export` calls it
+on the bf16 file before the file is read back, checked and moved into place). In a float32 run the attribute changes
+nothing; a runtime that does not know it ignores it.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["KEEP_FP32", "CONVOLUTIONS", "stem_layers", "mark_stem", "marked_layers"]
+
+KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
+"""The rt_info attribute, as OpenVINO's IR spells it, that keeps a layer at its original precision (float32)."""
+CONVOLUTIONS = ("Convolution", "GroupConvolution")
+"""The IR layer types that count as convolutions when finding the stem."""
+_UNMARKED = ("Parameter", "Const", "Result")  # no computation of their own: nothing to keep
+
+
+def _output_area(layer: ET.Element) -> int | None:
+    """H * W of the layer's first output ((N, C, H, W), static H and W), else None."""
+    out = layer.find("output")
+    port = out.find("port") if out is not None else None
+    dims = [d.text or "" for d in port.findall("dim")] if port is not None else []
+    if len(dims) != 4 or not all(d.lstrip("-").isdigit() and int(d) > 0 for d in dims[2:]):
+        return None
+    return int(dims[2]) * int(dims[3])
+
+
+def stem_layers(root: ET.Element) -> set[str]:
+    """The ids of the stem stage's layers in an IR's XML tree (the ``<net>`` element): every convolution at the
+    largest output resolution of any convolution that has no convolution of a smaller resolution before it, and every
+    layer those convolutions depend on. Empty when the graph has no convolution with a static 4-d output."""
+    layers = {layer.get("id", ""): layer for layer in root.iterfind("layers/layer")}  # the top-level graph
+    parents: dict[str, list[str]] = defaultdict(list)
+    for edge in root.iterfind("edges/edge"):
+        parents[edge.get("to-layer", "")].append(edge.get("from-layer", ""))
+
+    def upstream(start: list[str]) -> set[str]:
+        seen: set[str] = set()
+        stack = list(start)
+        while stack:
+            node = stack.pop()
+            if node not in seen and node in layers:
+                seen.add(node)
+                stack.extend(parents[node])
+        return seen
+
+    areas = {i: a for i, layer in layers.items() if layer.get("type") in CONVOLUTIONS
+             and (a := _output_area(layer)) is not None}
+    if not areas:
+        return set()
+    top = max(areas.values())
+    stem = [i for i, a in areas.items() if a == top
+            and not any(areas.get(j, top) < top for j in upstream(parents[i]))]  # not behind a downsampled one
+    return upstream(stem)
+
+
+def mark_stem(xml: str | Path) -> int:
+    """Add `KEEP_FP32` to the rt_info of the stem stage's computing layers in the IR file `xml` (rewritten in place:
+    call it on a file not yet in use). Returns how many layers were marked (0: no stem found, the file unchanged)."""
+    path = Path(xml)
+    tree = ET.parse(path)
+    root = tree.getroot()
+    ids = stem_layers(root)
+    marked = 0
+    for layer in root.iterfind("layers/layer"):
+        if layer.get("id") not in ids or layer.get("type") in _UNMARKED:
+            continue
+        info = layer.find("rt_info")
+        if info is None:
+            info = ET.Element("rt_info")
+            children = list(layer)
+            at = next((k for k, child in enumerate(children) if child.tag in ("input", "output")), len(children))
+            layer.insert(at, info)
+        if not any(a.get("name") == KEEP_FP32["name"] for a in info.findall("attribute")):
+            ET.SubElement(info, "attribute", dict(KEEP_FP32))
+        marked += 1
+    if marked:
+        tree.write(path, encoding="utf-8", xml_declaration=True)
+    return marked
+
+
+def marked_layers(xml: str | Path) -> list[str]:
+    """The names of the layers of an IR file that carry `KEEP_FP32` (in file order)."""
+    root = ET.parse(Path(xml)).getroot()
+    return [layer.get("name", "") for layer in root.iterfind("layers/layer")
+            if any(a.get("name") == KEEP_FP32["name"] and a.get("value") == KEEP_FP32["value"]
+                   for a in layer.iterfind("rt_info/attribute"))]

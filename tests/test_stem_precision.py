@@ -1,0 +1,100 @@
+"""The bf16 OpenVINO export keeps its stem in float32 (`onenip.deploy.stem_precision`): which layers the rule picks
+in an IR's graph, the mark as OpenVINO's IR reader reads it, and (on a CPU with bf16) that OpenVINO runs the marked
+convolutions in float32 and the rest in bf16."""
+
+from __future__ import annotations
+
+import importlib.util
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onenip.deploy.export import export_model
+from onenip.deploy.stem_precision import KEEP_FP32, mark_stem, marked_layers, stem_layers
+
+has_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
+                                  reason="openvino not installed (pip install 'onenip[openvino]')")
+
+
+def _layer(id_: int, kind: str, out: tuple[int, ...] | None = None, rt_info: bool = False) -> str:
+    dims = "".join(f"<dim>{d}</dim>" for d in out) if out else ""
+    info = '<rt_info><attribute name="fused_names" version="0" value="x" /></rt_info>' if rt_info else ""
+    port = f'<output><port id="1" precision="FP32">{dims}</port></output>' if out else ""
+    return f'<layer id="{id_}" name="l{id_}" type="{kind}" version="opset1">{info}{port}</layer>'
+
+
+def _graph(tmp_path: Path, layers: list[str], edges: list[tuple[int, int]]) -> Path:
+    """A small IR-shaped XML file (no weights: the rule reads the graph only)."""
+    text = ('<?xml version="1.0"?><net name="m" version="11"><layers>' + "".join(layers) + "</layers><edges>"
+            + "".join(f'<edge from-layer="{a}" from-port="1" to-layer="{b}" to-port="0" />' for a, b in edges)
+            + "</edges><rt_info /></net>")
+    path = tmp_path / "m.xml"
+    path.write_text(text)
+    return path
+
+
+def _backbone_like(tmp_path: Path) -> Path:
+    """image -> convert -> normalise -> conv 32x32 -> clamp -> depthwise 32x32 -> conv 16x16 -> conv back at 32x32
+    (a decoder's, behind the downsampled one) -> result; and a branch of constants that feeds no convolution."""
+    n = (-1, 8, 32, 32)
+    layers = [_layer(0, "Parameter", (-1, 3, 64, 64)), _layer(1, "Convert", (-1, 3, 64, 64)),
+              _layer(2, "Const", (3,)), _layer(3, "Subtract", (-1, 3, 64, 64)),
+              _layer(4, "Convolution", n, rt_info=True), _layer(5, "Const", (8, 3, 3, 3)), _layer(6, "Clamp", n),
+              _layer(7, "GroupConvolution", n), _layer(8, "Convolution", (-1, 8, 16, 16)),
+              _layer(9, "Convolution", n), _layer(10, "Result"), _layer(11, "Const", (4, 4)),
+              _layer(12, "MatMul", (4, 4))]
+    edges = [(0, 1), (1, 3), (2, 3), (3, 4), (5, 4), (4, 6), (6, 7), (7, 8), (8, 9), (9, 10), (11, 12)]
+    return _graph(tmp_path, layers, edges)
+
+
+def test_the_stem_is_the_convolutions_at_the_first_resolution_and_what_feeds_them(tmp_path: Path) -> None:
+    path = _backbone_like(tmp_path)
+    assert stem_layers(ET.parse(path).getroot()) == {"0", "1", "2", "3", "4", "5", "6", "7"}
+    assert mark_stem(path) == 5  # the computing layers: not the parameter and the constants
+    assert marked_layers(path) == ["l1", "l3", "l4", "l6", "l7"]
+    conv = ET.parse(path).getroot().find("layers/layer[@id='4']")
+    assert [a.attrib for a in conv.iterfind("rt_info/attribute")] == [
+        {"name": "fused_names", "version": "0", "value": "x"}, KEEP_FP32]  # added beside what was there
+    children = [child.tag for child in ET.parse(path).getroot().find("layers/layer[@id='6']")]
+    assert children == ["rt_info", "output"]  # before the ports, where OpenVINO writes it
+    assert mark_stem(path) == 5  # a second call adds nothing
+    assert len(ET.parse(path).getroot().find("layers/layer[@id='4']").findall("rt_info/attribute")) == 2
+
+
+def test_a_graph_without_a_convolution_stem_is_left_as_it_is(tmp_path: Path) -> None:
+    path = _graph(tmp_path, [_layer(0, "Parameter", (-1, 4)), _layer(1, "MatMul", (-1, 4)), _layer(2, "Result")],
+                  [(0, 1), (1, 2)])
+    before = path.read_bytes()
+    assert mark_stem(path) == 0 and path.read_bytes() == before
+    dynamic = _graph(tmp_path, [_layer(0, "Parameter", (-1, 3, -1, -1)), _layer(1, "Convolution", (-1, 8, -1, -1))],
+                     [(0, 1)])
+    assert stem_layers(ET.parse(dynamic).getroot()) == set()  # no static resolution to compare
+
+
+@has_openvino
+def test_the_bf16_export_runs_its_stem_in_float32(tiny_model: Path, tmp_path: Path) -> None:
+    """The marks are in the bf16 file only, on the stem; OpenVINO reads them and (on a CPU that runs bf16) executes
+    the marked convolutions in float32 and at least the network's in bf16."""
+    import openvino as ov
+
+    from onenip.deploy.runtimes import openvino_config
+
+    bf16 = export_model(tiny_model, "openvino", tmp_path / "bf16.xml", precision="bf16")
+    fp32 = export_model(tiny_model, "openvino", tmp_path / "fp32.xml")
+    assert marked_layers(fp32) == []
+    marked = set(marked_layers(bf16))
+    root = ET.parse(bf16).getroot()
+    convs = {layer.get("name") for layer in root.iterfind("layers/layer") if "Convolution" in layer.get("type", "")}
+    assert marked & convs and convs - marked  # some convolutions kept, most not
+    core = ov.Core()
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU runs bf16 models in float32: nothing to tell apart")
+    compiled = core.compile_model(core.read_model(str(bf16)), "CPU", {**openvino_config("bf16", 1), "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    request.infer({0: np.zeros((1, 3, 64, 64), dtype=np.uint8)})
+    ran = {p.node_name: p.exec_type for p in request.profiling_info if "Convolution" in p.node_type}
+    kept = {name for name, kernel in ran.items() if kernel.lower().endswith("f32")}
+    assert kept and kept <= marked, ran  # float32 where marked, and only there
+    assert any(kernel.lower().endswith("bf16") for name, kernel in ran.items() if name not in marked), ran
