@@ -36,20 +36,23 @@ def _graph(tmp_path: Path, layers: list[str], edges: list[tuple[int, int]]) -> P
 
 
 def _backbone_like(tmp_path: Path) -> Path:
-    """image -> convert -> normalise -> conv 32x32 -> clamp -> depthwise 32x32 -> conv 16x16 -> conv back at 32x32
-    (a decoder's, behind the downsampled one) -> result; and a branch of constants that feeds no convolution."""
+    """image -> convert -> normalise -> conv 8 x 32x32 -> clamp -> depthwise 8 x 32x32 -> conv 24 x 32x32 (wider) ->
+    conv 8 x 32x32 (behind the wider one) -> conv 16x16 -> conv back at 32x32 (a decoder's, behind the downsampled one)
+    -> result; and a branch of constants that feeds no convolution."""
     n = (-1, 8, 32, 32)
     layers = [_layer(0, "Parameter", (-1, 3, 64, 64)), _layer(1, "Convert", (-1, 3, 64, 64)),
               _layer(2, "Const", (3,)), _layer(3, "Subtract", (-1, 3, 64, 64)),
               _layer(4, "Convolution", n, rt_info=True), _layer(5, "Const", (8, 3, 3, 3)), _layer(6, "Clamp", n),
-              _layer(7, "GroupConvolution", n), _layer(8, "Convolution", (-1, 8, 16, 16)),
+              _layer(7, "GroupConvolution", n), _layer(13, "Convolution", (-1, 24, 32, 32)),
+              _layer(14, "Convolution", n), _layer(8, "Convolution", (-1, 8, 16, 16)),
               _layer(9, "Convolution", n), _layer(10, "Result"), _layer(11, "Const", (4, 4)),
               _layer(12, "MatMul", (4, 4))]
-    edges = [(0, 1), (1, 3), (2, 3), (3, 4), (5, 4), (4, 6), (6, 7), (7, 8), (8, 9), (9, 10), (11, 12)]
+    edges = [(0, 1), (1, 3), (2, 3), (3, 4), (5, 4), (4, 6), (6, 7), (7, 13), (13, 14), (14, 8), (8, 9), (9, 10),
+             (11, 12)]
     return _graph(tmp_path, layers, edges)
 
 
-def test_the_stem_is_the_convolutions_at_the_first_resolution_and_what_feeds_them(tmp_path: Path) -> None:
+def test_the_stem_is_the_narrow_convolutions_at_the_first_resolution_and_what_feeds_them(tmp_path: Path) -> None:
     path = _backbone_like(tmp_path)
     assert stem_layers(ET.parse(path).getroot()) == {"0", "1", "2", "3", "4", "5", "6", "7"}
     assert mark_stem(path) == 5  # the computing layers: not the parameter and the constants
@@ -71,6 +74,9 @@ def test_a_graph_without_a_convolution_stem_is_left_as_it_is(tmp_path: Path) -> 
     dynamic = _graph(tmp_path, [_layer(0, "Parameter", (-1, 3, -1, -1)), _layer(1, "Convolution", (-1, 8, -1, -1))],
                      [(0, 1)])
     assert stem_layers(ET.parse(dynamic).getroot()) == set()  # no static resolution to compare
+    decoder = _graph(tmp_path, [_layer(0, "Parameter", (-1, 3, 8, 8)), _layer(1, "Convolution", (-1, 8, 4, 4)),
+                                _layer(2, "Convolution", (-1, 8, 8, 8))], [(0, 1), (1, 2)])
+    assert stem_layers(ET.parse(decoder).getroot()) == set()  # the highest resolution is behind a downsampling
 
 
 @has_openvino

@@ -3,13 +3,13 @@
 Run wholly in bf16, a trained model takes another decision than float32 PyTorch on about 1.2-1.5 % of iad-mix's test
 images (good <-> defective for images scored near their threshold, and known images judged `unknown`). Most of that
 comes from the first layers, which work on the image itself at the highest resolution: bf16 keeps 8 significant bits,
-about as many as the pixels carry. Keeping the *stem stage* in float32 (the convolutions at the resolution of the first
-one, and everything that feeds them: the image's conversion and normalisation) brought the turned decisions of the
-line network from 15 to 6-8 of 1,227 for a few per cent of the throughput (docs/benchmarks.md, "Where bf16 turns
-decisions").
+about as many as the pixels carry. Keeping the *stem* in float32 (the convolutions at the first one's resolution up
+to where the features widen, and everything that feeds them: the image's conversion and normalisation;
+`stem_layers`) brought the turned decisions of the line network from 15 to 6-8 of 1,227 for a few per cent of the
+throughput (docs/benchmarks.md, "Where bf16 turns decisions").
 
-What OpenVINO 2026.4 makes of it on a CPU with AMX, for tf_efficientnet_lite0: the stem stage's depthwise and
-pointwise convolutions run in float32; the very first convolution and the normalisation before it still run in bf16,
+What OpenVINO 2026.4 makes of it on a CPU with AMX, for tf_efficientnet_lite0: the stem's depthwise and pointwise
+convolutions (the first block) run in float32; the very first convolution and the normalisation before it still run in bf16,
 because OpenVINO rewrites both into new nodes (the division by the std into a multiplication; the explicit padding in
 front of the convolution, TensorFlow's "same" padding, fused into it), and a new node does not inherit the mark (the
 attribute is not copied). A test checks that marked convolutions run in float32 and the network's in bf16.
@@ -37,20 +37,24 @@ CONVOLUTIONS = ("Convolution", "GroupConvolution")
 _UNMARKED = ("Parameter", "Const", "Result")  # no computation of their own: nothing to keep
 
 
-def _output_area(layer: ET.Element) -> int | None:
-    """H * W of the layer's first output ((N, C, H, W), static H and W), else None."""
+def _output_shape(layer: ET.Element) -> tuple[int, int] | None:
+    """(channels, H * W) of the layer's first output ((N, C, H, W), static C, H and W), else None."""
     out = layer.find("output")
     port = out.find("port") if out is not None else None
     dims = [d.text or "" for d in port.findall("dim")] if port is not None else []
-    if len(dims) != 4 or not all(d.lstrip("-").isdigit() and int(d) > 0 for d in dims[2:]):
+    if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims[1:]):
         return None
-    return int(dims[2]) * int(dims[3])
+    return int(dims[1]), int(dims[2]) * int(dims[3])
 
 
 def stem_layers(root: ET.Element) -> set[str]:
-    """The ids of the stem stage's layers in an IR's XML tree (the ``<net>`` element): every convolution at the
-    largest output resolution of any convolution that has no convolution of a smaller resolution before it, and every
-    layer those convolutions depend on. Empty when the graph has no convolution with a static 4-d output."""
+    """The ids of the stem's layers in an IR's XML tree (the ``<net>`` element), and of every layer they depend on.
+
+    The stem: the convolutions at the highest resolution any convolution has, not behind a convolution of a lower
+    resolution (a decoder's), and no wider than the first of them (not behind a wider one either): where a backbone
+    widens its features at that resolution (tf_efficientnet_lite0's first expansion, 16 -> 96 channels at half the
+    input's side), float32 starts to cost throughput, and the narrow layers before it are where bf16 rounding turned
+    decisions. Empty when the graph has no convolution with a static 4-d output."""
     layers = {layer.get("id", ""): layer for layer in root.iterfind("layers/layer")}  # the top-level graph
     parents: dict[str, list[str]] = defaultdict(list)
     for edge in root.iterfind("edges/edge"):
@@ -66,13 +70,18 @@ def stem_layers(root: ET.Element) -> set[str]:
                 stack.extend(parents[node])
         return seen
 
-    areas = {i: a for i, layer in layers.items() if layer.get("type") in CONVOLUTIONS
-             and (a := _output_area(layer)) is not None}
-    if not areas:
+    shapes = {i: shape for i, layer in layers.items() if layer.get("type") in CONVOLUTIONS
+              and (shape := _output_shape(layer)) is not None}
+    if not shapes:
         return set()
-    top = max(areas.values())
-    stem = [i for i, a in areas.items() if a == top
-            and not any(areas.get(j, top) < top for j in upstream(parents[i]))]  # not behind a downsampled one
+    top = max(area for _, area in shapes.values())
+    before = {i: upstream(parents[i]) & shapes.keys() for i in shapes}  # the convolutions each one depends on
+    at_top = [i for i, (_, area) in shapes.items() if area == top and all(shapes[j][1] == top for j in before[i])]
+    firsts = [shapes[i][0] for i in at_top if not before[i]]
+    if not firsts:  # the highest resolution is a decoder's: no stem to find
+        return set()
+    width = max(firsts)  # the first convolution's channels
+    stem = [i for i in at_top if shapes[i][0] <= width and all(shapes[j][0] <= width for j in before[i])]
     return upstream(stem)
 
 
