@@ -5,8 +5,8 @@ images (good <-> defective for images scored near their threshold, and known ima
 comes from the first layers, which work on the image itself at the highest resolution: bf16 keeps 8 significant bits,
 about as many as the pixels carry. Keeping the *stem* in float32 (the convolutions at the first one's resolution up
 to where the features widen, and everything that feeds them: the image's conversion and normalisation;
-`stem_layers`) brought the turned decisions of the line network from 15 to 6-8 of 1,227 for a few per cent of the
-throughput (docs/benchmarks.md, "Where bf16 turns decisions").
+`stem_layers`) brought the turned decisions from 15 to 5 of 1,227 for the line network and from 19 to 5 for the
+default one, for a few per cent of the throughput (docs/benchmarks.md, "Where bf16 turns decisions").
 
 What OpenVINO 2026.4 makes of it on a CPU with AMX, for tf_efficientnet_lite0: the stem's depthwise and pointwise
 convolutions (the first block) run in float32; the very first convolution and the normalisation before it still run in bf16,
