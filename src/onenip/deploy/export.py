@@ -441,8 +441,9 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         output: the file to write (an existing folder: the default name inside it). Default: beside the checkpoint,
             ``<stem>.onnx``, ``<stem>.torchscript.pt`` or ``<stem>.xml``.
         opset: ONNX opset version, 14 to 20 (default: 17); ONNX only.
-        precision: OpenVINO only: ``"fp32"`` (the default), ``"bf16"`` (the same file, run with bf16 inference
-            precision: AMX / AVX-512 BF16 CPUs) or ``"int8"`` (post-training quantization by NNCF, calibrated on up to
+        precision: OpenVINO only: ``"fp32"`` (the default), ``"bf16"`` (the same graph, run with bf16 inference
+            precision: AMX / AVX-512 BF16 CPUs; the backbone's stem marked to stay in float32, see
+            `onenip.deploy.stem_precision`) or ``"int8"`` (post-training quantization by NNCF, calibrated on up to
             `CALIBRATION_IMAGES` of the model's own normal training images: see `calibration_images`).
 
     The file is written atomically (temporary file, then rename), and only after the export has been loaded back
