@@ -442,7 +442,8 @@ def main() -> None:
     if peer:
         mine = np.array(cats) == args.peer_category
         peer_facts["image_auroc"] = peer_parity(peer, images[mine], labels[mine], args.batch)
-        peer_facts["onenip_pytorch_fp32_image_auroc"] = agree["pytorch-fp32"]["image_auroc_per_type"][args.peer_category]
+        # None where the parity images (--limit) hold too few of the category's for an AUROC
+        peer_facts["onenip_pytorch_fp32_image_auroc"] = agree["pytorch-fp32"]["image_auroc_per_type"].get(args.peer_category)
     profiles = {}
     if args.profile:
         for precision in ("fp32", "bf16", "int8"):
@@ -452,17 +453,18 @@ def main() -> None:
     cpu = cpu_info()
     low = {"pytorch-fp32": "no", "pytorch-bf16-autocast": "bf16 autocast (oneDNN: AMX-BF16 where the CPU has it)",
            "onnxruntime-fp32": "no", "openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
-           "openvino-bf16": "bf16 (AMX-BF16)",
-           "openvino-bf16-streams": "bf16 (AMX-BF16); THROUGHPUT hint: the batch split across OpenVINO's streams, "
-                                    "one image on one stream",
+           "openvino-bf16": "bf16 (AMX-BF16), the stem in float32",
+           "openvino-bf16-streams": "bf16 (AMX-BF16), the stem in float32; THROUGHPUT hint: the batch split across "
+                                    "OpenVINO's streams, one image on one stream",
            "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
+    peer_low = {**low, "openvino-bf16": "bf16 (AMX-BF16)"}  # converted as it is: no stem kept in float32
     def speed(name: str) -> dict[str, float]:
         return {"latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
                 **({"idle_latency_ms": idle[name] * 1000} if idle else {})}
 
     rows = [{"runtime": name, **speed(name), "low_precision": low.get(name, ""), **agree[name],
              **({"amx_share_of_time": profiles[name]["amx_share"]} if name in profiles else {})} for name in runs]
-    rows += [{"runtime": name, **speed(name), "low_precision": low[name.removeprefix("peer-patchcore-")],
+    rows += [{"runtime": name, **speed(name), "low_precision": peer_low[name.removeprefix("peer-patchcore-")],
               "peer_image_auroc": peer_facts["image_auroc"][name]} for name in peer]
     versions = package_versions("onnxruntime", "openvino", "nncf", *(["anomalib"] if peer else []))
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
@@ -505,7 +507,8 @@ def main() -> None:
                    f"images and threads. Its image AUROC on the {int(np.sum(np.array(cats) == f['category']))} test "
                    f"images of {f['category']}: "
                + ", ".join(f"{k.removeprefix('peer-patchcore-')} {v:.2f}" for k, v in f["image_auroc"].items())
-               + f" (onenip, PyTorch fp32, on the same images: {f['onenip_pytorch_fp32_image_auroc']:.2f})."]
+               + " (onenip, PyTorch fp32, on the same images: "
+               + (f"{a:.2f})." if (a := f["onenip_pytorch_fp32_image_auroc"]) is not None else "no AUROC on so few).")]
     for name, prof in profiles.items():
         md += ["", profile_line(name, prof, 10)]
     (out / "cpu_speed.md").write_text("\n".join(md) + "\n")
