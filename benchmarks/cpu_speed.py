@@ -453,11 +453,11 @@ def main() -> None:
     cpu = cpu_info()
     low = {"pytorch-fp32": "no", "pytorch-bf16-autocast": "bf16 autocast (oneDNN: AMX-BF16 where the CPU has it)",
            "onnxruntime-fp32": "no", "openvino-fp32": "no (INFERENCE_PRECISION_HINT f32)",
-           "openvino-bf16": "bf16 (AMX-BF16), the stem in float32",
-           "openvino-bf16-streams": "bf16 (AMX-BF16), the stem in float32; THROUGHPUT hint: the batch split across "
+           "openvino-bf16": "bf16 (AMX-BF16), the first block in float32",
+           "openvino-bf16-streams": "bf16 (AMX-BF16), the first block in float32; THROUGHPUT hint: the batch split across "
                                     "OpenVINO's streams, one image on one stream",
            "openvino-int8": "int8 matmuls and convolutions (AMX-INT8), the rest bf16"}
-    peer_low = {**low, "openvino-bf16": "bf16 (AMX-BF16)"}  # converted as it is: no stem kept in float32
+    peer_low = {**low, "openvino-bf16": "bf16 (AMX-BF16)"}  # converted as it is: nothing kept in float32
     def speed(name: str) -> dict[str, float]:
         return {"latency_ms": latency[name] * 1000, "throughput_img_s": args.batch / batched[name],
                 **({"idle_latency_ms": idle[name] * 1000} if idle else {})}

@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import onenip.deploy.export as export
 from onenip.deploy.export import export_model
 from onenip.deploy.stem_precision import KEEP_FP32, mark_stem, marked_layers, stem_layers
+from onenip.errors import ExportError
 
 has_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
                                   reason="openvino not installed (pip install 'onenip[openvino]')")
@@ -76,7 +78,43 @@ def test_a_graph_without_a_convolution_stem_is_left_as_it_is(tmp_path: Path) -> 
     assert stem_layers(ET.parse(dynamic).getroot()) == set()  # no static resolution to compare
     decoder = _graph(tmp_path, [_layer(0, "Parameter", (-1, 3, 8, 8)), _layer(1, "Convolution", (-1, 8, 4, 4)),
                                 _layer(2, "Convolution", (-1, 8, 8, 8))], [(0, 1), (1, 2)])
-    assert stem_layers(ET.parse(decoder).getroot()) == set()  # the highest resolution is behind a downsampling
+    assert stem_layers(ET.parse(decoder).getroot()) == {"0", "1"}  # not the decoder's, at a higher resolution
+
+
+def test_a_file_that_is_not_an_ir_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "model.xml"
+    bad.write_text("<net><layers>")  # truncated
+    with pytest.raises(ExportError, match=r"model\.xml: cannot read the OpenVINO model's XML"):
+        mark_stem(bad)
+    with pytest.raises(ExportError, match="cannot read"):
+        mark_stem(tmp_path / "missing.xml")
+
+
+def _amx_bf16() -> bool:
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@has_openvino
+def test_a_bf16_export_that_fails_its_check_leaves_the_earlier_files(tiny_model: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The marked file is checked as read back from the temporary folder; when that fails, nothing is moved into
+    place: an earlier export keeps its bytes and no temporary folder is left."""
+    out = export_model(tiny_model, "openvino", tmp_path / "bf16.xml", precision="bf16")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    seen = []
+
+    def fail(ov_model, precision, model):  # the model read back: marked, from the temporary folder
+        seen.append(any(f"{KEEP_FP32['name']}_{KEEP_FP32['version']}" in op.get_rt_info() for op in ov_model.get_ops()))
+        raise ExportError("the check failed")
+
+    monkeypatch.setattr(export, "_check_low_precision", fail)
+    with pytest.raises(ExportError, match="the check failed"):
+        export_model(tiny_model, "openvino", out, precision="bf16")
+    assert seen == [True]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @has_openvino
@@ -95,8 +133,9 @@ def test_the_bf16_export_runs_its_stem_in_float32(tiny_model: Path, tmp_path: Pa
     convs = {layer.get("name") for layer in root.iterfind("layers/layer") if "Convolution" in layer.get("type", "")}
     assert marked & convs and convs - marked  # some convolutions kept, most not
     core = ov.Core()
-    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        pytest.skip("this CPU runs bf16 models in float32: nothing to tell apart")
+    if "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") or not _amx_bf16():
+        pytest.skip("no AMX-BF16 on this CPU: the kernels checked here are OpenVINO's for AMX (elsewhere bf16 runs "
+                    "other kernels, or in float32)")
     compiled = core.compile_model(core.read_model(str(bf16)), "CPU", {**openvino_config("bf16", 1), "PERF_COUNT": True})
     request = compiled.create_infer_request()
     request.infer({0: np.zeros((1, 3, 64, 64), dtype=np.uint8)})

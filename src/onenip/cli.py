@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("checkpoint", help="model.safetensors of a training run")
     exp.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "openvino"), help="default: onnx")
     exp.add_argument("--precision", default=None, choices=("fp32", "bf16", "int8"),
-                     help="OpenVINO only: fp32 (default), bf16 (AMX / AVX-512 BF16 CPUs; the backbone's first layers stay "
-                          "float32) or int8 (post-training "
+                     help="OpenVINO only: fp32 (default), bf16 (AMX / AVX-512 BF16 CPUs; the backbone's first block "
+                          "stays float32) or int8 (post-training "
                           "quantization calibrated on the model's own normal training images, which must be there)")
     exp.add_argument("--output", metavar="PATH", help="output file (default: beside the checkpoint)")
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset, 14 to 20 (default: 17); ONNX only")

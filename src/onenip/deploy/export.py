@@ -404,13 +404,22 @@ def _save_openvino(ov_model: Any, out: Path, precision: str, model: DeployModel)
         if precision == "bf16":
             marked = mark_stem(xml)
             if marked:
-                log.info(f"bf16: {marked} layers of the stem kept in float32")
+                log.info(f"bf16: {marked} layers of the stem marked to stay in float32")
             else:
                 log.warning("bf16: no convolution stem found to keep in float32; the whole model runs in bf16")
         if precision != "fp32":
-            _check_low_precision(ov.Core().read_model(str(xml)), precision, model)
+            try:
+                written = ov.Core().read_model(str(xml))
+            except Exception as exc:
+                raise ExportError(f"OpenVINO cannot read the saved model back ({type(exc).__name__}: {exc})") from exc
+            _check_low_precision(written, precision, model)
         os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(xml, out)
+        try:
+            os.replace(xml, out)
+        except OSError as exc:  # the .bin is in place but not its .xml: an earlier pair there is broken, say so
+            out.with_suffix(".bin").unlink(missing_ok=True)
+            raise ExportError(f"cannot write {out} ({exc}); its .bin had been replaced and is removed: an earlier "
+                              f"export there is incomplete now, export again") from exc
 
 
 def default_output(checkpoint: str | Path, fmt: str) -> Path:

@@ -28,6 +28,8 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from onenip.errors import ExportError
+
 __all__ = ["KEEP_FP32", "CONVOLUTIONS", "stem_layers", "mark_stem", "marked_layers"]
 
 KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
@@ -50,11 +52,12 @@ def _output_shape(layer: ET.Element) -> tuple[int, int] | None:
 def stem_layers(root: ET.Element) -> set[str]:
     """The ids of the stem's layers in an IR's XML tree (the ``<net>`` element), and of every layer they depend on.
 
-    The stem: the convolutions at the highest resolution any convolution has, not behind a convolution of a lower
-    resolution (a decoder's), and no wider than the first of them (not behind a wider one either): where a backbone
-    widens its features at that resolution (tf_efficientnet_lite0's first expansion, 16 -> 96 channels at half the
-    input's side), float32 starts to cost throughput, and the narrow layers before it are where bf16 rounding turned
-    decisions. Empty when the graph has no convolution with a static 4-d output."""
+    The stem: the convolutions at the resolution of the first convolution (the one nearest the input), behind no
+    convolution of another resolution or of more channels than the first one has (a decoder's convolutions, at
+    whatever resolution, come after a downsampling). Where a backbone widens its features at that resolution
+    (tf_efficientnet_lite0's first expansion, 16 -> 96 channels at half the input's side), float32 starts to cost
+    throughput, and the narrow layers before it are where bf16 rounding turned decisions. Empty when the graph has no
+    convolution with a static 4-d output."""
     layers = {layer.get("id", ""): layer for layer in root.iterfind("layers/layer")}  # the top-level graph
     parents: dict[str, list[str]] = defaultdict(list)
     for edge in root.iterfind("edges/edge"):
@@ -72,24 +75,28 @@ def stem_layers(root: ET.Element) -> set[str]:
 
     shapes = {i: shape for i, layer in layers.items() if layer.get("type") in CONVOLUTIONS
               and (shape := _output_shape(layer)) is not None}
-    if not shapes:
-        return set()
-    top = max(area for _, area in shapes.values())
     before = {i: upstream(parents[i]) & shapes.keys() for i in shapes}  # the convolutions each one depends on
-    at_top = [i for i, (_, area) in shapes.items() if area == top and all(shapes[j][1] == top for j in before[i])]
-    firsts = [shapes[i][0] for i in at_top if not before[i]]
-    if not firsts:  # the highest resolution is a decoder's: no stem to find
+    firsts = [i for i in shapes if not before[i]]  # nearest the input
+    if not firsts:
         return set()
-    width = max(firsts)  # the first convolution's channels
-    stem = [i for i in at_top if shapes[i][0] <= width and all(shapes[j][0] <= width for j in before[i])]
+    top = max(shapes[i][1] for i in firsts)  # the first convolution's resolution (a decoder's may be higher)
+    width = max(shapes[i][0] for i in firsts if shapes[i][1] == top)  # and its channels
+    stem = [i for i, (channels, area) in shapes.items() if area == top and channels <= width
+            and all(shapes[j][1] == top and shapes[j][0] <= width for j in before[i])]
     return upstream(stem)
 
 
 def mark_stem(xml: str | Path) -> int:
-    """Add `KEEP_FP32` to the rt_info of the stem stage's computing layers in the IR file `xml` (rewritten in place:
-    call it on a file not yet in use). Returns how many layers were marked (0: no stem found, the file unchanged)."""
+    """Add `KEEP_FP32` to the rt_info of the stem's computing layers in the IR file `xml` (rewritten in place:
+    call it on a file not yet in use). Returns how many layers were marked (0: no stem found, the file unchanged).
+
+    Raises:
+        ExportError: the file cannot be read or parsed as XML, or cannot be written back."""
     path = Path(xml)
-    tree = ET.parse(path)
+    try:
+        tree = ET.parse(path)
+    except (OSError, ET.ParseError) as exc:
+        raise ExportError(f"{path}: cannot read the OpenVINO model's XML to mark its stem ({exc})") from exc
     root = tree.getroot()
     ids = stem_layers(root)
     marked = 0
@@ -106,7 +113,10 @@ def mark_stem(xml: str | Path) -> int:
             ET.SubElement(info, "attribute", dict(KEEP_FP32))
         marked += 1
     if marked:
-        tree.write(path, encoding="utf-8", xml_declaration=True)
+        try:
+            tree.write(path, encoding="utf-8", xml_declaration=True)
+        except OSError as exc:
+            raise ExportError(f"{path}: cannot write the marked OpenVINO model back ({exc})") from exc
     return marked
 
 
