@@ -413,6 +413,7 @@ def _save_openvino(ov_model: Any, out: Path, precision: str, model: DeployModel)
             except Exception as exc:
                 raise ExportError(f"OpenVINO cannot read the saved model back ({type(exc).__name__}: {exc})") from exc
             _check_low_precision(written, precision, model)
+            del written  # OpenVINO maps the .bin it read: let go of it before the file is moved (Windows)
         os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
         try:
             os.replace(xml, out)
