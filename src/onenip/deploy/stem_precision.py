@@ -53,11 +53,13 @@ def stem_layers(root: ET.Element) -> set[str]:
     """The ids of the stem's layers in an IR's XML tree (the ``<net>`` element), and of every layer they depend on.
 
     The stem: the convolutions at the resolution of the first convolution (the one nearest the input), behind no
-    convolution of another resolution or of more channels than the first one has (a decoder's convolutions, at
-    whatever resolution, come after a downsampling). Where a backbone widens its features at that resolution
-    (tf_efficientnet_lite0's first expansion, 16 -> 96 channels at half the input's side), float32 starts to cost
-    throughput, and the narrow layers before it are where bf16 rounding turned decisions. Empty when the graph has no
-    convolution with a static 4-d output."""
+    convolution of another resolution or of more channels than the first one has. A decoder's convolutions, at
+    whatever resolution, come after a downsampling. A squeeze-and-excitation block's, on pooled 1 x 1 features, end
+    the stem: with them marked, OpenVINO 2026.4 failed to run efficientnet_b4's bf16 file ("Convolution node ... is
+    not initialized"), while with the stem convolution and the first depthwise one marked it ran. Where a backbone
+    widens its features at that resolution (tf_efficientnet_lite0's first expansion, 16 -> 96 channels at half the
+    input's side), float32 starts to cost throughput, and the narrow layers before it are where bf16 rounding turned
+    decisions. Empty when the graph has no convolution with a static 4-d output."""
     layers = {layer.get("id", ""): layer for layer in root.iterfind("layers/layer")}  # the top-level graph
     parents: dict[str, list[str]] = defaultdict(list)
     for edge in root.iterfind("edges/edge"):
