@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--given-type", action="store_true",
                     help="each test image's type is given (eval.given_type, as predict --type), not retrieved")
+    ap.add_argument("--retrieval", choices=["nearest", "type_mean"], default="nearest",
+                    help="eval.retrieval: the nearest pool image of all (the paper's), or the type by its pool images' "
+                         "mean descriptor first")
     ap.add_argument("--output", default=str(REPO / "runs" / "add-type"))
     args = ap.parse_args()
     if args.threads:
@@ -60,7 +63,8 @@ def main() -> None:
     cfg = make_config(None, [f"data.roots=[{args.data}]", f"data.input_size={args.input_size}", "data.workers=0",
                              "backbone.name=tf_efficientnet_lite0", "backbone.weights=efficientnet-lite",
                              "model.hidden_dim=64", "model.ffn_dim=128", "model.heads=4", "model.refiner_channels=32",
-                             "train.device=cpu", f"eval.given_type={str(args.given_type).lower()}"])
+                             "train.device=cpu", f"eval.given_type={str(args.given_type).lower()}",
+                             f"eval.retrieval={args.retrieval}"])
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
     train_all = read_sources(cfg.data.roots, "train")
@@ -95,6 +99,7 @@ def main() -> None:
             ref[t] = trained["protocols"]["clean"]["categories"][t]["fused"]
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
             "device": device_name(torch.device("cpu")), "input_size": args.input_size, "given_type": args.given_type,
+            "retrieval": args.retrieval,
             "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
             "trained": None if trained is None else {"file": str(Path(args.trained).relative_to(REPO)),
                                                      "device": trained["device"], "commit": trained["commit"],

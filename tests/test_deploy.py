@@ -187,8 +187,8 @@ def test_compiled_deploy_model_gives_the_eager_maps_and_decisions(gen_data: Path
     torch.testing.assert_close(again["map"], a["map"][:3], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["onenip", "uniad"])  # UniAD with a refiner: its fusion constant matters too
-def test_clean_evaluation_scores_what_the_deployed_model_scores(gen_data: Path, arch: str) -> None:
+@pytest.mark.parametrize(("arch", "retrieval"), [("onenip", "nearest"), ("uniad", "nearest"), ("onenip", "type_mean")])
+def test_clean_evaluation_scores_what_the_deployed_model_scores(gen_data: Path, arch: str, retrieval: str) -> None:
     """`onenip test` (clean protocol) measures the model `onenip predict` runs: the same prompt pool and fusion
     constant, drawn from the training images less the held-out ones and from every category of the model, also when
     only one category is evaluated (a pool of that category alone would tell retrieval the answer); and it decides
@@ -198,7 +198,7 @@ def test_clean_evaluation_scores_what_the_deployed_model_scores(gen_data: Path, 
 
     cats = ["bracket", "disc", "weave"]
     cfg = make_config(None, small(f"data.roots=[{gen_data}]", f"data.categories=[{', '.join(cats)}]", "eval.prompt_pool=3",
-                                  "data.holdout=0.25", f"model.arch={arch}",
+                                  "data.holdout=0.25", f"model.arch={arch}", f"eval.retrieval={retrieval}",
                                   *(["train.prompt=none"] if arch == "uniad" else [])))
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
@@ -526,3 +526,30 @@ def test_a_prediction_prints_as_a_summary_not_its_arrays() -> None:
     assert text.startswith("Prediction(source='a.png', decision='defective', normalized=0.7000")
     assert "category='bottle'" in text and "anomaly_map=<300x200>" in text and "mask=<50 defect pixels>" in text
     assert len(text) < 300
+
+
+def test_the_deployed_model_retrieves_by_type_mean_when_configured(tiny_model: Path, gen_batch: np.ndarray) -> None:
+    """A pool where one type holds an exact copy of the query among far entries, and the other only near copies:
+    nearest retrieval takes the first type, eval.retrieval type_mean the second (and its closest entry)."""
+    import dataclasses
+
+    det = Detector.load(tiny_model)
+    dep = det.deployment
+    images = torch.from_numpy(gen_batch[:1])
+    with torch.no_grad():
+        q = det.features(images)[0]  # (C, H, W)
+    gen = torch.Generator().manual_seed(0)
+    far = [torch.randn(q.shape, generator=gen) * q.abs().mean() for _ in range(3)]
+    near = [q + 0.05 * q.abs().mean() * torch.randn(q.shape, generator=gen) for _ in range(4)]
+    first, second = dep.categories[0], dep.categories[1]
+    crafted = dataclasses.replace(dep, pool_feats=torch.stack([q, *far, *near]),
+                                  pool_categories=[first] * 4 + [second] * 4, pool_images=[f"/p/{i}.png" for i in range(8)])
+    got = {}
+    for rule in ("nearest", "type_mean"):
+        det.cfg.eval.retrieval = rule
+        with torch.no_grad():
+            got[rule] = DeployModel(det, crafted)(images)
+    assert dep.categories[int(got["nearest"]["category"])] == first
+    assert float(got["nearest"]["similarity"]) == pytest.approx(1.0, abs=1e-5)  # the exact copy
+    assert dep.categories[int(got["type_mean"]["category"])] == second
+    assert 0.98 < float(got["type_mean"]["similarity"]) < 1.0  # the closest near copy

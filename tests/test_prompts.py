@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from onenip.data import Sample
-from onenip.models.prompts import PromptPool, descriptor, paper_prompts, pool_samples
+from onenip.models.prompts import PromptPool, descriptor, nearest, paper_prompts, pool_samples, type_keys
 
 
 def _samples(split: str, per_cat: int, cats=("a", "b", "c")) -> list[Sample]:
@@ -99,3 +99,29 @@ def test_retrieval_takes_type_indices_mapped_once() -> None:
     assert [[pool.categories[j] for j in row] for row in by_index[0].tolist()] == [["c", "c"], ["a", "a"], ["b", "b"]]
     with pytest.raises(ValueError, match="'z' is not in the prompt pool"):
         pool.retrieve_top(query, 1, ["a", "z", "b"])
+
+
+def test_retrieval_by_type_mean() -> None:
+    """eval.retrieval type_mean: the type whose entries' mean descriptor is most similar first, then its most similar
+    entry, even where one entry of another type is the most similar of all; a given type still wins; an unknown rule
+    is refused."""
+    c = torch.zeros(5, 8, 1, 1)  # descriptors along axes: type a = entries 0, 1 (one close outlier), b = 2, 3, 4
+    c[0, 0], c[1, 1] = 1.0, 1.0  # a: far apart
+    c[2, 2], c[3, 2], c[3, 3], c[4, 2], c[4, 4] = 1.0, 1.0, 0.3, 1.0, 0.3  # b: all near axis 2
+    samples = [Sample(Path(f"/t/{k}/{i}.png"), k, 0, "good", None, "train") for i, k in enumerate("aabbb")]
+    query = torch.zeros(1, 8, 1, 1)
+    query[0, 0], query[0, 2] = 1.0, 0.9  # closest single entry: 0 (type a); closest mean: type b
+    plain, by_type = PromptPool(samples, c), PromptPool(samples, c, "type_mean")
+    assert plain.retrieve(query)[0].item() == 0
+    idx, sim = by_type.retrieve(query)
+    assert idx.item() == 2 and by_type.categories[2] == "b"  # b's most similar entry (2 is b's purest)
+    assert sim.item() == pytest.approx(float(descriptor(query) @ descriptor(c[[2]]).T), abs=1e-6)
+    assert by_type.retrieve_top(query, 1, ["a"])[0].item() == 0  # a given type is not overruled
+    assert by_type.retrieve_top(query, 5)[0].shape == (1, 3)  # only the retrieved type's entries
+    means = type_keys(descriptor(c), torch.tensor([0, 0, 1, 1, 1]), 2)
+    assert torch.allclose(means.norm(dim=1), torch.ones(2))
+    assert torch.equal(nearest(descriptor(c), query, 1, None, (means, torch.tensor([0, 0, 1, 1, 1])))[0],
+                       torch.tensor([[2]]))
+    with pytest.raises(ValueError, match="unknown retrieval 'mean'"):
+        PromptPool(samples, c, "mean")
+

@@ -389,6 +389,13 @@ class EvalConfig:
         "line that knows what it inspects: its prompt is the most similar of its own type's pool images and its type's "
         "threshold and map apply (retrieval is right by construction). false: retrieved among all types.",
     )
+    retrieval: Literal["nearest", "type_mean"] = Field(
+        "nearest",
+        description="clean protocol and deployed models: how a test image finds its prompt. nearest: the most similar "
+        "pool image of all (the paper's §6). type_mean: first the product type whose pool images' mean descriptor is "
+        "most similar, then the most similar pool image of that type; a type with few pool images (one added from K "
+        "images) is then not outvoted by types with more (benchmarks/add_type.py --retrieval).",
+    )
     fusion_alpha: float = Field(0.5, ge=0, le=1, description="Weight of the reconstruction map in the fused map (§6).")
     fusion_images: int = Field(8, ge=1, description="clean protocol: training images per category used for the fusion constant.")
     score_kernel: int = Field(

@@ -251,7 +251,7 @@ def prompt_source(detector: Detector, cfg: Config) -> list[Sample]:
 @torch.no_grad()
 def build_prompt_pool(detector: Detector, train: list[Sample], cfg: Config) -> PromptPool:
     samples = pool_samples(train, cfg.eval.prompt_pool, cfg.eval.seed)
-    return PromptPool(samples, features_of(detector, samples, cfg))
+    return PromptPool(samples, features_of(detector, samples, cfg), cfg.eval.retrieval)
 
 
 @torch.no_grad()
@@ -332,7 +332,7 @@ def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
     if dep is not None and dep.added_types and e.protocol == "clean":  # their prompts are the deployment's alone
         log.info(f"types added after training ({', '.join(dep.added_types)}): the model's own prompt pool and fusion "
                  "constant are used, as onenip predict uses them")
-        return _deployment_pool(detector), None, None
+        return _deployment_pool(detector, cfg), None, None
     try:
         train = prompt_source(detector, cfg)
     except DatasetError as exc:
@@ -342,17 +342,17 @@ def prompt_setup(detector: Detector, cfg: Config, test: list[Sample]
                                "categories" + ("" if dep is not None else " (this model carries no prompt pool)")) from None
         warnings.warn(f"no training images to draw prompts from ({exc}): the model's own prompt pool and fusion "
                       "constant are used, as onenip predict uses them", OnenipWarning, stacklevel=3)
-        return _deployment_pool(detector), None, None
+        return _deployment_pool(detector, cfg), None, None
     if e.protocol == "clean":  # every deployed model retrieves (one without prompts: for the category's threshold)
         return build_prompt_pool(detector, train, cfg), None, train
     return None, paper_prompt_sets(test, train, e.seed, e.prompts) if detector.uses_prompt else None, train
 
 
-def _deployment_pool(detector: Detector) -> PromptPool:
-    """The deployment's prompt pool as a PromptPool (its images by path)."""
+def _deployment_pool(detector: Detector, cfg: Config) -> PromptPool:
+    """The deployment's prompt pool as a PromptPool (its images by path), retrieving by cfg.eval.retrieval."""
     dep = detector.deployment
     samples = [Sample(Path(p), c, 0, "good", None, "train") for p, c in zip(dep.pool_images, dep.pool_categories)]
-    return PromptPool(samples, dep.pool_feats.to(next(detector.parameters()).device))
+    return PromptPool(samples, dep.pool_feats.to(next(detector.parameters()).device), cfg.eval.retrieval)
 
 
 def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: PromptPool | None,

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
-from onenip.models.prompts import descriptor, nearest
+from onenip.models.prompts import descriptor, nearest, type_keys
 from onenip.models.scoring import (
     added_type_map,
     anomaly_maps,
@@ -47,6 +47,9 @@ class DeployModel(nn.Module):
         self.register_buffer("pool_feats", deployment.pool_feats.float())
         self.register_buffer("pool_keys", descriptor(deployment.pool_feats))
         self.register_buffer("pool_category", torch.tensor([index[c] for c in deployment.pool_categories]))
+        # retrieval by type mean (eval.retrieval, the model's setting): each type's mean descriptor (K, C)
+        self.by_type = detector.cfg.eval.retrieval == "type_mean"
+        self.register_buffer("type_keys", type_keys(self.pool_keys, self.pool_category, len(self.categories)))
         self.cache_prompts = cache_prompts
         self.autocast: torch.dtype | None = None  # the transformer's autocast dtype (None: float32)
         if self.net.uses_prompt and cache_prompts:  # the prompts are fixed: encode them once (same function)
@@ -96,11 +99,12 @@ class DeployModel(nn.Module):
     def forward(self, images: Tensor, category: Tensor | None = None) -> dict[str, Tensor]:
         """uint8 images (N, 3, S, S) -> the outputs listed in the class docstring. `category` (N,) int64 gives each
         image's product type (an index of `categories`): its prompt is the most similar of that type's pool images
-        instead of the most similar of all."""
+        instead of the most similar of all (or of the type retrieved first, with eval.retrieval type_mean)."""
         taps = self.extractor.taps(images)
         feats = self.extractor.combine(taps)  # (N, C, H, W)
         allowed = self.pool_category[None, :] == category[:, None] if category is not None else None  # (N, P)
-        best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed))  # (N,) each
+        kinds = (self.type_keys, self.pool_category) if self.by_type else None
+        best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed, kinds))  # (N,) each
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]

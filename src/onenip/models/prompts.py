@@ -59,12 +59,32 @@ def descriptor(feats: Tensor) -> Tensor:
     return torch.nn.functional.normalize(feats.float().mean(dim=(2, 3)), dim=1)
 
 
-def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+RETRIEVALS = ("nearest", "type_mean")
+"""How a query finds its prompt (eval.retrieval): the most similar pool entry of all (the paper's), or the type whose
+mean descriptor is most similar first and then the most similar entry of that type (`nearest`'s `kinds`)."""
+
+
+def type_keys(keys: Tensor, kind: Tensor, n: int) -> Tensor:
+    """Pool descriptors (P, C) and each entry's type index (P,) -> (n, C) each type's unit-norm mean descriptor."""
+    sums = torch.zeros(n, keys.shape[1], dtype=keys.dtype, device=keys.device).index_add_(0, kind.to(keys.device), keys)
+    return torch.nn.functional.normalize(sums, dim=1)
+
+
+def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None,
+            kinds: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Class-agnostic retrieval (§6): pool descriptors `keys` (P, C) and query features (B, C, H, W) -> (indices
     (B, k), cosine similarities (B, k)) of the k most similar pool entries, best first (k capped at P). `allowed`
     (B, P) bool limits each query to some entries (a product type given by the user); k is then also capped at the
-    fewest entries a query may take, so that no entry it may not take is returned."""
-    sim = descriptor(feats) @ keys.to(feats.device).T  # (B, P)
+    fewest entries a query may take, so that no entry it may not take is returned. `kinds` (the types' mean
+    descriptors (T, C) of `type_keys`, each entry's type (P,)), when no `allowed` is given: each query takes the type
+    whose mean descriptor is most similar, then its entries only (retrieval by type mean: a type with few pool
+    entries, e.g. one added from K images, is not outvoted by a type that has more chances of one close entry)."""
+    desc = descriptor(feats)
+    sim = desc @ keys.to(feats.device).T  # (B, P)
+    if allowed is None and kinds is not None:
+        means, kind = kinds
+        best = (desc @ means.to(feats.device).T).argmax(dim=1)  # (B,)
+        allowed = kind.to(feats.device)[None, :] == best[:, None]
     if allowed is not None:
         sim = sim.masked_fill(~allowed, -2.0)  # below any cosine similarity
         k = min(k, int(allowed.sum(dim=1).min()))
@@ -75,7 +95,9 @@ def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None) 
 class PromptPool:
     """Prompt features of normal images of every category and class-agnostic retrieval by cosine similarity."""
 
-    def __init__(self, samples: list[Sample], feats: Tensor) -> None:
+    def __init__(self, samples: list[Sample], feats: Tensor, retrieval: str = "nearest") -> None:
+        if retrieval not in RETRIEVALS:
+            raise ValueError(f"unknown retrieval {retrieval!r}: use one of {', '.join(RETRIEVALS)}")
         if len(samples) != feats.shape[0] or not samples:
             raise ValueError("the prompt pool needs one feature map per sample, and at least one sample")
         self.samples = samples
@@ -85,6 +107,8 @@ class PromptPool:
         self.kinds = sorted(set(self.categories))  # the product types, as the deployed model indexes them
         self.kind_index = {k: i for i, k in enumerate(self.kinds)}  # type name -> its index in `kinds`
         self.kind = self.type_indices(self.categories)  # (P,)
+        self.retrieval = retrieval
+        self.type_keys = type_keys(self.keys, self.kind, len(self.kinds))  # (T, C)
 
     @functools.cached_property
     def type_banks(self) -> Tensor:
@@ -112,4 +136,5 @@ class PromptPool:
         if types is not None:
             wanted = types if isinstance(types, Tensor) else self.type_indices(types)
             allowed = self.kind[None, :] == wanted.to(self.kind.device)[:, None]  # (B, P)
-        return nearest(self.keys, feats, k, allowed)
+        kinds = (self.type_keys, self.kind) if self.retrieval == "type_mean" else None
+        return nearest(self.keys, feats, k, allowed, kinds)
