@@ -109,6 +109,7 @@ def export_metadata(model: DeployModel, source: str | None = None, precision: st
         "input": f"{INPUT_NAME}: uint8 (N, 3, {model.size}, {model.size}) RGB, resized straight to the input size",
         "outputs": list(OUTPUT_NAMES),
         "thresholds": {c: float(t) for c, t in zip(model.categories, thresholds)},
+        "retrieval": "type_mean" if model.by_type else "nearest",
         "fusion_alpha": model.alpha,
         "fusion_scale": model.scale,
         "score_kernel": model.kernel,
