@@ -552,4 +552,20 @@ def test_the_deployed_model_retrieves_by_type_mean_when_configured(tiny_model: P
     assert dep.categories[int(got["nearest"]["category"])] == first
     assert float(got["nearest"]["similarity"]) == pytest.approx(1.0, abs=1e-5)  # the exact copy
     assert dep.categories[int(got["type_mean"]["category"])] == second
-    assert 0.98 < float(got["type_mean"]["similarity"]) < 1.0  # the closest near copy
+    pool = torch.stack(near).mean(dim=(2, 3))
+    closest = int(torch.nn.functional.cosine_similarity(pool, q.mean(dim=(1, 2))[None], dim=1).argmax())
+    assert float(got["type_mean"]["similarity"]) == pytest.approx(  # the closest of the near copies
+        float(torch.nn.functional.cosine_similarity(pool[closest], q.mean(dim=(1, 2)), dim=0)), abs=1e-5)
+    assert float(got["type_mean"]["similarity"]) < 1.0
+
+
+def test_a_test_run_with_another_retrieval_rule_reports_no_decisions(tiny_model: Path) -> None:
+    """`onenip test --set eval.retrieval=type_mean` on a model deployed with the nearest rule measures another model
+    than predict runs: its metrics come, its decisions do not (with the reason); with the model's own rule they do."""
+    from onenip.evaluation.evaluate import evaluate
+
+    det = Detector.load(tiny_model)
+    cfg = make_config(det.cfg, ["eval.retrieval=type_mean"])
+    res = evaluate(det, cfg, progress=False)
+    assert res.decisions is None and "eval.retrieval=type_mean" in (res.decisions_note or "")
+    assert evaluate(det, make_config(det.cfg, []), progress=False).decisions is not None

@@ -504,6 +504,9 @@ def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, s
         return f"eval.prompts={e.prompts}: the deployed model uses one prompt"
     if "fused" not in names:
         return "eval.maps has no 'fused' map, the one the deployed model scores"
+    if pool.retrieval != detector.cfg.eval.retrieval:
+        return (f"eval.retrieval={pool.retrieval}: the deployed model retrieves by {detector.cfg.eval.retrieval} "
+                "(the rule it was trained with)")
     if [str(s.image) for s in pool.samples] != list(dep.pool_images):
         return "the prompt pool differs from the deployment's (eval.prompt_pool, eval.seed or the data changed)"
     same_scale = (scale is None) == (dep.fusion_scale is None) and (

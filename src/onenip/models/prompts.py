@@ -87,7 +87,8 @@ def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None,
         allowed = kind.to(feats.device)[None, :] == best[:, None]
     if allowed is not None:
         sim = sim.masked_fill(~allowed, -2.0)  # below any cosine similarity
-        k = min(k, int(allowed.sum(dim=1).min()))
+        if k > 1:  # (every type has an entry: one is always there; no host sync when tracing or compiling)
+            k = min(k, int(allowed.sum(dim=1).min()))
     top = sim.topk(min(k, sim.shape[1]), dim=1)
     return top.indices, top.values
 
@@ -130,7 +131,8 @@ class PromptPool:
 
     def retrieve_top(self, feats: Tensor, k: int, types: list[str] | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) -> (indices (B, k), similarities (B, k)) of the k most similar pool entries, best first
-        (k is capped at the pool's size); `types` limits each query to the entries of its given type: B type names,
+        (k is capped at the pool's size, and with a type given or retrieved first at the fewest entries a query of the
+        batch may take); `types` limits each query to the entries of its given type: B type names,
         or their indices in `kinds` (a (B,) int64 tensor, e.g. from `type_indices`)."""
         allowed = None
         if types is not None:
