@@ -110,7 +110,7 @@ def test_a_bf16_export_that_fails_its_check_leaves_the_earlier_files(tiny_model:
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     seen = []
 
-    def fail(ov_model, precision, model):  # the model read back: marked, from the temporary folder
+    def fail(ov_model, precision, reference):  # the model read back: marked, from the temporary folder
         seen.append(any(f"{KEEP_FP32['name']}_{KEEP_FP32['version']}" in op.get_rt_info() for op in ov_model.get_ops()))
         raise ExportError("the check failed")
 

@@ -343,11 +343,11 @@ def _quantize(ov_model: Any, images: np.ndarray) -> Any:
 
 
 def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
-                     calibration: np.ndarray | None = None) -> tuple[Any, float]:
+                     calibration: np.ndarray | None = None) -> tuple[Any, float, tuple[Tensor, dict[str, Tensor]]]:
     """The model as an OpenVINO model with the metadata in its rt_info (``onenip`` -> key -> string; precision too:
     `OpenVinoRuntime` compiles it at that precision), checked in float32 against PyTorch on a fresh batch before
-    int8 quantization; and the largest map difference of that check. (The bf16 and int8 files are checked by
-    `_save_openvino`, as written.)"""
+    int8 quantization; the largest map difference of that check; and that batch with PyTorch's outputs (with which
+    `_save_openvino` checks a bf16 or int8 file as written)."""
     if precision == "int8" and calibration is None:
         raise ExportError("int8 quantization needs calibration images")
     ov_model = _openvino_model(model)
@@ -368,15 +368,14 @@ def _export_openvino(model: DeployModel, meta: dict[str, Any], precision: str,
     # for other OpenVINO tools (benchmark_app, OVMS): the precision the file is meant to run at
     ov_model.set_rt_info(OPENVINO_PRECISION_HINT[precision],
                          ["runtime_options", "INFERENCE_PRECISION_HINT"])
-    return ov_model, diff
+    return ov_model, diff, (check, want)
 
 
-def _check_low_precision(ov_model: Any, precision: str, model: DeployModel) -> None:
-    """A bf16 or int8 model must give finite outputs of the right shapes on a fresh batch (its agreement with PyTorch
-    is measured by tests and benchmarks/cpu_speed.py on real images: on random ones, bf16 noise decides nothing)."""
-    check = _example_images(CHECK_BATCH, model.size, seed=1)
-    with torch.no_grad():
-        want = model(check)
+def _check_low_precision(ov_model: Any, precision: str, reference: tuple[Tensor, dict[str, Tensor]]) -> None:
+    """A bf16 or int8 model must give finite outputs of the right shapes on the `reference` batch (images, PyTorch's
+    outputs); its agreement with PyTorch is measured by tests and benchmarks/cpu_speed.py on real images: on random
+    ones, bf16 noise decides nothing."""
+    check, want = reference
     try:
         got = _run_openvino(ov_model, precision, check)
     except Exception as exc:
@@ -389,7 +388,7 @@ def _check_low_precision(ov_model: Any, precision: str, model: DeployModel) -> N
     log.info(f"OpenVINO {precision}: largest relative score difference from PyTorch on random images {rel:.2g}")
 
 
-def _save_openvino(ov_model: Any, out: Path, precision: str, model: DeployModel) -> None:
+def _save_openvino(ov_model: Any, out: Path, precision: str, reference: tuple[Tensor, dict[str, Tensor]]) -> None:
     """Write the .xml and its .bin atomically: both into a temporary folder beside `out`, then renamed, the .bin
     first (an .xml is never there without its weights). A bf16 file gets its stem kept in float32
     (`onenip.deploy.stem_precision`); a bf16 or int8 file is read back from the temporary folder and checked at its
@@ -413,7 +412,7 @@ def _save_openvino(ov_model: Any, out: Path, precision: str, model: DeployModel)
                 written = ov.Core().read_model(str(xml))
             except Exception as exc:
                 raise ExportError(f"OpenVINO cannot read the saved model back ({type(exc).__name__}: {exc})") from exc
-            _check_low_precision(written, precision, model)
+            _check_low_precision(written, precision, reference)
             del written  # OpenVINO maps the .bin it read: let go of it before the file is moved (Windows)
         os.replace(xml.with_suffix(".bin"), out.with_suffix(".bin"))
         try:
@@ -510,10 +509,10 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
         meta["normal_scores"] = scores
     if kind == "openvino":
         calibration = calibration_images(detector) if level == "int8" else None
-        ov_model, diff = _export_openvino(model, meta, level, calibration)
+        ov_model, diff, reference = _export_openvino(model, meta, level, calibration)
         log.info(f"OpenVINO outputs (float32) match PyTorch's on {CHECK_BATCH} random images: largest map difference "
                  f"{diff:.2g}")
-        _save_openvino(ov_model, out, level, model)
+        _save_openvino(ov_model, out, level, reference)
         return out
     data, diff = _export_onnx(model, meta, onnx_opset) if kind == "onnx" else _export_torchscript(model, meta)
     name = "ONNX" if kind == "onnx" else "TorchScript"

@@ -38,7 +38,12 @@ KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dyn
 """The rt_info attribute, as OpenVINO's IR spells it, that keeps a layer at its original precision (float32)."""
 CONVOLUTIONS = ("Convolution", "GroupConvolution")
 """The IR layer types that count as convolutions when finding the stem."""
-_UNMARKED = ("Parameter", "Const", "Result")  # no computation of their own: nothing to keep
+_UNMARKED = ("Parameter", "Const")  # no computation of their own: nothing to keep
+
+
+def _has_mark(layer: ET.Element) -> bool:
+    return any(a.get("name") == KEEP_FP32["name"] and a.get("value") == KEEP_FP32["value"]
+               for a in layer.iterfind("rt_info/attribute"))
 
 
 def _output_shape(layer: ET.Element) -> tuple[int, int] | None:
@@ -113,7 +118,7 @@ def mark_stem(xml: str | Path) -> int:
             children = list(layer)
             at = next((k for k, child in enumerate(children) if child.tag in ("input", "output")), len(children))
             layer.insert(at, info)
-        if not any(a.get("name") == KEEP_FP32["name"] for a in info.findall("attribute")):
+        if not _has_mark(layer):
             ET.SubElement(info, "attribute", dict(KEEP_FP32))
         marked += 1
     if marked:
@@ -127,6 +132,4 @@ def mark_stem(xml: str | Path) -> int:
 def marked_layers(xml: str | Path) -> list[str]:
     """The names of the layers of an IR file that carry `KEEP_FP32` (in file order)."""
     root = ET.parse(Path(xml)).getroot()
-    return [layer.get("name", "") for layer in root.iterfind("layers/layer")
-            if any(a.get("name") == KEEP_FP32["name"] and a.get("value") == KEEP_FP32["value"]
-                   for a in layer.iterfind("rt_info/attribute"))]
+    return [layer.get("name", "") for layer in root.iterfind("layers/layer") if _has_mark(layer)]

@@ -49,7 +49,8 @@ class DeployModel(nn.Module):
         self.register_buffer("pool_category", torch.tensor([index[c] for c in deployment.pool_categories]))
         # retrieval by type mean (eval.retrieval, the model's setting): each type's mean descriptor (K, C)
         self.by_type = detector.cfg.eval.retrieval == "type_mean"
-        self.register_buffer("type_keys", type_keys(self.pool_keys, self.pool_category, len(self.categories)))
+        self.register_buffer("type_keys", type_keys(self.pool_keys, self.pool_category, len(self.categories))
+                             if self.by_type else None)
         self.cache_prompts = cache_prompts
         self.autocast: torch.dtype | None = None  # the transformer's autocast dtype (None: float32)
         if self.net.uses_prompt and cache_prompts:  # the prompts are fixed: encode them once (same function)

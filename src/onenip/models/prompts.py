@@ -109,7 +109,11 @@ class PromptPool:
         self.kind_index = {k: i for i, k in enumerate(self.kinds)}  # type name -> its index in `kinds`
         self.kind = self.type_indices(self.categories)  # (P,)
         self.retrieval = retrieval
-        self.type_keys = type_keys(self.keys, self.kind, len(self.kinds))  # (T, C)
+
+    @functools.cached_property
+    def type_keys(self) -> Tensor:
+        """Every type's mean descriptor (T, C) (`type_keys`), for retrieval by type mean; built once."""
+        return type_keys(self.keys, self.kind, len(self.kinds))
 
     @functools.cached_property
     def type_banks(self) -> Tensor:
