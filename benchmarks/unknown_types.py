@@ -4,11 +4,13 @@ unknown, and how many images of known types are wrongly reported unknown.
     python benchmarks/unknown_types.py                      # iad-mix, tf_efficientnet_lite0 (offline ImageNet), 224 px
 
 For each product type T of the data: a deployment is built, as `onenip fit` builds it, from the other types'
-training images only (prompt pool, held-out split, thresholds and the product-type limits of `eval.unknown_margin`);
-then the deployed model (`DeployModel`, what predict runs) judges every test image of every type. The type check
-uses the frozen backbone's features alone (models.scoring.type_distance), so the network is not trained here: a small
-untrained one stands in (its maps are not measured). Prints and writes unknown_types.json / .md to --output: per T,
-the share of T's test images reported unknown (goal >= 95 %) and of the other types' test images (goal <= 1 %).
+training images only (prompt pool, held-out split, thresholds, the product-type limits of `eval.unknown_margin` and
+the colour models of `eval.colour_margin`); then the deployed model (`DeployModel`, what predict runs) judges every
+test image of every type. The type check uses the frozen backbone's features and the image's colour alone
+(models.scoring.type_distance, colour_distance), so the network is not trained here: a small untrained one stands in
+(its maps are not measured). Prints and writes unknown_types.json / .md to --output: per T, the share of T's test
+images reported unknown (goal >= 95 %) and of the other types' test images (goal <= 1 %), and which half of the check
+flagged them (the type distance, the colour distance).
 """
 
 from __future__ import annotations
@@ -31,9 +33,22 @@ from iad_mix import device_name, git_commit, iad_mix_root, portable  # noqa: E40
 
 from onenip.api import make_config  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
-from onenip.evaluation.calibration import build_deployment, deployment_outputs, split_holdout  # noqa: E402
+from onenip.data.tensors import SampleImages  # noqa: E402
+from onenip.evaluation.calibration import build_deployment, split_holdout  # noqa: E402
 from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.inference import DeployModel  # noqa: E402
+
+
+@torch.no_grad()
+def judge(model: DeployModel, samples: list, batch_size: int) -> dict[str, np.ndarray]:
+    """The deployed model's known, type and colour flags for `samples` (retrieved types, as predict runs it)."""
+    out: dict[str, list[np.ndarray]] = {"known": [], "by_type": [], "by_colour": []}
+    for b in torch.utils.data.DataLoader(SampleImages(samples, model.size), batch_size=batch_size):
+        r = model(b["image"])
+        out["known"].append(r["known"].numpy())
+        out["by_type"].append((r["type_distance"] > model.type_limits[r["category"]]).numpy())
+        out["by_colour"].append((r["colour_distance"] > model.colour_limits[r["category"]]).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -43,6 +58,8 @@ def main() -> None:
     ap.add_argument("--weights", default="efficientnet-lite")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--margin", type=float, default=None, help="eval.unknown_margin (default: the configuration's)")
+    ap.add_argument("--colour-margin", type=float, default=None,
+                    help="eval.colour_margin (default: the configuration's; 0: the type distance alone)")
     ap.add_argument("--types", nargs="*", default=None, help="the types to leave out (default: every one)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--output", default=str(REPO / "runs" / "unknown-types"))
@@ -54,6 +71,8 @@ def main() -> None:
                  "model.heads=4", "model.refiner_channels=32", "train.device=cpu"]
     if args.margin is not None:
         overrides.append(f"eval.unknown_margin={args.margin}")
+    if args.colour_margin is not None:
+        overrides.append(f"eval.colour_margin={args.colour_margin}")
     cfg = make_config(None, overrides)
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
@@ -65,26 +84,42 @@ def main() -> None:
         train, held = split_holdout([s for s in train_all if s.category != left_out], cfg.data.holdout, cfg.train.seed)
         dep = build_deployment(det, train, held, cfg.eval.far, cfg)
         model = DeployModel(det, dep)
-        known = deployment_outputs(model, test, cfg.eval.batch_size, "known")  # per true type: 1.0 known, 0.0 unknown
-        unseen = 1.0 - known[left_out].mean()
-        others = np.concatenate([v for k, v in known.items() if k != left_out])
-        rows.append({"left_out": left_out, "unseen_flagged": float(unseen), "unseen_images": int(len(known[left_out])),
-                     "known_flagged": float(1.0 - others.mean()), "known_images": int(len(others)),
-                     "known_flagged_by_type": {k: float(1.0 - v.mean()) for k, v in known.items() if k != left_out}})
-        print(f"{left_out}: {100 * unseen:.1f} % of its {len(known[left_out])} test images unknown; "
-              f"{100 * rows[-1]['known_flagged']:.2f} % of {len(others)} known-type test images wrongly unknown", flush=True)
+        got = judge(model, test, cfg.eval.batch_size)
+        if not np.array_equal(~got["known"], got["by_type"] | got["by_colour"]):
+            raise SystemExit("the deployed model's known output is not the two halves of its check")
+        mine = np.array([s.category == left_out for s in test])
+        cats = np.array([s.category for s in test])
+        share = {k: (float(v[mine].mean()), float(v[~mine].mean())) for k, v in
+                 (("unknown", ~got["known"]), ("type", got["by_type"]), ("colour", got["by_colour"]))}
+        rows.append({"left_out": left_out, "unseen_flagged": share["unknown"][0], "unseen_images": int(mine.sum()),
+                     "known_flagged": share["unknown"][1], "known_images": int((~mine).sum()),
+                     "unseen_by_type_distance": share["type"][0], "unseen_by_colour": share["colour"][0],
+                     "known_by_type_distance": share["type"][1], "known_by_colour": share["colour"][1],
+                     "known_flagged_by_type": {k: float(1.0 - got["known"][cats == k].mean())
+                                               for k in types if k != left_out}})
+        print(f"{left_out}: {100 * share['unknown'][0]:.1f} % of its {mine.sum()} test images unknown; "
+              f"{100 * share['unknown'][1]:.2f} % of {(~mine).sum()} known-type test images wrongly unknown", flush=True)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
-            "device": device_name(torch.device("cpu")), "margin": cfg.eval.unknown_margin, "input_size": args.input_size,
+            "device": device_name(torch.device("cpu")), "margin": cfg.eval.unknown_margin,
+            "colour_margin": cfg.eval.colour_margin, "input_size": args.input_size,
             "backbone": args.backbone, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
-    lines = [f"Leave one type out, margin {cfg.eval.unknown_margin}; {args.backbone} at {args.input_size} px; commit "
-             f"{meta['commit']}; {meta['device']}.", f"Command: `{meta['command']}`", "",
-             "| type left out | its test images reported unknown | known-type test images wrongly unknown |",
-             "| --- | ---: | ---: |"]
+    lines = [f"Leave one type out, margin {cfg.eval.unknown_margin}, colour margin {cfg.eval.colour_margin}; "
+             f"{args.backbone} at {args.input_size} px; commit {meta['commit']}; {meta['device']}.",
+             f"Command: `{meta['command']}`", "",
+             "| type left out | its test images reported unknown | by type distance / by colour | known-type test images "
+             "wrongly unknown | by type distance / by colour |", "| --- | ---: | ---: | ---: | ---: |"]
+    pct = lambda r, k: f"{100 * r.get(k, float('nan')):.1f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['left_out']} | {100 * r['unseen_flagged']:.1f} % of {r['unseen_images']} | "
-                     f"{100 * r['known_flagged']:.2f} % of {r['known_images']} |")
-    lines.append(f"| **mean** | {100 * np.mean([r['unseen_flagged'] for r in rows]):.1f} % | "
-                 f"{100 * np.mean([r['known_flagged'] for r in rows]):.2f} % |")
+                     f"{pct(r, 'unseen_by_type_distance')} / {pct(r, 'unseen_by_colour')} | "
+                     f"{100 * r['known_flagged']:.2f} % of {r['known_images']} | "
+                     f"{100 * r['known_by_type_distance']:.2f} / {100 * r['known_by_colour']:.2f} |")
+    mean = {k: 100 * np.mean([r[k] for r in rows]) for k in ("unseen_flagged", "unseen_by_type_distance",
+                                                                "unseen_by_colour", "known_flagged",
+                                                                "known_by_type_distance", "known_by_colour")}
+    lines.append(f"| **mean** | {mean['unseen_flagged']:.1f} % | {mean['unseen_by_type_distance']:.1f} / "
+                 f"{mean['unseen_by_colour']:.1f} | {mean['known_flagged']:.2f} % | "
+                 f"{mean['known_by_type_distance']:.2f} / {mean['known_by_colour']:.2f} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.output)

@@ -111,7 +111,7 @@ def test_onnx_graph_and_metadata(onnx_file: Path, reference: DeployModel) -> Non
     assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, 64, 64]
     assert [o.name for o in proto.graph.output] == ["score", "normalized", "anomalous", "category", "similarity", "map",
-                                                    "known", "type_distance"]
+                                                    "known", "type_distance", "colour_distance"]
     out_map = proto.graph.output[5].type.tensor_type
     assert [d.dim_param or d.dim_value for d in out_map.shape.dim] == ["batch", 64, 64]
     props = {p.key: p.value for p in proto.metadata_props}

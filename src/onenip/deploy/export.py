@@ -15,7 +15,8 @@ Outputs, in this order (ONNX output names; keys of the TorchScript module's dict
 - ``similarity`` (N,) float32: cosine similarity to the retrieved prompt;
 - ``map`` (N, S, S) float32: the fused anomaly map at the input size;
 - ``known`` (N,) bool: False for an image of no product type the model knows (it is not judged);
-- ``type_distance`` (N,) float32: how far the image is from its type's prompt images (the type check's measure).
+- ``type_distance`` (N,) float32: how far the image is from its type's prompt images (the type check's measure);
+- ``colour_distance`` (N,) float32: how far its colour is from its type's normal colours (the check's other one).
 
 Metadata: ONNX files carry ``metadata_props`` and OpenVINO files ``rt_info`` under ``onenip``, every value JSON
 (``onenip.categories`` a list, ``onenip.input_size``, ``onenip.thresholds`` an object category -> raw-score threshold,
@@ -178,9 +179,15 @@ def _check_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, Tensor], wh
         if a.shape != b.shape:
             raise ExportError(f"{what}: output {name} has shape {a.shape}, PyTorch's {b.shape}")
         diffs[name] = float(np.abs(a - b).max()) if a.size else 0.0
-    if not all(math.isfinite(d) and d <= allowed for d in diffs.values()):
+    ok = all(math.isfinite(d) and d <= allowed for d in diffs.values())
+    if "colour_distance" in want:  # in its own units (a Mahalanobis distance): relative to its own size
+        a, b = np.asarray(got["colour_distance"], dtype=np.float64), want["colour_distance"].numpy().astype(np.float64)
+        colour_allowed = CHECK_ATOL + CHECK_RTOL * float(np.abs(b).max(initial=0.0))
+        diffs["colour_distance"] = float(np.abs(a - b).max()) if a.shape == b.shape and a.size else 0.0
+        ok = ok and a.shape == b.shape and math.isfinite(diffs["colour_distance"]) and diffs["colour_distance"] <= colour_allowed
+    if not ok:
         raise ExportError(f"{what} does not compute what PyTorch computes: largest differences {diffs} "
-                          f"(allowed {allowed:.3g})")
+                          f"(allowed {allowed:.3g}, colour distance relative to its size)")
     return diffs["map"]
 
 
@@ -442,7 +449,8 @@ def export_model(checkpoint: str | Path, fmt: str, output: str | Path | None = N
     Args:
         checkpoint: model.safetensors of a training run (or a checkpoint / run folder `Detector.load` accepts).
         fmt: ``"onnx"`` (an ONNX model, opset `opset`, input ``images`` uint8 (N, 3, S, S), outputs score,
-            normalized, anomalous, category, similarity, map, known, type_distance, metadata in ``metadata_props``),
+            normalized, anomalous, category, similarity, map, known, type_distance, colour_distance, metadata in
+            ``metadata_props``),
             ``"torchscript"`` (``torch.jit.trace`` of `DeployModel`, saved with ``torch.jit.save``; returns a dict of
             the same outputs; metadata in the extra file ``onenip.json``; read it with `load_torchscript`) or
             ``"openvino"`` (OpenVINO IR: ``<name>.xml`` and ``<name>.bin``, converted from PyTorch by OpenVINO's converter,
@@ -537,7 +545,7 @@ class OnnxPredictor(OnnxRuntime):
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 images (N, 3, S, S) -> the model's outputs (score, normalized, anomalous, category, similarity,
-        map, known, type_distance) as numpy arrays, plus ``category_names`` (N,) str."""
+        map, known, type_distance, colour_distance) as numpy arrays, plus ``category_names`` (N,) str."""
         out = self.run(images)
         out["category_names"] = np.array([self.categories[int(i)] for i in out["category"]], dtype=str)
         return out

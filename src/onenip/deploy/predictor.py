@@ -60,6 +60,7 @@ class Prediction:
     mask: np.ndarray  # (H, W) bool: map > threshold where the image is judged defective
     known: bool = True  # False: the image matches no product type the model knows, and is not judged
     type_distance: float = float("nan")  # its distance to the prompts of `category` (the check's measure)
+    colour_distance: float = float("nan")  # its colour's distance to the colours of `category` (the check's other one)
 
     @property
     def decision(self) -> str:
@@ -77,7 +78,7 @@ class Prediction:
                 "normalized_score": round(self.normalized, 6), "score": round(self.score, 6),
                 "threshold": round(self.threshold, 6), "category": self.category, "known": self.known,
                 "similarity": round(self.similarity, 6), "type_distance": round(self.type_distance, 6),
-                "defect_pixels": int(self.mask.sum())}
+                "colour_distance": round(self.colour_distance, 6), "defect_pixels": int(self.mask.sum())}
 
 
 def _as_rgb(item: ImageInput) -> Image.Image:
@@ -110,8 +111,8 @@ def _runtime_device(device: str) -> torch.device:
 
 class ExportedModel:
     """An exported file's runtime in the place of `DeployModel` for `Predictor`: uint8 images (N, 3, S, S) -> the same
-    dict of tensors (whatever outputs the file has; a file without known / type_distance reads as known, distance
-    NaN). `thresholds` (a tensor, one per category) starts at the file's; set to others (`level`, `far`: see
+    dict of tensors (whatever outputs the file has; a file without known / type_distance / colour_distance reads as
+    known, distances NaN). `thresholds` (a tensor, one per category) starts at the file's; set to others (`level`, `far`: see
     `thresholds_at`, `far` from the held-out normal scores the metadata carries), the decisions and normalised
     scores are made again from the raw scores, as DeployModel makes them."""
 
@@ -132,6 +133,7 @@ class ExportedModel:
         n = len(images)
         out.setdefault("known", torch.ones(n, dtype=torch.bool))
         out.setdefault("type_distance", torch.full((n,), float("nan")))
+        out.setdefault("colour_distance", torch.full((n,), float("nan")))
         if self.redecide:
             out["normalized"], out["anomalous"] = decide(out["score"], self.thresholds[out["category"]], out["known"])
         return out
@@ -239,7 +241,7 @@ class Predictor:
             score=float(res["score"]), normalized=float(res["normalized"]), anomalous=anomalous,
             category=self.model.categories[cat], similarity=float(res["similarity"]), threshold=threshold,
             anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(), known=bool(res["known"]),
-            type_distance=float(res["type_distance"]),
+            type_distance=float(res["type_distance"]), colour_distance=float(res["colour_distance"]),
         )
 
 

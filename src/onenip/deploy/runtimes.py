@@ -9,7 +9,8 @@
 
 Every `Runtime` maps uint8 images (N, 3, S, S) RGB, as a numpy array, to a dict of numpy arrays with the keys of
 `onenip.models.inference.DeployModel`'s output (score, normalized, anomalous, category, similarity, map, known,
-type_distance: whatever the file computes; a file exported before known/type_distance were outputs lacks them), and
+type_distance, colour_distance: whatever the file computes; a file exported before one of the last three was an
+output lacks it), and
 carries the metadata written at export (`meta`: categories, input size, thresholds, onenip version, precision, ...).
 None of them needs the checkpoint, the training data or onenip's model code.
 
@@ -34,7 +35,7 @@ from onenip.errors import CheckpointError, ConfigError, MissingDependencyError
 
 INPUT_NAME = "images"
 OUTPUT_NAMES: tuple[str, ...] = ("score", "normalized", "anomalous", "category", "similarity", "map", "known",
-                                 "type_distance")
+                                 "type_distance", "colour_distance")
 """Outputs of an exported file, in this order (ONNX and OpenVINO output names; TorchScript dict keys)."""
 METADATA_FILE = "onenip.json"
 """Name of the TorchScript extra file holding the metadata."""

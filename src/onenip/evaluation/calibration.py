@@ -30,6 +30,7 @@ from onenip.models.prompts import pool_samples
 from onenip.models.scoring import (
     added_type_bank,
     added_type_map,
+    colour_stats,
     image_scores,
     patch_distances,
     type_bank,
@@ -132,18 +133,77 @@ def deployment_scores(model: DeployModel, samples: list[Sample], batch_size: int
 TYPE_IMAGES = 100  # normal images per category whose type distances set its limit (more cost more inference)
 
 
-def type_limits(model: DeployModel, normal: list[Sample], pool_images: set[str], margin: float, seed: int,
-                batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Per category, the limit of the product-type check: `margin` x the largest type distance of up to TYPE_IMAGES of
-    its normal images outside the prompt pool (given their own type). An image farther from every prompt of the type
-    it resembles most is of a type the model does not know."""
+def type_check_images(normal: list[Sample], pool_images: set[str], seed: int) -> list[Sample]:
+    """Up to TYPE_IMAGES normal images per category outside the prompt pool: what the unknown-type check's limits and
+    colour models are set from."""
     rest = [s for s in normal if str(s.image) not in pool_images]
-    chosen = pool_samples(rest, TYPE_IMAGES, seed + 2) if rest else []
+    return pool_samples(rest, TYPE_IMAGES, seed + 2) if rest else []
+
+
+def type_limits(model: DeployModel, chosen: list[Sample], margin: float,
+                batch_size: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per category, the limit of the product-type check: `margin` x the largest type distance of its `chosen` normal
+    images (`type_check_images`, given their own type). An image farther from every prompt of the type it resembles
+    most is of a type the model does not know."""
     dists = deployment_outputs(model, chosen, batch_size, "type_distance", own_type=True)
     limits = {c: float(d.max()) * margin for c, d in dists.items()}
     info = {c: {"type_images": int(len(d)), "type_margin": margin, "largest_type_distance": float(d.max())}
             for c, d in dists.items()}
     return limits, info
+
+
+COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 3 x 3 covariance from fewer is mostly noise)
+COLOUR_SHRINK = 0.05  # the covariance gains this x its mean variance on the diagonal (no direction without spread) ...
+COLOUR_FLOOR = (2 / 255) ** 2  # ... and at least this: a spread under 2 grey levels is not resolved
+
+
+@torch.no_grad()
+def colour_stats_of(samples: list[Sample], size: int, batch_size: int) -> dict[str, np.ndarray]:
+    """`scoring.colour_stats` of `samples` at the model's input size, grouped by category: (n, 3) each."""
+    loader = torch.utils.data.DataLoader(SampleImages(samples, size), batch_size=batch_size)
+    stats = torch.cat([colour_stats(b["image"]) for b in loader]).numpy() if samples else np.zeros((0, 3))
+    out: dict[str, list[np.ndarray]] = {}
+    for s, v in zip(samples, stats):
+        out.setdefault(s.category, []).append(v)
+    return {c: np.stack(v).astype(np.float64) for c, v in out.items()}
+
+
+def _colour_gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 3) colours -> mean (3,) and precision (3, 3): the inverse of their covariance, shrunk and floored."""
+    cov = np.cov(stats.T)
+    cov = cov + (COLOUR_SHRINK * np.trace(cov) / 3 + COLOUR_FLOOR) * np.eye(3)
+    return stats.mean(axis=0), np.linalg.inv(cov)
+
+
+def colour_model(stats: np.ndarray, margin: float) -> dict[str, Any] | None:
+    """A type's colour model from its normal images' colours (n, 3): their mean and precision (`_colour_gaussian`),
+    and a limit of `margin` x the largest leave-one-out distance (each image's Mahalanobis distance to the model of
+    the others: an image's own model would place it too close). None with fewer than COLOUR_MIN_IMAGES images."""
+    n = len(stats)
+    if n < COLOUR_MIN_IMAGES:
+        return None
+    loo = []
+    for i in range(n):
+        mean, precision = _colour_gaussian(np.delete(stats, i, axis=0))
+        d = stats[i] - mean
+        loo.append(float(np.sqrt(max(d @ precision @ d, 0.0))))
+    mean, precision = _colour_gaussian(stats)
+    return {"mean": mean.tolist(), "precision": precision.tolist(), "limit": margin * max(loo),
+            "images": n, "largest_distance": max(loo)}
+
+
+def colour_models(stats: dict[str, np.ndarray], margin: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per category, `colour_model` of its colours (`colour_stats_of`), and what calibration records about it (a
+    category with too few images gets none, and the record says so)."""
+    models, info = {}, {}
+    for c, v in stats.items():
+        m = colour_model(v, margin)
+        if m is None:
+            info[c] = {"colour_check": f"off: {len(v)} normal images, {COLOUR_MIN_IMAGES} needed"}
+            continue
+        models[c] = {k: m[k] for k in ("mean", "precision", "limit")}
+        info[c] = {"colour_images": m["images"], "colour_margin": margin, "largest_colour_distance": m["largest_distance"]}
+    return models, info
 
 
 @torch.no_grad()
@@ -174,10 +234,15 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
         t2, i2 = calibrate_far(fallback, far, "training images, none held out")
         thresholds.update(t2)
         info.update(i2)
+    chosen = type_check_images(train + holdout, set(dep.pool_images), cfg.eval.seed)
     if cfg.eval.unknown_margin > 0:
-        dep.type_thresholds, type_info = type_limits(model, train + holdout, set(dep.pool_images), cfg.eval.unknown_margin,
-                                                     cfg.eval.seed, cfg.eval.batch_size)
+        dep.type_thresholds, type_info = type_limits(model, chosen, cfg.eval.unknown_margin, cfg.eval.batch_size)
         for c, v in type_info.items():
+            info.setdefault(c, {}).update(v)
+    if cfg.eval.colour_margin > 0:
+        dep.colour_models, colour_info = colour_models(colour_stats_of(chosen, model.size, cfg.eval.batch_size),
+                                                       cfg.eval.colour_margin)
+        for c, v in colour_info.items():
             info.setdefault(c, {}).update(v)
     dep.thresholds, dep.calibration = thresholds, info
     return dep
@@ -254,10 +319,11 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
                       OnenipWarning, stacklevel=2)
     # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later, and an
     # added type keeps the list of its images
-    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from")
+    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from", "colour_images",
+                 "colour_margin", "largest_colour_distance", "colour_check")
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
-    # everything else (the pool, added types and their patches, type limits) as it was
+    # everything else (the pool, added types and their patches, type limits and colour models) as it was
     return dataclasses.replace(dep, thresholds={**kept, **thresholds},
                                calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info})
 
@@ -285,7 +351,9 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     of the type, when given; otherwise on the K images themselves, each scored against the bank of the others
     (leave one out up to K = 4; beyond, THRESHOLD_FOLDS folds, each fold against the bank of the rest; with K = 1,
     four copies of the image shifted by a quarter of a feature cell stand in). The type
-    limit is `margin` (default eval.unknown_margin) x the largest type distance of the same images. `replace`: `name`
+    limit is `margin` (default eval.unknown_margin) x the largest type distance of the same images; the colour model
+    (`colour_model`, eval.colour_margin) comes from the K images and `normal` together, when they are at least
+    COLOUR_MIN_IMAGES (else the type has no colour check, and its calibration record says so). `replace`: `name`
     is a type added before, whose prompts, threshold and limit are replaced (a trained type cannot be).
 
     Raises:
@@ -345,12 +413,18 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
                       added_from=[str(s.image) for s in prompts])
+    colours: dict[str, dict[str, Any]] = {}
+    if cfg.eval.colour_margin > 0:  # from all its normal images: the prompts and the further ones
+        colours, colour_info = colour_models(colour_stats_of(prompts + extra, size, cfg.eval.batch_size),
+                                             cfg.eval.colour_margin)
+        info[name].update(colour_info.get(name, {}))
     return dataclasses.replace(
         dep, pool_feats=torch.cat([dep.pool_feats, feats.cpu()]), pool_categories=dep.pool_categories + [name] * len(prompts),
         pool_images=dep.pool_images + [str(s.image) for s in prompts],
         thresholds={**dep.thresholds, name: thresholds[name]}, calibration={**dep.calibration, **info},
         added_types=dep.added_types + [name], prompt_patches={**dep.prompt_patches, name: bank.cpu()},
-        type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf})
+        type_thresholds={**dep.type_thresholds, name: float(np.max(dists)) * margin if margin > 0 else math.inf},
+        colour_models={**dep.colour_models, **colours})
 
 
 def _without_type(dep: Deployment, name: str) -> Deployment:
@@ -362,7 +436,8 @@ def _without_type(dep: Deployment, name: str) -> Deployment:
         prompt_patches={t: p for t, p in dep.prompt_patches.items() if t != name},
         thresholds={c: t for c, t in dep.thresholds.items() if c != name},
         calibration={c: v for c, v in dep.calibration.items() if c != name},
-        type_thresholds={c: t for c, t in dep.type_thresholds.items() if c != name})
+        type_thresholds={c: t for c, t in dep.type_thresholds.items() if c != name},
+        colour_models={c: m for c, m in dep.colour_models.items() if c != name})
 
 
 SCORE_CHUNK = 8  # images scored at once by `prompt_scores`: bounds its memory whatever the number of images

@@ -50,6 +50,8 @@ from onenip.models.scoring import (
     MIN_THRESHOLD,
     Maps,
     added_type_map,
+    colour_distance,
+    colour_stats,
     decide,
     fuse,
     fusion_scale,
@@ -360,14 +362,15 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                                                                                      torch.Tensor, list | None, list | None,
                                                                                      list | None, Any]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities, type distances to the retrieved category's prompts, and for the images whose retrieved category
-    was added after training (the deployment's added_types) (which, their prompt map), else None). The prompts are
-    `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the maps
-    of the K prompts."""
+    similarities, the type check's (type distance, colour distance) pairs for the retrieved category, and for the
+    images whose retrieved category was added after training (the deployment's added_types) (which, their prompt
+    map), else None). The prompts are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1
+    the maps are the mean of the maps of the K prompts."""
     dep = detector.deployment
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
+    colours = [t.to(dev) for t in dep.colour_tensors(pool.kinds)] if pool is not None and dep is not None else None
     any_added = pool is not None and dep is not None and bool(dep.added_types)
     if any_added:  # the added types' prompt patches, as the deployed model holds them (row -1: a trained type)
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
@@ -386,6 +389,9 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
+            colour = colour_distance(colour_stats(images), colours[0][kind], colours[1][kind]).tolist() \
+                if colours is not None else [None] * len(dist)
+            dist = list(zip(dist, colour))
             own = rows[kind] if any_added else None  # each image's added-type bank, -1: a trained type
             if own is not None and bool((own >= 0).any()):  # as the deployed model: an added type gets the prompt map
                 added = (own >= 0, added_type_map(patches, banks, own, detector.extractor.patch_widths,
@@ -415,8 +421,9 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
-        for p, g, si, d in zip(pos, got or [], sim or [], dist or []):
-            score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6), type_distance=round(d, 6))
+        for p, g, si, (d, c) in zip(pos, got or [], sim or [], dist or []):
+            score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6), type_distance=round(d, 6),
+                                          colour_distance=round(c, 6) if c is not None else None)
     t1 = time.perf_counter()
     clock["inference"] += t1 - t0
     cat = subset[0].category
@@ -481,7 +488,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
     note = why_no_decisions(detector, cfg, pool, scale, names)
     dep = detector.deployment
-    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration, dep.type_thresholds) if note is None else None
+    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration, dep.type_thresholds,
+                                 {c: m["limit"] for c, m in dep.colour_models.items()}) if note is None else None
     seconds = {"inference": round(clock["inference"], 3), "metrics": round(clock["metrics"], 3),
                "total": round(time.perf_counter() - t_start, 3),
                "images_per_s": round(len(test) / max(clock["inference"], 1e-9), 2)}
@@ -519,9 +527,10 @@ def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, s
 
 
 def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], calibration: dict[str, Any] | None = None,
-                     type_limits: dict[str, float] | None = None) -> dict[str, Any]:
+                     type_limits: dict[str, float] | None = None,
+                     colour_limits: dict[str, float] | None = None) -> dict[str, Any]:
     """Decide each image (rows of `Results.scores`) as the deployed model does: of an unknown product type when its
-    type distance exceeds the RETRIEVED category's limit (then not judged), else anomalous when its fused score
+    type distance or its colour distance exceeds the RETRIEVED category's limit (then not judged), else anomalous when its fused score
     exceeds that category's threshold. Adds threshold, normalized (1 - 2^(-score / threshold)), known and anomalous
     to each row; returns the counts per true category and in all (an image of an unknown type is neither a false
     alarm nor a detection: a defective one counts as missed), and the pooled metrics of score / threshold."""
@@ -529,8 +538,10 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], c
     scores = np.array([r["score_fused"] for r in rows], dtype=np.float64)
     limits = type_limits or {}
     t = np.array([thresholds[r["retrieved"]] for r in rows], dtype=np.float64)
-    known = np.array([r.get("type_distance") is None or r["type_distance"] <= limits.get(r["retrieved"], math.inf)
-                      for r in rows], dtype=bool)
+    colours = colour_limits or {}
+    known = np.array([(r.get("type_distance") is None or r["type_distance"] <= limits.get(r["retrieved"], math.inf))
+                      and (r.get("colour_distance") is None
+                           or r["colour_distance"] <= colours.get(r["retrieved"], math.inf)) for r in rows], dtype=bool)
     normalized, anomalous = decide(scores, t, known)  # the deployed model's decision
     relative = scores / np.maximum(t, MIN_THRESHOLD)
     for i, r in enumerate(rows):

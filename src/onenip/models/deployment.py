@@ -2,13 +2,14 @@
 
 A `Deployment` holds a prompt pool (backbone features of a few normal training images of every category; a new image
 takes the most similar one, so no category has to be given), the fusion constant c (from training images), one
-decision threshold and one unknown-type limit per category, and for each type added after training (`onenip
-add-type`) a bank of the stride-8 patches of its prompt images, which its training-free map compares. `onenip.evaluation.
-calibration` builds one after training, sets its thresholds and adds types.
+decision threshold per category and the unknown-type check's limit and colour model, and for each type added after
+training (`onenip add-type`) a bank of the stride-8 patches of its prompt images, which its training-free map
+compares. `onenip.evaluation.calibration` builds one after training, sets its thresholds and adds types.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ class Deployment:
     prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type, its bank (M, C') of the
     # stride-8 patches (`FeatureExtractor.patches`) of its prompt images (`scoring.added_type_bank`): what its prompt
     # map compares a query with
+    colour_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # per category, the colour check's model:
+    # "mean" (3,) and "precision" (3, 3) of its normal images' `scoring.colour_stats`, and "limit" (a type without one,
+    # as in models built before it: no colour check)
 
     def __post_init__(self) -> None:
         self.prompt_patches = {t: _bank(p) for t, p in self.prompt_patches.items()}
@@ -61,6 +65,15 @@ class Deployment:
             else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
+    def colour_tensors(self, kinds: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """For each of `kinds` (type names, as a model indexes them) its colour model: means (K, 3), precisions
+        (K, 3, 3) and limits (K,) float32; a type without one gets zeros and an infinite limit (no check)."""
+        models = [self.colour_models.get(k) for k in kinds]
+        mean = torch.tensor([m["mean"] if m else [0.0] * 3 for m in models], dtype=torch.float32)
+        precision = torch.tensor([m["precision"] if m else [[0.0] * 3] * 3 for m in models], dtype=torch.float32)
+        limit = torch.tensor([float(m["limit"]) if m else math.inf for m in models], dtype=torch.float32)
+        return mean, precision, limit
+
     @property
     def categories(self) -> list[str]:
         return sorted(set(self.pool_categories))
@@ -78,7 +91,7 @@ class Deployment:
             "pool_categories": self.pool_categories, "pool_images": self.pool_images,
             "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
             "alpha": self.alpha, "score_kernel": self.score_kernel, "type_thresholds": self.type_thresholds,
-            "added_types": self.added_types,
+            "added_types": self.added_types, "colour_models": self.colour_models,
         }
         tensors = {"pool_feats": self.pool_feats.detach().cpu().contiguous()}
         for i, t in enumerate(self.prompt_patches):  # names may hold any character: the keys are indices
@@ -95,6 +108,7 @@ class Deployment:
             type_thresholds={k: float(v) for k, v in meta.get("type_thresholds", {}).items()},
             added_types=list(meta.get("added_types", [])),
             prompt_patches={t: tensors[f"prompt_patches.{i}"] for i, t in enumerate(meta.get("prompt_patch_types", []))},
+            colour_models={k: dict(v) for k, v in meta.get("colour_models", {}).items()},
         )
 
 

@@ -18,6 +18,8 @@ from onenip.models.prompts import descriptor, nearest, type_keys
 from onenip.models.scoring import (
     added_type_map,
     anomaly_maps,
+    colour_distance,
+    colour_stats,
     decide,
     fuse,
     image_scores,
@@ -30,8 +32,8 @@ from onenip.models.scoring import (
 class DeployModel(nn.Module):
     """uint8 images (N, 3, S, S) -> dict of score (N,), normalized (N,), anomalous (N,) bool, category (N,) int64,
     similarity (N,), map (N, S, S) float32 (the fused anomaly map), known (N,) bool (False: the image is of no product
-    type the model knows, and is not judged: anomalous is False) and type_distance (N,). `categories[i]` names
-    category index i.
+    type the model knows, and is not judged: anomalous is False), type_distance (N,) and colour_distance (N,), the
+    type check's two measures. `categories[i]` names category index i.
 
     The prompt pool is encoded once (`cache_prompts`; the prompts are fixed once deployed): a query then costs one
     encoder pass, not two. `fast` makes the fast path for a GPU: the backbone runs in bf16 with channels-last
@@ -70,6 +72,11 @@ class DeployModel(nn.Module):
                                                      len(self.categories)))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
+        # its colour half: each type's mean colour (K, 3), inverse covariance (K, 3, 3) and limit (K,) (inf: no check)
+        mean, precision, limit = deployment.colour_tensors(self.categories)
+        self.register_buffer("colour_mean", mean)
+        self.register_buffer("colour_precision", precision)
+        self.register_buffer("colour_limits", limit)
         self.any_added = bool(deployment.added_types)
         # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,), -1: a trained type
         banks, rows = deployment.prompt_banks(self.categories)
@@ -115,7 +122,8 @@ class DeployModel(nn.Module):
             amap = torch.where((rows >= 0)[:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
-        known = distance <= self.type_limits[category]
+        colour = colour_distance(colour_stats(images), self.colour_mean[category], self.colour_precision[category])
+        known = (distance <= self.type_limits[category]) & (colour <= self.colour_limits[category])
         normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {
             "score": score,
@@ -126,4 +134,5 @@ class DeployModel(nn.Module):
             "map": amap,
             "known": known,
             "type_distance": distance,
+            "colour_distance": colour,
         }

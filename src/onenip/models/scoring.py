@@ -12,6 +12,10 @@ these, and nothing else computes a map, a fusion or a score.
   frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
+* colour (`colour_stats`, `colour_distance`): the second half of the product-type check. The median colour of the
+  image (an intensity and two opponent colours over 4 x 4 cells) and its Mahalanobis distance to its type's colours
+  (mean and covariance of up to 100 of the type's normal images); above its type's limit the image is of an unknown
+  type too. Products that differ mostly in colour (papers, fabrics of one weave) are told apart by it.
 * a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
   `prompt_map`, a training-free map in the manner of PatchCore in place of the learned one: the frozen backbone's
   stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
@@ -198,6 +202,29 @@ def type_distance(nearest: Tensor) -> Tensor:
     """`patch_distances` (N, L) -> (N,) their TYPE_QUANTILE: how far the image is from its type's prompt images."""
     k = int(TYPE_QUANTILE * (nearest.shape[1] - 1)) + 1
     return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
+
+
+COLOUR_POOL = 4  # the colour check reads the image average-pooled by this (56 x 56 cells at 224 px)
+
+
+def colour_stats(images: Tensor) -> Tensor:
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3): the image's colour, robust to a defect. The image is
+    average-pooled by COLOUR_POOL and each cell turned into an intensity (r + g + b) / 3 and two opponent colours,
+    r - g and (r + g) / 2 - b; of each, the median over the cells (the lower one: topk, exportable, unlike median).
+    A defect covers a minority of the cells and barely moves a median; a product of another colour moves all three."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = F.avg_pool2d(x, COLOUR_POOL) if min(x.shape[-2:]) >= COLOUR_POOL else x
+    r, g, b = x.unbind(dim=1)  # (N, h, w) each
+    opponent = torch.stack([(r + g + b) / 3.0, r - g, 0.5 * (r + g) - b], dim=1).flatten(2)  # (N, 3, h * w)
+    k = (opponent.shape[2] - 1) // 2 + 1
+    return opponent.topk(k, dim=2, largest=False).values[:, :, -1]
+
+
+def colour_distance(stats: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
+    """`colour_stats` (N, 3), each image's type's mean colour (N, 3) and inverse covariance (N, 3, 3) -> (N,) the
+    Mahalanobis distance sqrt(d^T P d), d = stats - mean. A zero precision (a type without a colour model) gives 0."""
+    d = (stats.float() - mean)[:, :, None]  # (N, 3, 1)
+    return (d.transpose(1, 2) @ precision @ d)[:, 0, 0].clamp_min(0.0).sqrt()
 
 
 BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
