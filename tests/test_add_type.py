@@ -41,6 +41,7 @@ def test_added_type_is_retrieved_scored_and_judged(model: Path, gen_data: Path, 
     assert dep.categories == ["disc", "grain", "weave"] and dep.added_types == ["grain"]
     assert dep.pool_categories.count("grain") == k and math.isfinite(dep.thresholds["grain"])
     assert math.isfinite(dep.type_thresholds["grain"]) and dep.calibration["grain"]["type_images"] == (4 if k == 1 else k)
+    assert "grain" not in dep.colour_models and dep.calibration["grain"]["colour_check"].startswith(f"off: {k} normal")
     assert dep.thresholds["disc"] == before.thresholds["disc"]  # trained types keep their thresholds
     preds = Predictor.load(out, device="cpu").predict(grain(gen_data, "test"))
     assert sum(p.category == "grain" for p in preds) >= 0.9 * len(preds)  # retrieval finds the new type
@@ -64,6 +65,10 @@ def test_further_normal_images_set_the_threshold(model: Path, gen_data: Path, tm
         grain(gen_data, "train")[2:12])
     assert dep.calibration["grain"]["normal_scores"] == pytest.approx(sorted(p.score for p in preds), rel=1e-4, abs=1e-6)
     assert dep.type_thresholds["grain"] == pytest.approx(1.2 * max(p.type_distance for p in preds), rel=1e-4)
+    # its colour model: from the 2 prompts and the 10 further images together (12 >= COLOUR_MIN_IMAGES), saved with it
+    assert dep.calibration["grain"]["colour_images"] == 12
+    assert Detector.load(tmp_path / "m.safetensors").deployment.colour_models["grain"] == dep.colour_models["grain"]
+    assert all(p.colour_distance <= dep.colour_models["grain"]["limit"] for p in preds)  # its own images pass
 
 
 def test_without_further_images_each_fold_is_scored_against_the_others(model: Path, gen_data: Path,

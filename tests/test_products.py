@@ -1,20 +1,34 @@
 """Known and unknown products on the line: an image of a type the model never saw is reported as unknown (not judged
-by the nearest type's threshold), a product type can be given instead of retrieved, and the sensitivity can be changed
-without a recalibration file. Each test fails without the behaviour it names."""
+by the nearest type's threshold; by its type distance or by its colour), a product type can be given instead of
+retrieved, and the sensitivity can be changed without a recalibration file. Each test fails without the behaviour it
+names."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from onenip.data import read_sources
+from onenip.data.images import load_batch
 from onenip.deploy.predictor import CAPTION_HEIGHT, Predictor, run_predict
 from onenip.errors import ConfigError
+from onenip.evaluation.calibration import (
+    COLOUR_FLOOR,
+    COLOUR_MIN_DISTANCE,
+    COLOUR_MIN_IMAGES,
+    COLOUR_SHRINK,
+    colour_model,
+)
+from onenip.evaluation.evaluate import decision_summary
 from onenip.models.detector import Detector
+from onenip.models.inference import DeployModel
+from onenip.models.scoring import colour_distance, colour_stats, colour_whitening
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +109,90 @@ def test_report_of_a_predict_folder(model: Path, gen_data: Path, tmp_path: Path)
     # a rerun of predict into the folder removes that report with the run it showed
     run_predict(model, images[:2], out, device="cpu", progress=False)
     assert not (out / "report.html").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The type check's colour half
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_colour_stats_read_the_median_colour_and_ignore_a_defect() -> None:
+    img = np.empty((2, 3, 64, 64), np.uint8)
+    img[:, 0], img[:, 1], img[:, 2] = 200, 120, 40
+    img[1, :, 10:30, 10:30] = np.array([0, 255, 255], np.uint8)[:, None, None]  # a defect of another colour, 10 %
+    stats = colour_stats(torch.from_numpy(img))
+    want = torch.tensor([(200 + 120 + 40) / 3, 200 - 120, (200 + 120) / 2 - 40]) / 255
+    assert torch.allclose(stats, want.expand(2, 3), atol=1e-6)
+    assert torch.allclose(colour_stats(torch.from_numpy(img).float() / 255), stats, atol=1e-6)  # floats in [0, 1] alike
+    tinted = img.copy()
+    tinted[:, 2] = 90  # the whole product bluer
+    assert float((colour_stats(torch.from_numpy(tinted))[:, 2] - stats[:, 2]).abs().min()) > 0.15
+
+
+def test_colour_limit_is_the_largest_leave_one_out_distance() -> None:
+    rng = np.random.default_rng(0)
+    stats = rng.normal([0.5, 0.05, -0.1], [0.03, 0.02, 0.02], (30, 3))
+    m = colour_model(stats, 1.5)
+    loo = []
+    for i in range(len(stats)):
+        rest = np.delete(stats, i, axis=0)
+        cov = np.cov(rest.T)
+        cov += (COLOUR_SHRINK * np.trace(cov) / 3 + COLOUR_FLOOR) * np.eye(3)
+        d = stats[i] - rest.mean(axis=0)
+        loo.append(float(np.sqrt(d @ np.linalg.inv(cov) @ d)))
+    assert m is not None and m["limit"] == pytest.approx(1.5 * max(loo), rel=1e-9) and m["images"] == 30
+    whitening = colour_whitening(torch.tensor([m["mean"]]), torch.tensor([m["precision"]]))
+    own = colour_distance(torch.tensor(stats, dtype=torch.float32)[:, :, None], whitening.expand(30, -1, -1))
+    d = stats - np.array(m["mean"])  # the whitening's distance is the Mahalanobis distance
+    assert own.numpy() == pytest.approx(np.sqrt(np.einsum("ni,ij,nj->n", d, np.array(m["precision"]), d)), rel=1e-4)
+    assert float(own.max()) < max(loo)  # the model of all places each image closer: why the limit is leave-one-out
+    assert colour_model(stats[:COLOUR_MIN_IMAGES - 1], 1.2) is None  # too few images: no colour check
+    alike = colour_model(np.tile(stats[:1], (12, 1)), 1.2)  # normal images of one colour to the grey level
+    assert alike is not None and alike["limit"] == pytest.approx(1.2 * COLOUR_MIN_DISTANCE)
+    assert np.isfinite(alike["precision"]).all()
+
+
+def test_a_known_product_in_another_colour_is_unknown_by_its_colour(model: Path, gen_data: Path) -> None:
+    det = Detector.load(model)
+    dep = det.deployment
+    assert set(dep.colour_models) == {"disc", "weave"} and dep.calibration["disc"]["colour_margin"] == 1.2
+    images = torch.from_numpy(load_batch(good_test_images(gen_data, ["disc", "weave"]), 64))
+    tinted = images.clone()
+    tinted[:, 1] = (tinted[:, 1].float() * 0.6).to(torch.uint8)  # every image greener-less: magenta cast
+    dm = DeployModel(det, dep)
+    with torch.no_grad():
+        plain, cast = dm(images), dm(tinted)
+    limits = dm.colour_limits[plain["category"]]
+    assert bool((plain["colour_distance"] <= limits).float().mean() >= 0.9)  # the normal colours pass
+    assert bool((cast["colour_distance"] > dm.colour_limits[cast["category"]]).all())  # the cast ones do not
+    assert not bool(cast["known"].any()) and not bool(cast["anomalous"].any())  # unknown, and so not judged
+    # the same images with the colour half off (eval.colour_margin 0 builds no models): judged by the type distance
+    off = DeployModel(det, dataclasses.replace(dep, colour_models={}))
+    with torch.no_grad():
+        judged = off(tinted)
+    assert torch.equal(judged["known"], judged["type_distance"] <= off.type_limits[judged["category"]])
+    assert bool(judged["known"].any())  # so the colour half is what turned them unknown
+
+
+def test_evaluation_decides_unknown_by_colour_as_the_deployed_model() -> None:
+    rows = [{"image": f"{i}.png", "category": "a", "defect": "good", "label": 0, "score_fused": 1.0, "retrieved": "a",
+             "type_distance": 0.1, "colour_distance": c} for i, c in enumerate([0.5, 3.0, None])]
+    decision_summary(rows, {"a": 2.0}, type_limits={"a": 0.5}, colour_limits={"a": 2.0})
+    assert [r["known"] for r in rows] == [True, False, True]  # None: a model without colour models
+
+
+def test_calibrate_gives_a_model_built_before_the_colour_check_one(model: Path, tmp_path: Path) -> None:
+    from onenip.api import calibrate
+
+    det = Detector.load(model)
+    built = det.deployment.colour_models
+    det.deployment = dataclasses.replace(det.deployment, colour_models={})  # as models built before it were
+    old = det.save(tmp_path / "old.safetensors")
+    assert Detector.load(old).deployment.colour_models == {}
+    _, after, _ = calibrate(old, output=tmp_path / "new.safetensors")
+    assert set(after.colour_models) == set(built) == {"disc", "weave"}
+    for c in built:  # from the model's training images, as fit builds them
+        assert after.colour_models[c]["mean"] == pytest.approx(built[c]["mean"], abs=0.02)
+        assert after.calibration[c]["colour_margin"] == 1.2
+    kept = calibrate(tmp_path / "new.safetensors", output=tmp_path / "again.safetensors")[1]
+    assert kept.colour_models == after.colour_models  # a model with colour models keeps them

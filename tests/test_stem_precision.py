@@ -13,7 +13,7 @@ import pytest
 
 import onenip.deploy.export as export
 from onenip.deploy.export import export_model
-from onenip.deploy.stem_precision import KEEP_FP32, mark_stem, marked_layers, stem_layers
+from onenip.deploy.stem_precision import KEEP_FP32, colour_layers, mark_float32, marked_layers, stem_layers
 from onenip.errors import ExportError
 
 has_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
@@ -61,14 +61,14 @@ def test_the_stem_is_the_narrow_convolutions_at_the_first_resolution_and_what_fe
     path = _backbone_like(tmp_path)
     # not the squeeze-and-excitation branch (15-18) nor what comes after it
     assert stem_layers(ET.parse(path).getroot()) == {"0", "1", "2", "3", "4", "5", "6", "7"}
-    assert mark_stem(path) == 5  # the computing layers: not the parameter and the constants
+    assert mark_float32(path) == 5  # the computing layers: not the parameter and the constants
     assert marked_layers(path) == ["l1", "l3", "l4", "l6", "l7"]
     conv = ET.parse(path).getroot().find("layers/layer[@id='4']")
     assert [a.attrib for a in conv.iterfind("rt_info/attribute")] == [
         {"name": "fused_names", "version": "0", "value": "x"}, KEEP_FP32]  # added beside what was there
     children = [child.tag for child in ET.parse(path).getroot().find("layers/layer[@id='6']")]
     assert children == ["rt_info", "output"]  # before the ports, where OpenVINO writes it
-    assert mark_stem(path) == 5  # a second call adds nothing
+    assert mark_float32(path) == 5  # a second call adds nothing
     assert len(ET.parse(path).getroot().find("layers/layer[@id='4']").findall("rt_info/attribute")) == 2
 
 
@@ -76,7 +76,7 @@ def test_a_graph_without_a_convolution_stem_is_left_as_it_is(tmp_path: Path) -> 
     path = _graph(tmp_path, [_layer(0, "Parameter", (-1, 4)), _layer(1, "MatMul", (-1, 4)), _layer(2, "Result")],
                   [(0, 1), (1, 2)])
     before = path.read_bytes()
-    assert mark_stem(path) == 0 and path.read_bytes() == before
+    assert mark_float32(path) == 0 and path.read_bytes() == before
     dynamic = _graph(tmp_path, [_layer(0, "Parameter", (-1, 3, -1, -1)), _layer(1, "Convolution", (-1, 8, -1, -1))],
                      [(0, 1)])
     assert stem_layers(ET.parse(dynamic).getroot()) == set()  # no static resolution to compare
@@ -89,9 +89,9 @@ def test_a_file_that_is_not_an_ir_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "model.xml"
     bad.write_text("<net><layers>")  # truncated
     with pytest.raises(ExportError, match=r"model\.xml: cannot read the OpenVINO model's XML"):
-        mark_stem(bad)
+        mark_float32(bad)
     with pytest.raises(ExportError, match="cannot read"):
-        mark_stem(tmp_path / "missing.xml")
+        mark_float32(tmp_path / "missing.xml")
 
 
 def _amx_bf16() -> bool:
@@ -167,7 +167,38 @@ def test_a_backbone_with_squeeze_and_excitation_exports_at_bf16(gen_data: Path, 
     out = export_model(tmp_path / "run" / "model.safetensors", "openvino", tmp_path / "bf16.xml", precision="bf16")
     root = ET.parse(out).getroot()
     marked = set(marked_layers(out))
-    kinds = sorted(layer.get("type") for layer in root.iterfind("layers/layer")
-                   if layer.get("name") in marked and "Convolution" in layer.get("type", ""))
-    assert kinds == ["Convolution", "GroupConvolution"]  # the stem and the first depthwise one, not the SE's
+    convolutions = {layer.get("id"): layer.get("type") for layer in root.iterfind("layers/layer")
+                    if layer.get("name") in marked and "Convolution" in layer.get("type", "")}
+    stem, colour = stem_layers(root), colour_layers(root)
+    assert sorted(t for i, t in convolutions.items() if i in stem) == ["Convolution", "GroupConvolution"]  # not the SE's
+    assert [t for i, t in convolutions.items() if i in colour] == ["Convolution"]  # the colour check's cells
+    assert set(convolutions) <= stem | colour
 
+
+
+@has_openvino
+def test_the_bf16_export_keeps_the_colour_check_in_float32(tiny_model: Path, gen_batch: np.ndarray,
+                                                           tmp_path: Path) -> None:
+    """The colour check's branch is marked (its convolution, matrix products and median), and on a CPU that runs bf16
+    its distances are float32's: rounded to bf16, they moved by 1-2 % (median) and up to 2x on iad-mix."""
+    import torch
+
+    from onenip.deploy.runtimes import OpenVinoRuntime
+    from onenip.models.detector import Detector
+    from onenip.models.inference import DeployModel
+
+    bf16 = export_model(tiny_model, "openvino", tmp_path / "bf16.xml", precision="bf16")
+    root = ET.parse(bf16).getroot()
+    colour = colour_layers(root)
+    types = {layer.get("type") for layer in root.iterfind("layers/layer") if layer.get("id") in colour}
+    assert {"Convolution", "TopK", "MatMul"} <= types and not colour & stem_layers(root)
+    marked = set(marked_layers(bf16))
+    assert all(layer.get("name") in marked for layer in root.iterfind("layers/layer")
+               if layer.get("id") in colour and layer.get("type") not in ("Const", "Parameter"))
+    if not _amx_bf16():
+        pytest.skip("no AMX-BF16 on this CPU: OpenVINO may run the model in float32 there, proving nothing")
+    det = Detector.load(tiny_model)
+    with torch.no_grad():
+        want = DeployModel(det, det.deployment)(torch.from_numpy(gen_batch))["colour_distance"].numpy()
+    got = OpenVinoRuntime(bf16, precision="bf16").run(gen_batch)["colour_distance"]
+    assert want.max() > 0 and np.allclose(got, want, rtol=1e-4, atol=1e-5), (got, want)

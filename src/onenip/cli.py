@@ -218,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "prompt map (each patch's distance to the nearest patch of its prompt images), and "
                                      "it gets a threshold (from --normal images when given, else from the K images, "
                                      "each against a coreset of the others' patches, in at most 4 folds) and an unknown-type "
-                                     "limit. predict, test, serve and "
+                                     "limit (and a colour check when the K and --normal images are 10 or more). "
+                                     "predict, test, serve and "
                                      "export then treat it as a trained type. The model file is rewritten (atomically) "
                                      "unless --output is given.")
     add.add_argument("checkpoint", help="model.safetensors of a training run")
     add.add_argument("images", nargs="+", metavar="PATH", help="normal images of the new type: files, folders or globs")
     add.add_argument("--name", required=True, help="the new product type's name (with --replace: the added type's)")
     add.add_argument("--normal", nargs="+", metavar="PATH", default=[],
-                     help="further normal images of the type, for its threshold (not added to the prompts)")
+                     help="further normal images of the type, for its threshold and colour check (not added to the "
+                          "prompts)")
     add.add_argument("--far", type=float, default=None, help="false alarm rate of the threshold (default: the model's eval.far)")
     add.add_argument("--output", metavar="PATH", help="write the model with the new type here instead")
     add.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (with a warning)")
@@ -430,6 +432,9 @@ def _run(args: argparse.Namespace) -> int:
             path, after, before = calibrate(args.checkpoint, far=args.far, val_roots=args.val, output=args.output,
                                             skip_bad=args.skip_bad)
             print(_calibration_table(before, after))
+            if after.colour_models and before is not None and not before.colour_models:
+                print(f"colour check added (a model built before it): {len(after.colour_models)} types, "
+                      f"from their training images")
             print(f"calibrated model: {path}")
         elif args.command == "add-type":
             from onenip.api import add_type
@@ -440,7 +445,9 @@ def _run(args: argparse.Namespace) -> int:
             done = "replaced" if args.replace else "added"
             print(f"{done} {args.name!r} from {len(info['added_from'])} images (a bank of "
                   f"{len(dep.prompt_patches[args.name])} of their patches): threshold {dep.thresholds[args.name]:.6g} "
-                  f"({info['source']}), unknown-type limit {dep.type_thresholds[args.name]:.6g}; model: {path}")
+                  f"({info['source']}), unknown-type limit {dep.type_thresholds[args.name]:.6g}, colour check "
+                  + (f"limit {dep.colour_models[args.name]['limit']:.3g}" if args.name in dep.colour_models
+                     else info.get("colour_check", "off")) + f"; model: {path}")
         elif args.command == "export":
             from onenip.deploy.export import export_model
 

@@ -66,7 +66,7 @@ from onenip.deploy.runtimes import (
     openvino_config,
     require,
 )
-from onenip.deploy.stem_precision import mark_stem
+from onenip.deploy.stem_precision import mark_float32
 from onenip.errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -409,11 +409,12 @@ def _save_openvino(ov_model: Any, out: Path, precision: str, reference: tuple[Te
         except Exception as exc:
             raise ExportError(f"OpenVINO cannot save the model ({type(exc).__name__}: {exc})") from exc
         if precision == "bf16":
-            marked = mark_stem(xml)
+            marked = mark_float32(xml)
             if marked:
-                log.info(f"bf16: {marked} layers of the stem marked to stay in float32")
+                log.info(f"bf16: {marked} layers of the stem and the colour check marked to stay in float32")
             else:
-                log.warning("bf16: no convolution stem found to keep in float32; the whole model runs in bf16")
+                log.warning("bf16: no convolution stem or colour check found to keep in float32; the whole model runs "
+                            "in bf16")
         if precision != "fp32":
             try:
                 written = ov.Core().read_model(str(xml))

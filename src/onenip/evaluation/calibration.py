@@ -154,7 +154,10 @@ def type_limits(model: DeployModel, chosen: list[Sample], margin: float,
 
 COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 3 x 3 covariance from fewer is mostly noise)
 COLOUR_SHRINK = 0.05  # the covariance gains this x its mean variance on the diagonal (no direction without spread) ...
-COLOUR_FLOOR = (2 / 255) ** 2  # ... and at least this: a spread under 2 grey levels is not resolved
+COLOUR_FLOOR = (0.25 / 255) ** 2  # ... and at least this, a quarter grey level: grey products (whose opponent
+# colours are exactly 0) have no spread there. Finer than it would be rounding: the medians are of 16-pixel means
+COLOUR_MIN_DISTANCE = 1.0  # the limit is margin x at least this (one floor's spread): images whose normal colours
+# are alike to the last grey level (generated ones) do not make every other shade unknown
 
 
 @torch.no_grad()
@@ -178,7 +181,8 @@ def _colour_gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def colour_model(stats: np.ndarray, margin: float) -> dict[str, Any] | None:
     """A type's colour model from its normal images' colours (n, 3): their mean and precision (`_colour_gaussian`),
     and a limit of `margin` x the largest leave-one-out distance (each image's Mahalanobis distance to the model of
-    the others: an image's own model would place it too close). None with fewer than COLOUR_MIN_IMAGES images."""
+    the others: an image's own model would place it too close), or x COLOUR_MIN_DISTANCE if that is larger. None
+    with fewer than COLOUR_MIN_IMAGES images."""
     n = len(stats)
     if n < COLOUR_MIN_IMAGES:
         return None
@@ -188,7 +192,7 @@ def colour_model(stats: np.ndarray, margin: float) -> dict[str, Any] | None:
         d = stats[i] - mean
         loo.append(float(np.sqrt(max(d @ precision @ d, 0.0))))
     mean, precision = _colour_gaussian(stats)
-    return {"mean": mean.tolist(), "precision": precision.tolist(), "limit": margin * max(loo),
+    return {"mean": mean.tolist(), "precision": precision.tolist(), "limit": margin * max(*loo, COLOUR_MIN_DISTANCE),
             "images": n, "largest_distance": max(loo)}
 
 
@@ -278,7 +282,8 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
 
     Each recalibrated category's `calibration` entry says how its threshold was set and on how many images
     (``normal_images`` for a false alarm rate; ``images`` and ``defective`` for F1); a category without calibration
-    images keeps its threshold and entry (with a warning)."""
+    images keeps its threshold and entry (with a warning). A model built before the colour half of the type check
+    gains it here (`colour_models` from its training images, as `fit` builds them)."""
     check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
@@ -323,9 +328,28 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
                  "colour_margin", "largest_colour_distance", "colour_check")
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
-    # everything else (the pool, added types and their patches, type limits and colour models) as it was
-    return dataclasses.replace(dep, thresholds={**kept, **thresholds},
-                               calibration={**{c: dep.calibration.get(c, {}) for c in kept}, **info})
+    calibration = {**{c: dep.calibration.get(c, {}) for c in kept}, **info}
+    colours = dep.colour_models
+    if cfg.eval.colour_margin > 0 and not colours:  # a model built before the colour check: it gains one
+        colours, colour_info = _colour_models_of_training(dep, cfg, skip_bad)
+        for c, v in colour_info.items():
+            calibration.setdefault(c, {}).update(v)
+    # everything else (the pool, added types and their patches, type limits) as it was
+    return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
+
+
+def _colour_models_of_training(dep: Deployment, cfg, skip_bad: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The colour models `build_deployment` would have built, from the model's training images (the same ones its type
+    limits are drawn from), for a model built before the colour check; none, with a warning, when they cannot be read."""
+    try:
+        normal, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
+    except (DatasetError, OSError) as exc:
+        warnings.warn(f"the colour check is not added: the model's training images cannot be read ({exc})", OnenipWarning,
+                      stacklevel=3)
+        return {}, {}
+    normal = [s for s in normal if s.category in dep.categories and s.category not in dep.added_types]
+    chosen = type_check_images(normal, set(dep.pool_images), cfg.eval.seed)
+    return colour_models(colour_stats_of(chosen, cfg.data.input_size, cfg.eval.batch_size), cfg.eval.colour_margin)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ from onenip.models.scoring import (
     MIN_THRESHOLD,
     Maps,
     added_type_map,
+    colour_column,
     colour_distance,
-    colour_stats,
+    colour_whitening,
     decide,
     fuse,
     fusion_scale,
@@ -370,7 +371,8 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
-    colours = [t.to(dev) for t in dep.colour_tensors(pool.kinds)] if pool is not None and dep is not None else None
+    colours = colour_whitening(*dep.colour_tensors(pool.kinds)[:2]).to(dev) if pool is not None and dep is not None \
+        else None
     any_added = pool is not None and dep is not None and bool(dep.added_types)
     if any_added:  # the added types' prompt patches, as the deployed model holds them (row -1: a trained type)
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
@@ -389,7 +391,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
-            colour = colour_distance(colour_stats(images), colours[0][kind], colours[1][kind]).tolist() \
+            colour = colour_distance(colour_column(images), colours[kind]).tolist() \
                 if colours is not None else [None] * len(dist)
             dist = list(zip(dist, colour))
             own = rows[kind] if any_added else None  # each image's added-type bank, -1: a trained type

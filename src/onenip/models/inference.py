@@ -18,8 +18,9 @@ from onenip.models.prompts import descriptor, nearest, type_keys
 from onenip.models.scoring import (
     added_type_map,
     anomaly_maps,
+    colour_column,
     colour_distance,
-    colour_stats,
+    colour_whitening,
     decide,
     fuse,
     image_scores,
@@ -72,10 +73,9 @@ class DeployModel(nn.Module):
                                                      len(self.categories)))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
-        # its colour half: each type's mean colour (K, 3), inverse covariance (K, 3, 3) and limit (K,) (inf: no check)
+        # its colour half: each type's colour model as a whitening (K, 3, 4) and its limit (K,) (inf: no check)
         mean, precision, limit = deployment.colour_tensors(self.categories)
-        self.register_buffer("colour_mean", mean)
-        self.register_buffer("colour_precision", precision)
+        self.register_buffer("colour_whitening", colour_whitening(mean, precision))
         self.register_buffer("colour_limits", limit)
         self.any_added = bool(deployment.added_types)
         # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,), -1: a trained type
@@ -122,7 +122,7 @@ class DeployModel(nn.Module):
             amap = torch.where((rows >= 0)[:, None, None], knn, amap)
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
-        colour = colour_distance(colour_stats(images), self.colour_mean[category], self.colour_precision[category])
+        colour = colour_distance(colour_column(images), self.colour_whitening[category])
         known = (distance <= self.type_limits[category]) & (colour <= self.colour_limits[category])
         normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {

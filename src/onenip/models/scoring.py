@@ -12,7 +12,7 @@ these, and nothing else computes a map, a fusion or a score.
   frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
-* colour (`colour_stats`, `colour_distance`): the second half of the product-type check. The median colour of the
+* colour (`colour_stats`, `colour_whitening`, `colour_distance`): the second half of the product-type check. The median colour of the
   image (an intensity and two opponent colours over 4 x 4 cells) and its Mahalanobis distance to its type's colours
   (mean and covariance of up to 100 of the type's normal images); above its type's limit the image is of an unknown
   type too. Products that differ mostly in colour (papers, fabrics of one weave) are told apart by it.
@@ -204,27 +204,51 @@ def type_distance(nearest: Tensor) -> Tensor:
     return nearest.topk(k, dim=1, largest=False).values[:, -1]  # the k-th smallest: exportable, unlike quantile
 
 
-COLOUR_POOL = 4  # the colour check reads the image average-pooled by this (56 x 56 cells at 224 px)
+COLOUR_POOL = 4  # the colour check reads the image in cells of this many pixels a side (56 x 56 cells at 224 px)
+OPPONENT = ((1 / 3, 1 / 3, 1 / 3), (1.0, -1.0, 0.0), (0.5, 0.5, -1.0))  # RGB -> intensity, r - g, (r + g) / 2 - b
 
 
 def colour_stats(images: Tensor) -> Tensor:
-    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3): the image's colour, robust to a defect. The image is
-    average-pooled by COLOUR_POOL and each cell turned into an intensity (r + g + b) / 3 and two opponent colours,
-    r - g and (r + g) / 2 - b; of each, the median over the cells (the lower one: topk, exportable, unlike median).
-    A defect covers a minority of the cells and barely moves a median; a product of another colour moves all three."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-    x = F.avg_pool2d(x, COLOUR_POOL) if min(x.shape[-2:]) >= COLOUR_POOL else x
-    r, g, b = x.unbind(dim=1)  # (N, h, w) each
-    opponent = torch.stack([(r + g + b) / 3.0, r - g, 0.5 * (r + g) - b], dim=1).flatten(2)  # (N, 3, h * w)
-    k = (opponent.shape[2] - 1) // 2 + 1
-    return opponent.topk(k, dim=2, largest=False).values[:, :, -1]
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3): the image's colour (`colour_column` as rows)."""
+    return colour_column(images)[:, :, 0]
 
 
-def colour_distance(stats: Tensor, mean: Tensor, precision: Tensor) -> Tensor:
-    """`colour_stats` (N, 3), each image's type's mean colour (N, 3) and inverse covariance (N, 3, 3) -> (N,) the
-    Mahalanobis distance sqrt(d^T P d), d = stats - mean. A zero precision (a type without a colour model) gives 0."""
-    d = (stats.float() - mean)[:, :, None]  # (N, 3, 1)
-    return (d.transpose(1, 2) @ precision @ d)[:, 0, 0].clamp_min(0.0).sqrt()
+def colour_column(images: Tensor) -> Tensor:
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3, 1): the image's colour, robust to a defect. Each cell of
+    COLOUR_POOL x COLOUR_POOL pixels is averaged and turned into an intensity (r + g + b) / 3 and two opponent colours,
+    r - g and (r + g) / 2 - b, in [0, 1] units; of each, the median over the cells (the lower one: topk, exportable,
+    unlike median). A defect covers a minority of the cells and barely moves a median; a product of another colour
+    moves all three. Averaging and colour transform are one strided convolution on the pixel values as they come
+    (integers for uint8): a bf16 export keeps it in float32 (`onenip.deploy.stem_precision`), where a pooling of
+    pixels rounded to bf16 moved the medians by about half a grey level, as far as the colours of one paper type
+    spread. A column, as `colour_distance` multiplies it: no reshape in between, which a bf16 export would round."""
+    pool = COLOUR_POOL if min(images.shape[-2:]) >= COLOUR_POOL else 1
+    scale = (1.0 / 255.0 if images.dtype == torch.uint8 else 1.0) / (pool * pool)
+    weight = (torch.tensor(OPPONENT, device=images.device) * scale)[:, :, None, None].expand(3, 3, pool, pool)
+    cells = F.conv2d(images.float(), weight.contiguous(), stride=pool).flatten(2)  # (N, 3, h * w)
+    k = (cells.shape[2] - 1) // 2 + 1
+    return cells.topk(k, dim=2, largest=False).values[:, :, k - 1:]
+
+
+def colour_whitening(mean: Tensor, precision: Tensor) -> Tensor:
+    """Types' colour models, means (K, 3) and inverse covariances (K, 3, 3) -> (K, 3, 4) matrices W = L^T [I | -mean]
+    with precision = L L^T (Cholesky), so that |W [c; 1]| is colour c's Mahalanobis distance to the type. A zero
+    precision (a type without a colour model) gives W = 0: distance 0."""
+    w = torch.zeros(mean.shape[0], 3, 4, dtype=torch.float32)
+    for k in range(mean.shape[0]):
+        if bool(precision[k].abs().sum() > 0):
+            lower = torch.linalg.cholesky(precision[k].double())
+            w[k] = (lower.T @ torch.cat([torch.eye(3, dtype=torch.float64), -mean[k].double()[:, None]], dim=1)).float()
+    return w
+
+
+def colour_distance(colour: Tensor, whitening: Tensor) -> Tensor:
+    """`colour_column` (N, 3, 1) and each image's type's `colour_whitening` (N, 3, 4) -> (N,) the Mahalanobis
+    distance |W [c; 1]|. The mean is subtracted inside the matrix product, which a bf16 export keeps in float32: an
+    element-wise difference of two colours rounded to bf16 lost half a grey level. Once whitened, rounding costs
+    only a relative 2^-8 of the distance."""
+    z = whitening @ torch.cat([colour.float(), torch.ones_like(colour[:, :1])], dim=1)  # (N, 3, 1)
+    return z.square().sum(dim=(1, 2)).sqrt()
 
 
 BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
