@@ -89,12 +89,15 @@ def main() -> None:
             raise SystemExit("the deployed model's known output is not the two halves of its check")
         mine = np.array([s.category == left_out for s in test])
         cats = np.array([s.category for s in test])
+        good = np.array([s.label == 0 for s in test])
         share = {k: (float(v[mine].mean()), float(v[~mine].mean())) for k, v in
                  (("unknown", ~got["known"]), ("type", got["by_type"]), ("colour", got["by_colour"]))}
         rows.append({"left_out": left_out, "unseen_flagged": share["unknown"][0], "unseen_images": int(mine.sum()),
                      "known_flagged": share["unknown"][1], "known_images": int((~mine).sum()),
                      "unseen_by_type_distance": share["type"][0], "unseen_by_colour": share["colour"][0],
                      "known_by_type_distance": share["type"][1], "known_by_colour": share["colour"][1],
+                     "known_good_flagged": float((~got["known"])[~mine & good].mean()),
+                     "known_defective_flagged": float((~got["known"])[~mine & ~good].mean()),
                      "known_flagged_by_type": {k: float(1.0 - got["known"][cats == k].mean())
                                                for k in types if k != left_out}})
         print(f"{left_out}: {100 * share['unknown'][0]:.1f} % of its {mine.sum()} test images unknown; "
@@ -107,19 +110,23 @@ def main() -> None:
              f"{args.backbone} at {args.input_size} px; commit {meta['commit']}; {meta['device']}.",
              f"Command: `{meta['command']}`", "",
              "| type left out | its test images reported unknown | by type distance / by colour | known-type test images "
-             "wrongly unknown | by type distance / by colour |", "| --- | ---: | ---: | ---: | ---: |"]
+             "wrongly unknown | by type distance / by colour | good / defective ones |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     pct = lambda r, k: f"{100 * r.get(k, float('nan')):.1f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['left_out']} | {100 * r['unseen_flagged']:.1f} % of {r['unseen_images']} | "
                      f"{pct(r, 'unseen_by_type_distance')} / {pct(r, 'unseen_by_colour')} | "
                      f"{100 * r['known_flagged']:.2f} % of {r['known_images']} | "
-                     f"{100 * r['known_by_type_distance']:.2f} / {100 * r['known_by_colour']:.2f} |")
+                     f"{100 * r['known_by_type_distance']:.2f} / {100 * r['known_by_colour']:.2f} | "
+                     f"{100 * r['known_good_flagged']:.2f} / {100 * r['known_defective_flagged']:.2f} |")
     mean = {k: 100 * np.mean([r[k] for r in rows]) for k in ("unseen_flagged", "unseen_by_type_distance",
                                                                 "unseen_by_colour", "known_flagged",
-                                                                "known_by_type_distance", "known_by_colour")}
+                                                                "known_by_type_distance", "known_by_colour",
+                                                                "known_good_flagged", "known_defective_flagged")}
     lines.append(f"| **mean** | {mean['unseen_flagged']:.1f} % | {mean['unseen_by_type_distance']:.1f} / "
                  f"{mean['unseen_by_colour']:.1f} | {mean['known_flagged']:.2f} % | "
-                 f"{mean['known_by_type_distance']:.2f} / {mean['known_by_colour']:.2f} |")
+                 f"{mean['known_by_type_distance']:.2f} / {mean['known_by_colour']:.2f} | "
+                 f"{mean['known_good_flagged']:.2f} / {mean['known_defective_flagged']:.2f} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.output)
