@@ -196,3 +196,21 @@ def test_calibrate_gives_a_model_built_before_the_colour_check_one(model: Path, 
         assert after.calibration[c]["colour_margin"] == 1.2
     kept = calibrate(tmp_path / "new.safetensors", output=tmp_path / "again.safetensors")[1]
     assert kept.colour_models == after.colour_models  # a model with colour models keeps them
+
+
+def test_calibrate_sets_the_colour_margin_or_turns_the_check_off(model: Path, tmp_path: Path, capsys) -> None:
+    from onenip import cli
+    from onenip.api import calibrate
+
+    dep = Detector.load(model).deployment
+    _, wider, _ = calibrate(model, output=tmp_path / "wide.safetensors", colour_margin=2.4)
+    for c, m in dep.colour_models.items():  # limit = margin x a distance of the type's own images: twice 1.2
+        assert wider.colour_models[c]["limit"] == pytest.approx(2 * m["limit"], rel=1e-9)
+        assert wider.colour_models[c]["mean"] == m["mean"] and wider.calibration[c]["colour_margin"] == 2.4
+    assert Detector.load(model).deployment.colour_models == dep.colour_models  # written elsewhere: the model as it was
+    assert cli.main(["calibrate", str(tmp_path / "wide.safetensors"), "--colour-margin", "0"]) == 0
+    assert "colour check turned off" in capsys.readouterr().out
+    assert Detector.load(tmp_path / "wide.safetensors").deployment.colour_models == {}
+    with pytest.raises(ConfigError, match="--colour-margin must be >= 0"):
+        calibrate(model, output=tmp_path / "x.safetensors", colour_margin=-1)
+    assert not (tmp_path / "x.safetensors").exists()

@@ -114,15 +114,19 @@ def _rewrite_deployment(checkpoint: str | Path, output: str | Path | None,
 
 
 def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
-              output: str | Path | None = None, skip_bad: bool = False) -> tuple[Path, Deployment, Deployment | None]:
+              output: str | Path | None = None, skip_bad: bool = False,
+              colour_margin: float | None = None) -> tuple[Path, Deployment, Deployment | None]:
     """Set a trained model's thresholds again, at false alarm rate `far` (default: its eval.far) on the normal images
     held out of its training, or F1-optimal on the labelled validation roots `val_roots` (not both: a ConfigError
     before anything is loaded); see `onenip.evaluation.calibration.recalibrate`. The model is written in place
     (atomically) unless `output` is given. Returns the written path, the new deployment and the previous one (None for
-    a model saved without one)."""
+    a model saved without one). `colour_margin`: the colour check's margin (0: off; see `recalibrate`)."""
     check_one_method(far, val_roots)
+    if colour_margin is not None and colour_margin < 0:
+        raise ConfigError(f"--colour-margin must be >= 0 (0 turns the colour check off), got {colour_margin}")
     return _rewrite_deployment(checkpoint, output,
-                               lambda detector: recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad))
+                               lambda detector: recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad,
+                                                            colour_margin=colour_margin))
 
 
 def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),

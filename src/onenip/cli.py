@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--far", type=float, default=None, help="false alarm rate (default: the model's eval.far); not with --val")
     cal.add_argument("--val", nargs="+", metavar="ROOT", help="labelled validation roots (good and defective images); not with --far")
     cal.add_argument("--output", metavar="PATH", help="write the calibrated model here instead")
+    cal.add_argument("--colour-margin", type=float, metavar="M",
+                     help="the colour half of the unknown-type check at this margin (each type's limit is M x the "
+                          "largest colour distance of one of its normal images to the others); 0 turns it off "
+                          "(default: as the model has it)")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
     add = sub.add_parser("add-type", help="add a product type to a trained model from a few normal images, no training",
@@ -430,11 +434,15 @@ def _run(args: argparse.Namespace) -> int:
             from onenip.api import calibrate
 
             path, after, before = calibrate(args.checkpoint, far=args.far, val_roots=args.val, output=args.output,
-                                            skip_bad=args.skip_bad)
+                                            skip_bad=args.skip_bad, colour_margin=args.colour_margin)
             print(_calibration_table(before, after))
-            if after.colour_models and before is not None and not before.colour_models:
-                print(f"colour check added (a model built before it): {len(after.colour_models)} types, "
-                      f"from their training images")
+            had = bool(before is not None and before.colour_models)
+            if after.colour_models and not had:
+                print(f"colour check added: {len(after.colour_models)} types, from their training images")
+            elif had and not after.colour_models:
+                print("colour check turned off")
+            elif args.colour_margin is not None and after.colour_models:
+                print(f"colour check margin now {args.colour_margin:g}")
             print(f"calibrated model: {path}")
         elif args.command == "add-type":
             from onenip.api import add_type

@@ -274,7 +274,7 @@ def check_one_method(far: float | None, val_roots: Sequence[str | Path] | None) 
 
 @torch.no_grad()
 def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
-                skip_bad: bool = False) -> Deployment:
+                skip_bad: bool = False, colour_margin: float | None = None) -> Deployment:
     """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
     normal and defective images), or at false-alarm rate `far` (default: the model's eval.far) on the images held out
     of its training. The two are different methods: giving both is a ConfigError (`check_one_method`), not one of them
@@ -283,7 +283,12 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     Each recalibrated category's `calibration` entry says how its threshold was set and on how many images
     (``normal_images`` for a false alarm rate; ``images`` and ``defective`` for F1); a category without calibration
     images keeps its threshold and entry (with a warning). A model built before the colour half of the type check
-    gains it here (`colour_models` from its training images, as `fit` builds them)."""
+    gains it here (`colour_models` from its training images, as `fit` builds them) when its eval.colour_margin is
+    above 0. `colour_margin` sets the colour check's margin instead: 0 turns it off, another value rescales every
+    type's limit to it (the limit is margin x a distance of the type's own images), building the models first for a
+    model without them."""
+    if colour_margin is not None and colour_margin < 0:
+        raise ConfigError(f"--colour-margin must be >= 0 (0 turns the colour check off), got {colour_margin}")
     check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
@@ -329,16 +334,35 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
     calibration = {**{c: dep.calibration.get(c, {}) for c in kept}, **info}
-    colours = dep.colour_models
-    if cfg.eval.colour_margin > 0 and not colours:  # a model built before the colour check: it gains one
-        colours, colour_info = _colour_models_of_training(dep, cfg, skip_bad)
-        for c, v in colour_info.items():
-            calibration.setdefault(c, {}).update(v)
+    colours, colour_info = _colour_check(dep, cfg, colour_margin, skip_bad)
+    for c, v in colour_info.items():
+        calibration.setdefault(c, {}).update(v)
     # everything else (the pool, added types and their patches, type limits) as it was
     return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
 
 
-def _colour_models_of_training(dep: Deployment, cfg, skip_bad: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _colour_check(dep: Deployment, cfg, margin: float | None,
+                  skip_bad: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """`recalibrate`'s colour models and what changes in the calibration records: the model's own (None), none (0),
+    or its own with every limit rescaled to `margin`; built from the training images where the model has none."""
+    if margin is None:
+        if dep.colour_models or cfg.eval.colour_margin <= 0:
+            return dep.colour_models, {}
+        margin = cfg.eval.colour_margin  # a model built before the colour check gains one
+    if margin == 0:
+        return {}, {c: {"colour_check": "off: turned off by calibrate"} for c in dep.colour_models}
+    if not dep.colour_models:
+        return _colour_models_of_training(dep, cfg, skip_bad, margin)
+    models, info = {}, {}
+    for c, m in dep.colour_models.items():
+        old = float(dep.calibration.get(c, {}).get("colour_margin", cfg.eval.colour_margin))
+        models[c] = {**m, "limit": m["limit"] * margin / old}
+        info[c] = {"colour_margin": margin}
+    return models, info
+
+
+def _colour_models_of_training(dep: Deployment, cfg, skip_bad: bool,
+                               margin: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The colour models `build_deployment` would have built, from the model's training images (the same ones its type
     limits are drawn from), for a model built before the colour check; none, with a warning, when they cannot be read."""
     try:
@@ -349,7 +373,7 @@ def _colour_models_of_training(dep: Deployment, cfg, skip_bad: bool) -> tuple[di
         return {}, {}
     normal = [s for s in normal if s.category in dep.categories and s.category not in dep.added_types]
     chosen = type_check_images(normal, set(dep.pool_images), cfg.eval.seed)
-    return colour_models(colour_stats_of(chosen, cfg.data.input_size, cfg.eval.batch_size), cfg.eval.colour_margin)
+    return colour_models(colour_stats_of(chosen, cfg.data.input_size, cfg.eval.batch_size), margin)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -12,10 +12,11 @@ these, and nothing else computes a map, a fusion or a score.
   frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
-* colour (`colour_stats`, `colour_whitening`, `colour_distance`): the second half of the product-type check. The median colour of the
-  image (an intensity and two opponent colours over 4 x 4 cells) and its Mahalanobis distance to its type's colours
-  (mean and covariance of up to 100 of the type's normal images); above its type's limit the image is of an unknown
-  type too. Products that differ mostly in colour (papers, fabrics of one weave) are told apart by it.
+* colour (`colour_column`, `colour_whitening`, `colour_distance`): the second half of the product-type check. The
+  median colour of the image (an intensity and two opponent colours over 4 x 4 cells) and its Mahalanobis distance
+  to its type's colours (mean and covariance of up to 100 of the type's normal images); above its type's limit the
+  image is of an unknown type too. Products that differ mostly in colour (variants of one material) are told apart
+  by it.
 * a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
   `prompt_map`, a training-free map in the manner of PatchCore in place of the learned one: the frozen backbone's
   stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
