@@ -155,7 +155,7 @@ def test_colour_limit_is_the_largest_leave_one_out_distance() -> None:
 def test_a_known_product_in_another_colour_is_unknown_by_its_colour(model: Path, gen_data: Path) -> None:
     det = Detector.load(model)
     dep = det.deployment
-    assert set(dep.colour_models) == {"disc", "weave"} and dep.calibration["disc"]["colour_margin"] == 1.2
+    assert set(dep.colour_models) == {"disc", "weave"} and dep.calibration["disc"]["colour_margin"] == 1.5
     images = torch.from_numpy(load_batch(good_test_images(gen_data, ["disc", "weave"]), 64))
     tinted = images.clone()
     tinted[:, 1] = (tinted[:, 1].float() * 0.6).to(torch.uint8)  # every image greener-less: magenta cast
@@ -193,7 +193,7 @@ def test_calibrate_gives_a_model_built_before_the_colour_check_one(model: Path, 
     assert set(after.colour_models) == set(built) == {"disc", "weave"}
     for c in built:  # from the model's training images, as fit builds them
         assert after.colour_models[c]["mean"] == pytest.approx(built[c]["mean"], abs=0.02)
-        assert after.calibration[c]["colour_margin"] == 1.2
+        assert after.calibration[c]["colour_margin"] == 1.5
     kept = calibrate(tmp_path / "new.safetensors", output=tmp_path / "again.safetensors")[1]
     assert kept.colour_models == after.colour_models  # a model with colour models keeps them
 
@@ -203,10 +203,10 @@ def test_calibrate_sets_the_colour_margin_or_turns_the_check_off(model: Path, tm
     from onenip.api import calibrate
 
     dep = Detector.load(model).deployment
-    _, wider, _ = calibrate(model, output=tmp_path / "wide.safetensors", colour_margin=2.4)
-    for c, m in dep.colour_models.items():  # limit = margin x a distance of the type's own images: twice 1.2
+    _, wider, _ = calibrate(model, output=tmp_path / "wide.safetensors", colour_margin=3.0)
+    for c, m in dep.colour_models.items():  # limit = margin x a distance of the type's own images: twice 1.5
         assert wider.colour_models[c]["limit"] == pytest.approx(2 * m["limit"], rel=1e-9)
-        assert wider.colour_models[c]["mean"] == m["mean"] and wider.calibration[c]["colour_margin"] == 2.4
+        assert wider.colour_models[c]["mean"] == m["mean"] and wider.calibration[c]["colour_margin"] == 3.0
     assert Detector.load(model).deployment.colour_models == dep.colour_models  # written elsewhere: the model as it was
     assert cli.main(["calibrate", str(tmp_path / "wide.safetensors"), "--colour-margin", "0"]) == 0
     assert "colour check turned off" in capsys.readouterr().out

@@ -416,7 +416,7 @@ class EvalConfig:
         "type instead of being judged; 0 turns the check off.",
     )
     colour_margin: float = Field(
-        1.2, ge=0, description="Unknown products by colour: an image whose median colour lies farther from its product "
+        1.5, ge=0, description="Unknown products by colour: an image whose median colour lies farther from its product "
         "type's normal colours (Mahalanobis distance) than this many times the largest distance of that type's training "
         "images (each measured against the others) is reported as of an unknown type too; 0 turns this half of the "
         "check off (e.g. for a line whose lighting changes more than the training images show).",
