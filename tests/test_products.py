@@ -210,7 +210,10 @@ def test_calibrate_sets_the_colour_margin_or_turns_the_check_off(model: Path, tm
     assert Detector.load(model).deployment.colour_models == dep.colour_models  # written elsewhere: the model as it was
     assert cli.main(["calibrate", str(tmp_path / "wide.safetensors"), "--colour-margin", "0"]) == 0
     assert "colour check turned off" in capsys.readouterr().out
-    assert Detector.load(tmp_path / "wide.safetensors").deployment.colour_models == {}
+    off = Detector.load(tmp_path / "wide.safetensors").deployment
+    assert off.colour_models == {}
+    for c in dep.colour_models:  # the record says off, and keeps no margin or distances of the model it dropped
+        assert off.calibration[c]["colour_check"].startswith("off") and "colour_margin" not in off.calibration[c]
     with pytest.raises(ConfigError, match="--colour-margin must be >= 0"):
         calibrate(model, output=tmp_path / "x.safetensors", colour_margin=-1)
     assert not (tmp_path / "x.safetensors").exists()

@@ -26,7 +26,7 @@ from onenip.config import Config, load_config, merge_dict, validate
 from onenip.deploy.predictor import expand_inputs
 from onenip.errors import CheckpointError, ConfigError
 from onenip.evaluation.calibration import add_type as _add_type
-from onenip.evaluation.calibration import check_far, check_one_method, recalibrate
+from onenip.evaluation.calibration import check_colour_margin, check_far, check_one_method, recalibrate
 from onenip.evaluation.evaluate import Results, evaluate, write_results
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device, set_threads
@@ -122,8 +122,7 @@ def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Seque
     (atomically) unless `output` is given. Returns the written path, the new deployment and the previous one (None for
     a model saved without one). `colour_margin`: the colour check's margin (0: off; see `recalibrate`)."""
     check_one_method(far, val_roots)
-    if colour_margin is not None and colour_margin < 0:
-        raise ConfigError(f"--colour-margin must be >= 0 (0 turns the colour check off), got {colour_margin}")
+    check_colour_margin(colour_margin)
     return _rewrite_deployment(checkpoint, output,
                                lambda detector: recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad,
                                                             colour_margin=colour_margin))

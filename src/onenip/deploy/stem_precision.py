@@ -8,7 +8,7 @@ to where the features widen, and everything that feeds them: the image's convers
 `stem_layers`) brought the turned decisions from 15 to 5 of 1,227 for the line network and from 19 to 5 for the
 default one, for a few per cent of the throughput (docs/benchmarks.md, "Where bf16 turns decisions"). The colour half
 of the product-type check (`colour_layers`: the median colour and its Mahalanobis distance) is kept in float32 too:
-in bf16 its distances moved by 2.5 % (median) and up to 2x on iad-mix's test images, about as far as the types'
+in bf16 its distances moved by 1-2.5 % (median) and up to 2x on iad-mix's test images, about as far as the types'
 colours lie apart, for a branch of a few small operations.
 
 What OpenVINO 2026.4 makes of it on a CPU with AMX, for tf_efficientnet_lite0: the stem's depthwise and pointwise

@@ -152,6 +152,7 @@ def type_limits(model: DeployModel, chosen: list[Sample], margin: float,
     return limits, info
 
 
+COLOUR_KEYS = ("colour_images", "colour_margin", "largest_colour_distance", "colour_check")  # its calibration record
 COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 3 x 3 covariance from fewer is mostly noise)
 COLOUR_SHRINK = 0.05  # the covariance gains this x its mean variance on the diagonal (no direction without spread) ...
 COLOUR_FLOOR = (0.25 / 255) ** 2  # ... and at least this, a quarter grey level: grey products (whose opponent
@@ -259,6 +260,13 @@ def check_far(far: float | None) -> None:
         raise ConfigError(f"--far (a false alarm rate) must be in [0, 1), got {far}")
 
 
+def check_colour_margin(margin: float | None) -> None:
+    """Raise ConfigError unless the colour check's margin (None: not given) is >= 0, checked before a model is loaded
+    (`onenip.api.calibrate`) and by `recalibrate`."""
+    if margin is not None and not margin >= 0:
+        raise ConfigError(f"--colour-margin must be >= 0 (0 turns the colour check off), got {margin}")
+
+
 def check_one_method(far: float | None, val_roots: Sequence[str | Path] | None) -> None:
     """Raise ConfigError when the false alarm rate is out of range, or when both it and a validation set are given:
     they set thresholds in two different ways, and neither is silently ignored. `recalibrate` checks it;
@@ -287,8 +295,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     above 0. `colour_margin` sets the colour check's margin instead: 0 turns it off, another value rescales every
     type's limit to it (the limit is margin x a distance of the type's own images), building the models first for a
     model without them."""
-    if colour_margin is not None and colour_margin < 0:
-        raise ConfigError(f"--colour-margin must be >= 0 (0 turns the colour check off), got {colour_margin}")
+    check_colour_margin(colour_margin)
     check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
@@ -329,14 +336,15 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
                       OnenipWarning, stacklevel=2)
     # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later, and an
     # added type keeps the list of its images
-    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from", "colour_images",
-                 "colour_margin", "largest_colour_distance", "colour_check")
+    type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from", *COLOUR_KEYS)
     for c, v in info.items():
         v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
-    calibration = {**{c: dep.calibration.get(c, {}) for c in kept}, **info}
+    calibration = {**{c: dict(dep.calibration.get(c, {})) for c in kept}, **info}  # copies: `dep` stays as it was
     colours, colour_info = _colour_check(dep, cfg, colour_margin, skip_bad)
-    for c, v in colour_info.items():
-        calibration.setdefault(c, {}).update(v)
+    for c, v in colour_info.items():  # a rescaled margin keeps the record; a new model or none replaces it
+        old = calibration.get(c, {})
+        calibration[c] = {**(old if set(v) == {"colour_margin"} else
+                             {k: x for k, x in old.items() if k not in COLOUR_KEYS}), **v}
     # everything else (the pool, added types and their patches, type limits) as it was
     return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
 

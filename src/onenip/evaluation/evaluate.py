@@ -52,7 +52,6 @@ from onenip.models.scoring import (
     added_type_map,
     colour_column,
     colour_distance,
-    colour_whitening,
     decide,
     fuse,
     fusion_scale,
@@ -371,8 +370,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
-    colours = colour_whitening(*dep.colour_tensors(pool.kinds)[:2]).to(dev) if pool is not None and dep is not None \
-        else None
+    colours = dep.colour_check(pool.kinds)[0].to(dev) if pool is not None and dep is not None else None
     any_added = pool is not None and dep is not None and bool(dep.added_types)
     if any_added:  # the added types' prompt patches, as the deployed model holds them (row -1: a trained type)
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))

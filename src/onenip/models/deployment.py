@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from onenip.errors import ConfigError
-from onenip.models.scoring import pad_banks, prompt_bank
+from onenip.models.scoring import colour_whitening, pad_banks, prompt_bank
 
 
 @dataclass
@@ -65,14 +65,15 @@ class Deployment:
             else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
 
-    def colour_tensors(self, kinds: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """For each of `kinds` (type names, as a model indexes them) its colour model: means (K, 3), precisions
-        (K, 3, 3) and limits (K,) float32; a type without one gets zeros and an infinite limit (no check)."""
+    def colour_check(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
+        """For each of `kinds` (type names, as a model indexes them) its colour model as the deployed model and
+        evaluation use it: `scoring.colour_whitening` (K, 3, 4) and the limit (K,) float32; a type without one gets
+        a zero whitening (distance 0) and an infinite limit (no check)."""
         models = [self.colour_models.get(k) for k in kinds]
         mean = torch.tensor([m["mean"] if m else [0.0] * 3 for m in models], dtype=torch.float32)
         precision = torch.tensor([m["precision"] if m else [[0.0] * 3] * 3 for m in models], dtype=torch.float32)
         limit = torch.tensor([float(m["limit"]) if m else math.inf for m in models], dtype=torch.float32)
-        return mean, precision, limit
+        return colour_whitening(mean, precision), limit
 
     @property
     def categories(self) -> list[str]:

@@ -20,7 +20,6 @@ from onenip.models.scoring import (
     anomaly_maps,
     colour_column,
     colour_distance,
-    colour_whitening,
     decide,
     fuse,
     image_scores,
@@ -74,9 +73,9 @@ class DeployModel(nn.Module):
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
         # its colour half: each type's colour model as a whitening (K, 3, 4) and its limit (K,) (inf: no check)
-        mean, precision, limit = deployment.colour_tensors(self.categories)
-        self.register_buffer("colour_whitening", colour_whitening(mean, precision))
-        self.register_buffer("colour_limits", limit)
+        whitening, limits = deployment.colour_check(self.categories)
+        self.register_buffer("colour_whitening", whitening)
+        self.register_buffer("colour_limits", limits)
         self.any_added = bool(deployment.added_types)
         # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,), -1: a trained type
         banks, rows = deployment.prompt_banks(self.categories)
