@@ -11,6 +11,13 @@ test image of every type. The type check uses the frozen backbone's features and
 (its maps are not measured). Prints and writes unknown_types.json / .md to --output: per T, the share of T's test
 images reported unknown (goal >= 95 %) and of the other types' test images (goal <= 1 %), and which half of the check
 flagged them (the type distance, the colour distance).
+
+    python benchmarks/unknown_types.py --types PA_FVN01_TL --trained PA_FVN01_TL=runs/no-fvn01/run
+
+With --trained TYPE=MODEL, a network trained without TYPE judges instead of the stand-in, with the deployment its
+`fit` built (its prompt pool, thresholds and margins, recorded in the output): the row adds how many of TYPE's test
+images that model judged defective and how many it passed as good (known and not defective), which is what an
+unknown product costs on a line that trusts the decision.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from iad_mix import device_name, git_commit, iad_mix_root, portable  # noqa: E402
 
 from onenip.api import make_config  # noqa: E402
+from onenip.checkpoint import checkpoint_file  # noqa: E402
 from onenip.data import read_sources  # noqa: E402
 from onenip.data.tensors import SampleImages  # noqa: E402
 from onenip.evaluation.calibration import build_deployment, split_holdout  # noqa: E402
@@ -41,14 +49,31 @@ from onenip.models.inference import DeployModel  # noqa: E402
 
 @torch.no_grad()
 def judge(model: DeployModel, samples: list, batch_size: int) -> dict[str, np.ndarray]:
-    """The deployed model's known, type and colour flags for `samples` (retrieved types, as predict runs it)."""
-    out: dict[str, list[np.ndarray]] = {"known": [], "by_type": [], "by_colour": []}
+    """The deployed model's known, type and colour flags and its decisions for `samples` (retrieved types, as predict
+    runs it)."""
+    out: dict[str, list[np.ndarray]] = {"known": [], "by_type": [], "by_colour": [], "anomalous": []}
     for b in torch.utils.data.DataLoader(SampleImages(samples, model.size), batch_size=batch_size):
         r = model(b["image"])
         out["known"].append(r["known"].numpy())
+        out["anomalous"].append(r["anomalous"].numpy())
         out["by_type"].append((r["type_distance"] > model.type_limits[r["category"]]).numpy())
         out["by_colour"].append((r["colour_distance"] > model.colour_limits[r["category"]]).numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def trained_model(path: Path, left_out: str, types: list[str], size: int) -> tuple[Detector, object]:
+    """The detector of the model at `path` and the deployment its fit built; refuses a model that knows `left_out`,
+    lacks another of `types` or works at another input size."""
+    det = Detector.load(path).to("cpu").eval()
+    dep = det.deployment
+    if dep is None:
+        raise SystemExit(f"{path}: the model carries no deployment (train it with onenip fit)")
+    if left_out in dep.categories or set(dep.categories) != set(types) - {left_out}:
+        raise SystemExit(f"{path}: trained on {', '.join(dep.categories)}; leaving out {left_out} needs every other "
+                         f"type of the data and not {left_out}")
+    if det.input_size != size:
+        raise SystemExit(f"{path}: input size {det.input_size}, not --input-size {size}")
+    return det, dep
 
 
 def main() -> None:
@@ -61,6 +86,9 @@ def main() -> None:
     ap.add_argument("--colour-margin", type=float, default=None,
                     help="eval.colour_margin (default: the configuration's; 0: the type distance alone)")
     ap.add_argument("--types", nargs="*", default=None, help="the types to leave out (default: every one)")
+    ap.add_argument("--trained", nargs="*", default=[], metavar="TYPE=MODEL",
+                    help="a model trained without TYPE (run folder or model.safetensors) judges TYPE's row instead of "
+                    "the stand-in, with the deployment its fit built")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--output", default=str(REPO / "runs" / "unknown-types"))
     args = ap.parse_args()
@@ -79,11 +107,19 @@ def main() -> None:
     train_all = read_sources(cfg.data.roots, "train")
     test = read_sources(cfg.data.roots, "test")
     types = sorted({s.category for s in train_all})
+    trained = dict(t.split("=", 1) for t in args.trained if "=" in t)
+    if len(trained) != len(args.trained) or set(trained) - set(types):
+        raise SystemExit(f"--trained takes TYPE=MODEL with TYPE one of {', '.join(types)}: got {args.trained}")
     rows, t0 = [], time.perf_counter()
     for left_out in args.types or types:
-        train, held = split_holdout([s for s in train_all if s.category != left_out], cfg.data.holdout, cfg.train.seed)
-        dep = build_deployment(det, train, held, cfg.eval.far, cfg)
-        model = DeployModel(det, dep)
+        if left_out in trained:
+            path = checkpoint_file(trained[left_out], with_training_state=False)
+            judge_det, judge_dep = trained_model(path, left_out, types, args.input_size)
+            model = DeployModel(judge_det, judge_dep)
+        else:
+            train, held = split_holdout([s for s in train_all if s.category != left_out], cfg.data.holdout,
+                                        cfg.train.seed)
+            model = DeployModel(det, build_deployment(det, train, held, cfg.eval.far, cfg))
         got = judge(model, test, cfg.eval.batch_size)
         if not np.array_equal(~got["known"], got["by_type"] | got["by_colour"]):
             raise SystemExit("the deployed model's known output is not the two halves of its check")
@@ -100,6 +136,14 @@ def main() -> None:
                      "known_defective_flagged": float((~got["known"])[~mine & ~good].mean()),
                      "known_flagged_by_type": {k: float(1.0 - got["known"][cats == k].mean())
                                                for k in types if k != left_out}})
+        if left_out in trained:  # a trained network's decisions on the type it never saw
+            dcfg = judge_det.cfg
+            rows[-1].update({"model": portable(str(path)), "margin": dcfg.eval.unknown_margin,
+                             "colour_margin": dcfg.eval.colour_margin,
+                             "unseen_judged_defective": float((got["known"] & got["anomalous"])[mine].mean()),
+                             "unseen_passed_as_good": float((got["known"] & ~got["anomalous"])[mine].mean()),
+                             "known_defective_caught": float(got["anomalous"][~mine & ~good].mean()),
+                             "known_good_passed": float((got["known"] & ~got["anomalous"])[~mine & good].mean())})
         print(f"{left_out}: {100 * share['unknown'][0]:.1f} % of its {mine.sum()} test images unknown; "
               f"{100 * share['unknown'][1]:.2f} % of {(~mine).sum()} known-type test images wrongly unknown", flush=True)
     meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": git_commit(),
@@ -127,6 +171,15 @@ def main() -> None:
                  f"{mean['unseen_by_colour']:.1f} | {mean['known_flagged']:.2f} % | "
                  f"{mean['known_by_type_distance']:.2f} / {mean['known_by_colour']:.2f} | "
                  f"{mean['known_good_flagged']:.2f} / {mean['known_defective_flagged']:.2f} |")
+    for r in rows:
+        if "model" in r:
+            lines += ["", f"{r['left_out']} judged by a network trained without it (`{r['model']}`, the deployment its "
+                      f"fit built: margin {r['margin']}, colour margin {r['colour_margin']}): of its "
+                      f"{r['unseen_images']} test images {100 * r['unseen_flagged']:.1f} % unknown, "
+                      f"{100 * r['unseen_judged_defective']:.1f} % judged defective, "
+                      f"{100 * r['unseen_passed_as_good']:.1f} % passed as good; of the known types' test images, "
+                      f"{100 * r['known_defective_caught']:.1f} % of the defective ones judged defective and "
+                      f"{100 * r['known_good_passed']:.1f} % of the good ones passed."]
     table = "\n".join(lines)
     print(table)
     out = Path(args.output)
