@@ -36,17 +36,16 @@ from onenip.cli import main  # noqa: E402
 from onenip.data import images as image_reader  # noqa: E402
 from onenip.data.images import load_image  # noqa: E402
 from onenip.deploy import server as server_module  # noqa: E402
+from onenip.deploy.batching import Batcher  # noqa: E402
 from onenip.deploy.predictor import Predictor  # noqa: E402
 from onenip.deploy.server import (  # noqa: E402
-    RESULTS_CSV,
-    Batcher,
-    FolderWatcher,
     UploadError,
     bind,
     create_app,
     decode_upload,
     page_html,
 )
+from onenip.deploy.watch import RESULTS_CSV, FolderWatcher  # noqa: E402
 
 MAX_BYTES = 400_000
 

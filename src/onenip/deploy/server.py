@@ -11,44 +11,31 @@ Endpoints (the interactive documentation, Swagger UI served from local files wit
     GET  /model            product types, input size, thresholds, the model file, the onenip and torch versions.
     GET  /                 a web page: drop or pick images, see each decision, score and overlay.
 
-Requests that arrive together are judged together: every image goes into one queue, and one worker thread takes up
-to `batch_size` images from it, waiting at most `max_wait_ms` after the first for more (`Batcher`). Under several
-concurrent clients the model then runs on batches, as `onenip predict` does: the images that arrived while it judged
-the last batch. With the default wait of 0, reading and decoding the next requests overlaps with the model's work
-(on 2 CPU cores this served more images/s than waiting 2 or 10 ms for full batches: docs/benchmarks.md).
+Requests that arrive together are judged together, in batches (`onenip.deploy.batching.Batcher`); the JSON of an
+answer is `onenip.deploy.answers`'.
 
 What a request can do is bounded: the body is at most `max_bytes` (413 beyond), only PNG, JPEG, BMP and TIFF data are
 decoded (415 for another Content-Type or format), in memory by onenip's own reader with its pixel limit
 (`onenip.data.images.load_image`, `MAX_PIXELS`; 413 beyond); no upload is written to disk, and no parameter names a
 file. A bad request gets a 4xx answer `{"error": "..."}` naming the problem, and the server goes on serving.
 
-`watch`: every new image in a folder is judged and its result appended to FOLDER/onenip-results.csv (`FolderWatcher`).
+`watch`: every new image in a folder is judged and its result appended to FOLDER/onenip-results.csv
+(`onenip.deploy.watch.FolderWatcher`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import concurrent.futures
 import contextlib
-import csv
-import io
 import logging
-import math
-import os
-import queue
 import socket
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable
 from email.message import Message
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -60,9 +47,11 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
-from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.images import TooManyPixelsError, UnacceptedFormatError, load_image
-from onenip.deploy.predictor import Prediction, Predictor, overlay
+from onenip.deploy.answers import answer, model_info
+from onenip.deploy.batching import Batcher
+from onenip.deploy.predictor import Predictor
+from onenip.deploy.watch import FolderWatcher
 from onenip.errors import ConfigError, DatasetError
 from onenip.version import __version__
 
@@ -78,7 +67,6 @@ MAX_BATCH_FILES = 64
 """Most images in one request to /predict/batch."""
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-RESULTS_CSV = "onenip-results.csv"
 
 
 class UploadError(Exception):
@@ -88,114 +76,6 @@ class UploadError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Batching
-# --------------------------------------------------------------------------------------------------------------------
-
-_STOP = object()
-
-
-class Batcher:
-    """One worker thread that runs the predictor on batches of queued images.
-
-    `submit(image)` returns a future of the image's `Prediction`. The worker takes the first queued image, then more
-    until it holds `batch_size` or `max_wait_ms` have passed since the first (images already queued are taken at once),
-    and judges them in one call of `predictor.predict`."""
-
-    def __init__(self, predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-        if not 0 <= max_wait_ms <= 60_000:
-            raise ConfigError(f"--max-wait-ms must be between 0 and 60000, got {max_wait_ms}")
-        self.predictor = predictor
-        self.batch_size = batch_size
-        self.max_wait = max_wait_ms / 1000.0
-        self.batches = 0  # batches judged
-        self.images = 0  # images judged
-        self.failure: str | None = None  # the last error of the model, if its last batch failed
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="onenip-serve-batcher", daemon=True)
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def start(self) -> "Batcher":
-        self._thread.start()
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    def submit(self, image: Image.Image) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the server is shutting down")
-            self._queue.put((image, fut))
-        return fut
-
-    def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """Judge `images` through the queue (from any thread but the worker's): their predictions, in order."""
-        return [f.result() for f in [self.submit(im) for im in images]]
-
-    def close(self, timeout: float = 30.0) -> None:
-        with self._lock:
-            self._closed = True
-            self._queue.put(_STOP)
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _take(self) -> tuple[list[tuple[Image.Image, concurrent.futures.Future]], bool]:
-        """The next batch, and whether to stop after it."""
-        first = self._queue.get()
-        if first is _STOP:
-            return [], True
-        batch = [first]
-        deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.batch_size:
-            left = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return batch, True
-            batch.append(item)
-        return batch, False
-
-    def _run(self) -> None:
-        stop = False
-        while not stop:
-            batch, stop = self._take()
-            live = [(im, fut) for im, fut in batch if fut.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            try:
-                preds = self.predictor.predict([im for im, _ in live])
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the worker goes on
-                log.exception("the model failed on a batch of %d images", len(live))
-                self.failure = f"{type(exc).__name__}: {exc}"
-                for _, fut in live:
-                    fut.set_exception(exc)
-                continue
-            self.failure = None
-            self.batches += 1
-            self.images += len(live)
-            for (_, fut), pred in zip(live, preds):
-                fut.set_result(pred)
-        while True:  # whatever was queued after the stop: refused
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                item[1].set_exception(RuntimeError("the server is shutting down"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -225,194 +105,6 @@ def _media_type(value: str | None) -> tuple[str, dict[str, str]]:
     msg["content-type"] = value
     params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
     return msg.get_content_type().lower(), params
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Answers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A value as JSON takes it: numpy scalars as Python numbers, NaN and infinities as null, paths as text."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (bool, int, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return str(value)
-
-
-def _png(pic: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(pic).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _row(pred: Prediction) -> dict[str, Any]:
-    """`Prediction.row()` with JSON-safe values (the answer's and the watched folder's CSV row's fields)."""
-    return {k: _plain(v) for k, v in pred.row().items()}
-
-
-def answer(pred: Prediction, name: str, image: Image.Image | None = None, with_overlay: bool = False,
-           with_mask: bool = False) -> dict[str, Any]:
-    """The JSON of one judged image: every field of `Prediction.row()` (the decision `anomalous`, `normalized_score`,
-    `score`, `threshold`, `category`, `similarity`, `defect_pixels`, and whatever else the predictor reports), the
-    image's name, width and height, and on request the overlay and the mask as base64 PNGs."""
-    out = _row(pred)
-    out["image"] = name
-    out["width"], out["height"] = int(pred.anomaly_map.shape[1]), int(pred.anomaly_map.shape[0])
-    if with_overlay and image is not None:
-        out["overlay"] = _png(overlay(image, pred.anomaly_map, pred.threshold, pred.mask))
-    if with_mask:
-        out["mask"] = _png(pred.mask.astype(np.uint8) * 255)
-    return out
-
-
-def model_info(predictor: Predictor, model_path: str | Path | None = None) -> dict[str, Any]:
-    """What GET /model answers: product types, input size, thresholds, device, the model file and versions."""
-    import torch
-
-    cats = list(predictor.categories)
-    thresholds = {c: _plain(t) for c, t in zip(cats, predictor.model.thresholds.tolist())}
-    return {"model": None if model_path is None else str(model_path), "categories": cats,
-            "input_size": int(predictor.size), "thresholds": thresholds, "device": str(predictor.device),
-            "onenip": __version__, "torch": torch.__version__}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The watched folder
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Seen:
-    stat: tuple[int, int]  # size, modification time (ns) at the last look
-    since: float  # time.monotonic() when the file was first seen with this stat
-
-
-@dataclass
-class FolderWatcher:
-    """Judges every new image in `folder` (not its subfolders) and appends one row per image to
-    `folder`/onenip-results.csv: `image` (the file name), `judged_at` (UTC), the fields of `Prediction.row()`, and
-    `error` (empty, or why the image could not be read).
-
-    An image listed in the CSV is never judged again (also across restarts). An image is judged once its size and
-    modification time are the same at two looks `interval` seconds apart (a file still being written waits); if it
-    cannot be read (a writer that paused), it is tried again at every look, and once it has stayed unchanged and
-    unreadable for `give_up_s` seconds it is listed with decision `unreadable` and the reason. Files whose names start
-    with "." are left alone."""
-
-    folder: Path
-    judge: Callable[[list[Image.Image]], list[Prediction]]
-    interval: float = 1.0
-    give_up_s: float = 60.0
-    columns: list[str] = field(default_factory=list)  # the CSV's columns when it is created
-    _seen: dict[str, _Seen] = field(default_factory=dict, init=False)
-    _done: set[str] = field(default_factory=set, init=False)
-    _stop: threading.Event = field(default_factory=threading.Event, init=False)
-    _thread: threading.Thread | None = field(default=None, init=False)
-
-    def __post_init__(self) -> None:
-        self.folder = Path(self.folder)
-        if not self.folder.is_dir():
-            raise ConfigError(f"--watch {self.folder}: no such folder")
-        self.csv = self.folder / RESULTS_CSV
-        self._header: list[str] | None = None
-        if self.csv.is_file() and self.csv.stat().st_size > 0:
-            with open(self.csv, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                self._header = list(reader.fieldnames or [])
-                if "image" not in self._header:
-                    raise ConfigError(f"{self.csv} has no 'image' column: not a results file of onenip serve (move it "
-                                      "away, or watch another folder)")
-                self._done = {row["image"] for row in reader if row.get("image")}
-
-    @property
-    def judged(self) -> int:
-        return len(self._done)
-
-    def start(self) -> "FolderWatcher":
-        self._thread = threading.Thread(target=self._loop, name="onenip-serve-watch", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(60)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:  # noqa: BLE001 - a failed look (a folder gone for a moment): logged, and looked again
-                log.exception("watching %s", self.folder)
-            self._stop.wait(self.interval)
-
-    def _candidates(self) -> dict[str, tuple[int, int]]:
-        out = {}
-        with os.scandir(self.folder) as entries:
-            for e in entries:
-                if e.name.startswith(".") or e.name in self._done or Path(e.name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                try:
-                    if e.is_file():
-                        st = e.stat()
-                        out[e.name] = (st.st_size, st.st_mtime_ns)
-                except OSError:  # removed meanwhile
-                    continue
-        return out
-
-    def poll(self) -> int:
-        """One look at the folder: judge the images that are new and complete. Returns how many rows were written."""
-        found = self._candidates()
-        ready: list[str] = []
-        for name, stat in sorted(found.items()):
-            seen = self._seen.get(name)
-            if seen is None or seen.stat != stat:
-                self._seen[name] = _Seen(stat, time.monotonic())  # new or still changing: look again next time
-            elif stat[0] > 0:
-                ready.append(name)
-        for name in list(self._seen):
-            if name not in found:
-                del self._seen[name]
-        images, names, rows = [], [], 0
-        for name in ready:
-            try:
-                images.append(load_image(self.folder / name))
-                names.append(name)
-            except DatasetError as exc:
-                if time.monotonic() - self._seen[name].since >= self.give_up_s:
-                    self._write({"image": name, "decision": "unreadable", "error": str(exc)})
-                    rows += 1
-        if images:
-            for name, pred in zip(names, self.judge(images)):
-                row = _row(pred)
-                row.update(image=name, error="")
-                self._write(row)
-                rows += 1
-        return rows
-
-    def _write(self, row: dict[str, Any]) -> None:
-        row = {"image": row["image"], "judged_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **row}
-        new = self._header is None
-        if new:
-            keys = list(row) if not self.columns else ["image", "judged_at", *self.columns]
-            self._header = list(dict.fromkeys([*keys, *row, "error"]))
-        with open(self.csv, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self._header, restval="", extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
-        self._done.add(row["image"])
-        self._seen.pop(row["image"], None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
