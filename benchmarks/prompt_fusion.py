@@ -25,6 +25,9 @@ beta = 0 is the model's ordinary evaluation: the script runs `evaluate` too and 
     python benchmarks/prompt_fusion.py --models runs/prompt-fusion-cpu/cpu-row5-seed{1,2,3} \\
         --output docs/results/prompt-fusion-cpu/prompt-fusion-stride8-cpu.json --threads 2
 
+`--combine A.json B.json ...` summarises the models of earlier result files together (one run per model, e.g. as
+each finished training), recording each file's command, commit and device.
+
 (the models: `python benchmarks/ablation.py --rows 5 --seeds 1 2 3 ...` at the 64 px CPU stand-in settings of
 docs/benchmarks.md, output under runs/prompt-fusion-cpu; each run folder keeps its model.safetensors.)
 """
@@ -225,15 +228,24 @@ def markdown(summary: dict[str, Any], betas: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", required=True, help="trained models (model.safetensors or run folders)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--models", nargs="+", help="trained models (model.safetensors or run folders)")
+    what.add_argument("--combine", nargs="+", metavar="JSON",
+                      help="result files of earlier runs (same betas): their models summarised together")
     ap.add_argument("--betas", type=float, nargs="+", default=list(BETAS), help="fusion weights; the first is the base")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", default=str(REPO / "runs" / "prompt-fusion.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    models = []
-    for path in args.models:
+    models, sources = [], []
+    for path in args.combine or []:  # earlier runs, e.g. one per model as each finished training
+        earlier = json.loads(Path(path).read_text())
+        if earlier["betas"] != args.betas:
+            raise SystemExit(f"{path}: betas {earlier['betas']}, not --betas {args.betas}")
+        models += earlier["models"]
+        sources.append({k: earlier[k] for k in ("command", "commit", "device", "torch", "threads")} | {"file": path})
+    for path in args.models or []:
         entry = run_model(path, args.betas, args.threads)
         models.append(entry)
         print(f"{path}: beta0 vs evaluate max |diff| {entry['beta0_max_abs_difference']}, "
@@ -252,6 +264,8 @@ def main() -> None:
                             "fusion constant's draw, outside the prompt pool) of max(learned map) / the same of "
                             "max(prompt map); applied by each test image's retrieved type",
               "models": models, "summary": summary, "summary_markdown": table}
+    if sources:
+        report["combined_from"] = sources
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, portable(json.dumps(report, indent=2, allow_nan=True)))
