@@ -226,6 +226,19 @@ def markdown(summary: dict[str, Any], betas: list[float]) -> str:
     return "\n".join(lines)
 
 
+def combine(paths: list[str], betas: list[float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The model entries of earlier result files (e.g. one run per model as each finished training), and where each
+    file came from (its command, commit, device, torch and threads); refuses a file measured at other betas."""
+    models, sources = [], []
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        if earlier["betas"] != betas:
+            raise SystemExit(f"{path}: betas {earlier['betas']}, not --betas {betas}")
+        models += earlier["models"]
+        sources.append({k: earlier[k] for k in ("command", "commit", "device", "torch", "threads")} | {"file": path})
+    return models, sources
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
@@ -238,13 +251,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-    models, sources = [], []
-    for path in args.combine or []:  # earlier runs, e.g. one per model as each finished training
-        earlier = json.loads(Path(path).read_text())
-        if earlier["betas"] != args.betas:
-            raise SystemExit(f"{path}: betas {earlier['betas']}, not --betas {args.betas}")
-        models += earlier["models"]
-        sources.append({k: earlier[k] for k in ("command", "commit", "device", "torch", "threads")} | {"file": path})
+    models, sources = combine(args.combine or [], args.betas)
     for path in args.models or []:
         entry = run_model(path, args.betas, args.threads)
         models.append(entry)

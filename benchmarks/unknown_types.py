@@ -61,19 +61,18 @@ def judge(model: DeployModel, samples: list, batch_size: int) -> dict[str, np.nd
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def trained_model(path: Path, left_out: str, types: list[str], size: int) -> tuple[Detector, object]:
-    """The detector of the model at `path` and the deployment its fit built; refuses a model that knows `left_out`,
-    lacks another of `types` or works at another input size."""
+def trained_model(path: Path, left_out: str, types: list[str], size: int) -> Detector:
+    """The detector of the model at `path`, with the deployment its fit built; refuses a model without one, one that
+    knows `left_out` or lacks another of `types`, or one that works at another input size."""
     det = Detector.load(path).to("cpu").eval()
-    dep = det.deployment
-    if dep is None:
+    if det.deployment is None:
         raise SystemExit(f"{path}: the model carries no deployment (train it with onenip fit)")
-    if left_out in dep.categories or set(dep.categories) != set(types) - {left_out}:
-        raise SystemExit(f"{path}: trained on {', '.join(dep.categories)}; leaving out {left_out} needs every other "
-                         f"type of the data and not {left_out}")
+    if set(det.deployment.categories) != set(types) - {left_out}:
+        raise SystemExit(f"{path}: trained on {', '.join(det.deployment.categories)}; leaving out {left_out} needs "
+                         f"every other type of the data and not {left_out}")
     if det.input_size != size:
         raise SystemExit(f"{path}: input size {det.input_size}, not --input-size {size}")
-    return det, dep
+    return det
 
 
 def main() -> None:
@@ -108,14 +107,15 @@ def main() -> None:
     test = read_sources(cfg.data.roots, "test")
     types = sorted({s.category for s in train_all})
     trained = dict(t.split("=", 1) for t in args.trained if "=" in t)
-    if len(trained) != len(args.trained) or set(trained) - set(types):
-        raise SystemExit(f"--trained takes TYPE=MODEL with TYPE one of {', '.join(types)}: got {args.trained}")
+    if len(trained) != len(args.trained) or set(trained) - set(args.types or types):
+        raise SystemExit(f"--trained takes TYPE=MODEL with TYPE one of the types left out "
+                         f"({', '.join(args.types or types)}): got {args.trained}")
     rows, t0 = [], time.perf_counter()
     for left_out in args.types or types:
         if left_out in trained:
             path = checkpoint_file(trained[left_out], with_training_state=False)
-            judge_det, judge_dep = trained_model(path, left_out, types, args.input_size)
-            model = DeployModel(judge_det, judge_dep)
+            judge_det = trained_model(path, left_out, types, args.input_size)
+            model = DeployModel(judge_det, judge_det.deployment)
         else:
             train, held = split_holdout([s for s in train_all if s.category != left_out], cfg.data.holdout,
                                         cfg.train.seed)
@@ -137,9 +137,8 @@ def main() -> None:
                      "known_flagged_by_type": {k: float(1.0 - got["known"][cats == k].mean())
                                                for k in types if k != left_out}})
         if left_out in trained:  # a trained network's decisions on the type it never saw
-            dcfg = judge_det.cfg
-            rows[-1].update({"model": portable(str(path)), "margin": dcfg.eval.unknown_margin,
-                             "colour_margin": dcfg.eval.colour_margin,
+            rows[-1].update({"model": portable(str(path)), "margin": judge_det.cfg.eval.unknown_margin,
+                             "colour_margin": judge_det.cfg.eval.colour_margin,
                              "unseen_judged_defective": float((got["known"] & got["anomalous"])[mine].mean()),
                              "unseen_passed_as_good": float((got["known"] & ~got["anomalous"])[mine].mean()),
                              "known_defective_caught": float(got["anomalous"][~mine & ~good].mean()),

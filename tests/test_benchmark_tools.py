@@ -1,5 +1,6 @@
-"""Diagnostic benchmark scripts that are more than printing: benchmarks/prompt_sensitivity.py; and the helpers every
-benchmark shares (benchmarks/iad_mix.py)."""
+"""Diagnostic benchmark scripts that are more than printing: benchmarks/prompt_sensitivity.py; the helpers every
+benchmark shares (benchmarks/iad_mix.py); and helpers whose mistakes would go into recorded results
+(prompt_fusion.py's --combine, unknown_types.py's --trained model check)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from onenip.models.detector import Detector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 prompt_sensitivity = pytest.importorskip("prompt_sensitivity")
 iad_mix = pytest.importorskip("iad_mix")
+prompt_fusion = pytest.importorskip("prompt_fusion")
+unknown_types = pytest.importorskip("unknown_types")
 
 TWO = ["bracket", "grain"]  # two generated categories
 
@@ -239,3 +242,46 @@ def test_result_files_name_the_data_folder_not_the_machines_path(monkeypatch: py
                        "textures": str((tmp_path / "data").resolve() / "textures"), "model": "/tmp/m.safetensors"})
     assert json.loads(iad_mix.portable(text)) == {"roots": ["$ONENIP_DATA/iad-mix"], "textures": "$ONENIP_DATA/textures",
                                                    "model": "/tmp/m.safetensors"}
+
+
+def result_file(folder: Path, name: str, betas: list[float], seeds: list[int]) -> Path:
+    """A prompt_fusion.py result file with one model entry per seed."""
+    path = folder / f"{name}.json"
+    models = [{"model": f"runs/{name}-{s}", "train_seed": s,
+               "betas": {str(b): {"mean": {m: 0.5 + 0.01 * s + b for m in prompt_fusion.METRICS}} for b in betas}}
+              for s in seeds]
+    path.write_text(json.dumps({"command": f"python benchmarks/prompt_fusion.py --output {name}.json",
+                                "commit": f"c-{name}", "device": "cpu", "torch": "t", "threads": 2, "betas": betas,
+                                "models": models}))
+    return path
+
+
+def test_combine_keeps_every_model_and_where_it_came_from(tmp_path: Path) -> None:
+    betas = [0.0, 0.25]
+    a = result_file(tmp_path, "a", betas, [133])
+    b = result_file(tmp_path, "b", betas, [134, 135])
+    models, sources = prompt_fusion.combine([str(a), str(b)], betas)
+    assert [m["train_seed"] for m in models] == [133, 134, 135]
+    assert [(s["file"], s["commit"]) for s in sources] == [(str(a), "c-a"), (str(b), "c-b")]
+    summary = prompt_fusion.summarise(models, betas)
+    assert summary["0.0"]["image_auroc"]["mean"] == pytest.approx(0.5 + 0.01 * 134)  # the mean of the three seeds
+    assert summary["0.25"]["image_auroc"]["diff_mean"] == pytest.approx(0.25)
+
+
+def test_combine_refuses_a_file_of_other_betas(tmp_path: Path) -> None:
+    a = result_file(tmp_path, "a", [0.0, 0.25], [133])
+    b = result_file(tmp_path, "b", [0.0, 0.5], [134])
+    with pytest.raises(SystemExit, match="b.json: betas"):
+        prompt_fusion.combine([str(a), str(b)], [0.0, 0.25])
+
+
+def test_trained_model_must_not_know_the_type_left_out(tiny_model: Path) -> None:
+    types = ["disc", "weave", "held"]  # the tiny model knows disc and weave
+    det = unknown_types.trained_model(tiny_model, "held", types, 64)
+    assert det.deployment.categories == ["disc", "weave"]
+    with pytest.raises(SystemExit, match="leaving out disc"):
+        unknown_types.trained_model(tiny_model, "disc", types, 64)  # it was trained on disc
+    with pytest.raises(SystemExit, match="leaving out held"):
+        unknown_types.trained_model(tiny_model, "held", [*types, "other"], 64)  # it lacks another type
+    with pytest.raises(SystemExit, match="not --input-size 224"):
+        unknown_types.trained_model(tiny_model, "held", types, 224)

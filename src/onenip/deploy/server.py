@@ -11,8 +11,8 @@ Endpoints (the interactive documentation, Swagger UI served from local files wit
     GET  /model            product types, input size, thresholds, the model file, the onenip and torch versions.
     GET  /                 a web page: drop or pick images, see each decision, score and overlay.
 
-Requests that arrive together are judged together, in batches (`onenip.deploy.batching.Batcher`); the JSON of an
-answer is `onenip.deploy.answers`'.
+Requests that arrive together are judged together, in batches (`onenip.deploy.batching.Batcher`); what an answer
+holds is built by `onenip.deploy.answers`.
 
 What a request can do is bounded: the body is at most `max_bytes` (413 beyond), only PNG, JPEG, BMP and TIFF data are
 decoded (415 for another Content-Type or format), in memory by onenip's own reader with its pixel limit
