@@ -4,6 +4,7 @@ side by side in one run (issue 27: at most 8 ms per image at batch 1 and at leas
     python benchmarks/line_network.py                                   # every preset below, 2 threads
     python benchmarks/line_network.py --configs default enc2-dec2 --repeats 5 --batch-repeats 2 --batches 8
     python benchmarks/line_network.py --add mine model.hidden_dim=192 model.heads=6 model.ffn_dim=768
+    python benchmarks/line_network.py --configs enc2-dec2 --added 0 4 --fused   # + an added type, + prompt fusion
 
 Each configuration (`PRESETS`, config overrides on top of tf_efficientnet_lite0 with its real offline weights
 (backbone.weights=efficientnet-lite) at 224 px; `--add NAME OVERRIDE...` adds one) is built with an UNTRAINED
@@ -95,6 +96,7 @@ PRESETS: dict[str, list[str]] = {
     "floor": ["model.encoder_layers=0", "model.decoder_layers=1", "model.hidden_dim=64", "model.ffn_dim=128",
               "model.heads=4", "model.refiner_channels=32"],
 }
+FUSED_BETA = 0.25  # --fused: the weight of the prompt map (the time does not depend on it)
 GOAL_MS, GOAL_IMAGES_S = 8.0, 200.0
 """Issue 27: at most this many ms per image at batch 1, at least this many images/s batched."""
 
@@ -129,11 +131,13 @@ def pool_images(types: int, per_type: int, size: int, seed: int = 0) -> np.ndarr
 
 
 def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
-          feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor]:
+          feats: torch.Tensor | None, added: int = 0, fused: bool = False) -> tuple[Path, dict[str, object], torch.Tensor]:
     """An untrained detector of the configuration with a deployment, saved to folder/model.safetensors; its facts
     (parameters, GFLOP) and the pool's features (the backbone is the same for every configuration: computed once).
     `added` > 0: one more type, added from that many random images as `onenip add-type` adds one (its pool entries
-    and stride-8 patches): the deployed model then computes the added type's map for every image."""
+    and stride-8 patches): the deployed model then computes the added type's map for every image. `fused`: prompt-map
+    fusion on every type (beta FUSED_BETA, scale 1), each type's bank made of its pool images' patches as
+    `onenip calibrate --prompt-fusion` makes it: every image then computes its type's prompt map."""
     cfg = make_config(None, [*BASE, *overrides])
     torch.manual_seed(0)
     det = Detector.build(cfg).eval()
@@ -155,6 +159,15 @@ def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
             pool_images=dep.pool_images + [f"random-added-{i}" for i in range(added)],
             thresholds={**dep.thresholds, "added": math.inf}, added_types=["added"],
             prompt_patches={"added": added_type_bank(extra_patches)})
+    if fused:
+        with torch.no_grad():
+            patches = torch.cat([det.features_and_patches(torch.from_numpy(images[i : i + 16]))[1]
+                                 for i in range(0, len(images), 16)])
+        kinds = sorted(set(cats))
+        det.deployment = dataclasses.replace(
+            det.deployment, prompt_fusion=FUSED_BETA, prompt_scales=dict.fromkeys(kinds, 1.0),
+            prompt_patches={**det.deployment.prompt_patches,
+                            **{t: added_type_bank(patches[[i for i, c in enumerate(cats) if c == t]]) for t in kinds}})
     model = DeployModel(det, det.deployment)
     m = cfg.model
     facts = {"overrides": overrides, "hidden_dim": m.hidden_dim, "heads": m.heads, "encoder_layers": m.encoder_layers,
@@ -167,14 +180,15 @@ def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
 
 
 def exported(overrides: list[str], folder: Path, key: dict[str, object], images: np.ndarray, types: int,
-             feats: torch.Tensor | None, added: int = 0) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
+             feats: torch.Tensor | None, added: int = 0,
+             fused: bool = False) -> tuple[Path, dict[str, object], torch.Tensor | None, bool]:
     """folder/bf16.xml of the configuration (exported now, or reused when folder/key.json records the same `key`),
     its facts, the pool's features, and whether it was reused."""
     xml, key_file, facts_file = folder / "bf16.xml", folder / "key.json", folder / "facts.json"
     if xml.is_file() and key_file.is_file() and facts_file.is_file() and json.loads(key_file.read_text()) == key:
         return xml, json.loads(facts_file.read_text()), feats, True
     t = time.perf_counter()
-    checkpoint, facts, feats = build(overrides, folder, images, types, feats, added)
+    checkpoint, facts, feats = build(overrides, folder, images, types, feats, added, fused)
     export_model(checkpoint, "openvino", xml, precision="bf16")
     facts["export_seconds"] = round(time.perf_counter() - t, 1)
     facts_file.write_text(json.dumps(facts, indent=2))
@@ -197,6 +211,9 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=8, help="prompt images per type (eval.prompt_pool)")
     ap.add_argument("--added", type=int, nargs="+", default=[0], metavar="K",
                     help="measure each configuration with a type added from K images as well (0: none; e.g. 0 4 16)")
+    ap.add_argument("--fused", action="store_true",
+                    help="measure each configuration with prompt-map fusion on every type as well (`onenip calibrate "
+                         "--prompt-fusion`: each image computes its type's prompt map)")
     ap.add_argument("--profile", action="store_true", help="OpenVINO per-layer-type and per-part times at batch 1")
     ap.add_argument("--work", help="keep the checkpoints and exports here, and reuse them (default: a temporary folder)")
     ap.add_argument("--output", default=str(REPO / "runs" / "line-network"))
@@ -218,13 +235,16 @@ def main() -> None:
         feats = None
         files: dict[str, Path] = {}
         facts: dict[str, dict] = {}
-        measured = [(f"{name}+added{k}" if k else name, name, overrides, k)
+        measured = [(f"{name}+added{k}" if k else name, name, overrides, k, False)
                     for name, overrides in configs.items() for k in args.added]
-        for name, preset, overrides, k in measured:
+        measured += [(f"{name}+fused", name, overrides, 0, True) for name, overrides in configs.items()
+                     if args.fused]
+        for name, preset, overrides, k, fused in measured:
             key = {"base": BASE, "overrides": overrides, "types": args.types, "pool": args.pool, "code": code,
-                   "added": k}
-            files[name], f, feats, reused = exported(overrides, work / name, key, images, args.types, feats, k)
-            facts[name] = {**f, "preset": preset, "added_images": k, "reused_export": reused}
+                   "added": k, **({"fused": FUSED_BETA} if fused else {})}
+            files[name], f, feats, reused = exported(overrides, work / name, key, images, args.types, feats, k, fused)
+            facts[name] = {**f, "preset": preset, "added_images": k, "prompt_fusion": FUSED_BETA if fused else 0.0,
+                           "reused_export": reused}
             done = "export reused" if reused else f"built and exported in {f['export_seconds']} s"
             print(f"{name}: {done}, network "
                   f"{f['network_params'] / 1e6:.2f} M parameters, {f['gflop_per_image']['total']:.2f} GFLOP/image "

@@ -1,35 +1,29 @@
 """Does fusing the training-free prompt map into the learned map of TRAINED product types help?
 
 A product type added after training (`onenip add-type`) is scored by `onenip.models.scoring.prompt_map`: each query
-patch's distance to the nearest patch of the type's prompt-pool images (the frozen backbone's locally aware stride-8
-patches, `prompt_distances`), upsampled and smoothed. (The recorded run, docs/results/prompt-fusion-cpu, measured the
-earlier map: the cosine distance of the stride-16 features, upsampled without smoothing.) This benchmark asks whether
-the same map, fused into the learned map of the types the model WAS trained on, raises image AUROC and AUPRO without costing pixel AP:
+patch's distance to the nearest patch of the type's prompt images (the frozen backbone's locally aware stride-8
+patches, `prompt_distances`), upsampled and smoothed. Prompt-map fusion (`eval.prompt_fusion`, `onenip calibrate
+--prompt-fusion BETA`) fuses the same map into the learned map of the types the model WAS trained on:
 
     map(beta) = (1 - beta) * learned + beta * s_k * prompt
 
 * learned: the model's fused map (alpha * rec + (1 - alpha) * c * ref), exactly as `evaluate` computes it in the clean
   protocol (prompt retrieved from the pool drawn as the deployment's, c from normal training images);
-* prompt: the prompt map of the retrieved type's bank of prompt-pool patches, computed by `infer_batches` as it is
-  for a type added after training (every type of the model is marked as added for that pass only; the learned maps
-  of the same pass are unaffected);
-* s_k: brings the prompt map to the learned map's scale, per product type k (applied by the RETRIEVED type, as a
-  deployed model would), from normal TRAINING images only: the ratio of the means of the per-image maxima of the two
-  maps over the eval.fusion_images normal training images per category that the clean fusion constant uses (the same
-  draw, outside the prompt pool);
-* image score `scoring.image_scores` and the seven metrics per category through `evaluate.category_metrics`; means
-  over categories as `Results.mean`.
+* prompt: the prompt map of the retrieved type's bank of prompt-pool patches;
+* s_k: per product type k (applied by the RETRIEVED type, as a deployed model would), from normal TRAINING images
+  only: the ratio of the means of the per-image maxima of the two maps over the eval.fusion_images normal training
+  images per category that the clean fusion constant uses (the same draw, outside the prompt pool).
 
-beta = 0 is the model's ordinary evaluation: the script runs `evaluate` too and records the largest difference.
+Banks and scales are the library's (`onenip.evaluation.calibration.with_prompt_fusion`, what fit and calibrate
+build); this script computes each test image's two maps once and scores every beta from them, with the seven metrics
+per category through `evaluate.category_metrics` and means over categories as `Results.mean`. Two checks are
+recorded: beta = 0 against the model's ordinary `evaluate`, and the deployment built at --deployed BETA (thresholds
+and all, as `onenip calibrate --prompt-fusion BETA` builds it) evaluated by `evaluate` against the beta column.
 
-    python benchmarks/prompt_fusion.py --models runs/prompt-fusion-cpu/cpu-row5-seed{1,2,3} \\
-        --output docs/results/prompt-fusion-cpu/prompt-fusion-stride8-cpu.json --threads 2
+    python benchmarks/prompt_fusion.py --models runs/line-cpu/run --output OUT.json --threads 2
 
 `--combine A.json B.json ...` summarises the models of earlier result files together (one run per model, e.g. as
 each finished training), recording each file's command, commit and device.
-
-(the models: `python benchmarks/ablation.py --rows 5 --seeds 1 2 3 ...` at the 64 px CPU stand-in settings of
-docs/benchmarks.md, output under runs/prompt-fusion-cpu; each run folder keeps its model.safetensors.)
 """
 
 from __future__ import annotations
@@ -42,7 +36,6 @@ import shlex
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +50,12 @@ from iad_mix import category_mean, device_name, git_commit, portable  # noqa: E4
 
 from onenip.api import make_config  # noqa: E402
 from onenip.checkpoint import atomic_write_text, checkpoint_file  # noqa: E402
+from onenip.evaluation.calibration import with_prompt_fusion  # noqa: E402
 from onenip.evaluation.evaluate import (  # noqa: E402
     METRICS,
     category_metrics,
     evaluate,
-    features_and_patches_of,
+    fusion_samples,
     infer_batches,
     prompt_setup,
     read_test,
@@ -69,65 +63,32 @@ from onenip.evaluation.evaluate import (  # noqa: E402
 )
 from onenip.logs import progress_bar  # noqa: E402
 from onenip.models.detector import Detector, set_threads  # noqa: E402
-from onenip.models.prompts import PromptPool, pool_samples  # noqa: E402
-from onenip.models.scoring import added_type_bank, fuse  # noqa: E402
+from onenip.models.prompts import PromptPool  # noqa: E402
+from onenip.models.scoring import fuse  # noqa: E402
 from onenip.report.page import METRIC_NAMES  # noqa: E402
 
 BETAS = (0.0, 0.1, 0.25, 0.5, 1.0)
 NAMES = dict(zip(METRICS, METRIC_NAMES))
 
 
-@contextmanager
-def all_types_added(detector: Detector, cfg, pool: PromptPool):
-    """Within the block the detector's deployment lists every type as added, with the patches of its pool images, so
-    that `infer_batches` yields each image's prompt map (that of its retrieved type) besides its learned maps;
-    restored after."""
-    dep = detector.deployment
-    patches = features_and_patches_of(detector, pool.samples, cfg)[1]
-    per_type = {t: added_type_bank(patches[[i for i, s in enumerate(pool.samples) if s.category == t]])
-                for t in dep.categories}
-    detector.deployment = dataclasses.replace(dep, added_types=list(dep.categories), prompt_patches=per_type)
-    try:
-        yield
-    finally:
-        detector.deployment = dep
-
-
 @torch.no_grad()
 def learned_and_prompt(detector: Detector, cfg, samples, pool: PromptPool, scale: float | None) -> dict[str, Any]:
-    """For `samples`: the learned fused map and the prompt map (N, S, S) each, masks, has_mask and the retrieved type."""
+    """For `samples`: the learned fused map and the prompt map (N, S, S) each, masks, has_mask and the retrieved type
+    (the detector's deployment must fuse every trained type: `infer_batches` then yields each image's prompt map)."""
     n, size = len(samples), cfg.data.input_size
     out = {"learned": np.empty((n, size, size), np.float32), "prompt": np.empty((n, size, size), np.float32),
            "masks": np.zeros((n, size, size), bool), "has_mask": np.zeros(n, bool), "retrieved": [None] * n}
     has_ref = detector.net.refiner is not None
     bar = progress_bar(total=0, desc="maps", unit="batch", disable=True)
-    with all_types_added(detector, cfg, pool):
-        for pos, m, mask, hm, got, _sim, _dist, added in infer_batches(detector, cfg, samples, pool, None, bar):
-            fused = fuse(m.rec, m.ref, cfg.eval.fusion_alpha, scale) if has_ref else m.rec  # as evaluate_category
-            assert added is not None and bool(added[0].all())
-            out["learned"][pos] = fused.cpu().numpy()
-            out["prompt"][pos] = added[1].cpu().numpy()
-            out["masks"][pos], out["has_mask"][pos] = mask.numpy(), hm.numpy()
-            for p, g in zip(pos, got):
-                out["retrieved"][p] = g
+    for pos, m, mask, hm, got, _sim, _dist, prompt in infer_batches(detector, cfg, samples, pool, None, bar):
+        fused = fuse(m.rec, m.ref, cfg.eval.fusion_alpha, scale) if has_ref else m.rec  # as evaluate_category
+        assert prompt is not None and bool((prompt[0][:, 1] > 0).all())
+        out["learned"][pos] = fused.cpu().numpy()
+        out["prompt"][pos] = prompt[1].cpu().numpy()
+        out["masks"][pos], out["has_mask"][pos] = mask.numpy(), hm.numpy()
+        for p, g in zip(pos, got):
+            out["retrieved"][p] = g
     bar.close()
-    return out
-
-
-def type_scales(detector: Detector, cfg, train, pool: PromptPool, scale: float | None) -> dict[str, Any]:
-    """Per type: s = mean of the per-image maxima of the learned map / that of the prompt map, over the normal training
-    images the clean fusion constant is drawn from (eval.fusion_images per category, outside the prompt pool)."""
-    exclude = {s.image for s in pool.samples}
-    samples = pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude=exclude)  # train_fusion_scale's
-    maps = learned_and_prompt(detector, cfg, samples, pool, scale)
-    out: dict[str, Any] = {}
-    for cat in sorted({s.category for s in samples}):
-        ix = [i for i, s in enumerate(samples) if s.category == cat]
-        lmax = maps["learned"][ix].reshape(len(ix), -1).max(1)
-        pmax = maps["prompt"][ix].reshape(len(ix), -1).max(1)
-        out[cat] = {"scale": float(lmax.mean() / pmax.mean()), "images": len(ix),
-                    "learned_max_mean": float(lmax.mean()), "prompt_max_mean": float(pmax.mean()),
-                    "retrieved_right": int(sum(maps["retrieved"][i] == cat for i in ix))}
     return out
 
 
@@ -138,10 +99,13 @@ def max_abs_difference(cats: dict[str, dict[str, float]], ref: dict[str, dict[st
                if r["fused"][m] is not None and not math.isnan(r["fused"][m]))
 
 
-def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
+def run_model(path: str, betas: list[float], threads: int, deployed: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt = checkpoint_file(path, with_training_state=False)
     detector = Detector.load(ckpt).to("cpu").eval()
+    if detector.deployment.prompt_fusion:
+        raise SystemExit(f"{path} fuses its prompt maps already (beta {detector.deployment.prompt_fusion}); give the "
+                         "model without (`onenip calibrate MODEL --prompt-fusion 0 --output NEW`)")
     set_threads(threads)
     cfg = make_config(detector.cfg, ["eval.protocol=clean", "eval.prompts=1", "eval.maps=[fused]"])
     ordinary = evaluate(detector, cfg, progress=False)  # the model's ordinary evaluation (beta = 0 must equal it)
@@ -150,9 +114,13 @@ def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
     test, _ = read_test(detector, cfg)
     pool, _, train = prompt_setup(detector, cfg, test)
     scale = train_fusion_scale(detector, train, pool, cfg) if detector.net.refiner is not None else None
-    scales = type_scales(detector, cfg, train, pool, scale)
+    plain = detector.deployment
+    both = with_prompt_fusion(detector, plain, pool.samples, fusion_samples(train, pool.samples, cfg), 1.0, cfg)
+    detector.deployment = both  # beta 1: infer_batches yields every image's prompt map beside its learned one
     maps = learned_and_prompt(detector, cfg, test, pool, scale)
-    s_img = np.array([scales[r]["scale"] for r in maps["retrieved"]], np.float32)[:, None, None]
+    detector.deployment = plain
+    scales = both.prompt_scales
+    s_img = np.array([scales[r] for r in maps["retrieved"]], np.float32)[:, None, None]
     labels_all = np.array([s.label for s in test])
     groups = {}  # per category: its test images' indices, labels and masks (None: not every defective one has one)
     for cat in sorted({s.category for s in test}):
@@ -173,8 +141,17 @@ def run_model(path: str, betas: list[float], threads: int) -> dict[str, Any]:
              "fusion_scale_ordinary": ordinary.fusion_scale, "prompt_scales": scales,
              "retrieval_accuracy": float(np.mean([r == s.category for r, s in zip(maps["retrieved"], test)])),
              "ordinary": {"categories": {c: v["fused"] for c, v in ref.items()}, "mean": ordinary.mean("fused")},
-             "beta0_max_abs_difference": diff, "betas": per_beta,
-             "seconds": {"ordinary_evaluation": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)}}
+             "beta0_max_abs_difference": diff, "betas": per_beta}
+    if deployed is not None:  # the deployment calibrate builds at this beta, evaluated as `onenip test` evaluates it
+        t1 = time.perf_counter()
+        detector.deployment = dataclasses.replace(both, prompt_fusion=deployed)
+        built = evaluate(detector, make_config(cfg, [f"eval.prompt_fusion={deployed}"]), progress=False)
+        detector.deployment = plain
+        entry["deployed"] = {"beta": deployed, "mean": built.mean("fused"),
+                             "max_abs_difference": max_abs_difference(per_beta[str(deployed)]["categories"],
+                                                                      built.categories),
+                             "seconds": round(time.perf_counter() - t1, 1)}
+    entry["seconds"] = {"ordinary_evaluation": round(t_eval, 1), "total": round(time.perf_counter() - t0, 1)}
     # the same model's evaluation written by ablation.py at training time (clean, K = 1), when it is there
     report = ckpt.parent.parent / f"{ckpt.parent.name}.json"
     if report.is_file():
@@ -247,15 +224,21 @@ def main() -> None:
                       help="result files of earlier runs (same betas): their models summarised together")
     ap.add_argument("--betas", type=float, nargs="+", default=list(BETAS), help="fusion weights; the first is the base")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--deployed", type=float, default=0.25, metavar="BETA",
+                    help="also evaluate the deployment built at this beta (one of --betas; default 0.25) and record "
+                         "its largest difference to the beta column")
     ap.add_argument("--output", default=str(REPO / "runs" / "prompt-fusion.json"))
     args = ap.parse_args()
+    if args.deployed is not None and args.deployed not in args.betas:
+        ap.error(f"--deployed {args.deployed} is not among --betas {args.betas}")
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     models, sources = combine(args.combine or [], args.betas)
     for path in args.models or []:
-        entry = run_model(path, args.betas, args.threads)
+        entry = run_model(path, args.betas, args.threads, args.deployed)
         models.append(entry)
-        print(f"{path}: beta0 vs evaluate max |diff| {entry['beta0_max_abs_difference']}, "
+        print(f"{path}: beta0 vs evaluate max |diff| {entry['beta0_max_abs_difference']}, deployed beta "
+              f"{args.deployed} vs its column {entry.get('deployed', {}).get('max_abs_difference')}, "
               f"{entry['seconds']['total']} s; " + "; ".join(
                   f"beta {b}: I-AUROC {100 * entry['betas'][str(b)]['mean']['image_auroc']:.2f} "
                   f"P-AP {100 * entry['betas'][str(b)]['mean']['pixel_ap']:.2f} "
@@ -267,9 +250,10 @@ def main() -> None:
               "commit_note": "HEAD when the script started; the working tree may hold uncommitted changes by others",
               "device": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": args.threads,
               "betas": args.betas,
-              "scale_rule": "per type k: mean over eval.fusion_images normal training images of category k (the clean "
-                            "fusion constant's draw, outside the prompt pool) of max(learned map) / the same of "
-                            "max(prompt map); applied by each test image's retrieved type",
+              "scale_rule": "onenip.evaluation.calibration.with_prompt_fusion: per type k, mean over eval.fusion_images "
+                            "normal training images of category k (the clean fusion constant's draw, outside the prompt "
+                            "pool) of max(learned map) / the same of max(prompt map); applied by each test image's "
+                            "retrieved type",
               "models": models, "summary": summary, "summary_markdown": table}
     if sources:
         report["combined_from"] = sources

@@ -252,8 +252,8 @@ def test_a_model_with_a_bank_says_so_in_its_layout_version(model: Path, gen_data
     with safe_open(str(out), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     newer = tmp_path / "newer.safetensors"
-    save_file(tensors, str(newer), metadata={"onenip": json.dumps({**meta(out), "version": 3})})
-    with pytest.raises(CheckpointError, match="checkpoint version 3 is newer than this onenip"):
+    save_file(tensors, str(newer), metadata={"onenip": json.dumps({**meta(out), "version": 4})})
+    with pytest.raises(CheckpointError, match="checkpoint version 4 is newer than this onenip"):
         Detector.load(newer)
 
 

@@ -139,15 +139,17 @@ def test_prompt_distances_sum_each_taps_nearest_euclidean_distance() -> None:
     assert got.shape == (2, 16) and torch.allclose(got, want, atol=1e-4)
     import onenip.models.scoring as scoring
 
-    chunk, scoring.BANK_CHUNK = scoring.BANK_CHUNK, 3  # the bank compared in chunks of 3, 3 and 1 patches
-    try:
-        assert torch.allclose(prompt_distances(query, bank[None], zero, widths), want, atol=1e-4)
-    finally:
-        scoring.BANK_CHUNK = chunk
     padded = pad_banks([bank, bank[:3]])  # (2, 7, C'): the second type's 3 patches repeated
     mixed = prompt_distances(query, padded, torch.tensor([1, 0]), widths)  # query 0 against bank 1, query 1 bank 0
     assert torch.allclose(mixed[0], prompt_distances(query[:1], bank[:3][None], zero[:1], widths)[0], atol=1e-6)
     assert torch.allclose(mixed[1], want[1], atol=1e-4)
+    chunk, scoring.BANK_CHUNK = scoring.BANK_CHUNK, 3  # the banks compared in chunks of 3, 3 and 1 patches
+    try:
+        assert torch.allclose(prompt_distances(query, bank[None], zero, widths), want, atol=1e-4)
+        assert torch.allclose(prompt_distances(query, padded, torch.tensor([1, 0]), widths), mixed, atol=1e-6)
+        assert torch.allclose(prompt_distances(query, padded, torch.tensor([-1, 0]), widths)[1], want[1], atol=1e-4)
+    finally:
+        scoring.BANK_CHUNK = chunk
 
 
 def test_bank_size_keeps_a_quarter_but_one_image_at_least_and_four_at_most() -> None:

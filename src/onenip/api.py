@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,13 @@ from onenip.config import Config, load_config, merge_dict, validate
 from onenip.deploy.predictor import expand_inputs
 from onenip.errors import CheckpointError, ConfigError
 from onenip.evaluation.calibration import add_type as _add_type
-from onenip.evaluation.calibration import check_colour_margin, check_far, check_one_method, recalibrate
+from onenip.evaluation.calibration import (
+    check_colour_margin,
+    check_far,
+    check_one_method,
+    check_prompt_fusion,
+    recalibrate,
+)
 from onenip.evaluation.evaluate import Results, evaluate, write_results
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector, resolve_device, set_threads
@@ -115,17 +122,27 @@ def _rewrite_deployment(checkpoint: str | Path, output: str | Path | None,
 
 def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
               output: str | Path | None = None, skip_bad: bool = False,
-              colour_margin: float | None = None) -> tuple[Path, Deployment, Deployment | None]:
+              colour_margin: float | None = None,
+              prompt_fusion: float | None = None) -> tuple[Path, Deployment, Deployment | None]:
     """Set a trained model's thresholds again, at false alarm rate `far` (default: its eval.far) on the normal images
     held out of its training, or F1-optimal on the labelled validation roots `val_roots` (not both: a ConfigError
     before anything is loaded); see `onenip.evaluation.calibration.recalibrate`. The model is written in place
     (atomically) unless `output` is given. Returns the written path, the new deployment and the previous one (None for
-    a model saved without one). `colour_margin`: the colour check's margin (0: off; see `recalibrate`)."""
+    a model saved without one). `colour_margin`: the colour check's margin (0: off; see `recalibrate`).
+    `prompt_fusion`: prompt-map fusion on the trained types at this beta (0: off), the model's eval.prompt_fusion
+    with it, before the thresholds are set."""
     check_one_method(far, val_roots)
     check_colour_margin(colour_margin)
-    return _rewrite_deployment(checkpoint, output,
-                               lambda detector: recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad,
-                                                            colour_margin=colour_margin))
+    check_prompt_fusion(prompt_fusion)
+
+    def change(detector: Detector) -> Deployment:
+        dep = recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad, colour_margin=colour_margin,
+                          prompt_fusion=prompt_fusion)
+        cfg = detector.cfg
+        detector.cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompt_fusion=dep.prompt_fusion))
+        return dep
+
+    return _rewrite_deployment(checkpoint, output, change)
 
 
 def add_type(checkpoint: str | Path, name: str, images: Sequence[str | Path], normal: Sequence[str | Path] = (),

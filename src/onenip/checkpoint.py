@@ -30,9 +30,11 @@ from onenip.config import Config, config_from_dict
 from onenip.errors import CheckpointError, ConfigError
 
 FORMAT = "onenip-checkpoint"
-VERSION = 2  # the newest layout this onenip reads and writes; a file is written with the oldest that holds it
+VERSION = 3  # the newest layout this onenip reads and writes; a file is written with the oldest that holds it
 # 1: everything but what 2 adds; 2: an added type's prompt patches stored as a bank of rows (M, C') (earlier onenip
-# stored them as (K, C', G, G) and cannot read the bank: such a file says 2, so that it refuses it by name)
+# stored them as (K, C', G, G) and cannot read the bank: such a file says 2, so that it refuses it by name);
+# 3: prompt-map fusion on trained types (eval.prompt_fusion > 0: banks of trained types and their weights, which an
+# earlier onenip would ignore, judging the learned map alone by thresholds set on the fused one)
 
 
 def _umask() -> int:
@@ -111,9 +113,12 @@ def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> di
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _layout_version(deploy: dict[str, Tensor]) -> int:
-    """The oldest layout version that holds `deploy`: 2 with an added type's bank of rows, else 1 (what every
-    earlier onenip reads)."""
+def _layout_version(deploy: dict[str, Tensor], extra: dict[str, Any]) -> int:
+    """The oldest layout version that holds the deployment's tensors `deploy` and metadata (extra["deployment"]): 3
+    with prompt-map fusion on trained types, 2 with an added type's bank of rows, else 1 (what every earlier onenip
+    reads)."""
+    if float(extra.get("deployment", {}).get("prompt_fusion", 0.0)) > 0:
+        return 3
     banks = [v for k, v in deploy.items() if k.startswith("prompt_patches.") and v.ndim == 2]
     return 2 if banks else 1
 
@@ -126,7 +131,7 @@ def save_checkpoint(path: str | Path, ckpt: CheckpointState) -> Path:
     tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in ckpt.backbone.items()})
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "version": _layout_version(ckpt.deploy),
+        "version": _layout_version(ckpt.deploy, ckpt.extra),
         "config": ckpt.config.to_dict(),
         "epoch": ckpt.epoch,
         "step": ckpt.step,

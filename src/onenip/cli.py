@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the colour half of the unknown-type check at this margin (each type's limit is M x the "
                           "largest colour distance of one of its normal images to the others); 0 turns it off "
                           "(default: as the model has it)")
+    cal.add_argument("--prompt-fusion", type=float, metavar="BETA",
+                     help="fuse each trained type's prompt map (the map of a type added without training) into its "
+                          "learned map with weight BETA in [0, 1] (banks and scales from the model's prompt-pool and "
+                          "training images), then set the thresholds on the fused maps; 0 turns it off (default: as "
+                          "the model has it)")
     cal.add_argument("--skip-bad", action="store_true", help="leave out unreadable images")
 
     add = sub.add_parser("add-type", help="add a product type to a trained model from a few normal images, no training",
@@ -434,8 +439,13 @@ def _run(args: argparse.Namespace) -> int:
             from onenip.api import calibrate
 
             path, after, before = calibrate(args.checkpoint, far=args.far, val_roots=args.val, output=args.output,
-                                            skip_bad=args.skip_bad, colour_margin=args.colour_margin)
+                                            skip_bad=args.skip_bad, colour_margin=args.colour_margin,
+                                            prompt_fusion=args.prompt_fusion)
             print(_calibration_table(before, after))
+            if args.prompt_fusion is not None:
+                fused = after.fused_types
+                print(f"prompt-map fusion at beta {after.prompt_fusion:g} on {len(fused)} trained types"
+                      + (f" (scales {', '.join(f'{t} {after.prompt_scales[t]:.3g}' for t in fused)})" if fused else ""))
             had = bool(before is not None and before.colour_models)
             if after.colour_models and not had:
                 print(f"colour check added: {len(after.colour_models)} types, from their training images")

@@ -415,6 +415,13 @@ class EvalConfig:
         "exceeds this many times the largest type distance of that type's training images is reported as of an unknown "
         "type instead of being judged; 0 turns the check off.",
     )
+    prompt_fusion: float = Field(
+        0.0, ge=0, le=1, description="Prompt-map fusion on trained types, beta (beyond the paper): each trained type's "
+        "map becomes (1 - beta) x the learned map + beta x s_k x its prompt map (each patch's distance to the nearest "
+        "patch of the type's prompt-pool images, the map of a type added without training), s_k bringing it to the "
+        "learned map's scale on normal training images. Set at fit, or on a trained model by `onenip calibrate "
+        "--prompt-fusion BETA`; 0 is the paper's map. It costs the prompt map's search per image.",
+    )
     colour_margin: float = Field(
         1.5, ge=0, description="Unknown products by colour: an image whose median colour lies farther from its product "
         "type's normal colours (Mahalanobis distance) than this many times the largest distance of that type's training "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,13 @@ from torch import Tensor
 from onenip.data import Sample, group_by_category, load_split, validate_samples
 from onenip.data.tensors import SampleImages
 from onenip.errors import ConfigError, DatasetError, OnenipWarning
-from onenip.evaluation.evaluate import build_prompt_pool, features_and_patches_of, train_fusion_scale
+from onenip.evaluation.evaluate import (
+    build_prompt_pool,
+    features_and_patches_of,
+    fusion_samples,
+    prompt_source,
+    train_fusion_scale,
+)
 from onenip.evaluation.metrics import f1_max
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
@@ -108,17 +114,20 @@ def split_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[li
 
 
 @torch.no_grad()
-def deployment_outputs(model: DeployModel, samples: list[Sample], batch_size: int, key: str, workers: int = 0,
+def deployment_outputs(model: DeployModel, samples: list[Sample], batch_size: int,
+                       key: str | Callable[[dict[str, Tensor]], Tensor], workers: int = 0,
                        own_type: bool = False) -> dict[str, np.ndarray]:
-    """Output `key` of the deployed model for `samples`, grouped by their TRUE category. `own_type`: each image is
-    given its own product type (no retrieval)."""
+    """Output `key` of the deployed model for `samples` (or what `key`, a function of the outputs, makes of them: one
+    value per image), grouped by their TRUE category. `own_type`: each image is given its own product type (no
+    retrieval)."""
+    pick = key if callable(key) else (lambda out: out[key])
     loader = torch.utils.data.DataLoader(SampleImages(samples, model.size), batch_size=batch_size, num_workers=workers)
     dev = model.pool_feats.device
     index = {c: i for i, c in enumerate(model.categories)}
     values: list[np.ndarray] = []
     for b in loader:
         given = torch.tensor([index[samples[i].category] for i in b["index"].tolist()], device=dev) if own_type else None
-        values.append(model(b["image"].to(dev), given)[key].float().cpu().numpy())
+        values.append(pick(model(b["image"].to(dev), given)).float().cpu().numpy())
     out: dict[str, list[float]] = {}
     for s, v in zip(samples, np.concatenate(values) if values else []):
         out.setdefault(s.category, []).append(float(v))
@@ -211,11 +220,100 @@ def colour_models(stats: dict[str, np.ndarray], margin: float) -> tuple[dict[str
     return models, info
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt-map fusion on trained types
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def pool_banks(detector: Detector, pool: list[Sample], cfg) -> dict[str, Tensor]:
+    """Per type of the prompt-pool images `pool`, the bank of their patches (`scoring.added_type_bank`, as an added
+    type's from its K prompt images): what its prompt map compares a query with."""
+    patches = features_and_patches_of(detector, pool, cfg)[1]  # (P, C', G, G)
+    return {t: added_type_bank(patches[[i for i, s in enumerate(pool) if s.category == t]]).cpu()
+            for t in sorted({s.category for s in pool})}
+
+
+def _map_maximum(out: dict[str, Tensor]) -> Tensor:
+    return out["map"].flatten(1).amax(dim=1)
+
+
+@torch.no_grad()
+def with_prompt_fusion(detector: Detector, dep: Deployment, pool: list[Sample], normal: list[Sample], beta: float,
+                       cfg) -> Deployment:
+    """`dep` with prompt-map fusion at `beta` on its trained types: each one's map becomes (1 - beta) x the learned
+    map + beta x s_k x its prompt map. Its bank comes from its prompt-pool images `pool` (`pool_banks`); s_k brings
+    the prompt map to the learned map's scale: the mean of the learned map's per-image maxima over the mean of the
+    prompt map's, on the normal training images `normal` of the type (`fusion_samples`, those the fusion constant is
+    set on), each judged as the deployed model judges it (by the type it retrieves). A type without such images, or
+    whose prompt map is zero on them, is not fused (with a warning). The thresholds are not set here: they must be
+    set on the fused maps after it."""
+    trained = [t for t in dep.categories if t not in dep.added_types]
+    banks = pool_banks(detector, [s for s in pool if s.category in trained], cfg)
+    probe = dataclasses.replace(dep, prompt_patches={**dep.prompt_patches, **banks},
+                                prompt_scales={t: 1.0 for t in banks})
+    dev = dep.pool_feats.device
+    normal = [s for s in normal if s.category in banks]
+    maxima = [deployment_outputs(DeployModel(detector, dataclasses.replace(probe, prompt_fusion=b)).to(dev), normal,
+                                 cfg.eval.batch_size, _map_maximum) for b in (0.0, 1.0)]  # the learned, the prompt map
+    scales, left = {}, []
+    for t in banks:
+        learned, prompt = (float(np.mean(m[t])) if len(m.get(t, [])) else 0.0 for m in maxima)
+        if prompt > 0 and learned > 0:
+            scales[t] = learned / prompt
+        else:
+            left.append(t)
+    if left:
+        warnings.warn(f"prompt-map fusion leaves out {', '.join(left)}: no normal training images outside the prompt "
+                      "pool to set its scale on, or a map that is zero on them; their learned map stays alone",
+                      OnenipWarning, stacklevel=2)
+    return dataclasses.replace(dep, prompt_fusion=beta, prompt_scales=scales,
+                               prompt_patches={**dep.prompt_patches, **{t: banks[t] for t in scales}})
+
+
+def check_prompt_fusion(beta: float | None) -> None:
+    """Raise ConfigError unless prompt-map fusion's beta (None: not given) is in [0, 1], checked before a model is
+    loaded (`onenip.api.calibrate`) and by `recalibrate`."""
+    if beta is not None and not 0 <= beta <= 1:
+        raise ConfigError(f"--prompt-fusion (the prompt map's weight) must be in [0, 1] (0: the learned map alone), "
+                          f"got {beta}")
+
+
+def set_prompt_fusion(detector: Detector, dep: Deployment, beta: float, skip_bad: bool = False) -> Deployment:
+    """`dep` fusing its trained types' prompt maps at `beta` (`with_prompt_fusion`), for `recalibrate`: 0 drops their
+    banks and scales; a model that has them for every trained type only changes beta; otherwise they are built from
+    its prompt-pool images and its training images (both must be readable: a DatasetError names what is not)."""
+    trained = [t for t in dep.categories if t not in dep.added_types]
+    if beta == 0:
+        return dataclasses.replace(dep, prompt_fusion=0.0, prompt_scales={},
+                                   prompt_patches={t: p for t, p in dep.prompt_patches.items() if t in dep.added_types})
+    if all(t in dep.prompt_patches and t in dep.prompt_scales for t in trained):
+        return dataclasses.replace(dep, prompt_fusion=beta)
+    cfg = dataclasses.replace(detector.cfg, data=dataclasses.replace(detector.cfg.data, skip_bad=skip_bad))
+    pool = [Sample(Path(p), c, 0, "good", None, "train") for p, c in zip(dep.pool_images, dep.pool_categories)
+            if c in trained]
+    missing = [str(s.image) for s in pool if not s.image.is_file()]
+    if missing:
+        raise DatasetError(f"prompt-map fusion needs the model's prompt-pool images, and {len(missing)} of them are "
+                           f"not there: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    try:
+        train = prompt_source(detector, cfg)
+    except DatasetError as exc:
+        raise DatasetError(f"prompt-map fusion sets its scales on the model's training images, which cannot be read: "
+                           f"{exc}") from None
+    return with_prompt_fusion(detector, dep, pool, fusion_samples(train, pool, cfg), beta, cfg)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The deployment built after training
+# --------------------------------------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def build_deployment(detector: Detector, train: list[Sample], holdout: list[Sample], far: float,
                      cfg=None) -> Deployment:
-    """Prompt pool and fusion constant from training images; thresholds at false-alarm rate `far` from the held-out
-    normal images (from the training images themselves, with a warning, for categories without held-out images)."""
+    """Prompt pool and fusion constant from training images, with prompt-map fusion when cfg.eval.prompt_fusion > 0
+    (`with_prompt_fusion`); thresholds at false-alarm rate `far` from the held-out normal images (from the training
+    images themselves, with a warning, for categories without held-out images)."""
     cfg = cfg or detector.cfg
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompts=1))  # DeployModel uses the best prompt
     detector.eval()
@@ -226,6 +324,9 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
         fusion_scale=scale, thresholds={c: math.inf for c in set(pool.categories)},
         alpha=cfg.eval.fusion_alpha, score_kernel=cfg.eval.score_kernel,
     )
+    if cfg.eval.prompt_fusion > 0:  # before the thresholds, which are set on the fused maps
+        dep = with_prompt_fusion(detector, dep, pool.samples, fusion_samples(train, pool.samples, cfg),
+                                 cfg.eval.prompt_fusion, cfg)
     model = DeployModel(detector, dep).to(pool.feats.device)
     held_cats = {s.category for s in holdout}
     missing = sorted(set(pool.categories) - held_cats)
@@ -282,7 +383,8 @@ def check_one_method(far: float | None, val_roots: Sequence[str | Path] | None) 
 
 @torch.no_grad()
 def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequence[str | Path] | None = None,
-                skip_bad: bool = False, colour_margin: float | None = None) -> Deployment:
+                skip_bad: bool = False, colour_margin: float | None = None,
+                prompt_fusion: float | None = None) -> Deployment:
     """New thresholds for a trained model: F1-optimal on a labelled validation set (`val_roots`, read like test data:
     normal and defective images), or at false-alarm rate `far` (default: the model's eval.far) on the images held out
     of its training. The two are different methods: giving both is a ConfigError (`check_one_method`), not one of them
@@ -294,8 +396,10 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     gains it here (`colour_models` from its training images, as `fit` builds them) when its eval.colour_margin is
     above 0. `colour_margin` sets the colour check's margin instead: 0 turns it off, another value rescales every
     type's limit to it (the limit is margin x a distance of the type's own images), building the models first for a
-    model without them."""
+    model without them. `prompt_fusion` sets prompt-map fusion on the trained types at that beta (0: off;
+    `set_prompt_fusion`) before the thresholds, which are then set on the new maps."""
     check_colour_margin(colour_margin)
+    check_prompt_fusion(prompt_fusion)
     check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
@@ -303,6 +407,9 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
         train, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
         train, _ = split_holdout(train, cfg.data.holdout, cfg.train.seed)
         dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
+    fusion_before = dep.prompt_fusion
+    if prompt_fusion is not None and prompt_fusion != dep.prompt_fusion:
+        dep = set_prompt_fusion(detector, dep, prompt_fusion, skip_bad)
     model = DeployModel(detector, dep).to(dep.pool_feats.device)
     if val_roots:
         val, _ = load_split([str(r) for r in val_roots], "test", None, skip_bad, labelled_only=True)  # no train/ needed
@@ -332,13 +439,18 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
                                          "held-out training images")
     kept = {c: dep.thresholds[c] for c in dep.categories if c not in thresholds}
     if kept:
-        warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged",
+        moved = sorted(set(kept) - set(dep.added_types)) if dep.prompt_fusion != fusion_before else []
+        warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged"
+                      + (f" (for {', '.join(moved)} set on the map before prompt-map fusion changed from "
+                         f"{fusion_before:g} to {dep.prompt_fusion:g}: recalibrate them with --val)" if moved else ""),
                       OnenipWarning, stacklevel=2)
-    # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later, and an
-    # added type keeps the list of its images
+    # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later (new ones
+    # replace them; after the map changed, old ones are dropped), and an added type keeps the list of its images
     type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from", *COLOUR_KEYS)
+    stale = {"normal_scores"} if dep.prompt_fusion != fusion_before else set()
     for c, v in info.items():
-        v.update({k: dep.calibration.get(c, {})[k] for k in type_keys if k in dep.calibration.get(c, {})})
+        old = dep.calibration.get(c, {})
+        v.update({k: old[k] for k in type_keys if k in old and k not in v and not (k in stale and c not in dep.added_types)})
     calibration = {**{c: dict(dep.calibration.get(c, {})) for c in kept}, **info}  # copies: `dep` stays as it was
     colours, colour_info = _colour_check(dep, cfg, colour_margin, skip_bad)
     for c, v in colour_info.items():  # a rescaled margin keeps the record; a new model or none replaces it

@@ -41,7 +41,7 @@ from onenip.checkpoint import atomic_write_csv, atomic_write_text, file_sha256
 from onenip.config import Config
 from onenip.data import Sample, load_split
 from onenip.data.tensors import SampleImages
-from onenip.errors import DatasetError, OnenipWarning
+from onenip.errors import ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.metrics import image_metrics, pixel_metrics
 from onenip.logs import progress_bar
 from onenip.models.detector import Detector
@@ -256,11 +256,16 @@ def build_prompt_pool(detector: Detector, train: list[Sample], cfg: Config) -> P
     return PromptPool(samples, features_of(detector, samples, cfg), cfg.eval.retrieval)
 
 
+def fusion_samples(train: list[Sample], pool: Sequence[Sample], cfg: Config) -> list[Sample]:
+    """The normal training images the clean fusion constant is set on, eval.fusion_images per category drawn from
+    `train` outside the prompt pool's images `pool` (the scales of prompt-map fusion are set on them too)."""
+    return pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude={s.image for s in pool})
+
+
 @torch.no_grad()
 def train_fusion_scale(detector: Detector, train: list[Sample], pool: PromptPool | None, cfg: Config) -> float:
     """c of the clean protocol: (max + min) / 2 of the reconstruction maps of normal training images (not in the pool)."""
-    exclude = {s.image for s in pool.samples} if pool is not None else set()
-    samples = pool_samples(train, cfg.eval.fusion_images, cfg.eval.seed + 1, exclude=exclude)
+    samples = fusion_samples(train, pool.samples if pool is not None else [], cfg)
     feats = features_of(detector, samples, cfg)
     lo, hi = math.inf, -math.inf
     for s in range(0, feats.shape[0], cfg.eval.batch_size):
@@ -362,24 +367,26 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                                                                                      torch.Tensor, list | None, list | None,
                                                                                      list | None, Any]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities, the type check's (type distance, colour distance) pairs for the retrieved category, and for the
-    images whose retrieved category was added after training (the deployment's added_types) (which, their prompt
-    map), else None). The prompts are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1
-    the maps are the mean of the maps of the K prompts."""
+    similarities, the type check's (type distance, colour distance) pairs for the retrieved category, and when a
+    retrieved category has a prompt map (added after training, or trained with prompt-map fusion) (the weights of
+    each image's learned and prompt maps (B, 2), `Deployment.map_weights`; the prompt maps), else None). The prompts
+    are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the
+    maps of the K prompts."""
     dep = detector.deployment
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
     colours = dep.colour_check(pool.kinds)[0].to(dev) if pool is not None and dep is not None else None
-    any_added = pool is not None and dep is not None and bool(dep.added_types)
-    if any_added:  # the added types' prompt patches, as the deployed model holds them (row -1: a trained type)
+    any_prompt = pool is not None and dep is not None and bool(dep.added_types or dep.fused_types)
+    if any_prompt:  # the banks of prompt patches as the deployed model holds them (row -1: no prompt map)
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
+        weights = dep.map_weights(pool.kinds).to(dev)
     given = pool.type_indices([s.category for s in samples]) if pool is not None and cfg.eval.given_type else None
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         images = batch["image"].to(dev)
-        feats, patches = detector.features_and_patches(images) if any_added else (detector.features(images), None)
+        feats, patches = detector.features_and_patches(images) if any_prompt else (detector.features(images), None)
         prompt_feats: list[torch.Tensor | None] = [None]
-        got, sim, dist, added = None, None, None, None
+        got, sim, dist, prompt = None, None, None, None
         if prompts is not None:  # batch["prompt"]: (B, K, 3, S, S)
             prompt_feats = [detector.features(batch["prompt"][:, k].to(dev)) for k in range(batch["prompt"].shape[1])]
         elif pool is not None:
@@ -392,13 +399,13 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             colour = colour_distance(colour_column(images), colours[kind]).tolist() \
                 if colours is not None else [None] * len(dist)
             dist = list(zip(dist, colour))
-            own = rows[kind] if any_added else None  # each image's added-type bank, -1: a trained type
-            if own is not None and bool((own >= 0).any()):  # as the deployed model: an added type gets the prompt map
-                added = (own >= 0, added_type_map(patches, banks, own, detector.extractor.patch_widths,
-                                                  cfg.data.input_size))
+            own = rows[kind] if any_prompt else None  # each image's bank, -1: none
+            if own is not None and bool((own >= 0).any()):  # as the deployed model: the prompt map, weighted
+                prompt = (weights[kind], added_type_map(patches, banks, own, detector.extractor.patch_widths,
+                                                       cfg.data.input_size))
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
-            batch["has_mask"], got, sim, dist, added
+            batch["has_mask"], got, sim, dist, prompt
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
@@ -414,10 +421,11 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     has_mask = np.zeros(n, dtype=bool)
     subset = [test[i] for i in indices]
     subset_prompts = [prompts[i] for i in indices] if prompts is not None else None
-    for pos, m, mask, hm, got, sim, dist, added in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
+    for pos, m, mask, hm, got, sim, dist, prompt in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
         fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
-        if added is not None:
-            fused = torch.where(added[0][:, None, None], added[1], fused)
+        if prompt is not None:  # as `DeployModel`: the weighted sum of the learned and the prompt map
+            weights, knn = prompt
+            fused = weights[:, 0, None, None] * fused + weights[:, 1, None, None] * knn
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
@@ -444,6 +452,18 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     return entry
 
 
+def check_prompt_fusion(detector: Detector, cfg: Config) -> None:
+    """Raise ConfigError when cfg.eval.prompt_fusion is not the beta the model's deployment fuses at: the maps judged
+    are the deployment's, whose banks, scales and thresholds were set for its beta (a model without deployment, as
+    during training, is scored by the learned map)."""
+    dep = detector.deployment
+    if dep is not None and cfg.eval.prompt_fusion != dep.prompt_fusion:
+        raise ConfigError(f"eval.prompt_fusion is {cfg.eval.prompt_fusion:g}, but the model fuses its prompt maps at "
+                          f"{dep.prompt_fusion:g}, with thresholds set for that: `onenip calibrate MODEL --prompt-fusion "
+                          f"{cfg.eval.prompt_fusion:g} --output NEW` writes a model that fuses at "
+                          f"{cfg.eval.prompt_fusion:g}")
+
+
 @torch.no_grad()
 def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: list[Sample] | None = None,
              skipped: list[tuple[Sample, str]] | None = None) -> Results:
@@ -456,6 +476,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     t_start = time.perf_counter()
     detector.eval()
     e = cfg.eval
+    check_prompt_fusion(detector, cfg)
     test, skipped = read_test(detector, cfg, samples, skipped)
     pool, prompts, train = prompt_setup(detector, cfg, test)
     has_ref = detector.net.refiner is not None

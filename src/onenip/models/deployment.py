@@ -4,7 +4,9 @@ A `Deployment` holds a prompt pool (backbone features of a few normal training i
 takes the most similar one, so no category has to be given), the fusion constant c (from training images), one
 decision threshold per category and the unknown-type check's limit and colour model, and for each type added after
 training (`onenip add-type`) a bank of the stride-8 patches of its prompt images, which its training-free map
-compares. `onenip.evaluation.calibration` builds one after training, sets its thresholds and adds types.
+compares. A trained type may have such a bank too: with prompt-map fusion (eval.prompt_fusion, beta > 0) its map is
+(1 - beta) x the learned map + beta x s_k x its prompt map, s_k bringing the prompt map to the learned one's scale.
+`onenip.evaluation.calibration` builds one after training, sets its thresholds and adds types.
 """
 
 from __future__ import annotations
@@ -34,15 +36,28 @@ class Deployment:
     # known image (empty: no check, as in models built before it)
     added_types: list[str] = field(default_factory=list)  # types added after training from their prompt images alone
     # (`onenip add-type`): scored by the training-free prompt map, not the learned one
-    prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type, its bank (M, C') of the
-    # stride-8 patches (`FeatureExtractor.patches`) of its prompt images (`scoring.added_type_bank`): what its prompt
-    # map compares a query with
+    prompt_patches: dict[str, Tensor] = field(default_factory=dict)  # per added type (and per trained type with
+    # prompt-map fusion), its bank (M, C') of the stride-8 patches (`FeatureExtractor.patches`) of its prompt images
+    # (`scoring.added_type_bank`): what its prompt map compares a query with
     colour_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # per category, the colour check's model:
     # "mean" (3,) and "precision" (3, 3) of its normal images' `scoring.colour_stats`, and "limit" (a type without one,
     # as in models built before it: no colour check)
+    prompt_fusion: float = 0.0  # beta of prompt-map fusion on trained types (0: the learned map alone, the paper's)
+    prompt_scales: dict[str, float] = field(default_factory=dict)  # per trained type with a bank, s_k: the mean of
+    # the learned map's per-image maxima over that of its prompt map, on normal training images
 
     def __post_init__(self) -> None:
         self.prompt_patches = {t: _bank(p) for t, p in self.prompt_patches.items()}
+        if not 0.0 <= self.prompt_fusion <= 1.0:
+            raise ConfigError(f"prompt-map fusion beta must be in [0, 1], got {self.prompt_fusion}")
+
+    @property
+    def fused_types(self) -> list[str]:
+        """The trained types whose map fuses their prompt map (a bank and a scale, and beta > 0)."""
+        if self.prompt_fusion <= 0:
+            return []
+        return [t for t in self.categories
+                if t not in self.added_types and t in self.prompt_patches and t in self.prompt_scales]
 
     def check_prompt_patches(self) -> None:
         """Raise ConfigError naming every added type without stored patches (a type added by an earlier version of
@@ -55,15 +70,24 @@ class Deployment:
                               f"this version does not compute: add them again ({how})")
 
     def prompt_banks(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
-        """Each added type's bank of prompt patches, padded to one length
-        (`scoring.pad_banks`) -> (A, M, C'), and for each of `kinds` (type names, as a model indexes them) the row of
-        its bank (K,) int64, -1 for a trained type (so `rows >= 0` says which types are added). Without added types,
-        a (1, 1, 1) placeholder of zeros."""
+        """The banks of prompt patches of every type scored with a prompt map (the added types, then the
+        `fused_types`), padded to one length (`scoring.pad_banks`) -> (A, M, C'), and for each of `kinds` (type
+        names, as a model indexes them) the row of its bank (K,) int64, -1 for a type without a prompt map (so
+        `rows >= 0` says which types compute one). Without such types, a (1, 1, 1) placeholder of zeros."""
         self.check_prompt_patches()
-        rows = {t: i for i, t in enumerate(self.added_types)}
-        banks = pad_banks([self.prompt_patches[t] for t in self.added_types]) if rows \
-            else torch.zeros(1, 1, 1)
+        rows = {t: i for i, t in enumerate(self.added_types + self.fused_types)}
+        banks = pad_banks([self.prompt_patches[t] for t in rows]) if rows else torch.zeros(1, 1, 1)
         return banks, torch.tensor([rows.get(k, -1) for k in kinds], dtype=torch.int64)
+
+    def map_weights(self, kinds: list[str]) -> Tensor:
+        """For each of `kinds` the weights (K, 2) float32 of its learned map and of its prompt map in the map it is
+        judged by: an added type (0, 1), its prompt map alone; a fused trained type (1 - beta, beta x s_k); any other
+        (1, 0), the learned map alone."""
+        fused = set(self.fused_types)
+        beta = self.prompt_fusion
+        return torch.tensor([(0.0, 1.0) if k in self.added_types else
+                             (1.0 - beta, beta * self.prompt_scales[k]) if k in fused else (1.0, 0.0) for k in kinds],
+                            dtype=torch.float32)
 
     def colour_check(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
         """For each of `kinds` (type names, as a model indexes them) its colour model as the deployed model and
@@ -93,6 +117,7 @@ class Deployment:
             "fusion_scale": self.fusion_scale, "thresholds": self.thresholds, "calibration": self.calibration,
             "alpha": self.alpha, "score_kernel": self.score_kernel, "type_thresholds": self.type_thresholds,
             "added_types": self.added_types, "colour_models": self.colour_models,
+            "prompt_fusion": self.prompt_fusion, "prompt_scales": self.prompt_scales,
         }
         tensors = {"pool_feats": self.pool_feats.detach().cpu().contiguous()}
         for i, t in enumerate(self.prompt_patches):  # names may hold any character: the keys are indices
@@ -110,6 +135,8 @@ class Deployment:
             added_types=list(meta.get("added_types", [])),
             prompt_patches={t: tensors[f"prompt_patches.{i}"] for i, t in enumerate(meta.get("prompt_patch_types", []))},
             colour_models={k: dict(v) for k, v in meta.get("colour_models", {}).items()},
+            prompt_fusion=float(meta.get("prompt_fusion", 0.0)),
+            prompt_scales={k: float(v) for k, v in meta.get("prompt_scales", {}).items()},
         )
 
 

@@ -76,11 +76,13 @@ class DeployModel(nn.Module):
         whitening, limits = deployment.colour_check(self.categories)
         self.register_buffer("colour_whitening", whitening)
         self.register_buffer("colour_limits", limits)
-        self.any_added = bool(deployment.added_types)
-        # the added types' banks of prompt patches (A, M, C') and each type's row in them (K,), -1: a trained type
+        # the banks of prompt patches (A, M, C') of the types with a prompt map (added, and trained with prompt-map
+        # fusion), each type's row in them (K,), -1: none, and the weights (K, 2) of its learned and prompt maps
         banks, rows = deployment.prompt_banks(self.categories)
+        self.any_prompt = bool((rows >= 0).any())
         self.register_buffer("prompt_banks", banks)
         self.register_buffer("prompt_rows", rows)
+        self.register_buffer("map_weights", deployment.map_weights(self.categories))
         self.patch_widths = detector.extractor.patch_widths
         self.eval()
 
@@ -115,10 +117,11 @@ class DeployModel(nn.Module):
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         category = self.pool_category[best]
-        if self.any_added:  # a type added from its prompts alone: the training-free map
-            rows = self.prompt_rows[category]  # (N,)
-            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, rows, self.patch_widths, self.size)
-            amap = torch.where((rows >= 0)[:, None, None], knn, amap)
+        if self.any_prompt:  # the training-free prompt map: alone for an added type, fused for a trained one
+            knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
+                                 self.patch_widths, self.size)
+            weights = self.map_weights[category]  # (N, 2)
+            amap = weights[:, 0, None, None] * amap + weights[:, 1, None, None] * knn
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
         colour = colour_distance(colour_column(images), self.colour_whitening[category])
