@@ -50,7 +50,9 @@
 #   bash benchmarks/gpu_session.sh speed
 #   bash benchmarks/gpu_session.sh row:3:133 row:4:133
 #
-# It writes $OUT/results.tgz (the result JSONs: ablation-<gpu>/, fast-vs-plain-<gpu>/, speed-<gpu>*.json),
+# After the jobs, in the time left: prompt-map fusion (benchmarks/prompt_fusion.py) of every row-5 model trained.
+# It writes $OUT/results.tgz (the result JSONs: ablation-<gpu>/, fast-vs-plain-<gpu>/, prompt-fusion-<gpu>/,
+# speed-<gpu>*.json),
 # $OUT/session.log (GPU, versions, the tail of every job's output), for speed, $OUT/profile.txt, and when full
 # OneNIP's seed 133 trained, its model as $OUT/model-row5-seed133.safetensors (for the CPU runtimes' parity), and the
 # line network's as $OUT/model-line-row5-seed133.safetensors.
@@ -139,6 +141,7 @@ if ((DRY_RUN)); then
   echo "GPU tag: $GPU; groups: ${groups[*]}; ${DEADLINE} s for the call"
   ((speed)) && echo "speed: python3 benchmarks/speed.py $DATA --workers 14 --profile 20 (then the fast path eager)"
   for ((i = 0; i < ${#jobs[@]}; i += 2)); do echo "${jobs[i]}: python3 benchmarks/ablation.py ${jobs[i + 1]} $EXTRA"; done
+  echo "then, in the time left, each row-5 model trained: python3 benchmarks/prompt_fusion.py --models RUN --threads 14"
   rm -rf "$res"
   exit 0
 fi
@@ -194,6 +197,16 @@ for ((i = 0; i < ${#jobs[@]}; i += 2)); do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 
+# Prompt-map fusion on trained types (issue 28's full-scale question): every full-OneNIP model (row 5) this call
+# trained, in the time left, on this machine's CPU cores (benchmarks/prompt_fusion.py; ~3 min at 2 threads here).
+for model in $(find "$res" -path '*/row5-seed*/model.safetensors' -not -path '*line*' -not -path '*256px*' 2>/dev/null); do
+  name=$(grep -o 'row5-seed[0-9]*' <<<"$model" | tail -n 1)
+  t=$((DEADLINE - SECONDS))
+  ((t >= MIN_JOB)) || { echo "prompt fusion of $name: only $t s left, not run" >>"$log"; continue; }
+  mkdir -p "$res/prompt-fusion-$GPU"
+  timeout "$t" python3 benchmarks/prompt_fusion.py --models "$(dirname "$model")" --threads 14 \
+    --output "$res/prompt-fusion-$GPU/$name.json" >"$res/fusion-$name.txt" 2>&1
+done
 for f in "$res"/*.txt; do [ -e "$f" ] && { echo "== $(basename "$f")"; tail -n 20 "$f"; }; done >>"$log"
 (cd "$res" && { ls speed-*.json 2>/dev/null; find . -mindepth 2 -maxdepth 2 -name '*.json' -not -path './speed*'; } | tar czf "$OUT/results.tgz" -T -)
 { nvidia-smi --query-gpu=memory.used --format=csv; tar tzf "$OUT/results.tgz"; } >>"$log" 2>&1
