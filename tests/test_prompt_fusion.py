@@ -144,6 +144,9 @@ def test_calibrate_changes_beta_alone_or_turns_fusion_off(tiny_model: Path, fuse
     _, off, _ = calibrate(path, prompt_fusion=0, output=tmp_path / "off.safetensors")
     assert off.prompt_fusion == 0 and off.prompt_patches == {} and off.prompt_scales == {}
     plain, back = Detector.load(tiny_model), Detector.load(tmp_path / "off.safetensors")
+    for cat in ("disc", "weave"):  # the held-out scores the thresholds rest on are the learned map's again
+        assert off.calibration[cat]["normal_scores"] == pytest.approx(
+            plain.deployment.calibration[cat]["normal_scores"], rel=1e-5)
     images = torch.from_numpy(gen_batch)
     with torch.no_grad():  # the learned map again, exactly
         assert torch.equal(DeployModel(back, back.deployment)(images)["map"],
@@ -220,3 +223,17 @@ def test_bad_input_is_named(tiny_model: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(DatasetError, match=r"prompt-pool images, and \d+ of them are not there: .*gone"):
         calibrate(copy, prompt_fusion=0.5, output=tmp_path / "b.safetensors")
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_held_out_scores_of_another_map_are_not_kept(fused: tuple[Path, Deployment, Deployment], gen_data: Path,
+                                                     tmp_path: Path) -> None:
+    """Thresholds set F1-optimal on a labelled folder keep the held-out normal scores (for `predict --far` later) only
+    while the map stays the same: after fusion changes, the old ones would set thresholds on another map."""
+    path, after, _ = fused
+    val = tmp_path / "val"
+    for cat in ("disc", "weave"):
+        shutil.copytree(gen_data / cat, val / cat)
+    _, same, _ = calibrate(path, val_roots=[val], output=tmp_path / "same.safetensors")
+    assert same.calibration["disc"]["normal_scores"] == after.calibration["disc"]["normal_scores"]
+    _, changed, _ = calibrate(path, val_roots=[val], prompt_fusion=0.25, output=tmp_path / "changed.safetensors")
+    assert "normal_scores" not in changed.calibration["disc"] and changed.calibration["disc"]["method"] == "f1"
