@@ -223,6 +223,18 @@ def test_bad_input_is_named(tiny_model: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(DatasetError, match=r"prompt-pool images, and \d+ of them are not there: .*gone"):
         calibrate(copy, prompt_fusion=0.5, output=tmp_path / "b.safetensors")
     assert not (tmp_path / "b.safetensors").exists()
+    # the paper protocol scores the learned maps of given prompts: fusion with it is refused, at fit and before any work
+    from onenip.api import make_config
+
+    with pytest.raises(ConfigError, match="eval.prompt_fusion .* eval.protocol=clean"):
+        make_config(None, ["eval.protocol=paper", "eval.prompt_fusion=0.25"])
+    det = Detector.load(tiny_model)
+    det.cfg.eval.protocol = "paper"
+    det.save(copy)
+    with pytest.raises(ConfigError, match=r"eval.prompt_fusion \(0.5\) fuses the deployed model's prompt maps.*"
+                                          r"eval.protocol=clean"):
+        calibrate(copy, prompt_fusion=0.5, output=tmp_path / "c.safetensors")
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_held_out_scores_of_another_map_are_not_kept(fused: tuple[Path, Deployment, Deployment], gen_data: Path,

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -136,10 +135,11 @@ def calibrate(checkpoint: str | Path, far: float | None = None, val_roots: Seque
     check_prompt_fusion(prompt_fusion)
 
     def change(detector: Detector) -> Deployment:
+        cfg = detector.cfg if prompt_fusion is None else \
+            make_config(detector.cfg, [f"eval.prompt_fusion={prompt_fusion}"])  # checked before any work
         dep = recalibrate(detector, far=far, val_roots=val_roots, skip_bad=skip_bad, colour_margin=colour_margin,
                           prompt_fusion=prompt_fusion)
-        cfg = detector.cfg
-        detector.cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, prompt_fusion=dep.prompt_fusion))
+        detector.cfg = cfg
         return dep
 
     return _rewrite_deployment(checkpoint, output, change)

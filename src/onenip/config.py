@@ -420,7 +420,8 @@ class EvalConfig:
         "map becomes (1 - beta) x the learned map + beta x s_k x its prompt map (each patch's distance to the nearest "
         "patch of the type's prompt-pool images, the map of a type added without training), s_k bringing it to the "
         "learned map's scale on normal training images. Set at fit, or on a trained model by `onenip calibrate "
-        "--prompt-fusion BETA`; 0 is the paper's map. It costs the prompt map's search per image.",
+        "--prompt-fusion BETA`; 0 is the paper's map. It costs the prompt map's search per image. The clean protocol "
+        "scores it (the paper protocol, whose prompts are given, refuses it).",
     )
     colour_margin: float = Field(
         1.5, ge=0, description="Unknown products by colour: an image whose median colour lies farther from its product "
@@ -453,6 +454,10 @@ class Config:
                  f"train.prompt: model.arch=uniad takes no prompt: set train.prompt=none (got {t.prompt!r})"),
                 (self.eval.score_kernel <= self.data.input_size,
                  f"eval.score_kernel: must be at most data.input_size ({self.data.input_size}), got {self.eval.score_kernel}"),
+                (not (self.eval.prompt_fusion > 0 and self.eval.protocol == "paper"),
+                 f"eval.prompt_fusion ({self.eval.prompt_fusion:g}) fuses the deployed model's prompt maps, which the "
+                 "clean protocol scores; the paper protocol scores the learned maps of given prompts: set "
+                 "eval.protocol=clean, or eval.prompt_fusion=0 (`onenip calibrate --prompt-fusion 0` for a fused model)"),
             ) if not ok])
         return self
 
