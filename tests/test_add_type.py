@@ -56,6 +56,18 @@ def test_added_type_is_retrieved_scored_and_judged(model: Path, gen_data: Path, 
     assert [rows[str(p.source)]["anomalous"] for p in preds] == [p.anomalous for p in preds]
 
 
+def test_test_evaluates_an_added_type_without_being_told(model: Path, gen_data: Path, tmp_path: Path) -> None:
+    """An added type is the model's: `onenip test` on roots that hold it evaluates it (it used to be left out as a
+    category the model was not trained on, unless data.categories named it); types it has neither trained nor added
+    are still left out, with the warning naming them."""
+    out = tmp_path / "with_grain.safetensors"
+    add_type(model, "grain", grain(gen_data, "train")[:2], output=out)
+    with pytest.warns(UserWarning, match=r"test categories bracket are not among the model's \(disc, grain, weave\)"):
+        res = onenip.test(out, overrides=[f"data.roots=[{gen_data}]", "data.categories=[]"], output=tmp_path / "res",
+                          progress=False)
+    assert sorted(res.categories) == ["disc", "grain", "weave"]
+
+
 def test_further_normal_images_set_the_threshold(model: Path, gen_data: Path, tmp_path: Path) -> None:
     _, dep = add_type(model, "grain", grain(gen_data, "train")[:2], normal=grain(gen_data, "train")[2:12],
                       output=tmp_path / "m.safetensors")

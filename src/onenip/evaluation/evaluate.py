@@ -311,6 +311,8 @@ def read_test(detector: Detector, cfg: Config, samples: list[Sample] | None = No
         samples, skipped = load_split(cfg.data.roots, "test", cfg.data.categories or None, cfg.data.skip_bad,
                                       max(1, cfg.data.workers), labelled_only=True)
     known = model_categories(detector)
+    if known is not None and detector.deployment is not None:  # types added after training are the model's too
+        known = sorted(set(known) | set(detector.deployment.added_types))
     unknown = sorted({s.category for s in samples} - set(known or [])) if known is not None else []
     asked = [c for c in unknown if c in (cfg.data.categories or [])]
     left_out = [c for c in unknown if c not in asked]
