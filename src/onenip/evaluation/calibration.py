@@ -3,6 +3,8 @@
 Thresholds come from normal images only — held-out training images, at a false alarm rate the user chooses
 (`calibrate_far`) — or, given a labelled validation set, maximise F1 (`calibrate_f1`). `build_deployment` draws the
 prompt pool and fusion constant as the clean protocol does and sets the thresholds; `recalibrate` sets new ones.
+Prompt-map fusion on trained types (`with_prompt_fusion`: each type's bank and scale) is set up before the thresholds
+by both; `add_type` adds a type from a few normal images.
 """
 
 from __future__ import annotations
