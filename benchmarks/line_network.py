@@ -71,7 +71,7 @@ from onenip.deploy.runtimes import OpenVinoRuntime  # noqa: E402
 from onenip.models.deployment import Deployment  # noqa: E402
 from onenip.models.detector import Detector  # noqa: E402
 from onenip.models.inference import DeployModel  # noqa: E402
-from onenip.models.scoring import added_type_bank  # noqa: E402
+from onenip.models.scoring import added_type_bank, banks_by_type  # noqa: E402
 
 SIZE = 224
 """The input size of every configuration (and of the images timed)."""
@@ -163,11 +163,10 @@ def build(overrides: list[str], folder: Path, images: np.ndarray, types: int,
         with torch.no_grad():
             patches = torch.cat([det.features_and_patches(torch.from_numpy(images[i : i + 16]))[1]
                                  for i in range(0, len(images), 16)])
-        kinds = sorted(set(cats))
-        det.deployment = dataclasses.replace(
-            det.deployment, prompt_fusion=FUSED_BETA, prompt_scales=dict.fromkeys(kinds, 1.0),
-            prompt_patches={**det.deployment.prompt_patches,
-                            **{t: added_type_bank(patches[[i for i, c in enumerate(cats) if c == t]]) for t in kinds}})
+        banks = banks_by_type(patches, cats)
+        det.deployment = dataclasses.replace(det.deployment, prompt_fusion=FUSED_BETA,
+                                             prompt_scales=dict.fromkeys(banks, 1.0),
+                                             prompt_patches={**det.deployment.prompt_patches, **banks})
     model = DeployModel(det, det.deployment)
     m = cfg.model
     facts = {"overrides": overrides, "hidden_dim": m.hidden_dim, "heads": m.heads, "encoder_layers": m.encoder_layers,

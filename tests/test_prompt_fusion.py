@@ -249,3 +249,7 @@ def test_held_out_scores_of_another_map_are_not_kept(fused: tuple[Path, Deployme
     assert same.calibration["disc"]["normal_scores"] == after.calibration["disc"]["normal_scores"]
     _, changed, _ = calibrate(path, val_roots=[val], prompt_fusion=0.25, output=tmp_path / "changed.safetensors")
     assert "normal_scores" not in changed.calibration["disc"] and changed.calibration["disc"]["method"] == "f1"
+    shutil.rmtree(val / "weave")  # weave keeps its threshold (no calibration images), not its old map's scores
+    with pytest.warns(UserWarning, match="for weave set on the map before prompt-map fusion changed from 0.5 to 0.25"):
+        _, kept, _ = calibrate(path, val_roots=[val], prompt_fusion=0.25, output=tmp_path / "kept.safetensors")
+    assert kept.thresholds["weave"] == after.thresholds["weave"] and "normal_scores" not in kept.calibration["weave"]

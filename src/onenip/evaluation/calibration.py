@@ -38,6 +38,7 @@ from onenip.models.prompts import pool_samples
 from onenip.models.scoring import (
     added_type_bank,
     added_type_map,
+    banks_by_type,
     colour_stats,
     image_scores,
     patch_distances,
@@ -227,14 +228,6 @@ def colour_models(stats: dict[str, np.ndarray], margin: float) -> tuple[dict[str
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def pool_banks(detector: Detector, pool: list[Sample], cfg) -> dict[str, Tensor]:
-    """Per type of the prompt-pool images `pool`, the bank of their patches (`scoring.added_type_bank`, as an added
-    type's from its K prompt images): what its prompt map compares a query with."""
-    patches = features_and_patches_of(detector, pool, cfg)[1]  # (P, C', G, G)
-    return {t: added_type_bank(patches[[i for i, s in enumerate(pool) if s.category == t]]).cpu()
-            for t in sorted({s.category for s in pool})}
-
-
 def _map_maximum(out: dict[str, Tensor]) -> Tensor:
     return out["map"].flatten(1).amax(dim=1)
 
@@ -243,14 +236,15 @@ def _map_maximum(out: dict[str, Tensor]) -> Tensor:
 def with_prompt_fusion(detector: Detector, dep: Deployment, pool: list[Sample], normal: list[Sample], beta: float,
                        cfg) -> Deployment:
     """`dep` with prompt-map fusion at `beta` on its trained types: each one's map becomes (1 - beta) x the learned
-    map + beta x s_k x its prompt map. Its bank comes from its prompt-pool images `pool` (`pool_banks`); s_k brings
+    map + beta x s_k x its prompt map. Its bank comes from its prompt-pool images `pool` (`scoring.banks_by_type`); s_k brings
     the prompt map to the learned map's scale: the mean of the learned map's per-image maxima over the mean of the
     prompt map's, on the normal training images `normal` of the type (`fusion_samples`, those the fusion constant is
     set on), each judged as the deployed model judges it (by the type it retrieves). A type without such images, or
     whose prompt map is zero on them, is not fused (with a warning). The thresholds are not set here: they must be
     set on the fused maps after it."""
-    trained = [t for t in dep.categories if t not in dep.added_types]
-    banks = pool_banks(detector, [s for s in pool if s.category in trained], cfg)
+    pool = [s for s in pool if s.category not in dep.added_types]
+    patches = features_and_patches_of(detector, pool, cfg)[1].cpu()  # (P, C', G, G)
+    banks = banks_by_type(patches, [s.category for s in pool])  # as an added type's from its K prompt images
     probe = dataclasses.replace(dep, prompt_patches={**dep.prompt_patches, **banks},
                                 prompt_scales={t: 1.0 for t in banks})
     dev = dep.pool_feats.device
@@ -412,6 +406,8 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     fusion_before = dep.prompt_fusion
     if prompt_fusion is not None and prompt_fusion != dep.prompt_fusion:
         dep = set_prompt_fusion(detector, dep, prompt_fusion, skip_bad)
+    # the trained types' maps changed: the held-out scores their old calibration kept are of another map
+    stale = {c for c in dep.categories if c not in dep.added_types} if dep.prompt_fusion != fusion_before else set()
     model = DeployModel(detector, dep).to(dep.pool_feats.device)
     if val_roots:
         val, _ = load_split([str(r) for r in val_roots], "test", None, skip_bad, labelled_only=True)  # no train/ needed
@@ -441,7 +437,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
                                          "held-out training images")
     kept = {c: dep.thresholds[c] for c in dep.categories if c not in thresholds}
     if kept:
-        moved = sorted(set(kept) - set(dep.added_types)) if dep.prompt_fusion != fusion_before else []
+        moved = sorted(set(kept) & stale)
         warnings.warn(f"no calibration images for {', '.join(sorted(kept))}: their thresholds are unchanged"
                       + (f" (for {', '.join(moved)} set on the map before prompt-map fusion changed from "
                          f"{fusion_before:g} to {dep.prompt_fusion:g}: recalibrate them with --val)" if moved else ""),
@@ -449,11 +445,14 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     # the type check is not recalibrated; the held-out normal scores stay for another false-alarm rate later (new ones
     # replace them; after the map changed, old ones are dropped), and an added type keeps the list of its images
     type_keys = ("type_images", "type_margin", "largest_type_distance", "normal_scores", "added_from", *COLOUR_KEYS)
-    stale = {"normal_scores"} if dep.prompt_fusion != fusion_before else set()
-    for c, v in info.items():
+
+    def carried(c: str, keys: Sequence[str]) -> dict[str, Any]:  # copies: `dep` stays as it was
         old = dep.calibration.get(c, {})
-        v.update({k: old[k] for k in type_keys if k in old and k not in v and not (k in stale and c not in dep.added_types)})
-    calibration = {**{c: dict(dep.calibration.get(c, {})) for c in kept}, **info}  # copies: `dep` stays as it was
+        return {k: old[k] for k in keys if k in old and not (k == "normal_scores" and c in stale)}
+
+    for c, v in info.items():
+        v.update({k: x for k, x in carried(c, type_keys).items() if k not in v})
+    calibration = {**{c: carried(c, list(dep.calibration.get(c, {}))) for c in kept}, **info}
     colours, colour_info = _colour_check(dep, cfg, colour_margin, skip_bad)
     for c, v in colour_info.items():  # a rescaled margin keeps the record; a new model or none replaces it
         old = calibration.get(c, {})

@@ -59,6 +59,7 @@ from onenip.models.scoring import (
     mean_maps,
     patch_distances,
     type_distance,
+    weigh_maps,
 )
 
 log = logging.getLogger(__name__)
@@ -379,10 +380,11 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
     colours = dep.colour_check(pool.kinds)[0].to(dev) if pool is not None and dep is not None else None
-    any_prompt = pool is not None and dep is not None and bool(dep.added_types or dep.fused_types)
-    if any_prompt:  # the banks of prompt patches as the deployed model holds them (row -1: no prompt map)
-        banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))
+    any_prompt = False
+    if pool is not None and dep is not None:  # the banks of prompt patches as the deployed model holds them
+        banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))  # row -1: no prompt map
         weights = dep.map_weights(pool.kinds).to(dev)
+        any_prompt = bool((rows >= 0).any())
     given = pool.type_indices([s.category for s in samples]) if pool is not None and cfg.eval.given_type else None
     for batch in _loader(SampleImages(samples, cfg.data.input_size, prompts), cfg):
         images = batch["image"].to(dev)
@@ -426,8 +428,7 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     for pos, m, mask, hm, got, sim, dist, prompt in infer_batches(detector, cfg, subset, pool, subset_prompts, bar):
         fused = fuse(m.rec, m.ref, e.fusion_alpha, scale) if has_ref else m.rec
         if prompt is not None:  # as `DeployModel`: the weighted sum of the learned and the prompt map
-            weights, knn = prompt
-            fused = weights[:, 0, None, None] * fused + weights[:, 1, None, None] * knn
+            fused = weigh_maps(fused, prompt[1], prompt[0])
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
@@ -454,7 +455,7 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
     return entry
 
 
-def check_prompt_fusion(detector: Detector, cfg: Config) -> None:
+def check_deployed_fusion(detector: Detector, cfg: Config) -> None:
     """Raise ConfigError when cfg.eval.prompt_fusion is not the beta the model's deployment fuses at: the maps judged
     are the deployment's, whose banks, scales and thresholds were set for its beta (a model without deployment, as
     during training, is scored by the learned map)."""
@@ -478,7 +479,7 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     t_start = time.perf_counter()
     detector.eval()
     e = cfg.eval
-    check_prompt_fusion(detector, cfg)
+    check_deployed_fusion(detector, cfg)
     test, skipped = read_test(detector, cfg, samples, skipped)
     pool, prompts, train = prompt_setup(detector, cfg, test)
     has_ref = detector.net.refiner is not None

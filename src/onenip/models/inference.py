@@ -26,6 +26,7 @@ from onenip.models.scoring import (
     patch_distances,
     type_banks,
     type_distance,
+    weigh_maps,
 )
 
 
@@ -120,8 +121,7 @@ class DeployModel(nn.Module):
         if self.any_prompt:  # the training-free prompt map: alone for an added type, fused for a trained one
             knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
                                  self.patch_widths, self.size)
-            weights = self.map_weights[category]  # (N, 2)
-            amap = weights[:, 0, None, None] * amap + weights[:, 1, None, None] * knn
+            amap = weigh_maps(amap, knn, self.map_weights[category])
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
         colour = colour_distance(colour_column(images), self.colour_whitening[category])

@@ -23,7 +23,10 @@ these, and nothing else computes a map, a fusion or a score.
   (`FeatureExtractor.patches`); for each query patch and each tap the Euclidean distance to the nearest patch of the
   type's bank (a k-center coreset of its prompt images' patches, `added_type_bank`), summed over the taps
   (`prompt_distances`); upsampled to the input size and smoothed with a
-  Gaussian of sigma = input size / 56 (4 pixels at 224) (`prompt_map`; both steps: `added_type_map`).
+  Gaussian of sigma = input size / 56 (4 pixels at 224) (`prompt_map`; both steps: `added_type_map`). With
+  prompt-map fusion a trained type gets the same map from a bank of its prompt-pool images (`banks_by_type`), and
+  each image's map is the weighted sum of its learned and its prompt map (`weigh_maps`: the prompt map alone for an
+  added type, the learned map alone for an unfused one).
 * decision (`decide`): anomalous when the score exceeds the threshold of the retrieved category and the image is of a
   known type. The normalised score 1 - 2^(-score / threshold) is 0 for a zero map, 0.5 exactly at the threshold and
   approaches 1 above; it is monotone, so it ranks images as the raw score does, and never saturates into ties.
@@ -175,6 +178,12 @@ def added_type_bank(patches: Tensor) -> Tensor:
     return coreset(prompt_bank(patches), bank_size(patches.shape[0], patches.shape[-2] * patches.shape[-1]))
 
 
+def banks_by_type(patches: Tensor, categories: list[str]) -> dict[str, Tensor]:
+    """Prompt images' patches (P, C', H, W) and each one's type (P,) -> per type, `added_type_bank` of its images'
+    patches: the banks of prompt-map fusion, one per type of a prompt pool."""
+    return {t: added_type_bank(patches[[i for i, c in enumerate(categories) if c == t]]) for t in sorted(set(categories))}
+
+
 def type_bank(feats: Tensor) -> Tensor:
     """Prompt images' features (P, C, H, W) -> their patches as unit vectors (P * H * W, C), a type's bank for the
     product-type check."""
@@ -302,6 +311,12 @@ def prompt_map(distances: Tensor, size: int) -> Tensor:
     grid = math.isqrt(distances.shape[1])
     w = gaussian_weights(size, SMOOTHING * size, distances) @ bilinear_weights(grid, size, distances)  # (size, G)
     return w @ distances.view(-1, grid, grid) @ w.transpose(0, 1)
+
+
+def weigh_maps(learned: Tensor, prompt: Tensor, weights: Tensor) -> Tensor:
+    """Each image's learned map and prompt map (N, S, S) and its type's weights (N, 2) (`Deployment.map_weights`)
+    -> the map it is judged by, w_0 * learned + w_1 * prompt (N, S, S): exact for the weights (1, 0) and (0, 1)."""
+    return weights[:, 0, None, None] * learned + weights[:, 1, None, None] * prompt
 
 
 def added_type_map(patches: Tensor, banks: Tensor, rows: Tensor, widths: list[int], size: int) -> Tensor:
