@@ -137,7 +137,7 @@ def test_colour_limit_is_the_largest_leave_one_out_distance() -> None:
     for i in range(len(stats)):
         rest = np.delete(stats, i, axis=0)
         cov = np.cov(rest.T)
-        cov += (COLOUR_SHRINK * np.trace(cov) / 3 + COLOUR_FLOOR) * np.eye(3)
+        cov += np.diag(COLOUR_SHRINK * np.diag(cov) + COLOUR_FLOOR)
         d = stats[i] - rest.mean(axis=0)
         loo.append(float(np.sqrt(d @ np.linalg.inv(cov) @ d)))
     assert m is not None and m["limit"] == pytest.approx(1.5 * max(loo), rel=1e-9) and m["images"] == 30
@@ -150,6 +150,26 @@ def test_colour_limit_is_the_largest_leave_one_out_distance() -> None:
     alike = colour_model(np.tile(stats[:1], (12, 1)), 1.2)  # normal images of one colour to the grey level
     assert alike is not None and alike["limit"] == pytest.approx(1.2 * COLOUR_MIN_DISTANCE)
     assert np.isfinite(alike["precision"]).all()
+
+
+def test_the_intensity_spread_does_not_widen_the_colour_tolerance() -> None:
+    """Paper variants: the intensity spreads 13x wider than the opponent colours (lighting), and another variant
+    differs by 5 grey levels of r - g alone. Each colour keeps its own tolerance, so the variant is beyond the limit
+    (a tolerance grown by the mean variance, the intensity's mostly, let it pass), while a brightness within the
+    normal spread and a shift under one grey level stay known."""
+    rng = np.random.default_rng(0)
+    stats = rng.normal([0.6, 0.035, 0.045], [0.04, 0.003, 0.003], (30, 3))
+    m = colour_model(stats, 1.5)
+    assert m is not None
+    mean, precision = np.array(m["mean"]), np.array(m["precision"])
+
+    def distance(colour: list[float]) -> float:
+        d = np.array(colour) - mean
+        return float(np.sqrt(d @ precision @ d))
+
+    assert distance([0.6, 0.035 - 5 / 255, 0.045]) > m["limit"]  # another variant: unknown
+    assert distance([0.66, 0.035, 0.045]) < m["limit"]  # brighter by 1.5 of the intensity's spreads: known
+    assert distance([0.6, 0.035 - 0.5 / 255, 0.045]) < m["limit"]  # half a grey level: known
 
 
 def test_a_known_product_in_another_colour_is_unknown_by_its_colour(model: Path, gen_data: Path) -> None:

@@ -166,9 +166,10 @@ def type_limits(model: DeployModel, chosen: list[Sample], margin: float,
 
 COLOUR_KEYS = ("colour_images", "colour_margin", "largest_colour_distance", "colour_check")  # its calibration record
 COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 3 x 3 covariance from fewer is mostly noise)
-COLOUR_SHRINK = 0.05  # the covariance gains this x its mean variance on the diagonal (no direction without spread) ...
-COLOUR_FLOOR = (0.25 / 255) ** 2  # ... and at least this, a quarter grey level: grey products (whose opponent
-# colours are exactly 0) have no spread there. Finer than it would be rounding: the medians are of 16-pixel means
+COLOUR_SHRINK = 0.05  # each colour's variance grows by this x itself (its own: the intensity, which lighting spreads
+# widely, no longer widens the tolerance of the opponent colours, where paper variants differ by a few grey levels) ...
+COLOUR_FLOOR = (1.0 / 255) ** 2  # ... and by a grey level squared: a colour's spread is never taken as finer than one
+# grey level (grey products' opponent colours are exactly 0; measured against finer floors on iad-mix: see docs)
 COLOUR_MIN_DISTANCE = 1.0  # the limit is margin x at least this (one floor's spread): images whose normal colours
 # are alike to the last grey level (generated ones) do not make every other shade unknown
 
@@ -185,9 +186,10 @@ def colour_stats_of(samples: list[Sample], size: int, batch_size: int) -> dict[s
 
 
 def _colour_gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) colours -> mean (3,) and precision (3, 3): the inverse of their covariance, shrunk and floored."""
+    """(n, 3) colours -> mean (3,) and precision (3, 3): the inverse of their covariance, each variance grown by
+    COLOUR_SHRINK x itself and COLOUR_FLOOR."""
     cov = np.cov(stats.T)
-    cov = cov + (COLOUR_SHRINK * np.trace(cov) / 3 + COLOUR_FLOOR) * np.eye(3)
+    cov = cov + np.diag(COLOUR_SHRINK * np.diag(cov) + COLOUR_FLOOR)
     return stats.mean(axis=0), np.linalg.inv(cov)
 
 
