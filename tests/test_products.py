@@ -156,20 +156,21 @@ def test_the_intensity_spread_does_not_widen_the_colour_tolerance() -> None:
     """Paper variants: the intensity spreads 13x wider than the opponent colours (lighting), and another variant
     differs by 5 grey levels of r - g alone. Each colour keeps its own tolerance, so the variant is beyond the limit
     (a tolerance grown by the mean variance, the intensity's mostly, let it pass), while a brightness within the
-    normal spread and a shift under one grey level stay known."""
-    rng = np.random.default_rng(0)
-    stats = rng.normal([0.6, 0.035, 0.045], [0.04, 0.003, 0.003], (30, 3))
-    m = colour_model(stats, 1.5)
-    assert m is not None
-    mean, precision = np.array(m["mean"]), np.array(m["precision"])
+    normal spread and a shift under one grey level stay known. A grey product whose colours barely spread at all
+    is read to one grey level (COLOUR_FLOOR): 1.5 grey levels off stays known (a quarter-grey-level floor flagged
+    it), 6 do not."""
+    def distance(m: dict, colour: list[float]) -> float:  # as the deployed model measures it
+        whitening = colour_whitening(torch.tensor([m["mean"]]), torch.tensor([m["precision"]]))
+        return float(colour_distance(torch.tensor([colour])[:, :, None], whitening)[0])
 
-    def distance(colour: list[float]) -> float:
-        d = np.array(colour) - mean
-        return float(np.sqrt(d @ precision @ d))
-
-    assert distance([0.6, 0.035 - 5 / 255, 0.045]) > m["limit"]  # another variant: unknown
-    assert distance([0.66, 0.035, 0.045]) < m["limit"]  # brighter by 1.5 of the intensity's spreads: known
-    assert distance([0.6, 0.035 - 0.5 / 255, 0.045]) < m["limit"]  # half a grey level: known
+    paper = colour_model(np.random.default_rng(0).normal([0.6, 0.035, 0.045], [0.04, 0.003, 0.003], (30, 3)), 1.5)
+    assert paper is not None
+    assert distance(paper, [0.6, 0.035 - 5 / 255, 0.045]) > paper["limit"]  # another variant: unknown
+    assert distance(paper, [0.66, 0.035, 0.045]) < paper["limit"]  # brighter by 1.5 of the intensity's spreads: known
+    assert distance(paper, [0.6, 0.035 - 0.5 / 255, 0.045]) < paper["limit"]  # half a grey level: known
+    grey = colour_model(np.random.default_rng(1).normal([0.5, 0.0, 0.0], [0.002, 0.0005, 0.0005], (30, 3)), 1.5)
+    assert grey is not None
+    assert distance(grey, [0.5, 1.5 / 255, 0.0]) < grey["limit"] < distance(grey, [0.5, 6 / 255, 0.0])
 
 
 def test_a_known_product_in_another_colour_is_unknown_by_its_colour(model: Path, gen_data: Path) -> None:
