@@ -164,21 +164,27 @@ def type_limits(model: DeployModel, chosen: list[Sample], margin: float,
     return limits, info
 
 
-COLOUR_KEYS = ("colour_images", "colour_margin", "largest_colour_distance", "colour_check")  # its calibration record
-COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 3 x 3 covariance from fewer is mostly noise)
+COLOUR_KEYS = ("colour_images", "colour_margin", "largest_colour_distance", "colour_texture", "colour_check")  # its
+# calibration record
+COLOUR_MIN_IMAGES = 10  # normal images a colour model needs (a 4 x 4 covariance from fewer is mostly noise)
 COLOUR_SHRINK = 0.05  # each colour's variance grows by this x itself (its own: the intensity, which lighting spreads
 # widely, no longer widens the tolerance of the opponent colours, where paper variants differ by a few grey levels) ...
 COLOUR_FLOOR = (1.0 / 255) ** 2  # ... and by a grey level squared: a colour's spread is never taken as finer than one
 # grey level (grey products' opponent colours are exactly 0; measured against finer floors on iad-mix: see docs)
+TEXTURE_FLOOR = 0.01  # the texture contrast's variance grows by this (its log energy read to about 10 %: measured
+# against 0.05 on iad-mix, see docs)
+TEXTURE_MIN_IMAGES = 20  # normal images a colour model needs to read the texture contrast too: with fewer, a fourth
+# dimension inflates the largest leave-one-out distance, and so the colour tolerance (12 generated images: 2x)
 COLOUR_MIN_DISTANCE = 1.0  # the limit is margin x at least this (one floor's spread): images whose normal colours
 # are alike to the last grey level (generated ones) do not make every other shade unknown
 
 
 @torch.no_grad()
 def colour_stats_of(samples: list[Sample], size: int, batch_size: int) -> dict[str, np.ndarray]:
-    """`scoring.colour_stats` of `samples` at the model's input size, grouped by category: (n, 3) each."""
+    """`scoring.colour_stats` of `samples` at the model's input size, with the texture contrast, grouped by category:
+    (n, 4) each."""
     loader = torch.utils.data.DataLoader(SampleImages(samples, size), batch_size=batch_size)
-    stats = torch.cat([colour_stats(b["image"]) for b in loader]).numpy() if samples else np.zeros((0, 3))
+    stats = torch.cat([colour_stats(b["image"], texture=True) for b in loader]).numpy() if samples else np.zeros((0, 4))
     out: dict[str, list[np.ndarray]] = {}
     for s, v in zip(samples, stats):
         out.setdefault(s.category, []).append(v)
@@ -186,21 +192,26 @@ def colour_stats_of(samples: list[Sample], size: int, batch_size: int) -> dict[s
 
 
 def _colour_gaussian(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 3) colours -> mean (3,) and precision (3, 3): the inverse of their covariance, each variance grown by
-    COLOUR_SHRINK x itself and COLOUR_FLOOR."""
+    """(n, D) colours (and the texture contrast in a fourth column) -> mean (D,) and precision (D, D): the inverse of
+    their covariance, each variance grown by COLOUR_SHRINK x itself and COLOUR_FLOOR (the colours) or TEXTURE_FLOOR
+    (the texture contrast)."""
     cov = np.cov(stats.T)
-    cov = cov + np.diag(COLOUR_SHRINK * np.diag(cov) + COLOUR_FLOOR)
+    floor = np.array([COLOUR_FLOOR] * 3 + [TEXTURE_FLOOR] * (stats.shape[1] - 3))
+    cov = cov + np.diag(COLOUR_SHRINK * np.diag(cov) + floor)
     return stats.mean(axis=0), np.linalg.inv(cov)
 
 
 def colour_model(stats: np.ndarray, margin: float) -> dict[str, Any] | None:
-    """A type's colour model from its normal images' colours (n, 3): their mean and precision (`_colour_gaussian`),
+    """A type's colour model from its normal images' colours (n, D): their mean and precision (`_colour_gaussian`),
     and a limit of `margin` x the largest leave-one-out distance (each image's Mahalanobis distance to the model of
     the others: an image's own model would place it too close), or x COLOUR_MIN_DISTANCE if that is larger. None
-    with fewer than COLOUR_MIN_IMAGES images."""
+    with fewer than COLOUR_MIN_IMAGES images; the colour alone (the first three columns) with fewer than
+    TEXTURE_MIN_IMAGES."""
     n = len(stats)
     if n < COLOUR_MIN_IMAGES:
         return None
+    if n < TEXTURE_MIN_IMAGES:
+        stats = stats[:, :3]
     loo = []
     for i in range(n):
         mean, precision = _colour_gaussian(np.delete(stats, i, axis=0))
@@ -208,7 +219,7 @@ def colour_model(stats: np.ndarray, margin: float) -> dict[str, Any] | None:
         loo.append(float(np.sqrt(max(d @ precision @ d, 0.0))))
     mean, precision = _colour_gaussian(stats)
     return {"mean": mean.tolist(), "precision": precision.tolist(), "limit": margin * max(*loo, COLOUR_MIN_DISTANCE),
-            "images": n, "largest_distance": max(loo)}
+            "images": n, "largest_distance": max(loo), "texture": stats.shape[1] > 3}
 
 
 def colour_models(stats: dict[str, np.ndarray], margin: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -221,7 +232,8 @@ def colour_models(stats: dict[str, np.ndarray], margin: float) -> tuple[dict[str
             info[c] = {"colour_check": f"off: {len(v)} normal images, {COLOUR_MIN_IMAGES} needed"}
             continue
         models[c] = {k: m[k] for k in ("mean", "precision", "limit")}
-        info[c] = {"colour_images": m["images"], "colour_margin": margin, "largest_colour_distance": m["largest_distance"]}
+        info[c] = {"colour_images": m["images"], "colour_margin": margin, "largest_colour_distance": m["largest_distance"],
+                   "colour_texture": m["texture"]}
     return models, info
 
 

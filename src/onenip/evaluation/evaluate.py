@@ -400,7 +400,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             dist = type_distance(patch_distances(feats, bank[kind])).tolist()
-            colour = colour_distance(colour_column(images), colours[kind]).tolist() \
+            colour = colour_distance(colour_column(images, colours.shape[1] > 3), colours[kind]).tolist() \
                 if colours is not None else [None] * len(dist)
             dist = list(zip(dist, colour))
             own = rows[kind] if any_prompt else None  # each image's bank, -1: none

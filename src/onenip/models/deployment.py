@@ -40,7 +40,8 @@ class Deployment:
     # prompt-map fusion), its bank (M, C') of the stride-8 patches (`FeatureExtractor.patches`) of its prompt images
     # (`scoring.added_type_bank`): what its prompt map compares a query with
     colour_models: dict[str, dict[str, Any]] = field(default_factory=dict)  # per category, the colour check's model:
-    # "mean" (3,) and "precision" (3, 3) of its normal images' `scoring.colour_stats`, and "limit" (a type without one,
+    # "mean" (4,) and "precision" (4, 4) of its normal images' `scoring.colour_stats` with the texture row ((3,) and
+    # (3, 3), the colour alone, in models calibrated before it), and "limit" (a type without one,
     # as in models built before it: no colour check)
     prompt_fusion: float = 0.0  # beta of prompt-map fusion on trained types (0: the learned map alone, the paper's)
     prompt_scales: dict[str, float] = field(default_factory=dict)  # per trained type with a bank, s_k: the mean of
@@ -91,13 +92,21 @@ class Deployment:
 
     def colour_check(self, kinds: list[str]) -> tuple[Tensor, Tensor]:
         """For each of `kinds` (type names, as a model indexes them) its colour model as the deployed model and
-        evaluation use it: `scoring.colour_whitening` (K, 3, 4) and the limit (K,) float32; a type without one gets
-        a zero whitening (distance 0) and an infinite limit (no check)."""
+        evaluation use it: `scoring.colour_whitening` (K, D, D + 1) and the limit (K,) float32; a type without one
+        gets a zero whitening (distance 0) and an infinite limit (no check). D is 4 (the colour and the texture
+        contrast, `scoring.colour_column`) when a type's model has the texture row, else 3 (models calibrated before
+        it); a 3-row model among 4-row ones measures the colour alone (its texture column is zero)."""
         models = [self.colour_models.get(k) for k in kinds]
-        mean = torch.tensor([m["mean"] if m else [0.0] * 3 for m in models], dtype=torch.float32)
-        precision = torch.tensor([m["precision"] if m else [[0.0] * 3] * 3 for m in models], dtype=torch.float32)
+        d = max([len(m["mean"]) for m in models if m] or [3])
+        w = torch.zeros(len(kinds), d, d + 1, dtype=torch.float32)
+        for i, m in enumerate(models):
+            if m:
+                own = colour_whitening(torch.tensor([m["mean"]], dtype=torch.float32),
+                                       torch.tensor([m["precision"]], dtype=torch.float32))[0]  # (e, e + 1)
+                e = own.shape[0]
+                w[i, :e, :e], w[i, :e, d] = own[:, :e], own[:, e]
         limit = torch.tensor([float(m["limit"]) if m else math.inf for m in models], dtype=torch.float32)
-        return colour_whitening(mean, precision), limit
+        return w, limit
 
     @property
     def categories(self) -> list[str]:

@@ -73,10 +73,11 @@ class DeployModel(nn.Module):
                                                      len(self.categories)))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
-        # its colour half: each type's colour model as a whitening (K, 3, 4) and its limit (K,) (inf: no check)
+        # its colour half: each type's colour model as a whitening (K, D, D + 1) and its limit (K,) (inf: no check)
         whitening, limits = deployment.colour_check(self.categories)
         self.register_buffer("colour_whitening", whitening)
         self.register_buffer("colour_limits", limits)
+        self.texture = whitening.shape[1] > 3  # the colour models read the texture contrast too (calibrated since it)
         # the banks of prompt patches (A, M, C') of the types with a prompt map (added, and trained with prompt-map
         # fusion), each type's row in them (K,), -1: none, and the weights (K, 2) of its learned and prompt maps
         banks, rows = deployment.prompt_banks(self.categories)
@@ -124,7 +125,7 @@ class DeployModel(nn.Module):
             amap = weigh_maps(amap, knn, self.map_weights[category])
         score = image_scores(amap, self.kernel)  # (N,)
         distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
-        colour = colour_distance(colour_column(images), self.colour_whitening[category])
+        colour = colour_distance(colour_column(images, self.texture), self.colour_whitening[category])
         known = (distance <= self.type_limits[category]) & (colour <= self.colour_limits[category])
         normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {

@@ -12,11 +12,12 @@ these, and nothing else computes a map, a fusion or a score.
   frozen backbone's features alone: for each query patch the cosine distance to the nearest patch of the type's
   prompt images, and of those the 25th percentile (a defect, which changes a minority of patches, barely moves it;
   another product moves all of them). Above its type's limit the image is of an unknown type, not judged.
-* colour (`colour_column`, `colour_whitening`, `colour_distance`): the second half of the product-type check. The
-  median colour of the image (an intensity and two opponent colours over 4 x 4 cells) and its Mahalanobis distance
-  to its type's colours (mean and covariance of up to 100 of the type's normal images); above its type's limit the
-  image is of an unknown type too. Products that differ mostly in colour (variants of one material) are told apart
-  by it.
+* colour (`colour_column`, `texture_contrast`, `colour_whitening`, `colour_distance`): the second half of the
+  product-type check. The median colour of the image (an intensity and two opponent colours over 4 x 4 cells) and,
+  in models calibrated since it, its surface's fine contrast (the median over 8 x 8 cells of the log energy of the
+  intensity's 2-4-pixel octave), and their Mahalanobis distance to its type's (mean and covariance of up to 100 of
+  the type's normal images); above its type's limit the image is of an unknown type too. Products that differ
+  mostly in colour or in how finely their surface varies (variants of one material) are told apart by it.
 * a type added after training (`onenip add-type`, from a few normal images, no gradient step) is scored by
   `prompt_map`, a training-free map in the manner of PatchCore in place of the learned one: the frozen backbone's
   stride-8 and stride-16 taps, each averaged over 3 x 3 neighbours on the stride-8 grid and scaled to unit length
@@ -218,13 +219,19 @@ COLOUR_POOL = 4  # the colour check reads the image in cells of this many pixels
 OPPONENT = ((1 / 3, 1 / 3, 1 / 3), (1.0, -1.0, 0.0), (0.5, 0.5, -1.0))  # RGB -> intensity, r - g, (r + g) / 2 - b
 
 
-def colour_stats(images: Tensor) -> Tensor:
-    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3): the image's colour (`colour_column` as rows)."""
-    return colour_column(images)[:, :, 0]
+TEXTURE_CELL = 8  # the texture statistic reads the image in cells of this many pixels a side (28 x 28 at 224 px)
+TEXTURE_EPS = (0.5 / 255) ** 2  # added to each cell's energy before the log: a flat cell reads as half a grey level
 
 
-def colour_column(images: Tensor) -> Tensor:
-    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3, 1): the image's colour, robust to a defect. Each cell of
+def colour_stats(images: Tensor, texture: bool = False) -> Tensor:
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3), or (N, 4) with `texture`: the image's colour and its
+    texture contrast (`colour_column` as rows)."""
+    return colour_column(images, texture)[:, :, 0]
+
+
+def colour_column(images: Tensor, texture: bool = False) -> Tensor:
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 3, 1), with `texture` (N, 4, 1): the image's colour and its
+    `texture_contrast` below it. The colour is robust to a defect: each cell of
     COLOUR_POOL x COLOUR_POOL pixels is averaged and turned into an intensity (r + g + b) / 3 and two opponent colours,
     r - g and (r + g) / 2 - b, in [0, 1] units; of each, the median over the cells (the lower one: topk, exportable,
     unlike median). A defect covers a minority of the cells and barely moves a median; a product of another colour
@@ -237,23 +244,51 @@ def colour_column(images: Tensor) -> Tensor:
     weight = (torch.tensor(OPPONENT, device=images.device) * scale)[:, :, None, None].expand(3, 3, pool, pool)
     cells = F.conv2d(images.float(), weight.contiguous(), stride=pool).flatten(2)  # (N, 3, h * w)
     k = (cells.shape[2] - 1) // 2 + 1
-    return cells.topk(k, dim=2, largest=False).values[:, :, k - 1:]
+    colour = cells.topk(k, dim=2, largest=False).values[:, :, k - 1:]
+    return torch.cat([colour, texture_contrast(images)], dim=1) if texture else colour
+
+
+def texture_contrast(images: Tensor) -> Tensor:
+    """(N, 3, S, S) uint8 RGB or float in [0, 1] -> (N, 1, 1): how strongly the surface varies at a fine scale, robust
+    to a defect. The intensity averaged over 2 x 2 pixels, less the average of the 2 x 2 of those (4 x 4 pixels) it
+    lies in, is the image's 2-4-pixel octave (a band of a Laplacian pyramid); its energy (mean square) over each cell
+    of TEXTURE_CELL x TEXTURE_CELL pixels, as a log, and of those the median over the cells (the lower one). Papers of
+    one colour family differ in it: at a given brightness one varies less than another, which the colour alone and
+    the backbone's cosine distances (directions, not sizes) do not see. Each averaging is a strided convolution on
+    the pixel values as they come, as the colour's cells are, so that a bf16 export keeps the branch in float32 (a
+    band is a small difference of two averages). An image under TEXTURE_CELL pixels a side has no cell: the floor."""
+    if min(images.shape[-2:]) < TEXTURE_CELL:
+        return torch.full((images.shape[0], 1, 1), math.log(TEXTURE_EPS), device=images.device)
+    unit = 12.0 * (255.0 if images.dtype == torch.uint8 else 1.0)  # a sum of 2 x 2 pixels' three channels, in [0, 1]
+    dev = images.device
+    fine = F.conv2d(images.float(), torch.ones((1, 3, 2, 2), device=dev), stride=2)  # (N, 1, S/2, S/2), x unit
+    deviation = torch.eye(4, device=dev).view(4, 1, 2, 2) - 0.25  # each of a 2 x 2 block less the block's mean
+    band = F.conv2d(fine, deviation, stride=2)  # (N, 4, S/4, S/4): the octave, the block's four pixels as channels
+    cells = TEXTURE_CELL // 4  # a cell is this many blocks a side
+    weight = torch.full((1, 4, cells, cells), 1.0 / (4 * cells * cells * unit * unit), device=dev)
+    energy = F.conv2d(band.square(), weight, torch.full((1,), TEXTURE_EPS, device=dev), stride=cells)  # (N, 1, h, w)
+    # the log is the last step before the median: OpenVINO rewrites an operation after it into a new node, which a
+    # bf16 export would run in bf16 (a log energy near -8 rounded to a sixteenth)
+    energy = torch.log(energy).flatten(2)  # (N, 1, cells)
+    k = (energy.shape[2] - 1) // 2 + 1
+    return energy.topk(k, dim=2, largest=False).values[:, :, k - 1:]
 
 
 def colour_whitening(mean: Tensor, precision: Tensor) -> Tensor:
-    """Types' colour models, means (K, 3) and inverse covariances (K, 3, 3) -> (K, 3, 4) matrices W = L^T [I | -mean]
-    with precision = L L^T (Cholesky), so that |W [c; 1]| is colour c's Mahalanobis distance to the type. A zero
-    precision (a type without a colour model) gives W = 0: distance 0."""
-    w = torch.zeros(mean.shape[0], 3, 4, dtype=torch.float32)
+    """Types' colour models, means (K, D) and inverse covariances (K, D, D) -> (K, D, D + 1) matrices W = L^T [I |
+    -mean] with precision = L L^T (Cholesky), so that |W [c; 1]| is colour c's Mahalanobis distance to the type. A
+    zero precision (a type without a colour model) gives W = 0: distance 0."""
+    d = mean.shape[1]
+    w = torch.zeros(mean.shape[0], d, d + 1, dtype=torch.float32)
     for k in range(mean.shape[0]):
         if bool(precision[k].abs().sum() > 0):
             lower = torch.linalg.cholesky(precision[k].double())
-            w[k] = (lower.T @ torch.cat([torch.eye(3, dtype=torch.float64), -mean[k].double()[:, None]], dim=1)).float()
+            w[k] = (lower.T @ torch.cat([torch.eye(d, dtype=torch.float64), -mean[k].double()[:, None]], dim=1)).float()
     return w
 
 
 def colour_distance(colour: Tensor, whitening: Tensor) -> Tensor:
-    """`colour_column` (N, 3, 1) and each image's type's `colour_whitening` (N, 3, 4) -> (N,) the Mahalanobis
+    """`colour_column` (N, D, 1) and each image's type's `colour_whitening` (N, D, D + 1) -> (N,) the Mahalanobis
     distance |W [c; 1]|. The mean is subtracted inside the matrix product, which a bf16 export keeps in float32: an
     element-wise difference of two colours rounded to bf16 lost half a grey level. Once whitened, rounding costs
     only a relative 2^-8 of the distance."""
