@@ -259,7 +259,7 @@ def texture_contrast(images: Tensor) -> Tensor:
     band is a small difference of two averages). An image under TEXTURE_CELL pixels a side has no cell: the floor."""
     if min(images.shape[-2:]) < TEXTURE_CELL:
         return torch.full((images.shape[0], 1, 1), math.log(TEXTURE_EPS), device=images.device)
-    unit = 12.0 * (255.0 if images.dtype == torch.uint8 else 1.0)  # a sum of 2 x 2 pixels' three channels, in [0, 1]
+    unit = 12.0 * (255.0 if images.dtype == torch.uint8 else 1.0)  # what a sum of 2 x 2 pixels' 3 channels counts as 1
     dev = images.device
     fine = F.conv2d(images.float(), torch.ones((1, 3, 2, 2), device=dev), stride=2)  # (N, 1, S/2, S/2), x unit
     deviation = torch.eye(4, device=dev).view(4, 1, 2, 2) - 0.25  # each of a 2 x 2 block less the block's mean
