@@ -66,7 +66,7 @@ from onenip.deploy.runtimes import (
     openvino_config,
     require,
 )
-from onenip.deploy.stem_precision import mark_float32
+from onenip.deploy.stem_precision import COLOUR_OUTPUT, SCORE_OUTPUT, mark_float32
 from onenip.errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -338,13 +338,33 @@ def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np
     return {out.get_any_name(): np.array(result[out]) for out in compiled.outputs}
 
 
+def _colour_branch(ov_model: Any) -> list[str]:
+    """The names of the operations of an OpenVINO model that compute its colour_distance output and nothing its score
+    needs (the colour check's own branch, as `stem_precision.colour_layers` finds it in a saved file)."""
+    def upstream(name: str) -> set[str]:
+        outs = [o for o in ov_model.outputs if name in o.get_names()]
+        seen: set[str] = set()
+        stack = [o.get_node() for o in outs]
+        while stack:
+            node = stack.pop()
+            if node.get_friendly_name() not in seen:
+                seen.add(node.get_friendly_name())
+                stack.extend(i.get_source_output().get_node() for i in node.inputs())
+        return seen
+
+    return sorted(upstream(COLOUR_OUTPUT) - upstream(SCORE_OUTPUT))
+
+
 def _quantize(ov_model: Any, images: np.ndarray) -> Any:
     """Post-training int8 quantization of the OpenVINO model by NNCF, calibrated on `images` (one at a time)."""
     nncf = require("nncf", "int8 quantization (OpenVINO export --precision int8)")
     dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))], lambda x: {INPUT_NAME: x})
+    # the colour check's own branch stays unquantized: its texture contrast is a small difference of two averages,
+    # which int8 activations erase (every image came out unknown)
+    colour = nncf.IgnoredScope(names=_colour_branch(ov_model), validate=False)
     try:
         return nncf.quantize(ov_model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
-                             model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True)
+                             model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True, ignored_scope=colour)
     except Exception as exc:
         raise ExportError(f"int8 quantization failed ({type(exc).__name__}: {exc})") from exc
 
@@ -415,6 +435,10 @@ def _save_openvino(ov_model: Any, out: Path, precision: str, reference: tuple[Te
             else:
                 log.warning("bf16: no convolution stem or colour check found to keep in float32; the whole model runs "
                             "in bf16")
+        elif precision == "int8":  # its unquantized rest runs in bf16: the colour check (not quantized) in float32
+            marked = mark_float32(xml, stem=False)
+            if marked:
+                log.info(f"int8: {marked} layers of the colour check left unquantized and marked to stay in float32")
         if precision != "fp32":
             try:
                 written = ov.Core().read_model(str(xml))

@@ -35,7 +35,8 @@ from pathlib import Path
 
 from onenip.errors import ExportError
 
-__all__ = ["KEEP_FP32", "CONVOLUTIONS", "stem_layers", "colour_layers", "mark_float32", "marked_layers"]
+__all__ = ["KEEP_FP32", "CONVOLUTIONS", "COLOUR_OUTPUT", "SCORE_OUTPUT", "stem_layers", "colour_layers", "mark_float32",
+           "marked_layers"]
 
 KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
 """The rt_info attribute, as OpenVINO's IR spells it, that keeps a layer at its original precision (float32)."""
@@ -122,10 +123,11 @@ def colour_layers(root: ET.Element) -> set[str]:
     return colour - _upstream(layers, parents, parents[results[SCORE_OUTPUT]])
 
 
-def mark_float32(xml: str | Path) -> int:
-    """Add `KEEP_FP32` to the rt_info of the computing layers of the stem (`stem_layers`) and of the colour check
-    (`colour_layers`) in the IR file `xml` (rewritten in place: call it on a file not yet in use). Returns how many
-    layers were marked (0: neither found, the file unchanged).
+def mark_float32(xml: str | Path, stem: bool = True) -> int:
+    """Add `KEEP_FP32` to the rt_info of the computing layers of the stem (`stem_layers`; not with `stem` False, as
+    for an int8 file, whose stem is quantized) and of the colour check (`colour_layers`) in the IR file `xml`
+    (rewritten in place: call it on a file not yet in use). Returns how many layers were marked (0: neither found,
+    the file unchanged).
 
     Raises:
         ExportError: the file cannot be read or parsed as XML, or cannot be written back."""
@@ -135,7 +137,7 @@ def mark_float32(xml: str | Path) -> int:
     except (OSError, ET.ParseError) as exc:
         raise ExportError(f"{path}: cannot read the OpenVINO model's XML to mark its stem ({exc})") from exc
     root = tree.getroot()
-    ids = stem_layers(root) | colour_layers(root)
+    ids = (stem_layers(root) if stem else set()) | colour_layers(root)
     marked = 0
     for layer in root.iterfind("layers/layer"):
         if layer.get("id") not in ids or layer.get("type") in _UNMARKED:
