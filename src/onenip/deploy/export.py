@@ -66,7 +66,7 @@ from onenip.deploy.runtimes import (
     openvino_config,
     require,
 )
-from onenip.deploy.stem_precision import COLOUR_OUTPUT, SCORE_OUTPUT, mark_float32
+from onenip.deploy.stem_precision import colour_operations, mark_float32
 from onenip.errors import CheckpointError, ConfigError, DatasetError, ExportError, MissingDependencyError, OnenipError
 from onenip.models.detector import Detector
 from onenip.models.inference import DeployModel
@@ -338,30 +338,13 @@ def _run_openvino(ov_model: Any, precision: str, images: Tensor) -> dict[str, np
     return {out.get_any_name(): np.array(result[out]) for out in compiled.outputs}
 
 
-def _colour_branch(ov_model: Any) -> list[str]:
-    """The names of the operations of an OpenVINO model that compute its colour_distance output and nothing its score
-    needs (the colour check's own branch, as `stem_precision.colour_layers` finds it in a saved file)."""
-    def upstream(name: str) -> set[str]:
-        outs = [o for o in ov_model.outputs if name in o.get_names()]
-        seen: set[str] = set()
-        stack = [o.get_node() for o in outs]
-        while stack:
-            node = stack.pop()
-            if node.get_friendly_name() not in seen:
-                seen.add(node.get_friendly_name())
-                stack.extend(i.get_source_output().get_node() for i in node.inputs())
-        return seen
-
-    return sorted(upstream(COLOUR_OUTPUT) - upstream(SCORE_OUTPUT))
-
-
 def _quantize(ov_model: Any, images: np.ndarray) -> Any:
     """Post-training int8 quantization of the OpenVINO model by NNCF, calibrated on `images` (one at a time)."""
     nncf = require("nncf", "int8 quantization (OpenVINO export --precision int8)")
     dataset = nncf.Dataset([images[i : i + 1] for i in range(len(images))], lambda x: {INPUT_NAME: x})
     # the colour check's own branch stays unquantized: its texture contrast is a small difference of two averages,
     # which int8 activations erase (every image came out unknown)
-    colour = nncf.IgnoredScope(names=_colour_branch(ov_model), validate=False)
+    colour = nncf.IgnoredScope(names=colour_operations(ov_model), validate=False)
     try:
         return nncf.quantize(ov_model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.MIXED,
                              model_type=nncf.ModelType.TRANSFORMER, fast_bias_correction=True, ignored_scope=colour)

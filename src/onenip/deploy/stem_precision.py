@@ -32,10 +32,11 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from onenip.errors import ExportError
 
-__all__ = ["KEEP_FP32", "CONVOLUTIONS", "COLOUR_OUTPUT", "SCORE_OUTPUT", "stem_layers", "colour_layers", "mark_float32",
+__all__ = ["KEEP_FP32", "CONVOLUTIONS", "stem_layers", "colour_layers", "colour_operations", "mark_float32",
            "marked_layers"]
 
 KEEP_FP32 = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
@@ -60,7 +61,7 @@ def _graph(root: ET.Element) -> tuple[dict[str, ET.Element], dict[str, list[str]
     return layers, parents
 
 
-def _upstream(layers: dict[str, ET.Element], parents: dict[str, list[str]], start: list[str]) -> set[str]:
+def _upstream(layers: dict[str, Any], parents: dict[str, list[str]], start: list[str]) -> set[str]:
     """`start` and every layer they depend on."""
     seen: set[str] = set()
     stack = list(start)
@@ -111,16 +112,32 @@ def stem_layers(root: ET.Element) -> set[str]:
     return upstream(stem)
 
 
+def _colour_branch(layers: dict[str, Any], parents: dict[str, list[str]], results: dict[str, str]) -> set[str]:
+    """Of a graph (nodes by key, each node's parents, each output's Result node), the nodes that compute the
+    `colour_distance` output and nothing the `score` output needs; empty without both outputs."""
+    if COLOUR_OUTPUT not in results or SCORE_OUTPUT not in results:
+        return set()
+    colour = _upstream(layers, parents, parents[results[COLOUR_OUTPUT]])
+    return colour - _upstream(layers, parents, parents[results[SCORE_OUTPUT]])
+
+
 def colour_layers(root: ET.Element) -> set[str]:
     """The ids of the layers that compute the `colour_distance` output and nothing the `score` output needs (the
     colour check's own branch: the median colour, the type's colour model and the distance); empty for a graph
     without both outputs."""
     layers, parents = _graph(root)
-    results = {layer.get("output_names"): i for i, layer in layers.items() if layer.get("type") == "Result"}
-    if COLOUR_OUTPUT not in results or SCORE_OUTPUT not in results:
-        return set()
-    colour = _upstream(layers, parents, parents[results[COLOUR_OUTPUT]])
-    return colour - _upstream(layers, parents, parents[results[SCORE_OUTPUT]])
+    results = {layer.get("output_names", ""): i for i, layer in layers.items() if layer.get("type") == "Result"}
+    return _colour_branch(layers, parents, results)
+
+
+def colour_operations(model: Any) -> list[str]:
+    """The names of the colour check's own operations (`colour_layers`) in an OpenVINO model in memory (an
+    ``openvino.Model``, e.g. before it is quantized)."""
+    layers = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    parents = {name: [i.get_source_output().get_node().get_friendly_name() for i in op.inputs()]
+               for name, op in layers.items()}
+    results = {tensor: out.get_node().get_friendly_name() for out in model.outputs for tensor in out.get_names()}
+    return sorted(_colour_branch(layers, parents, results))
 
 
 def mark_float32(xml: str | Path, stem: bool = True) -> int:
