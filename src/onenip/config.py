@@ -429,6 +429,18 @@ class EvalConfig:
         "images (each measured against the others) is reported as of an unknown type too; 0 turns this half of the "
         "check off (e.g. for a line whose lighting changes more than the training images show).",
     )
+    unknown_level: float = Field(
+        1.65, gt=0, description="Unknown products, the rule that joins the two halves: each distance is taken as a "
+        "fraction of its type's limit (unknown_margin, colour_margin), and an image is of an unknown type when for "
+        "each of the unknown_candidates product types most similar to it the two fractions sum to more than this (so "
+        "an image a little off in both is as far as one well off in one). Chosen on iad-mix with each type held out "
+        "in turn (docs/deployment.md); lower flags more images unknown.",
+    )
+    unknown_candidates: int = Field(
+        3, ge=1, description="Unknown products: how many product types the check tries, the retrieved one and the "
+        "next most similar (an image that one of them takes is of a known type; a type given with `predict --type` "
+        "is tried alone). Each costs one more type distance an image.",
+    )
 
 
 @dataclass(config=_SECTION)

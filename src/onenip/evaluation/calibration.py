@@ -10,6 +10,7 @@ by both; `add_type` adds a type from a few normal images.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,6 +46,8 @@ from onenip.models.scoring import (
     type_bank,
     type_distance,
 )
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Thresholds
@@ -333,6 +336,7 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
         pool_feats=pool.feats, pool_categories=pool.categories, pool_images=[str(s.image) for s in pool.samples],
         fusion_scale=scale, thresholds={c: math.inf for c in set(pool.categories)},
         alpha=cfg.eval.fusion_alpha, score_kernel=cfg.eval.score_kernel,
+        unknown_level=cfg.eval.unknown_level, unknown_candidates=cfg.eval.unknown_candidates,
     )
     if cfg.eval.prompt_fusion > 0:  # before the thresholds, which are set on the fused maps
         dep = with_prompt_fusion(detector, dep, pool.samples, fusion_samples(train, pool.samples, cfg),
@@ -406,8 +410,10 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     gains it here (`colour_models` from its training images, as `fit` builds them) when its eval.colour_margin is
     above 0. `colour_margin` sets the colour check's margin instead: 0 turns it off, another value rescales every
     type's limit to it (the limit is margin x a distance of the type's own images), building the models first for a
-    model without them. `prompt_fusion` sets prompt-map fusion on the trained types at that beta (0: off;
-    `set_prompt_fusion`) before the thresholds, which are then set on the new maps."""
+    model without them. A model calibrated before the summed rule of the type check gains it (its
+    eval.unknown_level and eval.unknown_candidates; `Deployment.unknown_rule`). `prompt_fusion` sets prompt-map
+    fusion on the trained types at that beta (0: off; `set_prompt_fusion`) before the thresholds, which are then set
+    on the new maps."""
     check_colour_margin(colour_margin)
     check_prompt_fusion(prompt_fusion)
     check_one_method(far, val_roots)
@@ -472,8 +478,15 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
         old = calibration.get(c, {})
         calibration[c] = {**(old if set(v) == {"colour_margin"} else
                              {k: x for k, x in old.items() if k not in COLOUR_KEYS}), **v}
+    rule = {}
+    if dep.unknown_level is None:  # a model calibrated before the summed rule gains it, as fit builds it now
+        rule = {"unknown_level": cfg.eval.unknown_level, "unknown_candidates": cfg.eval.unknown_candidates}
+        log.info(f"the unknown-type check now tries the {cfg.eval.unknown_candidates} most similar product types and "
+                 f"sums each one's two distances as fractions of their limits, unknown above {cfg.eval.unknown_level:g} "
+                 "(this model judged the retrieved type alone, unknown when either distance exceeded its limit)")
     # everything else (the pool, added types and their patches, type limits) as it was
-    return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
+    return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours,
+                               **rule)
 
 
 def _colour_check(dep: Deployment, cfg, margin: float | None,

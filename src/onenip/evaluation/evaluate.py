@@ -44,21 +44,21 @@ from onenip.data.tensors import SampleImages
 from onenip.errors import ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.metrics import image_metrics, pixel_metrics
 from onenip.logs import progress_bar
+from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.prompts import PromptPool, paper_prompt_sets, pool_samples
 from onenip.models.scoring import (
     MIN_THRESHOLD,
     Maps,
     added_type_map,
+    candidate_distances,
     colour_column,
-    colour_distance,
     decide,
     fuse,
     fusion_scale,
     image_scores,
     mean_maps,
-    patch_distances,
-    type_distance,
+    unknown_scores,
     weigh_maps,
 )
 
@@ -370,7 +370,8 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                                                                                      torch.Tensor, list | None, list | None,
                                                                                      list | None, Any]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities, the type check's (type distance, colour distance) pairs for the retrieved category, and when a
+    similarities, the type check's (type distance, colour distance, unknown score) for the retrieved category
+    (the score over the candidate types the deployed model tries, `scoring.unknown_scores`; None without a deployment), and when a
     retrieved category has a prompt map (added after training, or trained with prompt-map fusion) (the weights of
     each image's learned and prompt maps (B, 2), `Deployment.map_weights`; the prompt maps), else None). The prompts
     are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the
@@ -379,7 +380,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
     bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
-    colours = dep.colour_check(pool.kinds)[0].to(dev) if pool is not None and dep is not None else None
+    check = _type_check(dep, pool, dev) if pool is not None else None
     any_prompt = False
     if pool is not None and dep is not None:  # the banks of prompt patches as the deployed model holds them
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))  # row -1: no prompt map
@@ -399,10 +400,13 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
-            dist = type_distance(patch_distances(feats, bank[kind])).tolist()
-            colour = colour_distance(colour_column(images, colours.shape[1] > 3), colours[kind]).tolist() \
-                if colours is not None else [None] * len(dist)
-            dist = list(zip(dist, colour))
+            whitening, limits, colour_limits, (_, r, summed) = check
+            tried = kind[:, None] if given is not None or r <= 1 else pool.candidates(feats, kind, r)  # as DeployModel
+            t, c = candidate_distances(feats, colour_column(images, whitening.shape[1] > 3), tried, bank, whitening)
+            u = unknown_scores(t, limits[tried], c, colour_limits[tried], summed).tolist()
+            if dep is None:  # no limits, no colour models: the type distance alone
+                c, u = torch.full_like(t, math.nan), [None] * len(u)
+            dist = [(d, None if math.isnan(cd) else cd, us) for d, cd, us in zip(t[:, 0].tolist(), c[:, 0].tolist(), u)]
             own = rows[kind] if any_prompt else None  # each image's bank, -1: none
             if own is not None and bool((own >= 0).any()):  # as the deployed model: the prompt map, weighted
                 prompt = (weights[kind], added_type_map(patches, banks, own, detector.extractor.patch_widths,
@@ -410,6 +414,20 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
         bar.update(1)
         yield batch["index"].numpy(), mean_maps([detector.maps(feats, pf) for pf in prompt_feats]), batch["mask"], \
             batch["has_mask"], got, sim, dist, prompt
+
+
+def _type_check(dep: Deployment | None, pool: PromptPool, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor, tuple]:
+    """The product-type check as the deployed model holds it, for the types of `pool` (`pool.kinds`): the colour
+    whitenings (K, D, D + 1), the type limits (K,), the colour limits (K,) and `Deployment.unknown_rule`; without a
+    deployment, no check (zero whitenings, infinite limits, the retrieved type alone)."""
+    k = len(pool.kinds)
+    if dep is None:
+        inf = torch.full((k,), math.inf, device=dev)
+        return torch.zeros(k, 3, 4, device=dev), inf, inf, (1.0, 1, False)
+    whitening, colour_limits = dep.colour_check(pool.kinds)
+    limits = torch.tensor([dep.type_thresholds.get(c, math.inf) for c in pool.kinds], dtype=torch.float32)
+    return whitening.to(dev), limits.to(dev), colour_limits.to(dev), dep.unknown_rule
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
@@ -432,9 +450,10 @@ def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indic
         for name in names:
             maps[name][pos] = {"rec": m.rec, "ref": m.ref, "fused": fused}[name].cpu().numpy()
         masks[pos], has_mask[pos] = mask.numpy(), hm.numpy()
-        for p, g, si, (d, c) in zip(pos, got or [], sim or [], dist or []):
+        for p, g, si, (d, c, u) in zip(pos, got or [], sim or [], dist or []):
             score_rows[indices[p]].update(retrieved=g, similarity=round(si, 6), type_distance=round(d, 6),
-                                          colour_distance=round(c, 6) if c is not None else None)
+                                          colour_distance=round(c, 6) if c is not None else None,
+                                          unknown_score=round(u, 6) if u is not None else None)
     t1 = time.perf_counter()
     clock["inference"] += t1 - t0
     cat = subset[0].category
@@ -512,8 +531,8 @@ def evaluate(detector: Detector, cfg: Config, progress: bool = True, samples: li
     retrieval = float(np.mean([r["retrieved"] == r["category"] for r in score_rows])) if pool is not None else None
     note = why_no_decisions(detector, cfg, pool, scale, names)
     dep = detector.deployment
-    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration, dep.type_thresholds,
-                                 {c: m["limit"] for c, m in dep.colour_models.items()}) if note is None else None
+    decisions = decision_summary(score_rows, dep.thresholds, dep.calibration,
+                                 unknown_level=dep.unknown_rule[0]) if note is None else None
     seconds = {"inference": round(clock["inference"], 3), "metrics": round(clock["metrics"], 3),
                "total": round(time.perf_counter() - t_start, 3),
                "images_per_s": round(len(test) / max(clock["inference"], 1e-9), 2)}
@@ -551,21 +570,31 @@ def why_no_decisions(detector: Detector, cfg: Config, pool: PromptPool | None, s
 
 
 def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], calibration: dict[str, Any] | None = None,
-                     type_limits: dict[str, float] | None = None,
-                     colour_limits: dict[str, float] | None = None) -> dict[str, Any]:
+                     type_limits: dict[str, float] | None = None, colour_limits: dict[str, float] | None = None,
+                     unknown_level: float | None = None) -> dict[str, Any]:
     """Decide each image (rows of `Results.scores`) as the deployed model does: of an unknown product type when its
-    type distance or its colour distance exceeds the RETRIEVED category's limit (then not judged), else anomalous when its fused score
-    exceeds that category's threshold. Adds threshold, normalized (1 - 2^(-score / threshold)), known and anomalous
-    to each row; returns the counts per true category and in all (an image of an unknown type is neither a false
-    alarm nor a detection: a defective one counts as missed), and the pooled metrics of score / threshold."""
+    unknown score (`scoring.unknown_scores`, over the types the model tries) exceeds `unknown_level` (then not
+    judged), else anomalous when its fused score exceeds the RETRIEVED category's threshold. Without
+    `unknown_level`, the rule of models calibrated before it from each row's distances: unknown when its type distance
+    or its colour distance exceeds the retrieved category's limit in `type_limits` or `colour_limits` (a distance
+    None, or a category without a limit: that half passes). With it, a row whose unknown score is None is known.
+    Adds threshold, normalized (1 - 2^(-score / threshold)), known and anomalous to each row; returns the counts per
+    true category and in all (an image of an unknown type is neither a false alarm nor a detection: a defective one
+    counts as missed), and the pooled metrics of score / threshold."""
     counts: dict[str, dict[str, int]] = {}
     scores = np.array([r["score_fused"] for r in rows], dtype=np.float64)
-    limits = type_limits or {}
     t = np.array([thresholds[r["retrieved"]] for r in rows], dtype=np.float64)
-    colours = colour_limits or {}
-    known = np.array([(r.get("type_distance") is None or r["type_distance"] <= limits.get(r["retrieved"], math.inf))
-                      and (r.get("colour_distance") is None
-                           or r["colour_distance"] <= colours.get(r["retrieved"], math.inf)) for r in rows], dtype=bool)
+    if unknown_level is None:  # the retrieved type alone, each half within its limit
+        def column(key: str, limits: dict[str, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+            got = [r.get(key) for r in rows]
+            return (torch.tensor([[0.0 if v is None else v] for v in got], dtype=torch.float64),
+                    torch.tensor([[math.inf if v is None else (limits or {}).get(r["retrieved"], math.inf)]
+                                  for r, v in zip(rows, got)], dtype=torch.float64))
+        known = (unknown_scores(*column("type_distance", type_limits), *column("colour_distance", colour_limits),
+                                summed=False) <= 1.0).numpy()
+    else:
+        known = np.array([r.get("unknown_score") is None or r["unknown_score"] <= unknown_level for r in rows],
+                         dtype=bool)
     normalized, anomalous = decide(scores, t, known)  # the deployed model's decision
     relative = scores / np.maximum(t, MIN_THRESHOLD)
     for i, r in enumerate(rows):

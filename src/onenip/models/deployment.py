@@ -46,11 +46,30 @@ class Deployment:
     prompt_fusion: float = 0.0  # beta of prompt-map fusion on trained types (0: the learned map alone, the paper's)
     prompt_scales: dict[str, float] = field(default_factory=dict)  # per trained type with a bank, s_k: the mean of
     # the learned map's per-image maxima over that of its prompt map, on normal training images
+    unknown_level: float | None = None  # the product-type check's rule (`unknown_rule`): an image is of an unknown
+    # type when, for each of its `unknown_candidates` most similar types, its type and colour distances as fractions
+    # of that type's limits sum to more than this; None: the rule of models calibrated before it (either distance of
+    # the retrieved type above its limit)
+    unknown_candidates: int = 1
 
     def __post_init__(self) -> None:
         self.prompt_patches = {t: _bank(p) for t, p in self.prompt_patches.items()}
         if not 0.0 <= self.prompt_fusion <= 1.0:
             raise ConfigError(f"prompt-map fusion beta must be in [0, 1], got {self.prompt_fusion}")
+        if self.unknown_level is not None and not self.unknown_level > 0:
+            raise ConfigError(f"the unknown-type level must be > 0, got {self.unknown_level}")
+        if self.unknown_candidates < 1:
+            raise ConfigError(f"the unknown-type check needs at least 1 candidate type, got {self.unknown_candidates}")
+
+    @property
+    def unknown_rule(self) -> tuple[float, int, bool]:
+        """(level, candidates, summed) of the product-type check (`scoring.unknown_scores`): an image is of an unknown
+        type when its score exceeds the level. Summed: the two fractions of a type summed, least over the candidate
+        types; a model calibrated before it: (1, 1, False), the larger fraction of the retrieved type (either
+        distance above its limit)."""
+        if self.unknown_level is None:
+            return 1.0, 1, False
+        return self.unknown_level, self.unknown_candidates, True
 
     @property
     def fused_types(self) -> list[str]:
@@ -127,6 +146,7 @@ class Deployment:
             "alpha": self.alpha, "score_kernel": self.score_kernel, "type_thresholds": self.type_thresholds,
             "added_types": self.added_types, "colour_models": self.colour_models,
             "prompt_fusion": self.prompt_fusion, "prompt_scales": self.prompt_scales,
+            "unknown_level": self.unknown_level, "unknown_candidates": self.unknown_candidates,
         }
         tensors = {"pool_feats": self.pool_feats.detach().cpu().contiguous()}
         for i, t in enumerate(self.prompt_patches):  # names may hold any character: the keys are indices
@@ -146,6 +166,8 @@ class Deployment:
             colour_models={k: dict(v) for k, v in meta.get("colour_models", {}).items()},
             prompt_fusion=float(meta.get("prompt_fusion", 0.0)),
             prompt_scales={k: float(v) for k, v in meta.get("prompt_scales", {}).items()},
+            unknown_level=None if meta.get("unknown_level") is None else float(meta["unknown_level"]),
+            unknown_candidates=int(meta.get("unknown_candidates", 1)),
         )
 
 

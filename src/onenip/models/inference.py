@@ -14,18 +14,17 @@ from torch import Tensor, nn
 
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
-from onenip.models.prompts import descriptor, nearest, type_keys
+from onenip.models.prompts import candidate_types, descriptor, nearest, type_keys, type_similarities
 from onenip.models.scoring import (
     added_type_map,
     anomaly_maps,
+    candidate_distances,
     colour_column,
-    colour_distance,
     decide,
     fuse,
     image_scores,
-    patch_distances,
     type_banks,
-    type_distance,
+    unknown_scores,
     weigh_maps,
 )
 
@@ -34,7 +33,8 @@ class DeployModel(nn.Module):
     """uint8 images (N, 3, S, S) -> dict of score (N,), normalized (N,), anomalous (N,) bool, category (N,) int64,
     similarity (N,), map (N, S, S) float32 (the fused anomaly map), known (N,) bool (False: the image is of no product
     type the model knows, and is not judged: anomalous is False), type_distance (N,) and colour_distance (N,), the
-    type check's two measures. `categories[i]` names category index i.
+    type check's two measures for the retrieved type (the check tries the `candidates` most similar types:
+    `scoring.unknown_scores`). `categories[i]` names category index i.
 
     The prompt pool is encoded once (`cache_prompts`; the prompts are fixed once deployed): a query then costs one
     encoder pass, not two. `fast` makes the fast path for a GPU: the backbone runs in bf16 with channels-last
@@ -78,6 +78,9 @@ class DeployModel(nn.Module):
         self.register_buffer("colour_whitening", whitening)
         self.register_buffer("colour_limits", limits)
         self.texture = whitening.shape[1] > 3  # the colour models read the texture contrast too (calibrated since it)
+        level, candidates, self.summed = deployment.unknown_rule  # the check's rule: the types it tries, and how
+        self.candidates = min(candidates, len(self.categories))
+        self.unknown_level = float(level)
         # the banks of prompt patches (A, M, C') of the types with a prompt map (added, and trained with prompt-map
         # fusion), each type's row in them (K,), -1: none, and the weights (K, 2) of its learned and prompt maps
         banks, rows = deployment.prompt_banks(self.categories)
@@ -110,7 +113,8 @@ class DeployModel(nn.Module):
     def forward(self, images: Tensor, category: Tensor | None = None) -> dict[str, Tensor]:
         """uint8 images (N, 3, S, S) -> the outputs listed in the class docstring. `category` (N,) int64 gives each
         image's product type (an index of `categories`): its prompt is the most similar of that type's pool images
-        instead of the most similar of all (or of the type retrieved first, with eval.retrieval type_mean)."""
+        instead of the most similar of all (or of the type retrieved first, with eval.retrieval type_mean), and the
+        product-type check tries that type alone."""
         taps = self.extractor.taps(images)
         feats = self.extractor.combine(taps)  # (N, C, H, W)
         allowed = self.pool_category[None, :] == category[:, None] if category is not None else None  # (N, P)
@@ -118,15 +122,23 @@ class DeployModel(nn.Module):
         best, best_sim = (t[:, 0] for t in nearest(self.pool_keys, feats, 1, allowed, kinds))  # (N,) each
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
-        category = self.pool_category[best]
+        given, category = category is not None, self.pool_category[best]
+        if not given and self.candidates > 1:  # also the types most similar after the retrieved one
+            sims = type_similarities(self.pool_keys, feats, self.pool_category, len(self.categories),
+                                     self.type_keys if self.by_type else None)
+            tried = candidate_types(sims, category, self.candidates)  # (N, R), the retrieved type first
+        else:  # the retrieved (or given) type alone
+            tried = category[:, None]
         if self.any_prompt:  # the training-free prompt map: alone for an added type, fused for a trained one
             knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
                                  self.patch_widths, self.size)
             amap = weigh_maps(amap, knn, self.map_weights[category])
         score = image_scores(amap, self.kernel)  # (N,)
-        distance = type_distance(patch_distances(feats, self.type_bank[category]))  # (N,)
-        colour = colour_distance(colour_column(images, self.texture), self.colour_whitening[category])
-        known = (distance <= self.type_limits[category]) & (colour <= self.colour_limits[category])
+        distances, colours = candidate_distances(feats, colour_column(images, self.texture), tried, self.type_bank,
+                                                 self.colour_whitening)  # (N, R) each
+        unknown = unknown_scores(distances, self.type_limits[tried], colours, self.colour_limits[tried], self.summed)
+        known = unknown <= self.unknown_level
+        distance, colour = distances[:, 0], colours[:, 0]  # the retrieved type's
         normalized, anomalous = decide(score, self.thresholds[category], known)  # an unknown type is not judged
         return {
             "score": score,

@@ -93,6 +93,28 @@ def nearest(keys: Tensor, feats: Tensor, k: int, allowed: Tensor | None = None,
     return top.indices, top.values
 
 
+def type_similarities(keys: Tensor, feats: Tensor, kind: Tensor, n_types: int, means: Tensor | None = None) -> Tensor:
+    """Pool descriptors (P, C), query features (B, C, H, W) and each entry's type index (P,) -> (B, n_types): how
+    similar each type is to each query, as retrieval ranks them: the cosine similarity of the type's most similar
+    pool entry, or with `means` (`type_keys`, retrieval by type mean) of the type's mean descriptor."""
+    desc = descriptor(feats)
+    if means is not None:
+        return desc @ means.to(feats.device).T
+    member = kind.to(feats.device)[None, :] == torch.arange(n_types, device=feats.device)[:, None]  # (T, P)
+    sim = (desc @ keys.to(feats.device).T)[:, None, :]  # (B, 1, P)
+    return sim.masked_fill(~member[None], -2.0).amax(dim=2)  # below any cosine similarity: a type's own entries only
+
+
+def candidate_types(similarities: Tensor, retrieved: Tensor, r: int) -> Tensor:
+    """Each query's type similarities (B, T) and retrieved type (B,) -> (B, min(r, T)) int64: the retrieved type
+    first, then the r - 1 most similar other types, most similar first: the types the product-type check tries."""
+    if r <= 1 or similarities.shape[1] == 1:
+        return retrieved[:, None]
+    own = torch.arange(similarities.shape[1], device=similarities.device)[None, :] == retrieved[:, None]
+    others = similarities.masked_fill(own, -3.0).topk(min(r, similarities.shape[1]) - 1, dim=1).indices
+    return torch.cat([retrieved[:, None], others], dim=1)
+
+
 class PromptPool:
     """Prompt features of normal images of every category and class-agnostic retrieval by cosine similarity."""
 
@@ -119,6 +141,13 @@ class PromptPool:
     def type_banks(self) -> Tensor:
         """Every type's bank of prompt patches (K, M, C) (`scoring.type_banks`), built once."""
         return type_banks(self.feats, self.kind, len(self.kinds))
+
+    def candidates(self, feats: Tensor, retrieved: Tensor, r: int) -> Tensor:
+        """(B, C, H, W) query features and their retrieved types (B,) (indices of `kinds`) -> (B, min(r, T)) the
+        types the product-type check tries (`candidate_types`), ranked as this pool retrieves."""
+        means = self.type_keys if self.retrieval == "type_mean" else None
+        sims = type_similarities(self.keys, feats, self.kind, len(self.kinds), means)
+        return candidate_types(sims, retrieved.to(sims.device), r)
 
     def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) query features -> (indices (B,), cosine similarities (B,)) of the best pool entries."""

@@ -289,11 +289,54 @@ def colour_whitening(mean: Tensor, precision: Tensor) -> Tensor:
 
 def colour_distance(colour: Tensor, whitening: Tensor) -> Tensor:
     """`colour_column` (N, D, 1) and each image's type's `colour_whitening` (N, D, D + 1) -> (N,) the Mahalanobis
-    distance |W [c; 1]|. The mean is subtracted inside the matrix product, which a bf16 export keeps in float32: an
-    element-wise difference of two colours rounded to bf16 lost half a grey level. Once whitened, rounding costs
-    only a relative 2^-8 of the distance."""
-    z = whitening @ torch.cat([colour.float(), torch.ones_like(colour[:, :1])], dim=1)  # (N, 3, 1)
-    return z.square().sum(dim=(1, 2)).sqrt()
+    distance |W [c; 1]| (`colour_distances`, each image with its own whitening)."""
+    own = torch.arange(whitening.shape[0], device=whitening.device)[:, None]  # (N, 1)
+    return colour_distances(colour, whitening, own)[:, 0]
+
+
+def colour_distances(colour: Tensor, whitening: Tensor, candidates: Tensor) -> Tensor:
+    """`colour_column` (N, D, 1), the types' `colour_whitening` (K, D, D + 1) and R types for each image (N, R) int64
+    -> (N, R) the Mahalanobis distance |W [c; 1]| of each image's colour to each of its types'. The mean is
+    subtracted inside the matrix product, which a bf16 export keeps in float32: an element-wise difference of two
+    colours rounded to bf16 lost half a grey level. Once whitened, rounding costs only a relative 2^-8 of the
+    distance. Nothing here reshapes a float tensor (OpenVINO ran a reshape of the colour in bf16, marked or not): the
+    R whitenings are gathered as R * D rows by integer indices, and each one's squares summed by a matrix product."""
+    n, r = candidates.shape
+    d = whitening.shape[1]
+    rows = (candidates[:, :, None] * d + torch.arange(d, device=candidates.device)).reshape(n, r * d)  # (N, R * D)
+    w = whitening.reshape(-1, d + 1)[rows]  # (N, R * D, D + 1): image i's R whitenings, one below the other
+    z = w @ torch.cat([colour.float(), torch.ones_like(colour[:, :1])], dim=1)  # (N, R * D, 1)
+    block = (torch.arange(r * d, device=z.device) // d == torch.arange(r, device=z.device)[:, None]).float()
+    return (block @ z.square()).sqrt()[:, :, 0]  # (R, R * D) @ (N, R * D, 1) -> (N, R)
+
+
+def candidate_distances(feats: Tensor, colour: Tensor, candidates: Tensor, banks: Tensor,
+                        whitening: Tensor) -> tuple[Tensor, Tensor]:
+    """Query features (N, C, H, W), their `colour_column` (N, D, 1) and R candidate types each (N, R) int64 (indices
+    of the types' `type_banks` (K, M, C) and `colour_whitening` (K, D, D + 1)) -> the `type_distance` (N, R) and the
+    `colour_distances` (N, R) of every query to each of its candidates, all R at once (the query's features repeated
+    R times)."""
+    n, r = candidates.shape
+    flat = candidates.reshape(-1)  # (N * R,): query i's candidates at rows i * R ... i * R + R - 1
+    feats = feats[:, None].expand(n, r, *feats.shape[1:]).reshape(n * r, *feats.shape[1:])
+    distance = type_distance(patch_distances(feats, banks[flat])).view(n, r)
+    return distance, colour_distances(colour, whitening, candidates)
+
+
+LIMIT_FLOOR = 1e-12  # a limit of 0 (every image of the type at distance 0) divides by this: 0 stays 0, any more is far
+
+
+def unknown_scores(distance: Tensor, limit: Tensor, colour: Tensor, colour_limit: Tensor, summed: bool) -> Tensor:
+    """The product-type check's verdict as one number: the type distances (N, R) and colour distances (N, R) of each
+    image to its R candidate types, and those types' limits (N, R) each (inf: that half unchecked) -> (N,) how far
+    the image lies from the known type it fits best. Each distance is taken as a fraction of its limit; a type's fit
+    is the sum of the two fractions (`summed`: an image a little off in both is as far as one well off in one) or
+    the larger (models calibrated before the summed rule: each half within its limit), and the image's score the
+    least over its candidates (it is of a known type when one of them takes it). The deployed model and evaluation
+    compare it with the deployment's level (`Deployment.unknown_rule`): above it, the image is of an unknown type."""
+    t = distance / limit.clamp_min(LIMIT_FLOOR)
+    c = colour / colour_limit.clamp_min(LIMIT_FLOOR)
+    return (t + c if summed else torch.maximum(t, c)).amin(dim=1)
 
 
 BANK_CHUNK = 2048  # bank patches compared at once: bounds the (N, L, chunk) similarities whatever the bank's size
