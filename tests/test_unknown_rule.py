@@ -234,3 +234,17 @@ def test_evaluation_decides_unknown_as_the_deployed_model_over_the_candidates(fo
     alone = DeployModel(det, dataclasses.replace(changed, unknown_candidates=1))
     with torch.no_grad():
         assert not torch.equal(alone(_images(test, 64))["known"], out["known"])  # the second candidate mattered
+
+
+def test_the_nearest_patch_is_found_in_blocks_as_argmax_finds_it() -> None:
+    from onenip.models.scoring import NEAREST_BLOCK, _argmax_last, pad_banks, type_banks
+
+    g = torch.Generator().manual_seed(2)
+    for m in (NEAREST_BLOCK * 49, NEAREST_BLOCK * 2, 50, NEAREST_BLOCK):
+        x = torch.randn(2, 7, m, generator=g)
+        assert torch.equal(_argmax_last(x), x.argmax(dim=2)), m
+        ties = torch.randint(0, 4, (2, 7, m), generator=g).float()  # many equal maxima: the first, as argmax
+        assert torch.equal(_argmax_last(ties), ties.argmax(dim=2)), m
+    banks = type_banks(torch.randn(5, 8, 3, 3, generator=g), torch.tensor([0, 0, 1, 1, 1]), 2, NEAREST_BLOCK)
+    assert banks.shape == (2, NEAREST_BLOCK, 8)  # 18 and 27 patches, both padded to a multiple of the block
+    assert torch.equal(pad_banks([banks[0, :5]], 4)[0], torch.cat([banks[0, :5], banks[0, :3]]))  # repeated

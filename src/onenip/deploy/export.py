@@ -14,9 +14,12 @@ Outputs, in this order (ONNX output names; keys of the TorchScript module's dict
 - ``category`` (N,) int64: index of the retrieved category, into the ``categories`` list of the metadata;
 - ``similarity`` (N,) float32: cosine similarity to the retrieved prompt;
 - ``map`` (N, S, S) float32: the fused anomaly map at the input size;
-- ``known`` (N,) bool: False for an image of no product type the model knows (it is not judged);
-- ``type_distance`` (N,) float32: how far the image is from its type's prompt images (the type check's measure);
-- ``colour_distance`` (N,) float32: how far its colour is from its type's normal colours (the check's other one).
+- ``known`` (N,) bool: False for an image of no product type the model knows (it is not judged; the check tries the
+  most similar types, `onenip.models.scoring.unknown_scores`);
+- ``type_distance`` (N,) float32: how far the image is from the retrieved type's prompt images (the type check's
+  measure);
+- ``colour_distance`` (N,) float32: how far its colour is from the retrieved type's normal colours (the check's other
+  one).
 
 Metadata: ONNX files carry ``metadata_props`` and OpenVINO files ``rt_info`` under ``onenip``, every value JSON
 (``onenip.categories`` a list, ``onenip.input_size``, ``onenip.thresholds`` an object category -> raw-score threshold,

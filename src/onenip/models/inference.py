@@ -16,6 +16,7 @@ from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
 from onenip.models.prompts import candidate_types, descriptor, nearest, type_keys, type_similarities
 from onenip.models.scoring import (
+    NEAREST_BLOCK,
     added_type_map,
     anomaly_maps,
     candidate_distances,
@@ -70,7 +71,7 @@ class DeployModel(nn.Module):
         self.kernel = int(deployment.score_kernel)
         # the product-type check: each type's prompt patches (padded to one length) and its limit (inf: no check)
         self.register_buffer("type_bank", type_banks(deployment.pool_feats.float(), self.pool_category,
-                                                     len(self.categories)))  # (K, M, C)
+                                                     len(self.categories), NEAREST_BLOCK))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
         # its colour half: each type's colour model as a whitening (K, D, D + 1) and its limit (K,) (inf: no check)
