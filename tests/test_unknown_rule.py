@@ -248,3 +248,48 @@ def test_the_nearest_patch_is_found_in_blocks_as_argmax_finds_it() -> None:
     banks = type_banks(torch.randn(5, 8, 3, 3, generator=g), torch.tensor([0, 0, 1, 1, 1]), 2, NEAREST_BLOCK)
     assert banks.shape == (2, NEAREST_BLOCK, 8)  # 18 and 27 patches, both padded to a multiple of the block
     assert torch.equal(pad_banks([banks[0, :5]], 4)[0], torch.cat([banks[0, :5], banks[0, :3]]))  # repeated
+
+
+def test_the_type_check_compares_a_coreset_of_each_types_prompt_patches(four_types) -> None:
+    """A model fit builds compares each query with a k-center coreset of its candidate types' prompt patches (the
+    added types' bank rule: a quarter, at least one image's worth); a model built before, with every patch."""
+    from onenip.models.scoring import bank_size, coreset, type_bank
+
+    det, _ = four_types
+    dep = det.deployment
+    assert dep.type_coresets and Deployment.from_state(*dep.to_state()).type_coresets
+    reduced = DeployModel(det, dep).type_bank
+    full = DeployModel(det, dataclasses.replace(dep, type_coresets=False)).type_bank
+    for k, cat in enumerate(dep.categories):
+        feats = dep.pool_feats[[i for i, c in enumerate(dep.pool_categories) if c == cat]].float()
+        size = bank_size(feats.shape[0], feats.shape[2] * feats.shape[3])
+        assert size < feats.shape[0] * feats.shape[2] * feats.shape[3]  # three pool images: fewer patches kept
+        torch.testing.assert_close(reduced[k, :size], coreset(type_bank(feats), size))
+        torch.testing.assert_close(full[k, :len(type_bank(feats))], type_bank(feats))
+
+
+def test_calibrate_sets_an_older_models_type_limits_again_on_the_coresets(tiny_model: Path, gen_data: Path,
+                                                                          tmp_path: Path) -> None:
+    from onenip.api import calibrate
+    from onenip.evaluation.calibration import add_type
+
+    det = Detector.load(tiny_model)
+    tensors, meta = det.deployment.to_state()
+    for key in ("unknown_level", "unknown_candidates", "type_coresets"):  # as models written before the rule
+        del meta[key]
+    old = Deployment.from_state(tensors, meta)
+    assert not old.type_coresets
+    det.deployment = old
+    _, after, _ = calibrate(det.save(tmp_path / "old.safetensors"), output=tmp_path / "new.safetensors")
+    assert after.type_coresets and after.unknown_rule == (1.65, 3, True)
+    for c in ("disc", "weave"):  # set again on the coreset, which lies no nearer than every patch
+        record = after.calibration[c]
+        assert after.type_thresholds[c] == pytest.approx(1.2 * record["largest_type_distance"], rel=1e-6)
+        assert after.type_thresholds[c] >= old.type_thresholds[c]
+    grain = [s.image for s in read_sources([str(gen_data)], "train", ["grain"])][:4]
+    det.deployment = old
+    det.deployment = add_type(det, "grain", grain)  # an added type's limit comes from its own images
+    assert not det.deployment.type_coresets
+    old = det.deployment
+    _, kept, _ = calibrate(det.save(tmp_path / "added.safetensors"), output=tmp_path / "kept.safetensors")
+    assert not kept.type_coresets and kept.type_thresholds == old.type_thresholds

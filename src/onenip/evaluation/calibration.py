@@ -43,7 +43,7 @@ from onenip.models.scoring import (
     colour_stats,
     image_scores,
     patch_distances,
-    type_bank,
+    type_check_bank,
     type_distance,
 )
 
@@ -336,7 +336,7 @@ def build_deployment(detector: Detector, train: list[Sample], holdout: list[Samp
         pool_feats=pool.feats, pool_categories=pool.categories, pool_images=[str(s.image) for s in pool.samples],
         fusion_scale=scale, thresholds={c: math.inf for c in set(pool.categories)},
         alpha=cfg.eval.fusion_alpha, score_kernel=cfg.eval.score_kernel,
-        unknown_level=cfg.eval.unknown_level, unknown_candidates=cfg.eval.unknown_candidates,
+        unknown_level=cfg.eval.unknown_level, unknown_candidates=cfg.eval.unknown_candidates, type_coresets=True,
     )
     if cfg.eval.prompt_fusion > 0:  # before the thresholds, which are set on the fused maps
         dep = with_prompt_fusion(detector, dep, pool.samples, fusion_samples(train, pool.samples, cfg),
@@ -410,8 +410,8 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     gains it here (`colour_models` from its training images, as `fit` builds them) when its eval.colour_margin is
     above 0. `colour_margin` sets the colour check's margin instead: 0 turns it off, another value rescales every
     type's limit to it (the limit is margin x a distance of the type's own images), building the models first for a
-    model without them. A model calibrated before the summed rule of the type check gains it (its
-    eval.unknown_level and eval.unknown_candidates; `Deployment.unknown_rule`). `prompt_fusion` sets prompt-map
+    model without them. A model calibrated before the summed rule of the type check gains it and the check's
+    coreset banks, its type limits set again on them (`_with_summed_rule`). `prompt_fusion` sets prompt-map
     fusion on the trained types at that beta (0: off; `set_prompt_fusion`) before the thresholds, which are then set
     on the new maps."""
     check_colour_margin(colour_margin)
@@ -478,15 +478,46 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
         old = calibration.get(c, {})
         calibration[c] = {**(old if set(v) == {"colour_margin"} else
                              {k: x for k, x in old.items() if k not in COLOUR_KEYS}), **v}
-    rule = {}
+    new = dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
     if dep.unknown_level is None:  # a model calibrated before the summed rule gains it, as fit builds it now
-        rule = {"unknown_level": cfg.eval.unknown_level, "unknown_candidates": cfg.eval.unknown_candidates}
-        log.info(f"the unknown-type check now tries the {cfg.eval.unknown_candidates} most similar product types and "
-                 f"sums each one's two distances as fractions of their limits, unknown above {cfg.eval.unknown_level:g} "
-                 "(this model judged the retrieved type alone, unknown when either distance exceeded its limit)")
+        new = _with_summed_rule(detector, new, skip_bad)
     # everything else (the pool, added types and their patches, type limits) as it was
-    return dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours,
-                               **rule)
+    return new
+
+
+def _with_summed_rule(detector: Detector, dep: Deployment, skip_bad: bool) -> Deployment:
+    """`dep` (a model calibrated before the summed rule) with the unknown-type check fit builds now: the rule of its
+    eval.unknown_level and eval.unknown_candidates, and the coreset banks (`Deployment.type_coresets`) with each
+    trained type's limit set again on them (eval.unknown_margin x the largest type distance of up to TYPE_IMAGES of
+    its normal training images outside the pool, as fit sets it). A model with added types, or whose training images
+    cannot be read, keeps every patch and its limits (the rule alone changes), with a message."""
+    cfg = detector.cfg
+    dep = dataclasses.replace(dep, unknown_level=cfg.eval.unknown_level, unknown_candidates=cfg.eval.unknown_candidates)
+    how = (f"the unknown-type check now tries the {cfg.eval.unknown_candidates} most similar product types and sums "
+           f"each one's two distances as fractions of their limits, unknown above {cfg.eval.unknown_level:g} (this "
+           "model judged the retrieved type alone, unknown when either distance exceeded its limit)")
+    if not dep.type_thresholds:  # no type limits to set again
+        log.info(how)
+        return dataclasses.replace(dep, type_coresets=True)
+    why = "its added types' limits were set on their own images" if dep.added_types else None
+    normal: list[Sample] = []
+    if why is None:
+        try:
+            normal = load_split(cfg.data.roots, "train", dep.categories, skip_bad)[0]
+        except DatasetError as exc:
+            why = f"its training images cannot be read ({exc})"
+    chosen = type_check_images(normal, set(dep.pool_images), cfg.eval.seed) if why is None else []
+    if not chosen:
+        log.info(f"{how}; it keeps comparing every prompt patch, with its limits, since "
+                 f"{why or 'no normal training images lie outside its prompt pool'}")
+        return dep
+    dep = dataclasses.replace(dep, type_coresets=True)
+    model = DeployModel(detector, dep).to(dep.pool_feats.device)
+    limits, info = type_limits(model, chosen, cfg.eval.unknown_margin, cfg.eval.batch_size)
+    log.info(f"{how}; it compares a k-center coreset of each type's prompt patches, its type limits set again on "
+             f"{len(chosen)} normal training images")
+    calibration = {c: {**dep.calibration.get(c, {}), **info.get(c, {})} for c in [*dep.calibration, *info]}
+    return dataclasses.replace(dep, type_thresholds={**dep.type_thresholds, **limits}, calibration=calibration)
 
 
 def _colour_check(dep: Deployment, cfg, margin: float | None,
@@ -587,7 +618,8 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
     size, kernel, widths = detector.input_size, dep.score_kernel, detector.extractor.patch_widths
     bank = added_type_bank(patches)  # what the deployed model compares with
     if extra:
-        scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, bank, widths, size, kernel)
+        scores, dists = prompt_scores(*features_and_patches_of(detector, extra, cfg), feats, bank, widths, size, kernel,
+                                      dep.type_coresets)
         source = f"{len(extra)} further normal images"
     elif len(prompts) > 1:  # each fold of images against the bank of the others: one coreset per fold
         folds = [list(range(f, len(prompts), THRESHOLD_FOLDS)) for f in range(min(THRESHOLD_FOLDS, len(prompts)))]
@@ -595,7 +627,7 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
         for held in folds:
             rest = [i for i in range(len(prompts)) if i not in held]
             pairs.append(prompt_scores(feats[held], patches[held], feats[rest], added_type_bank(patches[rest]), widths,
-                                       size, kernel))
+                                       size, kernel, dep.type_coresets))
         scores, dists = (np.concatenate(v) for v in zip(*pairs))
         source = f"the {len(prompts)} prompt images, each against the others" if len(folds) == len(prompts) else \
             f"the {len(prompts)} prompt images in {len(folds)} folds, each against the other folds"
@@ -604,7 +636,8 @@ def add_type(detector: Detector, name: str, images: Sequence[str | Path], normal
         padded = torch.nn.functional.pad(pixels.float(), (step, step, step, step), mode="reflect").to(torch.uint8)
         shifted = torch.cat([padded[:, :, step + dy * step : step + dy * step + size, step + dx * step : step + dx * step + size]
                              for dx, dy in SHIFTS])
-        scores, dists = prompt_scores(*detector.features_and_patches(shifted), feats, bank, widths, size, kernel)
+        scores, dists = prompt_scores(*detector.features_and_patches(shifted), feats, bank, widths, size, kernel,
+                                      dep.type_coresets)
         source = "4 shifted copies of the single prompt image"
     thresholds, info = calibrate_far({name: scores}, far, source)
     info[name].update(type_images=int(len(dists)), type_margin=margin, largest_type_distance=float(np.max(dists)),
@@ -640,12 +673,13 @@ SCORE_CHUNK = 8  # images scored at once by `prompt_scores`: bounds its memory w
 
 
 def prompt_scores(feats: Tensor, patches: Tensor, prompt_feats: Tensor, bank: Tensor, widths: list[int],
-                  size: int, kernel: int) -> tuple[np.ndarray, np.ndarray]:
+                  size: int, kernel: int, reduced: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Image scores and type distances of images (features (N, C, H, W) and patches (N, C', 2H, 2W)) judged as a type
     added from prompt images with `prompt_feats` (P, C, H, W) and the bank of their patches (M, C',
     `scoring.added_type_bank`): what the deployed model computes for them (`widths`: the patches' taps,
-    `FeatureExtractor.patch_widths`), SCORE_CHUNK at a time."""
-    types = type_bank(prompt_feats)
+    `FeatureExtractor.patch_widths`; `reduced`: the type check's bank is a coreset, `Deployment.type_coresets`),
+    SCORE_CHUNK at a time."""
+    types = type_check_bank(prompt_feats, reduced)
     scores, dists = [], []
     for f, p in zip(feats.split(SCORE_CHUNK), patches.split(SCORE_CHUNK)):
         own = torch.zeros(len(p), dtype=torch.int64, device=p.device)  # every image against the one bank

@@ -58,6 +58,7 @@ from onenip.models.scoring import (
     fusion_scale,
     image_scores,
     mean_maps,
+    type_banks,
     unknown_scores,
     weigh_maps,
 )
@@ -379,8 +380,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
     dep = detector.deployment
     dev = next(detector.parameters()).device
     k_prompts = cfg.eval.prompts if detector.uses_prompt else 1
-    bank = pool.type_banks if pool is not None else None  # the product-type check's (K, M, C)
-    check = _type_check(dep, pool, dev) if pool is not None else None
+    check = _type_check(dep, pool, dev) if pool is not None else None  # the product-type check's
     any_prompt = False
     if pool is not None and dep is not None:  # the banks of prompt patches as the deployed model holds them
         banks, rows = (t.to(dev) for t in dep.prompt_banks(pool.kinds))  # row -1: no prompt map
@@ -400,7 +400,7 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                 prompt_feats = [pool.feats[j[:, k]] for k in range(j.shape[1])]
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
-            whitening, limits, colour_limits, (_, r, summed) = check
+            bank, whitening, limits, colour_limits, (_, r, summed) = check
             tried = kind[:, None] if given is not None or r <= 1 else pool.candidates(feats, kind, r)  # as DeployModel
             t, c = candidate_distances(feats, colour_column(images, whitening.shape[1] > 3), tried, bank, whitening)
             u = unknown_scores(t, limits[tried], c, colour_limits[tried], summed).tolist()
@@ -416,18 +416,20 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             batch["has_mask"], got, sim, dist, prompt
 
 
-def _type_check(dep: Deployment | None, pool: PromptPool, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                      torch.Tensor, tuple]:
-    """The product-type check as the deployed model holds it, for the types of `pool` (`pool.kinds`): the colour
-    whitenings (K, D, D + 1), the type limits (K,), the colour limits (K,) and `Deployment.unknown_rule`; without a
-    deployment, no check (zero whitenings, infinite limits, the retrieved type alone)."""
+def _type_check(dep: Deployment | None, pool: PromptPool,
+                dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+    """The product-type check as the deployed model holds it, for the types of `pool` (`pool.kinds`): the banks
+    (K, M, C) (`scoring.type_banks`, reduced to coresets as the deployment's are), the colour whitenings (K, D, D + 1),
+    the type limits (K,), the colour limits (K,) and `Deployment.unknown_rule`; without a deployment, every patch of
+    the pool and no check (zero whitenings, infinite limits, the retrieved type alone)."""
     k = len(pool.kinds)
     if dep is None:
         inf = torch.full((k,), math.inf, device=dev)
-        return torch.zeros(k, 3, 4, device=dev), inf, inf, (1.0, 1, False)
+        return pool.type_banks, torch.zeros(k, 3, 4, device=dev), inf, inf, (1.0, 1, False)
+    bank = type_banks(pool.feats, pool.kind, k, reduced=dep.type_coresets) if dep.type_coresets else pool.type_banks
     whitening, colour_limits = dep.colour_check(pool.kinds)
     limits = torch.tensor([dep.type_thresholds.get(c, math.inf) for c in pool.kinds], dtype=torch.float32)
-    return whitening.to(dev), limits.to(dev), colour_limits.to(dev), dep.unknown_rule
+    return bank, whitening.to(dev), limits.to(dev), colour_limits.to(dev), dep.unknown_rule
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],

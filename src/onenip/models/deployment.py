@@ -51,6 +51,8 @@ class Deployment:
     # of that type's limits sum to more than this; None: the rule of models calibrated before it (either distance of
     # the retrieved type above its limit)
     unknown_candidates: int = 1
+    type_coresets: bool = False  # the type check compares a query with a k-center coreset of each type's prompt
+    # patches (`scoring.type_check_bank`; models built since the summed rule), False: with every patch (before it)
 
     def __post_init__(self) -> None:
         self.prompt_patches = {t: _bank(p) for t, p in self.prompt_patches.items()}
@@ -147,6 +149,7 @@ class Deployment:
             "added_types": self.added_types, "colour_models": self.colour_models,
             "prompt_fusion": self.prompt_fusion, "prompt_scales": self.prompt_scales,
             "unknown_level": self.unknown_level, "unknown_candidates": self.unknown_candidates,
+            "type_coresets": self.type_coresets,
         }
         tensors = {"pool_feats": self.pool_feats.detach().cpu().contiguous()}
         for i, t in enumerate(self.prompt_patches):  # names may hold any character: the keys are indices
@@ -168,6 +171,7 @@ class Deployment:
             prompt_scales={k: float(v) for k, v in meta.get("prompt_scales", {}).items()},
             unknown_level=None if meta.get("unknown_level") is None else float(meta["unknown_level"]),
             unknown_candidates=int(meta.get("unknown_candidates", 1)),
+            type_coresets=bool(meta.get("type_coresets", False)),
         )
 
 

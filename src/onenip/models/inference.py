@@ -71,7 +71,8 @@ class DeployModel(nn.Module):
         self.kernel = int(deployment.score_kernel)
         # the product-type check: each type's prompt patches (padded to one length) and its limit (inf: no check)
         self.register_buffer("type_bank", type_banks(deployment.pool_feats.float(), self.pool_category,
-                                                     len(self.categories), NEAREST_BLOCK))  # (K, M, C)
+                                                     len(self.categories), NEAREST_BLOCK,
+                                                     deployment.type_coresets))  # (K, M, C)
         self.register_buffer("type_limits", torch.tensor([deployment.type_thresholds.get(c, math.inf)
                                                           for c in self.categories], dtype=torch.float32))  # (K,)
         # its colour half: each type's colour model as a whitening (K, D, D + 1) and its limit (K,) (inf: no check)

@@ -217,12 +217,23 @@ def type_bank(feats: Tensor) -> Tensor:
     return F.normalize(prompt_bank(feats), dim=1)
 
 
-def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int, multiple: int = 1) -> Tensor:
+def type_check_bank(feats: Tensor, reduced: bool) -> Tensor:
+    """Prompt images' features (P, C, H, W) -> the bank the product-type check compares a query of their type with:
+    `type_bank`, every patch, or `reduced`, its k-center `coreset` of `bank_size` (P, H * W) patches, the rule of an
+    added type's bank (a quarter of the patches, at least one image's worth and at most four images'). Every patch
+    lies near a kept one, and the limits are set on the same bank; the search is a quarter of the cost for a type of
+    eight prompt images, which the check pays for each of the types it tries."""
+    bank = type_bank(feats)
+    return coreset(bank, bank_size(feats.shape[0], feats.shape[-2] * feats.shape[-1])) if reduced else bank
+
+
+def type_banks(pool_feats: Tensor, pool_category: Tensor, n_types: int, multiple: int = 1,
+               reduced: bool = False) -> Tensor:
     """The prompt pool's features (P, C, H, W) and each entry's type index (P,) -> every type's bank of patches
-    (`type_bank`), brought to one length by `pad_banks` (K, M, C), M a `multiple` of rows (the deployed model's:
-    NEAREST_BLOCK, so that `patch_distances` searches them in blocks)."""
-    return pad_banks([type_bank(pool_feats[pool_category.to(pool_feats.device) == k]) for k in range(n_types)],
-                     multiple)
+    (`type_check_bank`, `reduced` or not), brought to one length by `pad_banks` (K, M, C), M a `multiple` of rows
+    (the deployed model's: NEAREST_BLOCK, so that `patch_distances` searches them in blocks)."""
+    kind = pool_category.to(pool_feats.device)
+    return pad_banks([type_check_bank(pool_feats[kind == k], reduced) for k in range(n_types)], multiple)
 
 
 def patch_distances(feats: Tensor, bank: Tensor) -> Tensor:
