@@ -371,9 +371,9 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
                                                                                      torch.Tensor, list | None, list | None,
                                                                                      list | None, Any]]:
     """Per batch of `samples`: (their positions, Maps on the device, masks, has_mask, retrieved categories,
-    similarities, the type check's (type distance, colour distance, unknown score) for the retrieved category
-    (the score over the candidate types the deployed model tries, `scoring.unknown_scores`; None without a deployment), and when a
-    retrieved category has a prompt map (added after training, or trained with prompt-map fusion) (the weights of
+    similarities, the type check's (type distance, colour distance, unknown score) for the retrieved category (the
+    score over the candidate types the deployed model tries, `scoring.unknown_scores`; None without a deployment),
+    and when a retrieved category has a prompt map (added after training, or trained with prompt-map fusion) (the weights of
     each image's learned and prompt maps (B, 2), `Deployment.map_weights`; the prompt maps), else None). The prompts
     are `prompts` (given, per image) or retrieved from `pool`; with eval.prompts = K > 1 the maps are the mean of the
     maps of the K prompts."""
