@@ -268,24 +268,50 @@ def test_the_type_check_compares_a_coreset_of_each_types_prompt_patches(four_typ
         torch.testing.assert_close(full[k, :len(type_bank(feats))], type_bank(feats))
 
 
-def test_calibrate_sets_an_older_models_type_limits_again_on_the_coresets(tiny_model: Path, gen_data: Path,
-                                                                          tmp_path: Path) -> None:
+def _as_before_the_rule(dep: Deployment) -> Deployment:
+    tensors, meta = dep.to_state()
+    for key in ("unknown_level", "unknown_candidates", "type_coresets"):  # as models written before the rule
+        del meta[key]
+    return Deployment.from_state(tensors, meta)
+
+
+def test_calibrate_sets_an_older_models_type_limits_again_on_the_coresets(four_types, tmp_path: Path) -> None:
+    """Limits set on every patch, the model's until now, are set again on the coresets it compares now: three pool
+    images a type, of whose 48 patches the coreset keeps 16, so every type's limit grows."""
+    from onenip.api import calibrate
+
+    det, _ = four_types
+    built = det.deployment
+    old = dataclasses.replace(built, type_coresets=False, unknown_level=None, unknown_candidates=1)
+    old_model = DeployModel(det, old)  # its limits as fit set them on every patch
+    det.deployment = old
+    try:
+        from onenip.evaluation.calibration import type_check_images, type_limits
+
+        normal = read_sources(det.cfg.data.roots, "train", CATS)
+        full, _ = type_limits(old_model, type_check_images(normal, set(old.pool_images), det.cfg.eval.seed), 1.2, 16)
+        det.deployment = dataclasses.replace(old, type_thresholds=full)
+        path = det.save(tmp_path / "old.safetensors")
+    finally:
+        det.deployment = built
+    before = Detector.load(path).deployment
+    assert not before.type_coresets and before.unknown_rule == (1.0, 1, False)
+    _, after, _ = calibrate(path, output=tmp_path / "new.safetensors")
+    assert after.type_coresets and after.unknown_rule == (1.65, 2, True)
+    for c in CATS:
+        assert after.type_thresholds[c] == pytest.approx(1.2 * after.calibration[c]["largest_type_distance"], rel=1e-6)
+        assert after.type_thresholds[c] > before.type_thresholds[c] * 1.01  # the coreset lies farther than every patch
+    assert after.type_thresholds == pytest.approx(built.type_thresholds, rel=1e-5)  # as fit sets them on coresets
+
+
+def test_calibrate_keeps_the_limits_of_an_older_model_with_an_added_type(tiny_model: Path, gen_data: Path,
+                                                                        tmp_path: Path) -> None:
     from onenip.api import calibrate
     from onenip.evaluation.calibration import add_type
 
     det = Detector.load(tiny_model)
-    tensors, meta = det.deployment.to_state()
-    for key in ("unknown_level", "unknown_candidates", "type_coresets"):  # as models written before the rule
-        del meta[key]
-    old = Deployment.from_state(tensors, meta)
+    old = _as_before_the_rule(det.deployment)
     assert not old.type_coresets
-    det.deployment = old
-    _, after, _ = calibrate(det.save(tmp_path / "old.safetensors"), output=tmp_path / "new.safetensors")
-    assert after.type_coresets and after.unknown_rule == (1.65, 3, True)
-    for c in ("disc", "weave"):  # set again on the coreset, which lies no nearer than every patch
-        record = after.calibration[c]
-        assert after.type_thresholds[c] == pytest.approx(1.2 * record["largest_type_distance"], rel=1e-6)
-        assert after.type_thresholds[c] >= old.type_thresholds[c]
     grain = [s.image for s in read_sources([str(gen_data)], "train", ["grain"])][:4]
     det.deployment = old
     det.deployment = add_type(det, "grain", grain)  # an added type's limit comes from its own images
