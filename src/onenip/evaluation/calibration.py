@@ -478,11 +478,10 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
         old = calibration.get(c, {})
         calibration[c] = {**(old if set(v) == {"colour_margin"} else
                              {k: x for k, x in old.items() if k not in COLOUR_KEYS}), **v}
+    # everything else (the pool, added types and their patches, type limits) as it was ...
     new = dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
-    if dep.unknown_level is None:  # a model calibrated before the summed rule gains it, as fit builds it now
-        new = _with_summed_rule(detector, new, skip_bad)
-    # everything else (the pool, added types and their patches, type limits) as it was
-    return new
+    # ... but a model calibrated before the summed rule gains it, as fit builds it now
+    return _with_summed_rule(detector, new, skip_bad) if dep.unknown_level is None else new
 
 
 def _with_summed_rule(detector: Detector, dep: Deployment, skip_bad: bool) -> Deployment:

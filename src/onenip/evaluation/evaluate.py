@@ -58,7 +58,6 @@ from onenip.models.scoring import (
     fusion_scale,
     image_scores,
     mean_maps,
-    type_banks,
     unknown_scores,
     weigh_maps,
 )
@@ -401,12 +400,11 @@ def infer_batches(detector: Detector, cfg: Config, samples: list[Sample], pool: 
             got, sim = [pool.categories[k] for k in j[:, 0].tolist()], si[:, 0].tolist()
             kind = pool.kind[j[:, 0]]
             bank, whitening, limits, colour_limits, (_, r, summed) = check
-            tried = kind[:, None] if given is not None or r <= 1 else pool.candidates(feats, kind, r)  # as DeployModel
+            tried = pool.candidates(feats, kind, 1 if given is not None else r)  # as DeployModel
             t, c = candidate_distances(feats, colour_column(images, whitening.shape[1] > 3), tried, bank, whitening)
-            u = unknown_scores(t, limits[tried], c, colour_limits[tried], summed).tolist()
-            if dep is None:  # no limits, no colour models: the type distance alone
-                c, u = torch.full_like(t, math.nan), [None] * len(u)
-            dist = [(d, None if math.isnan(cd) else cd, us) for d, cd, us in zip(t[:, 0].tolist(), c[:, 0].tolist(), u)]
+            u = unknown_scores(t, limits[tried], c, colour_limits[tried], summed)
+            dist = list(zip(t[:, 0].tolist(), c[:, 0].tolist(), u.tolist())) if dep is not None else \
+                [(d, None, None) for d in t[:, 0].tolist()]  # no colour models, no limits: the type distance alone
             own = rows[kind] if any_prompt else None  # each image's bank, -1: none
             if own is not None and bool((own >= 0).any()):  # as the deployed model: the prompt map, weighted
                 prompt = (weights[kind], added_type_map(patches, banks, own, detector.extractor.patch_widths,
@@ -425,11 +423,10 @@ def _type_check(dep: Deployment | None, pool: PromptPool,
     k = len(pool.kinds)
     if dep is None:
         inf = torch.full((k,), math.inf, device=dev)
-        return pool.type_banks, torch.zeros(k, 3, 4, device=dev), inf, inf, (1.0, 1, False)
-    bank = type_banks(pool.feats, pool.kind, k, reduced=dep.type_coresets) if dep.type_coresets else pool.type_banks
+        return pool.type_banks(), torch.zeros(k, 3, 4, device=dev), inf, inf, (1.0, 1, False)
     whitening, colour_limits = dep.colour_check(pool.kinds)
     limits = torch.tensor([dep.type_thresholds.get(c, math.inf) for c in pool.kinds], dtype=torch.float32)
-    return bank, whitening.to(dev), limits.to(dev), colour_limits.to(dev), dep.unknown_rule
+    return pool.type_banks(dep.type_coresets), whitening.to(dev), limits.to(dev), colour_limits.to(dev), dep.unknown_rule
 
 
 def evaluate_category(detector: Detector, cfg: Config, test: list[Sample], indices: list[int], names: list[str],
@@ -586,13 +583,11 @@ def decision_summary(rows: list[dict[str, Any]], thresholds: dict[str, float], c
     counts: dict[str, dict[str, int]] = {}
     scores = np.array([r["score_fused"] for r in rows], dtype=np.float64)
     t = np.array([thresholds[r["retrieved"]] for r in rows], dtype=np.float64)
-    if unknown_level is None:  # the retrieved type alone, each half within its limit
-        def column(key: str, limits: dict[str, float] | None) -> tuple[torch.Tensor, torch.Tensor]:
-            got = [r.get(key) for r in rows]
-            return (torch.tensor([[0.0 if v is None else v] for v in got], dtype=torch.float64),
-                    torch.tensor([[math.inf if v is None else (limits or {}).get(r["retrieved"], math.inf)]
-                                  for r, v in zip(rows, got)], dtype=torch.float64))
-        known = (unknown_scores(*column("type_distance", type_limits), *column("colour_distance", colour_limits),
+    if unknown_level is None:  # the retrieved type alone, each half within its limit (a distance None: 0)
+        def half(key: str, limits: dict[str, float] | None) -> tuple[torch.Tensor, torch.Tensor]:  # (N, 1) each
+            return (torch.tensor([[r.get(key) or 0.0] for r in rows], dtype=torch.float64),
+                    torch.tensor([[(limits or {}).get(r["retrieved"], math.inf)] for r in rows], dtype=torch.float64))
+        known = (unknown_scores(*half("type_distance", type_limits), *half("colour_distance", colour_limits),
                                 summed=False) <= 1.0).numpy()
     else:
         known = np.array([r.get("unknown_score") is None or r["unknown_score"] <= unknown_level for r in rows],

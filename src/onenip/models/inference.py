@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from onenip.models.deployment import Deployment
 from onenip.models.detector import Detector
-from onenip.models.prompts import candidate_types, descriptor, nearest, type_keys, type_similarities
+from onenip.models.prompts import descriptor, nearest, tried_types, type_keys
 from onenip.models.scoring import (
     NEAREST_BLOCK,
     added_type_map,
@@ -80,8 +80,7 @@ class DeployModel(nn.Module):
         self.register_buffer("colour_whitening", whitening)
         self.register_buffer("colour_limits", limits)
         self.texture = whitening.shape[1] > 3  # the colour models read the texture contrast too (calibrated since it)
-        level, candidates, self.summed = deployment.unknown_rule  # the check's rule: the types it tries, and how
-        self.candidates = min(candidates, len(self.categories))
+        level, self.candidates, self.summed = deployment.unknown_rule  # the check's rule: the types it tries, and how
         self.unknown_level = float(level)
         # the banks of prompt patches (A, M, C') of the types with a prompt map (added, and trained with prompt-map
         # fusion), each type's row in them (K,), -1: none, and the weights (K, 2) of its learned and prompt maps
@@ -125,12 +124,8 @@ class DeployModel(nn.Module):
         maps = anomaly_maps(self.net, feats, self.reconstruct(feats, best), self.size, self.autocast)
         amap = fuse(maps.rec, maps.ref, self.alpha, self.scale)  # (N, S, S)
         given, category = category is not None, self.pool_category[best]
-        if not given and self.candidates > 1:  # also the types most similar after the retrieved one
-            sims = type_similarities(self.pool_keys, feats, self.pool_category, len(self.categories),
-                                     self.type_keys if self.by_type else None)
-            tried = candidate_types(sims, category, self.candidates)  # (N, R), the retrieved type first
-        else:  # the retrieved (or given) type alone
-            tried = category[:, None]
+        tried = tried_types(self.pool_keys, feats, self.pool_category, len(self.categories), category,
+                            1 if given else self.candidates, self.type_keys if self.by_type else None)  # (N, R)
         if self.any_prompt:  # the training-free prompt map: alone for an added type, fused for a trained one
             knn = added_type_map(self.extractor.patches(taps), self.prompt_banks, self.prompt_rows[category],
                                  self.patch_widths, self.size)

@@ -108,11 +108,19 @@ def type_similarities(keys: Tensor, feats: Tensor, kind: Tensor, n_types: int, m
 def candidate_types(similarities: Tensor, retrieved: Tensor, r: int) -> Tensor:
     """Each query's type similarities (B, T) and retrieved type (B,) -> (B, min(r, T)) int64: the retrieved type
     first, then the r - 1 most similar other types, most similar first: the types the product-type check tries."""
-    if r <= 1 or similarities.shape[1] == 1:
-        return retrieved[:, None]
     own = torch.arange(similarities.shape[1], device=similarities.device)[None, :] == retrieved[:, None]
     others = similarities.masked_fill(own, -3.0).topk(min(r, similarities.shape[1]) - 1, dim=1).indices
     return torch.cat([retrieved[:, None], others], dim=1)
+
+
+def tried_types(keys: Tensor, feats: Tensor, kind: Tensor, n_types: int, retrieved: Tensor, r: int,
+                means: Tensor | None = None) -> Tensor:
+    """The types the product-type check tries for each query (B, min(r, n_types)): `candidate_types` of the
+    `type_similarities` (arguments as there), or the retrieved (or given) type alone when r is 1, without ranking
+    the types. The deployed model and evaluation both call this."""
+    if r <= 1 or n_types == 1:
+        return retrieved[:, None]
+    return candidate_types(type_similarities(keys, feats, kind, n_types, means), retrieved.to(feats.device), r)
 
 
 class PromptPool:
@@ -131,23 +139,25 @@ class PromptPool:
         self.kind_index = {k: i for i, k in enumerate(self.kinds)}  # type name -> its index in `kinds`
         self.kind = self.type_indices(self.categories)  # (P,)
         self.retrieval = retrieval
+        self._type_banks: dict[bool, Tensor] = {}  # `type_banks`, by whether reduced
 
     @functools.cached_property
     def type_keys(self) -> Tensor:
         """Every type's mean descriptor (T, C) (`type_keys`), for retrieval by type mean; built once."""
         return type_keys(self.keys, self.kind, len(self.kinds))
 
-    @functools.cached_property
-    def type_banks(self) -> Tensor:
-        """Every type's bank of prompt patches (K, M, C) (`scoring.type_banks`), built once."""
-        return type_banks(self.feats, self.kind, len(self.kinds))
+    def type_banks(self, reduced: bool = False) -> Tensor:
+        """Every type's bank of prompt patches (K, M, C) (`scoring.type_banks`, `reduced` to coresets or not), built
+        once each."""
+        if reduced not in self._type_banks:
+            self._type_banks[reduced] = type_banks(self.feats, self.kind, len(self.kinds), reduced=reduced)
+        return self._type_banks[reduced]
 
     def candidates(self, feats: Tensor, retrieved: Tensor, r: int) -> Tensor:
         """(B, C, H, W) query features and their retrieved types (B,) (indices of `kinds`) -> (B, min(r, T)) the
-        types the product-type check tries (`candidate_types`), ranked as this pool retrieves."""
+        types the product-type check tries (`tried_types`), ranked as this pool retrieves."""
         means = self.type_keys if self.retrieval == "type_mean" else None
-        sims = type_similarities(self.keys, feats, self.kind, len(self.kinds), means)
-        return candidate_types(sims, retrieved.to(sims.device), r)
+        return tried_types(self.keys, feats, self.kind, len(self.kinds), retrieved, r, means)
 
     def retrieve(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """(B, C, H, W) query features -> (indices (B,), cosine similarities (B,)) of the best pool entries."""
