@@ -158,8 +158,10 @@ def render(res: dict[str, Any]) -> str:
     lines = [f"### {res['input_size']} px, {'the tiny test model' if res['tiny_model'] else res['model']}, "
              f"batch {res['batch_size']}, max wait {res['max_wait_ms']:g} ms", "",
              f"- command: `{res['command']}`",
-             f"- commit {res['commit']}; {res['device']}; torch {res['torch']}, {res['threads']} torch thread"
-             f"{'s' * (res['threads'] != 1)} in the server and offline; clients and server on the same machine"
+             f"- commit {res['commit']}; {res['device']}; torch {res['torch']}, "
+             + (f"{res['runtime']} with its default threads (all cores)" if res.get("runtime") else
+                f"{res['threads']} torch thread{'s' * (res['threads'] != 1)}")
+             + " in the server and offline; clients and server on the same machine"
              + (f" (load average {busy:.1f} at the start)" if busy is not None else ""),
              f"- offline: `Predictor.predict` on the same {res['images']} image files, batches of {res['batch_size']}, "
              "measured for as long as each client level just before it", "",
@@ -170,7 +172,9 @@ def render(res: dict[str, Any]) -> str:
                      f"{100 * lv['ratio']:.0f} % | {lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} |")
     mem = res.get("memory")
     if mem:
-        lines += ["", f"Server memory (resident set): {mem['rss_before_mib']:.0f} MiB after the warm-up, "
+        middle = (f"{mem['rss_middle_mib']:.0f} MiB after {mem['requests'] // 2:,} more, "
+                  if mem.get("rss_middle_mib") is not None else "")
+        lines += ["", f"Server memory (resident set): {mem['rss_before_mib']:.0f} MiB after the warm-up, {middle}"
                       f"{mem['rss_after_mib']:.0f} MiB after {mem['requests']:,} more requests from {mem['clients']} "
                       f"clients ({mem['seconds']:.0f} s, {mem['images_per_s']:.1f} images/s); peak "
                       f"{mem['peak_mib']:.0f} MiB."]
@@ -213,7 +217,7 @@ def main() -> None:
         if args.images is not None:
             images = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
         bodies = [p.read_bytes() for p in images]
-        from onenip.deploy.predictor import Predictor
+        from onenip.deploy.predictor import ExportedModel, Predictor
 
         torch.set_num_threads(args.threads)
         predictor = Predictor.load(model, device="cpu", batch_size=args.batch_size)
@@ -234,18 +238,24 @@ def main() -> None:
                       f"{100 * lv['ratio']:.0f} % of offline", flush=True)
             memory = None
             if args.requests > 0:
-                before = rss(server.proc.pid)
-                run = load(server.port, bodies, clients=8, count=args.requests)
+                before = rss(server.proc.pid)  # and after each half: growth that goes on shows in the second
+                halves = [load(server.port, bodies, clients=8, count=args.requests // 2)]
+                middle = rss(server.proc.pid)
+                halves.append(load(server.port, bodies, clients=8, count=args.requests - args.requests // 2))
                 after = rss(server.proc.pid)
-                memory = {"requests": run["requests"], "clients": 8, "seconds": run["seconds"],
-                          "images_per_s": run["images_per_s"], "rss_before_mib": round(before["VmRSS"], 1),
-                          "rss_after_mib": round(after["VmRSS"], 1), "peak_mib": round(after["VmHWM"], 1)}
+                requests, seconds = sum(h["requests"] for h in halves), sum(h["seconds"] for h in halves)
+                memory = {"requests": requests, "clients": 8, "seconds": round(seconds, 2),
+                          "images_per_s": round(requests / seconds, 2), "rss_before_mib": round(before["VmRSS"], 1),
+                          "rss_middle_mib": round(middle["VmRSS"], 1), "rss_after_mib": round(after["VmRSS"], 1),
+                          "peak_mib": round(after["VmHWM"], 1)}
                 print(f"memory: {memory}", flush=True)
         finally:
             server.stop()
     shown = ["python", "benchmarks/serve_load.py", *sys.argv[1:]]
     res = {"command": " ".join(shown), "commit": git_commit(), "device": device_name(torch.device("cpu")),
            "torch": torch.__version__, "model": str(args.model) if args.model else None,
+           "runtime": (f"{predictor.model.runtime.name} {predictor.model.runtime.precision}"
+                       if isinstance(predictor.model, ExportedModel) else None),
            "tiny_model": args.model is None, "input_size": predictor.size,
            "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
            "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "memory": memory}

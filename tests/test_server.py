@@ -380,7 +380,7 @@ class CountingPredictor:
         self.sizes: list[int] = []
         self.delay = delay
 
-    def predict(self, items: list[Any]) -> list[Any]:
+    def judge(self, items: list[Any]) -> list[Any]:  # what Batcher's worker calls
         self.sizes.append(len(items))
         time.sleep(self.delay)
         return [f"judged {x}" for x in items]
@@ -402,10 +402,10 @@ def test_batcher_takes_up_to_batch_size_and_waits_at_most_max_wait() -> None:
         batcher.submit(0)  # type: ignore[arg-type]
 
     class Failing(CountingPredictor):
-        def predict(self, items: list[Any]) -> list[Any]:
+        def judge(self, items: list[Any]) -> list[Any]:
             if "bad" in items:
                 raise ValueError("model failed")
-            return super().predict(items)
+            return super().judge(items)
 
     batcher = Batcher(Failing(), batch_size=2, max_wait_ms=0).start()  # type: ignore[arg-type]
     try:

@@ -312,8 +312,14 @@ def load_batch(images: Sequence[ImageSource | Image.Image], size: int) -> np.nda
         ValueError: `size` is not a positive integer.
     """
     _check_size(size)
-    pixels = [resize_image(item if isinstance(item, Image.Image) else load_image(item), size) for item in images]
-    stacked = np.stack(pixels) if pixels else np.empty((0, size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
+    return as_batch([resize_image(item if isinstance(item, Image.Image) else load_image(item), size) for item in images],
+                    size)
+
+
+def as_batch(pixels: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Images already resized by :func:`resize_image` (uint8 (size, size, 3) each), in order, as the deployed model's
+    input: uint8 (N, 3, size, size), the channels-first view of their channels-last stack (see :func:`load_batch`)."""
+    stacked = np.stack(pixels) if len(pixels) else np.empty((0, size, size, 3), dtype=np.uint8)  # (N, size, size, 3)
     return stacked.transpose(0, 3, 1, 2)
 
 

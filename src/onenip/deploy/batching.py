@@ -1,9 +1,10 @@
 """`Batcher`: the server's one model thread, judging queued images in batches as they arrive.
 
-Requests that arrive together are judged together: every image goes into one queue, and one worker thread takes up
-to `batch_size` images from it, waiting at most `max_wait_ms` after the first for more. Under several concurrent
+Requests that arrive together are judged together: every image, read and resized by the request's own thread
+(`Predictor.prepare`), goes into one queue, and one worker thread takes up to `batch_size` images from it, waiting at
+most `max_wait_ms` after the first for more, and runs the model on them (`Predictor.judge`). Under several concurrent
 clients the model then runs on batches, as `onenip predict` does: the images that arrived while it judged the last
-batch. With the default wait of 0, reading and decoding the next requests overlaps with the model's work (on 2 CPU
+batch. With the default wait of 0, reading, decoding and resizing the next requests overlaps with the model's work (on 2 CPU
 cores this served more images/s than waiting 2 or 10 ms for full batches: docs/benchmarks.md).
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from onenip.deploy.predictor import Prediction, Predictor
+from onenip.deploy.predictor import Prediction, Predictor, PreparedImage
 from onenip.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,10 @@ _STOP = object()
 class Batcher:
     """One worker thread that runs the predictor on batches of queued images.
 
-    `submit(image)` returns a future of the image's `Prediction`. The worker takes the first queued image, then more
-    until it holds `batch_size` or `max_wait_ms` have passed since the first (images already queued are taken at once),
-    and judges them in one call of `predictor.predict`."""
+    `submit(prepared)` returns a future of the image's `Prediction` (`prepared`: `predictor.prepare(image)`, made in
+    the caller's thread). The worker takes the first queued image, then more until it holds `batch_size` or
+    `max_wait_ms` have passed since the first (images already queued are taken at once), and judges them in one call
+    of `predictor.judge`."""
 
     def __init__(self, predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0.0) -> None:
         if batch_size < 1:
@@ -61,17 +63,18 @@ class Batcher:
     def pending(self) -> int:
         return self._queue.qsize()
 
-    def submit(self, image: Image.Image) -> concurrent.futures.Future:
+    def submit(self, prepared: PreparedImage) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
-            self._queue.put((image, fut))
+            self._queue.put((prepared, fut))
         return fut
 
     def predict(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """Judge `images` through the queue (from any thread but the worker's): their predictions, in order."""
-        return [f.result() for f in [self.submit(im) for im in images]]
+        """Judge `images` through the queue (from any thread but the worker's; each prepared in the caller's thread):
+        their predictions, in order."""
+        return [f.result() for f in [self.submit(self.predictor.prepare(im, k)) for k, im in enumerate(images)]]
 
     def close(self, timeout: float = 30.0) -> None:
         with self._lock:
@@ -80,7 +83,7 @@ class Batcher:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def _take(self) -> tuple[list[tuple[Image.Image, concurrent.futures.Future]], bool]:
+    def _take(self) -> tuple[list[tuple[PreparedImage, concurrent.futures.Future]], bool]:
         """The next batch, and whether to stop after it."""
         first = self._queue.get()
         if first is _STOP:
@@ -106,7 +109,7 @@ class Batcher:
             if not live:
                 continue
             try:
-                preds = self.predictor.predict([im for im, _ in live])
+                preds = self.predictor.judge([im for im, _ in live])
             except Exception as exc:  # noqa: BLE001 - handed to every waiting request, the worker goes on
                 log.exception("the model failed on a batch of %d images", len(live))
                 self.failure = f"{type(exc).__name__}: {exc}"

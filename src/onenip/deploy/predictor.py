@@ -33,7 +33,7 @@ from PIL import Image
 from onenip.checkpoint import atomic_write_csv, atomic_write_text, check_output_folder
 from onenip.data import IMAGE_EXTENSIONS
 from onenip.data.files import listing, warn_unsupported
-from onenip.data.images import deep_to_uint8, load_batch, load_image, to_rgb
+from onenip.data.images import as_batch, deep_to_uint8, load_image, resize_image, to_rgb
 from onenip.deploy.runtimes import Runtime, is_exported, open_runtime
 from onenip.errors import CheckpointError, ConfigError, DatasetError, OnenipWarning
 from onenip.evaluation.calibration import check_far, far_threshold
@@ -79,6 +79,16 @@ class Prediction:
                 "threshold": round(self.threshold, 6), "category": self.category, "known": self.known,
                 "similarity": round(self.similarity, 6), "type_distance": round(self.type_distance, 6),
                 "colour_distance": round(self.colour_distance, 6), "defect_pixels": int(self.mask.sum())}
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image read and resized for the model (`Predictor.prepare`), ready to be judged (`Predictor.judge`).
+    Preparing can run in other threads than judging: the server prepares each request's image while the model judges
+    the batch before."""
+    source: str  # the path, or "<image i>" for in-memory images
+    image: Image.Image  # 8-bit RGB at its own size: the anomaly map and mask come back at this size
+    pixels: np.ndarray  # uint8 (S, S, 3): the model's input, resized by `resize_image`
 
 
 def _as_rgb(item: ImageInput) -> Image.Image:
@@ -219,25 +229,37 @@ class Predictor:
         out: list[Prediction] = []
         for start in progress_bar(range(0, len(items), self.batch_size), desc="predict", unit="batch", disable=not progress):
             chunk = items[start : start + self.batch_size]
-            rgb = [_as_rgb(x) for x in chunk]
-            batch = torch.from_numpy(load_batch(rgb, self.size))
-            given = None if self.given_type is None else torch.full((len(chunk),), self.given_type, device=self.device)
-            res = self.model(batch.to(self.device), given)
-            for k, (item, im) in enumerate(zip(chunk, rgb)):
-                out.append(self._one(item, start + k, im, {name: v[k] for name, v in res.items()}))
+            out.extend(self.judge([self.prepare(x, start + k) for k, x in enumerate(chunk)]))
         return out
 
     __call__ = predict
 
-    def _one(self, item: ImageInput, index: int, image: Image.Image, res: dict[str, torch.Tensor]) -> Prediction:
-        w, h = image.size
+    def prepare(self, item: ImageInput, index: int = 0) -> PreparedImage:
+        """`item` read (a path, a PIL image or a numpy array, as `predict` takes them) and resized to the model's input
+        size; `index` names an in-memory image ("<image i>"). Raises what `predict` raises for an unreadable image."""
+        rgb = _as_rgb(item)
+        source = str(item) if isinstance(item, (str, Path)) else f"<image {index}>"
+        return PreparedImage(source=source, image=rgb, pixels=resize_image(rgb, self.size))
+
+    @torch.no_grad()
+    def judge(self, prepared: Sequence[PreparedImage]) -> list[Prediction]:
+        """Prepared images (`prepare`) judged in one batch, in order: what `predict` gives for the same images."""
+        if not prepared:
+            return []
+        batch = torch.from_numpy(as_batch([p.pixels for p in prepared], self.size))
+        given = None if self.given_type is None else torch.full((len(prepared),), self.given_type, device=self.device)
+        res = self.model(batch.to(self.device), given)
+        return [self._one(p, {name: v[k] for name, v in res.items()}) for k, p in enumerate(prepared)]
+
+    def _one(self, prepared: PreparedImage, res: dict[str, torch.Tensor]) -> Prediction:
+        w, h = prepared.image.size
         amap = F.interpolate(res["map"][None, None].float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
         cat = int(res["category"])
         threshold = float(self.model.thresholds[cat])
         anomalous = bool(res["anomalous"])
         mask = (amap > threshold) if anomalous else torch.zeros_like(amap, dtype=torch.bool)
         return Prediction(
-            source=str(item) if isinstance(item, (str, Path)) else f"<image {index}>",
+            source=prepared.source,
             score=float(res["score"]), normalized=float(res["normalized"]), anomalous=anomalous,
             category=self.model.categories[cat], similarity=float(res["similarity"]), threshold=threshold,
             anomaly_map=amap.cpu().numpy(), mask=mask.cpu().numpy(), known=bool(res["known"]),

@@ -271,14 +271,15 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
             await form.close()
 
     async def judge(items: list[tuple[str, bytes]], with_overlay: bool, with_mask: bool) -> list[dict[str, Any]]:
-        images = [await run_in_threadpool(decode_upload, data, name) for name, data in items]
+        prepared = [await run_in_threadpool(lambda d=data, n=name: predictor.prepare(decode_upload(d, n)))
+                    for name, data in items]  # decoded and resized here, beside the model's work on the batch before
         try:
-            futures = [batcher.submit(im) for im in images]
+            futures = [batcher.submit(p) for p in prepared]
         except RuntimeError as exc:
             raise UploadError(503, str(exc)) from None
         preds = [await asyncio.wrap_future(f) for f in futures]
-        return await run_in_threadpool(
-            lambda: [answer(p, name, im, with_overlay, with_mask) for p, (name, _), im in zip(preds, items, images)])
+        return await run_in_threadpool(lambda: [answer(p, name, im.image, with_overlay, with_mask)
+                                                for p, (name, _), im in zip(preds, items, prepared)])
 
     @app.post("/predict", summary="Judge one image", openapi_extra={"requestBody": _IMAGE_BODY}, responses=_ERRORS)
     async def predict(request: Request, overlay: bool = False, mask: bool = False) -> JSONResponse:
