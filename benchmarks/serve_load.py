@@ -95,8 +95,10 @@ class Server:
                 self.proc.wait()
 
 
-def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = None, count: int | None = None) -> dict:
-    """`clients` threads posting `bodies` (cycled) to /predict until `seconds` have passed or `count` answers came."""
+def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = None, count: int | None = None,
+         rest: float = 0.0) -> dict:
+    """`clients` threads posting `bodies` (cycled) to /predict until `seconds` have passed or `count` answers came;
+    each client waits `rest` seconds after an answer before its next request (0: at once)."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
     taken = iter(range(10**12))
@@ -121,6 +123,8 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = N
                     errors.append(f"{res.status}: {data[:200]!r}")
                     return
                 latencies[k].append(time.perf_counter() - t0)
+                if rest:
+                    time.sleep(rest)
         finally:
             conn.close()
 
@@ -170,6 +174,11 @@ def render(res: dict[str, Any]) -> str:
     for lv in res["levels"]:
         lines.append(f"| {lv['clients']} | {lv['requests']} | {lv['images_per_s']:.1f} | {lv['offline_images_per_s']:.1f} | "
                      f"{100 * lv['ratio']:.0f} % | {lv['p50_ms']:.1f} | {lv['p99_ms']:.1f} |")
+    alone = res.get("isolated")
+    if alone:
+        lines += ["", f"Isolated requests (one client resting {alone['rest_ms']:g} ms after each answer, as a line "
+                      f"sending one image per part): p50 {alone['p50_ms']:.1f} ms, p99 {alone['p99_ms']:.1f} ms over "
+                      f"{alone['requests']} requests."]
     mem = res.get("memory")
     if mem:
         middle = (f"{mem['rss_middle_mib']:.0f} MiB after {mem['requests'] // 2:,} more, "
@@ -189,6 +198,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="concurrent clients (default: 1 4 8)")
     ap.add_argument("--seconds", type=float, default=20.0, help="seconds per client count (default: 20)")
     ap.add_argument("--requests", type=int, default=10_000, help="requests of the memory check, 0: none (default: 10000)")
+    ap.add_argument("--rest-ms", type=float, default=0.0,
+                    help="also time isolated requests: one client resting this long after each answer (0: not)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=1,
@@ -236,6 +247,11 @@ def main() -> None:
                 levels.append(lv)
                 print(f"{c} clients: {lv['images_per_s']:.1f} images/s, p50 {lv['p50_ms']:.1f} ms, p99 {lv['p99_ms']:.1f} ms, "
                       f"{100 * lv['ratio']:.0f} % of offline", flush=True)
+            isolated = None
+            if args.rest_ms > 0:
+                isolated = {**load(server.port, bodies, clients=1, seconds=args.seconds, rest=args.rest_ms / 1000),
+                            "rest_ms": args.rest_ms}
+                print(f"isolated: p50 {isolated['p50_ms']:.1f} ms, p99 {isolated['p99_ms']:.1f} ms", flush=True)
             memory = None
             if args.requests > 0:
                 before = rss(server.proc.pid)  # and after each half: growth that goes on shows in the second
@@ -258,7 +274,8 @@ def main() -> None:
                        if isinstance(predictor.model, ExportedModel) else None),
            "tiny_model": args.model is None, "input_size": predictor.size,
            "batch_size": args.batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
-           "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "memory": memory}
+           "images": len(images), "load_average": load_average, "offline": offs, "levels": levels, "isolated": isolated,
+           "memory": memory}
     out = args.output or REPO / "docs" / "results" / f"serve-load-{res['input_size']}px.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(portable(json.dumps(res, indent=2)) + "\n")

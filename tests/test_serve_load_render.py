@@ -1,5 +1,5 @@
-"""benchmarks/serve_load.py's Markdown: which runtime served (an exported file's, or PyTorch's threads) and the
-server's memory after each half of the memory check."""
+"""benchmarks/serve_load.py's Markdown: which runtime served (an exported file's, or PyTorch's threads), isolated
+requests when measured, and the server's memory after each half of the memory check."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def test_serve_load_names_the_runtime_and_the_memory_after_each_half() -> None:
     assert "openvino bf16 with its default threads (all cores) in the server and offline" in text
     assert "1000 MiB after the warm-up, 1010 MiB after 5,000 more, 1011 MiB after 10,000 more requests" in text
     assert "| 8 | 100 | 90.0 | 100.0 | 90 % | 50.0 | 80.0 |" in text
+    assert "Isolated" not in text  # none measured
+    alone = serve_load.render(_result(isolated={"rest_ms": 100.0, "requests": 120, "p50_ms": 11.25, "p99_ms": 14.0}))
+    assert "one client resting 100 ms after each answer" in alone and "p50 11.2 ms, p99 14.0 ms over 120 requests" in alone
     older = _result(runtime=None, threads=2)  # a PyTorch model, and a result file written before the middle was kept
     del older["memory"]["rss_middle_mib"]
     text = serve_load.render(older)
