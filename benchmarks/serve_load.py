@@ -95,6 +95,15 @@ class Server:
                 self.proc.wait()
 
 
+def content_type(body: bytes) -> str:
+    """The Content-Type of an image file's bytes, from its first bytes (PNG, JPEG, BMP, TIFF; else octet-stream)."""
+    for magic, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"BM", "image/bmp"),
+                        (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff")):
+        if body.startswith(magic):
+            return kind
+    return "application/octet-stream"
+
+
 def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = None, count: int | None = None,
          rest: float = 0.0) -> dict:
     """`clients` threads posting `bodies` (cycled) to /predict until `seconds` have passed or `count` answers came;
@@ -116,7 +125,8 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = N
                 if (count is not None and i >= count) or (seconds is not None and time.perf_counter() >= stop_at[0]):
                     return
                 t0 = time.perf_counter()
-                conn.request("POST", "/predict", body=bodies[i % len(bodies)], headers={"Content-Type": "image/png"})
+                body = bodies[i % len(bodies)]
+                conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type(body)})
                 res = conn.getresponse()
                 data = res.read()
                 if res.status != 200:

@@ -37,3 +37,12 @@ def test_serve_load_names_the_runtime_and_the_memory_after_each_half() -> None:
     text = serve_load.render(older)
     assert "2 torch threads in the server and offline" in text and "openvino" not in text
     assert "1000 MiB after the warm-up, 1011 MiB after 10,000 more requests" in text
+
+
+def test_serve_load_sends_each_image_with_its_content_type() -> None:
+    serve_load = pytest.importorskip("serve_load")
+    assert serve_load.content_type(b"\x89PNG\r\n\x1a\n...") == "image/png"
+    assert serve_load.content_type(b"\xff\xd8\xff\xe0...") == "image/jpeg"
+    assert serve_load.content_type(b"BM...") == "image/bmp"
+    assert serve_load.content_type(b"II*\x00...") == serve_load.content_type(b"MM\x00*...") == "image/tiff"
+    assert serve_load.content_type(b"GIF89a") == "application/octet-stream"
