@@ -12,7 +12,7 @@ from PIL import Image
 
 from onenip.deploy.batching import Batcher
 from onenip.deploy.predictor import Predictor
-from onenip.errors import DatasetError
+from onenip.errors import ConfigError, DatasetError
 
 
 def _images(gen_data: Path) -> list[Path]:
@@ -57,3 +57,19 @@ def test_the_batcher_judges_what_its_callers_prepared(tiny_model: Path, gen_data
         assert g.decision == w.decision and g.score == pytest.approx(w.score, rel=1e-5)
         np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, rtol=1e-4, atol=1e-6)
     assert batcher.images == len(images)
+
+
+def test_judge_takes_images_with_and_without_a_given_type_together(tiny_model: Path, gen_data: Path) -> None:
+    predictor = Predictor.load(tiny_model, device="cpu", batch_size=4)
+    disc = sorted(gen_data.glob("disc/test/*/*.png"))[:2]
+    plain = [predictor.prepare(p) for p in disc]
+    typed = predictor.prepare(disc[0], product_type="weave")
+    assert typed.given == predictor.categories.index("weave") and plain[0].given is None
+    got = predictor.judge([plain[0], typed, plain[1]])  # the model takes a type for all images or none: two batches
+    alone = predictor.judge(plain) + predictor.judge([typed])
+    assert [g.category for g in got] == ["disc", "weave", "disc"]
+    for g, w in zip(got, [alone[0], alone[2], alone[1]]):
+        assert g.category == w.category and g.score == pytest.approx(w.score, rel=1e-5)
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ConfigError, match="'gear' is not one of the model's product types: disc, weave"):
+        predictor.prepare(disc[0], product_type="gear")

@@ -89,6 +89,7 @@ class PreparedImage:
     source: str  # the path, or "<image i>" for in-memory images
     image: Image.Image  # 8-bit RGB at its own size: the anomaly map and mask come back at this size
     pixels: np.ndarray  # uint8 (S, S, 3): the model's input, resized by `resize_image`
+    given: int | None = None  # the image's product type when given (an index of the model's categories), else None
 
 
 def _as_rgb(item: ImageInput) -> Image.Image:
@@ -234,22 +235,41 @@ class Predictor:
 
     __call__ = predict
 
-    def prepare(self, item: ImageInput, index: int = 0) -> PreparedImage:
+    def type_index(self, name: str) -> int:
+        """The index of product type `name` among the model's categories, to give an image its type (`prepare`).
+        ConfigError for a name the model does not know, and for an exported file (which always retrieves the type)."""
+        if isinstance(self.model, ExportedModel):
+            raise ConfigError(f"an exported file ({self.model.runtime.path}) always retrieves the product type itself: "
+                              "give the type with the model file (model.safetensors)")
+        if name not in self.model.categories:
+            raise ConfigError(f"{name!r} is not one of the model's product types: {', '.join(self.model.categories)}")
+        return self.model.categories.index(name)
+
+    def prepare(self, item: ImageInput, index: int = 0, product_type: str | None = None) -> PreparedImage:
         """`item` read (a path, a PIL image or a numpy array, as `predict` takes them) and resized to the model's input
-        size; `index` names an in-memory image ("<image i>"). Raises what `predict` raises for an unreadable image."""
+        size; `index` names an in-memory image ("<image i>"); `product_type`: the image's type, judged as `--type`
+        judges (its prompt and threshold, no retrieval; see `type_index`), else the predictor's own. Raises what
+        `predict` raises for an unreadable image."""
+        given = None if product_type is None else self.type_index(product_type)
         rgb = _as_rgb(item)
         source = str(item) if isinstance(item, (str, Path)) else f"<image {index}>"
-        return PreparedImage(source=source, image=rgb, pixels=resize_image(rgb, self.size))
+        return PreparedImage(source=source, image=rgb, pixels=resize_image(rgb, self.size), given=given)
 
     @torch.no_grad()
     def judge(self, prepared: Sequence[PreparedImage]) -> list[Prediction]:
-        """Prepared images (`prepare`) judged in one batch, in order: what `predict` gives for the same images."""
-        if not prepared:
-            return []
-        batch = torch.from_numpy(as_batch([p.pixels for p in prepared], self.size))
-        given = None if self.given_type is None else torch.full((len(prepared),), self.given_type, device=self.device)
-        res = self.model(batch.to(self.device), given)
-        return [self._one(p, {name: v[k] for name, v in res.items()}) for k, p in enumerate(prepared)]
+        """Prepared images (`prepare`) judged in order: what `predict` gives for the same images. One batch, or two
+        when some images have a product type given and others not (the model takes a type for all or none)."""
+        given = [self.given_type if p.given is None else p.given for p in prepared]
+        out: list[Prediction | None] = [None] * len(prepared)
+        for typed in (False, True):
+            rows = [k for k, g in enumerate(given) if (g is not None) is typed]
+            if not rows:
+                continue
+            batch = torch.from_numpy(as_batch([prepared[k].pixels for k in rows], self.size)).to(self.device)
+            res = self.model(batch, torch.tensor([given[k] for k in rows], device=self.device) if typed else None)
+            for i, k in enumerate(rows):
+                out[k] = self._one(prepared[k], {name: v[i] for name, v in res.items()})
+        return out  # type: ignore[return-value]  # every row filled
 
     def _one(self, prepared: PreparedImage, res: dict[str, torch.Tensor]) -> Prediction:
         w, h = prepared.image.size

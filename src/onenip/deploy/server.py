@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -67,6 +67,9 @@ MAX_BATCH_FILES = 64
 """Most images in one request to /predict/batch."""
 
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+TYPE_HELP = ("the product type of the image(s), one of GET /model's categories: its prompt and threshold, no retrieval "
+             "(as `onenip predict --type`); a model file only, not an exported one")
 
 
 class UploadError(Exception):
@@ -270,8 +273,19 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
         finally:
             await form.close()
 
-    async def judge(items: list[tuple[str, bytes]], with_overlay: bool, with_mask: bool) -> list[dict[str, Any]]:
-        prepared = [await run_in_threadpool(lambda d=data, n=name: predictor.prepare(decode_upload(d, n)))
+    def given_type(name: str | None) -> str | None:
+        """The `type` query checked before any image is read: 400 naming it when the model cannot take it."""
+        if name is not None:
+            try:
+                predictor.type_index(name)
+            except ConfigError as exc:
+                raise UploadError(400, f"type={name}: {exc}") from None
+        return name
+
+    async def judge(items: list[tuple[str, bytes]], with_overlay: bool, with_mask: bool,
+                    product_type: str | None = None) -> list[dict[str, Any]]:
+        prepared = [await run_in_threadpool(lambda d=data, n=name: predictor.prepare(decode_upload(d, n),
+                                                                                     product_type=product_type))
                     for name, data in items]  # decoded and resized here, beside the model's work on the batch before
         try:
             futures = [batcher.submit(p) for p in prepared]
@@ -282,21 +296,25 @@ def create_app(predictor: Predictor, batch_size: int = 8, max_wait_ms: float = 0
                                                 for p, (name, _), im in zip(preds, items, prepared)])
 
     @app.post("/predict", summary="Judge one image", openapi_extra={"requestBody": _IMAGE_BODY}, responses=_ERRORS)
-    async def predict(request: Request, overlay: bool = False, mask: bool = False) -> JSONResponse:
+    async def predict(request: Request, overlay: bool = False, mask: bool = False,
+                      product_type: str | None = Query(None, alias="type", description=TYPE_HELP)) -> JSONResponse:
         """One image, as a multipart form with one file (field `file`) or as the raw body with an image Content-Type.
         Answers the decision (`anomalous`), `normalized_score` (0.5 at the threshold), raw `score`, `threshold`,
         product type (`category`) and `similarity`, `defect_pixels`; with `overlay=true` / `mask=true` also the heat-map
-        overlay and the defect mask as base64 PNGs."""
+        overlay and the defect mask as base64 PNGs; with `type=NAME` the image is judged as that product type."""
+        name = given_type(product_type)
         items = await uploads(request, most=1)
-        return JSONResponse((await judge(items, overlay, mask))[0])
+        return JSONResponse((await judge(items, overlay, mask, name))[0])
 
     @app.post("/predict/batch", summary="Judge several images", openapi_extra={"requestBody": _BATCH_BODY},
               responses=_ERRORS)
-    async def predict_batch(request: Request, overlay: bool = False, mask: bool = False) -> JSONResponse:
+    async def predict_batch(request: Request, overlay: bool = False, mask: bool = False,
+                            product_type: str | None = Query(None, alias="type", description=TYPE_HELP)) -> JSONResponse:
         """Several images in one multipart form (any file fields, e.g. `files`; at most 64, the body at most
         --max-bytes): one answer per image, in order, as /predict gives. A bad image refuses the whole request, naming
-        it."""
-        return JSONResponse(await judge(await uploads(request, most=MAX_BATCH_FILES), overlay, mask))
+        it. With `type=NAME` every image is judged as that product type."""
+        name = given_type(product_type)
+        return JSONResponse(await judge(await uploads(request, most=MAX_BATCH_FILES), overlay, mask, name))
 
     @app.get("/health", summary="Whether the server judges images")
     async def health() -> JSONResponse:
