@@ -1,7 +1,7 @@
 """`onenip serve` with the product type given (`?type=NAME`, as `onenip predict --type`): real HTTP requests on
 127.0.0.1. The image is judged with that type's prompt and threshold, without retrieval; a name the model does not
 know, or a type sent to an exported file, gets a 400 naming it; typed and untyped images judged together answer as
-they do alone."""
+they do alone; the web page offers the choice (headless Chromium) where the model accepts it (GET /model)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("fastapi", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 
-from test_server import Server, form, post_image, request, same_answer  # noqa: E402
+from test_server import Browser, Server, form, post_image, request, same_answer  # noqa: E402
 
 from onenip.deploy.predictor import Predictor  # noqa: E402
 from onenip.deploy.server import create_app  # noqa: E402
@@ -77,3 +77,32 @@ def test_a_type_the_model_cannot_take_gets_a_400(typed_server: tuple[Server, Pre
         status, ans = post_image(exported.url, path, "?type=disc")
         assert status == 400 and "type=disc" in ans["error"] and "exported file" in ans["error"]
         assert post_image(exported.url, path)[0] == 200
+        assert request(exported.url, "GET", "/model")[1]["accepts_type"] is False
+
+
+def test_the_page_judges_images_as_the_chosen_type(chromium: str, typed_server: tuple[Server, Predictor],
+                                                   gen_data: Path, tmp_path: Path) -> None:
+    srv, _ = typed_server
+    assert request(srv.url, "GET", "/model")[1]["accepts_type"] is True
+    disc = sorted((gen_data / "disc" / "test").rglob("*.png"))[0]
+    browser = Browser(chromium, tmp_path / "profile")
+    try:
+        page = browser.page(srv.url + "/")
+        page.wait("!document.getElementById('type-choice').hidden && document.getElementById('type').options.length === 3")
+        assert page.eval("[...document.getElementById('type').options].map(o => o.value)") == ["", "disc", "weave"]
+        doc = page.send("DOM.getDocument")["root"]["nodeId"]
+        node = page.send("DOM.querySelector", {"nodeId": doc, "selector": "#files"})["nodeId"]
+        page.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(disc)]})  # found by the model: disc
+        page.wait("document.querySelectorAll('.result').length === 1 && "
+                  "document.querySelector('.result .decision').dataset.decision !== 'waiting'")
+        page.eval("document.getElementById('type').value = 'weave'")
+        page.send("DOM.setFileInputFiles", {"nodeId": node, "files": [str(disc)]})  # the same image, judged as weave
+        page.wait("document.querySelectorAll('.result').length === 2 && "
+                  "[...document.querySelectorAll('.result .decision')].every(b => b.dataset.decision !== 'waiting')")
+        texts = page.eval("[...document.querySelectorAll('.result')].map(r => r.textContent)")  # newest first
+        typed, found = texts
+        want = post_image(srv.url, disc, "?type=weave")[1]
+        assert "typeweave" in typed.replace(" ", "") and f"{want['normalized_score']:.3f}" in typed
+        assert "typedisc" in found.replace(" ", "")
+    finally:
+        browser.close()

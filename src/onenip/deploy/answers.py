@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onenip.deploy.predictor import Prediction, Predictor, overlay
+from onenip.deploy.predictor import ExportedModel, Prediction, Predictor, overlay
 from onenip.version import __version__
 
 
@@ -58,11 +58,13 @@ def answer(pred: Prediction, name: str, image: Image.Image | None = None, with_o
 
 
 def model_info(predictor: Predictor, model_path: str | Path | None = None) -> dict[str, Any]:
-    """What GET /model answers: product types, input size, thresholds, device, the model file and versions."""
+    """What GET /model answers: product types, input size, thresholds, whether a request can give the product type
+    (`accepts_type`: a model file can, an exported file cannot), device, the model file and versions."""
     import torch
 
     cats = list(predictor.categories)
     thresholds = {c: plain(t) for c, t in zip(cats, predictor.model.thresholds.tolist())}
     return {"model": None if model_path is None else str(model_path), "categories": cats,
-            "input_size": int(predictor.size), "thresholds": thresholds, "device": str(predictor.device),
+            "input_size": int(predictor.size), "thresholds": thresholds,
+            "accepts_type": not isinstance(predictor.model, ExportedModel), "device": str(predictor.device),
             "onenip": __version__, "torch": torch.__version__}
