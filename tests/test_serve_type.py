@@ -6,6 +6,8 @@ they do alone; the web page offers the choice (headless Chromium) where the mode
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 pytest.importorskip("fastapi", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("uvicorn", reason="onenip serve needs the serve extra: pip install -e '.[serve]'")
 
-from test_server import Browser, Server, form, post_image, request, same_answer  # noqa: E402
+from test_server import Browser, Server, form, post_image, request, same_answer, serve_command  # noqa: E402
 
 from onenip.deploy.predictor import Predictor  # noqa: E402
 from onenip.deploy.server import create_app  # noqa: E402
@@ -106,3 +108,24 @@ def test_the_page_judges_images_as_the_chosen_type(chromium: str, typed_server: 
         assert "typedisc" in found.replace(" ", "")
     finally:
         browser.close()
+
+
+def test_serve_type_is_every_images_type_unless_a_request_gives_another(tiny_model: Path, gen_data: Path) -> None:
+    """`onenip serve MODEL --type NAME` (a line of one product): images are judged as NAME, a request's ?type wins,
+    and GET /model names the default; a name the model does not know stops the command with a message naming it."""
+    disc = sorted((gen_data / "disc" / "test").rglob("*.png"))[0]
+    predictor = Predictor.load(tiny_model, device="cpu", batch_size=4, product_type="weave")
+    with Server(create_app(predictor, batch_size=4)) as srv:
+        info = request(srv.url, "GET", "/model")[1]
+        assert info["default_type"] == "weave" and info["accepts_type"] is True
+        assert post_image(srv.url, disc)[1]["category"] == "weave"
+        assert post_image(srv.url, disc, "?type=disc")[1]["category"] == "disc"
+    plain = Predictor.load(tiny_model, device="cpu", batch_size=4)
+    with Server(create_app(plain, batch_size=4)) as srv:
+        assert request(srv.url, "GET", "/model")[1]["default_type"] is None
+    with serve_command(str(tiny_model), "--type", "weave") as url:  # the command, as a line would run it
+        assert request(url, "GET", "/model")[1]["default_type"] == "weave"
+        assert post_image(url, disc)[1]["category"] == "weave"
+    done = subprocess.run([sys.executable, "-c", "import sys; from onenip.cli import main; sys.exit(main())", "serve",
+                           str(tiny_model), "--type", "gear", "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "'gear'" in done.stderr and "disc" in done.stderr and "weave" in done.stderr

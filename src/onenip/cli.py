@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "Requests arriving together are judged in one batch. With --watch, every new "
                                      "image in a folder is judged too, and its result appended to "
                                      "FOLDER/onenip-results.csv.")
-    srv.add_argument("checkpoint", help="model.safetensors of a training run")
+    srv.add_argument("checkpoint", help="model.safetensors of a training run, or a file of `onenip export` (.onnx, .xml, "
+                                        ".torchscript.pt), run on the CPU")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
                                                          "0.0.0.0: every network interface)")
     srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0: a free one, printed)")
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest request body, in bytes; larger ones get 413 (default: 33554432, 32 MiB)")
     srv.add_argument("--watch", metavar="FOLDER",
                      help="also judge every new image appearing in FOLDER; results appended to FOLDER/onenip-results.csv")
+    srv.add_argument("--type", dest="product_type", metavar="NAME",
+                     help="judge every image as this product type unless a request gives another (?type=NAME): its "
+                          "prompt and threshold, no retrieval (a line of one product; a model file only)")
     srv.add_argument("--access-log", action="store_true", help="log every request")
 
     demo = sub.add_parser("demo", help="generate a small dataset, train on the CPU, evaluate, print the table",
@@ -489,7 +493,7 @@ def _run(args: argparse.Namespace) -> int:
 
             serve(args.checkpoint, host=args.host, port=args.port, device=args.device, batch_size=args.batch_size,
                   max_wait_ms=args.max_wait_ms, max_bytes=args.max_bytes, watch=args.watch, access_log=args.access_log,
-                  ready=ready)
+                  product_type=args.product_type, ready=ready)
         elif args.command == "demo":
             from onenip.demo.run import run_demo
 

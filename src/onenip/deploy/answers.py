@@ -59,12 +59,15 @@ def answer(pred: Prediction, name: str, image: Image.Image | None = None, with_o
 
 def model_info(predictor: Predictor, model_path: str | Path | None = None) -> dict[str, Any]:
     """What GET /model answers: product types, input size, thresholds, whether a request can give the product type
-    (`accepts_type`: a model file can, an exported file cannot), device, the model file and versions."""
+    (`accepts_type`: a model file can, an exported file cannot) and the type given to every image (`default_type`:
+    `serve --type`, else None), device, the model file and versions."""
     import torch
 
     cats = list(predictor.categories)
     thresholds = {c: plain(t) for c, t in zip(cats, predictor.model.thresholds.tolist())}
     return {"model": None if model_path is None else str(model_path), "categories": cats,
             "input_size": int(predictor.size), "thresholds": thresholds,
-            "accepts_type": not isinstance(predictor.model, ExportedModel), "device": str(predictor.device),
+            "accepts_type": not isinstance(predictor.model, ExportedModel),
+            "default_type": None if predictor.given_type is None else cats[predictor.given_type],
+            "device": str(predictor.device),
             "onenip": __version__, "torch": torch.__version__}

@@ -370,14 +370,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", batch_size: int = 8,
           max_wait_ms: float = 0.0, max_bytes: int = DEFAULT_MAX_BYTES, watch: str | Path | None = None,
-          access_log: bool = False, ready: Callable[[str], None] | None = None) -> None:
-    """Load the model, listen on `host`:`port` and serve until interrupted. `ready(url)` is called once listening
-    (port 0 takes a free port: the URL names it)."""
+          access_log: bool = False, product_type: str | None = None, ready: Callable[[str], None] | None = None) -> None:
+    """Load the model, listen on `host`:`port` and serve until interrupted. `product_type`: every image's type unless
+    its request gives one (`Predictor`'s product_type). `ready(url)` is called once listening (port 0 takes a free
+    port: the URL names it)."""
     import uvicorn
 
     if watch is not None and not Path(watch).is_dir():
         raise ConfigError(f"--watch {watch}: no such folder")
-    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size)
+    predictor = Predictor.load(checkpoint, device=device, batch_size=batch_size, product_type=product_type)
     sock = bind(host, port)
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
