@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import json
 import os
 import queue
@@ -37,6 +38,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,18 +99,20 @@ class Server:
 
 
 def content_type(body: bytes) -> str:
-    """The Content-Type of an image file's bytes, from its first bytes (PNG, JPEG, BMP, TIFF; else octet-stream)."""
-    for magic, kind in ((b"\x89PNG", "image/png"), (b"\xff\xd8", "image/jpeg"), (b"BM", "image/bmp"),
-                        (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff")):
-        if body.startswith(magic):
-            return kind
-    return "application/octet-stream"
+    """The Content-Type of an image file's bytes: Pillow's MIME type of the format it reads from their header
+    (application/octet-stream when it reads none)."""
+    try:
+        with Image.open(io.BytesIO(body)) as im:
+            return Image.MIME.get(im.format or "", "application/octet-stream")
+    except OSError:
+        return "application/octet-stream"
 
 
 def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = None, count: int | None = None,
          rest: float = 0.0) -> dict:
     """`clients` threads posting `bodies` (cycled) to /predict until `seconds` have passed or `count` answers came;
     each client waits `rest` seconds after an answer before its next request (0: at once)."""
+    kinds = [content_type(b) for b in bodies]  # each file's, once
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors: list[str] = []
     taken = iter(range(10**12))
@@ -125,8 +130,7 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float | None = N
                 if (count is not None and i >= count) or (seconds is not None and time.perf_counter() >= stop_at[0]):
                     return
                 t0 = time.perf_counter()
-                body = bodies[i % len(bodies)]
-                conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type(body)})
+                conn.request("POST", "/predict", body=bodies[i % len(bodies)], headers={"Content-Type": kinds[i % len(bodies)]})
                 res = conn.getresponse()
                 data = res.read()
                 if res.status != 200:

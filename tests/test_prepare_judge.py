@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from onenip.data.images import load_batch
 from onenip.deploy.batching import Batcher
 from onenip.deploy.predictor import Predictor
 from onenip.errors import ConfigError, DatasetError
@@ -30,6 +32,10 @@ def test_prepared_and_judged_in_parts_equals_predict(tiny_model: Path, gen_data:
     assert first.image.size == Image.open(paths[0]).size and first.image.mode == "RGB"
     got = predictor.judge(prepared[:3]) + predictor.judge(prepared[3:])  # batches cut elsewhere than predict's
     assert len(got) == len(want)
+    with torch.no_grad():  # the deployed model on the evaluation's reader (load_batch), one batch: the reference
+        ref = predictor.model(torch.from_numpy(load_batch(paths, 64)))
+    assert [g.score for g in got] == pytest.approx(ref["score"].tolist(), rel=1e-5)
+    assert [g.category for g in got] == [predictor.categories[int(c)] for c in ref["category"]]
     for g, w in zip(got, want):
         assert g.source == w.source and g.category == w.category and g.decision == w.decision
         assert g.score == pytest.approx(w.score, rel=1e-5)

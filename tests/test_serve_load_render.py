@@ -3,10 +3,12 @@ requests when measured, and the server's memory after each half of the memory ch
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -39,10 +41,17 @@ def test_serve_load_names_the_runtime_and_the_memory_after_each_half() -> None:
     assert "1000 MiB after the warm-up, 1011 MiB after 10,000 more requests" in text
 
 
+def _encoded(fmt: str, **options: object) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 120, 40)).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
 def test_serve_load_sends_each_image_with_its_content_type() -> None:
     serve_load = pytest.importorskip("serve_load")
-    assert serve_load.content_type(b"\x89PNG\r\n\x1a\n...") == "image/png"
-    assert serve_load.content_type(b"\xff\xd8\xff\xe0...") == "image/jpeg"
-    assert serve_load.content_type(b"BM...") == "image/bmp"
-    assert serve_load.content_type(b"II*\x00...") == serve_load.content_type(b"MM\x00*...") == "image/tiff"
+    assert serve_load.content_type(_encoded("PNG")) == "image/png"
+    assert serve_load.content_type(_encoded("JPEG")) == "image/jpeg"
+    assert serve_load.content_type(_encoded("BMP")) == "image/bmp"
+    lzw = _encoded("TIFF", compression="tiff_lzw")
+    assert serve_load.content_type(_encoded("TIFF")) == serve_load.content_type(lzw) == "image/tiff"
     assert serve_load.content_type(b"GIF89a") == "application/octet-stream"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from onenip.deploy.predictor import ExportedModel, Prediction, Predictor, overlay
+from onenip.deploy.predictor import Prediction, Predictor, overlay
 from onenip.version import __version__
 
 
@@ -67,7 +67,7 @@ def model_info(predictor: Predictor, model_path: str | Path | None = None) -> di
     thresholds = {c: plain(t) for c, t in zip(cats, predictor.model.thresholds.tolist())}
     return {"model": None if model_path is None else str(model_path), "categories": cats,
             "input_size": int(predictor.size), "thresholds": thresholds,
-            "accepts_type": not isinstance(predictor.model, ExportedModel),
+            "accepts_type": predictor.accepts_type,
             "default_type": None if predictor.given_type is None else cats[predictor.given_type],
             "device": str(predictor.device),
             "onenip": __version__, "torch": torch.__version__}

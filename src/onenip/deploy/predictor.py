@@ -235,10 +235,16 @@ class Predictor:
 
     __call__ = predict
 
+    @property
+    def accepts_type(self) -> bool:
+        """Whether an image can be given its product type (`prepare`, `type_index`): a model file, not an exported one
+        (which always retrieves the type)."""
+        return not isinstance(self.model, ExportedModel)
+
     def type_index(self, name: str) -> int:
         """The index of product type `name` among the model's categories, to give an image its type (`prepare`).
-        ConfigError for a name the model does not know, and for an exported file (which always retrieves the type)."""
-        if isinstance(self.model, ExportedModel):
+        ConfigError for a name the model does not know, and for an exported file (`accepts_type`)."""
+        if not self.accepts_type:
             raise ConfigError(f"an exported file ({self.model.runtime.path}) always retrieves the product type itself: "
                               "give the type with the model file (model.safetensors)")
         if name not in self.model.categories:

@@ -10,6 +10,7 @@ by both; `add_type` adds a type from a few normal images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import warnings
@@ -419,9 +420,10 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     check_one_method(far, val_roots)
     cfg = detector.cfg
     dep = detector.deployment
+    # the training split, listed (and its images checked) once, by whatever below needs it
+    training = functools.cache(lambda: load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)[0])
     if dep is None:  # an older checkpoint: build the pool and fusion constant from its training data
-        train, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
-        train, _ = split_holdout(train, cfg.data.holdout, cfg.train.seed)
+        train, _ = split_holdout(training(), cfg.data.holdout, cfg.train.seed)
         dep = build_deployment(detector, train, [], cfg.eval.far if far is None else far)
     fusion_before = dep.prompt_fusion
     if prompt_fusion is not None and prompt_fusion != dep.prompt_fusion:
@@ -446,7 +448,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
             raise ConfigError("this model kept no held-out normal images (data.holdout was 0): give a labelled "
                              "validation folder (--val) or retrain with data.holdout > 0")
         by_path = {}
-        for s in load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)[0]:
+        for s in training():
             by_path[s.image] = s
         samples = [by_path[p] for p in held if p in by_path]
         if len(samples) < len(held):
@@ -473,7 +475,7 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     for c, v in info.items():
         v.update({k: x for k, x in carried(c, type_keys).items() if k not in v})
     calibration = {**{c: carried(c, list(dep.calibration.get(c, {}))) for c in kept}, **info}
-    colours, colour_info = _colour_check(dep, cfg, colour_margin, skip_bad)
+    colours, colour_info = _colour_check(dep, cfg, colour_margin, training)
     for c, v in colour_info.items():  # a rescaled margin keeps the record; a new model or none replaces it
         old = calibration.get(c, {})
         calibration[c] = {**(old if set(v) == {"colour_margin"} else
@@ -481,10 +483,21 @@ def recalibrate(detector: Detector, far: float | None = None, val_roots: Sequenc
     # everything else (the pool, added types and their patches, type limits) as it was ...
     new = dataclasses.replace(dep, thresholds={**kept, **thresholds}, calibration=calibration, colour_models=colours)
     # ... but a model calibrated before the summed rule gains it, as fit builds it now
-    return _with_summed_rule(detector, new, skip_bad) if dep.unknown_level is None else new
+    return _with_summed_rule(detector, new, training) if dep.unknown_level is None else new
 
 
-def _with_summed_rule(detector: Detector, dep: Deployment, skip_bad: bool) -> Deployment:
+def _type_check_images_of(dep: Deployment, cfg, training: Callable[[], list[Sample]]) -> tuple[list[Sample], str | None]:
+    """The trained types' normal training images (`training()`, the split) that `build_deployment` sets the type
+    limits and colour models from (`type_check_images`), and None; or ([], why) when they cannot be read."""
+    try:
+        normal = training()
+    except (DatasetError, OSError) as exc:
+        return [], f"its training images cannot be read ({exc})"
+    trained = set(dep.categories) - set(dep.added_types)
+    return type_check_images([s for s in normal if s.category in trained], set(dep.pool_images), cfg.eval.seed), None
+
+
+def _with_summed_rule(detector: Detector, dep: Deployment, training: Callable[[], list[Sample]]) -> Deployment:
     """`dep` (a model calibrated before the summed rule) with the unknown-type check fit builds now: the rule of its
     eval.unknown_level and eval.unknown_candidates, and the coreset banks (`Deployment.type_coresets`) with each
     trained type's limit set again on them (eval.unknown_margin x the largest type distance of up to TYPE_IMAGES of
@@ -498,14 +511,8 @@ def _with_summed_rule(detector: Detector, dep: Deployment, skip_bad: bool) -> De
     if not dep.type_thresholds:  # no type limits to set again
         log.info(how)
         return dataclasses.replace(dep, type_coresets=True)
-    why = "its added types' limits were set on their own images" if dep.added_types else None
-    normal: list[Sample] = []
-    if why is None:
-        try:
-            normal = load_split(cfg.data.roots, "train", dep.categories, skip_bad)[0]
-        except DatasetError as exc:
-            why = f"its training images cannot be read ({exc})"
-    chosen = type_check_images(normal, set(dep.pool_images), cfg.eval.seed) if why is None else []
+    chosen, why = ([], "its added types' limits were set on their own images") if dep.added_types else \
+        _type_check_images_of(dep, cfg, training)
     if not chosen:
         log.info(f"{how}; it keeps comparing every prompt patch, with its limits, since "
                  f"{why or 'no normal training images lie outside its prompt pool'}")
@@ -520,7 +527,7 @@ def _with_summed_rule(detector: Detector, dep: Deployment, skip_bad: bool) -> De
 
 
 def _colour_check(dep: Deployment, cfg, margin: float | None,
-                  skip_bad: bool) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+                  training: Callable[[], list[Sample]]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """`recalibrate`'s colour models and what changes in the calibration records: the model's own (None), none (0),
     or its own with every limit rescaled to `margin`; built from the training images where the model has none."""
     if margin is None:
@@ -530,7 +537,7 @@ def _colour_check(dep: Deployment, cfg, margin: float | None,
     if margin == 0:
         return {}, {c: {"colour_check": "off: turned off by calibrate"} for c in dep.colour_models}
     if not dep.colour_models:
-        return _colour_models_of_training(dep, cfg, skip_bad, margin)
+        return _colour_models_of_training(dep, cfg, training, margin)
     models, info = {}, {}
     for c, m in dep.colour_models.items():
         old = float(dep.calibration.get(c, {}).get("colour_margin", cfg.eval.colour_margin))
@@ -539,18 +546,14 @@ def _colour_check(dep: Deployment, cfg, margin: float | None,
     return models, info
 
 
-def _colour_models_of_training(dep: Deployment, cfg, skip_bad: bool,
+def _colour_models_of_training(dep: Deployment, cfg, training: Callable[[], list[Sample]],
                                margin: float) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The colour models `build_deployment` would have built, from the model's training images (the same ones its type
     limits are drawn from), for a model built before the colour check; none, with a warning, when they cannot be read."""
-    try:
-        normal, _ = load_split(cfg.data.roots, "train", cfg.data.categories or None, skip_bad)
-    except (DatasetError, OSError) as exc:
-        warnings.warn(f"the colour check is not added: the model's training images cannot be read ({exc})", OnenipWarning,
-                      stacklevel=3)
+    chosen, why = _type_check_images_of(dep, cfg, training)
+    if why is not None:
+        warnings.warn(f"the colour check is not added: {why}", OnenipWarning, stacklevel=3)
         return {}, {}
-    normal = [s for s in normal if s.category in dep.categories and s.category not in dep.added_types]
-    chosen = type_check_images(normal, set(dep.pool_images), cfg.eval.seed)
     return colour_models(colour_stats_of(chosen, cfg.data.input_size, cfg.eval.batch_size), margin)
 
 
